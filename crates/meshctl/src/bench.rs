@@ -1,0 +1,353 @@
+//! `meshctl bench …`: closed-loop load with a progress bar, then throughput and
+//! p50/p90/p99/max. `bench echo-server` + `bench echo` are the anchor: a bare tonic server with
+//! no agentmesh layers, driven by the same loop, so both figures come from one run.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use agentmesh_proto::bench::v1 as echo_pb;
+use agentmesh_proto::ratelimit::v1 as pb;
+use agentmesh_runtime::config::parse_duration;
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::Output;
+use crate::ratelimit::proto_duration;
+
+#[derive(clap::Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Load the rate limiter with Check (or StreamCheck) calls.
+    Ratelimit(RatelimitBench),
+    /// Load a bare echo server (the anchor) with the same loop.
+    Echo(EchoBench),
+    /// Serve the bare tonic echo anchor (no agentmesh layers) until interrupted.
+    EchoServer {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:7199")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+pub(crate) struct LoadArgs {
+    /// Server address.
+    #[arg(long)]
+    addr: Option<String>,
+    /// Calls in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections the calls are spread over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Measured time.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Unmeasured time before it.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Output format of the summary.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct RatelimitBench {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Items per Check call.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Distinct keys the items cycle through.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// Use StreamCheck: one stream per in-flight slot instead of unary calls.
+    #[arg(long)]
+    stream: bool,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct EchoBench {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Payload bytes per call.
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+}
+
+pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCommand::EchoServer { listen } => echo_server(listen).await,
+        BenchCommand::Echo(args) => {
+            let addr = args.load.addr.clone().unwrap_or_else(|| "127.0.0.1:7199".to_owned());
+            let channels = connect(&addr, args.load.connections).await?;
+            let payload = vec![7u8; args.payload];
+            let summary = run_load(&args.load, 1, move |worker, _seq| {
+                let mut client = echo_pb::echo_client::EchoClient::new(channels[worker % channels.len()].clone());
+                let payload = payload.clone();
+                async move {
+                    client.echo(echo_pb::EchoRequest { payload }).await.map(|_| ()).map_err(|s| s.code())
+                }
+            })
+            .await;
+            summary.print("echo (anchor)", &args.load, 1);
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Ratelimit(args) => {
+            let addr = args.load.addr.clone().unwrap_or_else(|| "127.0.0.1:7104".to_owned());
+            let channels = connect(&addr, args.load.connections).await?;
+            let batch = args.batch.clamp(1, 1000);
+            let keys = args.keys.max(1);
+            let label = if args.stream { "ratelimit StreamCheck" } else { "ratelimit Check" };
+            let summary = if args.stream {
+                let streams = open_streams(&channels, args.load.concurrency).await?;
+                run_load(&args.load, batch as u64, move |worker, seq| {
+                    let stream = streams[worker].clone();
+                    async move { stream.call(seq, check_request(worker, seq, batch, keys)).await }
+                })
+                .await
+            } else {
+                run_load(&args.load, batch as u64, move |worker, seq| {
+                    let mut client = pb::rate_limiter_client::RateLimiterClient::new(channels[worker % channels.len()].clone());
+                    let request = check_request(worker, seq, batch, keys);
+                    async move { client.check(request).await.map(|_| ()).map_err(|s| s.code()) }
+                })
+                .await
+            };
+            summary.print(label, &args.load, batch);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A Check of `batch` items over `keys` keys under a limit high enough to always allow, so
+/// the figure measures the decision path, not denials.
+fn check_request(worker: usize, seq: u64, batch: usize, keys: u64) -> pb::CheckRequest {
+    let items = (0..batch as u64)
+        .map(|i| pb::CheckItem {
+            namespace: "bench".to_owned(),
+            key: format!("k{}", (seq.wrapping_mul(batch as u64) + i + worker as u64 * 7919) % keys),
+            cost: 1,
+            limit_ref: Some(pb::check_item::LimitRef::Limit(pb::LimitSpec {
+                limit: 1_000_000_000,
+                period: Some(proto_duration(Duration::from_secs(1))),
+                burst: 0,
+                algorithm: pb::Algorithm::Gcra as i32,
+            })),
+            mode: 0,
+        })
+        .collect();
+    pb::CheckRequest { items, all_or_nothing: false }
+}
+
+async fn connect(addr: &str, connections: usize) -> anyhow::Result<Vec<Channel>> {
+    let config = agentmesh_runtime::ClientConfig::default();
+    let mut channels = Vec::new();
+    for _ in 0..connections.max(1) {
+        let endpoint = agentmesh_runtime::client::endpoint(addr, &config)?;
+        channels.push(endpoint.connect().await.with_context(|| format!("cannot connect to {addr}"))?);
+    }
+    Ok(channels)
+}
+
+/// One StreamCheck stream used ping-pong: send a request, wait for its answer.
+#[derive(Clone)]
+struct CheckStream {
+    inner: Arc<tokio::sync::Mutex<(mpsc::Sender<pb::StreamCheckRequest>, tonic::Streaming<pb::StreamCheckResponse>)>>,
+}
+
+impl CheckStream {
+    async fn call(&self, id: u64, request: pb::CheckRequest) -> Result<(), tonic::Code> {
+        let mut guard = self.inner.lock().await;
+        let (tx, rx) = &mut *guard;
+        tx.send(pb::StreamCheckRequest { id, request: Some(request) }).await.map_err(|_| tonic::Code::Unavailable)?;
+        match rx.next().await {
+            Some(Ok(response)) if response.error.is_none() => Ok(()),
+            Some(Ok(_)) => Err(tonic::Code::InvalidArgument),
+            Some(Err(status)) => Err(status.code()),
+            None => Err(tonic::Code::Unavailable),
+        }
+    }
+}
+
+async fn open_streams(channels: &[Channel], count: usize) -> anyhow::Result<Vec<CheckStream>> {
+    let mut streams = Vec::new();
+    for i in 0..count.max(1) {
+        let (tx, rx) = mpsc::channel(16);
+        let mut client = pb::rate_limiter_client::RateLimiterClient::new(channels[i % channels.len()].clone());
+        let responses = client.stream_check(ReceiverStream::new(rx)).await.context("cannot open StreamCheck")?.into_inner();
+        streams.push(CheckStream { inner: Arc::new(tokio::sync::Mutex::new((tx, responses))) });
+    }
+    Ok(streams)
+}
+
+/// What a load run measured.
+struct Summary {
+    calls: u64,
+    errors: u64,
+    first_error: Option<tonic::Code>,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+}
+
+impl Summary {
+    fn print(&self, label: &str, load: &LoadArgs, items_per_call: usize) {
+        let secs = self.elapsed.as_secs_f64().max(f64::EPSILON);
+        #[allow(clippy::cast_precision_loss)]
+        let calls_per_sec = self.calls as f64 / secs;
+        #[allow(clippy::cast_precision_loss)]
+        let items_per_sec = calls_per_sec * items_per_call as f64;
+        let q = |p: f64| self.latency.value_at_quantile(p);
+        match load.output {
+            Output::Json => println!(
+                "{}",
+                serde_json::json!({
+                    "bench": label,
+                    "concurrency": load.concurrency,
+                    "connections": load.connections,
+                    "duration_s": secs,
+                    "items_per_call": items_per_call,
+                    "calls": self.calls,
+                    "errors": self.errors,
+                    "calls_per_sec": calls_per_sec.round(),
+                    "items_per_sec": items_per_sec.round(),
+                    "p50_us": q(0.5),
+                    "p90_us": q(0.9),
+                    "p99_us": q(0.99),
+                    "max_us": self.latency.max(),
+                })
+            ),
+            Output::Table => {
+                println!(
+                    "{label}: {} in flight over {} connection(s), {:.1}s measured",
+                    load.concurrency, load.connections, secs
+                );
+                println!("  calls       {:>12}  {:>12.0}/s", self.calls, calls_per_sec);
+                if items_per_call > 1 {
+                    println!("  items       {:>12}  {:>12.0}/s", self.calls * items_per_call as u64, items_per_sec);
+                }
+                println!(
+                    "  errors      {:>12}{}",
+                    self.errors,
+                    self.first_error.map(|c| format!("  (first: {c:?})")).unwrap_or_default()
+                );
+                println!(
+                    "  latency     p50 {}  p90 {}  p99 {}  max {}",
+                    micros(q(0.5)),
+                    micros(q(0.9)),
+                    micros(q(0.99)),
+                    micros(self.latency.max())
+                );
+            }
+        }
+    }
+}
+
+fn micros(us: u64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    if us >= 10_000 { format!("{:.1}ms", us as f64 / 1000.0) } else { format!("{us}µs") }
+}
+
+/// Runs `concurrency` closed loops of `call(worker, seq)` for warm-up + duration, recording
+/// latencies (µs) of calls that start in the measured window.
+async fn run_load<F, Fut>(load: &LoadArgs, items_per_call: u64, call: F) -> Summary
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), tonic::Code>> + Send + 'static,
+{
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..load.concurrency.max(1) {
+        let call = call.clone();
+        let (measuring, stopping, done) = (measuring.clone(), stopping.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let (mut errors, mut first_error) = (0u64, None);
+            let mut seq = 0u64;
+            while !stopping.load(Ordering::Relaxed) {
+                let measured = measuring.load(Ordering::Relaxed);
+                let start = Instant::now();
+                let result = call(worker, seq).await;
+                seq += 1;
+                if measured && !stopping.load(Ordering::Relaxed) {
+                    let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+                    hist.saturating_record(us);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    if let Err(code) = result {
+                        errors += 1;
+                        first_error.get_or_insert(code);
+                    }
+                }
+            }
+            (hist, errors, first_error)
+        }));
+    }
+    tokio::time::sleep(load.warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    let bar = ProgressBar::new(u64::try_from(load.duration.as_millis()).unwrap_or(u64::MAX));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:40}] {elapsed}/{duration} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut last = (Instant::now(), 0u64);
+    while start.elapsed() < load.duration {
+        tokio::time::sleep(Duration::from_millis(200).min(load.duration.saturating_sub(start.elapsed()))).await;
+        let now = (Instant::now(), done.load(Ordering::Relaxed));
+        #[allow(clippy::cast_precision_loss)]
+        let rate = (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64().max(1e-9);
+        #[allow(clippy::cast_precision_loss)]
+        bar.set_message(format!("{:.0} calls/s  {:.0} items/s", rate, rate * items_per_call as f64));
+        bar.set_position(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX));
+        last = now;
+    }
+    stopping.store(true, Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let (mut errors, mut first_error) = (0, None);
+    for w in workers {
+        if let Ok((hist, e, first)) = w.await {
+            latency.add(&hist).expect("same bounds");
+            errors += e;
+            first_error = first_error.or(first);
+        }
+    }
+    Summary { calls: latency.len(), errors, first_error, elapsed, latency }
+}
+
+/// The bare echo anchor.
+#[derive(Default)]
+struct EchoService;
+
+#[tonic::async_trait]
+impl echo_pb::echo_server::Echo for EchoService {
+    async fn echo(
+        &self,
+        request: tonic::Request<echo_pb::EchoRequest>,
+    ) -> Result<tonic::Response<echo_pb::EchoResponse>, tonic::Status> {
+        Ok(tonic::Response::new(echo_pb::EchoResponse { payload: request.into_inner().payload }))
+    }
+}
+
+async fn echo_server(listen: SocketAddr) -> anyhow::Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    eprintln!("echo anchor listening on {}", listener.local_addr()?);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(echo_pb::echo_server::EchoServer::new(EchoService))
+        .serve_with_incoming_shutdown(incoming, agentmesh_runtime::shutdown::on_signal().cancelled_owned())
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,66 @@
+//! `meshctl`: the agentmesh operator CLI.
+
+mod bench;
+mod members;
+mod ratelimit;
+
+use std::process::ExitCode;
+
+use agentmesh_runtime::config::{ClusterArgs, parse_args_or_exit};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "meshctl", version, about = "Operate an agentmesh cluster")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the cluster's members from etcd.
+    Members(members::MembersArgs),
+    /// Call the rate limiter.
+    #[command(subcommand)]
+    Ratelimit(ratelimit::RatelimitCommand),
+    /// Closed-loop load against a service, with a progress bar and a latency summary.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    /// Human-readable table.
+    #[default]
+    Table,
+    /// JSON.
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = parse_args_or_exit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Members(args) => members::run(&cli.cluster, &args).await,
+            Command::Ratelimit(cmd) => ratelimit::run(cmd).await,
+            Command::Bench(cmd) => bench::run(cmd).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

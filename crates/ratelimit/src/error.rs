@@ -1,0 +1,98 @@
+//! The crate's one error enum. It carries no transport types: the gRPC adapter maps
+//! `InvalidArgument` to `INVALID_ARGUMENT` with `BadRequest` details, `PolicyNotFound` to
+//! `NOT_FOUND`, and `PolicyFile` only ever happens at startup or reload.
+
+use std::fmt;
+
+/// One invalid field of a request or a policy, e.g. `items[3].key` or `policy[llm].period`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Path of the offending field, e.g. `items[3].limit.period`.
+    pub field: String,
+    /// What is wrong with it, including the bound when there is one.
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// Builds a violation for `field`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.description)
+    }
+}
+
+/// Everything that can go wrong in the rate limiter domain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateLimitError {
+    /// The caller sent something invalid; every violation found is listed, not just the first.
+    #[error("invalid argument: {}", join_violations(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    /// A check referenced a policy name that is not configured.
+    #[error("{field}: unknown rate limit policy {name:?}")]
+    PolicyNotFound {
+        /// Path of the field that named the policy, e.g. `items[3].policy`.
+        field: String,
+        /// The policy name that was asked for.
+        name: String,
+    },
+    /// The policy file could not be read, parsed or validated.
+    #[error("policy file {path}: {reason}")]
+    PolicyFile {
+        /// The file's path (or `<string>` when parsing from memory).
+        path: String,
+        /// What is wrong, naming the policy and field where possible.
+        reason: String,
+    },
+}
+
+impl RateLimitError {
+    /// Shorthand for a single-violation `InvalidArgument`.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+}
+
+fn join_violations(violations: &[FieldViolation]) -> String {
+    let mut out = String::new();
+    for (i, v) in violations.iter().enumerate() {
+        if i > 0 {
+            out.push_str("; ");
+        }
+        out.push_str(&v.to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_invalid_argument_display_lists_every_violation() {
+        let err = RateLimitError::InvalidArgument(vec![
+            FieldViolation::new("items[0].key", "must not be empty"),
+            FieldViolation::new("items[1].limit.period", "must be at least 1ms"),
+        ]);
+        assert_eq!(
+            err.to_string(),
+            "invalid argument: items[0].key: must not be empty; items[1].limit.period: must be at least 1ms"
+        );
+    }
+
+    #[test]
+    fn test_policy_not_found_display_names_field_and_policy() {
+        let err = RateLimitError::PolicyNotFound {
+            field: "items[2].policy".into(),
+            name: "nope".into(),
+        };
+        assert_eq!(err.to_string(), "items[2].policy: unknown rate limit policy \"nope\"");
+    }
+}

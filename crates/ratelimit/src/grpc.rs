@@ -1,0 +1,239 @@
+//! The gRPC adapter of `agentmesh.ratelimit.v1.RateLimiter`: decode and validate the wire
+//! types, call the [`Limiter`], encode the outcome. No rate-limiting logic lives here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentmesh_proto::ratelimit::v1 as pb;
+use agentmesh_runtime::status;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{FieldViolation, RateLimitError};
+use crate::limiter::{CheckItem, CheckOutcome, LimitRef, Limiter};
+use crate::metrics::RateLimitMetrics;
+use crate::spec::{Algorithm, LimitSpec, Mode};
+
+/// Responses buffered per StreamCheck stream before the server stops reading requests.
+const STREAM_BUFFER: usize = 256;
+
+/// The one mapping from [`RateLimitError`] to `Status`.
+impl From<RateLimitError> for Status {
+    fn from(err: RateLimitError) -> Self {
+        match err {
+            RateLimitError::InvalidArgument(violations) => {
+                status::invalid_argument(violations.into_iter().map(|v| (v.field, v.description)))
+            }
+            RateLimitError::PolicyNotFound { field, name } => {
+                status::not_found(format!("{field}: policy {name:?} does not exist"))
+            }
+            RateLimitError::PolicyFile { .. } => status::failed_precondition(err.to_string()),
+        }
+    }
+}
+
+/// Serves `agentmesh.ratelimit.v1.RateLimiter` over a [`Limiter`].
+#[derive(Clone)]
+pub struct RateLimiterGrpc {
+    limiter: Arc<Limiter>,
+    metrics: RateLimitMetrics,
+    instance_id: Arc<str>,
+}
+
+impl RateLimiterGrpc {
+    /// An adapter that reports `instance_id` as the deciding instance.
+    #[must_use]
+    pub fn new(limiter: Arc<Limiter>, metrics: RateLimitMetrics, instance_id: &str) -> Self {
+        Self { limiter, metrics, instance_id: instance_id.into() }
+    }
+
+    /// The tonic server for this adapter.
+    #[must_use]
+    pub fn into_server(self) -> pb::rate_limiter_server::RateLimiterServer<Self> {
+        pb::rate_limiter_server::RateLimiterServer::new(self)
+    }
+
+    /// Validates, decides and encodes one request.
+    fn check(&self, request: pb::CheckRequest) -> Result<pb::CheckResponse, RateLimitError> {
+        let items = decode_items(request.items)?;
+        let outcomes = self.limiter.check(&items, request.all_or_nothing)?;
+        self.metrics.record(&outcomes);
+        Ok(encode_response(&outcomes, &self.instance_id))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
+    async fn check(&self, request: Request<pb::CheckRequest>) -> Result<Response<pb::CheckResponse>, Status> {
+        Ok(Response::new(RateLimiterGrpc::check(self, request.into_inner())?))
+    }
+
+    type StreamCheckStream = Pin<Box<dyn Stream<Item = Result<pb::StreamCheckResponse, Status>> + Send + 'static>>;
+
+    async fn stream_check(
+        &self,
+        request: Request<Streaming<pb::StreamCheckRequest>>,
+    ) -> Result<Response<Self::StreamCheckStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(message) = inbound.next().await {
+                let reply = match message {
+                    Ok(message) => Ok(this.answer(message)),
+                    Err(status) => Err(status),
+                };
+                let stop = reply.is_err();
+                if tx.send(reply).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl RateLimiterGrpc {
+    /// One StreamCheck answer: a failure is reported in the message, not by ending the stream.
+    fn answer(&self, message: pb::StreamCheckRequest) -> pb::StreamCheckResponse {
+        let id = message.id;
+        let result = match message.request {
+            Some(request) => self.check(request),
+            None => Err(RateLimitError::invalid("request", "required")),
+        };
+        match result {
+            Ok(response) => pb::StreamCheckResponse { id, response: Some(response), error: None },
+            Err(err) => pb::StreamCheckResponse { id, response: None, error: Some(stream_error(err)) },
+        }
+    }
+}
+
+fn stream_error(err: RateLimitError) -> pb::StreamCheckError {
+    let field_violations = match &err {
+        RateLimitError::InvalidArgument(violations) => violations
+            .iter()
+            .map(|v| pb::FieldViolation { field: v.field.clone(), description: v.description.clone() })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let status = Status::from(err);
+    pb::StreamCheckError { code: status.code() as i32, message: status.message().to_owned(), field_violations }
+}
+
+fn decode_items(items: Vec<pb::CheckItem>) -> Result<Vec<CheckItem>, RateLimitError> {
+    let mut violations = Vec::new();
+    let decoded: Vec<CheckItem> =
+        items.into_iter().enumerate().map(|(i, item)| decode_item(i, item, &mut violations)).collect();
+    if violations.is_empty() { Ok(decoded) } else { Err(RateLimitError::InvalidArgument(violations)) }
+}
+
+/// Decodes one item; wire-level problems (bad enums, negative durations) become violations,
+/// everything else is validated by the limiter.
+fn decode_item(i: usize, item: pb::CheckItem, violations: &mut Vec<FieldViolation>) -> CheckItem {
+    let limit = match item.limit_ref {
+        None => LimitRef::Default,
+        Some(pb::check_item::LimitRef::Policy(name)) => LimitRef::Policy(name),
+        Some(pb::check_item::LimitRef::Limit(spec)) => {
+            let algorithm = match pb::Algorithm::try_from(spec.algorithm) {
+                Ok(pb::Algorithm::Unspecified | pb::Algorithm::Gcra) => Algorithm::Gcra,
+                Ok(pb::Algorithm::FixedWindow) => Algorithm::FixedWindow,
+                Ok(pb::Algorithm::SlidingWindow) => Algorithm::SlidingWindow,
+                Err(_) => {
+                    violations.push(FieldViolation::new(format!("items[{i}].limit.algorithm"), "unknown algorithm"));
+                    Algorithm::Gcra
+                }
+            };
+            let period = match spec.period {
+                None => Duration::ZERO,
+                Some(d) => duration_from_proto(&d).unwrap_or_else(|| {
+                    violations.push(FieldViolation::new(
+                        format!("items[{i}].limit.period"),
+                        "must be a non-negative duration with 0 ≤ nanos < 10^9",
+                    ));
+                    Duration::ZERO
+                }),
+            };
+            LimitRef::Inline(LimitSpec { limit: spec.limit, period, burst: spec.burst, algorithm })
+        }
+    };
+    let mode = match pb::Mode::try_from(item.mode) {
+        Ok(pb::Mode::Unspecified) => None,
+        Ok(pb::Mode::Enforce) => Some(Mode::Enforce),
+        Ok(pb::Mode::Shadow) => Some(Mode::Shadow),
+        Err(_) => {
+            violations.push(FieldViolation::new(format!("items[{i}].mode"), "unknown mode"));
+            None
+        }
+    };
+    CheckItem { namespace: item.namespace, key: item.key, cost: item.cost, limit, mode }
+}
+
+fn duration_from_proto(d: &prost_types::Duration) -> Option<Duration> {
+    let secs = u64::try_from(d.seconds).ok()?;
+    let nanos = u32::try_from(d.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    Some(Duration::new(secs, nanos))
+}
+
+/// A proto duration; saturates at the largest value proto allows.
+fn duration_to_proto(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn encode_response(outcomes: &[CheckOutcome], instance_id: &str) -> pb::CheckResponse {
+    let results: Vec<pb::CheckResult> = outcomes.iter().map(|o| encode_outcome(o, instance_id)).collect();
+    pb::CheckResponse { allowed: outcomes.iter().all(|o| o.allowed), results }
+}
+
+fn encode_outcome(o: &CheckOutcome, instance_id: &str) -> pb::CheckResult {
+    pb::CheckResult {
+        decision: if o.allowed { pb::Decision::Allow } else { pb::Decision::Deny } as i32,
+        over_limit: o.over_limit,
+        batch_rejected: o.batch_rejected,
+        limit: o.limit,
+        remaining: o.remaining,
+        retry_after: o.retry_after.map(duration_to_proto),
+        reset_after: Some(duration_to_proto(o.reset_after)),
+        policy: o.policy.clone(),
+        mode: match o.mode {
+            Mode::Enforce => pb::Mode::Enforce,
+            Mode::Shadow => pb::Mode::Shadow,
+        } as i32,
+        decided_by: instance_id.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_negative_period_is_a_field_violation() {
+        let item = pb::CheckItem {
+            namespace: "ns".into(),
+            key: "k".into(),
+            cost: 1,
+            limit_ref: Some(pb::check_item::LimitRef::Limit(pb::LimitSpec {
+                limit: 1,
+                period: Some(prost_types::Duration { seconds: -1, nanos: 0 }),
+                burst: 0,
+                algorithm: 99,
+            })),
+            mode: 7,
+        };
+        let err = decode_items(vec![item]).unwrap_err();
+        let RateLimitError::InvalidArgument(v) = err else { panic!("expected invalid argument") };
+        let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["items[0].limit.algorithm", "items[0].limit.period", "items[0].mode"]);
+    }
+
+    #[test]
+    fn test_huge_durations_saturate_when_encoded() {
+        assert_eq!(duration_to_proto(Duration::MAX).seconds, i64::MAX);
+    }
+}

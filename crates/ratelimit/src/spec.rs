@@ -1,0 +1,809 @@
+//! What a limit is: algorithms, modes, limit specs, named policies and the policy file, plus
+//! every bound the limiter enforces on its inputs.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::BuildHasherDefault;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::algorithm::Params;
+use crate::error::{FieldViolation, RateLimitError};
+use crate::store::SeededXxh3;
+
+/// Most items in one check request.
+pub const MAX_ITEMS: usize = 1000;
+/// Longest namespace, in bytes.
+pub const MAX_NAMESPACE_LEN: usize = 128;
+/// Longest key, in bytes.
+pub const MAX_KEY_LEN: usize = 512;
+/// Longest policy name, in bytes.
+pub const MAX_POLICY_NAME_LEN: usize = 128;
+/// Largest `limit`, `burst` (1e15: room for budgets counted in micro-dollars).
+pub const MAX_LIMIT: u64 = 1_000_000_000_000_000;
+/// Shortest period.
+pub const MIN_PERIOD: Duration = Duration::from_millis(1);
+/// Longest period: 366 days, so a yearly budget fits.
+pub const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+/// Largest policy file accepted, in bytes.
+pub const MAX_POLICY_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// Most policies in one policy set (including the default).
+pub const MAX_POLICIES: usize = 10_000;
+/// Name under which the default policy is found.
+pub const DEFAULT_POLICY_NAME: &str = "default";
+
+/// How a limit is counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Generic cell rate algorithm: a token bucket with continuous refill and a burst size.
+    #[default]
+    Gcra,
+    /// Calendar-aligned fixed windows on the UNIX epoch (a `1d` window is a UTC day).
+    FixedWindow,
+    /// Weighted sliding window over the current and previous fixed window.
+    SlidingWindow,
+}
+
+impl Algorithm {
+    /// The name used in policy files and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gcra => "gcra",
+            Self::FixedWindow => "fixed_window",
+            Self::SlidingWindow => "sliding_window",
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a limit is enforced or only observed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Over-limit requests are denied.
+    #[default]
+    Enforce,
+    /// Decisions are computed and reported, but every request is allowed.
+    Shadow,
+}
+
+impl Mode {
+    /// The name used in policy files and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Shadow => "shadow",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A limit: `limit` units per `period`, counted by `algorithm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LimitSpec {
+    /// Units per period, 1..=`MAX_LIMIT`.
+    pub limit: u64,
+    /// Refill period (GCRA) or window length, `MIN_PERIOD..=MAX_PERIOD`.
+    pub period: Duration,
+    /// GCRA only: most units at once, 0 = same as `limit`, at most `MAX_LIMIT`.
+    pub burst: u64,
+    /// How the limit is counted.
+    pub algorithm: Algorithm,
+}
+
+impl LimitSpec {
+    /// The burst size in effect: `burst`, or `limit` when `burst` is 0.
+    pub fn effective_burst(&self) -> u64 {
+        if self.burst == 0 { self.limit } else { self.burst }
+    }
+
+    /// Whether every field is within bounds.
+    pub fn is_valid(&self) -> bool {
+        (1..=MAX_LIMIT).contains(&self.limit)
+            && (MIN_PERIOD..=MAX_PERIOD).contains(&self.period)
+            && self.burst <= MAX_LIMIT
+    }
+
+    /// Appends a violation for every out-of-bounds field; `prefix` is e.g. `items[3].limit`.
+    pub fn validate_into(&self, prefix: &str, out: &mut Vec<FieldViolation>) {
+        if self.limit == 0 || self.limit > MAX_LIMIT {
+            out.push(FieldViolation::new(
+                format!("{prefix}.limit"),
+                format!("must be between 1 and {MAX_LIMIT}, got {}", self.limit),
+            ));
+        }
+        if self.period < MIN_PERIOD || self.period > MAX_PERIOD {
+            out.push(FieldViolation::new(
+                format!("{prefix}.period"),
+                format!(
+                    "must be between 1ms and 366 days, got {}",
+                    humantime::format_duration(self.period)
+                ),
+            ));
+        }
+        if self.burst > MAX_LIMIT {
+            out.push(FieldViolation::new(
+                format!("{prefix}.burst"),
+                format!("must be at most {MAX_LIMIT} (0 = same as limit), got {}", self.burst),
+            ));
+        }
+    }
+}
+
+impl Default for LimitSpec {
+    /// The earlier platform's global bucket: 60 at once, refilling 1 per second.
+    fn default() -> Self {
+        Self {
+            limit: 60,
+            period: Duration::from_secs(60),
+            burst: 60,
+            algorithm: Algorithm::Gcra,
+        }
+    }
+}
+
+/// A named limit with its mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Name matching `[A-Za-z0-9._:-]+`, at most `MAX_POLICY_NAME_LEN` bytes.
+    pub name: String,
+    /// The limit.
+    pub spec: LimitSpec,
+    /// Enforce or shadow, unless a check item overrides it.
+    pub mode: Mode,
+}
+
+impl Policy {
+    /// The earlier platform's global token bucket (`RATE_LIMIT_GLOBAL_CAPACITY`,
+    /// `RATE_LIMIT_GLOBAL_REFILL_PER_SEC`) as a GCRA policy named `default`:
+    /// `limit = burst = capacity`, `period = capacity / refill_per_sec` seconds.
+    pub fn default_from_capacity(capacity: u64, refill_per_sec: f64) -> Result<Self, RateLimitError> {
+        let field = format!("policy[{DEFAULT_POLICY_NAME}]");
+        let mut violations = Vec::new();
+        if !(refill_per_sec.is_finite() && refill_per_sec > 0.0) {
+            violations.push(FieldViolation::new(
+                format!("{field}.refill_per_sec"),
+                format!("must be a positive number, got {refill_per_sec}"),
+            ));
+        }
+        if capacity == 0 || capacity > MAX_LIMIT {
+            violations.push(FieldViolation::new(
+                format!("{field}.capacity"),
+                format!("must be between 1 and {MAX_LIMIT}, got {capacity}"),
+            ));
+        }
+        if !violations.is_empty() {
+            return Err(RateLimitError::InvalidArgument(violations));
+        }
+        #[allow(clippy::cast_precision_loss)] // capacity <= 1e15 < 2^53: exact
+        let seconds = capacity as f64 / refill_per_sec;
+        let Ok(period) = Duration::try_from_secs_f64(seconds) else {
+            return Err(RateLimitError::invalid(
+                format!("{field}.period"),
+                format!("capacity / refill_per_sec = {seconds}s must be between 1ms and 366 days"),
+            ));
+        };
+        let policy = Self {
+            name: DEFAULT_POLICY_NAME.to_owned(),
+            spec: LimitSpec {
+                limit: capacity,
+                period,
+                burst: capacity,
+                algorithm: Algorithm::Gcra,
+            },
+            mode: Mode::Enforce,
+        };
+        policy.validate()?;
+        Ok(policy)
+    }
+
+    /// Checks the name and every bound of the spec; fields are `policy[<name>].<field>`.
+    pub fn validate(&self) -> Result<(), RateLimitError> {
+        let mut violations = Vec::new();
+        self.validate_into(&mut violations);
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(RateLimitError::InvalidArgument(violations))
+        }
+    }
+
+    fn validate_into(&self, out: &mut Vec<FieldViolation>) {
+        let prefix = policy_field(&self.name);
+        validate_policy_name(&self.name, &format!("{prefix}.name"), out);
+        self.spec.validate_into(&prefix, out);
+    }
+}
+
+impl Default for Policy {
+    /// `default_from_capacity(60, 1.0)`.
+    fn default() -> Self {
+        Self {
+            name: DEFAULT_POLICY_NAME.to_owned(),
+            spec: LimitSpec::default(),
+            mode: Mode::Enforce,
+        }
+    }
+}
+
+/// `policy[<name>]`, with a name that is not valid shown quoted and truncated.
+fn policy_field(name: &str) -> String {
+    if is_valid_policy_name(name) {
+        format!("policy[{name}]")
+    } else {
+        let short: String = name.chars().take(32).collect();
+        format!("policy[{short:?}]")
+    }
+}
+
+/// Whether `name` matches `[A-Za-z0-9._:-]+` and is at most `MAX_POLICY_NAME_LEN` bytes.
+pub fn is_valid_policy_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_POLICY_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Appends a violation on `field` unless `name` is a valid policy name.
+pub fn validate_policy_name(name: &str, field: &str, out: &mut Vec<FieldViolation>) {
+    if !is_valid_policy_name(name) {
+        out.push(FieldViolation::new(
+            field,
+            format!(
+                "must be 1 to {MAX_POLICY_NAME_LEN} bytes of [A-Za-z0-9._:-], got {} bytes",
+                name.len()
+            ),
+        ));
+    }
+}
+
+/// Whether `value` is non-empty, at most `max_len` bytes and free of ASCII control characters
+/// (the rule for namespaces and keys).
+pub fn is_valid_identifier(value: &str, max_len: usize) -> bool {
+    !value.is_empty() && value.len() <= max_len && !value.bytes().any(|b| b.is_ascii_control())
+}
+
+/// Appends a violation on `field` unless `is_valid_identifier(value, max_len)`.
+pub fn validate_identifier(value: &str, field: &str, max_len: usize, out: &mut Vec<FieldViolation>) {
+    let description = if value.is_empty() {
+        "must not be empty".to_owned()
+    } else if value.len() > max_len {
+        format!("must be at most {max_len} bytes, got {}", value.len())
+    } else if value.bytes().any(|b| b.is_ascii_control()) {
+        "must not contain ASCII control characters".to_owned()
+    } else {
+        return;
+    };
+    out.push(FieldViolation::new(field, description));
+}
+
+/// A policy with what the limiter derives from it once, at load time.
+#[derive(Debug, Clone)]
+pub(crate) struct CompiledPolicy {
+    pub(crate) policy: Policy,
+    pub(crate) params: Params,
+    pub(crate) fingerprint: u64,
+}
+
+impl CompiledPolicy {
+    fn new(policy: Policy) -> Self {
+        let params = Params::from_spec(&policy.spec);
+        Self {
+            fingerprint: params.fingerprint(),
+            params,
+            policy,
+        }
+    }
+}
+
+type PolicyMap = HashMap<String, CompiledPolicy, BuildHasherDefault<SeededXxh3>>;
+
+#[derive(Debug)]
+struct PolicySetInner {
+    default: CompiledPolicy,
+    named: PolicyMap,
+    names: Vec<String>,
+}
+
+/// An immutable, validated set of policies: the default plus named ones. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PolicySet {
+    inner: Arc<PolicySetInner>,
+}
+
+impl PolicySet {
+    /// Validates every policy. Duplicate names are an error; a named policy called `default`
+    /// replaces `default`. The default policy is always named `default`, whatever it was called.
+    pub fn new(default: Policy, named: Vec<Policy>) -> Result<Self, RateLimitError> {
+        let mut violations = Vec::new();
+        if named.len() >= MAX_POLICIES {
+            violations.push(FieldViolation::new(
+                "policy",
+                format!("at most {MAX_POLICIES} policies, got {}", named.len() + 1),
+            ));
+        }
+        let mut default = Policy {
+            name: DEFAULT_POLICY_NAME.to_owned(),
+            ..default
+        };
+        let mut map = PolicyMap::default();
+        let mut seen_default = false;
+        for policy in named {
+            policy.validate_into(&mut violations);
+            if policy.name == DEFAULT_POLICY_NAME {
+                if seen_default {
+                    violations.push(duplicate(&policy.name));
+                }
+                seen_default = true;
+                default = policy;
+            } else if map.contains_key(&policy.name) {
+                violations.push(duplicate(&policy.name));
+            } else {
+                map.insert(policy.name.clone(), CompiledPolicy::new(policy));
+            }
+        }
+        default.validate_into(&mut violations);
+        if !violations.is_empty() {
+            return Err(RateLimitError::InvalidArgument(violations));
+        }
+        let mut names: Vec<String> = map.keys().cloned().collect();
+        names.push(DEFAULT_POLICY_NAME.to_owned());
+        names.sort_unstable();
+        Ok(Self {
+            inner: Arc::new(PolicySetInner {
+                default: CompiledPolicy::new(default),
+                named: map,
+                names,
+            }),
+        })
+    }
+
+    /// Parses a policy file's contents, one `[[policy]]` table per named policy:
+    ///
+    /// ```toml
+    /// [[policy]]
+    /// name = "llm-requests"
+    /// limit = 100
+    /// period = "1m"        # humantime
+    /// burst = 20           # optional, default = limit
+    /// algorithm = "gcra"   # optional: gcra | fixed_window | sliding_window
+    /// mode = "enforce"     # optional: enforce | shadow
+    /// ```
+    ///
+    /// Unknown fields are rejected; errors name the policy and the field.
+    pub fn from_toml_str(toml: &str, default: Policy) -> Result<Self, RateLimitError> {
+        Self::parse(toml, default, "<string>")
+    }
+
+    /// Reads and parses a policy file of at most `MAX_POLICY_FILE_BYTES`.
+    pub fn load_file(path: &Path, default: Policy) -> Result<Self, RateLimitError> {
+        let shown = path.display().to_string();
+        let file_error = |reason: String| RateLimitError::PolicyFile {
+            path: shown.clone(),
+            reason,
+        };
+        let len = std::fs::metadata(path).map_err(|e| file_error(e.to_string()))?.len();
+        if len > MAX_POLICY_FILE_BYTES {
+            return Err(file_error(format!(
+                "file is {len} bytes, at most {MAX_POLICY_FILE_BYTES} allowed"
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+        Self::parse(&text, default, &shown)
+    }
+
+    fn parse(toml: &str, default: Policy, source: &str) -> Result<Self, RateLimitError> {
+        let file_error = |reason: String| RateLimitError::PolicyFile {
+            path: source.to_owned(),
+            reason,
+        };
+        let named = parse_policy_file(toml).map_err(file_error)?;
+        Self::new(default, named).map_err(|e| match e {
+            RateLimitError::InvalidArgument(violations) => file_error(
+                violations
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            other => other,
+        })
+    }
+
+    /// The policy called `name`; `default` finds the default policy.
+    pub fn get(&self, name: &str) -> Option<&Policy> {
+        self.get_compiled(name).map(|c| &c.policy)
+    }
+
+    pub(crate) fn get_compiled(&self, name: &str) -> Option<&CompiledPolicy> {
+        if name == DEFAULT_POLICY_NAME {
+            Some(&self.inner.default)
+        } else {
+            self.inner.named.get(name)
+        }
+    }
+
+    pub(crate) fn default_compiled(&self) -> &CompiledPolicy {
+        &self.inner.default
+    }
+
+    /// The default policy.
+    pub fn default_policy(&self) -> &Policy {
+        &self.inner.default.policy
+    }
+
+    /// Every policy name, `default` included, sorted.
+    pub fn names(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.inner.names.iter().map(String::as_str)
+    }
+
+    /// Number of policies, the default included.
+    pub fn len(&self) -> usize {
+        self.inner.names.len()
+    }
+
+    /// Always false: there is always a default policy.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl Default for PolicySet {
+    /// Only the default policy, `Policy::default()`.
+    fn default() -> Self {
+        Self::new(Policy::default(), Vec::new()).expect("the built-in default policy is valid")
+    }
+}
+
+fn duplicate(name: &str) -> FieldViolation {
+    FieldViolation::new(format!("{}.name", policy_field(name)), "duplicate policy name")
+}
+
+/// One `[[policy]]` table of the policy file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyEntry {
+    name: String,
+    limit: u64,
+    period: String,
+    #[serde(default)]
+    burst: u64,
+    #[serde(default)]
+    algorithm: Algorithm,
+    #[serde(default)]
+    mode: Mode,
+}
+
+/// Parses the policy file format (see `PolicySet::from_toml_str`). Entries are decoded one by
+/// one so an error can name the policy as well as the field.
+fn parse_policy_file(toml: &str) -> Result<Vec<Policy>, String> {
+    let doc: toml::Table = toml.parse().map_err(|e: toml::de::Error| one_line(&e.to_string()))?;
+    let mut policies = Vec::new();
+    for (key, value) in doc {
+        if key != "policy" {
+            return Err(format!("unknown top-level key `{key}`, expected `[[policy]]` tables"));
+        }
+        let toml::Value::Array(entries) = value else {
+            return Err("`policy` must be an array of tables: write `[[policy]]`".to_owned());
+        };
+        if entries.len() >= MAX_POLICIES {
+            return Err(format!("at most {MAX_POLICIES} policies, got {}", entries.len()));
+        }
+        for (index, entry) in entries.into_iter().enumerate() {
+            let label = match entry.get("name").and_then(toml::Value::as_str) {
+                Some(name) => policy_field(name),
+                None => format!("policy[#{index}]"),
+            };
+            let entry: PolicyEntry = entry
+                .try_into()
+                .map_err(|e: toml::de::Error| format!("{label}: {}", one_line(e.message())))?;
+            let period = humantime::parse_duration(&entry.period).map_err(|e| {
+                format!("{label}.period: invalid duration {:?}: {e}", entry.period)
+            })?;
+            policies.push(Policy {
+                name: entry.name,
+                spec: LimitSpec {
+                    limit: entry.limit,
+                    period,
+                    burst: entry.burst,
+                    algorithm: entry.algorithm,
+                },
+                mode: entry.mode,
+            });
+        }
+    }
+    Ok(policies)
+}
+
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(limit: u64, period: Duration) -> LimitSpec {
+        LimitSpec {
+            limit,
+            period,
+            burst: 0,
+            algorithm: Algorithm::Gcra,
+        }
+    }
+
+    fn file_reason(result: Result<PolicySet, RateLimitError>) -> String {
+        match result {
+            Err(RateLimitError::PolicyFile { reason, .. }) => reason,
+            other => panic!("expected a policy file error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_effective_burst_defaults_to_limit() {
+        let mut s = spec(10, Duration::from_secs(1));
+        assert_eq!(s.effective_burst(), 10);
+        s.burst = 3;
+        assert_eq!(s.effective_burst(), 3);
+    }
+
+    #[test]
+    fn test_default_from_capacity_matches_the_old_global_bucket() {
+        let policy = Policy::default_from_capacity(60, 1.0).unwrap();
+        assert_eq!(policy.name, "default");
+        assert_eq!(policy.mode, Mode::Enforce);
+        assert_eq!(
+            policy.spec,
+            LimitSpec {
+                limit: 60,
+                period: Duration::from_secs(60),
+                burst: 60,
+                algorithm: Algorithm::Gcra,
+            }
+        );
+        assert_eq!(policy, Policy::default());
+        let half = Policy::default_from_capacity(10, 4.0).unwrap();
+        assert_eq!(half.spec.period, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn test_default_from_capacity_rejects_bad_numbers() {
+        let err = Policy::default_from_capacity(0, f64::NAN).unwrap_err();
+        let RateLimitError::InvalidArgument(v) = err else { panic!("{err:?}") };
+        let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["policy[default].refill_per_sec", "policy[default].capacity"]);
+        // 1 unit per 1e-9 s would make a period below 1ms.
+        assert!(Policy::default_from_capacity(1, 1e9).is_err());
+        // 1e15 units at 1/s is ~31.7 million years.
+        assert!(Policy::default_from_capacity(MAX_LIMIT, 1.0).is_err());
+        assert!(Policy::default_from_capacity(1, f64::MIN_POSITIVE).is_err());
+    }
+
+    #[test]
+    fn test_algorithm_and_mode_use_snake_case_names() {
+        #[derive(Deserialize)]
+        struct Doc {
+            a: Vec<Algorithm>,
+            m: Vec<Mode>,
+        }
+        let doc: Doc = toml::from_str(
+            r#"a = ["gcra", "fixed_window", "sliding_window"]
+               m = ["enforce", "shadow"]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            doc.a,
+            [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow]
+        );
+        assert_eq!(doc.m, [Mode::Enforce, Mode::Shadow]);
+        assert_eq!(Algorithm::SlidingWindow.to_string(), "sliding_window");
+        assert_eq!(Mode::Shadow.to_string(), "shadow");
+    }
+
+    #[test]
+    fn test_policy_validation_names_policy_and_every_bad_field() {
+        let policy = Policy {
+            name: "llm".into(),
+            spec: LimitSpec {
+                limit: 0,
+                period: Duration::from_micros(999),
+                burst: MAX_LIMIT + 1,
+                algorithm: Algorithm::Gcra,
+            },
+            mode: Mode::Enforce,
+        };
+        let RateLimitError::InvalidArgument(v) = policy.validate().unwrap_err() else {
+            panic!()
+        };
+        let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["policy[llm].limit", "policy[llm].period", "policy[llm].burst"]);
+    }
+
+    #[test]
+    fn test_spec_bounds_are_inclusive() {
+        let mut out = Vec::new();
+        spec(MAX_LIMIT, MIN_PERIOD).validate_into("x", &mut out);
+        spec(1, MAX_PERIOD).validate_into("x", &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        spec(MAX_LIMIT + 1, MAX_PERIOD + Duration::from_nanos(1)).validate_into("x", &mut out);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn test_policy_name_charset_and_length() {
+        let mut out = Vec::new();
+        for ok in ["a", "llm-requests", "tenant:acme.v1_x", &"n".repeat(MAX_POLICY_NAME_LEN)] {
+            validate_policy_name(ok, "f", &mut out);
+        }
+        assert!(out.is_empty(), "{out:?}");
+        for bad in ["", "has space", "slash/x", "é", &"n".repeat(MAX_POLICY_NAME_LEN + 1)] {
+            validate_policy_name(bad, "f", &mut out);
+        }
+        assert_eq!(out.len(), 5);
+    }
+
+    #[test]
+    fn test_identifier_validation_rejects_empty_long_and_control_chars() {
+        let mut out = Vec::new();
+        validate_identifier("user-1", "k", 8, &mut out);
+        validate_identifier("ünï", "k", 8, &mut out);
+        assert!(out.is_empty());
+        validate_identifier("", "a", 8, &mut out);
+        validate_identifier("123456789", "b", 8, &mut out);
+        validate_identifier("tab\there", "c", 16, &mut out);
+        validate_identifier("del\u{7f}", "d", 16, &mut out);
+        let fields: Vec<_> = out.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn test_policy_set_rejects_duplicates_and_replaces_default() {
+        let p = |name: &str, limit| Policy {
+            name: name.into(),
+            spec: spec(limit, Duration::from_secs(1)),
+            mode: Mode::Enforce,
+        };
+        let err = PolicySet::new(Policy::default(), vec![p("a", 1), p("a", 2)]).unwrap_err();
+        assert_eq!(
+            err,
+            RateLimitError::invalid("policy[a].name", "duplicate policy name")
+        );
+
+        let set = PolicySet::new(
+            Policy {
+                name: "whatever".into(),
+                ..Policy::default()
+            },
+            vec![p("b", 5), p("default", 7), p("a", 3)],
+        )
+        .unwrap();
+        assert_eq!(set.default_policy().spec.limit, 7);
+        assert_eq!(set.get("default").unwrap().spec.limit, 7);
+        assert_eq!(set.get("a").unwrap().spec.limit, 3);
+        assert!(set.get("c").is_none());
+        assert_eq!(set.names().collect::<Vec<_>>(), ["a", "b", "default"]);
+        assert_eq!(set.len(), 3);
+
+        let renamed = PolicySet::new(
+            Policy {
+                name: "whatever".into(),
+                ..Policy::default()
+            },
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(renamed.default_policy().name, "default");
+    }
+
+    #[test]
+    fn test_policy_file_parses_all_fields_and_defaults() {
+        let set = PolicySet::from_toml_str(
+            r#"
+            [[policy]]
+            name = "llm-requests"
+            limit = 100
+            period = "1m"
+            burst = 20
+            algorithm = "gcra"
+            mode = "enforce"
+
+            [[policy]]
+            name = "daily-budget"
+            limit = 5000000
+            period = "1day"
+            algorithm = "fixed_window"
+            mode = "shadow"
+
+            [[policy]]
+            name = "tools"
+            limit = 10
+            period = "1s"
+            "#,
+            Policy::default(),
+        )
+        .unwrap();
+        let llm = set.get("llm-requests").unwrap();
+        assert_eq!(llm.spec.limit, 100);
+        assert_eq!(llm.spec.period, Duration::from_secs(60));
+        assert_eq!(llm.spec.burst, 20);
+        assert_eq!(llm.mode, Mode::Enforce);
+        let budget = set.get("daily-budget").unwrap();
+        assert_eq!(budget.spec.period, Duration::from_secs(86_400));
+        assert_eq!(budget.spec.algorithm, Algorithm::FixedWindow);
+        assert_eq!(budget.mode, Mode::Shadow);
+        let tools = set.get("tools").unwrap();
+        assert_eq!(tools.spec.burst, 0);
+        assert_eq!(tools.spec.effective_burst(), 10);
+        assert_eq!(tools.spec.algorithm, Algorithm::Gcra);
+        assert_eq!(tools.mode, Mode::Enforce);
+        assert_eq!(set.default_policy(), &Policy::default());
+    }
+
+    #[test]
+    fn test_empty_policy_file_keeps_only_the_default() {
+        let set = PolicySet::from_toml_str("", Policy::default()).unwrap();
+        assert_eq!(set.names().collect::<Vec<_>>(), ["default"]);
+    }
+
+    #[test]
+    fn test_policy_file_errors_name_policy_and_field() {
+        let base = "[[policy]]\nname = \"llm\"\nlimit = 1\nperiod = \"1m\"\n";
+        let cases = [
+            (format!("{base}brust = 3\n"), "policy[llm]: unknown field `brust`"),
+            (
+                "[[policy]]\nname = \"llm\"\nlimit = \"x\"\nperiod = \"1m\"\n".to_owned(),
+                "policy[llm]: invalid type: string \"x\", expected u64 in `limit`",
+            ),
+            (
+                "[[policy]]\nname = \"llm\"\nlimit = -1\nperiod = \"1m\"\n".to_owned(),
+                "policy[llm]: invalid value: integer `-1`, expected u64 in `limit`",
+            ),
+            (format!("{base}mode = \"loud\"\n"), "policy[llm]: unknown variant `loud`"),
+            (
+                format!("{base}algorithm = \"leaky\"\n"),
+                "policy[llm]: unknown variant `leaky`",
+            ),
+            (
+                "[[policy]]\nname = \"llm\"\nlimit = 1\nperiod = \"soon\"\n".to_owned(),
+                "policy[llm].period: invalid duration \"soon\"",
+            ),
+            (
+                "[[policy]]\nname = \"llm\"\nlimit = 0\nperiod = \"1us\"\n".to_owned(),
+                "policy[llm].limit: must be between 1 and 1000000000000000, got 0; \
+                 policy[llm].period: must be between 1ms and 366 days, got 1us",
+            ),
+            ("[[policy]]\nlimit = 1\nperiod = \"1m\"\n".to_owned(), "policy[#0]: missing field `name`"),
+            (format!("{base}{base}"), "policy[llm].name: duplicate policy name"),
+            ("[limits]\nx = 1\n".to_owned(), "unknown top-level key `limits`"),
+            ("policy = 3\n".to_owned(), "`policy` must be an array of tables"),
+            ("[[policy]\n".to_owned(), "TOML parse error at line 1"),
+        ];
+        for (toml, expected) in cases {
+            let reason = file_reason(PolicySet::from_toml_str(&toml, Policy::default()));
+            assert!(reason.starts_with(expected), "{toml:?}\n got: {reason}\nwant: {expected}");
+        }
+    }
+
+    #[test]
+    fn test_load_file_reports_path_of_missing_file() {
+        let err = PolicySet::load_file(Path::new("/nonexistent/policies.toml"), Policy::default())
+            .unwrap_err();
+        let RateLimitError::PolicyFile { path, .. } = err else { panic!("{err:?}") };
+        assert_eq!(path, "/nonexistent/policies.toml");
+    }
+}

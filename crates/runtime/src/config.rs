@@ -1,0 +1,175 @@
+//! Configuration conventions shared by every agentmesh binary: flags with environment
+//! fallbacks, durations written `2s`/`500ms`/`1m`, and exit code 64 with one clear line for
+//! invalid configuration. This is the only module of the runtime that reads the environment
+//! (through clap's `env` fallbacks).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Exit code for invalid configuration (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Parses a duration such as `2s`, `500ms`, `1m` or `1h 30m`.
+///
+/// # Errors
+/// Returns a message naming the expected format.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{e}: expected a duration such as 2s, 500ms or 1m"))
+}
+
+/// Parses a `host:port` socket address.
+///
+/// # Errors
+/// Returns a message naming the expected format.
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("expected host:port with a numeric IP, such as 0.0.0.0:7104, got {text:?}"))
+}
+
+/// Parses the process arguments, and on a configuration error prints one line naming the
+/// setting and exits with [`EXIT_CONFIG`]. `--help` and `--version` print and exit 0.
+#[must_use]
+pub fn parse_args_or_exit<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(err) => exit_on_clap_error(&err),
+    }
+}
+
+/// Prints a clap error as one line (or the help text) and exits.
+pub fn exit_on_clap_error(err: &clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            std::process::exit(0);
+        }
+        _ => {
+            let rendered = err.to_string();
+            let line = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+            eprintln!("{} (see --help)", line.trim());
+            std::process::exit(EXIT_CONFIG);
+        }
+    }
+}
+
+/// Prints one configuration error line and exits with [`EXIT_CONFIG`].
+pub fn exit_config_error(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(EXIT_CONFIG);
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, with the current span's fields (including `trace_id`).
+    Json,
+}
+
+/// Settings every agentmesh process shares: cluster dependencies and shutdown.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ClusterArgs {
+    /// etcd endpoints, comma-separated (`http://127.0.0.1:2379`). Empty = in-memory membership
+    /// (standalone).
+    #[arg(long = "etcd", env = "AGENTMESH_ETCD_ENDPOINTS", value_delimiter = ',', global = true)]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix for everything agentmesh stores in etcd.
+    #[arg(long, env = "AGENTMESH_ETCD_PREFIX", default_value = "/agentmesh", global = true)]
+    pub etcd_prefix: String,
+    /// Redis URL (`redis://127.0.0.1:6379`) for shared state; unset = in-memory state.
+    /// `RATE_LIMIT_REDIS_URL` is honoured as an alias.
+    #[arg(long = "redis", env = "AGENTMESH_REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+    #[arg(long = "rate-limit-redis-url", env = "RATE_LIMIT_REDIS_URL", hide = true, global = true)]
+    redis_url_alias: Option<String>,
+    /// Membership lease TTL; keep-alives are sent every TTL/3. Minimum 2s with etcd 3.4.
+    #[arg(long, env = "AGENTMESH_LEASE_TTL", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub lease_ttl: Duration,
+    /// Host or IP that peers use to reach this instance; defaults to the listen IP, or
+    /// 127.0.0.1 when listening on 0.0.0.0 (set it in containers).
+    #[arg(long, env = "AGENTMESH_ADVERTISE_HOST", global = true)]
+    pub advertise_host: Option<String>,
+    /// Failure-domain label recorded in membership.
+    #[arg(long, env = "AGENTMESH_ZONE", default_value = "", global = true)]
+    pub zone: String,
+    /// How long in-flight RPCs may take to finish at shutdown before they are cut.
+    #[arg(long, env = "AGENTMESH_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub shutdown_grace: Duration,
+}
+
+impl ClusterArgs {
+    /// The Redis URL, from `--redis`/`AGENTMESH_REDIS_URL` or the `RATE_LIMIT_REDIS_URL` alias.
+    #[must_use]
+    pub fn redis_url(&self) -> Option<&str> {
+        self.redis_url.as_deref().or(self.redis_url_alias.as_deref()).filter(|u| !u.is_empty())
+    }
+
+    /// Checks values clap cannot check alone.
+    ///
+    /// # Errors
+    /// Returns one line naming the setting and the fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.etcd_endpoints.is_empty() && self.lease_ttl < Duration::from_secs(2) {
+            return Err(format!(
+                "AGENTMESH_LEASE_TTL/--lease-ttl is {:?}; etcd needs at least 2s",
+                self.lease_ttl
+            ));
+        }
+        if !self.etcd_prefix.starts_with('/') || self.etcd_prefix.ends_with('/') {
+            return Err(format!(
+                "AGENTMESH_ETCD_PREFIX/--etcd-prefix {:?} must start with '/' and not end with '/'",
+                self.etcd_prefix
+            ));
+        }
+        if let Some(url) = self.redis_url()
+            && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
+        {
+            return Err(format!("AGENTMESH_REDIS_URL/--redis {url:?} must start with redis://, rediss:// or unix://"));
+        }
+        Ok(())
+    }
+}
+
+/// Logging and tracing settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct TelemetryArgs {
+    /// Log format: text or json.
+    #[arg(long, env = "AGENTMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter in tracing's EnvFilter syntax (`info`, `agentmesh_ratelimit=debug`).
+    #[arg(long, env = "AGENTMESH_LOG", default_value = "info", global = true)]
+    pub log_filter: String,
+    /// OTLP/gRPC endpoint for traces (`http://collector:4317`); unset = no export. The other
+    /// standard `OTEL_*` variables (`OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, …) apply too.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// Service name reported in traces.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "agentmesh", global = true)]
+    pub otel_service_name: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_durations_accept_the_documented_forms() {
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("ten seconds").unwrap_err().contains("expected a duration"));
+    }
+
+    #[test]
+    fn test_socket_addr_error_names_the_format() {
+        assert!(parse_socket_addr("localhost").unwrap_err().contains("host:port"));
+        assert_eq!(parse_socket_addr("127.0.0.1:7104").unwrap().port(), 7104);
+    }
+}

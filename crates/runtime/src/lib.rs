@@ -1,0 +1,25 @@
+//! The agentmesh runtime: what every service stands on.
+//!
+//! - [`config`]: flags with environment fallbacks, duration parsing, exit code 64.
+//! - [`telemetry`]: logs (text/JSON) and OpenTelemetry traces with OTLP export.
+//! - [`metrics`]: the process's Prometheus registry and RED histograms.
+//! - [`observe`]: tower layers for server and client spans, trace propagation and metrics.
+//! - [`breaker`]: a circuit breaker layer for client channels.
+//! - [`client`]: client channels through that stack.
+//! - [`server`]: runs a service with health, reflection, admin HTTP, membership and ordered
+//!   graceful shutdown.
+//! - [`status`]: `tonic::Status` helpers with rich error details.
+
+pub mod breaker;
+pub mod client;
+pub mod config;
+pub mod metrics;
+pub mod observe;
+pub mod server;
+pub mod shutdown;
+pub mod status;
+pub mod telemetry;
+
+pub use client::{ClientChannel, ClientConfig, connect_lazy};
+pub use metrics::Metrics;
+pub use server::{HostContext, RunningService, ServiceSpec};

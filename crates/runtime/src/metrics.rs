@@ -1,0 +1,121 @@
+//! Prometheus metrics: one registry per process, passed down (no global registry), served as
+//! text on the admin port's `/metrics`.
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// Latency buckets in seconds, from 50 µs to 10 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+/// The process's metric registry and the metrics every service shares.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// RED histogram of server calls: `rpc_server_call_duration_seconds`.
+    pub rpc_server_duration: HistogramVec,
+    /// RED histogram of client calls: `rpc_client_call_duration_seconds`.
+    pub rpc_client_duration: HistogramVec,
+    /// Circuit-breaker state per client target (0 closed, 1 open, 2 half-open).
+    pub breaker_state: IntGaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates the registry with RPC, build and process metrics.
+    #[must_use]
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let labels = &["rpc_service", "rpc_method", "rpc_response_status_code"];
+        let rpc_server_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "rpc_server_call_duration_seconds",
+                "Duration of gRPC server calls, from request headers to the end of the response stream.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            labels,
+        )
+        .expect("valid metric");
+        let rpc_client_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "rpc_client_call_duration_seconds",
+                "Duration of gRPC client calls, from sending the request to the response headers.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            labels,
+        )
+        .expect("valid metric");
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "rpc_client_circuit_breaker_state",
+                "Circuit breaker state per client target: 0 closed, 1 open, 2 half-open.",
+            ),
+            &["target"],
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("agentmesh_build_info", "Always 1; labelled with the agentmesh version."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for collector in [
+            Box::new(rpc_server_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rpc_client_duration.clone()),
+            Box::new(breaker_state.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(collector).expect("metric registered once");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector registered once");
+        Self { registry, rpc_server_duration, rpc_client_duration, breaker_state }
+    }
+
+    /// The registry, for domain metrics to register into.
+    #[must_use]
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Encodes every metric in the Prometheus text format (version 0.0.4).
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is utf-8")
+    }
+}
+
+/// The `Content-Type` of [`Metrics::encode`]'s output.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_encode_contains_rpc_histogram_and_process_metrics() {
+        let metrics = Metrics::new();
+        metrics.rpc_server_duration.with_label_values(&["svc", "M", "OK"]).observe(0.001);
+        let text = metrics.encode();
+        assert!(text.contains("# TYPE rpc_server_call_duration_seconds histogram"));
+        assert!(text.contains("agentmesh_build_info"));
+        #[cfg(target_os = "linux")]
+        assert!(text.contains("process_resident_memory_bytes"));
+    }
+}

@@ -1,0 +1,324 @@
+//! Runs one agentmesh service: its gRPC server (with health, reflection and the telemetry
+//! layer), its admin HTTP server (`/metrics`, `/livez`, `/readyz`) and its membership entry,
+//! and shuts them down in order.
+//!
+//! Shutdown order (DESIGN.md): readiness NOT_SERVING → membership lease revoked → stop
+//! accepting → drain in-flight RPCs within the grace period (then cut them) → stop the admin
+//! server. The binary flushes telemetry last.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agentmesh_membership::{Member, Membership, Registration};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::metrics::{METRICS_CONTENT_TYPE, Metrics};
+use crate::observe::ServerTelemetryLayer;
+
+/// How often readiness is re-derived from the membership registration.
+const READINESS_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest wait for the membership lease to be revoked at shutdown.
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Errors starting or running a service.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} for {service} {what}: {source}")]
+    Bind { service: String, what: &'static str, addr: SocketAddr, source: std::io::Error },
+    /// The instance could not register in membership.
+    #[error("cannot register {service} in membership: {reason}")]
+    Register { service: String, reason: String },
+    /// The gRPC server failed.
+    #[error("{service} gRPC server failed: {reason}")]
+    Serve { service: String, reason: String },
+}
+
+/// What a service contributes to the host: its name, its gRPC routes and where to listen.
+pub struct ServiceSpec {
+    /// Short name used in membership and logs: "ratelimit", "eventbus", …
+    pub name: &'static str,
+    /// Membership instance id (see [`new_instance_id`]).
+    pub instance_id: String,
+    /// Fully-qualified gRPC service names, for health statuses and metric labels.
+    pub grpc_services: Vec<String>,
+    /// The service's gRPC routes.
+    pub routes: Routes,
+    /// gRPC listen address (port 0 picks a free port).
+    pub grpc_listen: SocketAddr,
+    /// Admin HTTP listen address (port 0 picks a free port).
+    pub admin_listen: SocketAddr,
+}
+
+/// What every service on a host shares.
+#[derive(Clone)]
+pub struct HostContext {
+    /// The process's metrics.
+    pub metrics: Metrics,
+    /// Cluster membership (etcd or in-memory).
+    pub membership: Arc<dyn Membership>,
+    /// Host peers dial; see `ClusterArgs::advertise_host`.
+    pub advertise_host: Option<String>,
+    /// Failure-domain label.
+    pub zone: String,
+    /// Time in-flight RPCs get to finish at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// A started service.
+pub struct RunningService {
+    /// The service's short name.
+    pub name: &'static str,
+    /// Bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// Bound admin HTTP address.
+    pub admin_addr: SocketAddr,
+    /// Membership instance id.
+    pub instance_id: String,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl RunningService {
+    /// Starts the graceful shutdown without waiting for it.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits until the service has stopped.
+    ///
+    /// # Errors
+    /// Returns the server's failure, if it failed.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(ServerError::Serve { service: self.name.to_owned(), reason: e.to_string() }),
+        }
+    }
+
+    /// Stops the service gracefully and waits for it.
+    ///
+    /// # Errors
+    /// Returns the server's failure, if it failed.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        self.stop();
+        self.wait().await
+    }
+}
+
+/// A fresh instance id: `<service>-<random hex>`.
+#[must_use]
+pub fn new_instance_id(service: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos());
+    hasher.write_u32(std::process::id());
+    format!("{service}-{:016x}", hasher.finish())
+}
+
+fn advertised(addr: SocketAddr, host: Option<&str>) -> String {
+    match host {
+        Some(host) => format!("{host}:{}", addr.port()),
+        None if addr.ip().is_unspecified() => format!("127.0.0.1:{}", addr.port()),
+        None => addr.to_string(),
+    }
+}
+
+async fn bind(service: &str, what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { service: service.to_owned(), what, addr, source })
+}
+
+#[derive(Clone)]
+struct AdminState {
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+}
+
+async fn metrics_handler(State(state): State<AdminState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], state.metrics.encode())
+}
+
+async fn readyz_handler(State(state): State<AdminState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+fn admin_router(state: AdminState) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz_handler))
+        .with_state(state)
+}
+
+async fn set_all(reporter: &HealthReporter, names: &[String], status: ServingStatus) {
+    for name in names {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Binds the listeners, registers in membership and starts serving. Cancelling `shutdown`
+/// (or calling [`RunningService::stop`]) shuts the service down in order.
+///
+/// # Errors
+/// Fails when a listener cannot be bound or membership registration fails.
+pub async fn start(spec: ServiceSpec, ctx: &HostContext, shutdown: &CancellationToken) -> Result<RunningService, ServerError> {
+    let name = spec.name;
+    let grpc_listener = bind(name, "gRPC", spec.grpc_listen).await?;
+    let admin_listener = bind(name, "admin HTTP", spec.admin_listen).await?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| ServerError::Bind {
+        service: name.to_owned(),
+        what: "gRPC",
+        addr: spec.grpc_listen,
+        source,
+    })?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| ServerError::Bind {
+        service: name.to_owned(),
+        what: "admin HTTP",
+        addr: spec.admin_listen,
+        source,
+    })?;
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let mut serving_names: Vec<String> = vec![String::new(), "readiness".to_owned()];
+    serving_names.extend(spec.grpc_services.iter().cloned());
+    set_all(&reporter, &serving_names, ServingStatus::Serving).await;
+    reporter.set_service_status("liveness", ServingStatus::Serving).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(agentmesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Serve { service: name.to_owned(), reason: e.to_string() })?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(agentmesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServerError::Serve { service: name.to_owned(), reason: e.to_string() })?;
+
+    let instance_id = spec.instance_id.clone();
+    let member = Member {
+        service: name.to_owned(),
+        instance_id: instance_id.clone(),
+        grpc_addr: advertised(grpc_addr, ctx.advertise_host.as_deref()),
+        admin_addr: advertised(admin_addr, ctx.advertise_host.as_deref()),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        zone: ctx.zone.clone(),
+        started_at_ms: u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis())
+            .unwrap_or(u64::MAX),
+    };
+    let registration = ctx
+        .membership
+        .register(member)
+        .await
+        .map_err(|e| ServerError::Register { service: name.to_owned(), reason: e.to_string() })?;
+
+    let mut known: Vec<String> = spec.grpc_services.clone();
+    known.extend(
+        ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"]
+            .map(String::from),
+    );
+    let grpc_stop = CancellationToken::new();
+    let router = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(ServerTelemetryLayer::new(&ctx.metrics, known))
+        .add_routes(spec.routes)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let grpc_signal = grpc_stop.clone();
+    let mut grpc_task = tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, grpc_signal.cancelled_owned()).await });
+
+    let ready = Arc::new(AtomicBool::new(true));
+    let admin_stop = CancellationToken::new();
+    let admin_app = admin_router(AdminState { metrics: ctx.metrics.clone(), ready: ready.clone() });
+    let admin_signal = admin_stop.clone();
+    let admin_task = tokio::spawn(async move {
+        axum::serve(admin_listener, admin_app).with_graceful_shutdown(admin_signal.cancelled_owned()).await
+    });
+
+    tracing::info!(service = name, instance = %instance_id, grpc = %grpc_addr, admin = %admin_addr, "service started");
+
+    let stop = shutdown.child_token();
+    let stop_signal = stop.clone();
+    let grace = ctx.shutdown_grace;
+    let task = tokio::spawn(async move {
+        let grpc_failed = tokio::select! {
+            () = stop_signal.cancelled() => None,
+            result = &mut grpc_task => Some(result),
+            () = keep_readiness(&registration, &reporter, &ready) => None,
+        };
+        if let Some(result) = grpc_failed {
+            admin_stop.cancel();
+            let reason = match result {
+                Ok(Ok(())) => "stopped unexpectedly".to_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            return Err(ServerError::Serve { service: name.to_owned(), reason });
+        }
+        tracing::info!(service = name, "shutting down: readiness off");
+        ready.store(false, Ordering::Relaxed);
+        set_all(&reporter, &serving_names, ServingStatus::NotServing).await;
+        match tokio::time::timeout(DEREGISTER_TIMEOUT, registration.deregister()).await {
+            Ok(Ok(())) => tracing::info!(service = name, "membership lease revoked"),
+            Ok(Err(e)) => tracing::warn!(service = name, error = %e, "membership deregistration failed; the lease will expire"),
+            Err(_) => tracing::warn!(service = name, "membership deregistration timed out; the lease will expire"),
+        }
+        grpc_stop.cancel();
+        let outcome = match tokio::time::timeout(grace, &mut grpc_task).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(ServerError::Serve { service: name.to_owned(), reason: e.to_string() }),
+            Ok(Err(e)) => Err(ServerError::Serve { service: name.to_owned(), reason: e.to_string() }),
+            Err(_) => {
+                tracing::warn!(service = name, grace = ?grace, "in-flight RPCs outlived the grace period; cutting them");
+                grpc_task.abort();
+                Ok(())
+            }
+        };
+        admin_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
+        tracing::info!(service = name, "stopped");
+        outcome
+    });
+
+    Ok(RunningService { name, grpc_addr, admin_addr, instance_id, stop, task })
+}
+
+/// Keeps readiness in step with the membership registration: an instance that lost its
+/// lease is not ready until it has registered again. Never returns.
+async fn keep_readiness(registration: &Registration, reporter: &HealthReporter, ready: &AtomicBool) {
+    let mut last = true;
+    loop {
+        tokio::time::sleep(READINESS_INTERVAL).await;
+        let now = registration.is_registered();
+        if now != last {
+            last = now;
+            ready.store(now, Ordering::Relaxed);
+            let status = if now { ServingStatus::Serving } else { ServingStatus::NotServing };
+            reporter.set_service_status("readiness", status).await;
+            if now {
+                tracing::info!(instance = %registration.member().instance_id, "registered again: ready");
+            } else {
+                tracing::warn!(instance = %registration.member().instance_id, "membership lost: not ready");
+            }
+        }
+    }
+}

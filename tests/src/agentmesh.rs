@@ -1,0 +1,278 @@
+//! Real `agentmesh` processes for end-to-end tests.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::{free_port, wait_until};
+
+/// Path of a workspace binary (`agentmesh`, `meshctl`) built next to the test executable, or
+/// from `AGENTMESH_BIN_DIR`.
+///
+/// # Errors
+/// Fails with the command that builds it when it is missing.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = match std::env::var_os("AGENTMESH_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe()?;
+            // target/<profile>/deps/<test> → target/<profile>
+            exe.parent()
+                .and_then(|deps| deps.parent())
+                .context("test executable has no parent")?
+                .to_path_buf()
+        }
+    };
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it first with `cargo build --workspace --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A running `agentmesh` process, killed on drop.
+pub struct AgentmeshProcess {
+    child: Child,
+    /// gRPC address of its (first) service.
+    pub grpc_addr: SocketAddr,
+    /// Admin HTTP address of its (first) service.
+    pub admin_addr: SocketAddr,
+    log: tempfile::NamedTempFile,
+}
+
+impl AgentmeshProcess {
+    /// Starts `agentmesh serve ratelimit` on free loopback ports, with `etcd` when given, plus
+    /// `extra` arguments; waits until its gRPC port accepts connections.
+    ///
+    /// # Errors
+    /// Fails when the binary is missing or the process does not come up within 15 s.
+    pub async fn serve_ratelimit(etcd: Option<&str>, extra: &[&str]) -> anyhow::Result<Self> {
+        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let grpc = grpc_addr.to_string();
+        let admin = admin_addr.to_string();
+        let mut args = vec![
+            "serve",
+            "ratelimit",
+            "--ratelimit-listen",
+            &grpc,
+            "--ratelimit-admin-listen",
+            &admin,
+        ];
+        if let Some(endpoint) = etcd {
+            args.extend(["--etcd", endpoint]);
+        }
+        args.extend_from_slice(extra);
+        Self::spawn("agentmesh", &args, grpc_addr, admin_addr).await
+    }
+
+    /// Starts `agentmesh dev` with the rate limiter on free loopback ports.
+    ///
+    /// # Errors
+    /// Fails when the binary is missing or the process does not come up within 15 s.
+    pub async fn dev() -> anyhow::Result<Self> {
+        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let (grpc, admin) = (grpc_addr.to_string(), admin_addr.to_string());
+        Self::spawn(
+            "agentmesh",
+            &[
+                "dev",
+                "--ratelimit-listen",
+                &grpc,
+                "--ratelimit-admin-listen",
+                &admin,
+            ],
+            grpc_addr,
+            admin_addr,
+        )
+        .await
+    }
+
+    async fn spawn(
+        bin: &str,
+        args: &[&str],
+        grpc_addr: SocketAddr,
+        admin_addr: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let log = tempfile::NamedTempFile::new()?;
+        let child = Command::new(binary(bin)?)
+            .args(args)
+            .env_remove("AGENTMESH_ETCD_ENDPOINTS")
+            .env_remove("AGENTMESH_REDIS_URL")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env("AGENTMESH_LEASE_TTL", "2s")
+            .env("AGENTMESH_SHUTDOWN_GRACE", "3s")
+            .stdin(Stdio::null())
+            .stdout(log.reopen()?)
+            .stderr(log.reopen()?)
+            .spawn()
+            .with_context(|| format!("cannot start {bin}"))?;
+        let mut process = Self {
+            child,
+            grpc_addr,
+            admin_addr,
+            log,
+        };
+        let up = wait_until(
+            Duration::from_secs(15),
+            "agentmesh gRPC port",
+            || async move { tokio::net::TcpStream::connect(grpc_addr).await.is_ok() },
+        )
+        .await;
+        if let Err(e) = up {
+            let status = process.child.try_wait().ok().flatten();
+            bail!("{e}; exit status {status:?}; log:\n{}", process.logs());
+        }
+        Ok(process)
+    }
+
+    /// The process id.
+    #[must_use]
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX))
+    }
+
+    /// Sends SIGTERM (graceful shutdown).
+    pub fn sigterm(&self) {
+        let _ = kill(self.pid(), Signal::SIGTERM);
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill9(&mut self) {
+        let _ = kill(self.pid(), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit.
+    ///
+    /// # Errors
+    /// Fails when it is still running after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "agentmesh still running after {timeout:?}; log:\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Everything the process wrote so far.
+    #[must_use]
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentmeshProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs a workspace binary to completion with `args`, returning (exit code, stdout, stderr).
+///
+/// # Errors
+/// Fails when the binary is missing or cannot be run.
+pub fn run_binary(bin: &str, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let output = Command::new(binary(bin)?)
+        .args(args)
+        .env_remove("AGENTMESH_ETCD_ENDPOINTS")
+        .output()?;
+    Ok((
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// A minimal HTTP/1.0 GET, returning (status code, body).
+///
+/// # Errors
+/// Fails when the connection or the response is broken.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    Ok((code, body.to_owned()))
+}
+
+/// Checks Prometheus text exposition: every sample belongs to a family with HELP and TYPE,
+/// names are valid, values parse. Returns the problems found.
+#[must_use]
+pub fn prometheus_text_problems(text: &str) -> Vec<String> {
+    use std::collections::HashSet;
+    let mut problems = Vec::new();
+    let (mut helped, mut typed) = (HashSet::new(), HashSet::new());
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            helped.insert(
+                rest.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(
+                rest.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        } else if line.starts_with('#') {
+        } else {
+            let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+            let name = &line[..name_end];
+            let value = line.rsplit(' ').next().unwrap_or_default();
+            if !valid_name(name) {
+                problems.push(format!("invalid metric name in {line:?}"));
+            }
+            if value.parse::<f64>().is_err() && !["+Inf", "-Inf", "NaN"].contains(&value) {
+                problems.push(format!("invalid value in {line:?}"));
+            }
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+                .unwrap_or(name);
+            if !typed.contains(family) || !helped.contains(family) {
+                problems.push(format!("{name} has no HELP/TYPE"));
+            }
+        }
+    }
+    problems
+}

@@ -4,6 +4,7 @@
 //! in its own temporary directory with stdout/stderr captured to files there. Dropping a handle
 //! kills the process and removes the directory; a start-up failure prints the tail of the logs.
 
+pub mod agentmesh;
 mod etcd;
 mod process;
 mod redis;
@@ -67,8 +68,6 @@ pub fn init_test_tracing() {
         .with_test_writer()
         .try_init();
 }
-
-// The `AgentmeshProcess` helper (agentmesh service processes) goes here.
 
 #[cfg(test)]
 mod tests {

@@ -192,6 +192,37 @@ async fn test_dropped_registration_expires_after_the_lease_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_registration_restores_its_key_after_it_is_deleted_by_hand() {
+    init_test_tracing();
+    let etcd = EtcdServer::start().await.unwrap();
+    let membership = connect(&etcd).await;
+    let key = member_key("/agentmesh", "cache", "cache-9");
+    let registration = membership
+        .register(member("cache", "cache-9"))
+        .await
+        .unwrap();
+    let old_lease = lease_of(&etcd, &key).await.expect("registered");
+
+    etcd.client()
+        .await
+        .unwrap()
+        .delete(key.as_str(), None)
+        .await
+        .unwrap();
+    wait_until(TTL * 3, "the deleted key to be registered again", || {
+        let (etcd, key) = (&etcd, &key);
+        async move {
+            lease_of(etcd, key)
+                .await
+                .is_some_and(|l| l != 0 && l != old_lease)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(registration.is_registered());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_watcher_sees_joined_and_left_from_another_registration() {
     init_test_tracing();
     let etcd = EtcdServer::start().await.unwrap();

@@ -39,11 +39,21 @@ async fn start(metrics: &Metrics, policy_file: Option<std::path::PathBuf>) -> Ru
         zone: String::new(),
         shutdown_grace: Duration::from_secs(2),
     };
-    server::start(spec, &ctx, &CancellationToken::new()).await.expect("service starts")
+    server::start(spec, &ctx, &CancellationToken::new())
+        .await
+        .expect("service starts")
 }
 
-fn client(running: &RunningService, metrics: &Metrics) -> pb::rate_limiter_client::RateLimiterClient<agentmesh_runtime::ClientChannel> {
-    let channel = connect_lazy(&running.grpc_addr.to_string(), &ClientConfig::default(), metrics).unwrap();
+fn client(
+    running: &RunningService,
+    metrics: &Metrics,
+) -> pb::rate_limiter_client::RateLimiterClient<agentmesh_runtime::ClientChannel> {
+    let channel = connect_lazy(
+        &running.grpc_addr.to_string(),
+        &ClientConfig::default(),
+        metrics,
+    )
+    .unwrap();
     pb::rate_limiter_client::RateLimiterClient::new(channel)
 }
 
@@ -54,7 +64,10 @@ fn inline(namespace: &str, key: &str, cost: u64, limit: u64, period_secs: i64) -
         cost,
         limit_ref: Some(pb::check_item::LimitRef::Limit(pb::LimitSpec {
             limit,
-            period: Some(prost_types::Duration { seconds: period_secs, nanos: 0 }),
+            period: Some(prost_types::Duration {
+                seconds: period_secs,
+                nanos: 0,
+            }),
             burst: 0,
             algorithm: 0,
         })),
@@ -68,16 +81,33 @@ async fn test_check_allows_up_to_the_limit_then_denies_with_retry_after() {
     let running = start(&metrics, None).await;
     let mut client = client(&running, &metrics);
     for expected_remaining in [2u64, 1, 0] {
-        let r = client.check(pb::CheckRequest { items: vec![inline("t", "k", 1, 3, 60)], all_or_nothing: false }).await.unwrap().into_inner();
+        let r = client
+            .check(pb::CheckRequest {
+                items: vec![inline("t", "k", 1, 3, 60)],
+                all_or_nothing: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert!(r.allowed);
         assert_eq!(r.results[0].remaining, expected_remaining);
         assert_eq!(r.results[0].decided_by, running.instance_id);
     }
-    let r = client.check(pb::CheckRequest { items: vec![inline("t", "k", 1, 3, 60)], all_or_nothing: false }).await.unwrap().into_inner();
+    let r = client
+        .check(pb::CheckRequest {
+            items: vec![inline("t", "k", 1, 3, 60)],
+            all_or_nothing: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!r.allowed);
     assert_eq!(r.results[0].decision, pb::Decision::Deny as i32);
     let retry = r.results[0].retry_after.unwrap();
-    assert!(retry.seconds > 0 && retry.seconds <= 20, "about one emission interval (20 s): {retry:?}");
+    assert!(
+        retry.seconds > 0 && retry.seconds <= 20,
+        "about one emission interval (20 s): {retry:?}"
+    );
     running.shutdown().await.unwrap();
 }
 
@@ -86,27 +116,70 @@ async fn test_bad_input_is_invalid_argument_naming_every_field() {
     let metrics = Metrics::new();
     let running = start(&metrics, None).await;
     let mut client = client(&running, &metrics);
-    let bad = vec![inline("", "k", 1, 3, 60), inline("t", &"x".repeat(513), 1, 0, 60)];
-    let status = client.check(pb::CheckRequest { items: bad, all_or_nothing: false }).await.unwrap_err();
+    let bad = vec![
+        inline("", "k", 1, 3, 60),
+        inline("t", &"x".repeat(513), 1, 0, 60),
+    ];
+    let status = client
+        .check(pb::CheckRequest {
+            items: bad,
+            all_or_nothing: false,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let details = status.get_error_details();
-    let fields: Vec<String> = details.bad_request().unwrap().field_violations.iter().map(|v| v.field.clone()).collect();
-    assert!(fields.contains(&"items[0].namespace".to_owned()), "{fields:?}");
+    let fields: Vec<String> = details
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert!(
+        fields.contains(&"items[0].namespace".to_owned()),
+        "{fields:?}"
+    );
     assert!(fields.contains(&"items[1].key".to_owned()), "{fields:?}");
-    assert!(fields.contains(&"items[1].limit.limit".to_owned()), "{fields:?}");
+    assert!(
+        fields.contains(&"items[1].limit.limit".to_owned()),
+        "{fields:?}"
+    );
 
-    let empty = client.check(pb::CheckRequest { items: vec![], all_or_nothing: false }).await.unwrap_err();
+    let empty = client
+        .check(pb::CheckRequest {
+            items: vec![],
+            all_or_nothing: false,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(empty.code(), Code::InvalidArgument);
     let too_many = vec![inline("t", "k", 1, 3, 60); 1001];
-    let status = client.check(pb::CheckRequest { items: too_many, all_or_nothing: false }).await.unwrap_err();
+    let status = client
+        .check(pb::CheckRequest {
+            items: too_many,
+            all_or_nothing: false,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("items"), "{}", status.message());
 
     let mut unknown = inline("t", "k", 1, 3, 60);
     unknown.limit_ref = Some(pb::check_item::LimitRef::Policy("nope".into()));
-    let status = client.check(pb::CheckRequest { items: vec![unknown], all_or_nothing: false }).await.unwrap_err();
+    let status = client
+        .check(pb::CheckRequest {
+            items: vec![unknown],
+            all_or_nothing: false,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    assert!(status.message().contains("items[0].policy"), "{}", status.message());
+    assert!(
+        status.message().contains("items[0].policy"),
+        "{}",
+        status.message()
+    );
     running.shutdown().await.unwrap();
 }
 
@@ -114,26 +187,53 @@ async fn test_bad_input_is_invalid_argument_naming_every_field() {
 async fn test_named_policies_from_file_and_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("policies.toml");
-    std::fs::write(&path, "[[policy]]\nname = \"llm-tokens\"\nlimit = 1000\nperiod = \"1m\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[[policy]]\nname = \"llm-tokens\"\nlimit = 1000\nperiod = \"1m\"\n",
+    )
+    .unwrap();
     let metrics = Metrics::new();
     let running = start(&metrics, Some(path)).await;
     let mut client = client(&running, &metrics);
     let mut tokens = inline("team-a", "agent-7", 900, 0, 0);
     tokens.limit_ref = Some(pb::check_item::LimitRef::Policy("llm-tokens".into()));
-    let r = client.check(pb::CheckRequest { items: vec![tokens.clone()], all_or_nothing: false }).await.unwrap().into_inner();
+    let r = client
+        .check(pb::CheckRequest {
+            items: vec![tokens.clone()],
+            all_or_nothing: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.allowed);
-    assert_eq!((r.results[0].policy.as_str(), r.results[0].remaining), ("llm-tokens", 100));
+    assert_eq!(
+        (r.results[0].policy.as_str(), r.results[0].remaining),
+        ("llm-tokens", 100)
+    );
     // 900 more tokens do not fit, so the request-count item is not debited either.
     let requests = inline("team-a", "agent-7", 1, 10, 60);
     let r = client
-        .check(pb::CheckRequest { items: vec![requests.clone(), tokens], all_or_nothing: true })
+        .check(pb::CheckRequest {
+            items: vec![requests.clone(), tokens],
+            all_or_nothing: true,
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(!r.allowed);
     assert!(r.results[0].batch_rejected);
-    let r = client.check(pb::CheckRequest { items: vec![requests], all_or_nothing: false }).await.unwrap().into_inner();
-    assert_eq!(r.results[0].remaining, 9, "the rejected batch debited nothing");
+    let r = client
+        .check(pb::CheckRequest {
+            items: vec![requests],
+            all_or_nothing: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.results[0].remaining, 9,
+        "the rejected batch debited nothing"
+    );
     running.shutdown().await.unwrap();
 }
 
@@ -143,11 +243,33 @@ async fn test_stream_check_answers_each_request_and_survives_a_bad_one() {
     let running = start(&metrics, None).await;
     let mut client = client(&running, &metrics);
     let requests = vec![
-        pb::StreamCheckRequest { id: 1, request: Some(pb::CheckRequest { items: vec![inline("t", "s", 1, 5, 60)], all_or_nothing: false }) },
-        pb::StreamCheckRequest { id: 2, request: Some(pb::CheckRequest { items: vec![], all_or_nothing: false }) },
-        pb::StreamCheckRequest { id: 3, request: Some(pb::CheckRequest { items: vec![inline("t", "s", 1, 5, 60)], all_or_nothing: false }) },
+        pb::StreamCheckRequest {
+            id: 1,
+            request: Some(pb::CheckRequest {
+                items: vec![inline("t", "s", 1, 5, 60)],
+                all_or_nothing: false,
+            }),
+        },
+        pb::StreamCheckRequest {
+            id: 2,
+            request: Some(pb::CheckRequest {
+                items: vec![],
+                all_or_nothing: false,
+            }),
+        },
+        pb::StreamCheckRequest {
+            id: 3,
+            request: Some(pb::CheckRequest {
+                items: vec![inline("t", "s", 1, 5, 60)],
+                all_or_nothing: false,
+            }),
+        },
     ];
-    let mut responses = client.stream_check(tokio_stream::iter(requests)).await.unwrap().into_inner();
+    let mut responses = client
+        .stream_check(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
     let mut got = Vec::new();
     while let Some(r) = responses.next().await {
         got.push(r.unwrap());
@@ -164,27 +286,58 @@ async fn test_stream_check_answers_each_request_and_survives_a_bad_one() {
 async fn test_health_and_reflection_answer_on_the_grpc_port() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let metrics = Metrics::new();
     let running = start(&metrics, None).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", running.grpc_addr)).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", running.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = HealthClient::new(channel.clone());
-    for service in ["", "liveness", "readiness", "agentmesh.ratelimit.v1.RateLimiter"] {
-        let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
+    for service in [
+        "",
+        "liveness",
+        "readiness",
+        "agentmesh.ratelimit.v1.RateLimiter",
+    ] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
     let mut reflection = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut stream = reflection.server_reflection_info(tokio_stream::iter(vec![request])).await.unwrap().into_inner();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
     let response = stream.next().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("expected a service list") };
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("expected a service list")
+    };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"agentmesh.ratelimit.v1.RateLimiter".to_owned()), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"agentmesh.ratelimit.v1.RateLimiter".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
     running.shutdown().await.unwrap();
 }
 
@@ -194,25 +347,50 @@ async fn test_shutdown_turns_health_not_serving_before_the_port_closes() {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
     let metrics = Metrics::new();
     let running = start(&metrics, None).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", running.grpc_addr)).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", running.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = HealthClient::new(channel);
-    let mut watch = health.watch(HealthCheckRequest { service: "readiness".into() }).await.unwrap().into_inner();
-    assert_eq!(watch.next().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "readiness".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
     running.stop();
-    assert_eq!(watch.next().await.unwrap().unwrap().status, ServingStatus::NotServing as i32);
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
 }
 
 #[tokio::test]
 async fn test_one_trace_spans_client_and_server() {
     let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
-    let subscriber = tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let metrics = Metrics::new();
     let running = start(&metrics, None).await;
     let mut client = client(&running, &metrics);
-    client.check(pb::CheckRequest { items: vec![inline("t", "k", 1, 3, 60)], all_or_nothing: false }).await.unwrap();
+    client
+        .check(pb::CheckRequest {
+            items: vec![inline("t", "k", 1, 3, 60)],
+            all_or_nothing: false,
+        })
+        .await
+        .unwrap();
     running.shutdown().await.unwrap();
     provider.force_flush().unwrap();
 
@@ -221,11 +399,30 @@ async fn test_one_trace_spans_client_and_server() {
         spans
             .iter()
             .find(|s| s.span_kind == kind && s.name == "agentmesh.ratelimit.v1.RateLimiter/Check")
-            .unwrap_or_else(|| panic!("no {kind:?} span in {:?}", spans.iter().map(|s| (&s.name, &s.span_kind)).collect::<Vec<_>>()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {kind:?} span in {:?}",
+                    spans
+                        .iter()
+                        .map(|s| (&s.name, &s.span_kind))
+                        .collect::<Vec<_>>()
+                )
+            })
     };
     let (client_span, server_span) = (find(SpanKind::Client), find(SpanKind::Server));
-    assert_eq!(client_span.span_context.trace_id(), server_span.span_context.trace_id());
-    assert_eq!(server_span.parent_span_id, client_span.span_context.span_id());
+    assert_eq!(
+        client_span.span_context.trace_id(),
+        server_span.span_context.trace_id()
+    );
+    assert_eq!(
+        server_span.parent_span_id,
+        client_span.span_context.span_id()
+    );
     assert!(server_span.parent_span_is_remote);
-    assert!(server_span.attributes.iter().any(|kv| kv.key.as_str() == "rpc.grpc.status_code" && kv.value.as_str() == "0"));
+    assert!(
+        server_span
+            .attributes
+            .iter()
+            .any(|kv| kv.key.as_str() == "rpc.grpc.status_code" && kv.value.as_str() == "0")
+    );
 }

@@ -350,6 +350,9 @@ enum LeaseLoss {
     /// No successful keep-alive for longer than the TTL (etcd down or partitioned): the lease
     /// must be considered expired.
     Silent(Duration),
+    /// The lease is alive but the key is gone or on another lease (deleted by hand, or taken
+    /// over and then released by a duplicate instance id).
+    KeyGone,
 }
 
 impl fmt::Display for LeaseLoss {
@@ -357,6 +360,7 @@ impl fmt::Display for LeaseLoss {
         match self {
             Self::NotFound => f.write_str("lease not found"),
             Self::Silent(d) => write!(f, "no successful keep-alive for {}ms", d.as_millis()),
+            Self::KeyGone => f.write_str("member key missing or attached to another lease"),
         }
     }
 }
@@ -462,7 +466,8 @@ impl Keeper {
         }
     }
 
-    /// Keeps `lease` alive until it is lost. Never returns while the lease is healthy.
+    /// Keeps `lease` alive until it is lost. Never returns while the lease is healthy. Once per
+    /// TTL it also checks that the key is still there under this lease.
     async fn keep_alive(&self, lease: Lease) -> LeaseLoss {
         let interval = (lease.ttl / 3).max(Duration::from_millis(100));
         let step_timeout = self.timeout.min(interval);
@@ -470,10 +475,19 @@ impl Keeper {
         let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
         let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut alive_ticks: u64 = 0;
         loop {
             ticker.tick().await;
             match tokio::time::timeout(step_timeout, self.ping(&mut stream, lease.id)).await {
-                Ok(Ok(true)) => last_ok = Instant::now(),
+                Ok(Ok(true)) => {
+                    last_ok = Instant::now();
+                    alive_ticks += 1;
+                    if alive_ticks.is_multiple_of(3)
+                        && !self.key_on_lease(lease.id, step_timeout).await
+                    {
+                        return LeaseLoss::KeyGone;
+                    }
+                }
                 Ok(Ok(false)) => return LeaseLoss::NotFound,
                 Ok(Err(e)) => {
                     stream = None;
@@ -528,6 +542,21 @@ impl Keeper {
                 Ok(false)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// False only when etcd answers that the key is missing or on another lease.
+    async fn key_on_lease(&self, lease_id: i64, timeout: Duration) -> bool {
+        let mut kv = self.client.kv_client();
+        match call(timeout, "get", kv.get(self.key.as_str(), None)).await {
+            Ok(response) => response
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.lease() == lease_id),
+            Err(e) => {
+                debug!(instance = %self.instance, error = %e, "member key check failed");
+                true
+            }
         }
     }
 

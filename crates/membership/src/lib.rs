@@ -40,3 +40,40 @@ pub trait Membership: Send + Sync + 'static {
     /// A live view of `service`: its current snapshot and a stream of changes.
     async fn watch(&self, service: &str) -> Result<MemberWatch, MembershipError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+
+    #[test]
+    fn test_handles_can_move_between_tasks() {
+        assert_send_sync::<Registration>();
+        assert_send_sync::<MemberWatch>();
+        assert_send_sync::<EtcdMembership>();
+        assert_send_sync::<InMemoryMembership>();
+        assert_send_sync::<HashRing>();
+        assert_send_sync::<Arc<dyn Membership>>();
+    }
+
+    #[tokio::test]
+    async fn test_membership_works_as_a_trait_object() {
+        let membership: Arc<dyn Membership> = Arc::new(InMemoryMembership::default());
+        let member = Member {
+            service: "cache".into(),
+            instance_id: "c1".into(),
+            grpc_addr: "127.0.0.1:7103".into(),
+            admin_addr: "127.0.0.1:9103".into(),
+            version: "0.1.0".into(),
+            zone: String::new(),
+            started_at_ms: 0,
+        };
+        let registration = membership.register(member.clone()).await.unwrap();
+        let ring = HashRing::new(&membership.list("cache").await.unwrap());
+        assert_eq!(ring.owner(b"any key"), Some(&member));
+        registration.deregister().await.unwrap();
+    }
+}

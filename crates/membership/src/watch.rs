@@ -79,8 +79,9 @@ impl MemberWatch {
         self.snapshots_rx.borrow().clone()
     }
 
-    /// The next change, or `None` when the watch has ended for good (its backend is gone).
-    /// Cancel-safe.
+    /// The next change, or `None` when the watch has ended for good: the in-memory backend was
+    /// dropped. The etcd watch never ends on its own; it re-lists and re-watches after failures
+    /// (the differences found arrive as ordinary events). Cancel-safe.
     pub async fn next_event(&mut self) -> Option<MembershipEvent> {
         loop {
             if let Some(event) = self.pending.pop_front() {

@@ -87,14 +87,24 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::EchoServer { listen } => echo_server(listen).await,
         BenchCommand::Echo(args) => {
-            let addr = args.load.addr.clone().unwrap_or_else(|| "127.0.0.1:7199".to_owned());
+            let addr = args
+                .load
+                .addr
+                .clone()
+                .unwrap_or_else(|| "127.0.0.1:7199".to_owned());
             let channels = connect(&addr, args.load.connections).await?;
             let payload = vec![7u8; args.payload];
             let summary = run_load(&args.load, 1, move |worker, _seq| {
-                let mut client = echo_pb::echo_client::EchoClient::new(channels[worker % channels.len()].clone());
+                let mut client = echo_pb::echo_client::EchoClient::new(
+                    channels[worker % channels.len()].clone(),
+                );
                 let payload = payload.clone();
                 async move {
-                    client.echo(echo_pb::EchoRequest { payload }).await.map(|_| ()).map_err(|s| s.code())
+                    client
+                        .echo(echo_pb::EchoRequest { payload })
+                        .await
+                        .map(|_| ())
+                        .map_err(|s| s.code())
                 }
             })
             .await;
@@ -102,23 +112,43 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Ratelimit(args) => {
-            let addr = args.load.addr.clone().unwrap_or_else(|| "127.0.0.1:7104".to_owned());
+            let addr = args
+                .load
+                .addr
+                .clone()
+                .unwrap_or_else(|| "127.0.0.1:7104".to_owned());
             let channels = connect(&addr, args.load.connections).await?;
             let batch = args.batch.clamp(1, 1000);
             let keys = args.keys.max(1);
-            let label = if args.stream { "ratelimit StreamCheck" } else { "ratelimit Check" };
+            let label = if args.stream {
+                "ratelimit StreamCheck"
+            } else {
+                "ratelimit Check"
+            };
             let summary = if args.stream {
                 let streams = open_streams(&channels, args.load.concurrency).await?;
                 run_load(&args.load, batch as u64, move |worker, seq| {
                     let stream = streams[worker].clone();
-                    async move { stream.call(seq, check_request(worker, seq, batch, keys)).await }
+                    async move {
+                        stream
+                            .call(seq, check_request(worker, seq, batch, keys))
+                            .await
+                    }
                 })
                 .await
             } else {
                 run_load(&args.load, batch as u64, move |worker, seq| {
-                    let mut client = pb::rate_limiter_client::RateLimiterClient::new(channels[worker % channels.len()].clone());
+                    let mut client = pb::rate_limiter_client::RateLimiterClient::new(
+                        channels[worker % channels.len()].clone(),
+                    );
                     let request = check_request(worker, seq, batch, keys);
-                    async move { client.check(request).await.map(|_| ()).map_err(|s| s.code()) }
+                    async move {
+                        client
+                            .check(request)
+                            .await
+                            .map(|_| ())
+                            .map_err(|s| s.code())
+                    }
                 })
                 .await
             };
@@ -134,7 +164,10 @@ fn check_request(worker: usize, seq: u64, batch: usize, keys: u64) -> pb::CheckR
     let items = (0..batch as u64)
         .map(|i| pb::CheckItem {
             namespace: "bench".to_owned(),
-            key: format!("k{}", (seq.wrapping_mul(batch as u64) + i + worker as u64 * 7919) % keys),
+            key: format!(
+                "k{}",
+                (seq.wrapping_mul(batch as u64) + i + worker as u64 * 7919) % keys
+            ),
             cost: 1,
             limit_ref: Some(pb::check_item::LimitRef::Limit(pb::LimitSpec {
                 limit: 1_000_000_000,
@@ -145,7 +178,10 @@ fn check_request(worker: usize, seq: u64, batch: usize, keys: u64) -> pb::CheckR
             mode: 0,
         })
         .collect();
-    pb::CheckRequest { items, all_or_nothing: false }
+    pb::CheckRequest {
+        items,
+        all_or_nothing: false,
+    }
 }
 
 async fn connect(addr: &str, connections: usize) -> anyhow::Result<Vec<Channel>> {
@@ -153,7 +189,12 @@ async fn connect(addr: &str, connections: usize) -> anyhow::Result<Vec<Channel>>
     let mut channels = Vec::new();
     for _ in 0..connections.max(1) {
         let endpoint = agentmesh_runtime::client::endpoint(addr, &config)?;
-        channels.push(endpoint.connect().await.with_context(|| format!("cannot connect to {addr}"))?);
+        channels.push(
+            endpoint
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?,
+        );
     }
     Ok(channels)
 }
@@ -161,14 +202,24 @@ async fn connect(addr: &str, connections: usize) -> anyhow::Result<Vec<Channel>>
 /// One StreamCheck stream used ping-pong: send a request, wait for its answer.
 #[derive(Clone)]
 struct CheckStream {
-    inner: Arc<tokio::sync::Mutex<(mpsc::Sender<pb::StreamCheckRequest>, tonic::Streaming<pb::StreamCheckResponse>)>>,
+    inner: Arc<
+        tokio::sync::Mutex<(
+            mpsc::Sender<pb::StreamCheckRequest>,
+            tonic::Streaming<pb::StreamCheckResponse>,
+        )>,
+    >,
 }
 
 impl CheckStream {
     async fn call(&self, id: u64, request: pb::CheckRequest) -> Result<(), tonic::Code> {
         let mut guard = self.inner.lock().await;
         let (tx, rx) = &mut *guard;
-        tx.send(pb::StreamCheckRequest { id, request: Some(request) }).await.map_err(|_| tonic::Code::Unavailable)?;
+        tx.send(pb::StreamCheckRequest {
+            id,
+            request: Some(request),
+        })
+        .await
+        .map_err(|_| tonic::Code::Unavailable)?;
         match rx.next().await {
             Some(Ok(response)) if response.error.is_none() => Ok(()),
             Some(Ok(_)) => Err(tonic::Code::InvalidArgument),
@@ -182,9 +233,16 @@ async fn open_streams(channels: &[Channel], count: usize) -> anyhow::Result<Vec<
     let mut streams = Vec::new();
     for i in 0..count.max(1) {
         let (tx, rx) = mpsc::channel(16);
-        let mut client = pb::rate_limiter_client::RateLimiterClient::new(channels[i % channels.len()].clone());
-        let responses = client.stream_check(ReceiverStream::new(rx)).await.context("cannot open StreamCheck")?.into_inner();
-        streams.push(CheckStream { inner: Arc::new(tokio::sync::Mutex::new((tx, responses))) });
+        let mut client =
+            pb::rate_limiter_client::RateLimiterClient::new(channels[i % channels.len()].clone());
+        let responses = client
+            .stream_check(ReceiverStream::new(rx))
+            .await
+            .context("cannot open StreamCheck")?
+            .into_inner();
+        streams.push(CheckStream {
+            inner: Arc::new(tokio::sync::Mutex::new((tx, responses))),
+        });
     }
     Ok(streams)
 }
@@ -230,14 +288,23 @@ impl Summary {
                     "{label}: {} in flight over {} connection(s), {:.1}s measured",
                     load.concurrency, load.connections, secs
                 );
-                println!("  calls       {:>12}  {:>12.0}/s", self.calls, calls_per_sec);
+                println!(
+                    "  calls       {:>12}  {:>12.0}/s",
+                    self.calls, calls_per_sec
+                );
                 if items_per_call > 1 {
-                    println!("  items       {:>12}  {:>12.0}/s", self.calls * items_per_call as u64, items_per_sec);
+                    println!(
+                        "  items       {:>12}  {:>12.0}/s",
+                        self.calls * items_per_call as u64,
+                        items_per_sec
+                    );
                 }
                 println!(
                     "  errors      {:>12}{}",
                     self.errors,
-                    self.first_error.map(|c| format!("  (first: {c:?})")).unwrap_or_default()
+                    self.first_error
+                        .map(|c| format!("  (first: {c:?})"))
+                        .unwrap_or_default()
                 );
                 println!(
                     "  latency     p50 {}  p90 {}  p99 {}  max {}",
@@ -253,7 +320,11 @@ impl Summary {
 
 fn micros(us: u64) -> String {
     #[allow(clippy::cast_precision_loss)]
-    if us >= 10_000 { format!("{:.1}ms", us as f64 / 1000.0) } else { format!("{us}µs") }
+    if us >= 10_000 {
+        format!("{:.1}ms", us as f64 / 1000.0)
+    } else {
+        format!("{us}µs")
+    }
 }
 
 /// Runs `concurrency` closed loops of `call(worker, seq)` for warm-up + duration, recording
@@ -271,7 +342,8 @@ where
         let call = call.clone();
         let (measuring, stopping, done) = (measuring.clone(), stopping.clone(), done.clone());
         workers.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let (mut errors, mut first_error) = (0u64, None);
             let mut seq = 0u64;
             while !stopping.load(Ordering::Relaxed) {
@@ -280,7 +352,9 @@ where
                 let result = call(worker, seq).await;
                 seq += 1;
                 if measured && !stopping.load(Ordering::Relaxed) {
-                    let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+                    let us = u64::try_from(start.elapsed().as_micros())
+                        .unwrap_or(u64::MAX)
+                        .max(1);
                     hist.saturating_record(us);
                     done.fetch_add(1, Ordering::Relaxed);
                     if let Err(code) = result {
@@ -303,12 +377,19 @@ where
     );
     let mut last = (Instant::now(), 0u64);
     while start.elapsed() < load.duration {
-        tokio::time::sleep(Duration::from_millis(200).min(load.duration.saturating_sub(start.elapsed()))).await;
+        tokio::time::sleep(
+            Duration::from_millis(200).min(load.duration.saturating_sub(start.elapsed())),
+        )
+        .await;
         let now = (Instant::now(), done.load(Ordering::Relaxed));
         #[allow(clippy::cast_precision_loss)]
         let rate = (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64().max(1e-9);
         #[allow(clippy::cast_precision_loss)]
-        bar.set_message(format!("{:.0} calls/s  {:.0} items/s", rate, rate * items_per_call as f64));
+        bar.set_message(format!(
+            "{:.0} calls/s  {:.0} items/s",
+            rate,
+            rate * items_per_call as f64
+        ));
         bar.set_position(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX));
         last = now;
     }
@@ -324,7 +405,13 @@ where
             first_error = first_error.or(first);
         }
     }
-    Summary { calls: latency.len(), errors, first_error, elapsed, latency }
+    Summary {
+        calls: latency.len(),
+        errors,
+        first_error,
+        elapsed,
+        latency,
+    }
 }
 
 /// The bare echo anchor.
@@ -337,17 +424,24 @@ impl echo_pb::echo_server::Echo for EchoService {
         &self,
         request: tonic::Request<echo_pb::EchoRequest>,
     ) -> Result<tonic::Response<echo_pb::EchoResponse>, tonic::Status> {
-        Ok(tonic::Response::new(echo_pb::EchoResponse { payload: request.into_inner().payload }))
+        Ok(tonic::Response::new(echo_pb::EchoResponse {
+            payload: request.into_inner().payload,
+        }))
     }
 }
 
 async fn echo_server(listen: SocketAddr) -> anyhow::Result<ExitCode> {
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     eprintln!("echo anchor listening on {}", listener.local_addr()?);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(echo_pb::echo_server::EchoServer::new(EchoService))
-        .serve_with_incoming_shutdown(incoming, agentmesh_runtime::shutdown::on_signal().cancelled_owned())
+        .serve_with_incoming_shutdown(
+            incoming,
+            agentmesh_runtime::shutdown::on_signal().cancelled_owned(),
+        )
         .await?;
     Ok(ExitCode::SUCCESS)
 }

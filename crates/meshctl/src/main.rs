@@ -42,7 +42,10 @@ pub(crate) enum Output {
 
 fn main() -> ExitCode {
     let cli: Cli = parse_args_or_exit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the tokio runtime: {e}");

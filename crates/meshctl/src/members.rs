@@ -32,7 +32,12 @@ pub(crate) async fn run(cluster: &ClusterArgs, args: &MembersArgs) -> anyhow::Re
     .await
     .with_context(|| format!("cannot reach etcd at {}", cluster.etcd_endpoints.join(",")))?;
     let members: Vec<Member> = match &args.service {
-        Some(service) => membership.list(service).await?.members.into_values().collect(),
+        Some(service) => membership
+            .list(service)
+            .await?
+            .members
+            .into_values()
+            .collect(),
         None => membership.list_all().await?,
     };
     match args.output {
@@ -54,7 +59,11 @@ fn table(members: &[Member]) -> String {
                 m.grpc_addr.clone(),
                 m.admin_addr.clone(),
                 m.version.clone(),
-                if m.zone.is_empty() { "-".to_owned() } else { m.zone.clone() },
+                if m.zone.is_empty() {
+                    "-".to_owned()
+                } else {
+                    m.zone.clone()
+                },
             ]
         })
         .collect();
@@ -66,7 +75,11 @@ fn table(members: &[Member]) -> String {
     }
     let mut out = String::new();
     let mut line = |cells: &[&str]| {
-        let text: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let text: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(text.join("  ").trim_end());
         out.push('\n');
     };

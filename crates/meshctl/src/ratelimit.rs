@@ -18,7 +18,11 @@ pub(crate) enum RatelimitCommand {
 #[derive(clap::Args)]
 pub(crate) struct CheckArgs {
     /// Rate limiter address.
-    #[arg(long, env = "AGENTMESH_RATELIMIT_ADDR", default_value = "127.0.0.1:7104")]
+    #[arg(
+        long,
+        env = "AGENTMESH_RATELIMIT_ADDR",
+        default_value = "127.0.0.1:7104"
+    )]
     addr: String,
     /// Tenant namespace.
     #[arg(long, short = 'n')]
@@ -80,10 +84,15 @@ fn format_duration(d: Option<&prost_types::Duration>) -> String {
     match d {
         None => "never".to_owned(),
         Some(d) => {
-            let d = Duration::new(u64::try_from(d.seconds).unwrap_or(0), u32::try_from(d.nanos).unwrap_or(0));
-            humantime::format_duration(Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
-                .to_string()
-                .replace(' ', "")
+            let d = Duration::new(
+                u64::try_from(d.seconds).unwrap_or(0),
+                u32::try_from(d.nanos).unwrap_or(0),
+            );
+            humantime::format_duration(Duration::from_millis(
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+            ))
+            .to_string()
+            .replace(' ', "")
         }
     }
 }
@@ -110,12 +119,25 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         key: args.key,
         cost: args.cost,
         limit_ref,
-        mode: if args.shadow { pb::Mode::Shadow as i32 } else { pb::Mode::Unspecified as i32 },
+        mode: if args.shadow {
+            pb::Mode::Shadow as i32
+        } else {
+            pb::Mode::Unspecified as i32
+        },
     };
-    let endpoint = agentmesh_runtime::client::endpoint(&args.addr, &agentmesh_runtime::ClientConfig::default())?;
-    let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {}", args.addr))?;
+    let endpoint = agentmesh_runtime::client::endpoint(
+        &args.addr,
+        &agentmesh_runtime::ClientConfig::default(),
+    )?;
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {}", args.addr))?;
     let response = pb::rate_limiter_client::RateLimiterClient::new(channel)
-        .check(pb::CheckRequest { items: vec![item], all_or_nothing: false })
+        .check(pb::CheckRequest {
+            items: vec![item],
+            all_or_nothing: false,
+        })
         .await
         .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
@@ -141,10 +163,22 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             result.remaining,
             format_duration(result.retry_after.as_ref()),
             format_duration(result.reset_after.as_ref()),
-            if result.policy.is_empty() { "(inline)" } else { &result.policy },
+            if result.policy.is_empty() {
+                "(inline)"
+            } else {
+                &result.policy
+            },
             result.decided_by,
-            if result.over_limit && response.allowed { "  (shadow: over limit)" } else { "" },
+            if result.over_limit && response.allowed {
+                "  (shadow: over limit)"
+            } else {
+                ""
+            },
         ),
     }
-    Ok(if response.allowed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if response.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

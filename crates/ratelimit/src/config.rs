@@ -59,20 +59,46 @@ mod tests {
 
     #[test]
     fn test_shards_round_up_to_a_power_of_two_within_bounds() {
-        let shards = |shards| LimiterConfig { max_keys: 10, shards }.shard_count();
+        let shards = |shards| {
+            LimiterConfig {
+                max_keys: 10,
+                shards,
+            }
+            .shard_count()
+        };
         assert_eq!(shards(0), 1);
         assert_eq!(shards(3), 4);
         assert_eq!(shards(64), 64);
         assert_eq!(shards(65), 128);
         assert_eq!(shards(usize::MAX), MAX_SHARDS);
-        assert_eq!(LimiterConfig { max_keys: 10, shards: 4 }.shard_capacity(), 3);
-        assert_eq!(LimiterConfig { max_keys: 0, shards: 4 }.shard_capacity(), 1);
+        assert_eq!(
+            LimiterConfig {
+                max_keys: 10,
+                shards: 4
+            }
+            .shard_capacity(),
+            3
+        );
+        assert_eq!(
+            LimiterConfig {
+                max_keys: 0,
+                shards: 4
+            }
+            .shard_capacity(),
+            1
+        );
     }
 
     #[test]
     fn test_deserializes_with_defaults() {
         let config: LimiterConfig = toml::from_str("shards = 8").unwrap();
-        assert_eq!(config, LimiterConfig { max_keys: 1_000_000, shards: 8 });
+        assert_eq!(
+            config,
+            LimiterConfig {
+                max_keys: 1_000_000,
+                shards: 8
+            }
+        );
         let config: LimiterConfig = toml::from_str("").unwrap();
         assert_eq!(config, LimiterConfig::default());
     }

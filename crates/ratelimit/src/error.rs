@@ -93,6 +93,9 @@ mod tests {
             field: "items[2].policy".into(),
             name: "nope".into(),
         };
-        assert_eq!(err.to_string(), "items[2].policy: unknown rate limit policy \"nope\"");
+        assert_eq!(
+            err.to_string(),
+            "items[2].policy: unknown rate limit policy \"nope\""
+        );
     }
 }

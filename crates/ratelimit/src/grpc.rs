@@ -47,7 +47,11 @@ impl RateLimiterGrpc {
     /// An adapter that reports `instance_id` as the deciding instance.
     #[must_use]
     pub fn new(limiter: Arc<Limiter>, metrics: RateLimitMetrics, instance_id: &str) -> Self {
-        Self { limiter, metrics, instance_id: instance_id.into() }
+        Self {
+            limiter,
+            metrics,
+            instance_id: instance_id.into(),
+        }
     }
 
     /// The tonic server for this adapter.
@@ -67,11 +71,18 @@ impl RateLimiterGrpc {
 
 #[tonic::async_trait]
 impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
-    async fn check(&self, request: Request<pb::CheckRequest>) -> Result<Response<pb::CheckResponse>, Status> {
-        Ok(Response::new(RateLimiterGrpc::check(self, request.into_inner())?))
+    async fn check(
+        &self,
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        Ok(Response::new(RateLimiterGrpc::check(
+            self,
+            request.into_inner(),
+        )?))
     }
 
-    type StreamCheckStream = Pin<Box<dyn Stream<Item = Result<pb::StreamCheckResponse, Status>> + Send + 'static>>;
+    type StreamCheckStream =
+        Pin<Box<dyn Stream<Item = Result<pb::StreamCheckResponse, Status>> + Send + 'static>>;
 
     async fn stream_check(
         &self,
@@ -105,8 +116,16 @@ impl RateLimiterGrpc {
             None => Err(RateLimitError::invalid("request", "required")),
         };
         match result {
-            Ok(response) => pb::StreamCheckResponse { id, response: Some(response), error: None },
-            Err(err) => pb::StreamCheckResponse { id, response: None, error: Some(stream_error(err)) },
+            Ok(response) => pb::StreamCheckResponse {
+                id,
+                response: Some(response),
+                error: None,
+            },
+            Err(err) => pb::StreamCheckResponse {
+                id,
+                response: None,
+                error: Some(stream_error(err)),
+            },
         }
     }
 }
@@ -115,19 +134,33 @@ fn stream_error(err: RateLimitError) -> pb::StreamCheckError {
     let field_violations = match &err {
         RateLimitError::InvalidArgument(violations) => violations
             .iter()
-            .map(|v| pb::FieldViolation { field: v.field.clone(), description: v.description.clone() })
+            .map(|v| pb::FieldViolation {
+                field: v.field.clone(),
+                description: v.description.clone(),
+            })
             .collect(),
         _ => Vec::new(),
     };
     let status = Status::from(err);
-    pb::StreamCheckError { code: status.code() as i32, message: status.message().to_owned(), field_violations }
+    pb::StreamCheckError {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        field_violations,
+    }
 }
 
 fn decode_items(items: Vec<pb::CheckItem>) -> Result<Vec<CheckItem>, RateLimitError> {
     let mut violations = Vec::new();
-    let decoded: Vec<CheckItem> =
-        items.into_iter().enumerate().map(|(i, item)| decode_item(i, item, &mut violations)).collect();
-    if violations.is_empty() { Ok(decoded) } else { Err(RateLimitError::InvalidArgument(violations)) }
+    let decoded: Vec<CheckItem> = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| decode_item(i, item, &mut violations))
+        .collect();
+    if violations.is_empty() {
+        Ok(decoded)
+    } else {
+        Err(RateLimitError::InvalidArgument(violations))
+    }
 }
 
 /// Decodes one item; wire-level problems (bad enums, negative durations) become violations,
@@ -142,7 +175,10 @@ fn decode_item(i: usize, item: pb::CheckItem, violations: &mut Vec<FieldViolatio
                 Ok(pb::Algorithm::FixedWindow) => Algorithm::FixedWindow,
                 Ok(pb::Algorithm::SlidingWindow) => Algorithm::SlidingWindow,
                 Err(_) => {
-                    violations.push(FieldViolation::new(format!("items[{i}].limit.algorithm"), "unknown algorithm"));
+                    violations.push(FieldViolation::new(
+                        format!("items[{i}].limit.algorithm"),
+                        "unknown algorithm",
+                    ));
                     Algorithm::Gcra
                 }
             };
@@ -156,7 +192,12 @@ fn decode_item(i: usize, item: pb::CheckItem, violations: &mut Vec<FieldViolatio
                     Duration::ZERO
                 }),
             };
-            LimitRef::Inline(LimitSpec { limit: spec.limit, period, burst: spec.burst, algorithm })
+            LimitRef::Inline(LimitSpec {
+                limit: spec.limit,
+                period,
+                burst: spec.burst,
+                algorithm,
+            })
         }
     };
     let mode = match pb::Mode::try_from(item.mode) {
@@ -164,11 +205,20 @@ fn decode_item(i: usize, item: pb::CheckItem, violations: &mut Vec<FieldViolatio
         Ok(pb::Mode::Enforce) => Some(Mode::Enforce),
         Ok(pb::Mode::Shadow) => Some(Mode::Shadow),
         Err(_) => {
-            violations.push(FieldViolation::new(format!("items[{i}].mode"), "unknown mode"));
+            violations.push(FieldViolation::new(
+                format!("items[{i}].mode"),
+                "unknown mode",
+            ));
             None
         }
     };
-    CheckItem { namespace: item.namespace, key: item.key, cost: item.cost, limit, mode }
+    CheckItem {
+        namespace: item.namespace,
+        key: item.key,
+        cost: item.cost,
+        limit,
+        mode,
+    }
 }
 
 fn duration_from_proto(d: &prost_types::Duration) -> Option<Duration> {
@@ -186,13 +236,23 @@ fn duration_to_proto(d: Duration) -> prost_types::Duration {
 }
 
 fn encode_response(outcomes: &[CheckOutcome], instance_id: &str) -> pb::CheckResponse {
-    let results: Vec<pb::CheckResult> = outcomes.iter().map(|o| encode_outcome(o, instance_id)).collect();
-    pb::CheckResponse { allowed: outcomes.iter().all(|o| o.allowed), results }
+    let results: Vec<pb::CheckResult> = outcomes
+        .iter()
+        .map(|o| encode_outcome(o, instance_id))
+        .collect();
+    pb::CheckResponse {
+        allowed: outcomes.iter().all(|o| o.allowed),
+        results,
+    }
 }
 
 fn encode_outcome(o: &CheckOutcome, instance_id: &str) -> pb::CheckResult {
     pb::CheckResult {
-        decision: if o.allowed { pb::Decision::Allow } else { pb::Decision::Deny } as i32,
+        decision: if o.allowed {
+            pb::Decision::Allow
+        } else {
+            pb::Decision::Deny
+        } as i32,
         over_limit: o.over_limit,
         batch_rejected: o.batch_rejected,
         limit: o.limit,
@@ -220,16 +280,28 @@ mod tests {
             cost: 1,
             limit_ref: Some(pb::check_item::LimitRef::Limit(pb::LimitSpec {
                 limit: 1,
-                period: Some(prost_types::Duration { seconds: -1, nanos: 0 }),
+                period: Some(prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                }),
                 burst: 0,
                 algorithm: 99,
             })),
             mode: 7,
         };
         let err = decode_items(vec![item]).unwrap_err();
-        let RateLimitError::InvalidArgument(v) = err else { panic!("expected invalid argument") };
+        let RateLimitError::InvalidArgument(v) = err else {
+            panic!("expected invalid argument")
+        };
         let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
-        assert_eq!(fields, ["items[0].limit.algorithm", "items[0].limit.period", "items[0].mode"]);
+        assert_eq!(
+            fields,
+            [
+                "items[0].limit.algorithm",
+                "items[0].limit.period",
+                "items[0].mode"
+            ]
+        );
     }
 
     #[test]

@@ -1,1 +1,24 @@
-//! placeholder
+//! agentmesh rate limiter.
+//!
+//! The domain core (`algorithm`, `store`, `limiter`, `spec`, `clock`) is plain Rust with no
+//! gRPC: [`Limiter::check`] decides a batch of items against GCRA, fixed-window or
+//! sliding-window limits over a bounded sharded store. [`grpc`] is the thin adapter that serves
+//! `agentmesh.ratelimit.v1.RateLimiter`, and [`service`] assembles it for the host.
+
+pub mod algorithm;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod limiter;
+pub mod metrics;
+pub mod service;
+pub mod spec;
+pub mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::LimiterConfig;
+pub use error::{FieldViolation, RateLimitError};
+pub use limiter::{CheckItem, CheckOutcome, LimitRef, Limiter, validate_items};
+pub use spec::{Algorithm, DEFAULT_POLICY_NAME, LimitSpec, Mode, Policy, PolicySet};
+pub use store::StoreStats;

@@ -36,7 +36,10 @@ impl RateLimitMetrics {
         )?;
         let gauge = |name: &str, help: &str| IntGauge::new(name, help);
         let store_entries = gauge("ratelimit_store_entries", "Limit states held in memory.")?;
-        let store_capacity = gauge("ratelimit_store_capacity", "Most limit states held in memory (--ratelimit-max-keys).")?;
+        let store_capacity = gauge(
+            "ratelimit_store_capacity",
+            "Most limit states held in memory (--ratelimit-max-keys).",
+        )?;
         let evicted_idle = gauge(
             "ratelimit_store_evicted_idle",
             "Limit states evicted at rest (no information lost), since start.",
@@ -46,7 +49,12 @@ impl RateLimitMetrics {
             "Limit states evicted before they were at rest because the store was full, since start; raise --ratelimit-max-keys if this grows.",
         )?;
         registry.register(Box::new(decisions.clone()))?;
-        for g in [&store_entries, &store_capacity, &evicted_idle, &evicted_active] {
+        for g in [
+            &store_entries,
+            &store_capacity,
+            &evicted_idle,
+            &evicted_active,
+        ] {
             registry.register(Box::new(g.clone()))?;
         }
         Ok(Self {
@@ -88,10 +96,14 @@ impl RateLimitMetrics {
                 tick.tick().await;
                 let Some(limiter) = weak.upgrade() else { break };
                 let stats = limiter.stats();
-                this.store_entries.set(i64::try_from(stats.entries).unwrap_or(i64::MAX));
-                this.store_capacity.set(i64::try_from(stats.capacity).unwrap_or(i64::MAX));
-                this.evicted_idle.set(i64::try_from(stats.evicted_idle).unwrap_or(i64::MAX));
-                this.evicted_active.set(i64::try_from(stats.evicted_active).unwrap_or(i64::MAX));
+                this.store_entries
+                    .set(i64::try_from(stats.entries).unwrap_or(i64::MAX));
+                this.store_capacity
+                    .set(i64::try_from(stats.capacity).unwrap_or(i64::MAX));
+                this.evicted_idle
+                    .set(i64::try_from(stats.evicted_idle).unwrap_or(i64::MAX));
+                this.evicted_active
+                    .set(i64::try_from(stats.evicted_active).unwrap_or(i64::MAX));
             }
         });
     }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentmesh_proto::ratelimit::v1::rate_limiter_server::SERVICE_NAME;
+use agentmesh_runtime::Metrics;
 use agentmesh_runtime::config::parse_socket_addr;
 use agentmesh_runtime::server::{ServiceSpec, new_instance_id};
-use agentmesh_runtime::Metrics;
 use tonic::service::Routes;
 
 use crate::clock::SystemClock;
@@ -33,16 +33,28 @@ pub struct RateLimitArgs {
     #[arg(long = "ratelimit-admin-listen", env = "AGENTMESH_RATELIMIT_ADMIN_LISTEN", default_value = "0.0.0.0:9104", value_parser = parse_socket_addr)]
     pub admin_listen: SocketAddr,
     /// Capacity of the `default` policy (a token bucket), used by items that name no policy.
-    #[arg(long = "ratelimit-default-capacity", env = "RATE_LIMIT_GLOBAL_CAPACITY", default_value_t = 60)]
+    #[arg(
+        long = "ratelimit-default-capacity",
+        env = "RATE_LIMIT_GLOBAL_CAPACITY",
+        default_value_t = 60
+    )]
     pub default_capacity: u64,
     /// Refill rate of the `default` policy, in units per second.
-    #[arg(long = "ratelimit-default-refill-per-sec", env = "RATE_LIMIT_GLOBAL_REFILL_PER_SEC", default_value_t = 1.0)]
+    #[arg(
+        long = "ratelimit-default-refill-per-sec",
+        env = "RATE_LIMIT_GLOBAL_REFILL_PER_SEC",
+        default_value_t = 1.0
+    )]
     pub default_refill_per_sec: f64,
     /// TOML file of named policies (`[[policy]] name, limit, period, burst, algorithm, mode`).
     #[arg(long = "ratelimit-policies", env = "AGENTMESH_RATELIMIT_POLICIES")]
     pub policy_file: Option<PathBuf>,
     /// Most limit states kept in memory; at-rest states are evicted first.
-    #[arg(long = "ratelimit-max-keys", env = "AGENTMESH_RATELIMIT_MAX_KEYS", default_value_t = 1_000_000)]
+    #[arg(
+        long = "ratelimit-max-keys",
+        env = "AGENTMESH_RATELIMIT_MAX_KEYS",
+        default_value_t = 1_000_000
+    )]
     pub max_keys: usize,
 }
 
@@ -52,7 +64,8 @@ impl RateLimitArgs {
     /// # Errors
     /// Fails on an invalid default policy or policy file, naming the setting.
     pub fn policies(&self) -> Result<PolicySet, RateLimitError> {
-        let default = Policy::default_from_capacity(self.default_capacity, self.default_refill_per_sec)?;
+        let default =
+            Policy::default_from_capacity(self.default_capacity, self.default_refill_per_sec)?;
         match &self.policy_file {
             Some(path) => PolicySet::load_file(path, default),
             None => PolicySet::new(default, Vec::new()),
@@ -65,10 +78,16 @@ impl RateLimitArgs {
     /// Fails on invalid policies or metrics registered twice.
     pub fn build(&self, metrics: &Metrics) -> Result<ServiceSpec, RateLimitError> {
         if self.max_keys == 0 {
-            return Err(RateLimitError::invalid("--ratelimit-max-keys", "must be at least 1"));
+            return Err(RateLimitError::invalid(
+                "--ratelimit-max-keys",
+                "must be at least 1",
+            ));
         }
         let policies = self.policies()?;
-        let config = LimiterConfig { max_keys: self.max_keys, ..LimiterConfig::default() };
+        let config = LimiterConfig {
+            max_keys: self.max_keys,
+            ..LimiterConfig::default()
+        };
         let limiter = Arc::new(Limiter::new(&config, policies, Arc::new(SystemClock)));
         let domain_metrics = RateLimitMetrics::register(metrics.registry())
             .map_err(|e| RateLimitError::invalid("metrics", e.to_string()))?;

@@ -108,7 +108,11 @@ pub struct LimitSpec {
 impl LimitSpec {
     /// The burst size in effect: `burst`, or `limit` when `burst` is 0.
     pub fn effective_burst(&self) -> u64 {
-        if self.burst == 0 { self.limit } else { self.burst }
+        if self.burst == 0 {
+            self.limit
+        } else {
+            self.burst
+        }
     }
 
     /// Whether every field is within bounds.
@@ -138,7 +142,10 @@ impl LimitSpec {
         if self.burst > MAX_LIMIT {
             out.push(FieldViolation::new(
                 format!("{prefix}.burst"),
-                format!("must be at most {MAX_LIMIT} (0 = same as limit), got {}", self.burst),
+                format!(
+                    "must be at most {MAX_LIMIT} (0 = same as limit), got {}",
+                    self.burst
+                ),
             ));
         }
     }
@@ -171,7 +178,10 @@ impl Policy {
     /// The earlier platform's global token bucket (`RATE_LIMIT_GLOBAL_CAPACITY`,
     /// `RATE_LIMIT_GLOBAL_REFILL_PER_SEC`) as a GCRA policy named `default`:
     /// `limit = burst = capacity`, `period = capacity / refill_per_sec` seconds.
-    pub fn default_from_capacity(capacity: u64, refill_per_sec: f64) -> Result<Self, RateLimitError> {
+    pub fn default_from_capacity(
+        capacity: u64,
+        refill_per_sec: f64,
+    ) -> Result<Self, RateLimitError> {
         let field = format!("policy[{DEFAULT_POLICY_NAME}]");
         let mut violations = Vec::new();
         if !(refill_per_sec.is_finite() && refill_per_sec > 0.0) {
@@ -279,7 +289,12 @@ pub fn is_valid_identifier(value: &str, max_len: usize) -> bool {
 }
 
 /// Appends a violation on `field` unless `is_valid_identifier(value, max_len)`.
-pub fn validate_identifier(value: &str, field: &str, max_len: usize, out: &mut Vec<FieldViolation>) {
+pub fn validate_identifier(
+    value: &str,
+    field: &str,
+    max_len: usize,
+    out: &mut Vec<FieldViolation>,
+) {
     let description = if value.is_empty() {
         "must not be empty".to_owned()
     } else if value.len() > max_len {
@@ -337,10 +352,8 @@ impl PolicySet {
                 format!("at most {MAX_POLICIES} policies, got {}", named.len() + 1),
             ));
         }
-        let mut default = Policy {
-            name: DEFAULT_POLICY_NAME.to_owned(),
-            ..default
-        };
+        let mut default = default;
+        DEFAULT_POLICY_NAME.clone_into(&mut default.name);
         let mut map = PolicyMap::default();
         let mut seen_default = false;
         for policy in named {
@@ -397,7 +410,9 @@ impl PolicySet {
             path: shown.clone(),
             reason,
         };
-        let len = std::fs::metadata(path).map_err(|e| file_error(e.to_string()))?.len();
+        let len = std::fs::metadata(path)
+            .map_err(|e| file_error(e.to_string()))?
+            .len();
         if len > MAX_POLICY_FILE_BYTES {
             return Err(file_error(format!(
                 "file is {len} bytes, at most {MAX_POLICY_FILE_BYTES} allowed"
@@ -471,7 +486,10 @@ impl Default for PolicySet {
 }
 
 fn duplicate(name: &str) -> FieldViolation {
-    FieldViolation::new(format!("{}.name", policy_field(name)), "duplicate policy name")
+    FieldViolation::new(
+        format!("{}.name", policy_field(name)),
+        "duplicate policy name",
+    )
 }
 
 /// One `[[policy]]` table of the policy file.
@@ -492,17 +510,24 @@ struct PolicyEntry {
 /// Parses the policy file format (see `PolicySet::from_toml_str`). Entries are decoded one by
 /// one so an error can name the policy as well as the field.
 fn parse_policy_file(toml: &str) -> Result<Vec<Policy>, String> {
-    let doc: toml::Table = toml.parse().map_err(|e: toml::de::Error| one_line(&e.to_string()))?;
+    let doc: toml::Table = toml
+        .parse()
+        .map_err(|e: toml::de::Error| one_line(&e.to_string()))?;
     let mut policies = Vec::new();
     for (key, value) in doc {
         if key != "policy" {
-            return Err(format!("unknown top-level key `{key}`, expected `[[policy]]` tables"));
+            return Err(format!(
+                "unknown top-level key `{key}`, expected `[[policy]]` tables"
+            ));
         }
         let toml::Value::Array(entries) = value else {
             return Err("`policy` must be an array of tables: write `[[policy]]`".to_owned());
         };
         if entries.len() >= MAX_POLICIES {
-            return Err(format!("at most {MAX_POLICIES} policies, got {}", entries.len()));
+            return Err(format!(
+                "at most {MAX_POLICIES} policies, got {}",
+                entries.len()
+            ));
         }
         for (index, entry) in entries.into_iter().enumerate() {
             let label = match entry.get("name").and_then(toml::Value::as_str) {
@@ -511,10 +536,9 @@ fn parse_policy_file(toml: &str) -> Result<Vec<Policy>, String> {
             };
             let entry: PolicyEntry = entry
                 .try_into()
-                .map_err(|e: toml::de::Error| format!("{label}: {}", one_line(e.message())))?;
-            let period = humantime::parse_duration(&entry.period).map_err(|e| {
-                format!("{label}.period: invalid duration {:?}: {e}", entry.period)
-            })?;
+                .map_err(|e: toml::de::Error| format!("{label}: {}", one_line(&e.to_string())))?;
+            let period = humantime::parse_duration(&entry.period)
+                .map_err(|e| format!("{label}.period: invalid duration {:?}: {e}", entry.period))?;
             policies.push(Policy {
                 name: entry.name,
                 spec: LimitSpec {
@@ -584,9 +608,14 @@ mod tests {
     #[test]
     fn test_default_from_capacity_rejects_bad_numbers() {
         let err = Policy::default_from_capacity(0, f64::NAN).unwrap_err();
-        let RateLimitError::InvalidArgument(v) = err else { panic!("{err:?}") };
+        let RateLimitError::InvalidArgument(v) = err else {
+            panic!("{err:?}")
+        };
         let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
-        assert_eq!(fields, ["policy[default].refill_per_sec", "policy[default].capacity"]);
+        assert_eq!(
+            fields,
+            ["policy[default].refill_per_sec", "policy[default].capacity"]
+        );
         // 1 unit per 1e-9 s would make a period below 1ms.
         assert!(Policy::default_from_capacity(1, 1e9).is_err());
         // 1e15 units at 1/s is ~31.7 million years.
@@ -608,7 +637,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             doc.a,
-            [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow]
+            [
+                Algorithm::Gcra,
+                Algorithm::FixedWindow,
+                Algorithm::SlidingWindow
+            ]
         );
         assert_eq!(doc.m, [Mode::Enforce, Mode::Shadow]);
         assert_eq!(Algorithm::SlidingWindow.to_string(), "sliding_window");
@@ -631,7 +664,14 @@ mod tests {
             panic!()
         };
         let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
-        assert_eq!(fields, ["policy[llm].limit", "policy[llm].period", "policy[llm].burst"]);
+        assert_eq!(
+            fields,
+            [
+                "policy[llm].limit",
+                "policy[llm].period",
+                "policy[llm].burst"
+            ]
+        );
     }
 
     #[test]
@@ -647,11 +687,22 @@ mod tests {
     #[test]
     fn test_policy_name_charset_and_length() {
         let mut out = Vec::new();
-        for ok in ["a", "llm-requests", "tenant:acme.v1_x", &"n".repeat(MAX_POLICY_NAME_LEN)] {
+        for ok in [
+            "a",
+            "llm-requests",
+            "tenant:acme.v1_x",
+            &"n".repeat(MAX_POLICY_NAME_LEN),
+        ] {
             validate_policy_name(ok, "f", &mut out);
         }
         assert!(out.is_empty(), "{out:?}");
-        for bad in ["", "has space", "slash/x", "é", &"n".repeat(MAX_POLICY_NAME_LEN + 1)] {
+        for bad in [
+            "",
+            "has space",
+            "slash/x",
+            "é",
+            &"n".repeat(MAX_POLICY_NAME_LEN + 1),
+        ] {
             validate_policy_name(bad, "f", &mut out);
         }
         assert_eq!(out.len(), 5);
@@ -764,7 +815,10 @@ mod tests {
     fn test_policy_file_errors_name_policy_and_field() {
         let base = "[[policy]]\nname = \"llm\"\nlimit = 1\nperiod = \"1m\"\n";
         let cases = [
-            (format!("{base}brust = 3\n"), "policy[llm]: unknown field `brust`"),
+            (
+                format!("{base}brust = 3\n"),
+                "policy[llm]: unknown field `brust`",
+            ),
             (
                 "[[policy]]\nname = \"llm\"\nlimit = \"x\"\nperiod = \"1m\"\n".to_owned(),
                 "policy[llm]: invalid type: string \"x\", expected u64 in `limit`",
@@ -773,7 +827,10 @@ mod tests {
                 "[[policy]]\nname = \"llm\"\nlimit = -1\nperiod = \"1m\"\n".to_owned(),
                 "policy[llm]: invalid value: integer `-1`, expected u64 in `limit`",
             ),
-            (format!("{base}mode = \"loud\"\n"), "policy[llm]: unknown variant `loud`"),
+            (
+                format!("{base}mode = \"loud\"\n"),
+                "policy[llm]: unknown variant `loud`",
+            ),
             (
                 format!("{base}algorithm = \"leaky\"\n"),
                 "policy[llm]: unknown variant `leaky`",
@@ -787,23 +844,56 @@ mod tests {
                 "policy[llm].limit: must be between 1 and 1000000000000000, got 0; \
                  policy[llm].period: must be between 1ms and 366 days, got 1us",
             ),
-            ("[[policy]]\nlimit = 1\nperiod = \"1m\"\n".to_owned(), "policy[#0]: missing field `name`"),
-            (format!("{base}{base}"), "policy[llm].name: duplicate policy name"),
-            ("[limits]\nx = 1\n".to_owned(), "unknown top-level key `limits`"),
-            ("policy = 3\n".to_owned(), "`policy` must be an array of tables"),
+            (
+                "[[policy]]\nlimit = 1\nperiod = \"1m\"\n".to_owned(),
+                "policy[#0]: missing field `name`",
+            ),
+            (
+                format!("{base}{base}"),
+                "policy[llm].name: duplicate policy name",
+            ),
+            (
+                "[limits]\nx = 1\n".to_owned(),
+                "unknown top-level key `limits`",
+            ),
+            (
+                "policy = 3\n".to_owned(),
+                "`policy` must be an array of tables",
+            ),
             ("[[policy]\n".to_owned(), "TOML parse error at line 1"),
         ];
         for (toml, expected) in cases {
             let reason = file_reason(PolicySet::from_toml_str(&toml, Policy::default()));
-            assert!(reason.starts_with(expected), "{toml:?}\n got: {reason}\nwant: {expected}");
+            assert!(
+                reason.starts_with(expected),
+                "{toml:?}\n got: {reason}\nwant: {expected}"
+            );
         }
+    }
+
+    #[test]
+    fn test_load_file_reads_policies() {
+        let path = std::env::temp_dir().join(format!(
+            "agentmesh-ratelimit-policies-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(
+            &path,
+            "[[policy]]\nname = \"tools\"\nlimit = 10\nperiod = \"1s\"\n",
+        )
+        .unwrap();
+        let set = PolicySet::load_file(&path, Policy::default());
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(set.unwrap().get("tools").unwrap().spec.limit, 10);
     }
 
     #[test]
     fn test_load_file_reports_path_of_missing_file() {
         let err = PolicySet::load_file(Path::new("/nonexistent/policies.toml"), Policy::default())
             .unwrap_err();
-        let RateLimitError::PolicyFile { path, .. } = err else { panic!("{err:?}") };
+        let RateLimitError::PolicyFile { path, .. } = err else {
+            panic!("{err:?}")
+        };
         assert_eq!(path, "/nonexistent/policies.toml");
     }
 }

@@ -116,7 +116,11 @@ impl CircuitBreaker {
         Self {
             config,
             origin: Instant::now(),
-            state: Mutex::new(State { phase: Phase::Closed, buckets: [Bucket::default(); BUCKETS], openings: 0 }),
+            state: Mutex::new(State {
+                phase: Phase::Closed,
+                buckets: [Bucket::default(); BUCKETS],
+                openings: 0,
+            }),
             gauge,
         }
     }
@@ -133,7 +137,8 @@ impl CircuitBreaker {
 
     fn slot(&self, now: Instant) -> u64 {
         let bucket_nanos = (self.config.window.as_nanos() / BUCKETS as u128).max(1);
-        u64::try_from(now.saturating_duration_since(self.origin).as_nanos() / bucket_nanos).unwrap_or(u64::MAX)
+        u64::try_from(now.saturating_duration_since(self.origin).as_nanos() / bucket_nanos)
+            .unwrap_or(u64::MAX)
     }
 
     fn set_phase(&self, state: &mut State, phase: Phase) {
@@ -150,10 +155,19 @@ impl CircuitBreaker {
 
     fn open(&self, state: &mut State, now: Instant) {
         let factor = 1u32 << state.openings.min(16);
-        let duration = self.config.open_base.saturating_mul(factor).min(self.config.open_max);
+        let duration = self
+            .config
+            .open_base
+            .saturating_mul(factor)
+            .min(self.config.open_max);
         state.openings = state.openings.saturating_add(1);
         state.buckets = [Bucket::default(); BUCKETS];
-        self.set_phase(state, Phase::Open { until: now + duration });
+        self.set_phase(
+            state,
+            Phase::Open {
+                until: now + duration,
+            },
+        );
     }
 
     /// Asks to make a call now.
@@ -167,10 +181,18 @@ impl CircuitBreaker {
             Phase::Closed => Ok(Permit { probe: false }),
             Phase::Open { until } if now < until => Err(until - now),
             Phase::Open { .. } => {
-                self.set_phase(&mut state, Phase::HalfOpen { in_flight: 1, successes: 0 });
+                self.set_phase(
+                    &mut state,
+                    Phase::HalfOpen {
+                        in_flight: 1,
+                        successes: 0,
+                    },
+                );
                 Ok(Permit { probe: true })
             }
-            Phase::HalfOpen { ref mut in_flight, .. } => {
+            Phase::HalfOpen {
+                ref mut in_flight, ..
+            } => {
                 if *in_flight < self.config.half_open_probes {
                     *in_flight += 1;
                     Ok(Permit { probe: true })
@@ -182,12 +204,18 @@ impl CircuitBreaker {
     }
 
     /// Records the outcome of a call made under `permit`.
-    #[allow(clippy::needless_pass_by_value, reason = "a permit is spent by recording its outcome")]
+    #[allow(
+        clippy::needless_pass_by_value,
+        reason = "a permit is spent by recording its outcome"
+    )]
     pub fn record(&self, permit: Permit, success: bool, now: Instant) {
         let Permit { probe } = permit;
         let mut state = self.state.lock();
         match state.phase {
-            Phase::HalfOpen { ref mut in_flight, ref mut successes } if probe => {
+            Phase::HalfOpen {
+                ref mut in_flight,
+                ref mut successes,
+            } if probe => {
                 *in_flight = in_flight.saturating_sub(1);
                 if !success {
                     self.open(&mut state, now);
@@ -202,9 +230,14 @@ impl CircuitBreaker {
             }
             Phase::Closed => {
                 let slot = self.slot(now);
-                let bucket = &mut state.buckets[usize::try_from(slot % BUCKETS as u64).unwrap_or(0)];
+                let bucket =
+                    &mut state.buckets[usize::try_from(slot % BUCKETS as u64).unwrap_or(0)];
                 if bucket.slot != slot {
-                    *bucket = Bucket { slot, successes: 0, failures: 0 };
+                    *bucket = Bucket {
+                        slot,
+                        successes: 0,
+                        failures: 0,
+                    };
                 }
                 if success {
                     bucket.successes += 1;
@@ -216,7 +249,9 @@ impl CircuitBreaker {
                     .buckets
                     .iter()
                     .filter(|b| b.slot >= oldest && b.slot <= slot)
-                    .fold((0u64, 0u64), |(s, f), b| (s + u64::from(b.successes), f + u64::from(b.failures)));
+                    .fold((0u64, 0u64), |(s, f), b| {
+                        (s + u64::from(b.successes), f + u64::from(b.failures))
+                    });
                 let total = ok + failed;
                 #[allow(clippy::cast_precision_loss)]
                 let failing = total >= u64::from(self.config.min_calls)
@@ -248,7 +283,9 @@ impl CircuitBreakerLayer {
     #[must_use]
     pub fn new(target: &str, config: BreakerConfig, metrics: &Metrics) -> Self {
         let gauge = metrics.breaker_state.with_label_values(&[target]);
-        Self { breaker: Arc::new(CircuitBreaker::new(config, Some(gauge))) }
+        Self {
+            breaker: Arc::new(CircuitBreaker::new(config, Some(gauge))),
+        }
     }
 
     /// The shared breaker.
@@ -262,7 +299,10 @@ impl<S> Layer<S> for CircuitBreakerLayer {
     type Service = CircuitBreakerService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreakerService { inner, breaker: self.breaker.clone() }
+        CircuitBreakerService {
+            inner,
+            breaker: self.breaker.clone(),
+        }
     }
 }
 
@@ -275,7 +315,9 @@ pub struct CircuitBreakerService<S> {
 
 impl<S> std::fmt::Debug for CircuitBreakerService<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CircuitBreakerService").field("phase", &self.breaker.phase(Instant::now())).finish()
+        f.debug_struct("CircuitBreakerService")
+            .field("phase", &self.breaker.phase(Instant::now()))
+            .finish()
     }
 }
 
@@ -285,7 +327,10 @@ fn circuit_open_response<B: Default>(retry_in: Duration) -> Response<B> {
     let headers = response.headers_mut();
     headers.insert("content-type", HeaderValue::from_static("application/grpc"));
     headers.insert("grpc-status", HeaderValue::from_static("14"));
-    let message = format!("circuit%20open%3A%20peer%20failing%2C%20retry%20in%20{}ms", retry_in.as_millis());
+    let message = format!(
+        "circuit%20open%3A%20peer%20failing%2C%20retry%20in%20{}ms",
+        retry_in.as_millis()
+    );
     if let Ok(v) = HeaderValue::from_str(&message) {
         headers.insert("grpc-message", v);
     }
@@ -313,9 +358,12 @@ where
                 breaker: self.breaker.clone(),
                 rejected: None,
             },
-            Err(retry_in) => {
-                BreakerFuture { inner: None, permit: None, breaker: self.breaker.clone(), rejected: Some(retry_in) }
-            }
+            Err(retry_in) => BreakerFuture {
+                inner: None,
+                permit: None,
+                breaker: self.breaker.clone(),
+                rejected: Some(retry_in),
+            },
         }
     }
 }
@@ -385,7 +433,10 @@ mod tests {
         assert_eq!(b.phase(t), BreakerPhase::Closed, "below min_calls");
         call(&b, true, t);
         assert_eq!(b.phase(t), BreakerPhase::Open);
-        assert_eq!(b.try_acquire(t + Duration::from_millis(500)).unwrap_err(), Duration::from_millis(500));
+        assert_eq!(
+            b.try_acquire(t + Duration::from_millis(500)).unwrap_err(),
+            Duration::from_millis(500)
+        );
     }
 
     #[test]

@@ -27,7 +27,11 @@ pub struct ClientConfig {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(2), breaker: Some(BreakerConfig::default()) }
+        Self {
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            breaker: Some(BreakerConfig::default()),
+        }
     }
 }
 
@@ -41,16 +45,28 @@ pub struct ClientError {
 
 /// The URI for `addr`, adding `http://` when no scheme is given.
 fn uri_for(addr: &str) -> String {
-    if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") }
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
 }
 
 /// A lazily connecting channel to `addr` through agentmesh's client stack.
 ///
 /// # Errors
 /// Fails when `addr` is not a valid URI.
-pub fn connect_lazy(addr: &str, config: &ClientConfig, metrics: &Metrics) -> Result<ClientChannel, ClientError> {
+pub fn connect_lazy(
+    addr: &str,
+    config: &ClientConfig,
+    metrics: &Metrics,
+) -> Result<ClientChannel, ClientError> {
     let endpoint = endpoint(addr, config)?;
-    let breaker = CircuitBreakerLayer::new(addr, config.breaker.clone().unwrap_or_else(disabled_breaker), metrics);
+    let breaker = CircuitBreakerLayer::new(
+        addr,
+        config.breaker.clone().unwrap_or_else(disabled_breaker),
+        metrics,
+    );
     Ok(ServiceBuilder::new()
         .layer(ClientTelemetryLayer::new(metrics))
         .layer(breaker)
@@ -63,7 +79,10 @@ pub fn connect_lazy(addr: &str, config: &ClientConfig, metrics: &Metrics) -> Res
 /// Fails when `addr` is not a valid URI.
 pub fn endpoint(addr: &str, config: &ClientConfig) -> Result<Endpoint, ClientError> {
     Ok(Endpoint::from_shared(uri_for(addr))
-        .map_err(|e| ClientError { addr: addr.to_owned(), reason: e.to_string() })?
+        .map_err(|e| ClientError {
+            addr: addr.to_owned(),
+            reason: e.to_string(),
+        })?
         .tcp_nodelay(true)
         .timeout(config.timeout)
         .connect_timeout(config.connect_timeout)
@@ -73,7 +92,10 @@ pub fn endpoint(addr: &str, config: &ClientConfig) -> Result<Endpoint, ClientErr
 
 /// A breaker that never opens, for callers that disable it.
 fn disabled_breaker() -> BreakerConfig {
-    BreakerConfig { min_calls: u32::MAX, ..BreakerConfig::default() }
+    BreakerConfig {
+        min_calls: u32::MAX,
+        ..BreakerConfig::default()
+    }
 }
 
 #[cfg(test)]

@@ -23,9 +23,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// # Errors
 /// Returns a message naming the expected format.
 pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
-    text.trim()
-        .parse()
-        .map_err(|_| format!("expected host:port with a numeric IP, such as 0.0.0.0:7104, got {text:?}"))
+    text.trim().parse().map_err(|_| {
+        format!("expected host:port with a numeric IP, such as 0.0.0.0:7104, got {text:?}")
+    })
 }
 
 /// Parses the process arguments, and on a configuration error prints one line naming the
@@ -50,7 +50,10 @@ pub fn exit_on_clap_error(err: &clap::Error) -> ! {
         }
         _ => {
             let rendered = err.to_string();
-            let line = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+            let line = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments");
             eprintln!("{} (see --help)", line.trim());
             std::process::exit(EXIT_CONFIG);
         }
@@ -78,16 +81,31 @@ pub enum LogFormat {
 pub struct ClusterArgs {
     /// etcd endpoints, comma-separated (`http://127.0.0.1:2379`). Empty = in-memory membership
     /// (standalone).
-    #[arg(long = "etcd", env = "AGENTMESH_ETCD_ENDPOINTS", value_delimiter = ',', global = true)]
+    #[arg(
+        long = "etcd",
+        env = "AGENTMESH_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub etcd_endpoints: Vec<String>,
     /// Key prefix for everything agentmesh stores in etcd.
-    #[arg(long, env = "AGENTMESH_ETCD_PREFIX", default_value = "/agentmesh", global = true)]
+    #[arg(
+        long,
+        env = "AGENTMESH_ETCD_PREFIX",
+        default_value = "/agentmesh",
+        global = true
+    )]
     pub etcd_prefix: String,
     /// Redis URL (`redis://127.0.0.1:6379`) for shared state; unset = in-memory state.
     /// `RATE_LIMIT_REDIS_URL` is honoured as an alias.
     #[arg(long = "redis", env = "AGENTMESH_REDIS_URL", global = true)]
     pub redis_url: Option<String>,
-    #[arg(long = "rate-limit-redis-url", env = "RATE_LIMIT_REDIS_URL", hide = true, global = true)]
+    #[arg(
+        long = "rate-limit-redis-url",
+        env = "RATE_LIMIT_REDIS_URL",
+        hide = true,
+        global = true
+    )]
     redis_url_alias: Option<String>,
     /// Membership lease TTL; keep-alives are sent every TTL/3. Minimum 2s with etcd 3.4.
     #[arg(long, env = "AGENTMESH_LEASE_TTL", default_value = "10s", value_parser = parse_duration, global = true)]
@@ -108,7 +126,10 @@ impl ClusterArgs {
     /// The Redis URL, from `--redis`/`AGENTMESH_REDIS_URL` or the `RATE_LIMIT_REDIS_URL` alias.
     #[must_use]
     pub fn redis_url(&self) -> Option<&str> {
-        self.redis_url.as_deref().or(self.redis_url_alias.as_deref()).filter(|u| !u.is_empty())
+        self.redis_url
+            .as_deref()
+            .or(self.redis_url_alias.as_deref())
+            .filter(|u| !u.is_empty())
     }
 
     /// Checks values clap cannot check alone.
@@ -129,9 +150,13 @@ impl ClusterArgs {
             ));
         }
         if let Some(url) = self.redis_url()
-            && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
+            && !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
         {
-            return Err(format!("AGENTMESH_REDIS_URL/--redis {url:?} must start with redis://, rediss:// or unix://"));
+            return Err(format!(
+                "AGENTMESH_REDIS_URL/--redis {url:?} must start with redis://, rediss:// or unix://"
+            ));
         }
         Ok(())
     }
@@ -151,7 +176,12 @@ pub struct TelemetryArgs {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
     pub otlp_endpoint: Option<String>,
     /// Service name reported in traces.
-    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "agentmesh", global = true)]
+    #[arg(
+        long,
+        env = "OTEL_SERVICE_NAME",
+        default_value = "agentmesh",
+        global = true
+    )]
     pub otel_service_name: String,
 }
 
@@ -164,12 +194,20 @@ mod tests {
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        assert!(parse_duration("ten seconds").unwrap_err().contains("expected a duration"));
+        assert!(
+            parse_duration("ten seconds")
+                .unwrap_err()
+                .contains("expected a duration")
+        );
     }
 
     #[test]
     fn test_socket_addr_error_names_the_format() {
-        assert!(parse_socket_addr("localhost").unwrap_err().contains("host:port"));
+        assert!(
+            parse_socket_addr("localhost")
+                .unwrap_err()
+                .contains("host:port")
+        );
         assert_eq!(parse_socket_addr("127.0.0.1:7104").unwrap().port(), 7104);
     }
 }

@@ -5,8 +5,8 @@ use prometheus::{Encoder, HistogramOpts, HistogramVec, IntGaugeVec, Opts, Regist
 
 /// Latency buckets in seconds, from 50 µs to 10 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
 ];
 
 /// The process's metric registry and the metrics every service shares.
@@ -66,24 +66,38 @@ impl Metrics {
         )
         .expect("valid metric");
         let build_info = IntGaugeVec::new(
-            Opts::new("agentmesh_build_info", "Always 1; labelled with the agentmesh version."),
+            Opts::new(
+                "agentmesh_build_info",
+                "Always 1; labelled with the agentmesh version.",
+            ),
             &["version"],
         )
         .expect("valid metric");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         for collector in [
             Box::new(rpc_server_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(rpc_client_duration.clone()),
             Box::new(breaker_state.clone()),
             Box::new(build_info),
         ] {
-            registry.register(collector).expect("metric registered once");
+            registry
+                .register(collector)
+                .expect("metric registered once");
         }
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("process collector registered once");
-        Self { registry, rpc_server_duration, rpc_client_duration, breaker_state }
+        Self {
+            registry,
+            rpc_server_duration,
+            rpc_client_duration,
+            breaker_state,
+        }
     }
 
     /// The registry, for domain metrics to register into.
@@ -96,7 +110,9 @@ impl Metrics {
     #[must_use]
     pub fn encode(&self) -> String {
         let mut buf = Vec::with_capacity(16 * 1024);
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("prometheus text is utf-8")
     }
 }
@@ -111,7 +127,10 @@ mod tests {
     #[test]
     fn test_encode_contains_rpc_histogram_and_process_metrics() {
         let metrics = Metrics::new();
-        metrics.rpc_server_duration.with_label_values(&["svc", "M", "OK"]).observe(0.001);
+        metrics
+            .rpc_server_duration
+            .with_label_values(&["svc", "M", "OK"])
+            .observe(0.001);
         let text = metrics.encode();
         assert!(text.contains("# TYPE rpc_server_call_duration_seconds histogram"));
         assert!(text.contains("agentmesh_build_info"));

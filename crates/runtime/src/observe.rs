@@ -51,7 +51,10 @@ struct HeaderInjector<'a>(&'a mut HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(key.as_bytes()), HeaderValue::from_str(&value)) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
             self.0.insert(name, value);
         }
     }
@@ -99,7 +102,10 @@ const CODE_UNIMPLEMENTED: i32 = 12;
 
 /// The `grpc-status` in a header or trailer map, if present.
 pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<i32> {
-    headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Which side of the call is observed.
@@ -147,7 +153,11 @@ impl Observation {
             return;
         }
         self.finished = true;
-        let method = if code == CODE_UNIMPLEMENTED { "unknown" } else { self.method.as_str() };
+        let method = if code == CODE_UNIMPLEMENTED {
+            "unknown"
+        } else {
+            self.method.as_str()
+        };
         self.histogram
             .with_label_values(&[self.service.as_str(), method, code_name(code)])
             .observe(self.start.elapsed().as_secs_f64());
@@ -180,13 +190,18 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let polled = ready!(this.inner.poll_frame(cx));
         if let Some(mut observation) = this.observation.take() {
             match &polled {
                 Some(Ok(frame)) => match frame.trailers_ref() {
-                    Some(trailers) => observation.finish(grpc_status(trailers).unwrap_or(CODE_UNKNOWN)),
+                    Some(trailers) => {
+                        observation.finish(grpc_status(trailers).unwrap_or(CODE_UNKNOWN))
+                    }
                     None => *this.observation = Some(observation),
                 },
                 Some(Err(_)) => observation.finish(CODE_CANCELLED),
@@ -230,7 +245,9 @@ where
         let mut observation = this.observation.take();
         Poll::Ready(match result {
             Ok(response) => {
-                if let (Some(code), Some(o)) = (grpc_status(response.headers()), observation.as_mut()) {
+                if let (Some(code), Some(o)) =
+                    (grpc_status(response.headers()), observation.as_mut())
+                {
                     o.finish(code);
                     observation = None;
                 }
@@ -275,7 +292,10 @@ impl<S> Layer<S> for ServerTelemetryLayer {
     type Service = ServerTelemetry<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ServerTelemetry { inner, shared: self.shared.clone() }
+        ServerTelemetry {
+            inner,
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -341,7 +361,10 @@ where
             histogram: self.shared.histogram.clone(),
             finished: false,
         };
-        ObservedFuture { inner, observation: Some(observation) }
+        ObservedFuture {
+            inner,
+            observation: Some(observation),
+        }
     }
 }
 
@@ -356,7 +379,9 @@ impl ClientTelemetryLayer {
     /// Observes into `metrics`' `rpc_client_call_duration_seconds`.
     #[must_use]
     pub fn new(metrics: &Metrics) -> Self {
-        Self { histogram: metrics.rpc_client_duration.clone() }
+        Self {
+            histogram: metrics.rpc_client_duration.clone(),
+        }
     }
 }
 
@@ -364,7 +389,10 @@ impl<S> Layer<S> for ClientTelemetryLayer {
     type Service = ClientTelemetry<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ClientTelemetry { inner, histogram: self.histogram.clone() }
+        ClientTelemetry {
+            inner,
+            histogram: self.histogram.clone(),
+        }
     }
 }
 
@@ -377,7 +405,9 @@ pub struct ClientTelemetry<S> {
 
 impl<S: std::fmt::Debug> std::fmt::Debug for ClientTelemetry<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTelemetry").field("inner", &self.inner).finish()
+        f.debug_struct("ClientTelemetry")
+            .field("inner", &self.inner)
+            .finish()
     }
 }
 
@@ -426,7 +456,10 @@ where
             histogram: self.histogram.clone(),
             finished: false,
         };
-        ObservedFuture { inner, observation: Some(observation) }
+        ObservedFuture {
+            inner,
+            observation: Some(observation),
+        }
     }
 }
 
@@ -454,7 +487,10 @@ mod tests {
     #[test]
     fn test_trace_context_round_trips_through_headers() {
         let mut headers = HeaderMap::new();
-        headers.insert("traceparent", HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        headers.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
         let cx = extract_context(&headers);
         let mut out = HeaderMap::new();
         inject_context(&cx, &mut out);

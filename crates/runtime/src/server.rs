@@ -38,7 +38,12 @@ const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum ServerError {
     /// A listener could not be bound.
     #[error("cannot listen on {addr} for {service} {what}: {source}")]
-    Bind { service: String, what: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        service: String,
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// The instance could not register in membership.
     #[error("cannot register {service} in membership: {reason}")]
     Register { service: String, reason: String },
@@ -105,7 +110,10 @@ impl RunningService {
     pub async fn wait(self) -> Result<(), ServerError> {
         match self.task.await {
             Ok(result) => result,
-            Err(e) => Err(ServerError::Serve { service: self.name.to_owned(), reason: e.to_string() }),
+            Err(e) => Err(ServerError::Serve {
+                service: self.name.to_owned(),
+                reason: e.to_string(),
+            }),
         }
     }
 
@@ -124,7 +132,12 @@ impl RunningService {
 pub fn new_instance_id(service: &str) -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos());
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
     hasher.write_u32(std::process::id());
     format!("{service}-{:016x}", hasher.finish())
 }
@@ -137,8 +150,19 @@ fn advertised(addr: SocketAddr, host: Option<&str>) -> String {
     }
 }
 
-async fn bind(service: &str, what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { service: service.to_owned(), what, addr, source })
+async fn bind(
+    service: &str,
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            service: service.to_owned(),
+            what,
+            addr,
+            source,
+        })
 }
 
 #[derive(Clone)]
@@ -148,7 +172,10 @@ struct AdminState {
 }
 
 async fn metrics_handler(State(state): State<AdminState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], state.metrics.encode())
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        state.metrics.encode(),
+    )
 }
 
 async fn readyz_handler(State(state): State<AdminState>) -> impl IntoResponse {
@@ -178,39 +205,55 @@ async fn set_all(reporter: &HealthReporter, names: &[String], status: ServingSta
 ///
 /// # Errors
 /// Fails when a listener cannot be bound or membership registration fails.
-pub async fn start(spec: ServiceSpec, ctx: &HostContext, shutdown: &CancellationToken) -> Result<RunningService, ServerError> {
+pub async fn start(
+    spec: ServiceSpec,
+    ctx: &HostContext,
+    shutdown: &CancellationToken,
+) -> Result<RunningService, ServerError> {
     let name = spec.name;
     let grpc_listener = bind(name, "gRPC", spec.grpc_listen).await?;
     let admin_listener = bind(name, "admin HTTP", spec.admin_listen).await?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| ServerError::Bind {
-        service: name.to_owned(),
-        what: "gRPC",
-        addr: spec.grpc_listen,
-        source,
-    })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| ServerError::Bind {
-        service: name.to_owned(),
-        what: "admin HTTP",
-        addr: spec.admin_listen,
-        source,
-    })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            service: name.to_owned(),
+            what: "gRPC",
+            addr: spec.grpc_listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            service: name.to_owned(),
+            what: "admin HTTP",
+            addr: spec.admin_listen,
+            source,
+        })?;
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let mut serving_names: Vec<String> = vec![String::new(), "readiness".to_owned()];
     serving_names.extend(spec.grpc_services.iter().cloned());
     set_all(&reporter, &serving_names, ServingStatus::Serving).await;
-    reporter.set_service_status("liveness", ServingStatus::Serving).await;
+    reporter
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(agentmesh_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| ServerError::Serve { service: name.to_owned(), reason: e.to_string() })?;
+        .map_err(|e| ServerError::Serve {
+            service: name.to_owned(),
+            reason: e.to_string(),
+        })?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(agentmesh_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
-        .map_err(|e| ServerError::Serve { service: name.to_owned(), reason: e.to_string() })?;
+        .map_err(|e| ServerError::Serve {
+            service: name.to_owned(),
+            reason: e.to_string(),
+        })?;
 
     let instance_id = spec.instance_id.clone();
     let member = Member {
@@ -220,19 +263,31 @@ pub async fn start(spec: ServiceSpec, ctx: &HostContext, shutdown: &Cancellation
         admin_addr: advertised(admin_addr, ctx.advertise_host.as_deref()),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         zone: ctx.zone.clone(),
-        started_at_ms: u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis())
-            .unwrap_or(u64::MAX),
+        started_at_ms: u64::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX),
     };
-    let registration = ctx
-        .membership
-        .register(member)
-        .await
-        .map_err(|e| ServerError::Register { service: name.to_owned(), reason: e.to_string() })?;
+    let registration =
+        ctx.membership
+            .register(member)
+            .await
+            .map_err(|e| ServerError::Register {
+                service: name.to_owned(),
+                reason: e.to_string(),
+            })?;
 
     let mut known: Vec<String> = spec.grpc_services.clone();
     known.extend(
-        ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"]
-            .map(String::from),
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
+        .map(String::from),
     );
     let grpc_stop = CancellationToken::new();
     let router = Server::builder()
@@ -244,14 +299,23 @@ pub async fn start(spec: ServiceSpec, ctx: &HostContext, shutdown: &Cancellation
         .add_service(reflection_v1alpha);
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc_signal = grpc_stop.clone();
-    let mut grpc_task = tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, grpc_signal.cancelled_owned()).await });
+    let mut grpc_task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, grpc_signal.cancelled_owned())
+            .await
+    });
 
     let ready = Arc::new(AtomicBool::new(true));
     let admin_stop = CancellationToken::new();
-    let admin_app = admin_router(AdminState { metrics: ctx.metrics.clone(), ready: ready.clone() });
+    let admin_app = admin_router(AdminState {
+        metrics: ctx.metrics.clone(),
+        ready: ready.clone(),
+    });
     let admin_signal = admin_stop.clone();
     let admin_task = tokio::spawn(async move {
-        axum::serve(admin_listener, admin_app).with_graceful_shutdown(admin_signal.cancelled_owned()).await
+        axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(admin_signal.cancelled_owned())
+            .await
     });
 
     tracing::info!(service = name, instance = %instance_id, grpc = %grpc_addr, admin = %admin_addr, "service started");
@@ -272,21 +336,35 @@ pub async fn start(spec: ServiceSpec, ctx: &HostContext, shutdown: &Cancellation
                 Ok(Err(e)) => e.to_string(),
                 Err(e) => e.to_string(),
             };
-            return Err(ServerError::Serve { service: name.to_owned(), reason });
+            return Err(ServerError::Serve {
+                service: name.to_owned(),
+                reason,
+            });
         }
         tracing::info!(service = name, "shutting down: readiness off");
         ready.store(false, Ordering::Relaxed);
         set_all(&reporter, &serving_names, ServingStatus::NotServing).await;
         match tokio::time::timeout(DEREGISTER_TIMEOUT, registration.deregister()).await {
             Ok(Ok(())) => tracing::info!(service = name, "membership lease revoked"),
-            Ok(Err(e)) => tracing::warn!(service = name, error = %e, "membership deregistration failed; the lease will expire"),
-            Err(_) => tracing::warn!(service = name, "membership deregistration timed out; the lease will expire"),
+            Ok(Err(e)) => {
+                tracing::warn!(service = name, error = %e, "membership deregistration failed; the lease will expire")
+            }
+            Err(_) => tracing::warn!(
+                service = name,
+                "membership deregistration timed out; the lease will expire"
+            ),
         }
         grpc_stop.cancel();
         let outcome = match tokio::time::timeout(grace, &mut grpc_task).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(ServerError::Serve { service: name.to_owned(), reason: e.to_string() }),
-            Ok(Err(e)) => Err(ServerError::Serve { service: name.to_owned(), reason: e.to_string() }),
+            Ok(Ok(Err(e))) => Err(ServerError::Serve {
+                service: name.to_owned(),
+                reason: e.to_string(),
+            }),
+            Ok(Err(e)) => Err(ServerError::Serve {
+                service: name.to_owned(),
+                reason: e.to_string(),
+            }),
             Err(_) => {
                 tracing::warn!(service = name, grace = ?grace, "in-flight RPCs outlived the grace period; cutting them");
                 grpc_task.abort();
@@ -299,12 +377,23 @@ pub async fn start(spec: ServiceSpec, ctx: &HostContext, shutdown: &Cancellation
         outcome
     });
 
-    Ok(RunningService { name, grpc_addr, admin_addr, instance_id, stop, task })
+    Ok(RunningService {
+        name,
+        grpc_addr,
+        admin_addr,
+        instance_id,
+        stop,
+        task,
+    })
 }
 
 /// Keeps readiness in step with the membership registration: an instance that lost its
 /// lease is not ready until it has registered again. Never returns.
-async fn keep_readiness(registration: &Registration, reporter: &HealthReporter, ready: &AtomicBool) {
+async fn keep_readiness(
+    registration: &Registration,
+    reporter: &HealthReporter,
+    ready: &AtomicBool,
+) {
     let mut last = true;
     loop {
         tokio::time::sleep(READINESS_INTERVAL).await;
@@ -312,7 +401,11 @@ async fn keep_readiness(registration: &Registration, reporter: &HealthReporter, 
         if now != last {
             last = now;
             ready.store(now, Ordering::Relaxed);
-            let status = if now { ServingStatus::Serving } else { ServingStatus::NotServing };
+            let status = if now {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             reporter.set_service_status("readiness", status).await;
             if now {
                 tracing::info!(instance = %registration.member().instance_id, "registered again: ready");

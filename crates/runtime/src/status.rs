@@ -15,8 +15,10 @@ where
     F: Into<String>,
     D: Into<String>,
 {
-    let violations: Vec<FieldViolation> =
-        violations.into_iter().map(|(field, description)| FieldViolation::new(field, description)).collect();
+    let violations: Vec<FieldViolation> = violations
+        .into_iter()
+        .map(|(field, description)| FieldViolation::new(field, description))
+        .collect();
     let message = violations
         .iter()
         .map(|v| format!("{}: {}", v.field, v.description))
@@ -51,9 +53,11 @@ pub fn failed_precondition(message: impl Into<String>) -> Status {
 #[must_use]
 pub fn resource_exhausted(message: impl Into<String>, retry_after: Option<Duration>) -> Status {
     match retry_after {
-        Some(delay) => {
-            Status::with_error_details(Code::ResourceExhausted, message, ErrorDetails::with_retry_info(Some(delay)))
-        }
+        Some(delay) => Status::with_error_details(
+            Code::ResourceExhausted,
+            message,
+            ErrorDetails::with_retry_info(Some(delay)),
+        ),
         None => Status::resource_exhausted(message),
     }
 }
@@ -82,7 +86,10 @@ mod tests {
 
     #[test]
     fn test_invalid_argument_carries_every_field_violation() {
-        let status = invalid_argument([("items[0].key", "must not be empty"), ("items", "at most 1000")]);
+        let status = invalid_argument([
+            ("items[0].key", "must not be empty"),
+            ("items", "at most 1000"),
+        ]);
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains("items[0].key: must not be empty"));
         let details = status.get_error_details();
@@ -95,6 +102,9 @@ mod tests {
     fn test_resource_exhausted_carries_retry_info() {
         let status = resource_exhausted("slow down", Some(Duration::from_millis(250)));
         let details = status.get_error_details();
-        assert_eq!(details.retry_info().unwrap().retry_delay, Some(Duration::from_millis(250)));
+        assert_eq!(
+            details.retry_info().unwrap().retry_delay,
+            Some(Duration::from_millis(250))
+        );
     }
 }

@@ -44,7 +44,8 @@ impl TelemetryGuard {
     /// thread: provider shutdown has been seen to hang when called on a tokio worker.
     pub async fn shutdown(self) {
         let provider = self.provider;
-        let flushed = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(FLUSH_TIMEOUT));
+        let flushed =
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(FLUSH_TIMEOUT));
         match tokio::time::timeout(FLUSH_TIMEOUT + Duration::from_secs(1), flushed).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "telemetry flush failed"),
@@ -75,7 +76,9 @@ fn otel_filter() -> Targets {
 /// # Errors
 /// Fails when the exporter cannot be built from the endpoint.
 pub fn tracer_provider(args: &TelemetryArgs) -> Result<SdkTracerProvider, TelemetryError> {
-    let resource = Resource::builder().with_service_name(args.otel_service_name.clone()).build();
+    let resource = Resource::builder()
+        .with_service_name(args.otel_service_name.clone())
+        .build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
     if let Some(endpoint) = args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
         use opentelemetry_otlp::WithExportConfig;
@@ -83,7 +86,10 @@ pub fn tracer_provider(args: &TelemetryArgs) -> Result<SdkTracerProvider, Teleme
             .with_tonic()
             .with_endpoint(endpoint)
             .build()
-            .map_err(|e| TelemetryError::Exporter { endpoint: endpoint.to_owned(), reason: e.to_string() })?;
+            .map_err(|e| TelemetryError::Exporter {
+                endpoint: endpoint.to_owned(),
+                reason: e.to_string(),
+            })?;
         builder = builder.with_batch_exporter(exporter);
     }
     Ok(builder.build())
@@ -94,14 +100,22 @@ pub fn tracer_provider(args: &TelemetryArgs) -> Result<SdkTracerProvider, Teleme
 /// # Errors
 /// Fails on an invalid filter, an unusable OTLP endpoint, or a second initialisation.
 pub fn init(args: &TelemetryArgs) -> Result<TelemetryGuard, TelemetryError> {
-    let filter = EnvFilter::builder()
-        .parse(&args.log_filter)
-        .map_err(|e| TelemetryError::Filter { filter: args.log_filter.clone(), reason: e.to_string() })?;
+    let filter =
+        EnvFilter::builder()
+            .parse(&args.log_filter)
+            .map_err(|e| TelemetryError::Filter {
+                filter: args.log_filter.clone(),
+                reason: e.to_string(),
+            })?;
     let provider = tracer_provider(args)?;
     let tracer = provider.tracer("agentmesh");
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(otel_filter());
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(otel_filter());
     let fmt_layer: Box<dyn Layer<Registry> + Send + Sync> = match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)

@@ -20,15 +20,19 @@ use agentmesh_runtime::config::{
 use agentmesh_runtime::server::{self, HostContext, RunningService, ServiceSpec};
 use agentmesh_runtime::{Metrics, shutdown, telemetry};
 use clap::{Parser, Subcommand, ValueEnum};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// Exit code when a dependency (etcd) is unavailable at start (`EX_UNAVAILABLE`).
 const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser)]
-#[command(name = "agentmesh", version, about = "agentmesh: infrastructure services for fleets of AI agents")]
+#[command(
+    name = "agentmesh",
+    version,
+    about = "agentmesh: infrastructure services for fleets of AI agents"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -84,7 +88,10 @@ fn main() -> ExitCode {
     if let Err(message) = cli.cluster.validate() {
         exit_config_error(&message);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the tokio runtime: {e}");
@@ -93,12 +100,27 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Probe { addr, service, timeout } => probe(&addr, &service, timeout).await,
-            Command::Serve { services, ratelimit } => {
-                serve(&cli.cluster, &cli.telemetry, &services, &ratelimit, None).await
-            }
-            Command::Dev { bind_host, ratelimit } => {
-                serve(&cli.cluster, &cli.telemetry, &[ServiceName::Ratelimit], &ratelimit, Some(bind_host)).await
+            Command::Probe {
+                addr,
+                service,
+                timeout,
+            } => probe(&addr, &service, timeout).await,
+            Command::Serve {
+                services,
+                ratelimit,
+            } => serve(&cli.cluster, &cli.telemetry, &services, &ratelimit, None).await,
+            Command::Dev {
+                bind_host,
+                ratelimit,
+            } => {
+                serve(
+                    &cli.cluster,
+                    &cli.telemetry,
+                    &[ServiceName::Ratelimit],
+                    &ratelimit,
+                    Some(bind_host),
+                )
+                .await
             }
         }
     })
@@ -126,7 +148,12 @@ async fn membership(cluster: &ClusterArgs) -> Result<Arc<dyn Membership>, String
     EtcdMembership::connect(config)
         .await
         .map(|m| Arc::new(m) as Arc<dyn Membership>)
-        .map_err(|e| format!("cannot reach etcd at {}: {e}", cluster.etcd_endpoints.join(",")))
+        .map_err(|e| {
+            format!(
+                "cannot reach etcd at {}: {e}",
+                cluster.etcd_endpoints.join(",")
+            )
+        })
 }
 
 async fn serve(
@@ -211,13 +238,19 @@ fn dedup(services: &[ServiceName]) -> Vec<ServiceName> {
 
 async fn probe(addr: &str, service: &str, timeout: Duration) -> ExitCode {
     let check = async {
-        let endpoint = agentmesh_runtime::client::endpoint(addr, &agentmesh_runtime::ClientConfig::default())
-            .map_err(|e| e.to_string())?
-            .timeout(timeout)
-            .connect_timeout(timeout);
-        let channel = endpoint.connect().await.map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let endpoint =
+            agentmesh_runtime::client::endpoint(addr, &agentmesh_runtime::ClientConfig::default())
+                .map_err(|e| e.to_string())?
+                .timeout(timeout)
+                .connect_timeout(timeout);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
         let response = HealthClient::new(channel)
-            .check(HealthCheckRequest { service: service.to_owned() })
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
         Ok::<i32, String>(response.into_inner().status)

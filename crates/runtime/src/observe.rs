@@ -7,6 +7,10 @@
 //! - [`ClientTelemetryLayer`] opens a client span under the current span, injects its context
 //!   into the request metadata, and observes `rpc_client_call_duration_seconds`.
 //!
+//! RPC spans are DEBUG level: the OpenTelemetry layer's own filter always takes them, while the
+//! log filter (default `info`) does not pay to format their fields on every call; log lines
+//! written inside them still carry the `trace_id`.
+//!
 //! The status is read from the response headers (trailers-only responses, which is how
 //! errors are sent) or from the trailers at the end of the body. Health checks and reflection
 //! are measured but not traced, so probes do not flood the trace store.
@@ -22,7 +26,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use prometheus::HistogramVec;
 use tower_layer::Layer;
@@ -200,7 +203,7 @@ where
             match &polled {
                 Some(Ok(frame)) => match frame.trailers_ref() {
                     Some(trailers) => {
-                        observation.finish(grpc_status(trailers).unwrap_or(CODE_UNKNOWN))
+                        observation.finish(grpc_status(trailers).unwrap_or(CODE_UNKNOWN));
                     }
                     None => *this.observation = Some(observation),
                 },
@@ -329,7 +332,7 @@ where
         let span = if is_untraced(&service) {
             Span::none()
         } else {
-            let span = tracing::info_span!(
+            let span = tracing::debug_span!(
                 "grpc.server",
                 otel.name = %format_args!("{service}/{method}"),
                 otel.kind = "server",
@@ -338,14 +341,9 @@ where
                 rpc.method = %method,
                 rpc.grpc.status_code = Empty,
                 otel.status_code = Empty,
-                trace_id = Empty,
             );
             // The parent must be set before the span is first entered.
             let _ = span.set_parent(extract_context(req.headers()));
-            let trace_id = span.context().span().span_context().trace_id();
-            if trace_id != opentelemetry::trace::TraceId::INVALID {
-                span.record("trace_id", tracing::field::display(trace_id));
-            }
             span
         };
         let inner = {
@@ -430,7 +428,7 @@ where
         let span = if is_untraced(&service) {
             Span::none()
         } else {
-            let span = tracing::info_span!(
+            let span = tracing::debug_span!(
                 "grpc.client",
                 otel.name = %format_args!("{service}/{method}"),
                 otel.kind = "client",

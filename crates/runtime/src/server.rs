@@ -347,7 +347,7 @@ pub async fn start(
         match tokio::time::timeout(DEREGISTER_TIMEOUT, registration.deregister()).await {
             Ok(Ok(())) => tracing::info!(service = name, "membership lease revoked"),
             Ok(Err(e)) => {
-                tracing::warn!(service = name, error = %e, "membership deregistration failed; the lease will expire")
+                tracing::warn!(service = name, error = %e, "membership deregistration failed; the lease will expire");
             }
             Err(_) => tracing::warn!(
                 service = name,

@@ -10,9 +10,15 @@ use std::time::Duration;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::sync::{Arc, OnceLock};
+
+use tracing::dispatcher::WeakDispatch;
+use tracing::{Dispatch, Event, Subscriber};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogFormat, TelemetryArgs};
@@ -59,6 +65,9 @@ impl TelemetryGuard {
 fn otel_filter() -> Targets {
     Targets::new()
         .with_default(LevelFilter::INFO)
+        // RPC spans are DEBUG so the log filter (default info) does not format them for every
+        // call; they are always exported.
+        .with_target("agentmesh_runtime::observe", LevelFilter::DEBUG)
         .with_target("h2", LevelFilter::OFF)
         .with_target("hyper", LevelFilter::OFF)
         .with_target("hyper_util", LevelFilter::OFF)
@@ -112,21 +121,179 @@ pub fn init(args: &TelemetryArgs) -> Result<TelemetryGuard, TelemetryError> {
     let otel_layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(otel_filter());
+    let cell = DispatchCell::default();
     let fmt_layer: Box<dyn Layer<Registry> + Send + Sync> = match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .event_format(WithTraceId {
+                inner: tracing_subscriber::fmt::format(),
+                json: false,
+                dispatch: cell.clone(),
+            })
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
+            .event_format(WithTraceId {
+                inner: tracing_subscriber::fmt::format()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false),
+                json: true,
+                dispatch: cell.clone(),
+            })
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .with_writer(std::io::stderr)
             .boxed(),
     };
-    tracing_subscriber::registry()
-        .with(fmt_layer.with_filter(filter))
-        .with(otel_layer)
-        .try_init()
+    let dispatch = Dispatch::new(
+        tracing_subscriber::registry()
+            .with(fmt_layer.with_filter(filter))
+            .with(otel_layer),
+    );
+    let _ = cell.set(dispatch.downgrade());
+    tracing::dispatcher::set_global_default(dispatch)
         .map_err(|e| TelemetryError::AlreadyInitialised(e.to_string()))?;
     Ok(TelemetryGuard { provider })
+}
+
+/// Adds the current OpenTelemetry trace id to every log line written inside a span:
+/// `"trace_id":"…"` as the first JSON field, or ` trace_id=…` at the end of a text line.
+/// The id is looked up only when a line is written, so RPCs that log nothing pay nothing.
+struct WithTraceId<F> {
+    inner: F,
+    json: bool,
+    /// The dispatcher this formatter runs in, to look up the current span's trace context
+    /// (a subscriber cannot reach its dispatcher through `tracing`'s thread-local while it is
+    /// handling an event).
+    dispatch: DispatchCell,
+}
+
+/// Set once the subscriber has become a dispatcher.
+type DispatchCell = Arc<OnceLock<WeakDispatch>>;
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceId<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let Some(trace_id) = self
+            .dispatch
+            .get()
+            .and_then(WeakDispatch::upgrade)
+            .and_then(|d| current_trace_id(&d))
+        else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        let mut line = String::with_capacity(256);
+        self.inner
+            .format_event(ctx, Writer::new(&mut line), event)?;
+        let body = line.strip_suffix('\n').unwrap_or(&line);
+        match (self.json, body.strip_prefix('{')) {
+            (true, Some(rest)) => writeln!(writer, "{{\"trace_id\":\"{trace_id}\",{rest}"),
+            _ => writeln!(writer, "{body} trace_id={trace_id}"),
+        }
+    }
+}
+
+/// The trace id of `dispatch`'s current span, if it is traced.
+fn current_trace_id(dispatch: &Dispatch) -> Option<opentelemetry::trace::TraceId> {
+    use opentelemetry::trace::TraceContextExt;
+    let current = dispatch.current_span();
+    let cx = tracing_opentelemetry::get_otel_context(current.id()?, dispatch)?;
+    let trace_id = cx.span().span_context().trace_id();
+    (trace_id != opentelemetry::trace::TraceId::INVALID).then_some(trace_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn log_inside_a_span(json: bool) -> (String, String) {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let provider = SdkTracerProvider::builder().build();
+        let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+        let make_writer = move || writer.clone();
+        let cell = DispatchCell::default();
+        let fmt: Box<dyn Layer<Registry> + Send + Sync> = if json {
+            tracing_subscriber::fmt::layer()
+                .event_format(WithTraceId {
+                    inner: tracing_subscriber::fmt::format().json(),
+                    json: true,
+                    dispatch: cell.clone(),
+                })
+                .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                .with_writer(make_writer)
+                .boxed()
+        } else {
+            tracing_subscriber::fmt::layer()
+                .event_format(WithTraceId {
+                    inner: tracing_subscriber::fmt::format(),
+                    json: false,
+                    dispatch: cell.clone(),
+                })
+                .with_writer(make_writer)
+                .with_ansi(false)
+                .boxed()
+        };
+        let dispatch = Dispatch::new(tracing_subscriber::registry().with(fmt).with(otel));
+        let _ = cell.set(dispatch.downgrade());
+        let trace_id = tracing::dispatcher::with_default(&dispatch, || {
+            use opentelemetry::trace::TraceContextExt;
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            tracing::info!("outside any span");
+            let span = tracing::info_span!("rpc");
+            let _entered = span.enter();
+            tracing::warn!(instance = "a", "inside the span");
+            span.context().span().span_context().trace_id().to_string()
+        });
+        let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        (out, trace_id)
+    }
+
+    #[test]
+    fn test_text_lines_inside_a_span_end_with_the_trace_id() {
+        let (out, trace_id) = log_inside_a_span(false);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(!lines[0].contains("trace_id"), "{out}");
+        assert!(
+            lines[1].ends_with(&format!(" trace_id={trace_id}")),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn test_json_lines_inside_a_span_carry_the_trace_id_field() {
+        let (out, trace_id) = log_inside_a_span(true);
+        let line: serde_json::Value = serde_json::from_str(out.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(line["trace_id"], trace_id.as_str());
+        assert_eq!(line["fields"]["message"], "inside the span");
+        let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert!(first.get("trace_id").is_none());
+    }
 }

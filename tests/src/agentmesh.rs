@@ -71,7 +71,7 @@ impl AgentmeshProcess {
             args.extend(["--etcd", endpoint]);
         }
         args.extend_from_slice(extra);
-        Self::spawn("agentmesh", &args, grpc_addr, admin_addr).await
+        Self::spawn("agentmesh", &args, &[], grpc_addr, admin_addr).await
     }
 
     /// Starts `agentmesh dev` with the rate limiter on free loopback ports.
@@ -79,27 +79,31 @@ impl AgentmeshProcess {
     /// # Errors
     /// Fails when the binary is missing or the process does not come up within 15 s.
     pub async fn dev() -> anyhow::Result<Self> {
+        Self::dev_with_env(&[]).await
+    }
+
+    /// Starts `agentmesh dev` with extra environment variables (e.g. `OTEL_*`).
+    ///
+    /// # Errors
+    /// Fails when the binary is missing or the process does not come up within 15 s.
+    pub async fn dev_with_env(envs: &[(&str, &str)]) -> anyhow::Result<Self> {
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let (grpc, admin) = (grpc_addr.to_string(), admin_addr.to_string());
-        Self::spawn(
-            "agentmesh",
-            &[
-                "dev",
-                "--ratelimit-listen",
-                &grpc,
-                "--ratelimit-admin-listen",
-                &admin,
-            ],
-            grpc_addr,
-            admin_addr,
-        )
-        .await
+        let args = [
+            "dev",
+            "--ratelimit-listen",
+            &grpc,
+            "--ratelimit-admin-listen",
+            &admin,
+        ];
+        Self::spawn("agentmesh", &args, envs, grpc_addr, admin_addr).await
     }
 
     async fn spawn(
         bin: &str,
         args: &[&str],
+        envs: &[(&str, &str)],
         grpc_addr: SocketAddr,
         admin_addr: SocketAddr,
     ) -> anyhow::Result<Self> {
@@ -111,6 +115,7 @@ impl AgentmeshProcess {
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env("AGENTMESH_LEASE_TTL", "2s")
             .env("AGENTMESH_SHUTDOWN_GRACE", "3s")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.reopen()?)
             .stderr(log.reopen()?)

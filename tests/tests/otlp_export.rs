@@ -1,0 +1,135 @@
+//! Spans leave a real `agentmesh` process over OTLP/gRPC: an OTLP trace receiver inside the test
+//! collects what the process exports, and the server span continues the caller's trace.
+
+use std::time::Duration;
+
+use agentmesh_proto::ratelimit::v1 as pb;
+use agentmesh_tests::agentmesh::AgentmeshProcess;
+use agentmesh_tests::wait_until;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+struct Receiver {
+    spans_tx: mpsc::UnboundedSender<Span>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    let _ = self.spans_tx.send(span);
+                }
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_SPAN_ID: &str = "00f067aa0ba902b7";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn test_server_spans_are_exported_over_otlp_and_continue_the_callers_trace()
+-> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let (spans_tx, mut spans_rx) = mpsc::unbounded_channel();
+    let receiver = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Receiver { spans_tx }))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+
+    let mut process = AgentmeshProcess::dev_with_env(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_SERVICE_NAME", "agentmesh-otlp-test"),
+    ])
+    .await?;
+    let mut client = pb::rate_limiter_client::RateLimiterClient::connect(format!(
+        "http://{}",
+        process.grpc_addr
+    ))
+    .await?;
+    let mut request = Request::new(pb::CheckRequest {
+        items: vec![pb::CheckItem {
+            namespace: "otlp".into(),
+            key: "k".into(),
+            cost: 1,
+            ..Default::default()
+        }],
+        all_or_nothing: false,
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01").parse()?,
+    );
+    client.check(request).await?;
+
+    // Shutdown flushes the batch exporter.
+    process.sigterm();
+    process.wait_exit(Duration::from_secs(15)).await?;
+
+    let mut spans = Vec::new();
+    wait_until(
+        Duration::from_secs(10),
+        "the Check span at the OTLP receiver",
+        || {
+            while let Ok(span) = spans_rx.try_recv() {
+                spans.push(span);
+            }
+            let found = spans
+                .iter()
+                .any(|s| s.name == "agentmesh.ratelimit.v1.RateLimiter/Check");
+            async move { found }
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", process.logs()))?;
+    let span = spans
+        .iter()
+        .find(|s| s.name == "agentmesh.ratelimit.v1.RateLimiter/Check")
+        .expect("found above");
+    assert_eq!(
+        hex(&span.trace_id),
+        TRACE_ID,
+        "continues the caller's trace"
+    );
+    assert_eq!(
+        hex(&span.parent_span_id),
+        PARENT_SPAN_ID,
+        "child of the caller's span"
+    );
+    assert_eq!(span.kind, 2, "SPAN_KIND_SERVER");
+    assert!(
+        span.attributes
+            .iter()
+            .any(|kv| kv.key == "rpc.grpc.status_code")
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|s| !s.name.starts_with("h2") && !s.name.contains("hyper")),
+        "transport internals are not exported: {:?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    receiver.abort();
+    Ok(())
+}

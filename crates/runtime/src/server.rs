@@ -150,19 +150,21 @@ fn advertised(addr: SocketAddr, host: Option<&str>) -> String {
     }
 }
 
+/// Binds `addr`, returning the listener and the address it actually got (port 0 → a free port).
 async fn bind(
     service: &str,
     what: &'static str,
     addr: SocketAddr,
-) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Bind {
-            service: service.to_owned(),
-            what,
-            addr,
-            source,
-        })
+) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let error = |source| ServerError::Bind {
+        service: service.to_owned(),
+        what,
+        addr,
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
 }
 
 #[derive(Clone)]
@@ -211,24 +213,8 @@ pub async fn start(
     shutdown: &CancellationToken,
 ) -> Result<RunningService, ServerError> {
     let name = spec.name;
-    let grpc_listener = bind(name, "gRPC", spec.grpc_listen).await?;
-    let admin_listener = bind(name, "admin HTTP", spec.admin_listen).await?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .map_err(|source| ServerError::Bind {
-            service: name.to_owned(),
-            what: "gRPC",
-            addr: spec.grpc_listen,
-            source,
-        })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| ServerError::Bind {
-            service: name.to_owned(),
-            what: "admin HTTP",
-            addr: spec.admin_listen,
-            source,
-        })?;
+    let (grpc_listener, grpc_addr) = bind(name, "gRPC", spec.grpc_listen).await?;
+    let (admin_listener, admin_addr) = bind(name, "admin HTTP", spec.admin_listen).await?;
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let mut serving_names: Vec<String> = vec![String::new(), "readiness".to_owned()];
@@ -238,22 +224,17 @@ pub async fn start(
         .set_service_status("liveness", ServingStatus::Serving)
         .await;
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(agentmesh_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServerError::Serve {
-            service: name.to_owned(),
-            reason: e.to_string(),
-        })?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(agentmesh_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| ServerError::Serve {
-            service: name.to_owned(),
-            reason: e.to_string(),
-        })?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(agentmesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e: tonic_reflection::server::Error| ServerError::Serve {
+        service: name.to_owned(),
+        reason: e.to_string(),
+    };
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
 
     let instance_id = spec.instance_id.clone();
     let member = Member {

@@ -72,6 +72,8 @@ fn inline(namespace: &str, key: &str, cost: u64, limit: u64, period_secs: i64) -
             algorithm: 0,
         })),
         mode: 0,
+        consistency: 0,
+        on_failure: 0,
     }
 }
 

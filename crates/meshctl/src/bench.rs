@@ -176,6 +176,8 @@ fn check_request(worker: usize, seq: u64, batch: usize, keys: u64) -> pb::CheckR
                 algorithm: pb::Algorithm::Gcra as i32,
             })),
             mode: 0,
+            consistency: 0,
+            on_failure: 0,
         })
         .collect();
     pb::CheckRequest {

@@ -124,6 +124,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         } else {
             pb::Mode::Unspecified as i32
         },
+        ..Default::default()
     };
     let endpoint = agentmesh_runtime::client::endpoint(
         &args.addr,

@@ -60,6 +60,8 @@ fn item(key: String, limit: LimitRef) -> CheckItem {
         cost: 1,
         limit,
         mode: None,
+        consistency: None,
+        on_failure: None,
     }
 }
 

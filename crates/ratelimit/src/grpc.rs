@@ -3,22 +3,26 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentmesh_proto::ratelimit::v1 as pb;
 use agentmesh_runtime::status;
+use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
-use crate::limiter::{CheckItem, CheckOutcome, LimitRef, Limiter};
+use crate::limiter::{CheckItem, CheckOutcome, LimitRef};
 use crate::metrics::RateLimitMetrics;
-use crate::spec::{Algorithm, LimitSpec, Mode};
+use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode};
 
 /// Responses buffered per StreamCheck stream before the server stops reading requests.
 const STREAM_BUFFER: usize = 256;
+/// Requests of one StreamCheck stream decided at the same time.
+const STREAM_IN_FLIGHT: usize = 64;
 
 /// The one mapping from [`RateLimitError`] to `Status`.
 impl From<RateLimitError> for Status {
@@ -35,10 +39,11 @@ impl From<RateLimitError> for Status {
     }
 }
 
-/// Serves `agentmesh.ratelimit.v1.RateLimiter` over a [`Limiter`].
+/// Serves `agentmesh.ratelimit.v1.RateLimiter` over a [`Decide`] (the local limiter or the
+/// cluster router).
 #[derive(Clone)]
 pub struct RateLimiterGrpc {
-    limiter: Arc<Limiter>,
+    decider: Arc<dyn Decide>,
     metrics: RateLimitMetrics,
     instance_id: Arc<str>,
 }
@@ -46,9 +51,9 @@ pub struct RateLimiterGrpc {
 impl RateLimiterGrpc {
     /// An adapter that reports `instance_id` as the deciding instance.
     #[must_use]
-    pub fn new(limiter: Arc<Limiter>, metrics: RateLimitMetrics, instance_id: &str) -> Self {
+    pub fn new(decider: Arc<dyn Decide>, metrics: RateLimitMetrics, instance_id: &str) -> Self {
         Self {
-            limiter,
+            decider,
             metrics,
             instance_id: instance_id.into(),
         }
@@ -61,12 +66,26 @@ impl RateLimiterGrpc {
     }
 
     /// Validates, decides and encodes one request.
-    fn check(&self, request: pb::CheckRequest) -> Result<pb::CheckResponse, RateLimitError> {
+    async fn check(
+        &self,
+        request: pb::CheckRequest,
+        deadline: Option<Instant>,
+    ) -> Result<pb::CheckResponse, RateLimitError> {
         let items = decode_items(request.items)?;
-        let outcomes = self.limiter.check(&items, request.all_or_nothing)?;
+        let outcomes = self
+            .decider
+            .decide(items, request.all_or_nothing, deadline)
+            .await?;
         self.metrics.record(&outcomes);
         Ok(encode_response(&outcomes, &self.instance_id))
     }
+}
+
+/// The answer to an RPC that a later version will serve.
+fn not_built_yet(rpc: &str) -> Status {
+    Status::unimplemented(format!(
+        "{rpc} is not built yet in this version of agentmesh"
+    ))
 }
 
 #[tonic::async_trait]
@@ -75,10 +94,10 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
-        Ok(Response::new(RateLimiterGrpc::check(
-            self,
-            request.into_inner(),
-        )?))
+        let deadline =
+            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let response = RateLimiterGrpc::check(self, request.into_inner(), deadline).await?;
+        Ok(Response::new(response))
     }
 
     type StreamCheckStream =
@@ -88,31 +107,82 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<Streaming<pb::StreamCheckRequest>>,
     ) -> Result<Response<Self::StreamCheckStream>, Status> {
-        let mut inbound = request.into_inner();
+        let deadline =
+            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let this = self.clone();
-        tokio::spawn(async move {
-            while let Some(message) = inbound.next().await {
-                let reply = match message {
-                    Ok(message) => Ok(this.answer(message)),
-                    Err(status) => Err(status),
-                };
-                let stop = reply.is_err();
-                if tx.send(reply).await.is_err() || stop {
-                    break;
-                }
-            }
-        });
+        tokio::spawn(self.clone().serve_stream(inbound, tx, deadline));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn put_policy(
+        &self,
+        _request: Request<pb::PutPolicyRequest>,
+    ) -> Result<Response<pb::Policy>, Status> {
+        Err(not_built_yet("PutPolicy"))
+    }
+
+    async fn get_policy(
+        &self,
+        _request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::Policy>, Status> {
+        Err(not_built_yet("GetPolicy"))
+    }
+
+    async fn list_policies(
+        &self,
+        _request: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        Err(not_built_yet("ListPolicies"))
+    }
+
+    async fn delete_policy(
+        &self,
+        _request: Request<pb::DeletePolicyRequest>,
+    ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        Err(not_built_yet("DeletePolicy"))
     }
 }
 
 impl RateLimiterGrpc {
+    /// Answers a StreamCheck stream: up to [`STREAM_IN_FLIGHT`] requests are decided at once
+    /// and answered as they finish; a stream error from the caller ends it.
+    async fn serve_stream(
+        self,
+        mut inbound: Streaming<pb::StreamCheckRequest>,
+        tx: mpsc::Sender<Result<pb::StreamCheckResponse, Status>>,
+        deadline: Option<Instant>,
+    ) {
+        let mut in_flight = FuturesUnordered::new();
+        let mut open = true;
+        while open || !in_flight.is_empty() {
+            tokio::select! {
+                message = inbound.next(), if open && in_flight.len() < STREAM_IN_FLIGHT => match message {
+                    Some(Ok(message)) => in_flight.push(self.answer(message, deadline)),
+                    Some(Err(status)) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    None => open = false,
+                },
+                Some(answer) = in_flight.next() => {
+                    if tx.send(Ok(answer)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     /// One StreamCheck answer: a failure is reported in the message, not by ending the stream.
-    fn answer(&self, message: pb::StreamCheckRequest) -> pb::StreamCheckResponse {
+    async fn answer(
+        &self,
+        message: pb::StreamCheckRequest,
+        deadline: Option<Instant>,
+    ) -> pb::StreamCheckResponse {
         let id = message.id;
         let result = match message.request {
-            Some(request) => self.check(request),
+            Some(request) => self.check(request, deadline).await,
             None => Err(RateLimitError::invalid("request", "required")),
         };
         match result {
@@ -212,12 +282,40 @@ fn decode_item(i: usize, item: pb::CheckItem, violations: &mut Vec<FieldViolatio
             None
         }
     };
+    let consistency = match pb::Consistency::try_from(item.consistency) {
+        Ok(pb::Consistency::Unspecified) => None,
+        Ok(pb::Consistency::Local) => Some(Consistency::Local),
+        Ok(pb::Consistency::Owner) => Some(Consistency::Owner),
+        Ok(pb::Consistency::Strict) => Some(Consistency::Strict),
+        Err(_) => {
+            violations.push(FieldViolation::new(
+                format!("items[{i}].consistency"),
+                "unknown consistency",
+            ));
+            None
+        }
+    };
+    let on_failure = match pb::FailurePolicy::try_from(item.on_failure) {
+        Ok(pb::FailurePolicy::Unspecified) => None,
+        Ok(pb::FailurePolicy::FailOpen) => Some(FailurePolicy::FailOpen),
+        Ok(pb::FailurePolicy::FailClosed) => Some(FailurePolicy::FailClosed),
+        Ok(pb::FailurePolicy::LocalFallback) => Some(FailurePolicy::LocalFallback),
+        Err(_) => {
+            violations.push(FieldViolation::new(
+                format!("items[{i}].on_failure"),
+                "unknown failure policy",
+            ));
+            None
+        }
+    };
     CheckItem {
         namespace: item.namespace,
         key: item.key,
         cost: item.cost,
         limit,
         mode,
+        consistency,
+        on_failure,
     }
 }
 
@@ -264,7 +362,16 @@ fn encode_outcome(o: &CheckOutcome, instance_id: &str) -> pb::CheckResult {
             Mode::Enforce => pb::Mode::Enforce,
             Mode::Shadow => pb::Mode::Shadow,
         } as i32,
-        decided_by: instance_id.to_owned(),
+        decided_by: o
+            .decided_by
+            .clone()
+            .unwrap_or_else(|| instance_id.to_owned()),
+        degraded: o.degraded.is_some(),
+        degraded_reason: o
+            .degraded
+            .map(|r| r.as_str().to_owned())
+            .unwrap_or_default(),
+        policy_version: o.policy_version,
     }
 }
 
@@ -288,6 +395,8 @@ mod tests {
                 algorithm: 99,
             })),
             mode: 7,
+            consistency: 0,
+            on_failure: 0,
         };
         let err = decode_items(vec![item]).unwrap_err();
         let RateLimitError::InvalidArgument(v) = err else {

@@ -8,6 +8,7 @@
 pub mod algorithm;
 pub mod clock;
 pub mod config;
+pub mod decide;
 pub mod error;
 pub mod grpc;
 pub mod limiter;
@@ -18,7 +19,10 @@ pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::LimiterConfig;
+pub use decide::Decide;
 pub use error::{FieldViolation, RateLimitError};
-pub use limiter::{CheckItem, CheckOutcome, LimitRef, Limiter, validate_items};
-pub use spec::{Algorithm, DEFAULT_POLICY_NAME, LimitSpec, Mode, Policy, PolicySet};
+pub use limiter::{CheckItem, CheckOutcome, DegradedReason, LimitRef, Limiter, validate_items};
+pub use spec::{
+    Algorithm, Consistency, DEFAULT_POLICY_NAME, FailurePolicy, LimitSpec, Mode, Policy, PolicySet,
+};
 pub use store::StoreStats;

@@ -30,8 +30,9 @@ use crate::clock::Clock;
 use crate::config::LimiterConfig;
 use crate::error::{FieldViolation, RateLimitError};
 use crate::spec::{
-    DEFAULT_POLICY_NAME, LimitSpec, MAX_ITEMS, MAX_KEY_LEN, MAX_NAMESPACE_LEN, Mode, PolicySet,
-    is_valid_identifier, is_valid_policy_name, validate_identifier, validate_policy_name,
+    Consistency, DEFAULT_POLICY_NAME, FailurePolicy, LimitSpec, MAX_ITEMS, MAX_KEY_LEN,
+    MAX_NAMESPACE_LEN, Mode, PolicySet, is_valid_identifier, is_valid_policy_name,
+    validate_identifier, validate_policy_name,
 };
 use crate::store::{LimitIdentity, PrehashedKey, Store, StoreStats};
 
@@ -60,6 +61,11 @@ pub struct CheckItem {
     pub limit: LimitRef,
     /// Overrides the policy's mode; `None` uses the policy's (inline limits: enforce).
     pub mode: Option<Mode>,
+    /// Overrides where the item is decided; `None` uses the policy's (see the router). The
+    /// local limiter decides every item here, whatever this says.
+    pub consistency: Option<Consistency>,
+    /// Overrides what happens when the owner or Redis does not answer; `None` uses the policy's.
+    pub on_failure: Option<FailurePolicy>,
 }
 
 /// The decision for one item.
@@ -85,6 +91,36 @@ pub struct CheckOutcome {
     pub retry_after: Option<Duration>,
     /// Until the key is back to full capacity (GCRA: bucket full; windows: counts expired).
     pub reset_after: Duration,
+    /// Version of the policy that applied (its etcd revision; 0 for file, default and inline).
+    pub policy_version: u64,
+    /// Set when the answer did not come from the item's normal path (owner or Redis), and why.
+    pub degraded: Option<DegradedReason>,
+    /// Instance that decided, when it was not this one (owner routing).
+    pub decided_by: Option<String>,
+}
+
+/// Why an answer is degraded; exported as the `reason` label of
+/// `ratelimit_degraded_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DegradedReason {
+    /// Redis did not answer within the budget (STRICT).
+    RedisUnavailable,
+    /// The owning instance did not answer within the budget (OWNER).
+    OwnerUnavailable,
+    /// No live rate-limiter member is known (OWNER).
+    NoMembers,
+}
+
+impl DegradedReason {
+    /// The reason's wire and label name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RedisUnavailable => "redis_unavailable",
+            Self::OwnerUnavailable => "owner_unavailable",
+            Self::NoMembers => "no_members",
+        }
+    }
 }
 
 /// The rate limiter: policies, a clock and a bounded store. `Send + Sync`; share it in an `Arc`.
@@ -140,6 +176,9 @@ impl Resolved<'_> {
                 decision.retry_after_nanos.map(Duration::from_nanos)
             },
             reset_after: Duration::from_nanos(decision.reset_after_nanos),
+            policy_version: 0,
+            degraded: None,
+            decided_by: None,
         }
     }
 }
@@ -442,6 +481,8 @@ mod tests {
             cost,
             limit,
             mode: None,
+            consistency: None,
+            on_failure: None,
         }
     }
 
@@ -512,6 +553,9 @@ mod tests {
                     remaining: 9 - i,
                     retry_after: Some(Duration::ZERO),
                     reset_after: 100 * MS * u32::try_from(i + 1).unwrap(),
+                    policy_version: 0,
+                    degraded: None,
+                    decided_by: None,
                 }
             );
         }
@@ -528,6 +572,9 @@ mod tests {
                 remaining: 0,
                 retry_after: Some(100 * MS),
                 reset_after: Duration::from_secs(1),
+                policy_version: 0,
+                degraded: None,
+                decided_by: None,
             }
         );
     }
@@ -851,6 +898,8 @@ mod tests {
                 cost: 1,
                 limit: LimitRef::Default,
                 mode: None,
+                consistency: None,
+                on_failure: None,
             },
             item("ok", 1, LimitRef::Policy("no such".into())),
             CheckItem {
@@ -859,6 +908,8 @@ mod tests {
                 cost: 1,
                 limit: inline(Algorithm::Gcra, 0, Duration::ZERO, MAX_LIMIT + 1),
                 mode: None,
+                consistency: None,
+                on_failure: None,
             },
             item("ok", 1, LimitRef::Policy("unknown".into())),
         ];

@@ -21,7 +21,7 @@ pub const MAX_NAMESPACE_LEN: usize = 128;
 /// Longest key, in bytes.
 pub const MAX_KEY_LEN: usize = 512;
 /// Longest policy name, in bytes.
-pub const MAX_POLICY_NAME_LEN: usize = 128;
+pub const MAX_POLICY_NAME_LEN: usize = 256;
 /// Largest `limit`, `burst` (1e15: room for budgets counted in micro-dollars).
 pub const MAX_LIMIT: u64 = 1_000_000_000_000_000;
 /// Shortest period.
@@ -90,6 +90,33 @@ impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Where a limit's state lives and who decides (see `ratelimit.proto`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// This instance only.
+    Local,
+    /// The key's owner on the membership hash ring.
+    Owner,
+    /// Atomically in Redis.
+    Strict,
+}
+
+/// What to answer when the owner or Redis does not answer within the budget.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Allow, marked degraded.
+    FailOpen,
+    /// Deny, marked degraded.
+    FailClosed,
+    /// Decide locally with the limit divided by the number of live members, marked degraded.
+    #[default]
+    LocalFallback,
 }
 
 /// A limit: `limit` units per `period`, counted by `algorithm`.
@@ -166,7 +193,7 @@ impl Default for LimitSpec {
 /// A named limit with its mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    /// Name matching `[A-Za-z0-9._:-]+`, at most `MAX_POLICY_NAME_LEN` bytes.
+    /// Name matching `[A-Za-z0-9._:=%-]+`, at most `MAX_POLICY_NAME_LEN` bytes.
     pub name: String,
     /// The limit.
     pub spec: LimitSpec,
@@ -260,13 +287,13 @@ fn policy_field(name: &str) -> String {
     }
 }
 
-/// Whether `name` matches `[A-Za-z0-9._:-]+` and is at most `MAX_POLICY_NAME_LEN` bytes.
+/// Whether `name` matches `[A-Za-z0-9._:=%-]+` and is at most `MAX_POLICY_NAME_LEN` bytes.
 pub fn is_valid_policy_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_POLICY_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-' | b'=' | b'%')
+        })
 }
 
 /// Appends a violation on `field` unless `name` is a valid policy name.
@@ -275,7 +302,7 @@ pub fn validate_policy_name(name: &str, field: &str, out: &mut Vec<FieldViolatio
         out.push(FieldViolation::new(
             field,
             format!(
-                "must be 1 to {MAX_POLICY_NAME_LEN} bytes of [A-Za-z0-9._:-], got {} bytes",
+                "must be 1 to {MAX_POLICY_NAME_LEN} bytes of [A-Za-z0-9._:=%-], got {} bytes",
                 name.len()
             ),
         ));

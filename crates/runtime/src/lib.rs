@@ -13,6 +13,7 @@
 pub mod breaker;
 pub mod client;
 pub mod config;
+pub mod deadline;
 pub mod metrics;
 pub mod observe;
 pub mod server;

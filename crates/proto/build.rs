@@ -1,4 +1,5 @@
-//! Compiles every agentmesh proto into Rust and writes one descriptor set for reflection.
+//! Compiles every agentmesh proto (and the subset of Envoy's API the rate limiter serves) into
+//! Rust and writes one descriptor set for reflection.
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -7,6 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "agentmesh/common/v1/common.proto",
         "agentmesh/ratelimit/v1/ratelimit.proto",
         "agentmesh/bench/v1/echo.proto",
+        "envoy/service/ratelimit/v3/rls.proto",
+        "envoy/extensions/common/ratelimit/v3/ratelimit.proto",
+        "envoy/type/v3/ratelimit_unit.proto",
+        "envoy/config/core/v3/base.proto",
     ];
     let paths: Vec<PathBuf> = files.iter().map(|f| root.join(f)).collect();
     for path in &paths {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agentmesh_membership::InMemoryMembership;
 use agentmesh_proto::ratelimit::v1 as pb;
-use agentmesh_ratelimit::service::RateLimitArgs;
+use agentmesh_ratelimit::service::{RateLimitArgs, RateLimitDeps};
 use agentmesh_runtime::server::{self, HostContext, RunningService};
 use agentmesh_runtime::{ClientConfig, Metrics, connect_lazy};
 use opentelemetry::trace::{SpanKind, TracerProvider as _};
@@ -31,10 +31,18 @@ async fn start(metrics: &Metrics, policy_file: Option<std::path::PathBuf>) -> Ru
         policy_file,
         max_keys: 10_000,
     };
-    let spec = args.build(metrics).expect("valid settings");
+    let membership: Arc<dyn agentmesh_membership::Membership> =
+        Arc::new(InMemoryMembership::default());
+    let deps = RateLimitDeps {
+        metrics: metrics.clone(),
+        membership: membership.clone(),
+        etcd: None,
+        redis_url: None,
+    };
+    let spec = args.build(&deps).await.expect("valid settings");
     let ctx = HostContext {
         metrics: metrics.clone(),
-        membership: Arc::new(InMemoryMembership::default()),
+        membership,
         advertise_host: None,
         zone: String::new(),
         shutdown_grace: Duration::from_secs(2),

@@ -1,5 +1,6 @@
 //! agentmesh wire types: protobuf messages, tonic clients and servers, and the encoded file
-//! descriptor set that server reflection serves.
+//! descriptor set that server reflection serves. [`envoy`] holds the subset of Envoy's API
+//! that the rate limiter serves (RLS v3), in Envoy's own packages.
 #![allow(unreachable_pub, clippy::all, clippy::pedantic, missing_docs)]
 
 /// Encoded `FileDescriptorSet` of every agentmesh proto, for gRPC server reflection.
@@ -20,5 +21,41 @@ pub mod ratelimit {
 pub mod bench {
     pub mod v1 {
         tonic::include_proto!("agentmesh.bench.v1");
+    }
+}
+
+/// Envoy's rate limit service (RLS v3) and the messages it uses, under Envoy's package names so
+/// the gRPC path is `/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`.
+pub mod envoy {
+    pub mod service {
+        pub mod ratelimit {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.ratelimit.v3");
+            }
+        }
+    }
+
+    pub mod extensions {
+        pub mod common {
+            pub mod ratelimit {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.common.ratelimit.v3");
+                }
+            }
+        }
+    }
+
+    pub mod r#type {
+        pub mod v3 {
+            tonic::include_proto!("envoy.r#type.v3");
+        }
+    }
+
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
     }
 }

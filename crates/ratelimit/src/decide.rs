@@ -38,7 +38,7 @@ impl Decide for Limiter {
         self.check(&items, all_or_nothing)
     }
 
-    fn has_policy(&self, _namespace: &str, name: &str) -> bool {
-        self.policies().get(name).is_some()
+    fn has_policy(&self, namespace: &str, name: &str) -> bool {
+        self.policies().contains_in(namespace, name)
     }
 }

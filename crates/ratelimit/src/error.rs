@@ -51,6 +51,34 @@ pub enum RateLimitError {
         /// What is wrong, naming the policy and field where possible.
         reason: String,
     },
+    /// A stored policy that was asked for does not exist.
+    #[error("policy {namespace}/{name} does not exist")]
+    StoredPolicyNotFound {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// A conditional write found another version than expected.
+    #[error(
+        "policy {namespace}/{name} is at version {actual}, not {expected}: read it again and retry"
+    )]
+    VersionMismatch {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// The version the caller expected.
+        expected: u64,
+        /// The version stored (0 when absent).
+        actual: u64,
+    },
+    /// The operation needs a dependency this cluster runs without (etcd for stored policies).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A dependency (etcd, Redis, a peer) did not answer.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl RateLimitError {

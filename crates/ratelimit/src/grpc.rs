@@ -17,7 +17,8 @@ use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
 use crate::limiter::{CheckItem, CheckOutcome, LimitRef};
 use crate::metrics::RateLimitMetrics;
-use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode};
+use crate::policy_store::PolicyStore;
+use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode, Policy, ScopedPolicy};
 
 /// Responses buffered per StreamCheck stream before the server stops reading requests.
 const STREAM_BUFFER: usize = 256;
@@ -34,7 +35,12 @@ impl From<RateLimitError> for Status {
             RateLimitError::PolicyNotFound { field, name } => {
                 status::not_found(format!("{field}: policy {name:?} does not exist"))
             }
-            RateLimitError::PolicyFile { .. } => status::failed_precondition(err.to_string()),
+            RateLimitError::PolicyFile { .. } | RateLimitError::FailedPrecondition(_) => {
+                status::failed_precondition(err.to_string())
+            }
+            RateLimitError::StoredPolicyNotFound { .. } => status::not_found(err.to_string()),
+            RateLimitError::VersionMismatch { .. } => Status::aborted(err.to_string()),
+            RateLimitError::Unavailable(_) => status::unavailable(err.to_string()),
         }
     }
 }
@@ -44,6 +50,7 @@ impl From<RateLimitError> for Status {
 #[derive(Clone)]
 pub struct RateLimiterGrpc {
     decider: Arc<dyn Decide>,
+    policies: Arc<dyn PolicyStore>,
     metrics: RateLimitMetrics,
     instance_id: Arc<str>,
 }
@@ -51,9 +58,15 @@ pub struct RateLimiterGrpc {
 impl RateLimiterGrpc {
     /// An adapter that reports `instance_id` as the deciding instance.
     #[must_use]
-    pub fn new(decider: Arc<dyn Decide>, metrics: RateLimitMetrics, instance_id: &str) -> Self {
+    pub fn new(
+        decider: Arc<dyn Decide>,
+        policies: Arc<dyn PolicyStore>,
+        metrics: RateLimitMetrics,
+        instance_id: &str,
+    ) -> Self {
         Self {
             decider,
+            policies,
             metrics,
             instance_id: instance_id.into(),
         }
@@ -79,13 +92,6 @@ impl RateLimiterGrpc {
         self.metrics.record(&outcomes);
         Ok(encode_response(&outcomes, &self.instance_id))
     }
-}
-
-/// The answer to an RPC that a later version will serve.
-fn not_built_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not built yet in this version of agentmesh"
-    ))
 }
 
 #[tonic::async_trait]
@@ -117,30 +123,140 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
 
     async fn put_policy(
         &self,
-        _request: Request<pb::PutPolicyRequest>,
+        request: Request<pb::PutPolicyRequest>,
     ) -> Result<Response<pb::Policy>, Status> {
-        Err(not_built_yet("PutPolicy"))
+        let request = request.into_inner();
+        let policy = decode_policy(request.policy)?;
+        let stored = self.policies.put(policy, request.expected_version).await?;
+        Ok(Response::new(encode_policy(&stored)))
     }
 
     async fn get_policy(
         &self,
-        _request: Request<pb::GetPolicyRequest>,
+        request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::Policy>, Status> {
-        Err(not_built_yet("GetPolicy"))
+        let request = request.into_inner();
+        validate_policy_ref(&request.namespace, &request.name)?;
+        let stored = self.policies.get(&request.namespace, &request.name).await?;
+        Ok(Response::new(encode_policy(&stored)))
     }
 
     async fn list_policies(
         &self,
-        _request: Request<pb::ListPoliciesRequest>,
+        request: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
-        Err(not_built_yet("ListPolicies"))
+        let namespace = request.into_inner().namespace;
+        let listed = self
+            .policies
+            .list(Some(namespace.as_str()).filter(|ns| !ns.is_empty()))
+            .await?;
+        Ok(Response::new(pb::ListPoliciesResponse {
+            policies: listed.iter().map(encode_policy).collect(),
+        }))
     }
 
     async fn delete_policy(
         &self,
-        _request: Request<pb::DeletePolicyRequest>,
+        request: Request<pb::DeletePolicyRequest>,
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
-        Err(not_built_yet("DeletePolicy"))
+        let request = request.into_inner();
+        validate_policy_ref(&request.namespace, &request.name)?;
+        self.policies
+            .delete(&request.namespace, &request.name, request.expected_version)
+            .await?;
+        Ok(Response::new(pb::DeletePolicyResponse {}))
+    }
+}
+
+/// Checks a (namespace, name) pair used to address a stored policy.
+fn validate_policy_ref(namespace: &str, name: &str) -> Result<(), RateLimitError> {
+    let mut violations = Vec::new();
+    if namespace.is_empty() {
+        violations.push(FieldViolation::new("namespace", "required"));
+    }
+    if name.is_empty() {
+        violations.push(FieldViolation::new("name", "required"));
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(RateLimitError::InvalidArgument(violations))
+    }
+}
+
+fn decode_policy(policy: Option<pb::Policy>) -> Result<ScopedPolicy, RateLimitError> {
+    let Some(policy) = policy else {
+        return Err(RateLimitError::invalid("policy", "required"));
+    };
+    // Reuse the item decoder for the enums and the limit, then relabel its field paths.
+    let probe = pb::CheckItem {
+        namespace: policy.namespace.clone(),
+        key: "-".to_owned(),
+        cost: 0,
+        limit_ref: policy.limit.map(pb::check_item::LimitRef::Limit),
+        mode: policy.mode,
+        consistency: policy.consistency,
+        on_failure: policy.on_failure,
+    };
+    let mut violations = Vec::new();
+    let item = decode_item(0, probe, &mut violations);
+    let relabel = |v: FieldViolation| {
+        FieldViolation::new(v.field.replacen("items[0]", "policy", 1), v.description)
+    };
+    if !violations.is_empty() {
+        return Err(RateLimitError::InvalidArgument(
+            violations.into_iter().map(relabel).collect(),
+        ));
+    }
+    let LimitRef::Inline(spec) = item.limit else {
+        return Err(RateLimitError::invalid("policy.limit", "required"));
+    };
+    let scoped = ScopedPolicy {
+        namespace: policy.namespace,
+        policy: Policy {
+            name: policy.name,
+            spec,
+            mode: item.mode.unwrap_or_default(),
+        },
+        consistency: item.consistency,
+        on_failure: item.on_failure,
+        version: 0,
+    };
+    scoped.validate("policy")?;
+    Ok(scoped)
+}
+
+fn encode_policy(p: &ScopedPolicy) -> pb::Policy {
+    pb::Policy {
+        namespace: p.namespace.clone(),
+        name: p.policy.name.clone(),
+        limit: Some(pb::LimitSpec {
+            limit: p.policy.spec.limit,
+            period: Some(duration_to_proto(p.policy.spec.period)),
+            burst: p.policy.spec.burst,
+            algorithm: match p.policy.spec.algorithm {
+                Algorithm::Gcra => pb::Algorithm::Gcra,
+                Algorithm::FixedWindow => pb::Algorithm::FixedWindow,
+                Algorithm::SlidingWindow => pb::Algorithm::SlidingWindow,
+            } as i32,
+        }),
+        mode: match p.policy.mode {
+            Mode::Enforce => pb::Mode::Enforce,
+            Mode::Shadow => pb::Mode::Shadow,
+        } as i32,
+        consistency: match p.consistency {
+            None => pb::Consistency::Unspecified,
+            Some(Consistency::Local) => pb::Consistency::Local,
+            Some(Consistency::Owner) => pb::Consistency::Owner,
+            Some(Consistency::Strict) => pb::Consistency::Strict,
+        } as i32,
+        on_failure: match p.on_failure {
+            None => pb::FailurePolicy::Unspecified,
+            Some(FailurePolicy::FailOpen) => pb::FailurePolicy::FailOpen,
+            Some(FailurePolicy::FailClosed) => pb::FailurePolicy::FailClosed,
+            Some(FailurePolicy::LocalFallback) => pb::FailurePolicy::LocalFallback,
+        } as i32,
+        version: p.version,
     }
 }
 

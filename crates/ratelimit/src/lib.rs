@@ -13,6 +13,7 @@ pub mod error;
 pub mod grpc;
 pub mod limiter;
 pub mod metrics;
+pub mod policy_store;
 pub mod service;
 pub mod spec;
 pub mod store;

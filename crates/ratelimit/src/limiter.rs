@@ -134,6 +134,7 @@ pub struct Limiter {
 struct Resolved<'a> {
     params: Params,
     fingerprint: u64,
+    version: u64,
     /// Reported name, and the store identity unless `inline`.
     policy: &'a str,
     inline: bool,
@@ -176,7 +177,7 @@ impl Resolved<'_> {
                 decision.retry_after_nanos.map(Duration::from_nanos)
             },
             reset_after: Duration::from_nanos(decision.reset_after_nanos),
-            policy_version: 0,
+            policy_version: self.version,
             degraded: None,
             decided_by: None,
         }
@@ -202,17 +203,19 @@ fn resolve<'a>(policies: &PolicySet, item: &'a CheckItem) -> Option<Resolved<'a>
             return Some(Resolved {
                 params,
                 fingerprint: params.fingerprint(),
+                version: 0,
                 policy,
                 inline: true,
                 mode: item.mode.unwrap_or_default(),
             });
         }
         LimitRef::Default => policies.default_compiled(),
-        LimitRef::Policy(name) => policies.get_compiled(name)?,
+        LimitRef::Policy(name) => policies.get_compiled_in(&item.namespace, name)?,
     };
     Some(Resolved {
         params: compiled.params,
         fingerprint: compiled.fingerprint,
+        version: compiled.version,
         policy,
         inline: false,
         mode: item.mode.unwrap_or(compiled.policy.mode),
@@ -305,7 +308,7 @@ impl Limiter {
         let policies = self.policies.read().clone();
         for (i, item) in items.iter().enumerate() {
             if let LimitRef::Policy(name) = &item.limit
-                && policies.get_compiled(name).is_none()
+                && policies.get_compiled_in(&item.namespace, name).is_none()
             {
                 return Err(policy_not_found(i, item));
             }

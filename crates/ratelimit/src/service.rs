@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentmesh_membership::Membership;
 use agentmesh_proto::ratelimit::v1::rate_limiter_server::SERVICE_NAME;
 use agentmesh_runtime::Metrics;
 use agentmesh_runtime::config::parse_socket_addr;
@@ -18,6 +19,7 @@ use crate::error::RateLimitError;
 use crate::grpc::RateLimiterGrpc;
 use crate::limiter::Limiter;
 use crate::metrics::RateLimitMetrics;
+use crate::policy_store::{EtcdPolicyStore, InMemoryPolicyStore, PolicyStore, spawn_policy_sync};
 use crate::spec::{Policy, PolicySet};
 
 /// Short service name in membership.
@@ -72,28 +74,48 @@ impl RateLimitArgs {
         }
     }
 
-    /// Builds the limiter and its gRPC routes for the host.
+    /// Builds the limiter, its policy store and its gRPC routes for the host.
     ///
     /// # Errors
-    /// Fails on invalid policies or metrics registered twice.
-    pub fn build(&self, metrics: &Metrics) -> Result<ServiceSpec, RateLimitError> {
+    /// Fails on invalid policies, an unreachable etcd, or metrics registered twice.
+    pub async fn build(&self, deps: &RateLimitDeps) -> Result<ServiceSpec, RateLimitError> {
         if self.max_keys == 0 {
             return Err(RateLimitError::invalid(
                 "--ratelimit-max-keys",
                 "must be at least 1",
             ));
         }
-        let policies = self.policies()?;
+        let base = self.policies()?;
         let config = LimiterConfig {
             max_keys: self.max_keys,
             ..LimiterConfig::default()
         };
-        let limiter = Arc::new(Limiter::new(&config, policies, Arc::new(SystemClock)));
-        let domain_metrics = RateLimitMetrics::register(metrics.registry())
-            .map_err(|e| RateLimitError::invalid("metrics", e.to_string()))?;
+        let limiter = Arc::new(Limiter::new(&config, base.clone(), Arc::new(SystemClock)));
+        let store: Arc<dyn PolicyStore> = match &deps.etcd {
+            Some((client, prefix)) => {
+                Arc::new(EtcdPolicyStore::start(client.clone(), prefix, ETCD_TIMEOUT).await?)
+            }
+            None => Arc::new(InMemoryPolicyStore::default()),
+        };
+        let synced = Arc::downgrade(&limiter);
+        spawn_policy_sync(store.subscribe(), move |scoped| {
+            let Some(limiter) = synced.upgrade() else {
+                return;
+            };
+            match base.with_scoped(scoped) {
+                Ok(set) => {
+                    limiter.set_policies(set);
+                    tracing::info!(stored = scoped.len(), "rate-limit policies applied");
+                }
+                Err(e) => tracing::warn!(error = %e, "rate-limit policies rejected"),
+            }
+        });
+        let domain_metrics = RateLimitMetrics::register(deps.metrics.registry())
+            .map_err(|e| RateLimitError::FailedPrecondition(format!("registering metrics: {e}")))?;
         domain_metrics.spawn_store_sampler(&limiter, Duration::from_secs(1));
         let instance_id = new_instance_id(NAME);
-        let server = RateLimiterGrpc::new(limiter, domain_metrics, &instance_id).into_server();
+        let server =
+            RateLimiterGrpc::new(limiter, store, domain_metrics, &instance_id).into_server();
         Ok(ServiceSpec {
             name: NAME,
             instance_id,
@@ -103,4 +125,20 @@ impl RateLimitArgs {
             admin_listen: self.admin_listen,
         })
     }
+}
+
+/// Time every etcd call of the rate limiter may take.
+const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the host gives the rate limiter.
+#[derive(Clone)]
+pub struct RateLimitDeps {
+    /// The process's metrics.
+    pub metrics: Metrics,
+    /// Cluster membership (etcd or in-memory).
+    pub membership: Arc<dyn Membership>,
+    /// The etcd client and key prefix when the cluster has etcd: policies are stored there.
+    pub etcd: Option<(etcd_client::Client, String)>,
+    /// Redis URL for STRICT consistency, when configured.
+    pub redis_url: Option<String>,
 }

@@ -36,7 +36,7 @@ pub const MAX_POLICIES: usize = 10_000;
 pub const DEFAULT_POLICY_NAME: &str = "default";
 
 /// How a limit is counted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Algorithm {
     /// Generic cell rate algorithm: a token bucket with continuous refill and a burst size.
@@ -66,7 +66,7 @@ impl fmt::Display for Algorithm {
 }
 
 /// Whether a limit is enforced or only observed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Over-limit requests are denied.
@@ -340,6 +340,8 @@ pub(crate) struct CompiledPolicy {
     pub(crate) policy: Policy,
     pub(crate) params: Params,
     pub(crate) fingerprint: u64,
+    /// The etcd revision of a namespace-scoped policy; 0 for file and default policies.
+    pub(crate) version: u64,
 }
 
 impl CompiledPolicy {
@@ -349,8 +351,68 @@ impl CompiledPolicy {
             fingerprint: params.fingerprint(),
             params,
             policy,
+            version: 0,
         }
     }
+}
+
+/// A policy stored in etcd: scoped to one namespace, versioned, with its routing settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopedPolicy {
+    /// The namespace it applies to.
+    pub namespace: String,
+    /// Name, limit and mode.
+    pub policy: Policy,
+    /// Where its items are decided; `None` = the cluster default.
+    pub consistency: Option<Consistency>,
+    /// What to answer when the owner or Redis fails; `None` = LOCAL_FALLBACK.
+    pub on_failure: Option<FailurePolicy>,
+    /// The etcd revision of its last write (0 before it is stored).
+    pub version: u64,
+}
+
+impl ScopedPolicy {
+    /// Checks the namespace, the name and the limit, naming fields under `field` (such as
+    /// `policy`).
+    ///
+    /// # Errors
+    /// `InvalidArgument` with every violation.
+    pub fn validate(&self, field: &str) -> Result<(), RateLimitError> {
+        let mut violations = Vec::new();
+        if !is_valid_identifier(&self.namespace, MAX_NAMESPACE_LEN) || self.namespace.contains('/')
+        {
+            violations.push(FieldViolation::new(
+                format!("{field}.namespace"),
+                format!("must be 1 to {MAX_NAMESPACE_LEN} bytes without control characters or '/'"),
+            ));
+        }
+        validate_policy_name(&self.policy.name, &format!("{field}.name"), &mut violations);
+        if self.policy.name == DEFAULT_POLICY_NAME {
+            violations.push(FieldViolation::new(
+                format!("{field}.name"),
+                "\"default\" is reserved for the built-in default policy",
+            ));
+        }
+        self.policy
+            .spec
+            .validate_into(&format!("{field}.limit"), &mut violations);
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(RateLimitError::InvalidArgument(violations))
+        }
+    }
+}
+
+/// Routing settings and version of the policy an item names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyRouting {
+    /// The policy's consistency, if it sets one.
+    pub consistency: Option<Consistency>,
+    /// The policy's failure policy, if it sets one.
+    pub on_failure: Option<FailurePolicy>,
+    /// The policy's version.
+    pub version: u64,
 }
 
 type PolicyMap = HashMap<String, CompiledPolicy, BuildHasherDefault<SeededXxh3>>;
@@ -360,6 +422,8 @@ struct PolicySetInner {
     default: CompiledPolicy,
     named: PolicyMap,
     names: Vec<String>,
+    /// Namespace-scoped policies (from etcd), which shadow `named` in their namespace.
+    scoped: HashMap<String, HashMap<String, (CompiledPolicy, PolicyRouting)>>,
 }
 
 /// An immutable, validated set of policies: the default plus named ones. Cheap to clone.
@@ -409,6 +473,7 @@ impl PolicySet {
                 default: CompiledPolicy::new(default),
                 named: map,
                 names,
+                scoped: HashMap::new(),
             }),
         })
     }
@@ -470,6 +535,71 @@ impl PolicySet {
     /// The policy called `name`; `default` finds the default policy.
     pub fn get(&self, name: &str) -> Option<&Policy> {
         self.get_compiled(name).map(|c| &c.policy)
+    }
+
+    /// This set with `scoped` as its namespace-scoped policies (replacing any it had).
+    ///
+    /// # Errors
+    /// `InvalidArgument` when a scoped policy is invalid.
+    pub fn with_scoped(&self, scoped: &[ScopedPolicy]) -> Result<Self, RateLimitError> {
+        let mut by_namespace: HashMap<String, HashMap<String, (CompiledPolicy, PolicyRouting)>> =
+            HashMap::new();
+        for p in scoped {
+            p.validate("policy")?;
+            let mut compiled = CompiledPolicy::new(p.policy.clone());
+            compiled.version = p.version;
+            let routing = PolicyRouting {
+                consistency: p.consistency,
+                on_failure: p.on_failure,
+                version: p.version,
+            };
+            by_namespace
+                .entry(p.namespace.clone())
+                .or_default()
+                .insert(p.policy.name.clone(), (compiled, routing));
+        }
+        Ok(Self {
+            inner: Arc::new(PolicySetInner {
+                default: self.inner.default.clone(),
+                named: self.inner.named.clone(),
+                names: self.inner.names.clone(),
+                scoped: by_namespace,
+            }),
+        })
+    }
+
+    /// The policy called `name` as seen from `namespace`: the namespace's own (etcd) policy,
+    /// else the global one.
+    pub(crate) fn get_compiled_in(&self, namespace: &str, name: &str) -> Option<&CompiledPolicy> {
+        self.inner
+            .scoped
+            .get(namespace)
+            .and_then(|m| m.get(name))
+            .map(|(c, _)| c)
+            .or_else(|| self.get_compiled(name))
+    }
+
+    /// Whether `name` resolves in `namespace`.
+    #[must_use]
+    pub fn contains_in(&self, namespace: &str, name: &str) -> bool {
+        self.get_compiled_in(namespace, name).is_some()
+    }
+
+    /// The routing settings of the policy `name` in `namespace` (defaults for global policies).
+    #[must_use]
+    pub fn routing_in(&self, namespace: &str, name: &str) -> PolicyRouting {
+        self.inner
+            .scoped
+            .get(namespace)
+            .and_then(|m| m.get(name))
+            .map(|(_, r)| *r)
+            .unwrap_or_default()
+    }
+
+    /// The limit and mode of the policy `name` in `namespace`.
+    #[must_use]
+    pub fn get_in(&self, namespace: &str, name: &str) -> Option<&Policy> {
+        self.get_compiled_in(namespace, name).map(|c| &c.policy)
     }
 
     pub(crate) fn get_compiled(&self, name: &str) -> Option<&CompiledPolicy> {

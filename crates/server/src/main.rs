@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentmesh_membership::{EtcdMembership, EtcdMembershipConfig, InMemoryMembership, Membership};
-use agentmesh_ratelimit::service::RateLimitArgs;
+use agentmesh_ratelimit::RateLimitError;
+use agentmesh_ratelimit::service::{RateLimitArgs, RateLimitDeps};
 use agentmesh_runtime::config::{
     ClusterArgs, TelemetryArgs, exit_config_error, parse_args_or_exit, parse_duration,
 };
@@ -134,10 +135,13 @@ fn rebind(addr: SocketAddr, host: Option<IpAddr>) -> SocketAddr {
     }
 }
 
-async fn membership(cluster: &ClusterArgs) -> Result<Arc<dyn Membership>, String> {
+/// Membership, plus the etcd client and prefix other etcd users share (None in standalone).
+async fn membership(
+    cluster: &ClusterArgs,
+) -> Result<(Arc<dyn Membership>, Option<(etcd_client::Client, String)>), String> {
     if cluster.etcd_endpoints.is_empty() {
         tracing::info!("no etcd configured: in-memory membership (standalone)");
-        return Ok(Arc::new(InMemoryMembership::default()));
+        return Ok((Arc::new(InMemoryMembership::default()), None));
     }
     let config = EtcdMembershipConfig {
         endpoints: cluster.etcd_endpoints.clone(),
@@ -145,15 +149,14 @@ async fn membership(cluster: &ClusterArgs) -> Result<Arc<dyn Membership>, String
         lease_ttl: cluster.lease_ttl,
         connect_timeout: Duration::from_secs(3),
     };
-    EtcdMembership::connect(config)
-        .await
-        .map(|m| Arc::new(m) as Arc<dyn Membership>)
-        .map_err(|e| {
-            format!(
-                "cannot reach etcd at {}: {e}",
-                cluster.etcd_endpoints.join(",")
-            )
-        })
+    let membership = EtcdMembership::connect(config).await.map_err(|e| {
+        format!(
+            "cannot reach etcd at {}: {e}",
+            cluster.etcd_endpoints.join(",")
+        )
+    })?;
+    let etcd = (membership.client().clone(), cluster.etcd_prefix.clone());
+    Ok((Arc::new(membership), Some(etcd)))
 }
 
 async fn serve(
@@ -168,14 +171,33 @@ async fn serve(
         Err(e) => exit_config_error(&e.to_string()),
     };
     let metrics = Metrics::new();
+    let (membership, etcd) = match membership(cluster).await {
+        Ok(m) => m,
+        Err(message) => {
+            eprintln!("error: {message}");
+            guard.shutdown().await;
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let deps = RateLimitDeps {
+        metrics: metrics.clone(),
+        membership: membership.clone(),
+        etcd,
+        redis_url: cluster.redis_url().map(str::to_owned),
+    };
     let mut specs: Vec<ServiceSpec> = Vec::new();
     for service in dedup(services) {
         match service {
-            ServiceName::Ratelimit => match ratelimit.build(&metrics) {
+            ServiceName::Ratelimit => match ratelimit.build(&deps).await {
                 Ok(mut spec) => {
                     spec.grpc_listen = rebind(spec.grpc_listen, bind_host);
                     spec.admin_listen = rebind(spec.admin_listen, bind_host);
                     specs.push(spec);
+                }
+                Err(RateLimitError::Unavailable(message)) => {
+                    eprintln!("error: ratelimit: {message}");
+                    guard.shutdown().await;
+                    return ExitCode::from(EXIT_UNAVAILABLE);
                 }
                 Err(e) => exit_config_error(&format!("ratelimit: {e}")),
             },
@@ -186,14 +208,6 @@ async fn serve(
             )),
         }
     }
-    let membership = match membership(cluster).await {
-        Ok(m) => m,
-        Err(message) => {
-            eprintln!("error: {message}");
-            guard.shutdown().await;
-            return ExitCode::from(EXIT_UNAVAILABLE);
-        }
-    };
     let ctx = HostContext {
         metrics,
         membership,

@@ -30,6 +30,7 @@ async fn start(metrics: &Metrics, policy_file: Option<std::path::PathBuf>) -> Ru
         default_refill_per_sec: 1.0,
         policy_file,
         max_keys: 10_000,
+        budget: Duration::from_millis(5),
     };
     let membership: Arc<dyn agentmesh_membership::Membership> =
         Arc::new(InMemoryMembership::default());

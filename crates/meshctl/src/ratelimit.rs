@@ -9,10 +9,15 @@ use anyhow::Context;
 
 use crate::Output;
 
+#[path = "import.rs"]
+mod import;
+
 #[derive(clap::Subcommand)]
 pub(crate) enum RatelimitCommand {
     /// Check (and spend) one item; exit 0 when allowed, 1 when denied.
     Check(CheckArgs),
+    /// Import an envoyproxy/ratelimit config file (YAML) as policies.
+    Import(import::ImportArgs),
 }
 
 #[derive(clap::Args)]
@@ -100,6 +105,7 @@ fn format_duration(d: Option<&prost_types::Duration>) -> String {
 pub(crate) async fn run(cmd: RatelimitCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         RatelimitCommand::Check(args) => check(args).await,
+        RatelimitCommand::Import(args) => import::run(args).await,
     }
 }
 

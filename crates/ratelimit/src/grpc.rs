@@ -234,28 +234,15 @@ fn encode_policy(p: &ScopedPolicy) -> pb::Policy {
             limit: p.policy.spec.limit,
             period: Some(duration_to_proto(p.policy.spec.period)),
             burst: p.policy.spec.burst,
-            algorithm: match p.policy.spec.algorithm {
-                Algorithm::Gcra => pb::Algorithm::Gcra,
-                Algorithm::FixedWindow => pb::Algorithm::FixedWindow,
-                Algorithm::SlidingWindow => pb::Algorithm::SlidingWindow,
-            } as i32,
+            algorithm: encode_algorithm(p.policy.spec.algorithm),
         }),
-        mode: match p.policy.mode {
-            Mode::Enforce => pb::Mode::Enforce,
-            Mode::Shadow => pb::Mode::Shadow,
-        } as i32,
-        consistency: match p.consistency {
-            None => pb::Consistency::Unspecified,
-            Some(Consistency::Local) => pb::Consistency::Local,
-            Some(Consistency::Owner) => pb::Consistency::Owner,
-            Some(Consistency::Strict) => pb::Consistency::Strict,
-        } as i32,
-        on_failure: match p.on_failure {
-            None => pb::FailurePolicy::Unspecified,
-            Some(FailurePolicy::FailOpen) => pb::FailurePolicy::FailOpen,
-            Some(FailurePolicy::FailClosed) => pb::FailurePolicy::FailClosed,
-            Some(FailurePolicy::LocalFallback) => pb::FailurePolicy::LocalFallback,
-        } as i32,
+        mode: encode_mode(p.policy.mode) as i32,
+        consistency: p
+            .consistency
+            .map_or(pb::Consistency::Unspecified, encode_consistency) as i32,
+        on_failure: p
+            .on_failure
+            .map_or(pb::FailurePolicy::Unspecified, encode_failure) as i32,
         version: p.version,
     }
 }
@@ -474,10 +461,7 @@ fn encode_outcome(o: &CheckOutcome, instance_id: &str) -> pb::CheckResult {
         retry_after: o.retry_after.map(duration_to_proto),
         reset_after: Some(duration_to_proto(o.reset_after)),
         policy: o.policy.clone(),
-        mode: match o.mode {
-            Mode::Enforce => pb::Mode::Enforce,
-            Mode::Shadow => pb::Mode::Shadow,
-        } as i32,
+        mode: encode_mode(o.mode) as i32,
         decided_by: o
             .decided_by
             .clone()
@@ -488,6 +472,91 @@ fn encode_outcome(o: &CheckOutcome, instance_id: &str) -> pb::CheckResult {
             .map(|r| r.as_str().to_owned())
             .unwrap_or_default(),
         policy_version: o.policy_version,
+    }
+}
+
+/// The wire form of a domain item (for forwarding to an owner).
+pub(crate) fn encode_item(item: &CheckItem) -> pb::CheckItem {
+    let limit_ref = match &item.limit {
+        LimitRef::Default => None,
+        LimitRef::Policy(name) => Some(pb::check_item::LimitRef::Policy(name.clone())),
+        LimitRef::Inline(spec) => Some(pb::check_item::LimitRef::Limit(pb::LimitSpec {
+            limit: spec.limit,
+            period: Some(duration_to_proto(spec.period)),
+            burst: spec.burst,
+            algorithm: encode_algorithm(spec.algorithm),
+        })),
+    };
+    pb::CheckItem {
+        namespace: item.namespace.clone(),
+        key: item.key.clone(),
+        cost: item.cost,
+        limit_ref,
+        mode: item.mode.map_or(pb::Mode::Unspecified, encode_mode) as i32,
+        consistency: item
+            .consistency
+            .map_or(pb::Consistency::Unspecified, encode_consistency) as i32,
+        on_failure: item
+            .on_failure
+            .map_or(pb::FailurePolicy::Unspecified, encode_failure) as i32,
+    }
+}
+
+/// The domain form of a result an owner sent back.
+pub(crate) fn decode_result(r: &pb::CheckResult) -> CheckOutcome {
+    CheckOutcome {
+        allowed: r.decision == pb::Decision::Allow as i32,
+        over_limit: r.over_limit,
+        batch_rejected: r.batch_rejected,
+        mode: if r.mode == pb::Mode::Shadow as i32 {
+            Mode::Shadow
+        } else {
+            Mode::Enforce
+        },
+        policy: r.policy.clone(),
+        limit: r.limit,
+        remaining: r.remaining,
+        retry_after: r.retry_after.as_ref().and_then(duration_from_proto),
+        reset_after: r
+            .reset_after
+            .as_ref()
+            .and_then(duration_from_proto)
+            .unwrap_or_default(),
+        policy_version: r.policy_version,
+        degraded: None,
+        decided_by: Some(r.decided_by.clone()).filter(|d| !d.is_empty()),
+    }
+}
+
+fn encode_algorithm(a: Algorithm) -> i32 {
+    let algorithm = match a {
+        Algorithm::Gcra => pb::Algorithm::Gcra,
+        Algorithm::FixedWindow => pb::Algorithm::FixedWindow,
+        Algorithm::SlidingWindow => pb::Algorithm::SlidingWindow,
+    };
+    algorithm as i32
+}
+
+fn encode_mode(m: Mode) -> pb::Mode {
+    match m {
+        Mode::Enforce => pb::Mode::Enforce,
+        Mode::Shadow => pb::Mode::Shadow,
+    }
+}
+
+fn encode_consistency(c: Consistency) -> pb::Consistency {
+    match c {
+        Consistency::Local => pb::Consistency::Local,
+        Consistency::Owner => pb::Consistency::Owner,
+        Consistency::Strict => pb::Consistency::Strict,
+    }
+}
+
+fn encode_failure(f: FailurePolicy) -> pb::FailurePolicy {
+    match f {
+        FailurePolicy::FailOpen => pb::FailurePolicy::FailOpen,
+        FailurePolicy::FailClosed => pb::FailurePolicy::FailClosed,
+        FailurePolicy::LocalFallback => pb::FailurePolicy::LocalFallback,
     }
 }
 

@@ -9,14 +9,17 @@ pub mod algorithm;
 pub mod clock;
 pub mod config;
 pub mod decide;
+pub mod envoy;
 pub mod error;
 pub mod grpc;
 pub mod limiter;
 pub mod metrics;
 pub mod policy_store;
+pub mod router;
 pub mod service;
 pub mod spec;
 pub mod store;
+pub mod strict;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::LimiterConfig;

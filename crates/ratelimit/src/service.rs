@@ -15,12 +15,16 @@ use tonic::service::Routes;
 
 use crate::clock::SystemClock;
 use crate::config::LimiterConfig;
+use crate::decide::Decide;
 use crate::error::RateLimitError;
 use crate::grpc::RateLimiterGrpc;
 use crate::limiter::Limiter;
 use crate::metrics::RateLimitMetrics;
 use crate::policy_store::{EtcdPolicyStore, InMemoryPolicyStore, PolicyStore, spawn_policy_sync};
+use crate::router::{ClusterRouter, RouterConfig};
+use crate::spec::Consistency;
 use crate::spec::{Policy, PolicySet};
+use crate::strict::{RedisStrict, StrictConfig};
 
 /// Short service name in membership.
 pub const NAME: &str = "ratelimit";
@@ -51,6 +55,10 @@ pub struct RateLimitArgs {
     /// TOML file of named policies (`[[policy]] name, limit, period, burst, algorithm, mode`).
     #[arg(long = "ratelimit-policies", env = "AGENTMESH_RATELIMIT_POLICIES")]
     pub policy_file: Option<PathBuf>,
+    /// Time a forward to an owner or a Redis call may take before the failure policy answers
+    /// (never more than the caller's deadline).
+    #[arg(long = "ratelimit-budget", env = "AGENTMESH_RATELIMIT_BUDGET", default_value = "5ms", value_parser = agentmesh_runtime::config::parse_duration)]
+    pub budget: Duration,
     /// Most limit states kept in memory; at-rest states are evicted first.
     #[arg(
         long = "ratelimit-max-keys",
@@ -113,9 +121,40 @@ impl RateLimitArgs {
         let domain_metrics = RateLimitMetrics::register(deps.metrics.registry())
             .map_err(|e| RateLimitError::FailedPrecondition(format!("registering metrics: {e}")))?;
         domain_metrics.spawn_store_sampler(&limiter, Duration::from_secs(1));
+        let strict = match &deps.redis_url {
+            Some(url) => {
+                let gauge = deps.metrics.breaker_state.with_label_values(&["redis"]);
+                let strict = RedisStrict::connect(StrictConfig::new(url.clone()), Some(gauge))
+                    .await
+                    .map_err(|e| {
+                        RateLimitError::Unavailable(format!("cannot reach Redis at {url}: {e}"))
+                    })?;
+                Some(strict)
+            }
+            None => None,
+        };
         let instance_id = new_instance_id(NAME);
+        let router = RouterConfig {
+            instance_id: instance_id.clone(),
+            default_consistency: if deps.etcd.is_some() {
+                Consistency::Owner
+            } else {
+                Consistency::Local
+            },
+            budget: self.budget,
+        };
+        let decider: Arc<dyn Decide> = Arc::new(
+            ClusterRouter::new(
+                limiter.clone(),
+                router,
+                deps.membership.as_ref(),
+                strict,
+                &deps.metrics,
+            )
+            .await?,
+        );
         let server =
-            RateLimiterGrpc::new(limiter, store, domain_metrics, &instance_id).into_server();
+            RateLimiterGrpc::new(decider, store, domain_metrics, &instance_id).into_server();
         Ok(ServiceSpec {
             name: NAME,
             instance_id,

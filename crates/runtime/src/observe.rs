@@ -333,6 +333,7 @@ where
             Span::none()
         } else {
             let span = tracing::debug_span!(
+                target: crate::telemetry::TRACE_TARGET,
                 "grpc.server",
                 otel.name = %format_args!("{service}/{method}"),
                 otel.kind = "server",
@@ -429,6 +430,7 @@ where
             Span::none()
         } else {
             let span = tracing::debug_span!(
+                target: crate::telemetry::TRACE_TARGET,
                 "grpc.client",
                 otel.name = %format_args!("{service}/{method}"),
                 otel.kind = "client",

@@ -23,6 +23,11 @@ use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogFormat, TelemetryArgs};
 
+/// Target for spans that are exported at DEBUG level without being formatted by the log
+/// filter: RPC spans and spans around calls to dependencies (`tracing::debug_span!(target:
+/// TRACE_TARGET, …)`).
+pub const TRACE_TARGET: &str = "agentmesh_trace";
+
 /// How long shutdown waits for the exporter to flush.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -67,7 +72,7 @@ fn otel_filter() -> Targets {
         .with_default(LevelFilter::INFO)
         // RPC spans are DEBUG so the log filter (default info) does not format them for every
         // call; they are always exported.
-        .with_target("agentmesh_runtime::observe", LevelFilter::DEBUG)
+        .with_target(TRACE_TARGET, LevelFilter::DEBUG)
         .with_target("h2", LevelFilter::OFF)
         .with_target("hyper", LevelFilter::OFF)
         .with_target("hyper_util", LevelFilter::OFF)

@@ -1,0 +1,770 @@
+//! The cluster router: decides each item where its consistency says.
+//!
+//! - **LOCAL**: the in-process [`Limiter`].
+//! - **OWNER**: the instance that owns `(namespace, key)` on the rendezvous hash ring of live
+//!   rate-limiter members. Items this instance owns are decided locally; the others are
+//!   forwarded to their owner through a per-peer batcher: a request is sent at once when the
+//!   peer has a free slot (at most [`PEER_IN_FLIGHT`] requests in flight), and requests that
+//!   queue while every slot is busy are coalesced into one (at most 1000 items) — batching
+//!   grows with load and never waits on a timer. The owner decides forwarded items locally.
+//! - **STRICT**: atomically in Redis ([`RedisStrict`], GCRA on Redis's clock).
+//!
+//! A forward or Redis call gets a budget (default 5 ms) that never exceeds the caller's
+//! deadline. When it fails or runs out, the item's failure policy answers — FAIL_OPEN,
+//! FAIL_CLOSED, or LOCAL_FALLBACK (the local limiter with the limit divided by the number of
+//! live members) — and the result is marked degraded with the reason, and counted.
+//!
+//! An all-or-nothing batch must be decided in one place: every item with the same consistency
+//! and, for OWNER, the same owner (items about one `(namespace, key)` always share an owner).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentmesh_membership::{HashRing, Member, MemberSnapshot, MemberWatch, Membership};
+use agentmesh_proto::ratelimit::v1 as pb;
+use agentmesh_runtime::{ClientChannel, ClientConfig, Metrics};
+use parking_lot::Mutex;
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+use crate::decide::Decide;
+use crate::error::{FieldViolation, RateLimitError};
+use crate::grpc::{decode_result, encode_item};
+use crate::limiter::{CheckItem, CheckOutcome, DegradedReason, LimitRef, Limiter, validate_items};
+use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode, PolicySet};
+use crate::strict::{RedisStrict, StrictDecision, StrictItem};
+
+/// Default time a forward or a Redis call may take.
+pub const DEFAULT_BUDGET: Duration = Duration::from_millis(5);
+/// Requests in flight to one peer before further forwards are coalesced.
+pub const PEER_IN_FLIGHT: usize = 8;
+/// Forwards queued for one peer before new ones fail over to the failure policy.
+const PEER_QUEUE: usize = 4096;
+/// Items in one forwarded request.
+const MAX_FORWARD_ITEMS: usize = 1000;
+/// Seed of the key hash used in Redis, the same on every instance.
+const STRICT_KEY_SEED: u64 = 0x6167_656e_746d_6573;
+
+/// Router settings.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// This instance's membership id (results name it as the decider).
+    pub instance_id: String,
+    /// Consistency of items and policies that set none.
+    pub default_consistency: Consistency,
+    /// Time a forward or Redis call may take (capped by the caller's deadline).
+    pub budget: Duration,
+}
+
+/// Router metrics: degraded answers by reason, forward and Redis latency.
+#[derive(Clone)]
+struct RouterMetrics {
+    degraded: IntCounterVec,
+    forwarded: IntCounterVec,
+    forward_seconds: Histogram,
+    redis_seconds: Histogram,
+}
+
+impl RouterMetrics {
+    fn register(metrics: &Metrics) -> Result<Self, prometheus::Error> {
+        let degraded = IntCounterVec::new(
+            Opts::new(
+                "ratelimit_degraded_total",
+                "Items answered by their failure policy, by reason and policy.",
+            ),
+            &["reason", "on_failure"],
+        )?;
+        let forwarded = IntCounterVec::new(
+            Opts::new(
+                "ratelimit_forwarded_items_total",
+                "Items forwarded to their owner, by outcome (ok, failed).",
+            ),
+            &["outcome"],
+        )?;
+        let buckets = agentmesh_runtime::metrics::LATENCY_BUCKETS.to_vec();
+        let forward_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "ratelimit_forward_duration_seconds",
+                "Time of one forwarded request to an owner.",
+            )
+            .buckets(buckets.clone()),
+        )?;
+        let redis_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "ratelimit_redis_duration_seconds",
+                "Time of one STRICT call to Redis.",
+            )
+            .buckets(buckets),
+        )?;
+        let registry = metrics.registry();
+        registry.register(Box::new(degraded.clone()))?;
+        registry.register(Box::new(forwarded.clone()))?;
+        registry.register(Box::new(forward_seconds.clone()))?;
+        registry.register(Box::new(redis_seconds.clone()))?;
+        Ok(Self {
+            degraded,
+            forwarded,
+            forward_seconds,
+            redis_seconds,
+        })
+    }
+}
+
+/// Where one item is decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Route {
+    Local,
+    Strict,
+    Peer(String),
+    /// OWNER with no live member known.
+    NoOwner,
+}
+
+/// An item with what routing needs to know about it.
+struct Planned {
+    index: usize,
+    item: CheckItem,
+    spec: LimitSpec,
+    mode: Mode,
+    on_failure: FailurePolicy,
+    route: Route,
+}
+
+/// Decides items across the cluster; see the module docs.
+pub struct ClusterRouter {
+    limiter: Arc<Limiter>,
+    config: RouterConfig,
+    strict: Option<RedisStrict>,
+    owners: Owners,
+    metrics: RouterMetrics,
+}
+
+impl ClusterRouter {
+    /// A router over `limiter`, watching the rate-limiter members of `membership`, with Redis
+    /// for STRICT items when `strict` is given.
+    ///
+    /// # Errors
+    /// `Unavailable` when membership cannot be watched; `FailedPrecondition` when metrics are
+    /// registered twice.
+    pub async fn new(
+        limiter: Arc<Limiter>,
+        config: RouterConfig,
+        membership: &dyn Membership,
+        strict: Option<RedisStrict>,
+        metrics: &Metrics,
+    ) -> Result<Self, RateLimitError> {
+        let watch = membership.watch(crate::service::NAME).await.map_err(|e| {
+            RateLimitError::Unavailable(format!("watching rate-limiter members: {e}"))
+        })?;
+        let router_metrics = RouterMetrics::register(metrics)
+            .map_err(|e| RateLimitError::FailedPrecondition(format!("registering metrics: {e}")))?;
+        Ok(Self {
+            owners: Owners::new(
+                watch,
+                config.instance_id.clone(),
+                metrics.clone(),
+                config.budget,
+            ),
+            limiter,
+            config,
+            strict,
+            metrics: router_metrics,
+        })
+    }
+
+    /// Resolves every item's limit, mode, failure policy and route; rejects what cannot be
+    /// decided (unknown policies, STRICT on a window algorithm, a split all-or-nothing batch).
+    fn plan(
+        &self,
+        items: Vec<CheckItem>,
+        all_or_nothing: bool,
+    ) -> Result<Vec<Planned>, RateLimitError> {
+        validate_items(&items)?;
+        let policies = self.limiter.policies();
+        let ring = self.owners.ring();
+        let mut violations = Vec::new();
+        let mut planned = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            let (spec, mode, routing) = resolve(&policies, &item, index)?;
+            let consistency = item
+                .consistency
+                .or(routing.consistency)
+                .unwrap_or(self.config.default_consistency);
+            let on_failure = item.on_failure.or(routing.on_failure).unwrap_or_default();
+            let route = match consistency {
+                Consistency::Local => Route::Local,
+                Consistency::Strict if spec.algorithm != Algorithm::Gcra => {
+                    violations.push(FieldViolation::new(
+                        format!("items[{index}].consistency"),
+                        "STRICT supports GCRA limits only",
+                    ));
+                    Route::Local
+                }
+                Consistency::Strict => Route::Strict,
+                Consistency::Owner => match ring.owner(&owner_key(&item)) {
+                    None => Route::NoOwner,
+                    Some(owner) if owner.instance_id == self.config.instance_id => Route::Local,
+                    Some(owner) => Route::Peer(owner.instance_id.clone()),
+                },
+            };
+            let mode = item.mode.unwrap_or(mode);
+            planned.push(Planned {
+                index,
+                item,
+                spec,
+                mode,
+                on_failure,
+                route,
+            });
+        }
+        if all_or_nothing && planned.windows(2).any(|w| w[0].route != w[1].route) {
+            violations.push(FieldViolation::new(
+                "all_or_nothing",
+                "all items of an all-or-nothing batch must be decided in one place: give them one consistency and, \
+                 for OWNER, one (namespace, key)",
+            ));
+        }
+        if violations.is_empty() {
+            Ok(planned)
+        } else {
+            Err(RateLimitError::InvalidArgument(violations))
+        }
+    }
+
+    fn decide_local(
+        &self,
+        planned: &[Planned],
+        all_or_nothing: bool,
+    ) -> Result<Vec<CheckOutcome>, RateLimitError> {
+        let items: Vec<CheckItem> = planned.iter().map(|p| p.item.clone()).collect();
+        self.limiter.check(&items, all_or_nothing)
+    }
+
+    async fn decide_strict(
+        &self,
+        planned: &[Planned],
+        all_or_nothing: bool,
+        budget: Duration,
+    ) -> Vec<CheckOutcome> {
+        let Some(strict) = &self.strict else {
+            return self.fail_over(planned, DegradedReason::RedisUnavailable, all_or_nothing);
+        };
+        let items: Vec<StrictItem> = planned
+            .iter()
+            .map(|p| StrictItem {
+                key_hash: strict_key_hash(&p.item),
+                limit: p.spec.limit,
+                period: p.spec.period,
+                burst: p.spec.effective_burst(),
+                cost: p.item.cost,
+            })
+            .collect();
+        let started = Instant::now();
+        let span = tracing::debug_span!(
+            target: agentmesh_runtime::telemetry::TRACE_TARGET,
+            "redis.strict",
+            otel.kind = "client",
+            db.system = "redis",
+            items = items.len()
+        );
+        let result =
+            tracing::Instrument::instrument(strict.check(&items, all_or_nothing, budget), span)
+                .await;
+        self.metrics
+            .redis_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(decisions) => planned
+                .iter()
+                .zip(decisions)
+                .map(|(p, d)| strict_outcome(p, &d))
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "redis strict check failed");
+                self.fail_over(planned, DegradedReason::RedisUnavailable, all_or_nothing)
+            }
+        }
+    }
+
+    async fn decide_peer(
+        &self,
+        peer: &str,
+        planned: &[Planned],
+        all_or_nothing: bool,
+        deadline: Instant,
+    ) -> Vec<CheckOutcome> {
+        let items: Vec<CheckItem> = planned.iter().map(|p| p.item.clone()).collect();
+        let started = Instant::now();
+        let result = self
+            .owners
+            .forward(peer, items, all_or_nothing, deadline)
+            .await;
+        self.metrics
+            .forward_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(outcomes) if outcomes.len() == planned.len() => {
+                self.metrics
+                    .forwarded
+                    .with_label_values(&["ok"])
+                    .inc_by(planned.len() as u64);
+                outcomes
+            }
+            Ok(_) | Err(_) => {
+                self.metrics
+                    .forwarded
+                    .with_label_values(&["failed"])
+                    .inc_by(planned.len() as u64);
+                self.fail_over(planned, DegradedReason::OwnerUnavailable, all_or_nothing)
+            }
+        }
+    }
+
+    /// Answers `planned` by each item's failure policy.
+    fn fail_over(
+        &self,
+        planned: &[Planned],
+        reason: DegradedReason,
+        all_or_nothing: bool,
+    ) -> Vec<CheckOutcome> {
+        let members = self.owners.ring().len().max(1) as u64;
+        let fallback: Vec<CheckItem> = planned
+            .iter()
+            .filter(|p| p.on_failure == FailurePolicy::LocalFallback)
+            .map(|p| fallback_item(p, members))
+            .collect();
+        let mut local = if fallback.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            // The items were validated; a fallback limit is always valid.
+            self.limiter
+                .check(&fallback, all_or_nothing)
+                .unwrap_or_default()
+                .into_iter()
+        };
+        planned
+            .iter()
+            .map(|p| {
+                self.metrics
+                    .degraded
+                    .with_label_values(&[reason.as_str(), failure_name(p.on_failure)])
+                    .inc();
+                let mut outcome = match p.on_failure {
+                    FailurePolicy::LocalFallback => {
+                        local.next().unwrap_or_else(|| closed_outcome(p))
+                    }
+                    FailurePolicy::FailOpen => open_outcome(p),
+                    FailurePolicy::FailClosed => closed_outcome(p),
+                };
+                outcome.degraded = Some(reason);
+                outcome
+            })
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl Decide for ClusterRouter {
+    async fn decide(
+        &self,
+        items: Vec<CheckItem>,
+        all_or_nothing: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<CheckOutcome>, RateLimitError> {
+        let planned = self.plan(items, all_or_nothing)?;
+        if planned.iter().all(|p| p.route == Route::Local) {
+            return self.decide_local(&planned, all_or_nothing);
+        }
+        let now = Instant::now();
+        let budget = agentmesh_runtime::deadline::budget(deadline, self.config.budget, now);
+        let forward_deadline = now + budget;
+        // Group by route, keeping each item's position.
+        let mut groups: Vec<(Route, Vec<Planned>)> = Vec::new();
+        for p in planned {
+            match groups.iter_mut().find(|(route, _)| *route == p.route) {
+                Some((_, group)) => group.push(p),
+                None => groups.push((p.route.clone(), vec![p])),
+            }
+        }
+        let decided = futures::future::join_all(groups.iter().map(|(route, group)| async move {
+            let outcomes = match route {
+                Route::Local => self.decide_local(group, all_or_nothing)?,
+                Route::Strict => self.decide_strict(group, all_or_nothing, budget).await,
+                Route::Peer(peer) => {
+                    self.decide_peer(peer, group, all_or_nothing, forward_deadline)
+                        .await
+                }
+                Route::NoOwner => self.fail_over(group, DegradedReason::NoMembers, all_or_nothing),
+            };
+            Ok::<_, RateLimitError>(
+                group
+                    .iter()
+                    .map(|p| p.index)
+                    .zip(outcomes)
+                    .collect::<Vec<_>>(),
+            )
+        }))
+        .await;
+        let mut ordered: Vec<Option<CheckOutcome>> = Vec::new();
+        for group in decided {
+            for (index, outcome) in group? {
+                if ordered.len() <= index {
+                    ordered.resize(index + 1, None);
+                }
+                ordered[index] = Some(outcome);
+            }
+        }
+        Ok(ordered.into_iter().flatten().collect())
+    }
+
+    fn has_policy(&self, namespace: &str, name: &str) -> bool {
+        self.limiter.policies().contains_in(namespace, name)
+    }
+}
+
+/// The limit, mode and routing of an item, or `PolicyNotFound`.
+fn resolve(
+    policies: &PolicySet,
+    item: &CheckItem,
+    index: usize,
+) -> Result<(LimitSpec, Mode, crate::spec::PolicyRouting), RateLimitError> {
+    match &item.limit {
+        LimitRef::Inline(spec) => Ok((*spec, Mode::Enforce, crate::spec::PolicyRouting::default())),
+        LimitRef::Default => {
+            let p = policies.default_policy();
+            Ok((p.spec, p.mode, crate::spec::PolicyRouting::default()))
+        }
+        LimitRef::Policy(name) => match policies.get_in(&item.namespace, name) {
+            Some(p) => Ok((p.spec, p.mode, policies.routing_in(&item.namespace, name))),
+            None => Err(RateLimitError::PolicyNotFound {
+                field: format!("items[{index}].policy"),
+                name: name.clone(),
+            }),
+        },
+    }
+}
+
+/// The ring key of an item: its `(namespace, key)`, so all of one key's limits share an owner.
+fn owner_key(item: &CheckItem) -> Vec<u8> {
+    let mut key = Vec::with_capacity(item.namespace.len() + item.key.len() + 1);
+    key.extend_from_slice(item.namespace.as_bytes());
+    key.push(0);
+    key.extend_from_slice(item.key.as_bytes());
+    key
+}
+
+/// The Redis key hash of an item: `(namespace, key, limit identity)` under a fixed seed, so
+/// every instance addresses the same state.
+fn strict_key_hash(item: &CheckItem) -> u64 {
+    use xxhash_rust::xxh3::xxh3_64_with_seed;
+    let identity = match &item.limit {
+        LimitRef::Default => "p:default".to_owned(),
+        LimitRef::Policy(name) => format!("p:{name}"),
+        LimitRef::Inline(spec) => {
+            format!(
+                "i:{}:{}:{}",
+                spec.limit,
+                spec.period.as_nanos(),
+                spec.effective_burst()
+            )
+        }
+    };
+    let h = xxh3_64_with_seed(identity.as_bytes(), STRICT_KEY_SEED);
+    let h = xxh3_64_with_seed(item.namespace.as_bytes(), h);
+    xxh3_64_with_seed(item.key.as_bytes(), h)
+}
+
+fn policy_label(item: &CheckItem) -> String {
+    match &item.limit {
+        LimitRef::Default => crate::spec::DEFAULT_POLICY_NAME.to_owned(),
+        LimitRef::Policy(name) => name.clone(),
+        LimitRef::Inline(_) => String::new(),
+    }
+}
+
+fn base_outcome(p: &Planned) -> CheckOutcome {
+    CheckOutcome {
+        allowed: false,
+        over_limit: false,
+        batch_rejected: false,
+        mode: p.mode,
+        policy: policy_label(&p.item),
+        limit: p.spec.limit,
+        remaining: 0,
+        retry_after: Some(Duration::ZERO),
+        reset_after: Duration::ZERO,
+        policy_version: 0,
+        degraded: None,
+        decided_by: None,
+    }
+}
+
+fn strict_outcome(p: &Planned, d: &StrictDecision) -> CheckOutcome {
+    let allowed = d.allowed || p.mode == Mode::Shadow;
+    CheckOutcome {
+        allowed,
+        over_limit: !d.allowed,
+        remaining: d.remaining,
+        retry_after: if allowed {
+            Some(Duration::ZERO)
+        } else {
+            d.retry_after
+        },
+        reset_after: d.reset_after,
+        ..base_outcome(p)
+    }
+}
+
+fn open_outcome(p: &Planned) -> CheckOutcome {
+    CheckOutcome {
+        allowed: true,
+        ..base_outcome(p)
+    }
+}
+
+/// A denial whose retry hint is one budget-independent second: the dependency may be back.
+fn closed_outcome(p: &Planned) -> CheckOutcome {
+    CheckOutcome {
+        allowed: false,
+        over_limit: true,
+        retry_after: Some(Duration::from_secs(1)),
+        ..base_outcome(p)
+    }
+}
+
+/// The item decided locally under its limit divided by `members` (at least 1 unit).
+fn fallback_item(p: &Planned, members: u64) -> CheckItem {
+    let spec = LimitSpec {
+        limit: (p.spec.limit / members).max(1),
+        burst: (p.spec.effective_burst() / members).max(1),
+        ..p.spec
+    };
+    CheckItem {
+        limit: LimitRef::Inline(spec),
+        mode: Some(p.mode),
+        consistency: Some(Consistency::Local),
+        ..p.item.clone()
+    }
+}
+
+fn failure_name(f: FailurePolicy) -> &'static str {
+    match f {
+        FailurePolicy::FailOpen => "fail_open",
+        FailurePolicy::FailClosed => "fail_closed",
+        FailurePolicy::LocalFallback => "local_fallback",
+    }
+}
+
+/// The live rate-limiter members, the ring over them, and a batcher per peer.
+struct Owners {
+    self_id: String,
+    snapshots: watch::Receiver<Arc<MemberSnapshot>>,
+    _watch: MemberWatch,
+    ring: Mutex<Arc<HashRing>>,
+    peers: Mutex<HashMap<String, PeerBatcher>>,
+    metrics: Metrics,
+    budget: Duration,
+}
+
+impl Owners {
+    fn new(watch: MemberWatch, self_id: String, metrics: Metrics, budget: Duration) -> Self {
+        let snapshots = watch.snapshots();
+        let ring = Arc::new(HashRing::new(&snapshots.borrow()));
+        Self {
+            self_id,
+            snapshots,
+            _watch: watch,
+            ring: Mutex::new(ring),
+            peers: Mutex::default(),
+            metrics,
+            budget,
+        }
+    }
+
+    /// The ring for the current membership (rebuilt when the epoch moves).
+    fn ring(&self) -> Arc<HashRing> {
+        let snapshot = self.snapshots.borrow().clone();
+        let mut ring = self.ring.lock();
+        if ring.epoch() != snapshot.epoch || ring.len() != snapshot.members.len() {
+            *ring = Arc::new(HashRing::new(&snapshot));
+            let mut peers = self.peers.lock();
+            peers.retain(|id, _| snapshot.members.contains_key(id));
+        }
+        ring.clone()
+    }
+
+    async fn forward(
+        &self,
+        peer: &str,
+        items: Vec<CheckItem>,
+        all_or_nothing: bool,
+        deadline: Instant,
+    ) -> Result<Vec<CheckOutcome>, RateLimitError> {
+        let batcher = {
+            let snapshot = self.snapshots.borrow().clone();
+            let member = snapshot
+                .members
+                .get(peer)
+                .ok_or_else(|| RateLimitError::Unavailable(format!("member {peer} left")))?;
+            let mut peers = self.peers.lock();
+            match peers.get(peer) {
+                Some(b) if b.addr == member.grpc_addr => b.clone(),
+                _ => {
+                    let b = PeerBatcher::start(member, &self.metrics, self.budget)?;
+                    peers.insert(peer.to_owned(), b.clone());
+                    b
+                }
+            }
+        };
+        debug_assert_ne!(peer, self.self_id);
+        let (reply_tx, reply_rx) = oneshot::channel();
+        batcher
+            .queue_tx
+            .try_send(Job {
+                items,
+                all_or_nothing,
+                deadline,
+                reply_tx,
+            })
+            .map_err(|_| RateLimitError::Unavailable(format!("forward queue to {peer} is full")))?;
+        match tokio::time::timeout_at(deadline.into(), reply_rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(RateLimitError::Unavailable(format!(
+                "forward to {peer} dropped"
+            ))),
+            Err(_) => Err(RateLimitError::Unavailable(format!(
+                "forward to {peer} timed out"
+            ))),
+        }
+    }
+}
+
+/// One forward waiting to be sent.
+struct Job {
+    items: Vec<CheckItem>,
+    all_or_nothing: bool,
+    deadline: Instant,
+    reply_tx: oneshot::Sender<Result<Vec<CheckOutcome>, RateLimitError>>,
+}
+
+/// Sends forwards to one peer; see the module docs for the batching.
+#[derive(Clone)]
+struct PeerBatcher {
+    addr: String,
+    queue_tx: mpsc::Sender<Job>,
+}
+
+impl PeerBatcher {
+    fn start(member: &Member, metrics: &Metrics, budget: Duration) -> Result<Self, RateLimitError> {
+        let config = ClientConfig {
+            timeout: Duration::from_secs(1),
+            connect_timeout: budget.max(Duration::from_millis(100)),
+            ..ClientConfig::default()
+        };
+        let channel = agentmesh_runtime::connect_lazy(&member.grpc_addr, &config, metrics)
+            .map_err(|e| RateLimitError::Unavailable(e.to_string()))?;
+        let (queue_tx, queue_rx) = mpsc::channel(PEER_QUEUE);
+        tokio::spawn(run_batcher(channel, queue_rx));
+        Ok(Self {
+            addr: member.grpc_addr.clone(),
+            queue_tx,
+        })
+    }
+}
+
+/// Takes jobs as slots free up; jobs that queued meanwhile travel together.
+async fn run_batcher(channel: ClientChannel, mut queue_rx: mpsc::Receiver<Job>) {
+    let slots = Arc::new(Semaphore::new(PEER_IN_FLIGHT));
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match queue_rx.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        if !batch[0].all_or_nothing {
+            let mut total = batch[0].items.len();
+            while let Ok(job) = queue_rx.try_recv() {
+                if job.all_or_nothing || total + job.items.len() > MAX_FORWARD_ITEMS {
+                    carried = Some(job);
+                    break;
+                }
+                total += job.items.len();
+                batch.push(job);
+            }
+        }
+        let client = pb::rate_limiter_client::RateLimiterClient::new(channel.clone());
+        tokio::spawn(async move {
+            send_batch(client, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Sends one batch as one Check with every item forced LOCAL, and splits the answer.
+async fn send_batch(
+    mut client: pb::rate_limiter_client::RateLimiterClient<ClientChannel>,
+    batch: Vec<Job>,
+) {
+    let now = Instant::now();
+    let batch: Vec<Job> = batch
+        .into_iter()
+        .filter(|job| job.deadline > now && !job.reply_tx.is_closed())
+        .collect();
+    let Some(deadline) = batch.iter().map(|job| job.deadline).min() else {
+        return;
+    };
+    let all_or_nothing = batch.len() == 1 && batch[0].all_or_nothing;
+    let items: Vec<pb::CheckItem> = batch
+        .iter()
+        .flat_map(|job| job.items.iter())
+        .map(|item| pb::CheckItem {
+            consistency: pb::Consistency::Local as i32,
+            ..encode_item(item)
+        })
+        .collect();
+    let mut request = tonic::Request::new(pb::CheckRequest {
+        items,
+        all_or_nothing,
+    });
+    request.set_timeout(deadline.saturating_duration_since(now));
+    let result = match tokio::time::timeout_at(deadline.into(), client.check(request)).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(RateLimitError::Unavailable(format!(
+            "owner answered {:?}: {}",
+            status.code(),
+            status.message()
+        ))),
+        Err(_) => Err(RateLimitError::Unavailable(
+            "owner did not answer within the budget".to_owned(),
+        )),
+    };
+    match result {
+        Ok(response) => {
+            let mut results = response.results.into_iter();
+            for job in batch {
+                let outcomes: Vec<CheckOutcome> = results
+                    .by_ref()
+                    .take(job.items.len())
+                    .map(|r| decode_result(&r))
+                    .collect();
+                let _ = job.reply_tx.send(Ok(outcomes));
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            for job in batch {
+                let _ = job
+                    .reply_tx
+                    .send(Err(RateLimitError::Unavailable(message.clone())));
+            }
+        }
+    }
+}

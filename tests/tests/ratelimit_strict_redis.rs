@@ -297,6 +297,7 @@ async fn test_checks_reload_the_script_after_script_flush() {
 
 #[tokio::test]
 async fn test_redis_down_fails_within_budget_opens_the_breaker_and_recovers() {
+    agentmesh_tests::init_test_tracing();
     let mut redis = RedisServer::start().await.unwrap();
     let metrics = Metrics::new();
     let gauge = metrics.breaker_state.with_label_values(&["redis-strict"]);
@@ -431,29 +432,4 @@ async fn test_connect_to_a_closed_port_fails_within_the_connect_timeout() {
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_secs(1));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn zz_measure_throughput() {
-    let redis = RedisServer::start().await.unwrap();
-    let strict = connect(&redis).await;
-    for (label, batch, aon) in [("single", 1usize, false), ("batch10 pipelined", 10, false), ("batch10 atomic", 10, true)] {
-        let started = Instant::now();
-        let done = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for t in 0..64u64 {
-            let strict = strict.clone();
-            let done = done.clone();
-            tasks.push(tokio::spawn(async move {
-                let items: Vec<_> = (0..batch as u64).map(|i| item(t * 100 + i, 1_000_000_000, HOUR, 0, 1)).collect();
-                while started.elapsed() < Duration::from_secs(2) {
-                    strict.check(&items, aon, BUDGET).await.unwrap();
-                    done.fetch_add(batch as u64, Ordering::Relaxed);
-                }
-            }));
-        }
-        for t in tasks { t.await.unwrap(); }
-        let n = done.load(Ordering::Relaxed);
-        eprintln!("{label}: {} decisions/s", n as f64 / started.elapsed().as_secs_f64());
-    }
 }

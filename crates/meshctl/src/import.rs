@@ -164,14 +164,21 @@ fn convert_level(
             bail!("{field}.key: must not be empty");
         }
         if !seen.insert((key.clone(), value.clone())) {
-            bail!("{field}: duplicate descriptor {}", entry_text(&key, value.as_deref()));
+            bail!(
+                "{field}: duplicate descriptor {}",
+                entry_text(&key, value.as_deref())
+            );
         }
         path.push((key, value));
         let label = format!("{field} ({})", path_text(path));
         if path.len() > MAX_DESCRIPTOR_ENTRIES {
             bail!("{label}: descriptors nest at most {MAX_DESCRIPTOR_ENTRIES} deep");
         }
-        if path.last().and_then(|(_, v)| v.as_deref()).is_some_and(|v| v.ends_with('*')) {
+        if path
+            .last()
+            .and_then(|(_, v)| v.as_deref())
+            .is_some_and(|v| v.ends_with('*'))
+        {
             out.notes.push(format!(
                 "{label}: skipped with everything under it: wildcard values are not supported"
             ));
@@ -484,15 +491,26 @@ descriptors:
     rate_limit: { unit: hour, requests_per_unit: 3, name: per-user }
 ";
         let conversion = convert(yaml).unwrap();
-        let names: Vec<_> = conversion.policies.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["envoy:remote_address=10%2E0%2E0%2E9.path", "envoy:user"]);
+        let names: Vec<_> = conversion
+            .policies
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["envoy:remote_address=10%2E0%2E0%2E9.path", "envoy:user"]
+        );
         assert_eq!(conversion.notes.len(), 3, "{:?}", conversion.notes);
         assert!(
             conversion.notes[0].starts_with("descriptors[0] (remote_address=10.0.0.9): skipped"),
             "{}",
             conversion.notes[0]
         );
-        assert!(conversion.notes[1].contains("wildcard"), "{}", conversion.notes[1]);
+        assert!(
+            conversion.notes[1].contains("wildcard"),
+            "{}",
+            conversion.notes[1]
+        );
         assert!(conversion.notes[2].contains("name and replaces ignored"));
     }
 
@@ -536,7 +554,10 @@ descriptors:
         ];
         for (yaml, expected) in cases {
             let message = error(yaml);
-            assert!(message.starts_with(expected), "{yaml}\n got: {message}\nwant: {expected}");
+            assert!(
+                message.starts_with(expected),
+                "{yaml}\n got: {message}\nwant: {expected}"
+            );
         }
         let long = format!(
             "domain: edge\ndescriptors:\n  - key: k\n    value: {}\n    rate_limit: {{ unit: second, requests_per_unit: 1 }}\n",

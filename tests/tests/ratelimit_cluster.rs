@@ -1,0 +1,292 @@
+//! Three real rate-limiter processes sharing etcd (and Redis): OWNER and STRICT admit at most
+//! the limit across instances; a killed owner is replaced within the lease TTL while checks
+//! keep being answered; with Redis stopped every failure policy answers within its budget.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use agentmesh_proto::ratelimit::v1 as pb;
+use agentmesh_tests::agentmesh::AgentmeshProcess;
+use agentmesh_tests::{EtcdServer, RedisServer, wait_until};
+
+type Client = pb::rate_limiter_client::RateLimiterClient<tonic::transport::Channel>;
+
+async fn client(process: &AgentmeshProcess) -> anyhow::Result<Client> {
+    Ok(Client::connect(format!("http://{}", process.grpc_addr)).await?)
+}
+
+fn item(
+    key: &str,
+    limit: u64,
+    consistency: pb::Consistency,
+    on_failure: pb::FailurePolicy,
+) -> pb::CheckItem {
+    pb::CheckItem {
+        namespace: "cluster".into(),
+        key: key.into(),
+        cost: 1,
+        limit_ref: Some(pb::check_item::LimitRef::Limit(pb::LimitSpec {
+            limit,
+            period: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            burst: 0,
+            algorithm: pb::Algorithm::Gcra as i32,
+        })),
+        consistency: consistency as i32,
+        on_failure: on_failure as i32,
+        ..Default::default()
+    }
+}
+
+async fn check(client: &mut Client, item: pb::CheckItem) -> Result<pb::CheckResult, tonic::Status> {
+    let response = client
+        .check(pb::CheckRequest {
+            items: vec![item],
+            all_or_nothing: false,
+        })
+        .await?;
+    Ok(response.into_inner().results.remove(0))
+}
+
+async fn start_three(
+    etcd: &EtcdServer,
+    redis: Option<&RedisServer>,
+) -> anyhow::Result<Vec<AgentmeshProcess>> {
+    let url = redis.map(RedisServer::url);
+    let mut extra = vec!["--ratelimit-budget", "50ms"];
+    if let Some(url) = url.as_deref() {
+        extra.extend(["--redis", url]);
+    }
+    let mut processes = Vec::new();
+    for _ in 0..3 {
+        processes.push(AgentmeshProcess::serve_ratelimit(Some(&etcd.endpoint()), &extra).await?);
+    }
+    // Every instance must see all three before ownership is stable.
+    let mut c = etcd.client().await?;
+    wait_until(Duration::from_secs(10), "three members in etcd", || {
+        let mut c = c.clone();
+        async move {
+            c.get(
+                "/agentmesh/members/ratelimit/",
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .is_ok_and(|r| r.kvs().len() == 3)
+        }
+    })
+    .await?;
+    let _ = &mut c;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(processes)
+}
+
+/// Many concurrent clients spread over the instances; returns how many checks were allowed.
+async fn hammer(
+    processes: &[AgentmeshProcess],
+    make: impl Fn() -> pb::CheckItem,
+    total: u64,
+) -> anyhow::Result<u64> {
+    let allowed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..24u64 {
+        let mut c = client(&processes[usize::try_from(t % 3)?]).await?;
+        let item = make();
+        let allowed = allowed.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..total / 24 {
+                let r = check(&mut c, item.clone()).await.expect("answered");
+                assert!(
+                    !r.degraded,
+                    "not degraded while the cluster is healthy: {r:?}"
+                );
+                if r.decision == pb::Decision::Allow as i32 {
+                    allowed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(allowed.load(Ordering::Relaxed))
+}
+
+#[tokio::test]
+async fn test_owner_and_strict_admit_at_most_the_limit_across_three_instances() -> anyhow::Result<()>
+{
+    let etcd = EtcdServer::start().await?;
+    let redis = RedisServer::start().await?;
+    let processes = start_three(&etcd, Some(&redis)).await?;
+    let owner = hammer(
+        &processes,
+        || {
+            item(
+                "owned-key",
+                100,
+                pb::Consistency::Owner,
+                pb::FailurePolicy::FailClosed,
+            )
+        },
+        480,
+    )
+    .await?;
+    assert_eq!(
+        owner, 100,
+        "OWNER admits exactly the limit while membership is stable"
+    );
+    let strict = hammer(
+        &processes,
+        || {
+            item(
+                "strict-key",
+                100,
+                pb::Consistency::Strict,
+                pb::FailurePolicy::FailClosed,
+            )
+        },
+        480,
+    )
+    .await?;
+    assert_eq!(strict, 100, "STRICT admits exactly the limit");
+
+    // Every instance names the same decider for an OWNER key.
+    let mut deciders = Vec::new();
+    for p in &processes {
+        let r = check(
+            &mut client(p).await?,
+            item(
+                "who",
+                1000,
+                pb::Consistency::Owner,
+                pb::FailurePolicy::FailClosed,
+            ),
+        )
+        .await?;
+        deciders.push(r.decided_by);
+    }
+    assert!(deciders.iter().all(|d| d == &deciders[0]), "{deciders:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn test_a_killed_owner_is_replaced_within_the_lease_ttl_and_checks_keep_being_answered()
+-> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let mut processes = start_three(&etcd, None).await?;
+    let key = item(
+        "failover",
+        1_000_000,
+        pb::Consistency::Owner,
+        pb::FailurePolicy::LocalFallback,
+    );
+    let first = check(&mut client(&processes[0]).await?, key.clone()).await?;
+    let owner = first.decided_by.clone();
+    // Find the owner's process by asking each one who it is (an instance decides its own keys).
+    let mut owner_index = None;
+    for (i, p) in processes.iter().enumerate() {
+        let probe = pb::CheckItem {
+            consistency: pb::Consistency::Local as i32,
+            ..key.clone()
+        };
+        if check(&mut client(p).await?, probe).await?.decided_by == owner {
+            owner_index = Some(i);
+        }
+    }
+    let owner_index = owner_index.expect("the owner is one of the three");
+    processes[owner_index].kill9();
+    let survivor = &processes[(owner_index + 1) % 3];
+    let mut c = client(survivor).await?;
+    let killed = Instant::now();
+    let mut degraded = 0;
+    loop {
+        let started = Instant::now();
+        let r = check(&mut c, key.clone())
+            .await
+            .expect("checks keep being answered");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "answered within the budget"
+        );
+        assert_eq!(r.decision, pb::Decision::Allow as i32);
+        if r.degraded {
+            degraded += 1;
+            assert_eq!(r.degraded_reason, "owner_unavailable");
+        } else if r.decided_by != owner {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "a new owner within the lease TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "new owner after {:?}, {degraded} degraded answers meanwhile",
+        killed.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn test_with_redis_stopped_each_failure_policy_answers_within_its_budget()
+-> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let mut redis = RedisServer::start().await?;
+    let processes = start_three(&etcd, Some(&redis)).await?;
+    let mut c = client(&processes[0]).await?;
+    let strict = |key: &str, on_failure| item(key, 30, pb::Consistency::Strict, on_failure);
+    assert!(
+        !check(&mut c, strict("s", pb::FailurePolicy::FailClosed))
+            .await?
+            .degraded
+    );
+
+    redis.stop();
+    for (on_failure, allowed) in [
+        (pb::FailurePolicy::FailOpen, true),
+        (pb::FailurePolicy::FailClosed, false),
+    ] {
+        for _ in 0..5 {
+            let started = Instant::now();
+            let r = check(&mut c, strict("s", on_failure)).await?;
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "{on_failure:?} answered in {:?}",
+                started.elapsed()
+            );
+            assert!(r.degraded);
+            assert_eq!(r.degraded_reason, "redis_unavailable");
+            assert_eq!(
+                r.decision == pb::Decision::Allow as i32,
+                allowed,
+                "{on_failure:?}"
+            );
+        }
+    }
+    // LOCAL_FALLBACK enforces limit / N locally: 30 / 3 = 10 on this instance.
+    let mut admitted = 0;
+    for _ in 0..20 {
+        let r = check(&mut c, strict("fallback", pb::FailurePolicy::LocalFallback)).await?;
+        assert!(r.degraded);
+        if r.decision == pb::Decision::Allow as i32 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 10, "limit divided by the three live members");
+
+    redis.restart().await?;
+    wait_until(
+        Duration::from_secs(15),
+        "STRICT resumes after Redis is back",
+        || {
+            let mut c = c.clone();
+            let item = strict("s", pb::FailurePolicy::FailClosed);
+            async move { check(&mut c, item).await.is_ok_and(|r| !r.degraded) }
+        },
+    )
+    .await?;
+    Ok(())
+}

@@ -11,13 +11,11 @@ use agentmesh_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use agentmesh_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
     Entry, RateLimitOverride,
 };
-use agentmesh_proto::envoy::r#type::v3::RateLimitUnit;
 use agentmesh_proto::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
-use agentmesh_proto::envoy::service::ratelimit::v3::rate_limit_response::{
-    Code, DescriptorStatus,
-};
+use agentmesh_proto::envoy::service::ratelimit::v3::rate_limit_response::{Code, DescriptorStatus};
 use agentmesh_proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use agentmesh_proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use agentmesh_proto::envoy::r#type::v3::RateLimitUnit;
 use agentmesh_ratelimit::envoy::{
     EnvoyRlsGrpc, MAX_DESCRIPTOR_ENTRIES, MAX_ENTRY_VALUE_LEN, SERVICE_NAME, descriptor_key,
     descriptor_policy_name, limit_per_unit, unit_period,
@@ -113,7 +111,11 @@ fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
     }
 }
 
-fn with_override(mut d: RateLimitDescriptor, requests_per_unit: u32, unit: i32) -> RateLimitDescriptor {
+fn with_override(
+    mut d: RateLimitDescriptor,
+    requests_per_unit: u32,
+    unit: i32,
+) -> RateLimitDescriptor {
     d.limit = Some(RateLimitOverride {
         requests_per_unit,
         unit,
@@ -154,7 +156,9 @@ impl Rls {
 }
 
 fn seconds(s: &DescriptorStatus) -> i64 {
-    s.duration_until_reset.expect("duration_until_reset").seconds
+    s.duration_until_reset
+        .expect("duration_until_reset")
+        .seconds
 }
 
 fn limit_of(s: &DescriptorStatus) -> Option<(&str, u32, Unit)> {
@@ -174,7 +178,9 @@ async fn test_descriptor_is_ok_until_its_limit_then_over_limit_until_the_window_
     let name = descriptor_policy_name(&path);
     rls.clock.advance(Duration::from_secs(15));
     for remaining in [2, 1, 0] {
-        let r = rls.ask(request(vec![descriptor(&[("generic_key", "api")])])).await;
+        let r = rls
+            .ask(request(vec![descriptor(&[("generic_key", "api")])]))
+            .await;
         assert_eq!(r.overall_code, Code::Ok as i32);
         let s = &r.statuses[0];
         assert_eq!(s.code, Code::Ok as i32);
@@ -183,7 +189,9 @@ async fn test_descriptor_is_ok_until_its_limit_then_over_limit_until_the_window_
         assert_eq!(seconds(s), 45, "until the minute ends");
     }
     rls.clock.advance(Duration::from_secs(30));
-    let r = rls.ask(request(vec![descriptor(&[("generic_key", "api")])])).await;
+    let r = rls
+        .ask(request(vec![descriptor(&[("generic_key", "api")])]))
+        .await;
     assert_eq!(r.overall_code, Code::OverLimit as i32);
     let s = &r.statuses[0];
     assert_eq!(
@@ -191,7 +199,9 @@ async fn test_descriptor_is_ok_until_its_limit_then_over_limit_until_the_window_
         (Code::OverLimit as i32, 0, 15)
     );
     rls.clock.advance(Duration::from_secs(15));
-    let r = rls.ask(request(vec![descriptor(&[("generic_key", "api")])])).await;
+    let r = rls
+        .ask(request(vec![descriptor(&[("generic_key", "api")])]))
+        .await;
     assert_eq!(r.overall_code, Code::Ok as i32, "a new window");
     assert_eq!(r.statuses[0].limit_remaining, 2);
     rls.running.shutdown().await.unwrap();
@@ -245,7 +255,11 @@ async fn test_key_value_policy_beats_key_only_policy_and_each_value_counts_separ
     let r = rls
         .ask(request(vec![descriptor(&[("remote_address", "10.0.0.1")])]))
         .await;
-    assert_eq!(r.overall_code, Code::OverLimit as i32, "limit 1 for 10.0.0.1");
+    assert_eq!(
+        r.overall_code,
+        Code::OverLimit as i32,
+        "limit 1 for 10.0.0.1"
+    );
     rls.running.shutdown().await.unwrap();
 }
 
@@ -273,7 +287,11 @@ async fn test_unconfigured_descriptor_is_ok_without_current_limit() {
 #[tokio::test]
 async fn test_limit_override_replaces_the_policy_and_zero_denies() {
     let mut rls = start(&policy_toml(&[("user", None)], 100, "1m", "enforce")).await;
-    let d = with_override(descriptor(&[("user", "alice")]), 2, RateLimitUnit::Hour as i32);
+    let d = with_override(
+        descriptor(&[("user", "alice")]),
+        2,
+        RateLimitUnit::Hour as i32,
+    );
     rls.clock.advance(Duration::from_secs(600));
     for code in [Code::Ok, Code::Ok, Code::OverLimit] {
         let r = rls.ask(request(vec![d.clone()])).await;
@@ -283,7 +301,9 @@ async fn test_limit_override_replaces_the_policy_and_zero_denies() {
         assert_eq!(seconds(s), 3000, "a fixed window on the clock hour");
     }
     // The policy's own count was not touched.
-    let r = rls.ask(request(vec![descriptor(&[("user", "alice")])])).await;
+    let r = rls
+        .ask(request(vec![descriptor(&[("user", "alice")])]))
+        .await;
     assert_eq!(r.statuses[0].limit_remaining, 99);
 
     let deny_all = with_override(descriptor(&[("user", "bob")]), 0, RateLimitUnit::Day as i32);
@@ -308,12 +328,18 @@ async fn test_hits_come_from_the_descriptor_then_the_request_then_one() {
     r.hits_addend = 3;
     r.descriptors[0].hits_addend = Some(0);
     let out = rls.ask(r.clone()).await;
-    assert_eq!(out.statuses[0].limit_remaining, 6, "0 checks without spending");
+    assert_eq!(
+        out.statuses[0].limit_remaining, 6,
+        "0 checks without spending"
+    );
     assert_eq!(out.statuses[1].limit_remaining, 6);
     r.descriptors[0].hits_addend = Some(7);
     let out = rls.ask(r).await;
     assert_eq!(out.statuses[0].code, Code::OverLimit as i32, "7 > 6 left");
-    assert_eq!(out.statuses[0].limit_remaining, 6, "a denial spends nothing");
+    assert_eq!(
+        out.statuses[0].limit_remaining, 6,
+        "a denial spends nothing"
+    );
     assert_eq!(out.statuses[1].limit_remaining, 3);
     rls.running.shutdown().await.unwrap();
 }
@@ -346,7 +372,10 @@ async fn test_overall_code_is_over_limit_when_any_descriptor_is_and_shadow_is_ok
     );
     // The shadow policy is over its limit too, and says so in its count only.
     assert_eq!(r.statuses[2].limit_remaining, 0);
-    assert_eq!(r.statuses[0].limit_remaining, 98, "descriptors are independent");
+    assert_eq!(
+        r.statuses[0].limit_remaining, 98,
+        "descriptors are independent"
+    );
     let only_shadow = request(vec![descriptor(&[("observed", "x")])]);
     assert_eq!(rls.ask(only_shadow).await.overall_code, Code::Ok as i32);
     rls.running.shutdown().await.unwrap();
@@ -399,11 +428,12 @@ async fn test_health_and_reflection_show_the_envoy_service() {
 
     assert_eq!(SERVICE_NAME, "envoy.service.ratelimit.v3.RateLimitService");
     let rls = start("").await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", rls.running.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", rls.running.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
     let status = HealthClient::new(channel.clone())
         .check(HealthCheckRequest {
             service: SERVICE_NAME.into(),
@@ -415,9 +445,9 @@ async fn test_health_and_reflection_show_the_envoy_service() {
     assert_eq!(status, ServingStatus::Serving as i32);
     let request = ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::FileContainingSymbol(format!(
-            "{SERVICE_NAME}.ShouldRateLimit"
-        ))),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            SERVICE_NAME.to_owned(),
+        )),
     };
     let mut stream = ServerReflectionClient::new(channel)
         .server_reflection_info(tokio_stream::iter(vec![request]))
@@ -426,7 +456,10 @@ async fn test_health_and_reflection_show_the_envoy_service() {
         .into_inner();
     let response = stream.next().await.unwrap().unwrap();
     let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else {
-        panic!("expected file descriptors, got {:?}", response.message_response)
+        panic!(
+            "expected file descriptors, got {:?}",
+            response.message_response
+        )
     };
     assert!(!files.file_descriptor_proto.is_empty());
     rls.running.shutdown().await.unwrap();
@@ -452,7 +485,10 @@ fn test_policy_names_escape_separators_and_stay_in_the_policy_charset() {
         descriptor_policy_name(&[("k=v", None)])
     );
     // A descriptor key `default` is not the default policy.
-    assert_eq!(descriptor_policy_name(&[("default", None)]), "envoy:default");
+    assert_eq!(
+        descriptor_policy_name(&[("default", None)]),
+        "envoy:default"
+    );
     let name = descriptor_policy_name(&[("k", Some("\u{1}x y\t/é"))]);
     assert!(is_valid_policy_name(&name), "{name}");
 }
@@ -489,7 +525,10 @@ fn test_units_map_to_envoyproxy_ratelimit_periods_and_back() {
     // Other periods: the longest unit not longer, the limit scaled to it (rounded down, ≥ 1).
     assert_eq!(limit_per_unit(30, secs(90)), (20, Unit::Minute));
     assert_eq!(limit_per_unit(700, secs(7 * 86_400)), (100, Unit::Day));
-    assert_eq!(limit_per_unit(10, Duration::from_millis(500)), (20, Unit::Second));
+    assert_eq!(
+        limit_per_unit(10, Duration::from_millis(500)),
+        (20, Unit::Second)
+    );
     assert_eq!(limit_per_unit(1, secs(7_200)), (1, Unit::Hour));
     assert_eq!(limit_per_unit(MAX_LIMIT, secs(1)), (u32::MAX, Unit::Second));
 }

@@ -501,10 +501,14 @@ fn base_outcome(p: &Planned) -> CheckOutcome {
 }
 
 fn strict_outcome(p: &Planned, d: &StrictDecision) -> CheckOutcome {
-    let allowed = d.allowed || p.mode == Mode::Shadow;
+    // In a failed all-or-nothing batch the items that fitted come back denied with a zero wait;
+    // a real denial always waits (or can never pass).
+    let batch_rejected = !d.allowed && d.retry_after == Some(Duration::ZERO);
+    let allowed = d.allowed || (p.mode == Mode::Shadow && !batch_rejected);
     CheckOutcome {
         allowed,
-        over_limit: !d.allowed,
+        over_limit: !d.allowed && !batch_rejected,
+        batch_rejected,
         remaining: d.remaining,
         retry_after: if allowed {
             Some(Duration::ZERO)

@@ -65,7 +65,7 @@ async fn start(policy_file: &str) -> Rls {
     ));
     let metrics = Metrics::new();
     let instance_id = server::new_instance_id("ratelimit");
-    let envoy = EnvoyRlsGrpc::new(limiter.clone(), &instance_id).with_policy_limits(limiter);
+    let envoy = EnvoyRlsGrpc::new(limiter, &instance_id);
     let spec = ServiceSpec {
         name: "ratelimit",
         instance_id,

@@ -9,7 +9,6 @@ use anyhow::Context;
 
 use crate::Output;
 
-#[path = "import.rs"]
 mod import;
 
 #[derive(clap::Subcommand)]

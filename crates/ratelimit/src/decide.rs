@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::error::RateLimitError;
 use crate::limiter::{CheckItem, CheckOutcome, Limiter};
+use crate::spec::Policy;
 
 /// Decides rate-limit checks.
 #[async_trait::async_trait]
@@ -22,8 +23,9 @@ pub trait Decide: Send + Sync + 'static {
         deadline: Option<Instant>,
     ) -> Result<Vec<CheckOutcome>, RateLimitError>;
 
-    /// Whether a policy called `name` applies in `namespace` (used to match Envoy descriptors).
-    fn has_policy(&self, namespace: &str, name: &str) -> bool;
+    /// The policy called `name` as seen from `namespace`, if any (Envoy descriptors are
+    /// matched against policy names, and their limits are reported back to Envoy).
+    fn policy(&self, namespace: &str, name: &str) -> Option<Policy>;
 }
 
 #[async_trait::async_trait]
@@ -38,7 +40,7 @@ impl Decide for Limiter {
         self.check(&items, all_or_nothing)
     }
 
-    fn has_policy(&self, namespace: &str, name: &str) -> bool {
-        self.policies().contains_in(namespace, name)
+    fn policy(&self, namespace: &str, name: &str) -> Option<Policy> {
+        self.policies().get_in(namespace, name).cloned()
     }
 }

@@ -39,7 +39,7 @@ pub use rls::rate_limit_service_server::SERVICE_NAME;
 
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
-use crate::limiter::{CheckItem, CheckOutcome, LimitRef, Limiter};
+use crate::limiter::{CheckItem, CheckOutcome, LimitRef};
 use crate::metrics::RateLimitMetrics;
 use crate::spec::{
     Algorithm, LimitSpec, MAX_ITEMS, MAX_KEY_LEN, MAX_NAMESPACE_LEN, MAX_POLICY_NAME_LEN,
@@ -157,28 +157,12 @@ pub fn limit_per_unit(limit: u64, period: Duration) -> (u32, Unit) {
     (requests, unit)
 }
 
-/// Looks up a configured policy's limit, to report it as `current_limit`.
-///
-/// Interim: once [`Decide`] returns the policy it matched (not only whether it exists), the
-/// adapter reads the limit from there and this trait goes away.
-pub trait PolicyLimits: Send + Sync + 'static {
-    /// The limit of the policy `name` as seen from `namespace`, if it exists.
-    fn policy_limit(&self, namespace: &str, name: &str) -> Option<LimitSpec>;
-}
-
-impl PolicyLimits for Limiter {
-    fn policy_limit(&self, namespace: &str, name: &str) -> Option<LimitSpec> {
-        self.policies().get_in(namespace, name).map(|p| p.spec)
-    }
-}
-
 /// Serves `envoy.service.ratelimit.v3.RateLimitService` over a [`Decide`].
 #[derive(Clone)]
 pub struct EnvoyRlsGrpc {
     decider: Arc<dyn Decide>,
     instance_id: Arc<str>,
     metrics: Option<RateLimitMetrics>,
-    policy_limits: Option<Arc<dyn PolicyLimits>>,
 }
 
 /// What answers one descriptor.
@@ -209,7 +193,6 @@ impl EnvoyRlsGrpc {
             decider,
             instance_id: instance_id.into(),
             metrics: None,
-            policy_limits: None,
         }
     }
 
@@ -217,13 +200,6 @@ impl EnvoyRlsGrpc {
     #[must_use]
     pub fn with_metrics(mut self, metrics: RateLimitMetrics) -> Self {
         self.metrics = Some(metrics);
-        self
-    }
-
-    /// Reports matched policies' limits from `limits`; without it their unit is UNKNOWN.
-    #[must_use]
-    pub fn with_policy_limits(mut self, limits: Arc<dyn PolicyLimits>) -> Self {
-        self.policy_limits = Some(limits);
         self
     }
 
@@ -337,7 +313,7 @@ impl EnvoyRlsGrpc {
                 })
                 .collect();
             let name = descriptor_policy_name(&path?);
-            (name.len() <= MAX_POLICY_NAME_LEN && self.decider.has_policy(namespace, &name))
+            (name.len() <= MAX_POLICY_NAME_LEN && self.decider.policy(namespace, &name).is_some())
                 .then_some(name)
         })
     }
@@ -408,10 +384,7 @@ impl EnvoyRlsGrpc {
                 unit: *unit as i32,
             },
             ReportedLimit::Policy(name) => {
-                let spec = self
-                    .policy_limits
-                    .as_ref()
-                    .and_then(|limits| limits.policy_limit(namespace, name));
+                let spec = self.decider.policy(namespace, name).map(|p| p.spec);
                 let (requests_per_unit, unit) = match spec {
                     Some(spec) => limit_per_unit(spec.limit, spec.period),
                     None => (

@@ -418,8 +418,8 @@ impl Decide for ClusterRouter {
         Ok(ordered.into_iter().flatten().collect())
     }
 
-    fn has_policy(&self, namespace: &str, name: &str) -> bool {
-        self.limiter.policies().contains_in(namespace, name)
+    fn policy(&self, namespace: &str, name: &str) -> Option<crate::spec::Policy> {
+        self.limiter.policy(namespace, name)
     }
 }
 

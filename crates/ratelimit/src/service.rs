@@ -16,6 +16,7 @@ use tonic::service::Routes;
 use crate::clock::SystemClock;
 use crate::config::LimiterConfig;
 use crate::decide::Decide;
+use crate::envoy::EnvoyRlsGrpc;
 use crate::error::RateLimitError;
 use crate::grpc::RateLimiterGrpc;
 use crate::limiter::Limiter;
@@ -153,13 +154,18 @@ impl RateLimitArgs {
             )
             .await?,
         );
+        let envoy =
+            EnvoyRlsGrpc::new(decider.clone(), &instance_id).with_metrics(domain_metrics.clone());
         let server =
             RateLimiterGrpc::new(decider, store, domain_metrics, &instance_id).into_server();
         Ok(ServiceSpec {
             name: NAME,
             instance_id,
-            grpc_services: vec![SERVICE_NAME.to_owned()],
-            routes: Routes::new(server),
+            grpc_services: vec![
+                SERVICE_NAME.to_owned(),
+                crate::envoy::SERVICE_NAME.to_owned(),
+            ],
+            routes: Routes::new(server).add_service(envoy.into_server()),
             grpc_listen: self.listen,
             admin_listen: self.admin_listen,
         })

@@ -89,23 +89,47 @@ struct RateLimitConfig {
 }
 
 /// A YAML scalar read as text, as envoyproxy/ratelimit reads keys and values (`value: 500`).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Scalar {
-    Text(String),
-    Integer(i64),
-    Float(f64),
-    Bool(bool),
-}
+struct Scalar(String);
 
 impl Scalar {
     fn into_text(self) -> String {
-        match self {
-            Self::Text(text) => text,
-            Self::Integer(n) => n.to_string(),
-            Self::Float(x) => x.to_string(),
-            Self::Bool(b) => b.to_string(),
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ScalarVisitor;
+
+        impl serde::de::Visitor<'_> for ScalarVisitor {
+            type Value = Scalar;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string, number or boolean")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_owned()))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
         }
+
+        deserializer.deserialize_any(ScalarVisitor)
     }
 }
 
@@ -185,18 +209,13 @@ fn convert_level(
             path.pop();
             continue;
         }
-        if let Some(rate_limit) = descriptor.rate_limit {
-            if let Some(policy) = convert_limit(domain, &label, path, rate_limit, out)? {
-                let mode = if descriptor.shadow_mode {
-                    pb::Mode::Shadow
-                } else {
-                    pb::Mode::Enforce
-                };
-                out.policies.push(pb::Policy {
-                    mode: mode as i32,
-                    ..policy
-                });
+        if let Some(rate_limit) = descriptor.rate_limit
+            && let Some(mut policy) = convert_limit(domain, &label, path, rate_limit, out)?
+        {
+            if descriptor.shadow_mode {
+                policy.mode = pb::Mode::Shadow as i32;
             }
+            out.policies.push(policy);
         }
         convert_level(
             domain,
@@ -267,6 +286,7 @@ fn convert_limit(
             burst: 0,
             algorithm: pb::Algorithm::FixedWindow as i32,
         }),
+        mode: pb::Mode::Enforce as i32,
         ..pb::Policy::default()
     }))
 }
@@ -520,6 +540,12 @@ descriptors:
         assert!(message.contains("line"), "{message}");
         let message = error("domain: edge\ndescriptors:\n  - key: a\n    limit: 3\n");
         assert!(message.contains("unknown field `limit`"), "{message}");
+        assert!(message.contains("line 4"), "{message}");
+        let message = error("domain: edge\ndescriptors:\n  - key: a\n    value: {x: 1}\n");
+        assert!(
+            message.starts_with("descriptors[0].value: invalid type: map, expected a string"),
+            "{message}"
+        );
         assert!(message.contains("line 4"), "{message}");
     }
 

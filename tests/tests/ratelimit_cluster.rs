@@ -290,3 +290,122 @@ async fn test_with_redis_stopped_each_failure_policy_answers_within_its_budget()
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn test_envoy_rls_is_ok_until_the_limit_then_over_limit_across_instances()
+-> anyhow::Result<()> {
+    use agentmesh_proto::envoy::extensions::common::ratelimit::v3::{
+        RateLimitDescriptor, rate_limit_descriptor,
+    };
+    use agentmesh_proto::envoy::service::ratelimit::v3::RateLimitRequest;
+    use agentmesh_proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use agentmesh_proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+
+    let etcd = EtcdServer::start().await?;
+    let processes = start_three(&etcd, None).await?;
+    let name = agentmesh_ratelimit::envoy::descriptor_policy_name(&[("generic_key", Some("api"))]);
+    let policy = pb::Policy {
+        namespace: "edge".into(),
+        name,
+        limit: Some(pb::LimitSpec {
+            limit: 5,
+            period: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            burst: 0,
+            algorithm: pb::Algorithm::FixedWindow as i32,
+        }),
+        ..Default::default()
+    };
+    client(&processes[0])
+        .await?
+        .put_policy(pb::PutPolicyRequest {
+            policy: Some(policy),
+            expected_version: 0,
+        })
+        .await?;
+    let request = RateLimitRequest {
+        domain: "edge".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![rate_limit_descriptor::Entry {
+                key: "generic_key".into(),
+                value: "api".into(),
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 1,
+    };
+    let mut envoys = Vec::new();
+    for p in &processes {
+        envoys.push(RateLimitServiceClient::connect(format!("http://{}", p.grpc_addr)).await?);
+    }
+    // Every instance must have applied the policy before counting starts.
+    // A descriptor-level hits_addend of 0 spends nothing (a request-level 0 counts as 1).
+    let mut peek = request.clone();
+    peek.descriptors[0].hits_addend = Some(0);
+    for e in &envoys {
+        wait_until(Duration::from_secs(2), "policy applied", || {
+            let (mut e, peek) = (e.clone(), peek.clone());
+            async move {
+                e.should_rate_limit(peek)
+                    .await
+                    .is_ok_and(|r| r.into_inner().statuses[0].current_limit.is_some())
+            }
+        })
+        .await?;
+    }
+    let mut codes = Vec::new();
+    for i in 0..9 {
+        let response = envoys[i % 3]
+            .should_rate_limit(request.clone())
+            .await?
+            .into_inner();
+        codes.push(response.overall_code);
+    }
+    let ok = codes.iter().filter(|c| **c == Code::Ok as i32).count();
+    assert_eq!(ok, 5, "five allowed across the instances: {codes:?}");
+    assert_eq!(codes[5..], [Code::OverLimit as i32; 4], "{codes:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn test_peeks_at_a_stored_fixed_window_policy_spend_nothing_on_any_instance()
+-> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let processes = start_three(&etcd, None).await?;
+    let policy = pb::Policy {
+        namespace: "edge".into(),
+        name: "window".into(),
+        limit: Some(pb::LimitSpec {
+            limit: 5,
+            period: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            burst: 0,
+            algorithm: pb::Algorithm::FixedWindow as i32,
+        }),
+        ..Default::default()
+    };
+    client(&processes[0])
+        .await?
+        .put_policy(pb::PutPolicyRequest {
+            policy: Some(policy),
+            expected_version: 0,
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let peek = pb::CheckItem {
+        namespace: "edge".into(),
+        key: "generic_key=api".into(),
+        cost: 0,
+        limit_ref: Some(pb::check_item::LimitRef::Policy("window".into())),
+        ..Default::default()
+    };
+    for p in &processes {
+        let r = check(&mut client(p).await?, peek.clone()).await?;
+        assert_eq!(r.remaining, 5, "a peek spends nothing: {r:?}");
+    }
+    Ok(())
+}

@@ -29,6 +29,10 @@ pub(crate) enum BenchCommand {
     Ratelimit(RatelimitBench),
     /// Load a bare echo server (the anchor) with the same loop.
     Echo(EchoBench),
+    /// The earlier platform's design, as the baseline: every decision is one token-bucket Lua
+    /// script in Redis (TIME, HMGET, refill, HSET, PEXPIRE) called by the client itself over one
+    /// multiplexed connection.
+    RedisScript(RedisScriptBench),
     /// Serve the bare tonic echo anchor (no agentmesh layers) until interrupted.
     EchoServer {
         /// Listen address.
@@ -39,7 +43,7 @@ pub(crate) enum BenchCommand {
 
 #[derive(clap::Args, Clone)]
 pub(crate) struct LoadArgs {
-    /// Server address.
+    /// Server address; several comma-separated addresses spread the load over them.
     #[arg(long)]
     addr: Option<String>,
     /// Calls in flight.
@@ -54,6 +58,11 @@ pub(crate) struct LoadArgs {
     /// Unmeasured time before it.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     warmup: Duration,
+    /// Calls per second in total (open loop, spread over the in-flight slots); 0 = as fast as
+    /// possible (closed loop). Latency is measured from each call's scheduled time, so a stall
+    /// shows up in the figures instead of lowering the rate.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// Output format of the summary.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -72,6 +81,38 @@ pub(crate) struct RatelimitBench {
     /// Use StreamCheck: one stream per in-flight slot instead of unary calls.
     #[arg(long)]
     stream: bool,
+    /// Where the checks are decided.
+    #[arg(long, value_enum, default_value_t = ConsistencyArg::Local)]
+    consistency: ConsistencyArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum ConsistencyArg {
+    Local,
+    Owner,
+    Strict,
+}
+
+impl From<ConsistencyArg> for pb::Consistency {
+    fn from(c: ConsistencyArg) -> Self {
+        match c {
+            ConsistencyArg::Local => pb::Consistency::Local,
+            ConsistencyArg::Owner => pb::Consistency::Owner,
+            ConsistencyArg::Strict => pb::Consistency::Strict,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct RedisScriptBench {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Redis URL.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Distinct keys the decisions cycle through.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
 }
 
 #[derive(clap::Args)]
@@ -118,6 +159,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                 .clone()
                 .unwrap_or_else(|| "127.0.0.1:7104".to_owned());
             let channels = connect(&addr, args.load.connections).await?;
+            let consistency = pb::Consistency::from(args.consistency) as i32;
             let batch = args.batch.clamp(1, 1000);
             let keys = args.keys.max(1);
             let label = if args.stream {
@@ -131,7 +173,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                     let stream = streams[worker].clone();
                     async move {
                         stream
-                            .call(seq, check_request(worker, seq, batch, keys))
+                            .call(seq, check_request(worker, seq, batch, keys, consistency))
                             .await
                     }
                 })
@@ -141,7 +183,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                     let mut client = pb::rate_limiter_client::RateLimiterClient::new(
                         channels[worker % channels.len()].clone(),
                     );
-                    let request = check_request(worker, seq, batch, keys);
+                    let request = check_request(worker, seq, batch, keys, consistency);
                     async move {
                         client
                             .check(request)
@@ -155,12 +197,80 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             summary.print(label, &args.load, batch);
             Ok(ExitCode::SUCCESS)
         }
+        BenchCommand::RedisScript(args) => redis_script(args).await,
     }
+}
+
+/// The earlier platform's token bucket: one script per decision, on Redis's clock.
+const TOKEN_BUCKET_LUA: &str = r"
+local capacity = tonumber(ARGV[1])
+local refill_per_ms = tonumber(ARGV[2]) / 1000
+local cost = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or capacity
+local ts = tonumber(state[2]) or now
+tokens = math.min(capacity, tokens + (now - ts) * refill_per_ms)
+local allowed = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / refill_per_ms))
+return {allowed, math.floor(tokens)}
+";
+
+async fn redis_script(args: RedisScriptBench) -> anyhow::Result<ExitCode> {
+    let client = redis::Client::open(args.redis.as_str())
+        .with_context(|| format!("invalid Redis URL {}", args.redis))?;
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| format!("cannot connect to {}", args.redis))?;
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(TOKEN_BUCKET_LUA)
+        .query_async(&mut connection)
+        .await?;
+    let keys = args.keys.max(1);
+    let summary = run_load(&args.load, 1, move |worker, seq| {
+        let mut connection = connection.clone();
+        let key = format!("bench:tb:k{}", (seq + worker as u64 * 7919) % keys);
+        let sha = sha.clone();
+        async move {
+            redis::cmd("EVALSHA")
+                .arg(&sha)
+                .arg(1)
+                .arg(key)
+                .arg(1_000_000_000u64)
+                .arg(1_000_000_000u64)
+                .arg(1)
+                .query_async::<Vec<i64>>(&mut connection)
+                .await
+                .map(|_| ())
+                .map_err(|_| tonic::Code::Unavailable)
+        }
+    })
+    .await;
+    summary.print(
+        "redis token-bucket script per decision (baseline)",
+        &args.load,
+        1,
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A Check of `batch` items over `keys` keys under a limit high enough to always allow, so
 /// the figure measures the decision path, not denials.
-fn check_request(worker: usize, seq: u64, batch: usize, keys: u64) -> pb::CheckRequest {
+fn check_request(
+    worker: usize,
+    seq: u64,
+    batch: usize,
+    keys: u64,
+    consistency: i32,
+) -> pb::CheckRequest {
     let items = (0..batch as u64)
         .map(|i| pb::CheckItem {
             namespace: "bench".to_owned(),
@@ -176,8 +286,8 @@ fn check_request(worker: usize, seq: u64, batch: usize, keys: u64) -> pb::CheckR
                 algorithm: pb::Algorithm::Gcra as i32,
             })),
             mode: 0,
-            consistency: 0,
-            on_failure: 0,
+            consistency,
+            on_failure: pb::FailurePolicy::FailClosed as i32,
         })
         .collect();
     pb::CheckRequest {
@@ -186,11 +296,24 @@ fn check_request(worker: usize, seq: u64, batch: usize, keys: u64) -> pb::CheckR
     }
 }
 
+/// `connections` channels to each of the comma-separated addresses in `addr`.
 async fn connect(addr: &str, connections: usize) -> anyhow::Result<Vec<Channel>> {
     let config = agentmesh_runtime::ClientConfig::default();
     let mut channels = Vec::new();
+    for addr in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        channels.extend(connect_one(addr, connections, &config).await?);
+    }
+    Ok(channels)
+}
+
+async fn connect_one(
+    addr: &str,
+    connections: usize,
+    config: &agentmesh_runtime::ClientConfig,
+) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::new();
     for _ in 0..connections.max(1) {
-        let endpoint = agentmesh_runtime::client::endpoint(addr, &config)?;
+        let endpoint = agentmesh_runtime::client::endpoint(addr, config)?;
         channels.push(
             endpoint
                 .connect()
@@ -282,6 +405,7 @@ impl Summary {
                     "p50_us": q(0.5),
                     "p90_us": q(0.9),
                     "p99_us": q(0.99),
+                    "p999_us": q(0.999),
                     "max_us": self.latency.max(),
                 })
             ),
@@ -309,10 +433,11 @@ impl Summary {
                         .unwrap_or_default()
                 );
                 println!(
-                    "  latency     p50 {}  p90 {}  p99 {}  max {}",
+                    "  latency     p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
                     micros(q(0.5)),
                     micros(q(0.9)),
                     micros(q(0.99)),
+                    micros(q(0.999)),
                     micros(self.latency.max())
                 );
             }
@@ -340,7 +465,8 @@ where
     let stopping = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
-    for worker in 0..load.concurrency.max(1) {
+    let (rate, slots) = (load.rate, load.concurrency.max(1));
+    for worker in 0..slots {
         let call = call.clone();
         let (measuring, stopping, done) = (measuring.clone(), stopping.clone(), done.clone());
         workers.push(tokio::spawn(async move {
@@ -348,9 +474,21 @@ where
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let (mut errors, mut first_error) = (0u64, None);
             let mut seq = 0u64;
+            // Open loop: this slot's calls are `interval` apart, starting offset by its index.
+            let interval = (rate > 0.0).then(|| Duration::from_secs_f64(slots as f64 / rate));
+            let mut next = Instant::now()
+                + interval.map_or(Duration::ZERO, |i| i.mul_f64(worker as f64 / slots as f64));
             while !stopping.load(Ordering::Relaxed) {
+                let start = match interval {
+                    Some(interval) => {
+                        tokio::time::sleep_until(next.into()).await;
+                        let scheduled = next;
+                        next += interval;
+                        scheduled
+                    }
+                    None => Instant::now(),
+                };
                 let measured = measuring.load(Ordering::Relaxed);
-                let start = Instant::now();
                 let result = call(worker, seq).await;
                 seq += 1;
                 if measured && !stopping.load(Ordering::Relaxed) {

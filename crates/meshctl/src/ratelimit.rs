@@ -10,6 +10,7 @@ use anyhow::Context;
 use crate::Output;
 
 mod import;
+mod policies;
 
 #[derive(clap::Subcommand)]
 pub(crate) enum RatelimitCommand {
@@ -17,6 +18,8 @@ pub(crate) enum RatelimitCommand {
     Check(CheckArgs),
     /// Import an envoyproxy/ratelimit config file (YAML) as policies.
     Import(import::ImportArgs),
+    /// List, show or delete stored policies.
+    Policies(policies::PoliciesArgs),
 }
 
 #[derive(clap::Args)]
@@ -105,6 +108,7 @@ pub(crate) async fn run(cmd: RatelimitCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         RatelimitCommand::Check(args) => check(args).await,
         RatelimitCommand::Import(args) => import::run(args).await,
+        RatelimitCommand::Policies(args) => policies::run(args).await,
     }
 }
 

@@ -409,3 +409,62 @@ async fn test_peeks_at_a_stored_fixed_window_policy_spend_nothing_on_any_instanc
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn test_leases_hold_their_limit_across_instances() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let processes = start_three(&etcd, None).await?;
+    let acquire = pb::AcquireRequest {
+        namespace: "agents".into(),
+        key: "llm-slots".into(),
+        limit: 2,
+        ttl: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        consistency: 0,
+    };
+    let mut granted = Vec::new();
+    let mut deciders = Vec::new();
+    for p in &processes {
+        let r = client(p)
+            .await?
+            .acquire(acquire.clone())
+            .await?
+            .into_inner();
+        deciders.push(r.decided_by.clone());
+        if r.acquired {
+            granted.push(r.lease_id);
+        }
+    }
+    assert_eq!(granted.len(), 2, "two slots across three instances");
+    assert!(
+        deciders.iter().all(|d| d == &deciders[0]),
+        "one owner holds the key's leases: {deciders:?}"
+    );
+    // A lease taken through one instance is released through another.
+    let release = pb::ReleaseRequest {
+        namespace: "agents".into(),
+        key: "llm-slots".into(),
+        lease_id: granted[0].clone(),
+        consistency: 0,
+    };
+    assert_eq!(
+        client(&processes[2])
+            .await?
+            .release(release)
+            .await?
+            .into_inner()
+            .in_use,
+        1
+    );
+    assert!(
+        client(&processes[1])
+            .await?
+            .acquire(acquire)
+            .await?
+            .into_inner()
+            .acquired
+    );
+    Ok(())
+}

@@ -437,3 +437,144 @@ async fn test_one_trace_spans_client_and_server() {
             .any(|kv| kv.key.as_str() == "rpc.grpc.status_code" && kv.value.as_str() == "0")
     );
 }
+
+fn acquire_request(key: &str, limit: u64, ttl_secs: i64) -> pb::AcquireRequest {
+    pb::AcquireRequest {
+        namespace: "agents".into(),
+        key: key.into(),
+        limit,
+        ttl: Some(prost_types::Duration {
+            seconds: ttl_secs,
+            nanos: 0,
+        }),
+        consistency: 0,
+    }
+}
+
+#[tokio::test]
+async fn test_leases_cap_concurrency_and_free_slots_on_release_and_expiry() {
+    let metrics = Metrics::new();
+    let running = start(&metrics, None).await;
+    let mut client = client(&running, &metrics);
+    let first = client
+        .acquire(acquire_request("gpu", 2, 60))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = client
+        .acquire(acquire_request("gpu", 2, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.acquired && second.acquired);
+    assert_eq!((second.in_use, second.lease_id.len()), (2, 16));
+    let third = client
+        .acquire(acquire_request("gpu", 2, 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!third.acquired, "the limit is 2");
+    let retry = third.retry_after.unwrap();
+    assert!(
+        retry.seconds <= 1,
+        "the soonest lease expires within a second: {retry:?}"
+    );
+
+    // Release frees a slot; a second release of the same lease is NOT_FOUND.
+    let release = |lease_id: &str| pb::ReleaseRequest {
+        namespace: "agents".into(),
+        key: "gpu".into(),
+        lease_id: lease_id.into(),
+        consistency: 0,
+    };
+    assert_eq!(
+        client
+            .release(release(&first.lease_id))
+            .await
+            .unwrap()
+            .into_inner()
+            .in_use,
+        1
+    );
+    assert_eq!(
+        client
+            .release(release(&first.lease_id))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+
+    // The 1 s lease expires by itself: its holder "crashed" without releasing.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let renew = pb::RenewLeaseRequest {
+        namespace: "agents".into(),
+        key: "gpu".into(),
+        lease_id: second.lease_id.clone(),
+        ttl: None,
+        consistency: 0,
+    };
+    assert_eq!(
+        client.renew_lease(renew).await.unwrap_err().code(),
+        Code::NotFound,
+        "expired"
+    );
+    let a = client
+        .acquire(acquire_request("gpu", 2, 60))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = client
+        .acquire(acquire_request("gpu", 2, 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(a.acquired && b.acquired, "both slots are free again");
+    let renew = pb::RenewLeaseRequest {
+        namespace: "agents".into(),
+        key: "gpu".into(),
+        lease_id: a.lease_id,
+        ttl: Some(prost_types::Duration {
+            seconds: 120,
+            nanos: 0,
+        }),
+        consistency: 0,
+    };
+    client.renew_lease(renew).await.unwrap();
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn test_lease_calls_reject_bad_input_naming_every_field() {
+    let metrics = Metrics::new();
+    let running = start(&metrics, None).await;
+    let mut client = client(&running, &metrics);
+    let mut bad = acquire_request("", 0, 0);
+    bad.consistency = pb::Consistency::Strict as i32;
+    let status = client.acquire(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let details = status.get_error_details();
+    let mut fields: Vec<String> = details
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    fields.sort();
+    assert_eq!(fields, ["consistency", "key", "limit", "ttl"]);
+    let release = pb::ReleaseRequest {
+        namespace: "a".into(),
+        key: "k".into(),
+        lease_id: "xyz".into(),
+        consistency: 0,
+    };
+    let status = client.release(release).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("lease_id"),
+        "{}",
+        status.message()
+    );
+    running.shutdown().await.unwrap();
+}

@@ -79,6 +79,12 @@ pub enum RateLimitError {
     /// A dependency (etcd, Redis, a peer) did not answer.
     #[error("{0}")]
     Unavailable(String),
+    /// A lease that was asked for does not exist (released, expired, or never taken).
+    #[error("{0}")]
+    LeaseNotFound(String),
+    /// This instance holds its maximum of something (leases).
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 impl RateLimitError {

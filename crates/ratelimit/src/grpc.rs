@@ -13,11 +13,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::concurrency::{DEFAULT_LEASE_TTL, MAX_CONCURRENCY, MAX_LEASE_TTL, MIN_LEASE_TTL};
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
 use crate::limiter::{CheckItem, CheckOutcome, LimitRef};
 use crate::metrics::RateLimitMetrics;
 use crate::policy_store::PolicyStore;
+use crate::router::{ClusterRouter, LeaseTarget};
 use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode, Policy, ScopedPolicy};
 
 /// Responses buffered per StreamCheck stream before the server stops reading requests.
@@ -41,6 +43,10 @@ impl From<RateLimitError> for Status {
             RateLimitError::StoredPolicyNotFound { .. } => status::not_found(err.to_string()),
             RateLimitError::VersionMismatch { .. } => Status::aborted(err.to_string()),
             RateLimitError::Unavailable(_) => status::unavailable(err.to_string()),
+            RateLimitError::LeaseNotFound(_) => status::not_found(err.to_string()),
+            RateLimitError::ResourceExhausted(_) => {
+                status::resource_exhausted(err.to_string(), None)
+            }
         }
     }
 }
@@ -50,6 +56,7 @@ impl From<RateLimitError> for Status {
 #[derive(Clone)]
 pub struct RateLimiterGrpc {
     decider: Arc<dyn Decide>,
+    router: Arc<ClusterRouter>,
     policies: Arc<dyn PolicyStore>,
     metrics: RateLimitMetrics,
     instance_id: Arc<str>,
@@ -59,13 +66,14 @@ impl RateLimiterGrpc {
     /// An adapter that reports `instance_id` as the deciding instance.
     #[must_use]
     pub fn new(
-        decider: Arc<dyn Decide>,
+        router: Arc<ClusterRouter>,
         policies: Arc<dyn PolicyStore>,
         metrics: RateLimitMetrics,
         instance_id: &str,
     ) -> Self {
         Self {
-            decider,
+            decider: router.clone(),
+            router,
             policies,
             metrics,
             instance_id: instance_id.into(),
@@ -165,6 +173,145 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
             .delete(&request.namespace, &request.name, request.expected_version)
             .await?;
         Ok(Response::new(pb::DeletePolicyResponse {}))
+    }
+
+    async fn acquire(
+        &self,
+        request: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let deadline =
+            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let r = request.into_inner();
+        let mut violations = Vec::new();
+        if r.limit == 0 || r.limit > MAX_CONCURRENCY {
+            violations.push(FieldViolation::new(
+                "limit",
+                format!("must be between 1 and {MAX_CONCURRENCY}, got {}", r.limit),
+            ));
+        }
+        let (target, ttl) = decode_lease(
+            &r.namespace,
+            &r.key,
+            r.consistency,
+            r.ttl.as_ref(),
+            violations,
+        )?;
+        let (outcome, decided_by) = self.router.acquire(&target, r.limit, ttl, deadline).await?;
+        Ok(Response::new(pb::AcquireResponse {
+            acquired: outcome.lease_id.is_some(),
+            lease_id: outcome
+                .lease_id
+                .map(|id| format!("{id:016x}"))
+                .unwrap_or_default(),
+            in_use: outcome.in_use,
+            limit: r.limit,
+            retry_after: outcome.retry_after.map(duration_to_proto),
+            decided_by,
+        }))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        let deadline =
+            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let r = request.into_inner();
+        let mut violations = Vec::new();
+        let lease_id = decode_lease_id(&r.lease_id, &mut violations);
+        let (target, ttl) = decode_lease(
+            &r.namespace,
+            &r.key,
+            r.consistency,
+            r.ttl.as_ref(),
+            violations,
+        )?;
+        self.router.renew(&target, lease_id, ttl, deadline).await?;
+        Ok(Response::new(pb::RenewLeaseResponse {}))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let deadline =
+            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let r = request.into_inner();
+        let mut violations = Vec::new();
+        let lease_id = decode_lease_id(&r.lease_id, &mut violations);
+        let (target, _) = decode_lease(&r.namespace, &r.key, r.consistency, None, violations)?;
+        let in_use = self.router.release(&target, lease_id, deadline).await?;
+        Ok(Response::new(pb::ReleaseResponse { in_use }))
+    }
+}
+
+/// The target and TTL of a lease call, or every violation found (added to `violations`).
+fn decode_lease(
+    namespace: &str,
+    key: &str,
+    consistency: i32,
+    ttl: Option<&prost_types::Duration>,
+    mut violations: Vec<FieldViolation>,
+) -> Result<(LeaseTarget, Duration), RateLimitError> {
+    use crate::spec::{MAX_KEY_LEN, MAX_NAMESPACE_LEN, is_valid_identifier};
+    if !is_valid_identifier(namespace, MAX_NAMESPACE_LEN) {
+        violations.push(FieldViolation::new(
+            "namespace",
+            format!("must be 1 to {MAX_NAMESPACE_LEN} bytes without control characters"),
+        ));
+    }
+    if !is_valid_identifier(key, MAX_KEY_LEN) {
+        violations.push(FieldViolation::new(
+            "key",
+            format!("must be 1 to {MAX_KEY_LEN} bytes without control characters"),
+        ));
+    }
+    let consistency = match pb::Consistency::try_from(consistency) {
+        Ok(pb::Consistency::Unspecified) => None,
+        Ok(pb::Consistency::Local) => Some(Consistency::Local),
+        Ok(pb::Consistency::Owner) => Some(Consistency::Owner),
+        Ok(pb::Consistency::Strict) | Err(_) => {
+            violations.push(FieldViolation::new(
+                "consistency",
+                "leases are LOCAL or OWNER",
+            ));
+            None
+        }
+    };
+    let ttl = match ttl {
+        None => DEFAULT_LEASE_TTL,
+        Some(d) => match duration_from_proto(d) {
+            Some(ttl) if (MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&ttl) => ttl,
+            _ => {
+                violations.push(FieldViolation::new("ttl", "must be between 1s and 1h"));
+                DEFAULT_LEASE_TTL
+            }
+        },
+    };
+    if !violations.is_empty() {
+        return Err(RateLimitError::InvalidArgument(violations));
+    }
+    Ok((
+        LeaseTarget {
+            namespace: namespace.to_owned(),
+            key: key.to_owned(),
+            consistency,
+        },
+        ttl,
+    ))
+}
+
+/// A lease id as sent by Acquire: 16 hex digits.
+fn decode_lease_id(text: &str, violations: &mut Vec<FieldViolation>) -> u64 {
+    match u64::from_str_radix(text, 16) {
+        Ok(id) if text.len() == 16 => id,
+        _ => {
+            violations.push(FieldViolation::new(
+                "lease_id",
+                "must be the 16 hex digits Acquire returned",
+            ));
+            0
+        }
     }
 }
 

@@ -6,7 +6,9 @@
 //! `agentmesh.ratelimit.v1.RateLimiter`, and [`service`] assembles it for the host.
 
 pub mod algorithm;
+pub mod budget;
 pub mod clock;
+pub mod concurrency;
 pub mod config;
 pub mod decide;
 pub mod envoy;

@@ -30,6 +30,7 @@ use parking_lot::Mutex;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
+use crate::concurrency::{AcquireOutcome, LeaseError, LeaseTable};
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
 use crate::grpc::{decode_result, encode_item};
@@ -57,6 +58,8 @@ pub struct RouterConfig {
     pub default_consistency: Consistency,
     /// Time a forward or Redis call may take (capped by the caller's deadline).
     pub budget: Duration,
+    /// Most concurrency leases this instance holds.
+    pub max_leases: usize,
 }
 
 /// Router metrics: degraded answers by reason, forward and Redis latency.
@@ -136,6 +139,7 @@ struct Planned {
 /// Decides items across the cluster; see the module docs.
 pub struct ClusterRouter {
     limiter: Arc<Limiter>,
+    leases: LeaseTable,
     config: RouterConfig,
     strict: Option<RedisStrict>,
     owners: Owners,
@@ -168,6 +172,7 @@ impl ClusterRouter {
                 metrics.clone(),
                 config.budget,
             ),
+            leases: LeaseTable::new(config.max_leases),
             limiter,
             config,
             strict,
@@ -363,6 +368,255 @@ impl ClusterRouter {
                 outcome
             })
             .collect()
+    }
+}
+
+/// Which (namespace, key) a lease call is about, and where it is decided.
+#[derive(Clone, Debug)]
+pub struct LeaseTarget {
+    /// Namespace of the key.
+    pub namespace: String,
+    /// The key whose concurrency is limited.
+    pub key: String,
+    /// LOCAL or OWNER; `None` = the cluster default.
+    pub consistency: Option<Consistency>,
+}
+
+/// Where a lease call goes.
+enum LeaseRoute {
+    Here,
+    Peer(String),
+}
+
+fn lease_error(e: LeaseError) -> RateLimitError {
+    match e {
+        LeaseError::Unknown(_) => RateLimitError::LeaseNotFound(e.to_string()),
+        LeaseError::Full(_) => RateLimitError::ResourceExhausted(e.to_string()),
+    }
+}
+
+/// An owner's answer to a forwarded lease call.
+fn peer_error(peer: &str, status: &tonic::Status) -> RateLimitError {
+    match status.code() {
+        tonic::Code::NotFound => RateLimitError::LeaseNotFound(status.message().to_owned()),
+        tonic::Code::ResourceExhausted => {
+            RateLimitError::ResourceExhausted(status.message().to_owned())
+        }
+        code => RateLimitError::Unavailable(format!(
+            "owner {peer} answered {code:?}: {}",
+            status.message()
+        )),
+    }
+}
+
+impl ClusterRouter {
+    fn lease_route(&self, target: &LeaseTarget) -> Result<LeaseRoute, RateLimitError> {
+        match target
+            .consistency
+            .unwrap_or(self.config.default_consistency)
+        {
+            Consistency::Local => Ok(LeaseRoute::Here),
+            Consistency::Strict => Err(RateLimitError::invalid(
+                "consistency",
+                "leases are LOCAL or OWNER",
+            )),
+            Consistency::Owner => {
+                let mut key = target.namespace.as_bytes().to_vec();
+                key.push(0);
+                key.extend_from_slice(target.key.as_bytes());
+                match self.owners.ring().owner(&key) {
+                    None => Err(RateLimitError::Unavailable(
+                        "no live rate-limiter member is known".to_owned(),
+                    )),
+                    Some(owner) if owner.instance_id == self.config.instance_id => {
+                        Ok(LeaseRoute::Here)
+                    }
+                    Some(owner) => Ok(LeaseRoute::Peer(owner.instance_id.clone())),
+                }
+            }
+        }
+    }
+
+    fn lease_key(target: &LeaseTarget) -> u64 {
+        use xxhash_rust::xxh3::xxh3_64_with_seed;
+        xxh3_64_with_seed(
+            target.key.as_bytes(),
+            xxh3_64_with_seed(target.namespace.as_bytes(), STRICT_KEY_SEED),
+        )
+    }
+
+    fn now_nanos() -> u64 {
+        u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        )
+        .unwrap_or(u64::MAX)
+    }
+
+    /// The wire consistency that makes the owner decide a forwarded lease call itself.
+    const HERE: i32 = pb::Consistency::Local as i32;
+
+    /// Takes a concurrency slot of the target's key; returns the outcome and the deciding
+    /// instance.
+    ///
+    /// # Errors
+    /// `Unavailable` when the owner does not answer within the budget, `ResourceExhausted`
+    /// when the deciding instance holds its maximum of leases.
+    pub async fn acquire(
+        &self,
+        target: &LeaseTarget,
+        limit: u64,
+        ttl: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<(AcquireOutcome, String), RateLimitError> {
+        match self.lease_route(target)? {
+            LeaseRoute::Here => {
+                let outcome = self
+                    .leases
+                    .acquire(Self::lease_key(target), limit, ttl, Self::now_nanos())
+                    .map_err(lease_error)?;
+                Ok((outcome, self.config.instance_id.clone()))
+            }
+            LeaseRoute::Peer(peer) => {
+                let request = pb::AcquireRequest {
+                    namespace: target.namespace.clone(),
+                    key: target.key.clone(),
+                    limit,
+                    ttl: Some(prost_types::Duration {
+                        seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+                        nanos: i32::try_from(ttl.subsec_nanos()).unwrap_or(0),
+                    }),
+                    consistency: Self::HERE,
+                };
+                let r = self
+                    .call_peer(
+                        &peer,
+                        deadline,
+                        |mut c, req| async move { c.acquire(req).await },
+                        request,
+                    )
+                    .await?;
+                let outcome = AcquireOutcome {
+                    lease_id: if r.acquired {
+                        u64::from_str_radix(&r.lease_id, 16).ok()
+                    } else {
+                        None
+                    },
+                    in_use: r.in_use,
+                    retry_after: r.retry_after.map(|d| {
+                        Duration::new(
+                            u64::try_from(d.seconds).unwrap_or(0),
+                            u32::try_from(d.nanos).unwrap_or(0),
+                        )
+                    }),
+                };
+                Ok((outcome, r.decided_by))
+            }
+        }
+    }
+
+    /// Extends a lease.
+    ///
+    /// # Errors
+    /// `LeaseNotFound` when it expired or was released; `Unavailable` when the owner is down.
+    pub async fn renew(
+        &self,
+        target: &LeaseTarget,
+        lease_id: u64,
+        ttl: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<(), RateLimitError> {
+        match self.lease_route(target)? {
+            LeaseRoute::Here => self
+                .leases
+                .renew(Self::lease_key(target), lease_id, ttl, Self::now_nanos())
+                .map_err(lease_error),
+            LeaseRoute::Peer(peer) => {
+                let request = pb::RenewLeaseRequest {
+                    namespace: target.namespace.clone(),
+                    key: target.key.clone(),
+                    lease_id: format!("{lease_id:016x}"),
+                    ttl: Some(prost_types::Duration {
+                        seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+                        nanos: i32::try_from(ttl.subsec_nanos()).unwrap_or(0),
+                    }),
+                    consistency: Self::HERE,
+                };
+                self.call_peer(
+                    &peer,
+                    deadline,
+                    |mut c, req| async move { c.renew_lease(req).await },
+                    request,
+                )
+                .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Returns a slot; gives the number still held.
+    ///
+    /// # Errors
+    /// `LeaseNotFound` when it expired or was released; `Unavailable` when the owner is down.
+    pub async fn release(
+        &self,
+        target: &LeaseTarget,
+        lease_id: u64,
+        deadline: Option<Instant>,
+    ) -> Result<u64, RateLimitError> {
+        match self.lease_route(target)? {
+            LeaseRoute::Here => self
+                .leases
+                .release(Self::lease_key(target), lease_id, Self::now_nanos())
+                .map_err(lease_error),
+            LeaseRoute::Peer(peer) => {
+                let request = pb::ReleaseRequest {
+                    namespace: target.namespace.clone(),
+                    key: target.key.clone(),
+                    lease_id: format!("{lease_id:016x}"),
+                    consistency: Self::HERE,
+                };
+                let r = self
+                    .call_peer(
+                        &peer,
+                        deadline,
+                        |mut c, req| async move { c.release(req).await },
+                        request,
+                    )
+                    .await?;
+                Ok(r.in_use)
+            }
+        }
+    }
+
+    /// One unbatched call to a peer within the budget (capped by the caller's deadline).
+    async fn call_peer<Req, Resp, F, Fut>(
+        &self,
+        peer: &str,
+        deadline: Option<Instant>,
+        call: F,
+        request: Req,
+    ) -> Result<Resp, RateLimitError>
+    where
+        F: FnOnce(
+            pb::rate_limiter_client::RateLimiterClient<ClientChannel>,
+            tonic::Request<Req>,
+        ) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let budget =
+            agentmesh_runtime::deadline::budget(deadline, self.config.budget, Instant::now());
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(budget);
+        match tokio::time::timeout(budget, call(self.owners.client(peer)?, request)).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(peer_error(peer, &status)),
+            Err(_) => Err(RateLimitError::Unavailable(format!(
+                "owner {peer} did not answer within {budget:?}"
+            ))),
+        }
     }
 }
 
@@ -600,6 +854,34 @@ impl Owners {
         ring.clone()
     }
 
+    /// The batcher (and channel) of a live peer, started on first use.
+    fn batcher(&self, peer: &str) -> Result<PeerBatcher, RateLimitError> {
+        let snapshot = self.snapshots.borrow().clone();
+        let member = snapshot
+            .members
+            .get(peer)
+            .ok_or_else(|| RateLimitError::Unavailable(format!("member {peer} left")))?;
+        let mut peers = self.peers.lock();
+        match peers.get(peer) {
+            Some(b) if b.addr == member.grpc_addr => Ok(b.clone()),
+            _ => {
+                let b = PeerBatcher::start(member, &self.metrics, self.budget)?;
+                peers.insert(peer.to_owned(), b.clone());
+                Ok(b)
+            }
+        }
+    }
+
+    /// A client to a live peer, for calls that are not batched.
+    fn client(
+        &self,
+        peer: &str,
+    ) -> Result<pb::rate_limiter_client::RateLimiterClient<ClientChannel>, RateLimitError> {
+        Ok(pb::rate_limiter_client::RateLimiterClient::new(
+            self.batcher(peer)?.channel,
+        ))
+    }
+
     async fn forward(
         &self,
         peer: &str,
@@ -607,22 +889,7 @@ impl Owners {
         all_or_nothing: bool,
         deadline: Instant,
     ) -> Result<Vec<CheckOutcome>, RateLimitError> {
-        let batcher = {
-            let snapshot = self.snapshots.borrow().clone();
-            let member = snapshot
-                .members
-                .get(peer)
-                .ok_or_else(|| RateLimitError::Unavailable(format!("member {peer} left")))?;
-            let mut peers = self.peers.lock();
-            match peers.get(peer) {
-                Some(b) if b.addr == member.grpc_addr => b.clone(),
-                _ => {
-                    let b = PeerBatcher::start(member, &self.metrics, self.budget)?;
-                    peers.insert(peer.to_owned(), b.clone());
-                    b
-                }
-            }
-        };
+        let batcher = self.batcher(peer)?;
         debug_assert_ne!(peer, self.self_id);
         let (reply_tx, reply_rx) = oneshot::channel();
         batcher
@@ -659,6 +926,8 @@ struct Job {
 struct PeerBatcher {
     addr: String,
     queue_tx: mpsc::Sender<Job>,
+    /// For calls that are not batched (leases).
+    channel: ClientChannel,
 }
 
 impl PeerBatcher {
@@ -671,10 +940,11 @@ impl PeerBatcher {
         let channel = agentmesh_runtime::connect_lazy(&member.grpc_addr, &config, metrics)
             .map_err(|e| RateLimitError::Unavailable(e.to_string()))?;
         let (queue_tx, queue_rx) = mpsc::channel(PEER_QUEUE);
-        tokio::spawn(run_batcher(channel, queue_rx));
+        tokio::spawn(run_batcher(channel.clone(), queue_rx));
         Ok(Self {
             addr: member.grpc_addr.clone(),
             queue_tx,
+            channel,
         })
     }
 }

@@ -15,7 +15,6 @@ use tonic::service::Routes;
 
 use crate::clock::SystemClock;
 use crate::config::LimiterConfig;
-use crate::decide::Decide;
 use crate::envoy::EnvoyRlsGrpc;
 use crate::error::RateLimitError;
 use crate::grpc::RateLimiterGrpc;
@@ -143,8 +142,9 @@ impl RateLimitArgs {
                 Consistency::Local
             },
             budget: self.budget,
+            max_leases: self.max_keys,
         };
-        let decider: Arc<dyn Decide> = Arc::new(
+        let router: Arc<ClusterRouter> = Arc::new(
             ClusterRouter::new(
                 limiter.clone(),
                 router,
@@ -155,9 +155,9 @@ impl RateLimitArgs {
             .await?,
         );
         let envoy =
-            EnvoyRlsGrpc::new(decider.clone(), &instance_id).with_metrics(domain_metrics.clone());
+            EnvoyRlsGrpc::new(router.clone(), &instance_id).with_metrics(domain_metrics.clone());
         let server =
-            RateLimiterGrpc::new(decider, store, domain_metrics, &instance_id).into_server();
+            RateLimiterGrpc::new(router, store, domain_metrics, &instance_id).into_server();
         Ok(ServiceSpec {
             name: NAME,
             instance_id,

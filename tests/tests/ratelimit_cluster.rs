@@ -468,3 +468,55 @@ async fn test_leases_hold_their_limit_across_instances() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn test_a_budget_reserved_on_one_instance_is_committed_on_another() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let processes = start_three(&etcd, None).await?;
+    let target = Some(pb::BudgetTarget {
+        namespace: "team-a".into(),
+        key: "monthly-usd".into(),
+        budget: Some(pb::BudgetSpec {
+            limit: 1_000_000,
+            window: pb::BudgetWindow::Month as i32,
+        }),
+        consistency: 0,
+    });
+    let r = client(&processes[0])
+        .await?
+        .reserve(pb::ReserveRequest {
+            target: target.clone(),
+            estimate: 300_000,
+            ttl: None,
+        })
+        .await?
+        .into_inner();
+    assert!(r.granted);
+    let usage = client(&processes[1])
+        .await?
+        .commit(pb::CommitRequest {
+            target: target.clone(),
+            reservation_id: r.reservation_id,
+            actual: 120_000,
+        })
+        .await?
+        .into_inner()
+        .usage
+        .unwrap();
+    assert_eq!(
+        (usage.spent, usage.reserved, usage.remaining),
+        (120_000, 0, 880_000)
+    );
+    let seen = client(&processes[2])
+        .await?
+        .get_usage(pb::GetUsageRequest { target })
+        .await?
+        .into_inner()
+        .usage
+        .unwrap();
+    assert_eq!(
+        seen.spent, 120_000,
+        "every instance sees the owner's ledger"
+    );
+    Ok(())
+}

@@ -578,3 +578,142 @@ async fn test_lease_calls_reject_bad_input_naming_every_field() {
     );
     running.shutdown().await.unwrap();
 }
+
+fn budget_target(key: &str, limit: u64) -> Option<pb::BudgetTarget> {
+    Some(pb::BudgetTarget {
+        namespace: "team-a".into(),
+        key: key.into(),
+        budget: Some(pb::BudgetSpec {
+            limit,
+            window: pb::BudgetWindow::Day as i32,
+        }),
+        consistency: 0,
+    })
+}
+
+#[tokio::test]
+async fn test_budgets_reserve_then_commit_refunds_and_cancel_releases() {
+    let metrics = Metrics::new();
+    let running = start(&metrics, None).await;
+    let mut client = client(&running, &metrics);
+    let reserve = |estimate| pb::ReserveRequest {
+        target: budget_target("agent-7", 10_000),
+        estimate,
+        ttl: None,
+    };
+    let r = client.reserve(reserve(4_000)).await.unwrap().into_inner();
+    assert!(r.granted);
+    let usage = r.usage.unwrap();
+    assert_eq!((usage.reserved, usage.remaining), (4_000, 6_000));
+    assert_eq!(
+        usage.window_end_ms - usage.window_start_ms,
+        86_400_000,
+        "a UTC day"
+    );
+    // The LLM call used 2,500 tokens: 1,500 come back.
+    let commit = pb::CommitRequest {
+        target: budget_target("agent-7", 10_000),
+        reservation_id: r.reservation_id.clone(),
+        actual: 2_500,
+    };
+    let usage = client
+        .commit(commit.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .usage
+        .unwrap();
+    assert_eq!(
+        (usage.spent, usage.reserved, usage.remaining),
+        (2_500, 0, 7_500)
+    );
+    assert_eq!(
+        client.commit(commit).await.unwrap_err().code(),
+        Code::NotFound,
+        "settled once"
+    );
+
+    let big = client.reserve(reserve(8_000)).await.unwrap().into_inner();
+    assert!(!big.granted, "8,000 does not fit in the 7,500 left");
+    assert!(big.reservation_id.is_empty());
+    let held = client.reserve(reserve(7_000)).await.unwrap().into_inner();
+    assert!(held.granted);
+    let cancel = pb::CancelRequest {
+        target: budget_target("agent-7", 10_000),
+        reservation_id: held.reservation_id,
+    };
+    let usage = client
+        .cancel(cancel)
+        .await
+        .unwrap()
+        .into_inner()
+        .usage
+        .unwrap();
+    assert_eq!(
+        (usage.spent, usage.reserved, usage.remaining),
+        (2_500, 0, 7_500)
+    );
+    let usage = client
+        .get_usage(pb::GetUsageRequest {
+            target: budget_target("agent-7", 10_000),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .usage
+        .unwrap();
+    assert_eq!(usage.spent, 2_500);
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn test_budget_calls_reject_bad_input_naming_every_field() {
+    let metrics = Metrics::new();
+    let running = start(&metrics, None).await;
+    let mut client = client(&running, &metrics);
+    let target = Some(pb::BudgetTarget {
+        namespace: String::new(),
+        key: "k".into(),
+        budget: Some(pb::BudgetSpec {
+            limit: 0,
+            window: 0,
+        }),
+        consistency: 0,
+    });
+    let status = client
+        .reserve(pb::ReserveRequest {
+            target,
+            estimate: 1,
+            ttl: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let details = status.get_error_details();
+    let mut fields: Vec<String> = details
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "target.budget.limit",
+            "target.budget.window",
+            "target.namespace",
+            "ttl"
+        ]
+    );
+    let status = client
+        .get_usage(pb::GetUsageRequest { target: None })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    running.shutdown().await.unwrap();
+}

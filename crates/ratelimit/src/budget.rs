@@ -187,14 +187,14 @@ impl Usage {
 }
 
 /// Why a budget operation failed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
 pub enum BudgetError {
     /// The reservation was never made under this key, or was already settled, cancelled or
     /// expired.
-    #[error("reservation {0} does not exist (settled, cancelled or expired)")]
+    #[error("reservation {0:016x} does not exist (settled, cancelled or expired)")]
     UnknownReservation(u64),
     /// The budget or open-reservation bound is reached (the value is that bound).
-    #[error("budget store is full ({0} budgets)")]
+    #[error("this instance holds its maximum of {0} budgets or open reservations")]
     Full(usize),
 }
 

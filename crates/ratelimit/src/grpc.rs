@@ -13,13 +13,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::budget::{BudgetSpec, BudgetWindow, Usage};
 use crate::concurrency::{DEFAULT_LEASE_TTL, MAX_CONCURRENCY, MAX_LEASE_TTL, MIN_LEASE_TTL};
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
 use crate::limiter::{CheckItem, CheckOutcome, LimitRef};
 use crate::metrics::RateLimitMetrics;
 use crate::policy_store::PolicyStore;
-use crate::router::{ClusterRouter, LeaseTarget};
+use crate::router::{BudgetCall, BudgetTarget, ClusterRouter, LeaseTarget};
 use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode, Policy, ScopedPolicy};
 
 /// Responses buffered per StreamCheck stream before the server stops reading requests.
@@ -218,7 +219,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
             agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
         let r = request.into_inner();
         let mut violations = Vec::new();
-        let lease_id = decode_lease_id(&r.lease_id, &mut violations);
+        let lease_id = decode_id("lease_id", &r.lease_id, &mut violations);
         let (target, ttl) = decode_lease(
             &r.namespace,
             &r.key,
@@ -238,10 +239,106 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
             agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
         let r = request.into_inner();
         let mut violations = Vec::new();
-        let lease_id = decode_lease_id(&r.lease_id, &mut violations);
+        let lease_id = decode_id("lease_id", &r.lease_id, &mut violations);
         let (target, _) = decode_lease(&r.namespace, &r.key, r.consistency, None, violations)?;
         let in_use = self.router.release(&target, lease_id, deadline).await?;
         Ok(Response::new(pb::ReleaseResponse { in_use }))
+    }
+
+    async fn reserve(
+        &self,
+        request: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveResponse>, Status> {
+        let deadline =
+            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let r = request.into_inner();
+        let mut violations = Vec::new();
+        let ttl = match r.ttl.as_ref() {
+            None => DEFAULT_RESERVATION_TTL,
+            Some(d) => match duration_from_proto(d) {
+                Some(ttl) if (MIN_LEASE_TTL..=MAX_RESERVATION_TTL).contains(&ttl) => ttl,
+                _ => {
+                    violations.push(FieldViolation::new("ttl", "must be between 1s and 24h"));
+                    DEFAULT_RESERVATION_TTL
+                }
+            },
+        };
+        let target = decode_budget_target(r.target, violations)?;
+        let call = BudgetCall::Reserve {
+            estimate: r.estimate,
+            ttl,
+        };
+        let (answer, decided_by) = self.router.budget(&target, call, deadline).await?;
+        Ok(Response::new(pb::ReserveResponse {
+            granted: answer.granted,
+            reservation_id: answer
+                .reservation_id
+                .map(|id| format!("{id:016x}"))
+                .unwrap_or_default(),
+            usage: Some(encode_usage(&answer.usage)),
+            decided_by,
+        }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::BudgetUsageResponse>, Status> {
+        let deadline =
+            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let r = request.into_inner();
+        let mut violations = Vec::new();
+        let id = decode_id("reservation_id", &r.reservation_id, &mut violations);
+        let target = decode_budget_target(r.target, violations)?;
+        let (answer, _) = self
+            .router
+            .budget(
+                &target,
+                BudgetCall::Commit {
+                    id,
+                    actual: r.actual,
+                },
+                deadline,
+            )
+            .await?;
+        Ok(Response::new(pb::BudgetUsageResponse {
+            usage: Some(encode_usage(&answer.usage)),
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::BudgetUsageResponse>, Status> {
+        let deadline =
+            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let r = request.into_inner();
+        let mut violations = Vec::new();
+        let id = decode_id("reservation_id", &r.reservation_id, &mut violations);
+        let target = decode_budget_target(r.target, violations)?;
+        let (answer, _) = self
+            .router
+            .budget(&target, BudgetCall::Cancel { id }, deadline)
+            .await?;
+        Ok(Response::new(pb::BudgetUsageResponse {
+            usage: Some(encode_usage(&answer.usage)),
+        }))
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::BudgetUsageResponse>, Status> {
+        let deadline =
+            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let target = decode_budget_target(request.into_inner().target, Vec::new())?;
+        let (answer, _) = self
+            .router
+            .budget(&target, BudgetCall::Usage, deadline)
+            .await?;
+        Ok(Response::new(pb::BudgetUsageResponse {
+            usage: Some(encode_usage(&answer.usage)),
+        }))
     }
 }
 
@@ -301,17 +398,122 @@ fn decode_lease(
     ))
 }
 
-/// A lease id as sent by Acquire: 16 hex digits.
-fn decode_lease_id(text: &str, violations: &mut Vec<FieldViolation>) -> u64 {
+/// A lease or reservation id as the server sent it: 16 hex digits.
+fn decode_id(field: &str, text: &str, violations: &mut Vec<FieldViolation>) -> u64 {
     match u64::from_str_radix(text, 16) {
         Ok(id) if text.len() == 16 => id,
         _ => {
             violations.push(FieldViolation::new(
-                "lease_id",
-                "must be the 16 hex digits Acquire returned",
+                field,
+                "must be the 16 hex digits the server returned",
             ));
             0
         }
+    }
+}
+
+/// Reservation lifetime when the caller gives none.
+const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(600);
+/// Longest reservation.
+const MAX_RESERVATION_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The budget a call names, or every violation found (added to `violations`).
+fn decode_budget_target(
+    target: Option<pb::BudgetTarget>,
+    mut violations: Vec<FieldViolation>,
+) -> Result<BudgetTarget, RateLimitError> {
+    let Some(t) = target else {
+        violations.push(FieldViolation::new("target", "required"));
+        return Err(RateLimitError::InvalidArgument(violations));
+    };
+    let spec = t.budget.unwrap_or_default();
+    if spec.limit == 0 || spec.limit > crate::spec::MAX_LIMIT {
+        violations.push(FieldViolation::new(
+            "target.budget.limit",
+            format!(
+                "must be between 1 and {}, got {}",
+                crate::spec::MAX_LIMIT,
+                spec.limit
+            ),
+        ));
+    }
+    let window = match pb::BudgetWindow::try_from(spec.window) {
+        Ok(pb::BudgetWindow::Hour) => BudgetWindow::Hour,
+        Ok(pb::BudgetWindow::Day) => BudgetWindow::Day,
+        Ok(pb::BudgetWindow::Month) => BudgetWindow::Month,
+        Ok(pb::BudgetWindow::Unspecified) | Err(_) => {
+            violations.push(FieldViolation::new(
+                "target.budget.window",
+                "must be HOUR, DAY or MONTH",
+            ));
+            BudgetWindow::Day
+        }
+    };
+    let relabel =
+        |v: FieldViolation| FieldViolation::new(format!("target.{}", v.field), v.description);
+    let mut inner = Vec::new();
+    let lease = decode_lease(&t.namespace, &t.key, t.consistency, None, Vec::new());
+    if let Err(RateLimitError::InvalidArgument(v)) = &lease {
+        inner.extend(v.iter().cloned().map(relabel));
+    }
+    violations.extend(inner);
+    if !violations.is_empty() {
+        return Err(RateLimitError::InvalidArgument(violations));
+    }
+    let (lease, _) = lease?;
+    Ok(BudgetTarget {
+        namespace: lease.namespace,
+        key: lease.key,
+        spec: BudgetSpec {
+            limit: spec.limit,
+            window,
+        },
+        consistency: lease.consistency,
+    })
+}
+
+/// The wire form of a budget target (for forwarding to an owner).
+pub(crate) fn encode_budget_target(
+    t: &BudgetTarget,
+    consistency: pb::Consistency,
+) -> pb::BudgetTarget {
+    pb::BudgetTarget {
+        namespace: t.namespace.clone(),
+        key: t.key.clone(),
+        budget: Some(pb::BudgetSpec {
+            limit: t.spec.limit,
+            window: match t.spec.window {
+                BudgetWindow::Hour => pb::BudgetWindow::Hour,
+                BudgetWindow::Day => pb::BudgetWindow::Day,
+                BudgetWindow::Month => pb::BudgetWindow::Month,
+            } as i32,
+        }),
+        consistency: consistency as i32,
+    }
+}
+
+const NANOS_PER_MS: u64 = 1_000_000;
+
+fn encode_usage(u: &Usage) -> pb::BudgetUsage {
+    pb::BudgetUsage {
+        limit: u.limit,
+        spent: u.spent,
+        reserved: u.reserved,
+        remaining: u.remaining,
+        window_start_ms: u.window_start_nanos / NANOS_PER_MS,
+        window_end_ms: u.window_end_nanos / NANOS_PER_MS,
+    }
+}
+
+/// The domain form of usage an owner sent back.
+pub(crate) fn decode_usage(u: pb::BudgetUsage) -> Usage {
+    Usage {
+        limit: u.limit,
+        spent: u.spent,
+        reserved: u.reserved,
+        remaining: u.remaining,
+        window_start_nanos: u.window_start_ms.saturating_mul(NANOS_PER_MS),
+        window_end_nanos: u.window_end_ms.saturating_mul(NANOS_PER_MS),
     }
 }
 

@@ -30,6 +30,7 @@ use parking_lot::Mutex;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
+use crate::budget::{BudgetError, BudgetLedger, BudgetSpec, BudgetWindow, Usage};
 use crate::concurrency::{AcquireOutcome, LeaseError, LeaseTable};
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
@@ -140,6 +141,7 @@ struct Planned {
 pub struct ClusterRouter {
     limiter: Arc<Limiter>,
     leases: LeaseTable,
+    budgets: BudgetLedger,
     config: RouterConfig,
     strict: Option<RedisStrict>,
     owners: Owners,
@@ -173,6 +175,7 @@ impl ClusterRouter {
                 config.budget,
             ),
             leases: LeaseTable::new(config.max_leases),
+            budgets: BudgetLedger::new(config.max_leases, config.max_leases),
             limiter,
             config,
             strict,
@@ -388,6 +391,73 @@ enum LeaseRoute {
     Peer(String),
 }
 
+/// Which budget a call is about.
+#[derive(Clone, Debug)]
+pub struct BudgetTarget {
+    /// Namespace of the key.
+    pub namespace: String,
+    /// The key the budget belongs to.
+    pub key: String,
+    /// Limit and calendar window.
+    pub spec: BudgetSpec,
+    /// LOCAL or OWNER; `None` = the cluster default.
+    pub consistency: Option<Consistency>,
+}
+
+/// A budget operation.
+#[derive(Clone, Copy, Debug)]
+pub enum BudgetCall {
+    /// Hold `estimate` for at most `ttl`.
+    Reserve {
+        /// Units to hold.
+        estimate: u64,
+        /// Hold time.
+        ttl: Duration,
+    },
+    /// Settle a reservation with the actual cost.
+    Commit {
+        /// Reservation id.
+        id: u64,
+        /// Actual cost.
+        actual: u64,
+    },
+    /// Release a reservation.
+    Cancel {
+        /// Reservation id.
+        id: u64,
+    },
+    /// Read the usage.
+    Usage,
+}
+
+/// The answer to a budget call.
+#[derive(Clone, Debug)]
+pub struct BudgetAnswer {
+    /// Reserve: whether the estimate was granted (true for the other calls).
+    pub granted: bool,
+    /// Reserve: the reservation held, if any.
+    pub reservation_id: Option<u64>,
+    /// Usage after the call.
+    pub usage: Usage,
+}
+
+impl BudgetAnswer {
+    fn usage(usage: Usage) -> Self {
+        Self {
+            granted: true,
+            reservation_id: None,
+            usage,
+        }
+    }
+}
+
+fn budget_error(e: BudgetError) -> RateLimitError {
+    match e {
+        BudgetError::UnknownReservation(_) => RateLimitError::LeaseNotFound(e.to_string()),
+        BudgetError::Full(_) => RateLimitError::ResourceExhausted(e.to_string()),
+    }
+}
+
 fn lease_error(e: LeaseError) -> RateLimitError {
     match e {
         LeaseError::Unknown(_) => RateLimitError::LeaseNotFound(e.to_string()),
@@ -411,19 +481,27 @@ fn peer_error(peer: &str, status: &tonic::Status) -> RateLimitError {
 
 impl ClusterRouter {
     fn lease_route(&self, target: &LeaseTarget) -> Result<LeaseRoute, RateLimitError> {
-        match target
-            .consistency
-            .unwrap_or(self.config.default_consistency)
-        {
+        self.key_route(&target.namespace, &target.key, target.consistency)
+    }
+
+    /// Where a per-key call (lease, budget) is decided: here, or at the key's owner.
+    fn key_route(
+        &self,
+        namespace: &str,
+        key: &str,
+        consistency: Option<Consistency>,
+    ) -> Result<LeaseRoute, RateLimitError> {
+        let target = (namespace, key);
+        match consistency.unwrap_or(self.config.default_consistency) {
             Consistency::Local => Ok(LeaseRoute::Here),
             Consistency::Strict => Err(RateLimitError::invalid(
                 "consistency",
-                "leases are LOCAL or OWNER",
+                "leases and budgets are LOCAL or OWNER",
             )),
             Consistency::Owner => {
-                let mut key = target.namespace.as_bytes().to_vec();
+                let mut key = target.0.as_bytes().to_vec();
                 key.push(0);
-                key.extend_from_slice(target.key.as_bytes());
+                key.extend_from_slice(target.1.as_bytes());
                 match self.owners.ring().owner(&key) {
                     None => Err(RateLimitError::Unavailable(
                         "no live rate-limiter member is known".to_owned(),
@@ -587,6 +665,156 @@ impl ClusterRouter {
                     )
                     .await?;
                 Ok(r.in_use)
+            }
+        }
+    }
+
+    fn budget_key(target: &BudgetTarget) -> u64 {
+        use xxhash_rust::xxh3::xxh3_64_with_seed;
+        let window = match target.spec.window {
+            BudgetWindow::Hour => 1,
+            BudgetWindow::Day => 2,
+            BudgetWindow::Month => 3,
+        };
+        let h = xxh3_64_with_seed(target.namespace.as_bytes(), STRICT_KEY_SEED ^ window);
+        xxh3_64_with_seed(target.key.as_bytes(), h)
+    }
+
+    fn budget_here(
+        &self,
+        target: &BudgetTarget,
+        call: BudgetCall,
+    ) -> Result<BudgetAnswer, RateLimitError> {
+        let (key, now) = (Self::budget_key(target), Self::now_nanos());
+        let spec = &target.spec;
+        let answer = match call {
+            BudgetCall::Reserve { estimate, ttl } => {
+                let r = self
+                    .budgets
+                    .reserve(key, spec, estimate, ttl, now)
+                    .map_err(budget_error)?;
+                BudgetAnswer {
+                    granted: r.granted,
+                    reservation_id: r.reservation.map(|res| res.id),
+                    usage: r.usage,
+                }
+            }
+            BudgetCall::Commit { id, actual } => BudgetAnswer::usage(
+                self.budgets
+                    .commit(key, spec, id, actual, now)
+                    .map_err(budget_error)?,
+            ),
+            BudgetCall::Cancel { id } => BudgetAnswer::usage(
+                self.budgets
+                    .cancel(key, spec, id, now)
+                    .map_err(budget_error)?,
+            ),
+            BudgetCall::Usage => BudgetAnswer::usage(self.budgets.usage(key, spec, now)),
+        };
+        Ok(answer)
+    }
+
+    /// Runs a budget call where the key's budget lives; returns the answer and that instance.
+    ///
+    /// # Errors
+    /// `LeaseNotFound` for an unknown reservation (reported as NOT_FOUND), `ResourceExhausted`
+    /// when the ledger is full, `Unavailable` when the owner does not answer within the budget.
+    pub async fn budget(
+        &self,
+        target: &BudgetTarget,
+        call: BudgetCall,
+        deadline: Option<Instant>,
+    ) -> Result<(BudgetAnswer, String), RateLimitError> {
+        let peer = match self.key_route(&target.namespace, &target.key, target.consistency)? {
+            LeaseRoute::Here => {
+                return Ok((
+                    self.budget_here(target, call)?,
+                    self.config.instance_id.clone(),
+                ));
+            }
+            LeaseRoute::Peer(peer) => peer,
+        };
+        let wire = Some(crate::grpc::encode_budget_target(
+            target,
+            pb::Consistency::Local,
+        ));
+        let id_text = |id: u64| format!("{id:016x}");
+        match call {
+            BudgetCall::Reserve { estimate, ttl } => {
+                let request = pb::ReserveRequest {
+                    target: wire,
+                    estimate,
+                    ttl: Some(prost_types::Duration {
+                        seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+                        nanos: i32::try_from(ttl.subsec_nanos()).unwrap_or(0),
+                    }),
+                };
+                let r = self
+                    .call_peer(
+                        &peer,
+                        deadline,
+                        |mut c, req| async move { c.reserve(req).await },
+                        request,
+                    )
+                    .await?;
+                let answer = BudgetAnswer {
+                    granted: r.granted,
+                    reservation_id: u64::from_str_radix(&r.reservation_id, 16).ok(),
+                    usage: crate::grpc::decode_usage(r.usage.unwrap_or_default()),
+                };
+                Ok((answer, r.decided_by))
+            }
+            BudgetCall::Commit { id, actual } => {
+                let request = pb::CommitRequest {
+                    target: wire,
+                    reservation_id: id_text(id),
+                    actual,
+                };
+                let r = self
+                    .call_peer(
+                        &peer,
+                        deadline,
+                        |mut c, req| async move { c.commit(req).await },
+                        request,
+                    )
+                    .await?;
+                Ok((
+                    BudgetAnswer::usage(crate::grpc::decode_usage(r.usage.unwrap_or_default())),
+                    peer,
+                ))
+            }
+            BudgetCall::Cancel { id } => {
+                let request = pb::CancelRequest {
+                    target: wire,
+                    reservation_id: id_text(id),
+                };
+                let r = self
+                    .call_peer(
+                        &peer,
+                        deadline,
+                        |mut c, req| async move { c.cancel(req).await },
+                        request,
+                    )
+                    .await?;
+                Ok((
+                    BudgetAnswer::usage(crate::grpc::decode_usage(r.usage.unwrap_or_default())),
+                    peer,
+                ))
+            }
+            BudgetCall::Usage => {
+                let request = pb::GetUsageRequest { target: wire };
+                let r = self
+                    .call_peer(
+                        &peer,
+                        deadline,
+                        |mut c, req| async move { c.get_usage(req).await },
+                        request,
+                    )
+                    .await?;
+                Ok((
+                    BudgetAnswer::usage(crate::grpc::decode_usage(r.usage.unwrap_or_default())),
+                    peer,
+                ))
             }
         }
     }

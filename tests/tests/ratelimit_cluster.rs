@@ -520,3 +520,47 @@ async fn test_a_budget_reserved_on_one_instance_is_committed_on_another() -> any
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn test_reset_through_any_instance_clears_the_owners_state() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let processes = start_three(&etcd, None).await?;
+    let key = item(
+        "reset-me",
+        2,
+        pb::Consistency::Owner,
+        pb::FailurePolicy::FailClosed,
+    );
+    let mut c0 = client(&processes[0]).await?;
+    check(&mut c0, key.clone()).await?;
+    check(&mut c0, key.clone()).await?;
+    assert_eq!(
+        check(&mut c0, key.clone()).await?.decision,
+        pb::Decision::Deny as i32
+    );
+    let owner = check(&mut c0, key.clone()).await?.decided_by;
+    for p in &processes {
+        let r = client(p)
+            .await?
+            .reset(pb::ResetRequest {
+                item: Some(key.clone()),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(
+            r.decided_by, owner,
+            "the owner's state is reset, whoever is called"
+        );
+    }
+    assert_eq!(
+        check(&mut c0, key.clone()).await?.decision,
+        pb::Decision::Allow as i32
+    );
+    let peek = client(&processes[1])
+        .await?
+        .inspect(pb::InspectRequest { item: Some(key) })
+        .await?
+        .into_inner();
+    assert_eq!(peek.result.unwrap().remaining, 1);
+    Ok(())
+}

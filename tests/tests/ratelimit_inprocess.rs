@@ -717,3 +717,90 @@ async fn test_budget_calls_reject_bad_input_naming_every_field() {
     assert_eq!(status.code(), Code::InvalidArgument);
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn test_inspect_peeks_without_spending_and_reset_starts_the_key_full() {
+    let metrics = Metrics::new();
+    let running = start(&metrics, None).await;
+    let mut client = client(&running, &metrics);
+    for _ in 0..3 {
+        client
+            .check(pb::CheckRequest {
+                items: vec![inline("t", "ops", 1, 3, 60)],
+                all_or_nothing: false,
+            })
+            .await
+            .unwrap();
+    }
+    let inspect = || pb::InspectRequest {
+        item: Some(inline("t", "ops", 5, 3, 60)),
+    };
+    for _ in 0..2 {
+        let r = client
+            .inspect(inspect())
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap();
+        assert_eq!(
+            (r.remaining, r.decision),
+            (0, pb::Decision::Deny as i32),
+            "a peek at an empty bucket, twice"
+        );
+    }
+    let reset = client
+        .reset(pb::ResetRequest {
+            item: Some(inline("t", "ops", 1, 3, 60)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (reset.existed, reset.decided_by.as_str()),
+        (true, running.instance_id.as_str())
+    );
+    assert_eq!(
+        client
+            .inspect(inspect())
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap()
+            .remaining,
+        3
+    );
+    assert!(
+        !client
+            .reset(pb::ResetRequest {
+                item: Some(inline("t", "ops", 1, 3, 60))
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .existed
+    );
+
+    let status = client
+        .inspect(pb::InspectRequest {
+            item: Some(inline("t", "", 1, 3, 60)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let details = status.get_error_details();
+    assert_eq!(
+        details.bad_request().unwrap().field_violations[0].field,
+        "item.key"
+    );
+    assert_eq!(
+        client
+            .reset(pb::ResetRequest { item: None })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    running.shutdown().await.unwrap();
+}

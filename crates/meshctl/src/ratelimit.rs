@@ -20,6 +20,12 @@ pub(crate) enum RatelimitCommand {
     Import(import::ImportArgs),
     /// List, show or delete stored policies.
     Policies(policies::PoliciesArgs),
+    /// Show the state of one limit for one key without spending (a routed peek).
+    Inspect(CheckArgs),
+    /// Forget the state of one limit for one key, where it lives.
+    Reset(CheckArgs),
+    /// Show a cost budget's usage in its current window.
+    Usage(UsageArgs),
 }
 
 #[derive(clap::Args)]
@@ -109,12 +115,16 @@ pub(crate) async fn run(cmd: RatelimitCommand) -> anyhow::Result<ExitCode> {
         RatelimitCommand::Check(args) => check(args).await,
         RatelimitCommand::Import(args) => import::run(args).await,
         RatelimitCommand::Policies(args) => policies::run(args).await,
+        RatelimitCommand::Inspect(args) => inspect(args).await,
+        RatelimitCommand::Reset(args) => reset(args).await,
+        RatelimitCommand::Usage(args) => usage(args).await,
     }
 }
 
-async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let limit_ref = match (args.policy, args.limit) {
-        (Some(policy), _) => Some(pb::check_item::LimitRef::Policy(policy)),
+/// The item the check flags describe.
+fn item_of(args: &CheckArgs) -> pb::CheckItem {
+    let limit_ref = match (&args.policy, args.limit) {
+        (Some(policy), _) => Some(pb::check_item::LimitRef::Policy(policy.clone())),
         (None, Some(limit)) => Some(pb::check_item::LimitRef::Limit(pb::LimitSpec {
             limit,
             period: Some(proto_duration(args.period)),
@@ -123,9 +133,9 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         })),
         (None, None) => None,
     };
-    let item = pb::CheckItem {
-        namespace: args.namespace,
-        key: args.key,
+    pb::CheckItem {
+        namespace: args.namespace.clone(),
+        key: args.key.clone(),
         cost: args.cost,
         limit_ref,
         mode: if args.shadow {
@@ -134,41 +144,46 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             pb::Mode::Unspecified as i32
         },
         ..Default::default()
-    };
-    let endpoint = agentmesh_runtime::client::endpoint(
-        &args.addr,
-        &agentmesh_runtime::ClientConfig::default(),
-    )?;
+    }
+}
+
+pub(crate) async fn client_for(
+    addr: &str,
+) -> anyhow::Result<pb::rate_limiter_client::RateLimiterClient<tonic::transport::Channel>> {
+    let endpoint =
+        agentmesh_runtime::client::endpoint(addr, &agentmesh_runtime::ClientConfig::default())?;
     let channel = endpoint
         .connect()
         .await
-        .with_context(|| format!("cannot connect to {}", args.addr))?;
-    let response = pb::rate_limiter_client::RateLimiterClient::new(channel)
-        .check(pb::CheckRequest {
-            items: vec![item],
-            all_or_nothing: false,
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
-        .into_inner();
-    let result = response.results.first().context("empty response")?;
-    match args.output {
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    Ok(pb::rate_limiter_client::RateLimiterClient::new(channel))
+}
+
+fn status_error(s: &tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+fn print_result(result: &pb::CheckResult, output: Output) {
+    let allowed = result.decision == pb::Decision::Allow as i32;
+    match output {
         Output::Json => println!(
             "{}",
             serde_json::json!({
-                "allowed": response.allowed,
+                "allowed": allowed,
                 "over_limit": result.over_limit,
                 "limit": result.limit,
                 "remaining": result.remaining,
                 "retry_after_ms": result.retry_after.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000)),
                 "reset_after_ms": result.reset_after.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000)),
                 "policy": result.policy,
+                "policy_version": result.policy_version,
                 "decided_by": result.decided_by,
+                "degraded": result.degraded_reason,
             })
         ),
         Output::Table => println!(
-            "{}  limit={} remaining={} retry_after={} reset_after={} policy={} decided_by={}{}",
-            if response.allowed { "ALLOW" } else { "DENY" },
+            "{}  limit={} remaining={} retry_after={} reset_after={} policy={} decided_by={}{}{}",
+            if allowed { "ALLOW" } else { "DENY" },
             result.limit,
             result.remaining,
             format_duration(result.retry_after.as_ref()),
@@ -179,16 +194,164 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
                 &result.policy
             },
             result.decided_by,
-            if result.over_limit && response.allowed {
+            if result.over_limit && allowed {
                 "  (shadow: over limit)"
             } else {
                 ""
             },
+            if result.degraded {
+                format!("  (degraded: {})", result.degraded_reason)
+            } else {
+                String::new()
+            },
         ),
     }
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let request = pb::CheckRequest {
+        items: vec![item_of(&args)],
+        all_or_nothing: false,
+    };
+    let response = client_for(&args.addr)
+        .await?
+        .check(request)
+        .await
+        .map_err(|s| status_error(&s))?
+        .into_inner();
+    let result = response.results.first().context("empty response")?;
+    print_result(result, args.output);
     Ok(if response.allowed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn inspect(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let request = pb::InspectRequest {
+        item: Some(item_of(&args)),
+    };
+    let response = client_for(&args.addr)
+        .await?
+        .inspect(request)
+        .await
+        .map_err(|s| status_error(&s))?
+        .into_inner();
+    print_result(&response.result.context("empty response")?, args.output);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn reset(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let request = pb::ResetRequest {
+        item: Some(item_of(&args)),
+    };
+    let response = client_for(&args.addr)
+        .await?
+        .reset(request)
+        .await
+        .map_err(|s| status_error(&s))?
+        .into_inner();
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"existed": response.existed, "decided_by": response.decided_by})
+        ),
+        Output::Table => println!(
+            "{} on {}",
+            if response.existed {
+                "reset"
+            } else {
+                "nothing to reset"
+            },
+            response.decided_by
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args)]
+pub(crate) struct UsageArgs {
+    /// Rate limiter address.
+    #[arg(
+        long,
+        env = "AGENTMESH_RATELIMIT_ADDR",
+        default_value = "127.0.0.1:7104"
+    )]
+    addr: String,
+    /// Namespace.
+    #[arg(long, short = 'n')]
+    namespace: String,
+    /// Key the budget belongs to.
+    #[arg(long, short = 'k')]
+    key: String,
+    /// Budget: units per window.
+    #[arg(long)]
+    budget: u64,
+    /// Calendar window (UTC).
+    #[arg(long, value_enum, default_value_t = WindowArg::Day)]
+    window: WindowArg,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum WindowArg {
+    Hour,
+    Day,
+    Month,
+}
+
+async fn usage(args: UsageArgs) -> anyhow::Result<ExitCode> {
+    let window = match args.window {
+        WindowArg::Hour => pb::BudgetWindow::Hour,
+        WindowArg::Day => pb::BudgetWindow::Day,
+        WindowArg::Month => pb::BudgetWindow::Month,
+    };
+    let target = pb::BudgetTarget {
+        namespace: args.namespace,
+        key: args.key,
+        budget: Some(pb::BudgetSpec {
+            limit: args.budget,
+            window: window as i32,
+        }),
+        consistency: 0,
+    };
+    let request = pb::GetUsageRequest {
+        target: Some(target),
+    };
+    let response = client_for(&args.addr)
+        .await?
+        .get_usage(request)
+        .await
+        .map_err(|s| status_error(&s))?
+        .into_inner();
+    let u = response.usage.context("empty response")?;
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"limit": u.limit, "spent": u.spent, "reserved": u.reserved, "remaining": u.remaining,
+                "window_start_ms": u.window_start_ms, "window_end_ms": u.window_end_ms})
+        ),
+        Output::Table => println!(
+            "limit={} spent={} reserved={} remaining={} window_ends_in={}",
+            u.limit,
+            u.spent,
+            u.reserved,
+            u.remaining,
+            humantime::format_duration(Duration::from_secs(
+                u.window_end_ms.saturating_sub(
+                    u64::try_from(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_millis()
+                    )
+                    .unwrap_or(0)
+                ) / 1000
+            ))
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }

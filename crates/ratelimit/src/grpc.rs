@@ -245,6 +245,43 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         Ok(Response::new(pb::ReleaseResponse { in_use }))
     }
 
+    async fn inspect(
+        &self,
+        request: Request<pb::InspectRequest>,
+    ) -> Result<Response<pb::InspectResponse>, Status> {
+        let deadline =
+            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let mut item = decode_single_item(request.into_inner().item)?;
+        item.cost = 0;
+        let outcome = self
+            .decider
+            .decide(vec![item], false, deadline)
+            .await
+            .map_err(single_item_error)?
+            .remove(0);
+        Ok(Response::new(pb::InspectResponse {
+            result: Some(encode_outcome(&outcome, &self.instance_id)),
+        }))
+    }
+
+    async fn reset(
+        &self,
+        request: Request<pb::ResetRequest>,
+    ) -> Result<Response<pb::ResetResponse>, Status> {
+        let deadline =
+            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let item = decode_single_item(request.into_inner().item)?;
+        let (existed, decided_by) = self
+            .router
+            .reset(item, deadline)
+            .await
+            .map_err(single_item_error)?;
+        Ok(Response::new(pb::ResetResponse {
+            existed,
+            decided_by,
+        }))
+    }
+
     async fn reserve(
         &self,
         request: Request<pb::ReserveRequest>,
@@ -409,6 +446,30 @@ fn decode_id(field: &str, text: &str, violations: &mut Vec<FieldViolation>) -> u
             ));
             0
         }
+    }
+}
+
+/// The one item of an Inspect or Reset, with field paths under `item`.
+fn decode_single_item(item: Option<pb::CheckItem>) -> Result<CheckItem, RateLimitError> {
+    let item = item.ok_or_else(|| RateLimitError::invalid("item", "required"))?;
+    let mut items = decode_items(vec![item]).map_err(single_item_error)?;
+    Ok(items.remove(0))
+}
+
+/// An error about `items[0]` of an internal batch, renamed to the request's `item`.
+fn single_item_error(e: RateLimitError) -> RateLimitError {
+    let rename = |field: String| field.replacen("items[0]", "item", 1);
+    match e {
+        RateLimitError::InvalidArgument(v) => RateLimitError::InvalidArgument(
+            v.into_iter()
+                .map(|v| FieldViolation::new(rename(v.field), v.description))
+                .collect(),
+        ),
+        RateLimitError::PolicyNotFound { field, name } => RateLimitError::PolicyNotFound {
+            field: rename(field),
+            name,
+        },
+        other => other,
     }
 }
 

@@ -323,6 +323,19 @@ impl Limiter {
         }
     }
 
+    /// Forgets the state of one item's limit for its key (it starts full again); whether
+    /// there was any. The item's cost is ignored.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a bad item, `PolicyNotFound` for an unknown policy.
+    pub fn reset(&self, item: &CheckItem) -> Result<bool, RateLimitError> {
+        validate_items(std::slice::from_ref(item))?;
+        let policies = self.policies();
+        let resolved = resolve(&policies, item).ok_or_else(|| policy_not_found(0, item))?;
+        let hash = resolved.key_hash(&self.store, item);
+        Ok(self.store.lock(self.store.shard_of(hash)).remove(hash))
+    }
+
     /// The hot path: one lock (the shard's, which also holds the policies), one lookup.
     fn check_single(&self, item: &CheckItem, now: u64) -> Result<CheckOutcome, RateLimitError> {
         let hash = match &item.limit {

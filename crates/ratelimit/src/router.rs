@@ -819,6 +819,60 @@ impl ClusterRouter {
         }
     }
 
+    /// Forgets the state of one item's limit where it lives; whether there was any (always
+    /// true for STRICT, where Redis does not say) and who held it.
+    ///
+    /// # Errors
+    /// As `decide` for a bad item; `Unavailable` when the owner or Redis does not answer.
+    pub async fn reset(
+        &self,
+        item: CheckItem,
+        deadline: Option<Instant>,
+    ) -> Result<(bool, String), RateLimitError> {
+        let planned = self.plan(vec![item], false)?;
+        let p = &planned[0];
+        match &p.route {
+            Route::Local => Ok((
+                self.limiter.reset(&p.item)?,
+                self.config.instance_id.clone(),
+            )),
+            Route::Strict => {
+                let strict = self.strict.as_ref().ok_or_else(|| {
+                    RateLimitError::Unavailable("no Redis is configured".to_owned())
+                })?;
+                let budget = agentmesh_runtime::deadline::budget(
+                    deadline,
+                    self.config.budget,
+                    Instant::now(),
+                );
+                strict
+                    .reset(strict_key_hash(&p.item), budget)
+                    .await
+                    .map_err(|e| RateLimitError::Unavailable(format!("redis reset failed: {e}")))?;
+                Ok((true, "redis".to_owned()))
+            }
+            Route::Peer(peer) => {
+                let item = pb::CheckItem {
+                    consistency: pb::Consistency::Local as i32,
+                    ..encode_item(&p.item)
+                };
+                let request = pb::ResetRequest { item: Some(item) };
+                let r = self
+                    .call_peer(
+                        peer,
+                        deadline,
+                        |mut c, req| async move { c.reset(req).await },
+                        request,
+                    )
+                    .await?;
+                Ok((r.existed, r.decided_by))
+            }
+            Route::NoOwner => Err(RateLimitError::Unavailable(
+                "no live rate-limiter member is known".to_owned(),
+            )),
+        }
+    }
+
     /// One unbatched call to a peer within the budget (capped by the caller's deadline).
     async fn call_peer<Req, Resp, F, Fut>(
         &self,

@@ -265,6 +265,11 @@ impl ShardGuard<'_> {
             .map(|e| e.state)
     }
 
+    /// Forgets the state under `hash`; whether there was one.
+    pub(crate) fn remove(&mut self, hash: u64) -> bool {
+        self.map.entries.remove(&hash).is_some()
+    }
+
     /// Stores `state`, sweeping the shard first if a new key finds it full.
     pub(crate) fn put(
         &mut self,

@@ -109,8 +109,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
-        let deadline =
-            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let deadline = deadline_of(&request);
         let response = RateLimiterGrpc::check(self, request.into_inner(), deadline).await?;
         Ok(Response::new(response))
     }
@@ -122,8 +121,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<Streaming<pb::StreamCheckRequest>>,
     ) -> Result<Response<Self::StreamCheckStream>, Status> {
-        let deadline =
-            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let deadline = deadline_of(&request);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(self.clone().serve_stream(inbound, tx, deadline));
@@ -180,8 +178,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
-        let deadline =
-            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let deadline = deadline_of(&request);
         let r = request.into_inner();
         let mut violations = Vec::new();
         if r.limit == 0 || r.limit > MAX_CONCURRENCY {
@@ -215,8 +212,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
-        let deadline =
-            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let deadline = deadline_of(&request);
         let r = request.into_inner();
         let mut violations = Vec::new();
         let lease_id = decode_id("lease_id", &r.lease_id, &mut violations);
@@ -235,8 +231,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let deadline =
-            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let deadline = deadline_of(&request);
         let r = request.into_inner();
         let mut violations = Vec::new();
         let lease_id = decode_id("lease_id", &r.lease_id, &mut violations);
@@ -249,8 +244,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::InspectRequest>,
     ) -> Result<Response<pb::InspectResponse>, Status> {
-        let deadline =
-            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let deadline = deadline_of(&request);
         let mut item = decode_single_item(request.into_inner().item)?;
         item.cost = 0;
         let outcome = self
@@ -268,8 +262,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::ResetRequest>,
     ) -> Result<Response<pb::ResetResponse>, Status> {
-        let deadline =
-            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let deadline = deadline_of(&request);
         let item = decode_single_item(request.into_inner().item)?;
         let (existed, decided_by) = self
             .router
@@ -286,8 +279,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveResponse>, Status> {
-        let deadline =
-            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let deadline = deadline_of(&request);
         let r = request.into_inner();
         let mut violations = Vec::new();
         let ttl = match r.ttl.as_ref() {
@@ -321,8 +313,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::BudgetUsageResponse>, Status> {
-        let deadline =
-            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let deadline = deadline_of(&request);
         let r = request.into_inner();
         let mut violations = Vec::new();
         let id = decode_id("reservation_id", &r.reservation_id, &mut violations);
@@ -347,8 +338,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::BudgetUsageResponse>, Status> {
-        let deadline =
-            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let deadline = deadline_of(&request);
         let r = request.into_inner();
         let mut violations = Vec::new();
         let id = decode_id("reservation_id", &r.reservation_id, &mut violations);
@@ -366,8 +356,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::BudgetUsageResponse>, Status> {
-        let deadline =
-            agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
+        let deadline = deadline_of(&request);
         let target = decode_budget_target(request.into_inner().target, Vec::new())?;
         let (answer, _) = self
             .router
@@ -447,6 +436,11 @@ fn decode_id(field: &str, text: &str, violations: &mut Vec<FieldViolation>) -> u
             0
         }
     }
+}
+
+/// The caller's deadline, from its `grpc-timeout`.
+fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
+    agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now())
 }
 
 /// The one item of an Inspect or Reset, with field paths under `item`.
@@ -839,7 +833,7 @@ fn duration_from_proto(d: &prost_types::Duration) -> Option<Duration> {
 }
 
 /// A proto duration; saturates at the largest value proto allows.
-fn duration_to_proto(d: Duration) -> prost_types::Duration {
+pub(crate) fn duration_to_proto(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),

@@ -562,10 +562,7 @@ impl ClusterRouter {
                     namespace: target.namespace.clone(),
                     key: target.key.clone(),
                     limit,
-                    ttl: Some(prost_types::Duration {
-                        seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
-                        nanos: i32::try_from(ttl.subsec_nanos()).unwrap_or(0),
-                    }),
+                    ttl: Some(crate::grpc::duration_to_proto(ttl)),
                     consistency: Self::HERE,
                 };
                 let r = self
@@ -616,10 +613,7 @@ impl ClusterRouter {
                     namespace: target.namespace.clone(),
                     key: target.key.clone(),
                     lease_id: format!("{lease_id:016x}"),
-                    ttl: Some(prost_types::Duration {
-                        seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
-                        nanos: i32::try_from(ttl.subsec_nanos()).unwrap_or(0),
-                    }),
+                    ttl: Some(crate::grpc::duration_to_proto(ttl)),
                     consistency: Self::HERE,
                 };
                 self.call_peer(
@@ -744,10 +738,7 @@ impl ClusterRouter {
                 let request = pb::ReserveRequest {
                     target: wire,
                     estimate,
-                    ttl: Some(prost_types::Duration {
-                        seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
-                        nanos: i32::try_from(ttl.subsec_nanos()).unwrap_or(0),
-                    }),
+                    ttl: Some(crate::grpc::duration_to_proto(ttl)),
                 };
                 let r = self
                     .call_peer(

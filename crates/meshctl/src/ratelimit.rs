@@ -28,8 +28,9 @@ pub(crate) enum RatelimitCommand {
     Usage(UsageArgs),
 }
 
+/// Where the rate limiter is and which key a command is about.
 #[derive(clap::Args)]
-pub(crate) struct CheckArgs {
+pub(crate) struct KeyArgs {
     /// Rate limiter address.
     #[arg(
         long,
@@ -40,9 +41,15 @@ pub(crate) struct CheckArgs {
     /// Tenant namespace.
     #[arg(long, short = 'n')]
     namespace: String,
-    /// Limited key.
+    /// The key.
     #[arg(long, short = 'k')]
     key: String,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct CheckArgs {
+    #[command(flatten)]
+    target: KeyArgs,
     /// Units to spend (0 = peek).
     #[arg(long, default_value_t = 1)]
     cost: u64,
@@ -134,8 +141,8 @@ fn item_of(args: &CheckArgs) -> pb::CheckItem {
         (None, None) => None,
     };
     pb::CheckItem {
-        namespace: args.namespace.clone(),
-        key: args.key.clone(),
+        namespace: args.target.namespace.clone(),
+        key: args.target.key.clone(),
         cost: args.cost,
         limit_ref,
         mode: if args.shadow {
@@ -213,7 +220,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         items: vec![item_of(&args)],
         all_or_nothing: false,
     };
-    let response = client_for(&args.addr)
+    let response = client_for(&args.target.addr)
         .await?
         .check(request)
         .await
@@ -232,7 +239,7 @@ async fn inspect(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let request = pb::InspectRequest {
         item: Some(item_of(&args)),
     };
-    let response = client_for(&args.addr)
+    let response = client_for(&args.target.addr)
         .await?
         .inspect(request)
         .await
@@ -246,7 +253,7 @@ async fn reset(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let request = pb::ResetRequest {
         item: Some(item_of(&args)),
     };
-    let response = client_for(&args.addr)
+    let response = client_for(&args.target.addr)
         .await?
         .reset(request)
         .await
@@ -272,19 +279,8 @@ async fn reset(args: CheckArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(clap::Args)]
 pub(crate) struct UsageArgs {
-    /// Rate limiter address.
-    #[arg(
-        long,
-        env = "AGENTMESH_RATELIMIT_ADDR",
-        default_value = "127.0.0.1:7104"
-    )]
-    addr: String,
-    /// Namespace.
-    #[arg(long, short = 'n')]
-    namespace: String,
-    /// Key the budget belongs to.
-    #[arg(long, short = 'k')]
-    key: String,
+    #[command(flatten)]
+    target: KeyArgs,
     /// Budget: units per window.
     #[arg(long)]
     budget: u64,
@@ -310,8 +306,8 @@ async fn usage(args: UsageArgs) -> anyhow::Result<ExitCode> {
         WindowArg::Month => pb::BudgetWindow::Month,
     };
     let target = pb::BudgetTarget {
-        namespace: args.namespace,
-        key: args.key,
+        namespace: args.target.namespace,
+        key: args.target.key,
         budget: Some(pb::BudgetSpec {
             limit: args.budget,
             window: window as i32,
@@ -321,7 +317,7 @@ async fn usage(args: UsageArgs) -> anyhow::Result<ExitCode> {
     let request = pb::GetUsageRequest {
         target: Some(target),
     };
-    let response = client_for(&args.addr)
+    let response = client_for(&args.target.addr)
         .await?
         .get_usage(request)
         .await

@@ -197,10 +197,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         let (outcome, decided_by) = self.router.acquire(&target, r.limit, ttl, deadline).await?;
         Ok(Response::new(pb::AcquireResponse {
             acquired: outcome.lease_id.is_some(),
-            lease_id: outcome
-                .lease_id
-                .map(|id| format!("{id:016x}"))
-                .unwrap_or_default(),
+            lease_id: outcome.lease_id.map(encode_id).unwrap_or_default(),
             in_use: outcome.in_use,
             limit: r.limit,
             retry_after: outcome.retry_after.map(duration_to_proto),
@@ -300,10 +297,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         let (answer, decided_by) = self.router.budget(&target, call, deadline).await?;
         Ok(Response::new(pb::ReserveResponse {
             granted: answer.granted,
-            reservation_id: answer
-                .reservation_id
-                .map(|id| format!("{id:016x}"))
-                .unwrap_or_default(),
+            reservation_id: answer.reservation_id.map(encode_id).unwrap_or_default(),
             usage: Some(encode_usage(&answer.usage)),
             decided_by,
         }))
@@ -422,6 +416,11 @@ fn decode_lease(
         },
         ttl,
     ))
+}
+
+/// A lease or reservation id on the wire: 16 hex digits.
+pub(crate) fn encode_id(id: u64) -> String {
+    format!("{id:016x}")
 }
 
 /// A lease or reservation id as the server sent it: 16 hex digits.

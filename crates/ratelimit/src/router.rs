@@ -385,8 +385,8 @@ pub struct LeaseTarget {
     pub consistency: Option<Consistency>,
 }
 
-/// Where a lease call goes.
-enum LeaseRoute {
+/// Where a per-key call (lease, budget, reset) goes.
+enum KeyRoute {
     Here,
     Peer(String),
 }
@@ -480,20 +480,16 @@ fn peer_error(peer: &str, status: &tonic::Status) -> RateLimitError {
 }
 
 impl ClusterRouter {
-    fn lease_route(&self, target: &LeaseTarget) -> Result<LeaseRoute, RateLimitError> {
-        self.key_route(&target.namespace, &target.key, target.consistency)
-    }
-
     /// Where a per-key call (lease, budget) is decided: here, or at the key's owner.
     fn key_route(
         &self,
         namespace: &str,
         key: &str,
         consistency: Option<Consistency>,
-    ) -> Result<LeaseRoute, RateLimitError> {
+    ) -> Result<KeyRoute, RateLimitError> {
         let target = (namespace, key);
         match consistency.unwrap_or(self.config.default_consistency) {
-            Consistency::Local => Ok(LeaseRoute::Here),
+            Consistency::Local => Ok(KeyRoute::Here),
             Consistency::Strict => Err(RateLimitError::invalid(
                 "consistency",
                 "leases and budgets are LOCAL or OWNER",
@@ -507,9 +503,9 @@ impl ClusterRouter {
                         "no live rate-limiter member is known".to_owned(),
                     )),
                     Some(owner) if owner.instance_id == self.config.instance_id => {
-                        Ok(LeaseRoute::Here)
+                        Ok(KeyRoute::Here)
                     }
-                    Some(owner) => Ok(LeaseRoute::Peer(owner.instance_id.clone())),
+                    Some(owner) => Ok(KeyRoute::Peer(owner.instance_id.clone())),
                 }
             }
         }
@@ -549,15 +545,15 @@ impl ClusterRouter {
         ttl: Duration,
         deadline: Option<Instant>,
     ) -> Result<(AcquireOutcome, String), RateLimitError> {
-        match self.lease_route(target)? {
-            LeaseRoute::Here => {
+        match self.key_route(&target.namespace, &target.key, target.consistency)? {
+            KeyRoute::Here => {
                 let outcome = self
                     .leases
                     .acquire(Self::lease_key(target), limit, ttl, Self::now_nanos())
                     .map_err(lease_error)?;
                 Ok((outcome, self.config.instance_id.clone()))
             }
-            LeaseRoute::Peer(peer) => {
+            KeyRoute::Peer(peer) => {
                 let request = pb::AcquireRequest {
                     namespace: target.namespace.clone(),
                     key: target.key.clone(),
@@ -603,16 +599,16 @@ impl ClusterRouter {
         ttl: Duration,
         deadline: Option<Instant>,
     ) -> Result<(), RateLimitError> {
-        match self.lease_route(target)? {
-            LeaseRoute::Here => self
+        match self.key_route(&target.namespace, &target.key, target.consistency)? {
+            KeyRoute::Here => self
                 .leases
                 .renew(Self::lease_key(target), lease_id, ttl, Self::now_nanos())
                 .map_err(lease_error),
-            LeaseRoute::Peer(peer) => {
+            KeyRoute::Peer(peer) => {
                 let request = pb::RenewLeaseRequest {
                     namespace: target.namespace.clone(),
                     key: target.key.clone(),
-                    lease_id: format!("{lease_id:016x}"),
+                    lease_id: crate::grpc::encode_id(lease_id),
                     ttl: Some(crate::grpc::duration_to_proto(ttl)),
                     consistency: Self::HERE,
                 };
@@ -638,16 +634,16 @@ impl ClusterRouter {
         lease_id: u64,
         deadline: Option<Instant>,
     ) -> Result<u64, RateLimitError> {
-        match self.lease_route(target)? {
-            LeaseRoute::Here => self
+        match self.key_route(&target.namespace, &target.key, target.consistency)? {
+            KeyRoute::Here => self
                 .leases
                 .release(Self::lease_key(target), lease_id, Self::now_nanos())
                 .map_err(lease_error),
-            LeaseRoute::Peer(peer) => {
+            KeyRoute::Peer(peer) => {
                 let request = pb::ReleaseRequest {
                     namespace: target.namespace.clone(),
                     key: target.key.clone(),
-                    lease_id: format!("{lease_id:016x}"),
+                    lease_id: crate::grpc::encode_id(lease_id),
                     consistency: Self::HERE,
                 };
                 let r = self
@@ -720,19 +716,18 @@ impl ClusterRouter {
         deadline: Option<Instant>,
     ) -> Result<(BudgetAnswer, String), RateLimitError> {
         let peer = match self.key_route(&target.namespace, &target.key, target.consistency)? {
-            LeaseRoute::Here => {
+            KeyRoute::Here => {
                 return Ok((
                     self.budget_here(target, call)?,
                     self.config.instance_id.clone(),
                 ));
             }
-            LeaseRoute::Peer(peer) => peer,
+            KeyRoute::Peer(peer) => peer,
         };
         let wire = Some(crate::grpc::encode_budget_target(
             target,
             pb::Consistency::Local,
         ));
-        let id_text = |id: u64| format!("{id:016x}");
         match call {
             BudgetCall::Reserve { estimate, ttl } => {
                 let request = pb::ReserveRequest {
@@ -758,7 +753,7 @@ impl ClusterRouter {
             BudgetCall::Commit { id, actual } => {
                 let request = pb::CommitRequest {
                     target: wire,
-                    reservation_id: id_text(id),
+                    reservation_id: crate::grpc::encode_id(id),
                     actual,
                 };
                 let r = self
@@ -777,7 +772,7 @@ impl ClusterRouter {
             BudgetCall::Cancel { id } => {
                 let request = pb::CancelRequest {
                     target: wire,
-                    reservation_id: id_text(id),
+                    reservation_id: crate::grpc::encode_id(id),
                 };
                 let r = self
                     .call_peer(

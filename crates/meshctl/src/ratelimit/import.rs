@@ -326,15 +326,7 @@ pub(crate) async fn run(args: ImportArgs) -> anyhow::Result<ExitCode> {
         print_policies(&conversion.policies, args.output);
         return Ok(ExitCode::SUCCESS);
     }
-    let endpoint = agentmesh_runtime::client::endpoint(
-        &args.addr,
-        &agentmesh_runtime::ClientConfig::default(),
-    )?;
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {}", args.addr))?;
-    let mut client = pb::rate_limiter_client::RateLimiterClient::new(channel);
+    let mut client = super::client_for(&args.addr).await?;
     let total = conversion.policies.len();
     let mut stored = Vec::with_capacity(total);
     for policy in conversion.policies {

@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use agentmesh_proto::ratelimit::v1 as pb;
-use anyhow::Context;
 
 use crate::Output;
 
@@ -131,15 +130,7 @@ fn print(policies: &[pb::Policy], output: Output) {
 }
 
 pub(crate) async fn run(args: PoliciesArgs) -> anyhow::Result<ExitCode> {
-    let endpoint = agentmesh_runtime::client::endpoint(
-        &args.addr,
-        &agentmesh_runtime::ClientConfig::default(),
-    )?;
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {}", args.addr))?;
-    let mut client = pb::rate_limiter_client::RateLimiterClient::new(channel);
+    let mut client = super::client_for(&args.addr).await?;
     let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
     match args
         .command

@@ -137,6 +137,25 @@ async fn test_owner_and_strict_admit_at_most_the_limit_across_three_instances() 
         owner, 100,
         "OWNER admits exactly the limit while membership is stable"
     );
+    // Each decision is counted once, by the instance the client called, not again by the owner.
+    let (mut counted, mut allowed) = (0, 0);
+    for p in &processes {
+        let (_, metrics) = agentmesh_tests::agentmesh::http_get(p.admin_addr, "/metrics").await?;
+        for line in metrics.lines().filter(|l| {
+            l.starts_with("ratelimit_decisions_total{consistency=\"owner\",namespace=\"cluster\",policy=\"_inline\"")
+        }) {
+            let n: u64 = line.rsplit(' ').next().unwrap_or("0").parse()?;
+            counted += n;
+            if line.contains("result=\"allow\"") {
+                allowed += n;
+            }
+        }
+    }
+    assert_eq!(
+        (counted, allowed),
+        (480, 100),
+        "decisions counted once each"
+    );
     let strict = hammer(
         &processes,
         || {

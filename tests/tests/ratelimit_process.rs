@@ -150,7 +150,7 @@ async fn test_admin_endpoints_and_probe_report_health() -> anyhow::Result<()> {
         "rpc_server_call_duration_seconds_count{rpc_method=\"Check\",rpc_response_status_code=\"OK\",rpc_service=\"agentmesh.ratelimit.v1.RateLimiter\"} 1"
     ), "{metrics}");
     assert!(
-        metrics.contains("ratelimit_decisions_total{result=\"allow\"} 1"),
+        metrics.contains("ratelimit_decisions_total{consistency=\"local\",namespace=\"e2e\",policy=\"default\",result=\"allow\"} 1"),
         "{metrics}"
     );
 

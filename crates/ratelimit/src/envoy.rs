@@ -40,7 +40,7 @@ pub use rls::rate_limit_service_server::SERVICE_NAME;
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
 use crate::limiter::{CheckItem, CheckOutcome, LimitRef};
-use crate::metrics::RateLimitMetrics;
+use crate::metrics::{ItemNamespaces, RateLimitMetrics};
 use crate::spec::{
     Algorithm, LimitSpec, MAX_ITEMS, MAX_KEY_LEN, MAX_NAMESPACE_LEN, MAX_POLICY_NAME_LEN,
     is_valid_identifier, validate_identifier,
@@ -227,7 +227,10 @@ impl EnvoyRlsGrpc {
                 .map_err(|e| for_descriptors(e, &item_descriptors))?
         };
         if let Some(metrics) = &self.metrics {
-            metrics.record(&outcomes);
+            metrics.record(
+                &ItemNamespaces::single(&request.domain, outcomes.len()),
+                &outcomes,
+            );
         }
         let response = self.encode(&request.domain, &plans, &outcomes);
         tracing::debug!(

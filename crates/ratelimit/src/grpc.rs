@@ -18,7 +18,10 @@ use crate::concurrency::{DEFAULT_LEASE_TTL, MAX_CONCURRENCY, MAX_LEASE_TTL, MIN_
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
 use crate::limiter::{CheckItem, CheckOutcome, LimitRef};
-use crate::metrics::RateLimitMetrics;
+use crate::metrics::{ItemNamespaces, RateLimitMetrics};
+
+/// Metadata a peer sets on a forwarded Check, so the owner does not count the decisions again.
+pub(crate) const FORWARDED_HEADER: &str = "agentmesh-forwarded";
 use crate::policy_store::PolicyStore;
 use crate::router::{BudgetCall, BudgetTarget, ClusterRouter, LeaseTarget};
 use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode, Policy, ScopedPolicy};
@@ -87,18 +90,24 @@ impl RateLimiterGrpc {
         pb::rate_limiter_server::RateLimiterServer::new(self)
     }
 
-    /// Validates, decides and encodes one request.
+    /// Validates, decides and encodes one request; counts its decisions unless `count` is false
+    /// (a peer's forward: the instance the client called counts them).
     async fn check(
         &self,
         request: pb::CheckRequest,
         deadline: Option<Instant>,
+        count: bool,
     ) -> Result<pb::CheckResponse, RateLimitError> {
         let items = decode_items(request.items)?;
+        let namespaces =
+            count.then(|| ItemNamespaces::of(items.iter().map(|i| i.namespace.as_str())));
         let outcomes = self
             .decider
             .decide(items, request.all_or_nothing, deadline)
             .await?;
-        self.metrics.record(&outcomes);
+        if let Some(namespaces) = namespaces {
+            self.metrics.record(&namespaces, &outcomes);
+        }
         Ok(encode_response(&outcomes, &self.instance_id))
     }
 }
@@ -110,7 +119,8 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let deadline = deadline_of(&request);
-        let response = RateLimiterGrpc::check(self, request.into_inner(), deadline).await?;
+        let count = !request.metadata().contains_key(FORWARDED_HEADER);
+        let response = RateLimiterGrpc::check(self, request.into_inner(), deadline, count).await?;
         Ok(Response::new(response))
     }
 
@@ -688,7 +698,7 @@ impl RateLimiterGrpc {
     ) -> pb::StreamCheckResponse {
         let id = message.id;
         let result = match message.request {
-            Some(request) => self.check(request, deadline).await,
+            Some(request) => self.check(request, deadline, true).await,
             None => Err(RateLimitError::invalid("request", "required")),
         };
         match result {
@@ -928,6 +938,7 @@ pub(crate) fn decode_result(r: &pb::CheckResult) -> CheckOutcome {
         policy_version: r.policy_version,
         degraded: None,
         decided_by: Some(r.decided_by.clone()).filter(|d| !d.is_empty()),
+        consistency: Consistency::Owner,
     }
 }
 

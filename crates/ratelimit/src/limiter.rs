@@ -97,6 +97,9 @@ pub struct CheckOutcome {
     pub degraded: Option<DegradedReason>,
     /// Instance that decided, when it was not this one (owner routing).
     pub decided_by: Option<String>,
+    /// Where the item was meant to be decided (its route); a degraded answer keeps the route
+    /// it could not reach.
+    pub consistency: Consistency,
 }
 
 /// Why an answer is degraded; exported as the `reason` label of
@@ -180,6 +183,7 @@ impl Resolved<'_> {
             policy_version: self.version,
             degraded: None,
             decided_by: None,
+            consistency: Consistency::Local,
         }
     }
 }
@@ -572,6 +576,7 @@ mod tests {
                     policy_version: 0,
                     degraded: None,
                     decided_by: None,
+                    consistency: Consistency::Local,
                 }
             );
         }
@@ -591,6 +596,7 @@ mod tests {
                 policy_version: 0,
                 degraded: None,
                 decided_by: None,
+                consistency: Consistency::Local,
             }
         );
     }

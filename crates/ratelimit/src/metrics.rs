@@ -1,20 +1,100 @@
-//! Domain metrics of the rate limiter. Labels are bounded: a result and an algorithm, never a
-//! key or namespace.
+//! Domain metrics of the rate limiter. Labels are bounded: never a key; namespaces and policy
+//! names only up to a fixed number of distinct values (later ones share the label `_other`).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use parking_lot::Mutex;
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::limiter::{CheckOutcome, Limiter};
+use crate::spec::Consistency;
+
+/// Distinct namespaces that get their own `namespace` label; later ones are `_other`.
+pub const MAX_LABELLED_NAMESPACES: usize = 64;
+/// Distinct policy names that get their own `policy` label; later ones are `_other`.
+pub const MAX_LABELLED_POLICIES: usize = 256;
+/// The label value shared by namespaces or policies beyond the bound.
+pub const OTHER_LABEL: &str = "_other";
+/// The `policy` label of inline limits.
+pub const INLINE_LABEL: &str = "_inline";
+
+/// A label whose distinct values are capped: the first `max` values seen keep their name.
+struct BoundedLabel {
+    max: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl BoundedLabel {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// `value` when it is (or can become) one of the labelled values, `_other` otherwise.
+    fn label<'a>(&self, value: &'a str) -> &'a str {
+        let mut seen = self.seen.lock();
+        if seen.contains(value) {
+            return value;
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_owned());
+            return value;
+        }
+        OTHER_LABEL
+    }
+}
+
+/// The namespaces of one request's items, without a string per item: usually a request has
+/// one namespace.
+#[derive(Debug, Default)]
+pub struct ItemNamespaces {
+    names: Vec<String>,
+    of_item: Vec<u32>,
+}
+
+impl ItemNamespaces {
+    /// Collects the namespace of each item, in order.
+    pub fn of<'a>(namespaces: impl Iterator<Item = &'a str>) -> Self {
+        let mut this = Self::default();
+        for ns in namespaces {
+            let index = match this.names.iter().position(|n| n == ns) {
+                Some(i) => i,
+                None => {
+                    this.names.push(ns.to_owned());
+                    this.names.len() - 1
+                }
+            };
+            this.of_item.push(u32::try_from(index).unwrap_or(u32::MAX));
+        }
+        this
+    }
+
+    /// `count` items of one namespace (Envoy: the domain).
+    pub fn single(namespace: &str, count: usize) -> Self {
+        Self {
+            names: vec![namespace.to_owned()],
+            of_item: vec![0; count],
+        }
+    }
+
+    fn get(&self, item: usize) -> &str {
+        self.of_item
+            .get(item)
+            .and_then(|&i| self.names.get(i as usize))
+            .map_or("", String::as_str)
+    }
+}
 
 /// Counters resolved once, so recording a decision is a few atomic adds.
 #[derive(Clone)]
 pub struct RateLimitMetrics {
-    allow: IntCounter,
-    deny: IntCounter,
-    shadow_deny: IntCounter,
-    batch_rejected: IntCounter,
+    decisions: IntCounterVec,
+    namespaces: Arc<BoundedLabel>,
+    policies: Arc<BoundedLabel>,
     store_entries: IntGauge,
     store_capacity: IntGauge,
     evicted_idle: IntGauge,
@@ -30,9 +110,9 @@ impl RateLimitMetrics {
         let decisions = IntCounterVec::new(
             Opts::new(
                 "ratelimit_decisions_total",
-                "Rate-limit decisions per item: allow, deny, shadow_deny (over limit, allowed in SHADOW mode) and batch_rejected (fitted, but its all_or_nothing batch did not).",
+                "Rate-limit decisions per item, counted by the instance the client called: result = allow, deny, shadow_deny (over limit, allowed in SHADOW mode) or batch_rejected (fitted, but its all_or_nothing batch did not); consistency = local, owner or strict; namespace and policy bounded (_other beyond the bound, _inline for inline limits).",
             ),
-            &["result"],
+            &["namespace", "policy", "consistency", "result"],
         )?;
         let gauge = |name: &str, help: &str| IntGauge::new(name, help);
         let store_entries = gauge("ratelimit_store_entries", "Limit states held in memory.")?;
@@ -58,10 +138,9 @@ impl RateLimitMetrics {
             registry.register(Box::new(g.clone()))?;
         }
         Ok(Self {
-            allow: decisions.with_label_values(&["allow"]),
-            deny: decisions.with_label_values(&["deny"]),
-            shadow_deny: decisions.with_label_values(&["shadow_deny"]),
-            batch_rejected: decisions.with_label_values(&["batch_rejected"]),
+            decisions,
+            namespaces: Arc::new(BoundedLabel::new(MAX_LABELLED_NAMESPACES)),
+            policies: Arc::new(BoundedLabel::new(MAX_LABELLED_POLICIES)),
             store_entries,
             store_capacity,
             evicted_idle,
@@ -69,19 +148,45 @@ impl RateLimitMetrics {
         })
     }
 
-    /// Counts the outcomes of one request.
-    pub fn record(&self, outcomes: &[CheckOutcome]) {
-        for o in outcomes {
-            let counter = if o.batch_rejected {
-                &self.batch_rejected
+    /// Counts the outcomes of one request, `namespaces` giving each item's namespace. Items
+    /// are grouped first, so a batch of one namespace and policy costs one label lookup.
+    pub fn record(&self, namespaces: &ItemNamespaces, outcomes: &[CheckOutcome]) {
+        let mut groups: Vec<((&str, &str, Consistency, &'static str), u64)> = Vec::new();
+        for (i, o) in outcomes.iter().enumerate() {
+            let result = if o.batch_rejected {
+                "batch_rejected"
             } else if o.allowed && o.over_limit {
-                &self.shadow_deny
+                "shadow_deny"
             } else if o.allowed {
-                &self.allow
+                "allow"
             } else {
-                &self.deny
+                "deny"
             };
-            counter.inc();
+            let key = (namespaces.get(i), o.policy.as_str(), o.consistency, result);
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += 1,
+                None => groups.push((key, 1)),
+            }
+        }
+        for ((namespace, policy, consistency, result), n) in groups {
+            let policy = if policy.is_empty() {
+                INLINE_LABEL
+            } else {
+                self.policies.label(policy)
+            };
+            let consistency = match consistency {
+                Consistency::Local => "local",
+                Consistency::Owner => "owner",
+                Consistency::Strict => "strict",
+            };
+            self.decisions
+                .with_label_values(&[
+                    self.namespaces.label(namespace),
+                    policy,
+                    consistency,
+                    result,
+                ])
+                .inc_by(n);
         }
     }
 
@@ -106,5 +211,29 @@ impl RateLimitMetrics {
                     .set(i64::try_from(stats.evicted_active).unwrap_or(i64::MAX));
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_bounded_label_shares_other_beyond_the_bound() {
+        let label = BoundedLabel::new(2);
+        assert_eq!(label.label("a"), "a");
+        assert_eq!(label.label("b"), "b");
+        assert_eq!(label.label("c"), OTHER_LABEL);
+        assert_eq!(label.label("a"), "a");
+    }
+
+    #[test]
+    fn test_item_namespaces_keep_one_string_per_distinct_namespace() {
+        let ns = ItemNamespaces::of(["x", "y", "x"].into_iter());
+        assert_eq!(ns.names.len(), 2);
+        assert_eq!(
+            (ns.get(0), ns.get(1), ns.get(2), ns.get(3)),
+            ("x", "y", "x", "")
+        );
     }
 }

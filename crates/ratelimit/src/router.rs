@@ -134,6 +134,8 @@ struct Planned {
     spec: LimitSpec,
     mode: Mode,
     on_failure: FailurePolicy,
+    /// The consistency asked for (an OWNER item this instance owns is routed `Local`).
+    consistency: Consistency,
     route: Route,
 }
 
@@ -225,6 +227,7 @@ impl ClusterRouter {
                 spec,
                 mode,
                 on_failure,
+                consistency,
                 route,
             });
         }
@@ -898,7 +901,11 @@ impl Decide for ClusterRouter {
     ) -> Result<Vec<CheckOutcome>, RateLimitError> {
         let planned = self.plan(items, all_or_nothing)?;
         if planned.iter().all(|p| p.route == Route::Local) {
-            return self.decide_local(&planned, all_or_nothing);
+            let mut outcomes = self.decide_local(&planned, all_or_nothing)?;
+            for (o, p) in outcomes.iter_mut().zip(&planned) {
+                o.consistency = p.consistency;
+            }
+            return Ok(outcomes);
         }
         let now = Instant::now();
         let budget = agentmesh_runtime::deadline::budget(deadline, self.config.budget, now);
@@ -924,8 +931,11 @@ impl Decide for ClusterRouter {
             Ok::<_, RateLimitError>(
                 group
                     .iter()
-                    .map(|p| p.index)
                     .zip(outcomes)
+                    .map(|(p, mut o)| {
+                        o.consistency = p.consistency;
+                        (p.index, o)
+                    })
                     .collect::<Vec<_>>(),
             )
         }))
@@ -1021,6 +1031,7 @@ fn base_outcome(p: &Planned) -> CheckOutcome {
         policy_version: 0,
         degraded: None,
         decided_by: None,
+        consistency: p.consistency,
     }
 }
 
@@ -1279,6 +1290,10 @@ async fn send_batch(
         all_or_nothing,
     });
     request.set_timeout(deadline.saturating_duration_since(now));
+    request.metadata_mut().insert(
+        crate::grpc::FORWARDED_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
     let result = match tokio::time::timeout_at(deadline.into(), client.check(request)).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
         Ok(Err(status)) => Err(RateLimitError::Unavailable(format!(

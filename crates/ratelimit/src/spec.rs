@@ -422,6 +422,8 @@ struct PolicySetInner {
     default: CompiledPolicy,
     named: PolicyMap,
     names: Vec<String>,
+    /// Consistency and failure policy of file policies that set them.
+    named_routing: HashMap<String, PolicyRouting>,
     /// Namespace-scoped policies (from etcd), which shadow `named` in their namespace.
     scoped: HashMap<String, HashMap<String, (CompiledPolicy, PolicyRouting)>>,
 }
@@ -436,6 +438,20 @@ impl PolicySet {
     /// Validates every policy. Duplicate names are an error; a named policy called `default`
     /// replaces `default`. The default policy is always named `default`, whatever it was called.
     pub fn new(default: Policy, named: Vec<Policy>) -> Result<Self, RateLimitError> {
+        Self::with_routing(
+            default,
+            named
+                .into_iter()
+                .map(|p| (p, PolicyRouting::default()))
+                .collect(),
+        )
+    }
+
+    /// As [`PolicySet::new`], each policy with its consistency and failure policy.
+    fn with_routing(
+        default: Policy,
+        named: Vec<(Policy, PolicyRouting)>,
+    ) -> Result<Self, RateLimitError> {
         let mut violations = Vec::new();
         if named.len() >= MAX_POLICIES {
             violations.push(FieldViolation::new(
@@ -447,7 +463,11 @@ impl PolicySet {
         DEFAULT_POLICY_NAME.clone_into(&mut default.name);
         let mut map = PolicyMap::default();
         let mut seen_default = false;
-        for policy in named {
+        let mut named_routing = HashMap::new();
+        for (policy, routing) in named {
+            if routing != PolicyRouting::default() {
+                named_routing.insert(policy.name.clone(), routing);
+            }
             policy.validate_into(&mut violations);
             if policy.name == DEFAULT_POLICY_NAME {
                 if seen_default {
@@ -473,6 +493,7 @@ impl PolicySet {
                 default: CompiledPolicy::new(default),
                 named: map,
                 names,
+                named_routing,
                 scoped: HashMap::new(),
             }),
         })
@@ -488,6 +509,8 @@ impl PolicySet {
     /// burst = 20           # optional, default = limit
     /// algorithm = "gcra"   # optional: gcra | fixed_window | sliding_window
     /// mode = "enforce"     # optional: enforce | shadow
+    /// consistency = "owner"  # optional: local | owner | strict (default: the cluster's)
+    /// on_failure = "fail_closed"  # optional: fail_open | fail_closed | local_fallback
     /// ```
     ///
     /// Unknown fields are rejected; errors name the policy and the field.
@@ -520,7 +543,7 @@ impl PolicySet {
             reason,
         };
         let named = parse_policy_file(toml).map_err(file_error)?;
-        Self::new(default, named).map_err(|e| match e {
+        Self::with_routing(default, named).map_err(|e| match e {
             RateLimitError::InvalidArgument(violations) => file_error(
                 violations
                     .iter()
@@ -563,6 +586,7 @@ impl PolicySet {
                 default: self.inner.default.clone(),
                 named: self.inner.named.clone(),
                 names: self.inner.names.clone(),
+                named_routing: self.inner.named_routing.clone(),
                 scoped: by_namespace,
             }),
         })
@@ -593,6 +617,7 @@ impl PolicySet {
             .get(namespace)
             .and_then(|m| m.get(name))
             .map(|(_, r)| *r)
+            .or_else(|| self.inner.named_routing.get(name).copied())
             .unwrap_or_default()
     }
 
@@ -662,11 +687,15 @@ struct PolicyEntry {
     algorithm: Algorithm,
     #[serde(default)]
     mode: Mode,
+    #[serde(default)]
+    consistency: Option<Consistency>,
+    #[serde(default)]
+    on_failure: Option<FailurePolicy>,
 }
 
 /// Parses the policy file format (see `PolicySet::from_toml_str`). Entries are decoded one by
 /// one so an error can name the policy as well as the field.
-fn parse_policy_file(toml: &str) -> Result<Vec<Policy>, String> {
+fn parse_policy_file(toml: &str) -> Result<Vec<(Policy, PolicyRouting)>, String> {
     let doc: toml::Table = toml
         .parse()
         .map_err(|e: toml::de::Error| one_line(&e.to_string()))?;
@@ -696,16 +725,24 @@ fn parse_policy_file(toml: &str) -> Result<Vec<Policy>, String> {
                 .map_err(|e: toml::de::Error| format!("{label}: {}", one_line(&e.to_string())))?;
             let period = humantime::parse_duration(&entry.period)
                 .map_err(|e| format!("{label}.period: invalid duration {:?}: {e}", entry.period))?;
-            policies.push(Policy {
-                name: entry.name,
-                spec: LimitSpec {
-                    limit: entry.limit,
-                    period,
-                    burst: entry.burst,
-                    algorithm: entry.algorithm,
+            let routing = PolicyRouting {
+                consistency: entry.consistency,
+                on_failure: entry.on_failure,
+                version: 0,
+            };
+            policies.push((
+                Policy {
+                    name: entry.name,
+                    spec: LimitSpec {
+                        limit: entry.limit,
+                        period,
+                        burst: entry.burst,
+                        algorithm: entry.algorithm,
+                    },
+                    mode: entry.mode,
                 },
-                mode: entry.mode,
-            });
+                routing,
+            ));
         }
     }
     Ok(policies)
@@ -1052,5 +1089,38 @@ mod tests {
             panic!("{err:?}")
         };
         assert_eq!(path, "/nonexistent/policies.toml");
+    }
+
+    #[test]
+    fn test_file_policies_may_set_consistency_and_failure_policy() {
+        let set = PolicySet::from_toml_str(
+            r#"
+            [[policy]]
+            name = "strict-one"
+            limit = 5
+            period = "1s"
+            consistency = "strict"
+            on_failure = "fail_closed"
+
+            [[policy]]
+            name = "plain"
+            limit = 5
+            period = "1s"
+            "#,
+            Policy::default(),
+        )
+        .unwrap();
+        let r = set.routing_in("any-namespace", "strict-one");
+        assert_eq!(
+            (r.consistency, r.on_failure),
+            (Some(Consistency::Strict), Some(FailurePolicy::FailClosed))
+        );
+        assert_eq!(set.routing_in("ns", "plain"), PolicyRouting::default());
+        let reason = file_reason(PolicySet::from_toml_str(
+            "[[policy]]\nname = \"x\"\nlimit = 1\nperiod = \"1s\"\nconsistency = \"eventual\"",
+            Policy::default(),
+        ));
+        assert!(reason.contains("policy[x]"), "{reason}");
+        assert!(reason.contains("eventual"), "{reason}");
     }
 }

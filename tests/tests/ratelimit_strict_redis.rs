@@ -20,6 +20,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 fn item(key_hash: u64, limit: u64, period: Duration, burst: u64, cost: u64) -> StrictItem {
     StrictItem {
+        shadow: false,
         key_hash,
         limit,
         period,
@@ -266,6 +267,16 @@ async fn test_all_or_nothing_debits_nothing_when_one_item_is_over_limit() {
     assert_eq!((d[0].remaining, d[1].remaining), (6, 3));
     assert_eq!(one(&strict, a(0)).await.remaining, 6);
     assert_eq!(one(&strict, item(0xC1, 5, HOUR, 0, 0)).await.remaining, 3);
+
+    // A SHADOW item over its limit is reported but does not fail the batch.
+    let shadow_b = StrictItem {
+        shadow: true,
+        ..b(1)
+    };
+    let d = strict.check(&[a(1), shadow_b], true, BUDGET).await.unwrap();
+    assert!(d[0].allowed, "a is debited");
+    assert!(!d[1].allowed && d[1].retry_after.unwrap() > Duration::from_secs(3500));
+    assert_eq!(one(&strict, a(0)).await.remaining, 5);
 }
 
 #[tokio::test]

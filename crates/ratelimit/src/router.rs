@@ -266,6 +266,7 @@ impl ClusterRouter {
         let items: Vec<StrictItem> = planned
             .iter()
             .map(|p| StrictItem {
+                shadow: p.mode == Mode::Shadow,
                 key_hash: strict_key_hash(&p.item),
                 limit: p.spec.limit,
                 period: p.spec.period,

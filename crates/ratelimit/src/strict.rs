@@ -77,6 +77,8 @@ pub struct StrictItem {
     pub burst: u64,
     /// Units to spend; 0 peeks (spends nothing, passes iff one unit is available).
     pub cost: u64,
+    /// SHADOW mode: over its limit it is reported but does not fail an all-or-nothing batch.
+    pub shadow: bool,
 }
 
 /// The outcome of one item.
@@ -273,7 +275,12 @@ impl RedisStrict {
             .zip(replies.chunks(REPLY_WIDTH))
             .map(|(p, reply)| p.decision(reply))
             .collect::<Result<Vec<_>, _>>()?;
-        if all_or_nothing && decisions.iter().any(|d| !d.allowed) {
+        if all_or_nothing
+            && decisions
+                .iter()
+                .zip(items)
+                .any(|(d, i)| !d.allowed && !i.shadow)
+        {
             for d in decisions.iter_mut().filter(|d| d.allowed) {
                 d.allowed = false;
             }
@@ -442,7 +449,7 @@ struct Prepared {
     per_unit: u64,
     /// Effective burst.
     burst: u64,
-    /// scale, tau (us, f), need (us, f), debit (us, f), never.
+    /// scale, tau (us, f), need (us, f), debit (us, f), flags (1 never, 2 shadow).
     args: [u64; 8],
 }
 
@@ -493,7 +500,7 @@ impl Prepared {
                 need.1,
                 debit.0,
                 debit.1,
-                u64::from(never),
+                u64::from(never) | (u64::from(item.shadow) << 1),
             ],
         }
     }
@@ -688,6 +695,7 @@ mod tests {
 
     fn item(limit: u64, period: Duration, burst: u64, cost: u64) -> StrictItem {
         StrictItem {
+            shadow: false,
             key_hash: 1,
             limit,
             period,

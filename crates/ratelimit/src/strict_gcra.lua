@@ -3,7 +3,8 @@
 -- KEYS[i]   the state of item i.
 -- ARGV[1]   '1': all or nothing (debit every item or none), '0': one item per call.
 -- ARGV[2 + 8*(i-1) ...] for item i, all non-negative integers below 2^53:
---   scale, tau_us, tau_f, need_us, need_f, debit_us, debit_f, never
+--   scale, tau_us, tau_f, need_us, need_f, debit_us, debit_f, flags
+--   (flags: 1 = never fits, 2 = shadow: over its limit it does not fail an all-or-nothing batch)
 --
 -- Times are two-part: whole microseconds plus a fraction in 1/scale us (0 <= f < scale). The
 -- client chose `scale` so that one unit's emission interval is a whole number of 1/scale us and
@@ -55,7 +56,9 @@ for i = 1, #KEYS do
   local tau, tauf = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local need, needf = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local debit, debitf = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-  local never = ARGV[a + 7] == '1'
+  local flags = tonumber(ARGV[a + 7])
+  local never = flags % 2 == 1
+  local shadow = flags >= 2
 
   local tat, tatf, tats
   local state = tentative[key]
@@ -111,7 +114,7 @@ for i = 1, #KEYS do
     end
     tentative[key] = { after, afterf, s }
   end
-  if not allowed then
+  if not allowed and not shadow then
     failed = true
   end
 

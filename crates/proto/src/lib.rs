@@ -18,6 +18,12 @@ pub mod ratelimit {
     }
 }
 
+pub mod eventbus {
+    pub mod v1 {
+        tonic::include_proto!("agentmesh.eventbus.v1");
+    }
+}
+
 pub mod bench {
     pub mod v1 {
         tonic::include_proto!("agentmesh.bench.v1");

@@ -74,6 +74,35 @@ pub fn inject_context(cx: &opentelemetry::Context, headers: &mut HeaderMap) {
     TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
 }
 
+/// Writes `cx` into a string map (an event's headers) as `traceparent`/`tracestate`.
+pub fn inject_into_map(
+    cx: &opentelemetry::Context,
+    map: &mut std::collections::BTreeMap<String, String>,
+) {
+    struct MapInjector<'a>(&'a mut std::collections::BTreeMap<String, String>);
+    impl Injector for MapInjector<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            self.0.insert(key.to_owned(), value);
+        }
+    }
+    TraceContextPropagator::new().inject_context(cx, &mut MapInjector(map));
+}
+
+/// The trace context carried in a string map (an event's headers); empty when there is none.
+#[must_use]
+pub fn extract_from_map(map: &std::collections::BTreeMap<String, String>) -> opentelemetry::Context {
+    struct MapExtractor<'a>(&'a std::collections::BTreeMap<String, String>);
+    impl opentelemetry::propagation::Extractor for MapExtractor<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).map(String::as_str)
+        }
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys().map(String::as_str).collect()
+        }
+    }
+    TraceContextPropagator::new().extract(&MapExtractor(map))
+}
+
 /// The canonical name of a gRPC status code number, as used in metric labels.
 #[must_use]
 pub fn code_name(code: i32) -> &'static str {

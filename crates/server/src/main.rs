@@ -12,6 +12,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentmesh_eventbus::EventBusError;
+use agentmesh_eventbus::service::{EventBusArgs, EventBusDeps};
 use agentmesh_membership::{EtcdMembership, EtcdMembershipConfig, InMemoryMembership, Membership};
 use agentmesh_ratelimit::RateLimitError;
 use agentmesh_ratelimit::service::{RateLimitArgs, RateLimitDeps};
@@ -52,6 +54,8 @@ enum Command {
         services: Vec<ServiceName>,
         #[command(flatten)]
         ratelimit: RateLimitArgs,
+        #[command(flatten)]
+        eventbus: EventBusArgs,
     },
     /// Run every built service in one process on loopback (standalone unless --etcd is given).
     Dev {
@@ -60,6 +64,8 @@ enum Command {
         bind_host: IpAddr,
         #[command(flatten)]
         ratelimit: RateLimitArgs,
+        #[command(flatten)]
+        eventbus: EventBusArgs,
     },
     /// Check a gRPC server's health; exit 0 only when SERVING.
     Probe {
@@ -109,22 +115,40 @@ fn main() -> ExitCode {
             Command::Serve {
                 services,
                 ratelimit,
-            } => serve(&cli.cluster, &cli.telemetry, &services, &ratelimit, None).await,
+                eventbus,
+            } => {
+                let args = ServiceArgs {
+                    ratelimit,
+                    eventbus,
+                };
+                serve(&cli.cluster, &cli.telemetry, &services, &args, None).await
+            }
             Command::Dev {
                 bind_host,
                 ratelimit,
+                eventbus,
             } => {
+                let args = ServiceArgs {
+                    ratelimit,
+                    eventbus,
+                };
                 serve(
                     &cli.cluster,
                     &cli.telemetry,
-                    &[ServiceName::Ratelimit],
-                    &ratelimit,
+                    &[ServiceName::Eventbus, ServiceName::Ratelimit],
+                    &args,
                     Some(bind_host),
                 )
                 .await
             }
         }
     })
+}
+
+/// Settings of every built service.
+struct ServiceArgs {
+    ratelimit: RateLimitArgs,
+    eventbus: EventBusArgs,
 }
 
 /// Rebinds an unspecified listen IP to `host` (for `dev`).
@@ -163,7 +187,7 @@ async fn serve(
     cluster: &ClusterArgs,
     telemetry_args: &TelemetryArgs,
     services: &[ServiceName],
-    ratelimit: &RateLimitArgs,
+    args: &ServiceArgs,
     bind_host: Option<IpAddr>,
 ) -> ExitCode {
     let guard = match telemetry::init(telemetry_args) {
@@ -185,10 +209,27 @@ async fn serve(
         etcd,
         redis_url: cluster.redis_url().map(str::to_owned),
     };
+    let eventbus_deps = EventBusDeps {
+        metrics: metrics.clone(),
+        redis_url: cluster.redis_url().map(str::to_owned),
+    };
     let mut specs: Vec<ServiceSpec> = Vec::new();
     for service in dedup(services) {
         match service {
-            ServiceName::Ratelimit => match ratelimit.build(&deps).await {
+            ServiceName::Eventbus => match args.eventbus.build(&eventbus_deps).await {
+                Ok(mut spec) => {
+                    spec.grpc_listen = rebind(spec.grpc_listen, bind_host);
+                    spec.admin_listen = rebind(spec.admin_listen, bind_host);
+                    specs.push(spec);
+                }
+                Err(EventBusError::Unavailable(message)) => {
+                    eprintln!("error: eventbus: {message}");
+                    guard.shutdown().await;
+                    return ExitCode::from(EXIT_UNAVAILABLE);
+                }
+                Err(e) => exit_config_error(&format!("eventbus: {e}")),
+            },
+            ServiceName::Ratelimit => match args.ratelimit.build(&deps).await {
                 Ok(mut spec) => {
                     spec.grpc_listen = rebind(spec.grpc_listen, bind_host);
                     spec.admin_listen = rebind(spec.admin_listen, bind_host);
@@ -202,7 +243,7 @@ async fn serve(
                 Err(e) => exit_config_error(&format!("ratelimit: {e}")),
             },
             other => exit_config_error(&format!(
-                "service {:?} is not built yet in agentmesh {}; available: ratelimit",
+                "service {:?} is not built yet in agentmesh {}; available: eventbus, ratelimit",
                 format!("{other:?}").to_lowercase(),
                 env!("CARGO_PKG_VERSION")
             )),

@@ -1,0 +1,1306 @@
+//! The event bus of one instance: publish, subscribe, request/reply, dead letters, stats.
+//!
+//! * **Ephemeral subjects** (the default) are delivered from memory: publish looks up the
+//!   interested groups in the [`SubjectIndex`] and offers the event to each group's bounded
+//!   priority queue ([`Consumer`]); at most once, deduplicated by id within the dedup window.
+//! * **Durable subjects** (matching a configured pattern; one stream per pattern) are appended
+//!   to the [`EventLog`] before publish answers. Each durable group runs a reader that reads
+//!   from the log through the log's consumer group only as much as its queue has room for
+//!   (the bus stops reading for a slow subscriber and loses nothing), and periodically claims
+//!   deliveries another consumer left unacknowledged for longer than the ack wait (a dead
+//!   instance, a closed subscription). A durable event is acked in the log when the
+//!   subscriber acks it, or when it is dead-lettered.
+//! * **Groups**: subscriptions with the same filter and queue group share one group (each
+//!   event to one member); without a group each subscription is its own group. A group takes
+//!   its options (ack wait, max deliveries …) from the subscription that created it.
+//! * **Broadcast**: subjects under `sys.broadcast.` reach every member of every group.
+//! * **Request/reply**: a request is published with a reply subject `_INBOX.<token>.<n>`
+//!   answered in memory; "no responders" when no group is interested in the subject.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::consumer::{
+    AckPolicy, AdvisoryKind, AdvisoryOut, Consumer, ConsumerOptions, DeadReason, Effects,
+    GroupSettings, GroupSnapshot, MemberInfo, Outbound, Pending,
+};
+use crate::dedup::{DedupOutcome, DedupWindow};
+use crate::error::EventBusError;
+use crate::event::{Event, new_ulid, now_ms};
+use crate::index::SubjectIndex;
+use crate::log::{AppendOutcome, EventLog, StartPosition, TrimPolicy};
+use crate::priority::FairnessConfig;
+use crate::subject::SubjectFilter;
+
+/// Subjects under this prefix reach every member of every group.
+pub const BROADCAST_PREFIX: &str = "sys.broadcast.";
+/// Default dead-letter subject.
+pub const DEFAULT_DEAD_LETTER_SUBJECT: &str = "sys.deadletter";
+/// Subject of shed advisories.
+pub const SHED_ADVISORY_SUBJECT: &str = "sys.advisory.eventbus.shed";
+/// Reply subjects of requests start with this.
+pub const INBOX_PREFIX: &str = "_INBOX.";
+/// Headers a dead letter carries.
+pub const DEAD_LETTER_REASON: &str = "deadletter-reason";
+/// The subject the event was published on.
+pub const DEAD_LETTER_SUBJECT: &str = "deadletter-subject";
+/// How many times it was delivered.
+pub const DEAD_LETTER_DELIVERIES: &str = "deadletter-deliveries";
+/// The group that gave up on it.
+pub const DEAD_LETTER_GROUP: &str = "deadletter-group";
+/// When, ms since the epoch.
+pub const DEAD_LETTER_AT: &str = "deadletter-at";
+/// Most subjects tracked one by one in stats; the rest are summed under `_other`.
+pub const MAX_TRACKED_SUBJECTS: usize = 1024;
+
+/// How the bus behaves.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    /// This instance's id (named in listings and Subscribed).
+    pub instance_id: String,
+    /// Subjects matching one of these are durable, one stream per pattern.
+    pub durable: Vec<SubjectFilter>,
+    /// Repeated ids within this window are duplicates.
+    pub dedup_window: Duration,
+    /// Most ids the ephemeral dedup window remembers.
+    pub dedup_max_entries: usize,
+    /// Most bytes of `data`.
+    pub max_data: usize,
+    /// Most pending events per group.
+    pub max_pending: usize,
+    /// Most open subscriptions.
+    pub max_subscriptions: usize,
+    /// Priority weights and aging.
+    pub fairness: FairnessConfig,
+    /// Dead-letter events that expire while waiting (else only count them).
+    pub dead_letter_expired: bool,
+    /// How much of each durable stream to keep.
+    pub retention: TrimPolicy,
+}
+
+impl BusConfig {
+    /// Defaults for `instance_id`.
+    pub fn new(instance_id: impl Into<String>) -> Self {
+        Self {
+            instance_id: instance_id.into(),
+            durable: Vec::new(),
+            dedup_window: Duration::from_secs(120),
+            dedup_max_entries: 1_000_000,
+            max_data: crate::event::DEFAULT_MAX_DATA,
+            max_pending: 10_000,
+            max_subscriptions: 10_000,
+            fairness: FairnessConfig::default(),
+            dead_letter_expired: false,
+            retention: TrimPolicy {
+                max_len: Some(1_000_000),
+                max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+            },
+        }
+    }
+}
+
+/// What publish did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// The event id (generated if it had none).
+    pub id: String,
+    /// Seen within the dedup window: not delivered again.
+    pub duplicate: bool,
+    /// Durable: the stream sequence.
+    pub sequence: u64,
+    /// Durable: the stream.
+    pub stream: Option<String>,
+}
+
+/// Bus-wide counters (the service exports them as metrics).
+#[derive(Debug, Default)]
+pub struct BusCounters {
+    /// Events accepted, ephemeral.
+    pub published_ephemeral: AtomicU64,
+    /// Events accepted, durable.
+    pub published_durable: AtomicU64,
+    /// Duplicates answered.
+    pub duplicates: AtomicU64,
+    /// Shed events by priority index.
+    pub shed: [AtomicU64; 4],
+    /// Expired events.
+    pub expired: AtomicU64,
+    /// Dead-lettered events.
+    pub dead_lettered: AtomicU64,
+    /// Ephemeral events no group was interested in.
+    pub no_interest: AtomicU64,
+    /// Log failures in background work (acks, reads, dead letters).
+    pub log_errors: AtomicU64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct SubjectCounters {
+    published: u64,
+    duplicates: u64,
+    previous: u64,
+    rate: f64,
+}
+
+/// Per-subject stats.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubjectStat {
+    /// The subject (or `_other`).
+    pub subject: String,
+    /// Events published.
+    pub published: u64,
+    /// Duplicates answered.
+    pub duplicates: u64,
+    /// Published per second, recent.
+    pub rate: f64,
+}
+
+/// Per-group stats.
+#[derive(Debug, Clone)]
+pub struct GroupStat {
+    /// The filter.
+    pub subject: String,
+    /// Queue group, durable name, or the subscription id.
+    pub group: String,
+    /// Durable stream read.
+    pub stream: Option<String>,
+    /// State.
+    pub snapshot: GroupSnapshot,
+    /// Delivered per second, recent.
+    pub rate: f64,
+}
+
+/// A dead letter as listed.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Position in the dead-letter stream.
+    pub sequence: u64,
+    /// The event, with its original subject.
+    pub event: Event,
+    /// Why.
+    pub reason: String,
+    /// Deliveries made.
+    pub deliveries: u32,
+    /// The group that gave up.
+    pub group: String,
+    /// When, ms since the epoch.
+    pub dead_at_ms: u64,
+}
+
+struct Inner {
+    config: BusConfig,
+    log: Arc<dyn EventLog>,
+    dedup: DedupWindow,
+    index: RwLock<SubjectIndex<u64>>,
+    groups: RwLock<HashMap<u64, Arc<Consumer>>>,
+    /// Named groups (queue groups, durable names) by (filter, name).
+    named: Mutex<HashMap<(String, String), u64>>,
+    inboxes: Mutex<HashMap<String, oneshot::Sender<(Event, String)>>>,
+    inbox_token: String,
+    next_id: AtomicU64,
+    subscriptions: AtomicU64,
+    subjects: Mutex<HashMap<String, SubjectCounters>>,
+    group_rates: Mutex<HashMap<u64, (u64, f64)>>,
+    counters: BusCounters,
+    last_shed_advisory: Mutex<HashMap<u64, u64>>,
+}
+
+/// A weak handle on a [`Bus`].
+#[derive(Clone)]
+pub struct WeakBus(Weak<Inner>);
+
+impl std::fmt::Debug for WeakBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WeakBus")
+    }
+}
+
+/// The bus; cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("instance", &self.inner.config.instance_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    /// A bus over `log` (durable subjects); spawns its housekeeping task (ack deadlines,
+    /// delayed redeliveries, expiry, rates, retention), which ends when the bus is dropped.
+    pub fn new(config: BusConfig, log: Arc<dyn EventLog>) -> Self {
+        let token = new_ulid(now_ms());
+        let inner = Arc::new(Inner {
+            dedup: DedupWindow::new(config.dedup_window, config.dedup_max_entries),
+            config,
+            log,
+            index: RwLock::new(SubjectIndex::new()),
+            groups: RwLock::new(HashMap::new()),
+            named: Mutex::new(HashMap::new()),
+            inboxes: Mutex::new(HashMap::new()),
+            inbox_token: token,
+            next_id: AtomicU64::new(1),
+            subscriptions: AtomicU64::new(0),
+            subjects: Mutex::new(HashMap::new()),
+            group_rates: Mutex::new(HashMap::new()),
+            counters: BusCounters::default(),
+            last_shed_advisory: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(housekeeping(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    /// A handle that does not keep the bus alive.
+    pub fn downgrade(&self) -> WeakBus {
+        WeakBus(Arc::downgrade(&self.inner))
+    }
+
+    /// The bus, if it is still alive.
+    pub fn upgrade(weak: &WeakBus) -> Option<Bus> {
+        weak.0.upgrade().map(|inner| Bus { inner })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BusConfig {
+        &self.inner.config
+    }
+
+    /// Bus-wide counters.
+    pub fn counters(&self) -> &BusCounters {
+        &self.inner.counters
+    }
+
+    /// Open subscriptions.
+    pub fn subscription_count(&self) -> u64 {
+        self.inner.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Ids dropped from the dedup window early because it was full.
+    pub fn dedup_evicted_early(&self) -> u64 {
+        self.inner.dedup.evicted_early()
+    }
+
+    /// The durable stream of `subject`, if it is durable.
+    pub fn durable_stream(&self, subject: &str) -> Option<&str> {
+        self.inner
+            .config
+            .durable
+            .iter()
+            .find(|p| p.matches(subject))
+            .map(SubjectFilter::as_str)
+    }
+
+    /// Validates and publishes one event (see the module docs).
+    ///
+    /// # Errors
+    /// `InvalidArgument` naming each bad field; `Unavailable` when a durable subject's store
+    /// is down.
+    pub async fn publish(&self, event: Event) -> Result<PublishOutcome, EventBusError> {
+        let (event, generated) = self.prepare(event, "event")?;
+        self.publish_prepared(event, generated).await
+    }
+
+    /// Publishes events in order (one answer each); consecutive events of one durable stream
+    /// are stored in one round trip.
+    pub async fn publish_batch(
+        &self,
+        events: Vec<Event>,
+    ) -> Vec<Result<PublishOutcome, EventBusError>> {
+        let mut out = Vec::with_capacity(events.len());
+        let mut run: Vec<Event> = Vec::new();
+        let mut run_key: Option<(String, bool)> = None;
+        for event in events {
+            let prepared = self.prepare(event, "event");
+            let key = prepared.as_ref().ok().and_then(|(e, generated)| {
+                self.durable_stream(&e.subject)
+                    .map(|s| (s.to_owned(), *generated))
+            });
+            if run_key.is_some() && key != run_key {
+                self.append_run(run_key.take(), std::mem::take(&mut run), &mut out)
+                    .await;
+            }
+            match (prepared, key) {
+                (Ok((event, _)), Some(key)) => {
+                    run.push(event);
+                    run_key = Some(key);
+                }
+                (Ok((event, generated)), None) => {
+                    out.push(self.publish_prepared(event, generated).await);
+                }
+                (Err(e), _) => out.push(Err(e)),
+            }
+        }
+        self.append_run(run_key, run, &mut out).await;
+        out
+    }
+
+    async fn append_run(
+        &self,
+        key: Option<(String, bool)>,
+        run: Vec<Event>,
+        out: &mut Vec<Result<PublishOutcome, EventBusError>>,
+    ) {
+        let Some((stream, generated)) = key else {
+            return;
+        };
+        if run.is_empty() {
+            return;
+        }
+        let window = if generated {
+            Duration::ZERO
+        } else {
+            self.inner.config.dedup_window
+        };
+        match self.inner.log.append_batch(&stream, &run, window).await {
+            Ok(outcomes) => {
+                for (event, outcome) in run.into_iter().zip(outcomes) {
+                    let duplicate = matches!(outcome, AppendOutcome::Duplicate(_));
+                    self.count_subject(&event.subject, duplicate);
+                    let counter = if duplicate {
+                        &self.inner.counters.duplicates
+                    } else {
+                        &self.inner.counters.published_durable
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    out.push(Ok(PublishOutcome {
+                        id: event.id,
+                        duplicate,
+                        sequence: outcome.sequence().unwrap_or(0),
+                        stream: Some(stream.clone()),
+                    }));
+                }
+            }
+            Err(e) => out.extend(run.iter().map(|_| Err(e.clone()))),
+        }
+    }
+
+    fn prepare(&self, mut event: Event, field: &str) -> Result<(Event, bool), EventBusError> {
+        let violations = event.violations(field, self.inner.config.max_data);
+        if !violations.is_empty() {
+            return Err(EventBusError::InvalidArgument(violations));
+        }
+        let now = now_ms();
+        let generated = event.id.is_empty();
+        if generated {
+            event.id = new_ulid(now);
+        }
+        if event.time_ms == 0 {
+            event.time_ms = now;
+        }
+        Ok((event, generated))
+    }
+
+    async fn publish_prepared(
+        &self,
+        event: Event,
+        generated: bool,
+    ) -> Result<PublishOutcome, EventBusError> {
+        let inner = &self.inner;
+        if let Some(stream) = self.durable_stream(&event.subject) {
+            let stream = stream.to_owned();
+            let window = if generated {
+                Duration::ZERO
+            } else {
+                inner.config.dedup_window
+            };
+            let outcome = inner.log.append(&stream, &event, window).await?;
+            let duplicate = matches!(outcome, AppendOutcome::Duplicate(_));
+            self.count_subject(&event.subject, duplicate);
+            if duplicate {
+                inner.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            } else {
+                inner
+                    .counters
+                    .published_durable
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(PublishOutcome {
+                id: event.id,
+                duplicate,
+                sequence: outcome.sequence().unwrap_or(0),
+                stream: Some(stream),
+            });
+        }
+        let now = now_ms();
+        if !generated && inner.dedup.check_and_insert("", &event.id, now) == DedupOutcome::Duplicate
+        {
+            inner.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            self.count_subject(&event.subject, true);
+            return Ok(PublishOutcome {
+                id: event.id,
+                duplicate: true,
+                sequence: 0,
+                stream: None,
+            });
+        }
+        self.count_subject(&event.subject, false);
+        inner
+            .counters
+            .published_ephemeral
+            .fetch_add(1, Ordering::Relaxed);
+        let id = event.id.clone();
+        self.deliver(&Arc::new(event), now);
+        Ok(PublishOutcome {
+            id,
+            duplicate: false,
+            sequence: 0,
+            stream: None,
+        })
+    }
+
+    /// Offers an ephemeral event to every interested group; returns how many there were.
+    fn deliver(&self, event: &Arc<Event>, now: u64) -> usize {
+        let inner = &self.inner;
+        if event.subject.starts_with(INBOX_PREFIX) {
+            let waiter = inner.inboxes.lock().remove(&event.subject);
+            if let Some(tx) = waiter {
+                let responder = event
+                    .headers
+                    .get("responder")
+                    .cloned()
+                    .unwrap_or_default();
+                let _ = tx.send((Event::clone(event), responder));
+                return 1;
+            }
+        }
+        let mut ids: Vec<u64> = Vec::new();
+        inner
+            .index
+            .read()
+            .for_each_match(&event.subject, |id| ids.push(*id));
+        if ids.is_empty() {
+            inner.counters.no_interest.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+        let groups: Vec<Arc<Consumer>> = {
+            let map = inner.groups.read();
+            ids.iter().filter_map(|id| map.get(id).cloned()).collect()
+        };
+        let broadcast = event.subject.starts_with(BROADCAST_PREFIX);
+        for group in &groups {
+            let effects = if broadcast {
+                group.offer_to_all(event, now)
+            } else {
+                group.offer(
+                    Pending {
+                        event: event.clone(),
+                        deliveries: 0,
+                        sequence: 0,
+                    },
+                    now,
+                )
+            };
+            self.apply(group, effects);
+        }
+        groups.len()
+    }
+
+    fn count_subject(&self, subject: &str, duplicate: bool) {
+        let mut subjects = self.inner.subjects.lock();
+        let key = if subjects.contains_key(subject) || subjects.len() < MAX_TRACKED_SUBJECTS {
+            subject
+        } else {
+            "_other"
+        };
+        let entry = match subjects.get_mut(key) {
+            Some(e) => e,
+            None => subjects.entry(key.to_owned()).or_default(),
+        };
+        if duplicate {
+            entry.duplicates += 1;
+        } else {
+            entry.published += 1;
+        }
+    }
+
+    /// Carries out what a group operation left to do.
+    fn apply(&self, group: &Arc<Consumer>, effects: Effects) {
+        if effects.is_empty() {
+            return;
+        }
+        let counters = &self.inner.counters;
+        if effects.expired > 0 {
+            counters
+                .expired
+                .fetch_add(effects.expired, Ordering::Relaxed);
+            group.advise_all(&AdvisoryOut {
+                kind: AdvisoryKind::Expired,
+                count: effects.expired,
+                priority: None,
+                message: format!("{} event(s) expired before delivery", effects.expired),
+            });
+        }
+        let shed: u64 = effects.shed.iter().sum();
+        if shed > 0 {
+            for (i, n) in effects.shed.iter().enumerate() {
+                counters.shed[i].fetch_add(*n, Ordering::Relaxed);
+            }
+            self.shed_advisory(group, &effects.shed);
+        }
+        if effects.dead.is_empty() && effects.log_acks.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        let group = group.clone();
+        tokio::spawn(async move {
+            this.settle(&group, effects).await;
+        });
+    }
+
+    /// Log acks and dead letters.
+    async fn settle(&self, group: &Arc<Consumer>, effects: Effects) {
+        let inner = &self.inner;
+        for (pending, reason) in effects.dead {
+            inner.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.dead_letter(group, &pending, &reason).await {
+                inner.counters.log_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, event = %pending.event.id, "storing a dead letter failed");
+            }
+        }
+        if let Some(stream) = group.durable.first()
+            && !effects.log_acks.is_empty()
+            && let Err(e) = inner
+                .log
+                .ack(stream, &group.log_group, &effects.log_acks)
+                .await
+        {
+            inner.counters.log_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, stream = %stream, "acknowledging in the log failed");
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        group: &Consumer,
+        pending: &Pending,
+        reason: &DeadReason,
+    ) -> Result<(), EventBusError> {
+        let mut event = (*pending.event).clone();
+        let now = now_ms();
+        event.headers.insert(DEAD_LETTER_REASON.into(), reason.as_string());
+        event
+            .headers
+            .insert(DEAD_LETTER_SUBJECT.into(), event.subject.clone());
+        event.headers.insert(
+            DEAD_LETTER_DELIVERIES.into(),
+            pending.deliveries.to_string(),
+        );
+        event
+            .headers
+            .insert(DEAD_LETTER_GROUP.into(), group_label(group));
+        event.headers.insert(DEAD_LETTER_AT.into(), now.to_string());
+        event
+            .subject
+            .clone_from(&group.options.dead_letter_subject);
+        event.id = new_ulid(now);
+        // A dead letter must not expire on its way to the dead-letter store.
+        event.expires_at_ms = None;
+        self.inner
+            .log
+            .append(&event.subject, &event, Duration::ZERO)
+            .await?;
+        self.deliver(&Arc::new(event), now);
+        Ok(())
+    }
+
+    fn shed_advisory(&self, group: &Arc<Consumer>, shed: &[u64; 4]) {
+        let now = now_ms();
+        {
+            let mut last = self.inner.last_shed_advisory.lock();
+            let at = last.entry(group.id).or_insert(0);
+            if now.saturating_sub(*at) < 1000 {
+                return;
+            }
+            *at = now;
+        }
+        let data = format!(
+            "{{\"group\":{:?},\"subject\":{:?},\"shed\":{{\"low\":{},\"normal\":{},\"high\":{},\"critical\":{}}}}}",
+            group_label(group),
+            group.options.filter.as_str(),
+            shed[0],
+            shed[1],
+            shed[2],
+            shed[3]
+        );
+        let advisory = Event {
+            id: new_ulid(now),
+            subject: SHED_ADVISORY_SUBJECT.to_owned(),
+            r#type: "agentmesh.eventbus.advisory.shed".to_owned(),
+            source: format!("/eventbus/{}", self.inner.config.instance_id),
+            time_ms: now,
+            content_type: "application/json".to_owned(),
+            data: data.into(),
+            ..Event::default()
+        };
+        // Never offered back to the group that shed (it would only shed more).
+        if !group.options.filter.matches(SHED_ADVISORY_SUBJECT) {
+            self.deliver(&Arc::new(advisory), now);
+        }
+    }
+
+    /// Opens a subscription.
+    ///
+    /// # Errors
+    /// `InvalidArgument` when the filter overlaps more than one durable stream or a start
+    /// sequence is unknown; `ResourceExhausted` at `max_subscriptions`; `Unavailable` when the
+    /// durable store is down.
+    pub async fn subscribe(
+        &self,
+        options: ConsumerOptions,
+        start: StartPosition,
+    ) -> Result<Subscription, EventBusError> {
+        let inner = &self.inner;
+        let streams: Vec<&SubjectFilter> = inner
+            .config
+            .durable
+            .iter()
+            .filter(|p| p.overlaps(&options.filter))
+            .collect();
+        if streams.len() > 1 {
+            return Err(EventBusError::invalid(
+                "open.subject",
+                format!(
+                    "overlaps the durable streams {} and {}: subscribe to each separately",
+                    streams[0].as_str(),
+                    streams[1].as_str()
+                ),
+            ));
+        }
+        let stream = streams.first().map(|p| p.as_str().to_owned());
+        if inner.subscriptions.load(Ordering::Relaxed) >= inner.config.max_subscriptions as u64 {
+            return Err(EventBusError::ResourceExhausted(format!(
+                "at most {} subscriptions per instance",
+                inner.config.max_subscriptions
+            )));
+        }
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let subscription_id = format!("{}-{id}", inner.config.instance_id);
+        let name = match (&options.queue_group, &options.durable_name) {
+            (Some(g), _) => Some(format!("q:{g}")),
+            (None, Some(d)) => Some(format!("d:{d}")),
+            (None, None) => None,
+        };
+        let key = name
+            .clone()
+            .map(|n| (options.filter.as_str().to_owned(), n));
+        let existing = key.as_ref().and_then(|k| {
+            let named = inner.named.lock();
+            let id = named.get(k)?;
+            inner.groups.read().get(id).cloned()
+        });
+        let group = match existing.filter(|g| !g.is_closed()) {
+            Some(g) => g,
+            None => {
+                let log_group = match &name {
+                    Some(n) => format!("{n}|{}", options.filter.as_str()),
+                    None => format!("s:{subscription_id}"),
+                };
+                if let Some(stream) = &stream {
+                    inner.log.ensure_group(stream, &log_group, &start).await?;
+                }
+                let group_id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+                let group = Arc::new(Consumer::new(
+                    options.clone(),
+                    GroupSettings {
+                        id: group_id,
+                        capacity: inner.config.max_pending,
+                        fairness: inner.config.fairness,
+                        durable: stream.iter().cloned().collect(),
+                        log_group,
+                        log_consumer: format!("{}:{group_id}", inner.config.instance_id),
+                        dead_letter_expired: inner.config.dead_letter_expired,
+                    },
+                ));
+                inner.groups.write().insert(group_id, group.clone());
+                inner.index.write().insert(&options.filter, group_id);
+                if let Some(k) = key {
+                    inner.named.lock().insert(k, group_id);
+                }
+                if let Some(stream) = &stream {
+                    tokio::spawn(read_durable(
+                        Arc::downgrade(&self.inner),
+                        group.clone(),
+                        stream.clone(),
+                    ));
+                }
+                group
+            }
+        };
+        let capacity = usize::try_from(options.max_in_flight).unwrap_or(10_000) + 64;
+        let (tx, rx) = mpsc::channel(capacity);
+        let member = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        inner.subscriptions.fetch_add(1, Ordering::Relaxed);
+        let effects = group.add_member(
+            member,
+            subscription_id.clone(),
+            options.max_in_flight,
+            tx,
+            now_ms(),
+        );
+        self.apply(&group, effects);
+        Ok(Subscription {
+            id: subscription_id,
+            stream,
+            rx,
+            handle: SubscriptionHandle {
+                bus: self.clone(),
+                group,
+                member,
+            },
+        })
+    }
+
+    fn close_member(&self, group: &Arc<Consumer>, member: u64) {
+        let inner = &self.inner;
+        inner.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        let (empty, effects) = group.remove_member(member, now_ms());
+        if empty {
+            inner.groups.write().remove(&group.id);
+            inner
+                .index
+                .write()
+                .remove(&group.options.filter, &group.id);
+            inner.named.lock().retain(|_, id| *id != group.id);
+            inner.group_rates.lock().remove(&group.id);
+            inner.last_shed_advisory.lock().remove(&group.id);
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.apply(group, effects);
+        }
+    }
+
+    /// Publishes `event` with a fresh reply subject and waits up to `timeout` for one reply.
+    ///
+    /// # Errors
+    /// `NoResponders` when no group is interested; `Timeout`; as [`Bus::publish`].
+    pub async fn request(
+        &self,
+        event: Event,
+        timeout: Duration,
+    ) -> Result<(Event, String), EventBusError> {
+        let (mut event, generated) = self.prepare(event, "event")?;
+        let interested = self.inner.index.read().has_match(&event.subject);
+        if !interested {
+            return Err(EventBusError::NoResponders(event.subject));
+        }
+        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let inbox = format!("{INBOX_PREFIX}{}.{n}", self.inner.inbox_token);
+        let (tx, rx) = oneshot::channel();
+        self.inner.inboxes.lock().insert(inbox.clone(), tx);
+        event.reply_to.clone_from(&inbox);
+        if event.correlation_id.is_empty() {
+            event.correlation_id.clone_from(&event.id);
+        }
+        let published = self.publish_prepared(event, generated).await;
+        let result = match published {
+            Err(e) => Err(e),
+            Ok(_) => match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(_)) | Err(_) => Err(EventBusError::Timeout(timeout)),
+            },
+        };
+        self.inner.inboxes.lock().remove(&inbox);
+        result
+    }
+
+    /// Subscriptions open on this instance whose filter equals `subject` (empty = all).
+    pub fn list_subscriptions(&self, subject: &str) -> Vec<SubscriptionInfo> {
+        let groups: Vec<Arc<Consumer>> = self.inner.groups.read().values().cloned().collect();
+        let mut out = Vec::new();
+        for g in groups {
+            if !subject.is_empty() && g.options.filter.as_str() != subject {
+                continue;
+            }
+            let snapshot = g.snapshot();
+            for m in snapshot.members {
+                out.push(SubscriptionInfo {
+                    subject: g.options.filter.as_str().to_owned(),
+                    queue_group: g.options.queue_group.clone().unwrap_or_default(),
+                    pending: snapshot.pending as u64,
+                    stream: g.durable.first().cloned(),
+                    member: m,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.member.subscription_id.cmp(&b.member.subscription_id));
+        out
+    }
+
+    /// Stats of subjects and groups matching `filter` (everything when `None`).
+    pub fn stats(&self, filter: Option<&SubjectFilter>) -> (Vec<SubjectStat>, Vec<GroupStat>) {
+        let mut subjects: Vec<SubjectStat> = self
+            .inner
+            .subjects
+            .lock()
+            .iter()
+            .filter(|(s, _)| filter.is_none_or(|f| f.matches(s)))
+            .map(|(s, c)| SubjectStat {
+                subject: s.clone(),
+                published: c.published,
+                duplicates: c.duplicates,
+                rate: c.rate,
+            })
+            .collect();
+        subjects.sort_by(|a, b| a.subject.cmp(&b.subject));
+        let groups: Vec<Arc<Consumer>> = self.inner.groups.read().values().cloned().collect();
+        let rates = self.inner.group_rates.lock().clone();
+        let mut out: Vec<GroupStat> = groups
+            .iter()
+            .filter(|g| filter.is_none_or(|f| f.overlaps(&g.options.filter)))
+            .map(|g| GroupStat {
+                subject: g.options.filter.as_str().to_owned(),
+                group: group_label(g),
+                stream: g.durable.first().cloned(),
+                snapshot: g.snapshot(),
+                rate: rates.get(&g.id).map_or(0.0, |r| r.1),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.subject, &a.group).cmp(&(&b.subject, &b.group)));
+        (subjects, out)
+    }
+
+    /// The durable log (stream stats, dead letters).
+    pub fn log(&self) -> &Arc<dyn EventLog> {
+        &self.inner.log
+    }
+
+    /// Dead letters stored under `subject`, from `from_sequence` (0 = oldest), at most `limit`.
+    ///
+    /// # Errors
+    /// `Unavailable` when the store is down.
+    pub async fn dead_letters(
+        &self,
+        subject: &str,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, EventBusError> {
+        let from = if from_sequence == 0 {
+            StartPosition::All
+        } else {
+            StartPosition::Sequence(from_sequence)
+        };
+        let stored = self.inner.log.read_range(subject, &from, limit).await?;
+        Ok(stored
+            .into_iter()
+            .map(|s| {
+                let mut event = s.event;
+                let header = |event: &mut Event, name: &str| {
+                    event.headers.remove(name).unwrap_or_default()
+                };
+                let reason = header(&mut event, DEAD_LETTER_REASON);
+                let original = header(&mut event, DEAD_LETTER_SUBJECT);
+                let deliveries = header(&mut event, DEAD_LETTER_DELIVERIES)
+                    .parse()
+                    .unwrap_or(0);
+                let group = header(&mut event, DEAD_LETTER_GROUP);
+                let dead_at_ms = header(&mut event, DEAD_LETTER_AT)
+                    .parse()
+                    .unwrap_or(s.stored_at_ms);
+                if !original.is_empty() {
+                    event.subject = original;
+                }
+                DeadLetter {
+                    sequence: s.sequence,
+                    event,
+                    reason,
+                    deliveries,
+                    group,
+                    dead_at_ms,
+                }
+            })
+            .collect())
+    }
+
+    /// Publishes dead letters again (to `to_subject`, else their original subject) with fresh
+    /// ids, then removes them. Empty `sequences` = the oldest `limit`.
+    ///
+    /// # Errors
+    /// `Unavailable` when the store is down; as [`Bus::publish`] for `to_subject`.
+    pub async fn redrive(
+        &self,
+        subject: &str,
+        sequences: &[u64],
+        to_subject: Option<&str>,
+        limit: usize,
+    ) -> Result<u64, EventBusError> {
+        let chosen = self.select_dead(subject, sequences, limit).await?;
+        let mut done = Vec::new();
+        let mut redriven = 0;
+        for d in chosen {
+            let mut event = d.event;
+            if let Some(to) = to_subject {
+                to.clone_into(&mut event.subject);
+            }
+            event.id = new_ulid(now_ms());
+            self.publish(event).await?;
+            redriven += 1;
+            done.push(d.sequence);
+            if done.len() >= 100 {
+                self.inner.log.delete(subject, &done).await?;
+                done.clear();
+            }
+        }
+        if !done.is_empty() {
+            self.inner.log.delete(subject, &done).await?;
+        }
+        Ok(redriven)
+    }
+
+    /// Deletes dead letters (empty `sequences` = all).
+    ///
+    /// # Errors
+    /// `Unavailable` when the store is down.
+    pub async fn purge(&self, subject: &str, sequences: &[u64]) -> Result<u64, EventBusError> {
+        if !sequences.is_empty() {
+            return self.inner.log.delete(subject, sequences).await;
+        }
+        let mut total = 0;
+        loop {
+            let batch = self
+                .inner
+                .log
+                .read_range(subject, &StartPosition::All, crate::log::MAX_BATCH)
+                .await?;
+            if batch.is_empty() {
+                return Ok(total);
+            }
+            let seqs: Vec<u64> = batch.iter().map(|s| s.sequence).collect();
+            total += self.inner.log.delete(subject, &seqs).await?;
+        }
+    }
+
+    async fn select_dead(
+        &self,
+        subject: &str,
+        sequences: &[u64],
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, EventBusError> {
+        if sequences.is_empty() {
+            return self.dead_letters(subject, 0, limit).await;
+        }
+        let first = sequences.iter().copied().min().unwrap_or(0);
+        let wanted: std::collections::HashSet<u64> = sequences.iter().copied().collect();
+        let mut out = Vec::new();
+        let mut from = first;
+        while out.len() < wanted.len() {
+            let batch = self
+                .dead_letters(subject, from.max(1), crate::log::MAX_BATCH)
+                .await?;
+            let Some(last) = batch.last().map(|d| d.sequence) else {
+                break;
+            };
+            out.extend(batch.into_iter().filter(|d| wanted.contains(&d.sequence)));
+            from = last + 1;
+        }
+        Ok(out)
+    }
+}
+
+/// A subscription as listed.
+#[derive(Debug, Clone)]
+pub struct SubscriptionInfo {
+    /// Filter.
+    pub subject: String,
+    /// Queue group, empty without one.
+    pub queue_group: String,
+    /// The group's pending events.
+    pub pending: u64,
+    /// Durable stream read.
+    pub stream: Option<String>,
+    /// The member's own state.
+    pub member: MemberInfo,
+}
+
+/// An open subscription: deliveries and advisories arrive on `rx`; the handle acks. Dropping
+/// the handle closes the subscription (its unacked deliveries go back to the group).
+pub struct Subscription {
+    /// Unique id.
+    pub id: String,
+    /// Durable stream read, if any.
+    pub stream: Option<String>,
+    /// Deliveries and advisories.
+    pub rx: mpsc::Receiver<Outbound>,
+    /// Acks and replies.
+    pub handle: SubscriptionHandle,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Acks, naks and replies of one subscription.
+pub struct SubscriptionHandle {
+    bus: Bus,
+    group: Arc<Consumer>,
+    member: u64,
+}
+
+impl std::fmt::Debug for SubscriptionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionHandle")
+            .field("member", &self.member)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SubscriptionHandle {
+    /// Acknowledges deliveries; returns how many were known.
+    pub fn ack(&self, ids: &[u64]) -> u64 {
+        let (known, effects) = self.group.ack(self.member, ids, now_ms());
+        self.bus.apply(&self.group, effects);
+        known
+    }
+
+    /// The member wrote `count` deliveries to the wire (frees credit under ack policy NONE).
+    pub fn sent(&self, count: u32) {
+        if self.group.options.ack_policy == AckPolicy::None {
+            let effects = self.group.sent(self.member, count, now_ms());
+            self.bus.apply(&self.group, effects);
+        }
+    }
+
+    /// Redelivers after `delay` (or the backoff); false when the delivery is unknown.
+    pub fn nak(&self, id: u64, delay: Option<Duration>) -> bool {
+        let (known, effects) = self.group.nak(self.member, id, delay, now_ms());
+        self.bus.apply(&self.group, effects);
+        known
+    }
+
+    /// Restarts a delivery's ack deadline; false when unknown.
+    pub fn in_progress(&self, id: u64) -> bool {
+        self.group.in_progress(self.member, id, now_ms())
+    }
+
+    /// Dead-letters a delivery now; false when unknown.
+    pub fn terminate(&self, id: u64, reason: &str) -> bool {
+        let (known, effects) = self.group.terminate(self.member, id, reason, now_ms());
+        self.bus.apply(&self.group, effects);
+        known
+    }
+
+    /// Answers delivery `id` (a request) with `reply`; the delivery counts as acked.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown delivery; `InvalidArgument` when it has no reply subject or
+    /// the reply is invalid.
+    pub async fn reply(&self, id: u64, mut reply: Event, responder: &str) -> Result<(), EventBusError> {
+        let (original, effects) = self.group.take_for_reply(self.member, id, now_ms());
+        self.bus.apply(&self.group, effects);
+        let Some(original) = original else {
+            return Err(EventBusError::NotFound(format!(
+                "delivery {id} is not in flight on this subscription"
+            )));
+        };
+        if original.reply_to.is_empty() {
+            return Err(EventBusError::invalid(
+                "reply.delivery_id",
+                "the delivered event has no reply_to",
+            ));
+        }
+        reply.subject.clone_from(&original.reply_to);
+        if reply.correlation_id.is_empty() {
+            reply.correlation_id.clone_from(&original.correlation_id);
+        }
+        reply
+            .headers
+            .insert("responder".to_owned(), responder.to_owned());
+        // The reply continues the request's trace unless the responder says otherwise.
+        for name in ["traceparent", "tracestate"] {
+            if let Some(value) = original.headers.get(name) {
+                reply
+                    .headers
+                    .entry(name.to_owned())
+                    .or_insert_with(|| value.clone());
+            }
+        }
+        self.bus.publish(reply).await.map(|_| ())
+    }
+}
+
+impl Drop for SubscriptionHandle {
+    fn drop(&mut self) {
+        self.bus.close_member(&self.group, self.member);
+    }
+}
+
+fn group_label(group: &Consumer) -> String {
+    match (&group.options.queue_group, &group.options.durable_name) {
+        (Some(g), _) => g.clone(),
+        (None, Some(d)) => d.clone(),
+        (None, None) => group
+            .log_group
+            .strip_prefix("s:")
+            .unwrap_or(&group.log_group)
+            .to_owned(),
+    }
+}
+
+/// Reads a durable stream for one group, as far as its queue has room.
+async fn read_durable(inner: Weak<Inner>, group: Arc<Consumer>, stream: String) {
+    let min_idle = group.options.ack_wait + Duration::from_secs(1);
+    let claim_every = (group.options.ack_wait / 2).max(Duration::from_millis(500));
+    let mut last_claim: Option<tokio::time::Instant> = None;
+    let mut failures: u32 = 0;
+    loop {
+        if group.is_closed() {
+            return;
+        }
+        let Some(bus) = inner.upgrade().map(|inner| Bus { inner }) else {
+            return;
+        };
+        let room = group.room().min(crate::log::MAX_BATCH).min(256);
+        if room < 16 {
+            drop(bus);
+            tokio::select! {
+                () = group.room.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            continue;
+        }
+        let log = bus.inner.log.clone();
+        let now = tokio::time::Instant::now();
+        let result = if last_claim.is_none_or(|at| now.duration_since(at) >= claim_every) {
+            last_claim = Some(now);
+            log.claim_stalled(
+                &stream,
+                &group.log_group,
+                &group.log_consumer,
+                min_idle,
+                room,
+            )
+            .await
+            .map(|claimed| {
+                claimed
+                    .into_iter()
+                    .map(|c| (c.stored, c.delivery_count.saturating_sub(1)))
+                    .collect::<Vec<_>>()
+            })
+        } else {
+            drop(bus);
+            let read = log
+                .read_group(
+                    &stream,
+                    &group.log_group,
+                    &group.log_consumer,
+                    room,
+                    Duration::from_millis(500),
+                )
+                .await
+                .map(|events| events.into_iter().map(|e| (e, 0)).collect::<Vec<_>>());
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let bus = Bus { inner };
+            match read {
+                Ok(events) => {
+                    failures = 0;
+                    offer_stored(&bus, &group, events);
+                }
+                Err(e) => {
+                    failures += 1;
+                    bus.inner.counters.log_errors.fetch_add(1, Ordering::Relaxed);
+                    if failures == 1 || failures.is_multiple_of(60) {
+                        tracing::warn!(error = %e, stream = %stream, "reading a durable stream failed");
+                    }
+                    drop(bus);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            continue;
+        };
+        match result {
+            Ok(events) => offer_stored(&bus, &group, events),
+            Err(e) => {
+                bus.inner.counters.log_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, stream = %stream, "claiming stalled deliveries failed");
+            }
+        }
+    }
+}
+
+fn offer_stored(bus: &Bus, group: &Arc<Consumer>, events: Vec<(crate::log::StoredEvent, u32)>) {
+    let now = now_ms();
+    for (stored, deliveries) in events {
+        let effects = group.offer(
+            Pending {
+                event: Arc::new(stored.event),
+                deliveries,
+                sequence: stored.sequence,
+            },
+            now,
+        );
+        bus.apply(group, effects);
+    }
+}
+
+/// Ack deadlines, delayed redeliveries and expiry every 10 ms; rates every 5 s; retention
+/// every 30 s.
+async fn housekeeping(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let bus = Bus { inner };
+        let now = now_ms();
+        let groups: Vec<Arc<Consumer>> = bus.inner.groups.read().values().cloned().collect();
+        for g in &groups {
+            let effects = g.tick(now);
+            bus.apply(g, effects);
+        }
+        if n.is_multiple_of(500) {
+            update_rates(&bus.inner, &groups, 5.0);
+        }
+        if n.is_multiple_of(3000) {
+            let log = bus.inner.log.clone();
+            let retention = bus.inner.config.retention;
+            let streams: Vec<String> = bus
+                .inner
+                .config
+                .durable
+                .iter()
+                .map(|p| p.as_str().to_owned())
+                .collect();
+            tokio::spawn(async move {
+                for s in streams {
+                    if let Err(e) = log.trim(&s, &retention).await {
+                        tracing::debug!(error = %e, stream = %s, "trimming failed");
+                    }
+                }
+            });
+        }
+    }
+}
+
+fn update_rates(inner: &Inner, groups: &[Arc<Consumer>], seconds: f64) {
+    for c in inner.subjects.lock().values_mut() {
+        let delta = c.published.saturating_sub(c.previous);
+        c.previous = c.published;
+        // Smoothed over about a minute (12 samples of 5 s).
+        c.rate = c.rate + (delta as f64 / seconds - c.rate) / 12.0;
+    }
+    let mut rates = inner.group_rates.lock();
+    for g in groups {
+        let delivered = g.snapshot().counters.delivered;
+        let entry = rates.entry(g.id).or_insert((delivered, 0.0));
+        let delta = delivered.saturating_sub(entry.0);
+        entry.0 = delivered;
+        entry.1 += (delta as f64 / seconds - entry.1) / 12.0;
+    }
+}

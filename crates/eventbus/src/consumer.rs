@@ -1,0 +1,817 @@
+//! One subscription group's dispatch state: a bounded priority queue of pending events shared
+//! by the group's members, the deliveries in flight with their ack deadlines, delayed
+//! redeliveries, and per-member flow-control credit.
+//!
+//! A subscription without a queue group is a group of one. Every operation is synchronous
+//! under one short lock; what must happen outside it (dead letters to store, durable acks to
+//! send to the log, shed advisories to publish) is returned as [`Effects`].
+//!
+//! Delivery ids are unique within the group. A delivery belongs to the member it was sent to:
+//! only that member can ack, nak, extend or terminate it. When a member leaves, its
+//! unacknowledged deliveries go back to the head of the queue for the others.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{Notify, mpsc};
+
+use crate::event::{Event, Priority};
+use crate::priority::{FairnessConfig, PriorityQueue, PushOutcome};
+use crate::subject::SubjectFilter;
+
+/// How deliveries are acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckPolicy {
+    /// Each delivery must be acked within the ack wait or it is redelivered.
+    #[default]
+    Explicit,
+    /// A delivery counts as acked once written to the subscriber (at most once).
+    None,
+}
+
+/// What a subscription asked for (already validated).
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// Subject filter.
+    pub filter: SubjectFilter,
+    /// Queue group: members share the events.
+    pub queue_group: Option<String>,
+    /// Only these types (empty = any).
+    pub types: Vec<String>,
+    /// Only events carrying all of these headers with these values.
+    pub headers: Vec<(String, String)>,
+    /// Only events of at least this priority.
+    pub min_priority: Priority,
+    /// Most deliveries unacknowledged at once per member.
+    pub max_in_flight: u32,
+    /// Time to ack before redelivery.
+    pub ack_wait: Duration,
+    /// Deliveries before dead-lettering.
+    pub max_deliveries: u32,
+    /// Delay before the n-th redelivery (the last repeats).
+    pub backoff: Vec<Duration>,
+    /// Where dead letters go.
+    pub dead_letter_subject: String,
+    /// Explicit acks or none.
+    pub ack_policy: AckPolicy,
+    /// Durable subjects without a queue group: the name to resume under.
+    pub durable_name: Option<String>,
+}
+
+impl ConsumerOptions {
+    /// Whether an event passes the type, header and priority filters (the subject already
+    /// matched).
+    pub fn accepts(&self, event: &Event) -> bool {
+        event.priority >= self.min_priority
+            && (self.types.is_empty() || self.types.contains(&event.r#type))
+            && self
+                .headers
+                .iter()
+                .all(|(k, v)| event.headers.get(k).is_some_and(|have| have == v))
+    }
+}
+
+/// An event waiting in a group.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// The event (shared by every group it was offered to).
+    pub event: Arc<Event>,
+    /// Times it was delivered to this group before.
+    pub deliveries: u32,
+    /// Durable stream sequence; 0 for ephemeral events.
+    pub sequence: u64,
+}
+
+/// What the bus sends to one member.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// An event to handle.
+    Delivery(DeliveryOut),
+    /// Something the member should know.
+    Advisory(AdvisoryOut),
+}
+
+/// One delivery.
+#[derive(Debug, Clone)]
+pub struct DeliveryOut {
+    /// Names the delivery in ack, nak, in-progress, terminate and reply.
+    pub delivery_id: u64,
+    /// The event.
+    pub event: Arc<Event>,
+    /// 1 for the first delivery.
+    pub delivery_count: u32,
+    /// Durable stream sequence; 0 for ephemeral events.
+    pub sequence: u64,
+}
+
+/// Kinds of advisory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdvisoryKind {
+    /// Pending events dropped to stay within the bound.
+    Shed,
+    /// Events expired before delivery.
+    Expired,
+    /// Events dead-lettered.
+    DeadLettered,
+}
+
+/// An advisory for a member.
+#[derive(Debug, Clone)]
+pub struct AdvisoryOut {
+    /// What happened.
+    pub kind: AdvisoryKind,
+    /// How many events.
+    pub count: u64,
+    /// The priority concerned (shedding).
+    pub priority: Option<Priority>,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// Why an event was dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadReason {
+    /// Delivered `max_deliveries` times without an ack.
+    MaxDeliveries,
+    /// Expired before it could be delivered.
+    Expired,
+    /// The subscriber terminated it, with its reason.
+    Terminated(String),
+}
+
+impl DeadReason {
+    /// The reason as stored with the dead letter.
+    pub fn as_string(&self) -> String {
+        match self {
+            Self::MaxDeliveries => "MAX_DELIVERIES".to_owned(),
+            Self::Expired => "EXPIRED".to_owned(),
+            Self::Terminated(why) if why.is_empty() => "TERMINATED".to_owned(),
+            Self::Terminated(why) => format!("TERMINATED: {why}"),
+        }
+    }
+}
+
+/// Work the caller does outside the group's lock.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Events to dead-letter (expired ones only when the bus dead-letters expired events).
+    pub dead: Vec<(Pending, DeadReason)>,
+    /// Durable sequences the group is done with (acked, dead-lettered, filtered out).
+    pub log_acks: Vec<u64>,
+    /// Events shed, by priority index.
+    pub shed: [u64; 4],
+    /// Events that expired while waiting.
+    pub expired: u64,
+}
+
+impl Effects {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.dead.is_empty()
+            && self.log_acks.is_empty()
+            && self.shed == [0; 4]
+            && self.expired == 0
+    }
+}
+
+/// Counters of one group.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GroupCounters {
+    /// Deliveries sent (including redeliveries).
+    pub delivered: u64,
+    /// Deliveries acknowledged.
+    pub acked: u64,
+    /// Deliveries that were redeliveries.
+    pub redelivered: u64,
+    /// Events that expired before delivery.
+    pub expired: u64,
+    /// Events dead-lettered.
+    pub dead_lettered: u64,
+    /// Events shed.
+    pub shed: u64,
+}
+
+/// A member's view, for listings.
+#[derive(Debug, Clone)]
+pub struct MemberInfo {
+    /// The subscription id.
+    pub subscription_id: String,
+    /// Its credit.
+    pub max_in_flight: u32,
+    /// Unacknowledged deliveries it holds.
+    pub in_flight: u32,
+    /// Deliveries sent to it.
+    pub delivered: u64,
+    /// Deliveries it acked.
+    pub acked: u64,
+    /// When it subscribed (ms since the epoch).
+    pub opened_at_ms: u64,
+}
+
+struct Member {
+    id: u64,
+    subscription_id: String,
+    max_in_flight: u32,
+    in_flight: u32,
+    tx: mpsc::Sender<Outbound>,
+    delivered: u64,
+    acked: u64,
+    opened_at_ms: u64,
+}
+
+struct InFlight {
+    pending: Pending,
+    member: u64,
+    deadline_ms: u64,
+}
+
+struct State {
+    pending: PriorityQueue<Pending>,
+    in_flight: HashMap<u64, InFlight>,
+    /// Redeliveries waiting for their delay: (ready at, event).
+    delayed: Vec<(u64, Pending)>,
+    members: Vec<Member>,
+    next_member: usize,
+    next_delivery_id: u64,
+    /// No ack deadline passes before this.
+    next_deadline_ms: u64,
+    last_expiry_scan_ms: u64,
+    counters: GroupCounters,
+    closed: bool,
+}
+
+/// One group: its options, durable stream and dispatch state.
+pub struct Consumer {
+    /// Unique within the bus.
+    pub id: u64,
+    /// Options of the member that created the group.
+    pub options: ConsumerOptions,
+    /// The durable streams this group reads, with its log group name.
+    pub durable: Vec<String>,
+    /// Log group name for durable streams.
+    pub log_group: String,
+    /// Log consumer name of this incarnation (unique per bus instance and group).
+    pub log_consumer: String,
+    state: Mutex<State>,
+    /// Signalled when pending room appears (durable readers wait on it) or on close.
+    pub room: Notify,
+    dead_letter_expired: bool,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("id", &self.id)
+            .field("filter", &self.options.filter.as_str())
+            .field("queue_group", &self.options.queue_group)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings of a group that come from the bus rather than the subscription.
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    /// Unique id.
+    pub id: u64,
+    /// Pending bound.
+    pub capacity: usize,
+    /// Priority weights and aging.
+    pub fairness: FairnessConfig,
+    /// Durable streams it reads.
+    pub durable: Vec<String>,
+    /// Log group name.
+    pub log_group: String,
+    /// Log consumer name.
+    pub log_consumer: String,
+    /// Dead-letter expired events (else only count them).
+    pub dead_letter_expired: bool,
+}
+
+impl Consumer {
+    /// An empty group.
+    pub fn new(options: ConsumerOptions, settings: GroupSettings) -> Self {
+        Self {
+            id: settings.id,
+            options,
+            durable: settings.durable,
+            log_group: settings.log_group,
+            log_consumer: settings.log_consumer,
+            state: Mutex::new(State {
+                pending: PriorityQueue::new(settings.fairness, settings.capacity),
+                in_flight: HashMap::new(),
+                delayed: Vec::new(),
+                members: Vec::new(),
+                next_member: 0,
+                next_delivery_id: 1,
+                next_deadline_ms: u64::MAX,
+                last_expiry_scan_ms: 0,
+                counters: GroupCounters::default(),
+                closed: false,
+            }),
+            room: Notify::new(),
+            dead_letter_expired: settings.dead_letter_expired,
+        }
+    }
+
+    /// Adds a member with its own credit; deliveries go to `tx`.
+    pub fn add_member(
+        &self,
+        id: u64,
+        subscription_id: String,
+        max_in_flight: u32,
+        tx: mpsc::Sender<Outbound>,
+        now_ms: u64,
+    ) -> Effects {
+        let mut state = self.state.lock();
+        state.members.push(Member {
+            id,
+            subscription_id,
+            max_in_flight: max_in_flight.max(1),
+            in_flight: 0,
+            tx,
+            delivered: 0,
+            acked: 0,
+            opened_at_ms: now_ms,
+        });
+        let mut effects = Effects::default();
+        self.pump(&mut state, now_ms, &mut effects);
+        effects
+    }
+
+    /// Removes a member; its unacknowledged deliveries return to the head of the queue.
+    /// Returns whether the group has no member left (it is then closed).
+    pub fn remove_member(&self, member: u64, now_ms: u64) -> (bool, Effects) {
+        let mut state = self.state.lock();
+        state.members.retain(|m| m.id != member);
+        let mut returned: Vec<u64> = state
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.member == member)
+            .map(|(&id, _)| id)
+            .collect();
+        returned.sort_unstable_by(|a, b| b.cmp(a));
+        for id in returned {
+            if let Some(f) = state.in_flight.remove(&id) {
+                let priority = f.pending.event.priority;
+                let expires = f.pending.event.expires_at_ms;
+                state.pending.push_front(f.pending, priority, expires, now_ms);
+            }
+        }
+        let mut effects = Effects::default();
+        if state.members.is_empty() {
+            state.closed = true;
+            drop(state);
+            self.room.notify_waiters();
+            return (true, effects);
+        }
+        self.pump(&mut state, now_ms, &mut effects);
+        (false, effects)
+    }
+
+    /// Whether the group has been closed (its last member left).
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().closed
+    }
+
+    /// Offers an event (already matched by subject); filtered-out durable events are returned
+    /// as log acks.
+    pub fn offer(&self, pending: Pending, now_ms: u64) -> Effects {
+        let mut effects = Effects::default();
+        if !self.options.accepts(&pending.event) {
+            if pending.sequence != 0 {
+                effects.log_acks.push(pending.sequence);
+            }
+            return effects;
+        }
+        let mut state = self.state.lock();
+        if state.closed {
+            return effects;
+        }
+        let priority = pending.event.priority;
+        let expires = pending.event.expires_at_ms;
+        if let PushOutcome::Shed(shed) = state.pending.push(pending, priority, expires, now_ms) {
+            for (p, priority) in shed {
+                effects.shed[priority.index()] += 1;
+                state.counters.shed += 1;
+                if p.sequence != 0 {
+                    // Durable readers only read what fits, so this is rare; the event stays
+                    // pending in the log and is reclaimed later.
+                    tracing::debug!(sequence = p.sequence, "durable event over the group bound");
+                }
+            }
+            let total: u64 = effects.shed.iter().sum();
+            let lowest = effects
+                .shed
+                .iter()
+                .position(|&n| n > 0)
+                .and_then(Priority::from_index);
+            Self::advise(
+                &state,
+                &AdvisoryOut {
+                    kind: AdvisoryKind::Shed,
+                    count: total,
+                    priority: lowest,
+                    message: format!(
+                        "{total} pending event(s) shed: the subscription is not keeping up"
+                    ),
+                },
+            );
+        }
+        self.pump(&mut state, now_ms, &mut effects);
+        effects
+    }
+
+    /// Sends one event to every member (broadcast subjects), bypassing the shared queue:
+    /// a member without room for it misses it and is told.
+    pub fn offer_to_all(&self, event: &Arc<Event>, now_ms: u64) -> Effects {
+        let mut effects = Effects::default();
+        if !self.options.accepts(event) {
+            return effects;
+        }
+        let mut state = self.state.lock();
+        let ack_wait = duration_ms(self.options.ack_wait);
+        let explicit = self.options.ack_policy == AckPolicy::Explicit;
+        for i in 0..state.members.len() {
+            let id = state.next_delivery_id;
+            state.next_delivery_id += 1;
+            let member = &mut state.members[i];
+            let out = Outbound::Delivery(DeliveryOut {
+                delivery_id: id,
+                event: event.clone(),
+                delivery_count: 1,
+                sequence: 0,
+            });
+            if member.in_flight < member.max_in_flight && member.tx.try_send(out).is_ok() {
+                member.in_flight += 1;
+                member.delivered += 1;
+                let member_id = member.id;
+                state.counters.delivered += 1;
+                if explicit {
+                    state.in_flight.insert(
+                        id,
+                        InFlight {
+                            pending: Pending {
+                                event: event.clone(),
+                                deliveries: 1,
+                                sequence: 0,
+                            },
+                            member: member_id,
+                            deadline_ms: now_ms + ack_wait,
+                        },
+                    );
+                    state.next_deadline_ms = state.next_deadline_ms.min(now_ms + ack_wait);
+                }
+            } else {
+                state.counters.shed += 1;
+                effects.shed[event.priority.index()] += 1;
+            }
+        }
+        effects
+    }
+
+    /// The member wrote `count` deliveries (ack policy NONE: that frees its credit).
+    pub fn sent(&self, member: u64, count: u32, now_ms: u64) -> Effects {
+        let mut effects = Effects::default();
+        if self.options.ack_policy != AckPolicy::None {
+            return effects;
+        }
+        let mut state = self.state.lock();
+        if let Some(m) = state.members.iter_mut().find(|m| m.id == member) {
+            m.in_flight = m.in_flight.saturating_sub(count);
+            m.acked += u64::from(count);
+        }
+        state.counters.acked += u64::from(count);
+        self.pump(&mut state, now_ms, &mut effects);
+        effects
+    }
+
+    /// Acknowledges deliveries of `member`; returns how many were known.
+    pub fn ack(&self, member: u64, ids: &[u64], now_ms: u64) -> (u64, Effects) {
+        let mut effects = Effects::default();
+        let mut state = self.state.lock();
+        let mut known = 0;
+        for id in ids {
+            if let Some(f) = take_owned(&mut state, *id, member) {
+                known += 1;
+                state.counters.acked += 1;
+                if let Some(m) = state.members.iter_mut().find(|m| m.id == member) {
+                    m.acked += 1;
+                }
+                if f.pending.sequence != 0 {
+                    effects.log_acks.push(f.pending.sequence);
+                }
+            }
+        }
+        self.pump(&mut state, now_ms, &mut effects);
+        (known, effects)
+    }
+
+    /// Takes a delivery as answered (a reply acks it) and returns its event.
+    pub fn take_for_reply(&self, member: u64, id: u64, now_ms: u64) -> (Option<Arc<Event>>, Effects) {
+        let mut effects = Effects::default();
+        let mut state = self.state.lock();
+        let event = take_owned(&mut state, id, member).map(|f| {
+            state.counters.acked += 1;
+            if f.pending.sequence != 0 {
+                effects.log_acks.push(f.pending.sequence);
+            }
+            f.pending.event
+        });
+        self.pump(&mut state, now_ms, &mut effects);
+        (event, effects)
+    }
+
+    /// Redeliver a delivery after `delay` (or the backoff when `None`).
+    pub fn nak(&self, member: u64, id: u64, delay: Option<Duration>, now_ms: u64) -> (bool, Effects) {
+        let mut effects = Effects::default();
+        let mut state = self.state.lock();
+        let Some(f) = take_owned(&mut state, id, member) else {
+            return (false, effects);
+        };
+        self.retry(&mut state, f.pending, delay, now_ms, &mut effects);
+        self.pump(&mut state, now_ms, &mut effects);
+        (true, effects)
+    }
+
+    /// Restarts a delivery's ack deadline.
+    pub fn in_progress(&self, member: u64, id: u64, now_ms: u64) -> bool {
+        let mut state = self.state.lock();
+        let deadline = now_ms + duration_ms(self.options.ack_wait);
+        match state.in_flight.get_mut(&id) {
+            Some(f) if f.member == member => {
+                f.deadline_ms = deadline;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Dead-letters a delivery now.
+    pub fn terminate(&self, member: u64, id: u64, reason: &str, now_ms: u64) -> (bool, Effects) {
+        let mut effects = Effects::default();
+        let mut state = self.state.lock();
+        let Some(f) = take_owned(&mut state, id, member) else {
+            return (false, effects);
+        };
+        self.dead(
+            &mut state,
+            f.pending,
+            DeadReason::Terminated(reason.to_owned()),
+            &mut effects,
+        );
+        self.pump(&mut state, now_ms, &mut effects);
+        (true, effects)
+    }
+
+    /// Redelivers what passed its ack deadline, releases delayed redeliveries that are due,
+    /// drops expired pending events (every 100 ms), and dispatches.
+    pub fn tick(&self, now_ms: u64) -> Effects {
+        let mut effects = Effects::default();
+        let mut state = self.state.lock();
+        if state.closed {
+            return effects;
+        }
+        if now_ms >= state.next_deadline_ms {
+            let mut next = u64::MAX;
+            let mut due = Vec::new();
+            for (&id, f) in &state.in_flight {
+                if f.deadline_ms <= now_ms {
+                    due.push(id);
+                } else {
+                    next = next.min(f.deadline_ms);
+                }
+            }
+            state.next_deadline_ms = next;
+            due.sort_unstable();
+            for id in due {
+                if let Some(f) = state.in_flight.remove(&id) {
+                    if let Some(m) = state.members.iter_mut().find(|m| m.id == f.member) {
+                        m.in_flight = m.in_flight.saturating_sub(1);
+                    }
+                    self.retry(&mut state, f.pending, None, now_ms, &mut effects);
+                }
+            }
+        }
+        if !state.delayed.is_empty() {
+            let delayed = std::mem::take(&mut state.delayed);
+            for (ready, p) in delayed {
+                if ready <= now_ms {
+                    let priority = p.event.priority;
+                    let expires = p.event.expires_at_ms;
+                    state.pending.push_front(p, priority, expires, now_ms);
+                } else {
+                    state.delayed.push((ready, p));
+                }
+            }
+        }
+        if now_ms.saturating_sub(state.last_expiry_scan_ms) >= 100 {
+            state.last_expiry_scan_ms = now_ms;
+            let expired = state.pending.drain_expired(now_ms);
+            self.expired(&mut state, expired, &mut effects);
+        }
+        self.pump(&mut state, now_ms, &mut effects);
+        effects
+    }
+
+    /// Room left in the pending queue (durable readers read at most this much).
+    pub fn room(&self) -> usize {
+        let state = self.state.lock();
+        state
+            .pending
+            .capacity()
+            .saturating_sub(state.pending.len() + state.delayed.len())
+    }
+
+    /// Pending, in flight, members and counters.
+    pub fn snapshot(&self) -> GroupSnapshot {
+        let state = self.state.lock();
+        GroupSnapshot {
+            pending: state.pending.len() + state.delayed.len(),
+            in_flight: state.in_flight.len()
+                + state
+                    .members
+                    .iter()
+                    .filter(|_| self.options.ack_policy == AckPolicy::None)
+                    .map(|m| m.in_flight as usize)
+                    .sum::<usize>(),
+            members: state
+                .members
+                .iter()
+                .map(|m| MemberInfo {
+                    subscription_id: m.subscription_id.clone(),
+                    max_in_flight: m.max_in_flight,
+                    in_flight: m.in_flight,
+                    delivered: m.delivered,
+                    acked: m.acked,
+                    opened_at_ms: m.opened_at_ms,
+                })
+                .collect(),
+            counters: state.counters,
+        }
+    }
+
+    /// Requeues a delivery that was not acked, or dead-letters it after `max_deliveries`.
+    fn retry(
+        &self,
+        state: &mut State,
+        pending: Pending,
+        delay: Option<Duration>,
+        now_ms: u64,
+        effects: &mut Effects,
+    ) {
+        if pending.deliveries >= self.options.max_deliveries {
+            self.dead(state, pending, DeadReason::MaxDeliveries, effects);
+            return;
+        }
+        let backoff = &self.options.backoff;
+        let delay = delay.or_else(|| {
+            let n = usize::try_from(pending.deliveries.saturating_sub(1)).unwrap_or(usize::MAX);
+            backoff.get(n.min(backoff.len().saturating_sub(1))).copied()
+        });
+        match delay.map(duration_ms) {
+            Some(ms) if ms > 0 => state.delayed.push((now_ms + ms, pending)),
+            _ => {
+                let priority = pending.event.priority;
+                let expires = pending.event.expires_at_ms;
+                state.pending.push_front(pending, priority, expires, now_ms);
+            }
+        }
+    }
+
+    fn dead(&self, state: &mut State, pending: Pending, reason: DeadReason, effects: &mut Effects) {
+        state.counters.dead_lettered += 1;
+        if pending.sequence != 0 {
+            effects.log_acks.push(pending.sequence);
+        }
+        effects.dead.push((pending, reason));
+    }
+
+    fn expired(&self, state: &mut State, expired: Vec<(Pending, Priority)>, effects: &mut Effects) {
+        for (p, _) in expired {
+            state.counters.expired += 1;
+            effects.expired += 1;
+            if self.dead_letter_expired {
+                self.dead(state, p, DeadReason::Expired, effects);
+            } else if p.sequence != 0 {
+                effects.log_acks.push(p.sequence);
+            }
+        }
+    }
+
+    /// Sends pending events to members with credit, round robin.
+    fn pump(&self, state: &mut State, now_ms: u64, effects: &mut Effects) {
+        let explicit = self.options.ack_policy == AckPolicy::Explicit;
+        let ack_wait = duration_ms(self.options.ack_wait);
+        let before = state.pending.len();
+        loop {
+            if state.pending.is_empty() || state.members.is_empty() {
+                break;
+            }
+            // The next member with credit, round robin.
+            let n = state.members.len();
+            let Some(slot) = (0..n)
+                .map(|k| (state.next_member + k) % n)
+                .find(|&i| state.members[i].in_flight < state.members[i].max_in_flight)
+            else {
+                break;
+            };
+            let popped = state.pending.pop(now_ms);
+            if !popped.expired.is_empty() {
+                self.expired(state, popped.expired, effects);
+            }
+            let Some((mut pending, _priority, _)) = popped.item else {
+                break;
+            };
+            pending.deliveries += 1;
+            let id = state.next_delivery_id;
+            state.next_delivery_id += 1;
+            let out = Outbound::Delivery(DeliveryOut {
+                delivery_id: id,
+                event: pending.event.clone(),
+                delivery_count: pending.deliveries,
+                sequence: pending.sequence,
+            });
+            let member = &mut state.members[slot];
+            match member.tx.try_send(out) {
+                Ok(()) => {
+                    member.in_flight += 1;
+                    member.delivered += 1;
+                    let member_id = member.id;
+                    state.next_member = (slot + 1) % n;
+                    state.counters.delivered += 1;
+                    if pending.deliveries > 1 {
+                        state.counters.redelivered += 1;
+                    }
+                    if explicit {
+                        state.next_deadline_ms = state.next_deadline_ms.min(now_ms + ack_wait);
+                        state.in_flight.insert(
+                            id,
+                            InFlight {
+                                pending,
+                                member: member_id,
+                                deadline_ms: now_ms + ack_wait,
+                            },
+                        );
+                    } else if pending.sequence != 0 {
+                        effects.log_acks.push(pending.sequence);
+                    }
+                }
+                Err(_) => {
+                    // Its channel is closed (it is leaving) or full of advisories: put the
+                    // event back where it was and try again on the next ack or tick.
+                    pending.deliveries -= 1;
+                    let priority = pending.event.priority;
+                    let expires = pending.event.expires_at_ms;
+                    state.pending.push_front(pending, priority, expires, now_ms);
+                    break;
+                }
+            }
+        }
+        if state.pending.len() < before || state.pending.is_empty() {
+            self.room.notify_waiters();
+        }
+    }
+
+    fn advise(state: &State, advisory: &AdvisoryOut) {
+        for m in &state.members {
+            let _ = m.tx.try_send(Outbound::Advisory(advisory.clone()));
+        }
+    }
+
+    /// Tells every member about events that expired or were dead-lettered.
+    pub fn advise_all(&self, advisory: &AdvisoryOut) {
+        Self::advise(&self.state.lock(), advisory);
+    }
+}
+
+/// A group's state, for stats and listings.
+#[derive(Debug, Clone)]
+pub struct GroupSnapshot {
+    /// Waiting to be delivered (including delayed redeliveries).
+    pub pending: usize,
+    /// Delivered and not yet acknowledged.
+    pub in_flight: usize,
+    /// Its members.
+    pub members: Vec<MemberInfo>,
+    /// Its counters.
+    pub counters: GroupCounters,
+}
+
+/// Removes delivery `id` if it belongs to `member`, returning its credit.
+fn take_owned(state: &mut State, id: u64, member: u64) -> Option<InFlight> {
+    match state.in_flight.get(&id) {
+        Some(f) if f.member == member => {}
+        _ => return None,
+    }
+    let f = state.in_flight.remove(&id)?;
+    if let Some(m) = state.members.iter_mut().find(|m| m.id == member) {
+        m.in_flight = m.in_flight.saturating_sub(1);
+    }
+    Some(f)
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,938 @@
+//! The thin gRPC adapter serving `agentmesh.eventbus.v1.EventBus` over the [`Bus`]: decode and
+//! validate, call the bus, encode; one mapping from [`EventBusError`] to `Status`.
+//!
+//! Tracing: Publish opens a producer span (child of the caller's context) and writes its
+//! `traceparent` into the event's headers; each delivery opens a consumer span whose parent is
+//! the context in the event's headers, so a trace continues publish → deliver across processes.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agentmesh_proto::eventbus::v1 as pb;
+use agentmesh_runtime::telemetry::TRACE_TARGET;
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::bus::{Bus, DEFAULT_DEAD_LETTER_SUBJECT, PublishOutcome, SubscriptionHandle};
+use crate::consumer::{AckPolicy, AdvisoryKind, ConsumerOptions, Outbound};
+use crate::error::{EventBusError, FieldViolation};
+use crate::event::{Event, MAX_TTL_MS, Priority, now_ms};
+use crate::log::StartPosition;
+use crate::subject::{SubjectFilter, validate_subject};
+
+/// Most credit a subscription may ask for.
+pub const MAX_IN_FLIGHT: u32 = 10_000;
+/// Most deliveries in one Deliveries message.
+const MAX_DELIVERIES_PER_MESSAGE: usize = 128;
+/// Most events a PublishStream takes into one batch.
+const MAX_PUBLISH_BATCH: usize = 256;
+/// Default and bounds of a request's timeout.
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Most ids in one Ack.
+const MAX_ACK_IDS: usize = 1000;
+/// Bounds of the ack wait.
+const MIN_ACK_WAIT: Duration = Duration::from_millis(100);
+const MAX_ACK_WAIT: Duration = Duration::from_secs(12 * 3600);
+const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Default and most deliveries before dead-lettering.
+const DEFAULT_MAX_DELIVERIES: u32 = 5;
+const MAX_MAX_DELIVERIES: u32 = 1000;
+/// Most backoff entries, longest delay.
+const MAX_BACKOFF_ENTRIES: usize = 16;
+const MAX_DELAY: Duration = Duration::from_secs(3600);
+/// Default and most dead letters per listing or redrive.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// The gRPC adapter.
+#[derive(Clone)]
+pub struct EventBusGrpc {
+    bus: Bus,
+}
+
+impl EventBusGrpc {
+    /// An adapter over `bus`.
+    pub fn new(bus: Bus) -> Self {
+        Self { bus }
+    }
+
+    /// The tonic server for this adapter; messages may carry one event of the largest data
+    /// plus its envelope.
+    #[must_use]
+    pub fn into_server(self) -> pb::event_bus_server::EventBusServer<Self> {
+        let max_message = self.bus.config().max_data + 256 * 1024;
+        pb::event_bus_server::EventBusServer::new(self)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message.max(4 * 1024 * 1024))
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::event_bus_server::EventBus for EventBusGrpc {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let event = decode_publish(request.into_inner().event, "event").map_err(to_status)?;
+        let span = producer_span(&event.subject);
+        let event = with_trace(event, &span);
+        let outcome = tracing::Instrument::instrument(self.bus.publish(event), span)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(encode_outcome(outcome)))
+    }
+
+    type PublishStreamStream = BoxStream<pb::PublishResponse>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(MAX_PUBLISH_BATCH * 2);
+        let bus = self.bus.clone();
+        tokio::spawn(async move {
+            loop {
+                // One message (waiting), then whatever else already arrived.
+                let first = match inbound.next().await {
+                    Some(Ok(m)) => m,
+                    Some(Err(_)) | None => return,
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_PUBLISH_BATCH {
+                    match inbound.next().now_or_never() {
+                        Some(Some(Ok(m))) => batch.push(m),
+                        _ => break,
+                    }
+                }
+                let mut answers: Vec<Option<pb::PublishResponse>> = Vec::with_capacity(batch.len());
+                let mut events = Vec::with_capacity(batch.len());
+                for m in batch {
+                    match decode_publish(m.event, "event") {
+                        Ok(event) => {
+                            let span = producer_span(&event.subject);
+                            events.push(with_trace(event, &span));
+                            answers.push(None);
+                        }
+                        Err(e) => answers.push(Some(error_response(&e))),
+                    }
+                }
+                let mut results = bus.publish_batch(events).await.into_iter();
+                for answer in answers {
+                    let response = match answer {
+                        Some(error) => error,
+                        None => match results.next() {
+                            Some(Ok(outcome)) => encode_outcome(outcome),
+                            Some(Err(e)) => error_response(&e),
+                            None => error_response(&EventBusError::ShuttingDown),
+                        },
+                    };
+                    if tx.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SubscribeStream = BoxStream<pb::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let open = match inbound.next().await {
+            Some(Ok(pb::SubscribeRequest {
+                kind: Some(pb::subscribe_request::Kind::Open(open)),
+            })) => open,
+            Some(Ok(_)) => {
+                return Err(to_status(EventBusError::invalid(
+                    "open",
+                    "the first message of a subscription must be `open`",
+                )));
+            }
+            Some(Err(status)) => return Err(status),
+            None => return Err(Status::cancelled("the stream ended before `open`")),
+        };
+        let (options, start) = decode_open(&open).map_err(to_status)?;
+        let subscription = self
+            .bus
+            .subscribe(options, start)
+            .await
+            .map_err(to_status)?;
+        let (tx, rx) = mpsc::channel::<Result<pb::SubscribeResponse, Status>>(16);
+        let subscribed = pb::SubscribeResponse {
+            kind: Some(pb::subscribe_response::Kind::Subscribed(pb::Subscribed {
+                subscription_id: subscription.id.clone(),
+                instance: self.bus.config().instance_id.clone(),
+                stream: subscription.stream.clone().unwrap_or_default(),
+            })),
+        };
+        let _ = tx.send(Ok(subscribed)).await;
+        let handle = Arc::new(subscription.handle);
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(write_deliveries(
+            subscription.rx,
+            handle.clone(),
+            tx,
+            stop.clone(),
+        ));
+        let id = subscription.id;
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = inbound.next().await {
+                handle_client_message(&handle, &id, message).await;
+            }
+            stop.cancel();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn request(
+        &self,
+        request: Request<pb::RequestRequest>,
+    ) -> Result<Response<pb::RequestResponse>, Status> {
+        let caller_deadline = agentmesh_runtime::deadline::from_metadata(request.metadata(), std::time::Instant::now());
+        let r = request.into_inner();
+        let mut violations = Vec::new();
+        let timeout = match r.timeout.as_ref().map(duration_from_proto) {
+            None => DEFAULT_REQUEST_TIMEOUT,
+            Some(Some(t)) if !t.is_zero() && t <= MAX_REQUEST_TIMEOUT => t,
+            Some(_) => {
+                violations.push(FieldViolation::new(
+                    "timeout",
+                    "must be between 1ms and 5m",
+                ));
+                DEFAULT_REQUEST_TIMEOUT
+            }
+        };
+        let event = match r.event {
+            None => {
+                violations.push(FieldViolation::new("event", "required"));
+                None
+            }
+            Some(e) if e.subject.is_empty() && e.data.is_empty() => {
+                violations.push(FieldViolation::new(
+                    "event",
+                    "empty request: give at least a subject",
+                ));
+                None
+            }
+            Some(e) => match decode_publish(Some(e), "event") {
+                Ok(e) => Some(e),
+                Err(EventBusError::InvalidArgument(v)) => {
+                    violations.extend(v);
+                    None
+                }
+                Err(other) => return Err(to_status(other)),
+            },
+        };
+        if !violations.is_empty() {
+            return Err(to_status(EventBusError::InvalidArgument(violations)));
+        }
+        let Some(event) = event else {
+            return Err(Status::internal("no event after validation"));
+        };
+        let timeout = match caller_deadline {
+            Some(deadline) => timeout.min(deadline.saturating_duration_since(std::time::Instant::now())),
+            None => timeout,
+        };
+        let span = producer_span(&event.subject);
+        let event = with_trace(event, &span);
+        let (reply, responder) =
+            tracing::Instrument::instrument(self.bus.request(event, timeout), span)
+                .await
+                .map_err(to_status)?;
+        Ok(Response::new(pb::RequestResponse {
+            reply: Some(encode_event(&reply)),
+            responder,
+        }))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        request: Request<pb::ListSubscriptionsRequest>,
+    ) -> Result<Response<pb::ListSubscriptionsResponse>, Status> {
+        let subject = request.into_inner().subject;
+        let instance = self.bus.config().instance_id.clone();
+        let subscriptions = self
+            .bus
+            .list_subscriptions(&subject)
+            .into_iter()
+            .map(|s| pb::SubscriptionInfo {
+                subscription_id: s.member.subscription_id,
+                subject: s.subject,
+                queue_group: s.queue_group,
+                instance: instance.clone(),
+                max_in_flight: s.member.max_in_flight,
+                in_flight: u64::from(s.member.in_flight),
+                pending: s.pending,
+                delivered: s.member.delivered,
+                acked: s.member.acked,
+                opened_at: Some(timestamp(s.member.opened_at_ms)),
+                stream: s.stream.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListSubscriptionsResponse {
+            subscriptions,
+            unreachable: Vec::new(),
+        }))
+    }
+
+    async fn get_stats(
+        &self,
+        request: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        let subject = request.into_inner().subject;
+        let filter = if subject.is_empty() {
+            None
+        } else {
+            Some(
+                SubjectFilter::parse("subject", &subject)
+                    .map_err(|v| to_status(EventBusError::InvalidArgument(vec![v])))?,
+            )
+        };
+        let (subjects, groups) = self.bus.stats(filter.as_ref());
+        let mut streams = Vec::new();
+        for pattern in &self.bus.config().durable {
+            if filter.as_ref().is_some_and(|f| !f.overlaps(pattern)) {
+                continue;
+            }
+            let info = self
+                .bus
+                .log()
+                .info(pattern.as_str())
+                .await
+                .map_err(to_status)?;
+            streams.push(pb::StreamStats {
+                stream: pattern.as_str().to_owned(),
+                length: info.length,
+                first_sequence: info.first_sequence.unwrap_or(0),
+                last_sequence: info.last_sequence.unwrap_or(0),
+            });
+        }
+        Ok(Response::new(pb::GetStatsResponse {
+            subjects: subjects
+                .into_iter()
+                .map(|s| pb::SubjectStats {
+                    subject: s.subject,
+                    published: s.published,
+                    duplicates: s.duplicates,
+                    publish_rate: s.rate,
+                })
+                .collect(),
+            groups: groups
+                .into_iter()
+                .map(|g| pb::GroupStats {
+                    subject: g.subject,
+                    group: g.group,
+                    members: u32::try_from(g.snapshot.members.len()).unwrap_or(u32::MAX),
+                    pending: g.snapshot.pending as u64,
+                    in_flight: g.snapshot.in_flight as u64,
+                    delivered: g.snapshot.counters.delivered,
+                    acked: g.snapshot.counters.acked,
+                    redelivered: g.snapshot.counters.redelivered,
+                    expired: g.snapshot.counters.expired,
+                    dead_lettered: g.snapshot.counters.dead_lettered,
+                    shed: g.snapshot.counters.shed,
+                    delivery_rate: g.rate,
+                })
+                .collect(),
+            streams,
+            instance: self.bus.config().instance_id.clone(),
+        }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let r = request.into_inner();
+        let subject = dead_letter_subject(&r.subject)?;
+        let limit = page(r.limit, "limit")?;
+        let dead = self
+            .bus
+            .dead_letters(&subject, r.from_sequence, limit)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            dead_letters: dead
+                .into_iter()
+                .map(|d| pb::DeadLetter {
+                    sequence: d.sequence,
+                    event: Some(encode_event(&d.event)),
+                    reason: d.reason,
+                    deliveries: d.deliveries,
+                    group: d.group,
+                    dead_at: Some(timestamp(d.dead_at_ms)),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn redrive_dead_letters(
+        &self,
+        request: Request<pb::RedriveDeadLettersRequest>,
+    ) -> Result<Response<pb::RedriveDeadLettersResponse>, Status> {
+        let r = request.into_inner();
+        let subject = dead_letter_subject(&r.subject)?;
+        let limit = page(r.limit, "limit")?;
+        if r.sequences.len() > MAX_PAGE {
+            return Err(to_status(EventBusError::invalid(
+                "sequences",
+                format!("at most {MAX_PAGE}"),
+            )));
+        }
+        let to = if r.to_subject.is_empty() {
+            None
+        } else {
+            validate_subject("to_subject", &r.to_subject)
+                .map_err(|v| to_status(EventBusError::InvalidArgument(vec![v])))?;
+            Some(r.to_subject.as_str())
+        };
+        let redriven = self
+            .bus
+            .redrive(&subject, &r.sequences, to, limit)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RedriveDeadLettersResponse { redriven }))
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        request: Request<pb::PurgeDeadLettersRequest>,
+    ) -> Result<Response<pb::PurgeDeadLettersResponse>, Status> {
+        let r = request.into_inner();
+        let subject = dead_letter_subject(&r.subject)?;
+        if r.sequences.len() > MAX_PAGE {
+            return Err(to_status(EventBusError::invalid(
+                "sequences",
+                format!("at most {MAX_PAGE}"),
+            )));
+        }
+        let purged = self
+            .bus
+            .purge(&subject, &r.sequences)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::PurgeDeadLettersResponse { purged }))
+    }
+}
+
+/// Writes deliveries and advisories to the subscriber, batching what is ready, until the
+/// client goes away or `stop` fires.
+async fn write_deliveries(
+    mut rx: mpsc::Receiver<Outbound>,
+    handle: Arc<SubscriptionHandle>,
+    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            () = stop.cancelled() => return,
+            next = rx.recv() => match next {
+                Some(out) => out,
+                None => return,
+            },
+        };
+        let mut deliveries = Vec::new();
+        let mut advisories = Vec::new();
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            match out {
+                Outbound::Delivery(d) => deliveries.push(d),
+                Outbound::Advisory(a) => advisories.push(a),
+            }
+            if deliveries.len() < MAX_DELIVERIES_PER_MESSAGE {
+                next = rx.try_recv().ok();
+            }
+        }
+        for a in advisories {
+            let message = pb::SubscribeResponse {
+                kind: Some(pb::subscribe_response::Kind::Advisory(pb::Advisory {
+                    kind: match a.kind {
+                        AdvisoryKind::Shed => pb::advisory::Kind::Shed,
+                        AdvisoryKind::Expired => pb::advisory::Kind::Expired,
+                        AdvisoryKind::DeadLettered => pb::advisory::Kind::DeadLettered,
+                    } as i32,
+                    count: a.count,
+                    priority: a.priority.map_or(0, encode_priority),
+                    message: a.message,
+                })),
+            };
+            if tx.send(Ok(message)).await.is_err() {
+                return;
+            }
+        }
+        if deliveries.is_empty() {
+            continue;
+        }
+        let count = u32::try_from(deliveries.len()).unwrap_or(u32::MAX);
+        let encoded: Vec<pb::Delivery> = deliveries
+            .iter()
+            .map(|d| {
+                let span = tracing::debug_span!(
+                    target: TRACE_TARGET,
+                    "deliver",
+                    otel.kind = "consumer",
+                    messaging.system = "agentmesh",
+                    messaging.destination.name = %d.event.subject,
+                    messaging.message.id = %d.event.id,
+                );
+                let _ = span.set_parent(agentmesh_runtime::observe::extract_from_map(
+                    &d.event.headers,
+                ));
+                let _entered = span.enter();
+                pb::Delivery {
+                    delivery_id: d.delivery_id,
+                    event: Some(encode_event(&d.event)),
+                    delivery_count: d.delivery_count,
+                    sequence: d.sequence,
+                }
+            })
+            .collect();
+        let message = pb::SubscribeResponse {
+            kind: Some(pb::subscribe_response::Kind::Deliveries(pb::Deliveries {
+                deliveries: encoded,
+            })),
+        };
+        if tx.send(Ok(message)).await.is_err() {
+            return;
+        }
+        handle.sent(count);
+    }
+}
+
+async fn handle_client_message(
+    handle: &SubscriptionHandle,
+    subscription_id: &str,
+    message: pb::SubscribeRequest,
+) {
+    use pb::subscribe_request::Kind;
+    match message.kind {
+        Some(Kind::Ack(ack)) => {
+            for chunk in ack.delivery_ids.chunks(MAX_ACK_IDS) {
+                handle.ack(chunk);
+            }
+        }
+        Some(Kind::Nak(nak)) => {
+            let delay = nak
+                .delay
+                .as_ref()
+                .and_then(duration_from_proto)
+                .map(|d| d.min(MAX_DELAY));
+            handle.nak(nak.delivery_id, delay);
+        }
+        Some(Kind::InProgress(p)) => {
+            handle.in_progress(p.delivery_id);
+        }
+        Some(Kind::Terminate(t)) => {
+            let reason: String = t.reason.chars().take(256).collect();
+            handle.terminate(t.delivery_id, &reason);
+        }
+        Some(Kind::Reply(reply)) => {
+            let event = reply.event.map(decode_event_lenient).unwrap_or_default();
+            if let Err(e) = handle.reply(reply.delivery_id, event, subscription_id).await {
+                tracing::debug!(error = %e, subscription = %subscription_id, "reply refused");
+            }
+        }
+        Some(Kind::Open(_)) | None => {
+            tracing::debug!(subscription = %subscription_id, "ignoring a second open");
+        }
+    }
+}
+
+fn producer_span(subject: &str) -> tracing::Span {
+    tracing::debug_span!(
+        target: TRACE_TARGET,
+        "publish",
+        otel.kind = "producer",
+        messaging.system = "agentmesh",
+        messaging.destination.name = %subject,
+    )
+}
+
+/// Writes the producer span's context into the event headers (unless the client already set
+/// a `traceparent`, which then stays: the client's own producer span is the parent).
+fn with_trace(mut event: Event, span: &tracing::Span) -> Event {
+    if !event.headers.contains_key("traceparent") {
+        let cx = span.context();
+        agentmesh_runtime::observe::inject_into_map(&cx, &mut event.headers);
+    }
+    event
+}
+
+fn encode_outcome(o: PublishOutcome) -> pb::PublishResponse {
+    pb::PublishResponse {
+        id: o.id,
+        duplicate: o.duplicate,
+        sequence: o.sequence,
+        stream: o.stream.unwrap_or_default(),
+        error: None,
+    }
+}
+
+fn error_response(e: &EventBusError) -> pb::PublishResponse {
+    let status = to_status(e.clone());
+    let field = match e {
+        EventBusError::InvalidArgument(v) => v.first().map(|v| v.field.clone()).unwrap_or_default(),
+        _ => String::new(),
+    };
+    pb::PublishResponse {
+        error: Some(pb::PublishError {
+            code: agentmesh_runtime::observe::code_name(status.code() as i32).to_owned(),
+            message: status.message().to_owned(),
+            field,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The one mapping from domain errors to gRPC status.
+pub fn to_status(e: EventBusError) -> Status {
+    use agentmesh_runtime::status;
+    match e {
+        EventBusError::InvalidArgument(violations) => status::invalid_argument(
+            violations.into_iter().map(|v| (v.field, v.description)),
+        ),
+        EventBusError::NoResponders(subject) => {
+            status::unavailable(format!("no responders for subject {subject:?}"))
+        }
+        EventBusError::Timeout(t) => {
+            status::deadline_exceeded(format!("no reply within {}ms", t.as_millis()))
+        }
+        EventBusError::NotFound(m) => status::not_found(m),
+        EventBusError::ResourceExhausted(m) => status::resource_exhausted(m, None),
+        EventBusError::Unavailable(m) => status::unavailable(m),
+        EventBusError::ShuttingDown => status::unavailable("event bus is shutting down"),
+    }
+}
+
+/// Decodes a published event: envelope bounds are checked by the bus, TTL rules here.
+fn decode_publish(event: Option<pb::Event>, field: &str) -> Result<Event, EventBusError> {
+    let Some(e) = event else {
+        return Err(EventBusError::invalid(field, "required"));
+    };
+    let mut violations = Vec::new();
+    let now = now_ms();
+    let expires_at_ms = match (&e.ttl, &e.expires_at) {
+        (Some(_), Some(_)) => {
+            violations.push(FieldViolation::new(
+                format!("{field}.ttl"),
+                "give ttl or expires_at, not both",
+            ));
+            None
+        }
+        (Some(ttl), None) => match duration_from_proto(ttl) {
+            Some(d) if !d.is_zero() && millis(d) <= MAX_TTL_MS => Some(now + millis(d)),
+            _ => {
+                violations.push(FieldViolation::new(
+                    format!("{field}.ttl"),
+                    "must be between 1ms and 30 days",
+                ));
+                None
+            }
+        },
+        (None, Some(at)) => match timestamp_ms(at) {
+            Some(ms) => Some(ms),
+            None => {
+                violations.push(FieldViolation::new(
+                    format!("{field}.expires_at"),
+                    "invalid timestamp",
+                ));
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let priority = match decode_priority(e.priority) {
+        Some(p) => p,
+        None => {
+            violations.push(FieldViolation::new(
+                format!("{field}.priority"),
+                "unknown priority",
+            ));
+            Priority::Normal
+        }
+    };
+    if !violations.is_empty() {
+        return Err(EventBusError::InvalidArgument(violations));
+    }
+    Ok(Event {
+        id: e.id,
+        subject: e.subject,
+        r#type: e.r#type,
+        source: e.source,
+        time_ms: e.time.as_ref().and_then(timestamp_ms).unwrap_or(0),
+        priority,
+        expires_at_ms,
+        correlation_id: e.correlation_id,
+        reply_to: e.reply_to,
+        ordering_key: e.ordering_key,
+        headers: e.headers.into_iter().collect::<BTreeMap<_, _>>(),
+        content_type: e.content_type,
+        data: e.data.into(),
+    })
+}
+
+/// A reply's event: anything invalid is reported when the bus publishes it.
+fn decode_event_lenient(e: pb::Event) -> Event {
+    decode_publish(
+        Some(pb::Event {
+            subject: "_reply".to_owned(),
+            ..e.clone()
+        }),
+        "reply.event",
+    )
+    .unwrap_or_else(|_| Event {
+        id: e.id,
+        data: e.data.into(),
+        ..Event::default()
+    })
+}
+
+/// The wire form of an event.
+pub fn encode_event(e: &Event) -> pb::Event {
+    pb::Event {
+        id: e.id.clone(),
+        subject: e.subject.clone(),
+        r#type: e.r#type.clone(),
+        source: e.source.clone(),
+        time: (e.time_ms != 0).then(|| timestamp(e.time_ms)),
+        priority: encode_priority(e.priority),
+        ttl: None,
+        expires_at: e.expires_at_ms.map(timestamp),
+        correlation_id: e.correlation_id.clone(),
+        reply_to: e.reply_to.clone(),
+        ordering_key: e.ordering_key.clone(),
+        headers: e
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        content_type: e.content_type.clone(),
+        data: e.data.to_vec(),
+    }
+}
+
+fn decode_priority(p: i32) -> Option<Priority> {
+    match pb::Priority::try_from(p).ok()? {
+        pb::Priority::Unspecified | pb::Priority::Normal => Some(Priority::Normal),
+        pb::Priority::Low => Some(Priority::Low),
+        pb::Priority::High => Some(Priority::High),
+        pb::Priority::Critical => Some(Priority::Critical),
+    }
+}
+
+/// The wire number of a priority.
+pub fn encode_priority(p: Priority) -> i32 {
+    (match p {
+        Priority::Low => pb::Priority::Low,
+        Priority::Normal => pb::Priority::Normal,
+        Priority::High => pb::Priority::High,
+        Priority::Critical => pb::Priority::Critical,
+    }) as i32
+}
+
+/// Validates a subscription's opening message into options and a start position.
+fn decode_open(open: &pb::SubscribeOpen) -> Result<(ConsumerOptions, StartPosition), EventBusError> {
+    let mut v = Vec::new();
+    let filter = match SubjectFilter::parse("open.subject", &open.subject) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            v.push(e);
+            None
+        }
+    };
+    let name = |field: &str, value: &str, v: &mut Vec<FieldViolation>| -> Option<String> {
+        if value.is_empty() {
+            return None;
+        }
+        if value.len() > 128
+            || !value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            v.push(FieldViolation::new(
+                field,
+                "1–128 bytes of [A-Za-z0-9._-]",
+            ));
+        }
+        Some(value.to_owned())
+    };
+    let queue_group = name("open.queue_group", &open.queue_group, &mut v);
+    let durable_name = name("open.durable_name", &open.durable_name, &mut v);
+    if open.types.len() > 16 {
+        v.push(FieldViolation::new("open.types", "at most 16"));
+    }
+    if open.headers.len() > 16 {
+        v.push(FieldViolation::new("open.headers", "at most 16"));
+    }
+    let min_priority = decode_priority(open.min_priority).unwrap_or_else(|| {
+        v.push(FieldViolation::new("open.min_priority", "unknown priority"));
+        Priority::Low
+    });
+    let min_priority = if open.min_priority == 0 {
+        Priority::Low
+    } else {
+        min_priority
+    };
+    if open.max_in_flight == 0 || open.max_in_flight > MAX_IN_FLIGHT {
+        v.push(FieldViolation::new(
+            "open.max_in_flight",
+            format!(
+                "flow-control credit must be between 1 and {MAX_IN_FLIGHT}, got {}",
+                open.max_in_flight
+            ),
+        ));
+    }
+    let ack_wait = match open.ack_wait.as_ref().map(duration_from_proto) {
+        None => DEFAULT_ACK_WAIT,
+        Some(Some(d)) if (MIN_ACK_WAIT..=MAX_ACK_WAIT).contains(&d) => d,
+        Some(_) => {
+            v.push(FieldViolation::new(
+                "open.ack_wait",
+                "must be between 100ms and 12h",
+            ));
+            DEFAULT_ACK_WAIT
+        }
+    };
+    let max_deliveries = match open.max_deliveries {
+        0 => DEFAULT_MAX_DELIVERIES,
+        n if n <= MAX_MAX_DELIVERIES => n,
+        _ => {
+            v.push(FieldViolation::new(
+                "open.max_deliveries",
+                format!("at most {MAX_MAX_DELIVERIES}"),
+            ));
+            DEFAULT_MAX_DELIVERIES
+        }
+    };
+    if open.backoff.len() > MAX_BACKOFF_ENTRIES {
+        v.push(FieldViolation::new(
+            "open.backoff",
+            format!("at most {MAX_BACKOFF_ENTRIES} entries"),
+        ));
+    }
+    let mut backoff = Vec::new();
+    for (i, d) in open.backoff.iter().enumerate() {
+        match duration_from_proto(d) {
+            Some(d) if d <= MAX_DELAY => backoff.push(d),
+            _ => v.push(FieldViolation::new(
+                format!("open.backoff[{i}]"),
+                "must be between 0 and 1h",
+            )),
+        }
+    }
+    let dead_letter_subject = if open.dead_letter_subject.is_empty() {
+        DEFAULT_DEAD_LETTER_SUBJECT.to_owned()
+    } else {
+        if let Err(e) = validate_subject("open.dead_letter_subject", &open.dead_letter_subject) {
+            v.push(e);
+        }
+        open.dead_letter_subject.clone()
+    };
+    let ack_policy = match pb::AckPolicy::try_from(open.ack_policy) {
+        Ok(pb::AckPolicy::Unspecified | pb::AckPolicy::Explicit) => AckPolicy::Explicit,
+        Ok(pb::AckPolicy::None) => AckPolicy::None,
+        Err(_) => {
+            v.push(FieldViolation::new("open.ack_policy", "unknown ack policy"));
+            AckPolicy::Explicit
+        }
+    };
+    let start = match open.start.as_ref().and_then(|s| s.position.as_ref()) {
+        None => StartPosition::New,
+        Some(pb::start_position::Position::NewOnly(_)) => StartPosition::New,
+        Some(pb::start_position::Position::All(_)) => StartPosition::All,
+        Some(pb::start_position::Position::Last(_)) => StartPosition::Last,
+        Some(pb::start_position::Position::Sequence(0)) => {
+            v.push(FieldViolation::new(
+                "open.start.sequence",
+                "sequences start at 1",
+            ));
+            StartPosition::New
+        }
+        Some(pb::start_position::Position::Sequence(n)) => StartPosition::Sequence(*n),
+        Some(pb::start_position::Position::Time(t)) => match timestamp_ms(t) {
+            Some(ms) => StartPosition::Time(ms),
+            None => {
+                v.push(FieldViolation::new("open.start.time", "invalid timestamp"));
+                StartPosition::New
+            }
+        },
+    };
+    let Some(filter) = filter.filter(|_| v.is_empty()) else {
+        return Err(EventBusError::InvalidArgument(v));
+    };
+    Ok((
+        ConsumerOptions {
+            filter,
+            queue_group,
+            types: open.types.clone(),
+            headers: open
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            min_priority,
+            max_in_flight: open.max_in_flight,
+            ack_wait,
+            max_deliveries,
+            backoff,
+            dead_letter_subject,
+            ack_policy,
+            durable_name,
+        },
+        start,
+    ))
+}
+
+fn dead_letter_subject(subject: &str) -> Result<String, Status> {
+    if subject.is_empty() {
+        return Ok(DEFAULT_DEAD_LETTER_SUBJECT.to_owned());
+    }
+    validate_subject("subject", subject)
+        .map_err(|v| to_status(EventBusError::InvalidArgument(vec![v])))?;
+    Ok(subject.to_owned())
+}
+
+fn page(limit: u32, field: &str) -> Result<usize, Status> {
+    match limit as usize {
+        0 => Ok(DEFAULT_PAGE),
+        n if n <= MAX_PAGE => Ok(n),
+        _ => Err(to_status(EventBusError::invalid(
+            field,
+            format!("at most {MAX_PAGE}"),
+        ))),
+    }
+}
+
+fn duration_from_proto(d: &prost_types::Duration) -> Option<Duration> {
+    let seconds = u64::try_from(d.seconds).ok()?;
+    let nanos = u32::try_from(d.nanos).ok()?;
+    (nanos < 1_000_000_000).then(|| Duration::new(seconds, nanos))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn timestamp_ms(t: &prost_types::Timestamp) -> Option<u64> {
+    let seconds = u64::try_from(t.seconds).ok()?;
+    let nanos = u64::try_from(t.nanos).ok()?;
+    (nanos < 1_000_000_000).then(|| seconds.saturating_mul(1000) + nanos / 1_000_000)
+}
+
+fn timestamp(ms: u64) -> prost_types::Timestamp {
+    let t = UNIX_EPOCH + Duration::from_millis(ms);
+    prost_types::Timestamp::from(t.min(SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 40)))
+}

@@ -1,0 +1,25 @@
+//! agentmesh event bus.
+//!
+//! The domain core is plain Rust with no gRPC: [`subject`] validates subjects and matches
+//! wildcard filters, [`index`] finds the subscriptions interested in a subject, [`priority`]
+//! queues pending events by priority with weighted fairness, aging and TTL, [`dedup`] remembers
+//! recent event ids, and [`log`] is the durable event log (in memory, or Redis Streams in
+//! [`redis_log`]).
+
+pub mod bus;
+pub mod consumer;
+pub mod dedup;
+pub mod error;
+pub mod event;
+pub mod grpc;
+pub mod index;
+pub mod log;
+pub mod priority;
+pub mod redis_log;
+pub mod service;
+pub mod subject;
+
+pub use error::{EventBusError, FieldViolation};
+pub use bus::{Bus, BusConfig, PublishOutcome, Subscription, SubscriptionHandle};
+pub use consumer::{AckPolicy, ConsumerOptions, Outbound};
+pub use event::{Event, Priority};

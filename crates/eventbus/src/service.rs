@@ -1,0 +1,260 @@
+//! Assembles the event bus for the host: its settings (flags with environment fallbacks), the
+//! durable log (Redis Streams when Redis is configured, in memory otherwise), metrics and the
+//! gRPC routes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use agentmesh_proto::eventbus::v1::event_bus_server::SERVICE_NAME;
+use agentmesh_runtime::Metrics;
+use agentmesh_runtime::config::{parse_duration, parse_socket_addr};
+use agentmesh_runtime::server::{ServiceSpec, new_instance_id};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use tonic::service::Routes;
+
+use crate::bus::{Bus, BusConfig};
+use crate::error::EventBusError;
+use crate::grpc::EventBusGrpc;
+use crate::log::{EventLog, InMemoryLog, TrimPolicy};
+use crate::redis_log::RedisLog;
+use crate::subject::SubjectFilter;
+
+/// Short service name in membership.
+pub const NAME: &str = "eventbus";
+
+/// Event bus settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EventBusArgs {
+    /// gRPC listen address of the event bus.
+    #[arg(id = "eventbus_listen", long = "eventbus-listen", env = "AGENTMESH_EVENTBUS_LISTEN", default_value = "0.0.0.0:7101", value_parser = parse_socket_addr)]
+    pub listen: SocketAddr,
+    /// Admin HTTP listen address of the event bus (`/metrics`, `/livez`, `/readyz`).
+    #[arg(id = "eventbus_admin_listen", long = "eventbus-admin-listen", env = "AGENTMESH_EVENTBUS_ADMIN_LISTEN", default_value = "0.0.0.0:9101", value_parser = parse_socket_addr)]
+    pub admin_listen: SocketAddr,
+    /// Durable subject patterns, comma-separated (e.g. `orders.>,audit.*`): one stream each,
+    /// stored in Redis (or in memory in standalone mode) before Publish answers.
+    #[arg(
+        long = "eventbus-durable",
+        env = "AGENTMESH_EVENTBUS_DURABLE",
+        value_delimiter = ','
+    )]
+    pub durable: Vec<String>,
+    /// Most bytes of an event's data.
+    #[arg(
+        long = "eventbus-max-data",
+        env = "AGENTMESH_EVENTBUS_MAX_DATA",
+        default_value_t = crate::event::DEFAULT_MAX_DATA
+    )]
+    pub max_data: usize,
+    /// An id published again within this window is a duplicate.
+    #[arg(long = "eventbus-dedup-window", env = "AGENTMESH_EVENTBUS_DEDUP_WINDOW", default_value = "2m", value_parser = parse_duration)]
+    pub dedup_window: Duration,
+    /// Most pending events per subscription group (ephemeral events beyond are shed, lowest
+    /// priority first; durable ones wait in the stream).
+    #[arg(
+        long = "eventbus-max-pending",
+        env = "AGENTMESH_EVENTBUS_MAX_PENDING",
+        default_value_t = 10_000
+    )]
+    pub max_pending: usize,
+    /// Most open subscriptions on this instance.
+    #[arg(
+        long = "eventbus-max-subscriptions",
+        env = "AGENTMESH_EVENTBUS_MAX_SUBSCRIPTIONS",
+        default_value_t = 10_000
+    )]
+    pub max_subscriptions: usize,
+    /// Dead-letter events that expire while waiting (reason EXPIRED), not only count them.
+    #[arg(long = "eventbus-dead-letter-expired", env = "AGENTMESH_EVENTBUS_DEAD_LETTER_EXPIRED")]
+    pub dead_letter_expired: bool,
+    /// Keep at most this many events per durable stream.
+    #[arg(
+        long = "eventbus-retention-max-len",
+        env = "AGENTMESH_EVENTBUS_RETENTION_MAX_LEN",
+        default_value_t = 1_000_000
+    )]
+    pub retention_max_len: u64,
+    /// Drop durable events older than this.
+    #[arg(long = "eventbus-retention-max-age", env = "AGENTMESH_EVENTBUS_RETENTION_MAX_AGE", default_value = "7d", value_parser = parse_duration)]
+    pub retention_max_age: Duration,
+}
+
+/// What the host gives the event bus.
+#[derive(Clone)]
+pub struct EventBusDeps {
+    /// The process's metrics.
+    pub metrics: Metrics,
+    /// Redis URL for durable streams, when configured.
+    pub redis_url: Option<String>,
+}
+
+impl EventBusArgs {
+    /// Builds the bus, its log, metrics and gRPC routes.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for bad settings (naming the flag); `Unavailable` when Redis cannot be
+    /// reached.
+    pub async fn build(&self, deps: &EventBusDeps) -> Result<ServiceSpec, EventBusError> {
+        let mut durable = Vec::new();
+        for pattern in self.durable.iter().filter(|p| !p.trim().is_empty()) {
+            durable.push(
+                SubjectFilter::parse("--eventbus-durable", pattern.trim())
+                    .map_err(|v| EventBusError::InvalidArgument(vec![v]))?,
+            );
+        }
+        if self.max_pending == 0 || self.max_subscriptions == 0 {
+            return Err(EventBusError::invalid(
+                "--eventbus-max-pending/--eventbus-max-subscriptions",
+                "must be at least 1",
+            ));
+        }
+        let instance_id = new_instance_id(NAME);
+        let log: Arc<dyn EventLog> = match &deps.redis_url {
+            Some(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(|e| {
+                    EventBusError::invalid("--redis", format!("invalid Redis URL: {e}"))
+                })?;
+                let manager = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    redis::aio::ConnectionManager::new(client.clone()),
+                )
+                .await
+                .map_err(|_| {
+                    EventBusError::Unavailable(format!("cannot reach Redis at {url}: timed out"))
+                })?
+                .map_err(|e| EventBusError::Unavailable(format!("cannot reach Redis at {url}: {e}")))?;
+                Arc::new(
+                    RedisLog::new(manager, client, "agentmesh:eventbus")
+                        .with_blocking_connections(64),
+                )
+            }
+            None => Arc::new(InMemoryLog::new(self.retention_max_len)),
+        };
+        let config = BusConfig {
+            durable,
+            dedup_window: self.dedup_window,
+            max_data: self.max_data,
+            max_pending: self.max_pending,
+            max_subscriptions: self.max_subscriptions,
+            dead_letter_expired: self.dead_letter_expired,
+            retention: TrimPolicy {
+                max_len: Some(self.retention_max_len),
+                max_age: Some(self.retention_max_age),
+            },
+            ..BusConfig::new(instance_id.clone())
+        };
+        let bus = Bus::new(config, log);
+        spawn_metrics(&deps.metrics, &bus).map_err(|e| {
+            EventBusError::Unavailable(format!("registering event bus metrics: {e}"))
+        })?;
+        let server = EventBusGrpc::new(bus).into_server();
+        Ok(ServiceSpec {
+            name: NAME,
+            instance_id,
+            grpc_services: vec![SERVICE_NAME.to_owned()],
+            routes: Routes::new(server),
+            grpc_listen: self.listen,
+            admin_listen: self.admin_listen,
+        })
+    }
+}
+
+/// Registers the bus's metrics and copies its counters into them every second while the bus
+/// lives. Labels are bounded (durability, priority, kind); never a subject.
+fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> {
+    let registry = metrics.registry();
+    let published = IntCounterVec::new(
+        Opts::new(
+            "eventbus_published_total",
+            "Events accepted, by durability (ephemeral, durable).",
+        ),
+        &["durability"],
+    )?;
+    let shed = IntCounterVec::new(
+        Opts::new(
+            "eventbus_shed_total",
+            "Pending events dropped to stay within a subscription's bound, by priority.",
+        ),
+        &["priority"],
+    )?;
+    let counter = |name: &str, help: &str| IntCounter::new(name, help);
+    let duplicates = counter(
+        "eventbus_duplicates_total",
+        "Publishes answered as duplicates (id seen within the dedup window).",
+    )?;
+    let expired = counter(
+        "eventbus_expired_total",
+        "Events that expired before they could be delivered.",
+    )?;
+    let dead = counter(
+        "eventbus_dead_lettered_total",
+        "Events sent to a dead-letter subject.",
+    )?;
+    let no_interest = counter(
+        "eventbus_no_interest_total",
+        "Ephemeral events published with no subscriber interested.",
+    )?;
+    let log_errors = counter(
+        "eventbus_log_errors_total",
+        "Durable log failures in background work (reads, acks, dead letters).",
+    )?;
+    let dedup_evicted = counter(
+        "eventbus_dedup_evicted_early_total",
+        "Ids forgotten before the dedup window ended because it was full.",
+    )?;
+    let subscriptions = IntGauge::new("eventbus_subscriptions", "Open subscriptions.")?;
+    registry.register(Box::new(published.clone()))?;
+    registry.register(Box::new(shed.clone()))?;
+    for c in [
+        &duplicates,
+        &expired,
+        &dead,
+        &no_interest,
+        &log_errors,
+        &dedup_evicted,
+    ] {
+        registry.register(Box::new(c.clone()))?;
+    }
+    registry.register(Box::new(subscriptions.clone()))?;
+    let weak = bus.downgrade();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(bus) = Bus::upgrade(&weak) else {
+                return;
+            };
+            let c = bus.counters();
+            let sync = |counter: &IntCounter, value: u64| {
+                let have = counter.get();
+                if value > have {
+                    counter.inc_by(value - have);
+                }
+            };
+            sync(
+                &published.with_label_values(&["ephemeral"]),
+                c.published_ephemeral.load(Ordering::Relaxed),
+            );
+            sync(
+                &published.with_label_values(&["durable"]),
+                c.published_durable.load(Ordering::Relaxed),
+            );
+            for p in crate::event::Priority::ALL {
+                sync(
+                    &shed.with_label_values(&[p.as_str()]),
+                    c.shed[p.index()].load(Ordering::Relaxed),
+                );
+            }
+            sync(&duplicates, c.duplicates.load(Ordering::Relaxed));
+            sync(&expired, c.expired.load(Ordering::Relaxed));
+            sync(&dead, c.dead_lettered.load(Ordering::Relaxed));
+            sync(&no_interest, c.no_interest.load(Ordering::Relaxed));
+            sync(&log_errors, c.log_errors.load(Ordering::Relaxed));
+            sync(&dedup_evicted, bus.dedup_evicted_early());
+            subscriptions.set(i64::try_from(bus.subscription_count()).unwrap_or(i64::MAX));
+        }
+    });
+    Ok(())
+}

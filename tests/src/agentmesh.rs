@@ -45,6 +45,8 @@ pub struct AgentmeshProcess {
     pub grpc_addr: SocketAddr,
     /// Admin HTTP address of its (first) service.
     pub admin_addr: SocketAddr,
+    /// gRPC and admin addresses of its event bus, when it runs one.
+    pub eventbus: Option<(SocketAddr, SocketAddr)>,
     log: tempfile::NamedTempFile,
 }
 
@@ -90,14 +92,56 @@ impl AgentmeshProcess {
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let (grpc, admin) = (grpc_addr.to_string(), admin_addr.to_string());
+        let bus: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let bus_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let (bus_s, bus_admin_s) = (bus.to_string(), bus_admin.to_string());
         let args = [
             "dev",
             "--ratelimit-listen",
             &grpc,
             "--ratelimit-admin-listen",
             &admin,
+            "--eventbus-listen",
+            &bus_s,
+            "--eventbus-admin-listen",
+            &bus_admin_s,
         ];
-        Self::spawn("agentmesh", &args, envs, grpc_addr, admin_addr).await
+        let mut process = Self::spawn("agentmesh", &args, envs, grpc_addr, admin_addr).await?;
+        process.eventbus = Some((bus, bus_admin));
+        Ok(process)
+    }
+
+    /// Starts `agentmesh serve eventbus` on free loopback ports (`grpc_addr` is the bus), with
+    /// Redis and etcd when given, plus `extra` arguments.
+    ///
+    /// # Errors
+    /// Fails when the binary is missing or the process does not come up within 15 s.
+    pub async fn serve_eventbus(
+        redis: Option<&str>,
+        etcd: Option<&str>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let (grpc, admin) = (grpc_addr.to_string(), admin_addr.to_string());
+        let mut args = vec![
+            "serve",
+            "eventbus",
+            "--eventbus-listen",
+            &grpc,
+            "--eventbus-admin-listen",
+            &admin,
+        ];
+        if let Some(url) = redis {
+            args.extend(["--redis", url]);
+        }
+        if let Some(endpoint) = etcd {
+            args.extend(["--etcd", endpoint]);
+        }
+        args.extend_from_slice(extra);
+        let mut process = Self::spawn("agentmesh", &args, &[], grpc_addr, admin_addr).await?;
+        process.eventbus = Some((grpc_addr, admin_addr));
+        Ok(process)
     }
 
     async fn spawn(
@@ -125,6 +169,7 @@ impl AgentmeshProcess {
             child,
             grpc_addr,
             admin_addr,
+            eventbus: None,
             log,
         };
         let up = wait_until(

@@ -62,11 +62,12 @@ impl EventBusGrpc {
         Self { bus }
     }
 
-    /// The tonic server for this adapter; messages may carry one event of the largest data
-    /// plus its envelope.
+    /// The tonic server for this adapter. Messages up to four times the data bound are
+    /// decoded, so an oversized event is answered INVALID_ARGUMENT naming `event.data` rather
+    /// than a transport error; beyond that the transport refuses (OUT_OF_RANGE).
     #[must_use]
     pub fn into_server(self) -> pb::event_bus_server::EventBusServer<Self> {
-        let max_message = self.bus.config().max_data + 256 * 1024;
+        let max_message = self.bus.config().max_data.saturating_mul(4) + 256 * 1024;
         pb::event_bus_server::EventBusServer::new(self)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message.max(4 * 1024 * 1024))
@@ -201,17 +202,17 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         &self,
         request: Request<pb::RequestRequest>,
     ) -> Result<Response<pb::RequestResponse>, Status> {
-        let caller_deadline = agentmesh_runtime::deadline::from_metadata(request.metadata(), std::time::Instant::now());
+        let caller_deadline = agentmesh_runtime::deadline::from_metadata(
+            request.metadata(),
+            std::time::Instant::now(),
+        );
         let r = request.into_inner();
         let mut violations = Vec::new();
         let timeout = match r.timeout.as_ref().map(duration_from_proto) {
             None => DEFAULT_REQUEST_TIMEOUT,
             Some(Some(t)) if !t.is_zero() && t <= MAX_REQUEST_TIMEOUT => t,
             Some(_) => {
-                violations.push(FieldViolation::new(
-                    "timeout",
-                    "must be between 1ms and 5m",
-                ));
+                violations.push(FieldViolation::new("timeout", "must be between 1ms and 5m"));
                 DEFAULT_REQUEST_TIMEOUT
             }
         };
@@ -243,7 +244,9 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
             return Err(Status::internal("no event after validation"));
         };
         let timeout = match caller_deadline {
-            Some(deadline) => timeout.min(deadline.saturating_duration_since(std::time::Instant::now())),
+            Some(deadline) => {
+                timeout.min(deadline.saturating_duration_since(std::time::Instant::now()))
+            }
             None => timeout,
         };
         let span = producer_span(&event.subject);
@@ -541,7 +544,10 @@ async fn handle_client_message(
         }
         Some(Kind::Reply(reply)) => {
             let event = reply.event.map(decode_event_lenient).unwrap_or_default();
-            if let Err(e) = handle.reply(reply.delivery_id, event, subscription_id).await {
+            if let Err(e) = handle
+                .reply(reply.delivery_id, event, subscription_id)
+                .await
+            {
                 tracing::debug!(error = %e, subscription = %subscription_id, "reply refused");
             }
         }
@@ -601,9 +607,9 @@ fn error_response(e: &EventBusError) -> pb::PublishResponse {
 pub fn to_status(e: EventBusError) -> Status {
     use agentmesh_runtime::status;
     match e {
-        EventBusError::InvalidArgument(violations) => status::invalid_argument(
-            violations.into_iter().map(|v| (v.field, v.description)),
-        ),
+        EventBusError::InvalidArgument(violations) => {
+            status::invalid_argument(violations.into_iter().map(|v| (v.field, v.description)))
+        }
         EventBusError::NoResponders(subject) => {
             status::unavailable(format!("no responders for subject {subject:?}"))
         }
@@ -744,7 +750,9 @@ pub fn encode_priority(p: Priority) -> i32 {
 }
 
 /// Validates a subscription's opening message into options and a start position.
-fn decode_open(open: &pb::SubscribeOpen) -> Result<(ConsumerOptions, StartPosition), EventBusError> {
+fn decode_open(
+    open: &pb::SubscribeOpen,
+) -> Result<(ConsumerOptions, StartPosition), EventBusError> {
     let mut v = Vec::new();
     let filter = match SubjectFilter::parse("open.subject", &open.subject) {
         Ok(f) => Some(f),
@@ -762,10 +770,7 @@ fn decode_open(open: &pb::SubscribeOpen) -> Result<(ConsumerOptions, StartPositi
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         {
-            v.push(FieldViolation::new(
-                field,
-                "1–128 bytes of [A-Za-z0-9._-]",
-            ));
+            v.push(FieldViolation::new(field, "1–128 bytes of [A-Za-z0-9._-]"));
         }
         Some(value.to_owned())
     };

@@ -133,3 +133,99 @@ async fn test_server_spans_are_exported_over_otlp_and_continue_the_callers_trace
     receiver.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn test_an_events_trace_continues_from_publish_to_delivery_across_processes()
+-> anyhow::Result<()> {
+    use agentmesh_proto::eventbus::v1 as eb;
+    use tokio_stream::StreamExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let (spans_tx, mut spans_rx) = mpsc::unbounded_channel();
+    let receiver = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Receiver { spans_tx }))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let mut process = AgentmeshProcess::dev_with_env(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_SERVICE_NAME", "agentmesh-otlp-test"),
+    ])
+    .await?;
+    let (bus, _) = process.eventbus.expect("dev runs the event bus");
+    let mut client = eb::event_bus_client::EventBusClient::connect(format!("http://{bus}")).await?;
+
+    // A subscriber in this process …
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(eb::SubscribeRequest {
+        kind: Some(eb::subscribe_request::Kind::Open(eb::SubscribeOpen {
+            subject: "traced.>".into(),
+            max_in_flight: 10,
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut deliveries = client
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let _subscribed = deliveries.next().await;
+    // … and a publisher whose span is the parent.
+    let mut request = Request::new(eb::PublishRequest {
+        event: Some(eb::Event {
+            subject: "traced.hello".into(),
+            data: b"hi".to_vec(),
+            ..Default::default()
+        }),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01").parse()?,
+    );
+    client.publish(request).await?;
+    let delivered = loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), deliveries.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        if let Some(eb::subscribe_response::Kind::Deliveries(d)) = message.kind {
+            break d.deliveries.into_iter().next().expect("one delivery");
+        }
+    };
+    let traceparent = delivered.event.as_ref().unwrap().headers["traceparent"].clone();
+    assert!(
+        traceparent.starts_with(&format!("00-{TRACE_ID}-")),
+        "the event carries the caller's trace: {traceparent}"
+    );
+    drop(tx);
+    drop(deliveries);
+
+    process.sigterm();
+    process.wait_exit(Duration::from_secs(15)).await?;
+    let mut spans = Vec::new();
+    wait_until(Duration::from_secs(10), "publish and deliver spans", || {
+        while let Ok(span) = spans_rx.try_recv() {
+            spans.push(span);
+        }
+        let found =
+            spans.iter().any(|s| s.name == "deliver") && spans.iter().any(|s| s.name == "publish");
+        async move { found }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", process.logs()))?;
+    let publish = spans.iter().find(|s| s.name == "publish").expect("found");
+    let deliver = spans.iter().find(|s| s.name == "deliver").expect("found");
+    assert_eq!(hex(&publish.trace_id), TRACE_ID);
+    assert_eq!(publish.kind, 4, "SPAN_KIND_PRODUCER");
+    assert_eq!(
+        hex(&deliver.trace_id),
+        TRACE_ID,
+        "delivery continues the trace"
+    );
+    assert_eq!(deliver.kind, 5, "SPAN_KIND_CONSUMER");
+    assert_eq!(
+        deliver.parent_span_id, publish.span_id,
+        "the delivery's parent is the publish span"
+    );
+    receiver.abort();
+    Ok(())
+}

@@ -548,3 +548,71 @@ async fn test_durable_events_survive_an_eventbus_restart_and_replay() -> anyhow:
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn test_durable_events_of_a_killed_instance_reach_the_surviving_subscriber()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let url = redis.url();
+    let durable = ["--eventbus-durable", "jobs.>"];
+    let mut a = AgentmeshProcess::serve_eventbus(Some(&url), None, &durable).await?;
+    let b = AgentmeshProcess::serve_eventbus(Some(&url), None, &durable).await?;
+    let (mut ca, mut cb) = (client(a.grpc_addr).await?, client(b.grpc_addr).await?);
+    let group = pb::SubscribeOpen {
+        queue_group: "runners".into(),
+        ack_wait: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        max_in_flight: 1000,
+        ..open("jobs.>")
+    };
+    let mut on_a = subscribe(&mut ca, group.clone()).await?;
+    // Everything is published (through B) while only A's subscriber reads: A holds it unacked.
+    for i in 0..20 {
+        publish(&mut cb, event("jobs.build", &i.to_string())).await?;
+    }
+    let held = on_a.take(20, Duration::from_secs(5)).await;
+    assert_eq!(held.len(), 20, "A's subscriber got everything");
+    let mut on_b = subscribe(&mut cb, group).await?;
+    a.kill9();
+    let got = on_b.take(20, Duration::from_secs(10)).await;
+    let mut values: Vec<u32> = got.iter().map(|d| data(d).parse().unwrap()).collect();
+    values.sort_unstable();
+    assert_eq!(
+        values,
+        (0..20).collect::<Vec<_>>(),
+        "nothing acknowledged is lost"
+    );
+    assert!(
+        got.iter().all(|d| d.delivery_count >= 2),
+        "they are redeliveries"
+    );
+    on_b.ack(&got).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn test_a_subscriber_that_disconnects_gives_its_unacked_events_to_its_group()
+-> anyhow::Result<()> {
+    let (_p, mut c) = dev().await?;
+    let group = pb::SubscribeOpen {
+        queue_group: "g".into(),
+        max_in_flight: 5,
+        ..open("tasks")
+    };
+    let mut first = subscribe(&mut c, group.clone()).await?;
+    for i in 0..5 {
+        publish(&mut c, event("tasks", &i.to_string())).await?;
+    }
+    assert_eq!(first.take(5, Duration::from_secs(2)).await.len(), 5);
+    let mut second = subscribe(&mut c, group).await?;
+    drop(first);
+    let got = second.take(5, Duration::from_secs(3)).await;
+    assert_eq!(
+        got.len(),
+        5,
+        "unacked deliveries go to the remaining member"
+    );
+    Ok(())
+}

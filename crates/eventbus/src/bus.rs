@@ -462,11 +462,7 @@ impl Bus {
         if event.subject.starts_with(INBOX_PREFIX) {
             let waiter = inner.inboxes.lock().remove(&event.subject);
             if let Some(tx) = waiter {
-                let responder = event
-                    .headers
-                    .get("responder")
-                    .cloned()
-                    .unwrap_or_default();
+                let responder = event.headers.get("responder").cloned().unwrap_or_default();
                 let _ = tx.send((Event::clone(event), responder));
                 return 1;
             }
@@ -545,7 +541,8 @@ impl Bus {
             }
             self.shed_advisory(group, &effects.shed);
         }
-        if effects.dead.is_empty() && effects.log_acks.is_empty() {
+        if effects.dead.is_empty() && effects.log_acks.is_empty() && effects.log_release.is_empty()
+        {
             return;
         }
         let this = self.clone();
@@ -575,6 +572,14 @@ impl Bus {
             inner.counters.log_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, stream = %stream, "acknowledging in the log failed");
         }
+        if let Some(stream) = group.durable.first() {
+            for chunk in effects.log_release.chunks(crate::log::MAX_BATCH) {
+                if let Err(e) = inner.log.release(stream, &group.log_group, chunk).await {
+                    inner.counters.log_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, stream = %stream, "giving events back failed");
+                }
+            }
+        }
     }
 
     async fn dead_letter(
@@ -585,7 +590,9 @@ impl Bus {
     ) -> Result<(), EventBusError> {
         let mut event = (*pending.event).clone();
         let now = now_ms();
-        event.headers.insert(DEAD_LETTER_REASON.into(), reason.as_string());
+        event
+            .headers
+            .insert(DEAD_LETTER_REASON.into(), reason.as_string());
         event
             .headers
             .insert(DEAD_LETTER_SUBJECT.into(), event.subject.clone());
@@ -597,9 +604,7 @@ impl Bus {
             .headers
             .insert(DEAD_LETTER_GROUP.into(), group_label(group));
         event.headers.insert(DEAD_LETTER_AT.into(), now.to_string());
-        event
-            .subject
-            .clone_from(&group.options.dead_letter_subject);
+        event.subject.clone_from(&group.options.dead_letter_subject);
         event.id = new_ulid(now);
         // A dead letter must not expire on its way to the dead-letter store.
         event.expires_at_ms = None;
@@ -764,10 +769,7 @@ impl Bus {
         let (empty, effects) = group.remove_member(member, now_ms());
         if empty {
             inner.groups.write().remove(&group.id);
-            inner
-                .index
-                .write()
-                .remove(&group.options.filter, &group.id);
+            inner.index.write().remove(&group.options.filter, &group.id);
             inner.named.lock().retain(|_, id| *id != group.id);
             inner.group_rates.lock().remove(&group.id);
             inner.last_shed_advisory.lock().remove(&group.id);
@@ -892,9 +894,8 @@ impl Bus {
             .into_iter()
             .map(|s| {
                 let mut event = s.event;
-                let header = |event: &mut Event, name: &str| {
-                    event.headers.remove(name).unwrap_or_default()
-                };
+                let header =
+                    |event: &mut Event, name: &str| event.headers.remove(name).unwrap_or_default();
                 let reason = header(&mut event, DEAD_LETTER_REASON);
                 let original = header(&mut event, DEAD_LETTER_SUBJECT);
                 let deliveries = header(&mut event, DEAD_LETTER_DELIVERIES)
@@ -1095,7 +1096,12 @@ impl SubscriptionHandle {
     /// # Errors
     /// `NotFound` for an unknown delivery; `InvalidArgument` when it has no reply subject or
     /// the reply is invalid.
-    pub async fn reply(&self, id: u64, mut reply: Event, responder: &str) -> Result<(), EventBusError> {
+    pub async fn reply(
+        &self,
+        id: u64,
+        mut reply: Event,
+        responder: &str,
+    ) -> Result<(), EventBusError> {
         let (original, effects) = self.group.take_for_reply(self.member, id, now_ms());
         self.bus.apply(&self.group, effects);
         let Some(original) = original else {
@@ -1210,7 +1216,10 @@ async fn read_durable(inner: Weak<Inner>, group: Arc<Consumer>, stream: String) 
                 }
                 Err(e) => {
                     failures += 1;
-                    bus.inner.counters.log_errors.fetch_add(1, Ordering::Relaxed);
+                    bus.inner
+                        .counters
+                        .log_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     if failures == 1 || failures.is_multiple_of(60) {
                         tracing::warn!(error = %e, stream = %stream, "reading a durable stream failed");
                     }
@@ -1223,7 +1232,10 @@ async fn read_durable(inner: Weak<Inner>, group: Arc<Consumer>, stream: String) 
         match result {
             Ok(events) => offer_stored(&bus, &group, events),
             Err(e) => {
-                bus.inner.counters.log_errors.fetch_add(1, Ordering::Relaxed);
+                bus.inner
+                    .counters
+                    .log_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, stream = %stream, "claiming stalled deliveries failed");
             }
         }
@@ -1232,6 +1244,15 @@ async fn read_durable(inner: Weak<Inner>, group: Arc<Consumer>, stream: String) 
 
 fn offer_stored(bus: &Bus, group: &Arc<Consumer>, events: Vec<(crate::log::StoredEvent, u32)>) {
     let now = now_ms();
+    if group.is_closed() {
+        // Read after the group closed: give them straight back.
+        let effects = Effects {
+            log_release: events.iter().map(|(s, _)| s.sequence).collect(),
+            ..Effects::default()
+        };
+        bus.apply(group, effects);
+        return;
+    }
     for (stored, deliveries) in events {
         let effects = group.offer(
             Pending {

@@ -160,6 +160,8 @@ pub struct Effects {
     pub dead: Vec<(Pending, DeadReason)>,
     /// Durable sequences the group is done with (acked, dead-lettered, filtered out).
     pub log_acks: Vec<u64>,
+    /// Durable sequences it gives back unhandled (it closed): claimable at once by others.
+    pub log_release: Vec<u64>,
     /// Events shed, by priority index.
     pub shed: [u64; 4],
     /// Events that expired while waiting.
@@ -171,6 +173,7 @@ impl Effects {
     pub fn is_empty(&self) -> bool {
         self.dead.is_empty()
             && self.log_acks.is_empty()
+            && self.log_release.is_empty()
             && self.shed == [0; 4]
             && self.expired == 0
     }
@@ -356,12 +359,33 @@ impl Consumer {
             if let Some(f) = state.in_flight.remove(&id) {
                 let priority = f.pending.event.priority;
                 let expires = f.pending.event.expires_at_ms;
-                state.pending.push_front(f.pending, priority, expires, now_ms);
+                state
+                    .pending
+                    .push_front(f.pending, priority, expires, now_ms);
             }
         }
         let mut effects = Effects::default();
         if state.members.is_empty() {
             state.closed = true;
+            // Durable events it held go back to the stream for the next reader.
+            let in_flight: Vec<u64> = state
+                .in_flight
+                .drain()
+                .map(|(_, f)| f.pending.sequence)
+                .collect();
+            let delayed: Vec<u64> = state.delayed.drain(..).map(|(_, p)| p.sequence).collect();
+            let pending: Vec<u64> = state
+                .pending
+                .drain()
+                .into_iter()
+                .map(|(p, _)| p.sequence)
+                .collect();
+            effects.log_release = in_flight
+                .into_iter()
+                .chain(delayed)
+                .chain(pending)
+                .filter(|&s| s != 0)
+                .collect();
             drop(state);
             self.room.notify_waiters();
             return (true, effects);
@@ -509,7 +533,12 @@ impl Consumer {
     }
 
     /// Takes a delivery as answered (a reply acks it) and returns its event.
-    pub fn take_for_reply(&self, member: u64, id: u64, now_ms: u64) -> (Option<Arc<Event>>, Effects) {
+    pub fn take_for_reply(
+        &self,
+        member: u64,
+        id: u64,
+        now_ms: u64,
+    ) -> (Option<Arc<Event>>, Effects) {
         let mut effects = Effects::default();
         let mut state = self.state.lock();
         let event = take_owned(&mut state, id, member).map(|f| {
@@ -524,7 +553,13 @@ impl Consumer {
     }
 
     /// Redeliver a delivery after `delay` (or the backoff when `None`).
-    pub fn nak(&self, member: u64, id: u64, delay: Option<Duration>, now_ms: u64) -> (bool, Effects) {
+    pub fn nak(
+        &self,
+        member: u64,
+        id: u64,
+        delay: Option<Duration>,
+        now_ms: u64,
+    ) -> (bool, Effects) {
         let mut effects = Effects::default();
         let mut state = self.state.lock();
         let Some(f) = take_owned(&mut state, id, member) else {

@@ -103,9 +103,8 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         tokio::spawn(async move {
             loop {
                 // One message (waiting), then whatever else already arrived.
-                let first = match inbound.next().await {
-                    Some(Ok(m)) => m,
-                    Some(Err(_)) | None => return,
+                let Some(Ok(first)) = inbound.next().await else {
+                    return;
                 };
                 let mut batch = vec![first];
                 while batch.len() < MAX_PUBLISH_BATCH {

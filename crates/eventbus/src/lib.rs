@@ -19,7 +19,7 @@ pub mod redis_log;
 pub mod service;
 pub mod subject;
 
-pub use error::{EventBusError, FieldViolation};
 pub use bus::{Bus, BusConfig, PublishOutcome, Subscription, SubscriptionHandle};
 pub use consumer::{AckPolicy, ConsumerOptions, Outbound};
+pub use error::{EventBusError, FieldViolation};
 pub use event::{Event, Priority};

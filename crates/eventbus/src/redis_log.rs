@@ -238,6 +238,9 @@ impl BlockingPool {
     }
 }
 
+/// The consumer that holds released entries until a reader claims them.
+const RELEASED_CONSUMER: &str = "released";
+
 impl RedisLog {
     /// A log using `conn` for ordinary commands and connections opened from `client` for
     /// blocking reads, with every key under `key_prefix` (e.g. `agentmesh:eventbus`).
@@ -625,6 +628,34 @@ impl EventLog for RedisLog {
         }
         let mut conn = self.conn.clone();
         self.run("ack", cmd.query_async(&mut conn)).await
+    }
+
+    async fn release(
+        &self,
+        stream: &str,
+        group: &str,
+        sequences: &[u64],
+    ) -> Result<u64, EventBusError> {
+        check_stream(stream)?;
+        check_name("group", group)?;
+        check_batch("sequences", sequences.len())?;
+        if sequences.is_empty() {
+            return Ok(0);
+        }
+        // XCLAIM … IDLE <a day> JUSTID: keeps the owner and the delivery count, and makes the
+        // entries look idle long enough for any reader's claim.
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(self.log_key(stream))
+            .arg(group)
+            .arg(RELEASED_CONSUMER)
+            .arg(0);
+        for &s in sequences {
+            cmd.arg(stream_id_of(s));
+        }
+        cmd.arg("IDLE").arg(86_400_000_u64).arg("JUSTID");
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = self.run("release", cmd.query_async(&mut conn)).await?;
+        Ok(ids.len() as u64)
     }
 
     async fn claim_stalled(

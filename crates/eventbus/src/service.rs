@@ -67,7 +67,10 @@ pub struct EventBusArgs {
     )]
     pub max_subscriptions: usize,
     /// Dead-letter events that expire while waiting (reason EXPIRED), not only count them.
-    #[arg(long = "eventbus-dead-letter-expired", env = "AGENTMESH_EVENTBUS_DEAD_LETTER_EXPIRED")]
+    #[arg(
+        long = "eventbus-dead-letter-expired",
+        env = "AGENTMESH_EVENTBUS_DEAD_LETTER_EXPIRED"
+    )]
     pub dead_letter_expired: bool,
     /// Keep at most this many events per durable stream.
     #[arg(
@@ -124,7 +127,9 @@ impl EventBusArgs {
                 .map_err(|_| {
                     EventBusError::Unavailable(format!("cannot reach Redis at {url}: timed out"))
                 })?
-                .map_err(|e| EventBusError::Unavailable(format!("cannot reach Redis at {url}: {e}")))?;
+                .map_err(|e| {
+                    EventBusError::Unavailable(format!("cannot reach Redis at {url}: {e}"))
+                })?;
                 Arc::new(
                     RedisLog::new(manager, client, "agentmesh:eventbus")
                         .with_blocking_connections(64),

@@ -90,7 +90,9 @@ pub fn inject_into_map(
 
 /// The trace context carried in a string map (an event's headers); empty when there is none.
 #[must_use]
-pub fn extract_from_map(map: &std::collections::BTreeMap<String, String>) -> opentelemetry::Context {
+pub fn extract_from_map(
+    map: &std::collections::BTreeMap<String, String>,
+) -> opentelemetry::Context {
     struct MapExtractor<'a>(&'a std::collections::BTreeMap<String, String>);
     impl opentelemetry::propagation::Extractor for MapExtractor<'_> {
         fn get(&self, key: &str) -> Option<&str> {

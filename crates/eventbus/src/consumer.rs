@@ -850,3 +850,170 @@ fn take_owned(state: &mut State, id: u64, member: u64) -> Option<InFlight> {
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(max_deliveries: u32) -> ConsumerOptions {
+        ConsumerOptions {
+            filter: SubjectFilter::parse("f", "a.>").unwrap(),
+            queue_group: None,
+            types: Vec::new(),
+            headers: Vec::new(),
+            min_priority: Priority::Low,
+            max_in_flight: 2,
+            ack_wait: Duration::from_millis(100),
+            max_deliveries,
+            backoff: Vec::new(),
+            dead_letter_subject: "dlq".into(),
+            ack_policy: AckPolicy::Explicit,
+            durable_name: None,
+        }
+    }
+
+    fn group(capacity: usize, options: ConsumerOptions) -> Consumer {
+        Consumer::new(
+            options,
+            GroupSettings {
+                id: 1,
+                capacity,
+                fairness: FairnessConfig::default(),
+                durable: Vec::new(),
+                log_group: "g".into(),
+                log_consumer: "c".into(),
+                dead_letter_expired: false,
+            },
+        )
+    }
+
+    fn pending(data: &str, priority: Priority) -> Pending {
+        Pending {
+            event: Arc::new(Event {
+                subject: "a.b".into(),
+                priority,
+                data: data.to_owned().into(),
+                ..Event::default()
+            }),
+            deliveries: 0,
+            sequence: 0,
+        }
+    }
+
+    fn deliveries(rx: &mut mpsc::Receiver<Outbound>) -> Vec<DeliveryOut> {
+        let mut out = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            if let Outbound::Delivery(d) = o {
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    fn text(d: &DeliveryOut) -> String {
+        String::from_utf8_lossy(&d.event.data).into_owned()
+    }
+
+    #[test]
+    fn test_credit_bounds_deliveries_and_acks_release_the_next_by_priority() {
+        let g = group(100, options(5));
+        let (tx, mut rx) = mpsc::channel(100);
+        g.add_member(7, "s".into(), 2, tx, 0);
+        g.offer(pending("n1", Priority::Normal), 0);
+        g.offer(pending("n2", Priority::Normal), 0);
+        g.offer(pending("low", Priority::Low), 0);
+        g.offer(pending("crit", Priority::Critical), 0);
+        let first = deliveries(&mut rx);
+        assert_eq!(first.iter().map(text).collect::<Vec<_>>(), ["n1", "n2"]);
+        let (known, _) = g.ack(7, &[first[0].delivery_id], 1);
+        assert_eq!(known, 1);
+        assert_eq!(
+            deliveries(&mut rx).iter().map(text).collect::<Vec<_>>(),
+            ["crit"]
+        );
+        // Another member cannot ack this member's delivery.
+        let (known, _) = g.ack(8, &[first[1].delivery_id], 1);
+        assert_eq!(known, 0);
+    }
+
+    #[test]
+    fn test_an_unacked_delivery_is_redelivered_then_dead_lettered_after_max_deliveries() {
+        let g = group(100, options(2));
+        let (tx, mut rx) = mpsc::channel(100);
+        g.add_member(1, "s".into(), 10, tx, 0);
+        g.offer(pending("x", Priority::Normal), 0);
+        assert_eq!(deliveries(&mut rx)[0].delivery_count, 1);
+        assert!(g.tick(50).dead.is_empty());
+        assert!(deliveries(&mut rx).is_empty(), "not before the ack wait");
+        g.tick(100);
+        assert_eq!(deliveries(&mut rx)[0].delivery_count, 2);
+        let effects = g.tick(200);
+        assert_eq!(effects.dead.len(), 1);
+        assert_eq!(effects.dead[0].1, DeadReason::MaxDeliveries);
+        assert_eq!(g.snapshot().counters.dead_lettered, 1);
+    }
+
+    #[test]
+    fn test_a_nak_with_delay_waits_and_a_leaving_member_returns_its_deliveries() {
+        let g = group(100, options(5));
+        let (tx1, mut rx1) = mpsc::channel(100);
+        let (tx2, mut rx2) = mpsc::channel(100);
+        g.add_member(1, "a".into(), 1, tx1, 0);
+        g.offer(pending("x", Priority::Normal), 0);
+        let d = deliveries(&mut rx1);
+        let (known, _) = g.nak(1, d[0].delivery_id, Some(Duration::from_millis(30)), 0);
+        assert!(known);
+        g.tick(10);
+        assert!(deliveries(&mut rx1).is_empty(), "delayed");
+        g.tick(40);
+        let again = deliveries(&mut rx1);
+        assert_eq!((text(&again[0]), again[0].delivery_count), ("x".into(), 2));
+        g.add_member(2, "b".into(), 1, tx2, 40);
+        let (empty, _) = g.remove_member(1, 41);
+        assert!(!empty);
+        let moved = deliveries(&mut rx2);
+        assert_eq!(text(&moved[0]), "x", "the other member gets it");
+        let (empty, _) = g.remove_member(2, 42);
+        assert!(empty && g.is_closed());
+    }
+
+    #[test]
+    fn test_a_full_group_sheds_the_lowest_priority_and_expired_events_are_never_delivered() {
+        let g = group(2, options(5));
+        g.offer(pending("low", Priority::Low), 0);
+        g.offer(pending("high", Priority::High), 0);
+        let effects = g.offer(pending("crit", Priority::Critical), 0);
+        assert_eq!(effects.shed, [1, 0, 0, 0]);
+        let mut short = pending("short", Priority::Critical);
+        Arc::get_mut(&mut short.event).unwrap().expires_at_ms = Some(5);
+        let g2 = group(10, options(5));
+        g2.offer(short, 0);
+        g2.offer(pending("lasting", Priority::Low), 0);
+        let (tx, mut rx) = mpsc::channel(10);
+        let effects = g2.add_member(1, "s".into(), 10, tx, 10);
+        assert_eq!(effects.expired, 1);
+        assert_eq!(
+            deliveries(&mut rx).iter().map(text).collect::<Vec<_>>(),
+            ["lasting"]
+        );
+    }
+
+    #[test]
+    fn test_ack_policy_none_frees_credit_when_written() {
+        let g = group(
+            100,
+            ConsumerOptions {
+                ack_policy: AckPolicy::None,
+                ..options(5)
+            },
+        );
+        let (tx, mut rx) = mpsc::channel(100);
+        g.add_member(1, "s".into(), 1, tx, 0);
+        g.offer(pending("a", Priority::Normal), 0);
+        g.offer(pending("b", Priority::Normal), 0);
+        assert_eq!(deliveries(&mut rx).len(), 1);
+        g.sent(1, 1, 0);
+        assert_eq!(deliveries(&mut rx).len(), 1);
+        assert!(g.tick(1000).dead.is_empty(), "nothing to redeliver");
+    }
+}

@@ -500,6 +500,7 @@ async fn test_a_budget_reserved_on_one_instance_is_committed_on_another() -> any
             window: pb::BudgetWindow::Month as i32,
         }),
         consistency: 0,
+        policy: String::new(),
     });
     let r = client(&processes[0])
         .await?
@@ -528,7 +529,10 @@ async fn test_a_budget_reserved_on_one_instance_is_committed_on_another() -> any
     );
     let seen = client(&processes[2])
         .await?
-        .get_usage(pb::GetUsageRequest { target })
+        .get_usage(pb::GetUsageRequest {
+            target,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .usage
@@ -581,5 +585,267 @@ async fn test_reset_through_any_instance_clears_the_owners_state() -> anyhow::Re
         .await?
         .into_inner();
     assert_eq!(peek.result.unwrap().remaining, 1);
+    Ok(())
+}
+
+fn policy_target(key: &str) -> Option<pb::BudgetTarget> {
+    Some(pb::BudgetTarget {
+        namespace: "team-b".into(),
+        key: key.into(),
+        budget: None,
+        consistency: 0,
+        policy: "daily-tokens".into(),
+    })
+}
+
+fn namespace_usage(limit: u32, start_after: &str, local: bool) -> pb::GetUsageRequest {
+    pb::GetUsageRequest {
+        namespace: "team-b".into(),
+        limit,
+        start_after: start_after.into(),
+        consistency: if local {
+            pb::Consistency::Local as i32
+        } else {
+            0
+        },
+        ..Default::default()
+    }
+}
+
+fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_error_details()
+        .bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn test_a_stored_budget_policy_is_used_on_every_instance_and_usage_lists_every_owner()
+-> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let mut processes = start_three(&etcd, None).await?;
+    let mut clients = Vec::new();
+    for p in &processes {
+        clients.push(client(p).await?);
+    }
+    let policy = pb::Policy {
+        namespace: "team-b".into(),
+        name: "daily-tokens".into(),
+        budget: Some(pb::BudgetSpec {
+            limit: 10_000,
+            window: pb::BudgetWindow::Day as i32,
+        }),
+        consistency: pb::Consistency::Owner as i32,
+        ..Default::default()
+    };
+    let stored = clients[0]
+        .put_policy(pb::PutPolicyRequest {
+            policy: Some(policy),
+            expected_version: 0,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(stored.budget.map(|b| b.limit), Some(10_000));
+    for c in &clients {
+        wait_until(Duration::from_secs(2), "budget policy applied", || {
+            let mut c = c.clone();
+            async move {
+                c.get_usage(pb::GetUsageRequest {
+                    target: policy_target("probe"),
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+            }
+        })
+        .await?;
+    }
+
+    // Reserve through instance 1 and commit through instance 2, for keys spread over owners.
+    let keys: Vec<String> = (0..12).map(|i| format!("agent-{i:02}")).collect();
+    let mut expected = Vec::new();
+    for (i, key) in (0u64..).zip(&keys) {
+        let r = clients[1]
+            .reserve(pb::ReserveRequest {
+                target: policy_target(key),
+                estimate: 1_000,
+                ttl: None,
+            })
+            .await?
+            .into_inner();
+        assert!(r.granted);
+        assert_eq!(r.usage.unwrap().limit, 10_000, "the policy's limit");
+        let usage = clients[2]
+            .commit(pb::CommitRequest {
+                target: policy_target(key),
+                reservation_id: r.reservation_id,
+                actual: 100 + i,
+            })
+            .await?
+            .into_inner()
+            .usage
+            .unwrap();
+        assert_eq!((usage.spent, usage.reserved), (100 + i, 0));
+        expected.push((key.clone(), r.decided_by, 100 + i));
+    }
+    let owners: std::collections::HashSet<&str> = expected
+        .iter()
+        .map(|(_, owner, _)| owner.as_str())
+        .collect();
+    assert!(owners.len() >= 2, "keys live on several owners: {owners:?}");
+
+    // The namespace's usage through any instance lists every key where it lives.
+    for c in &mut clients {
+        let r = c
+            .get_usage(namespace_usage(0, "", false))
+            .await?
+            .into_inner();
+        assert!(r.unreachable.is_empty() && !r.truncated, "{r:?}");
+        let listed: Vec<(String, String, u64)> = r
+            .keys
+            .iter()
+            .map(|k| {
+                assert_eq!(k.window, pb::BudgetWindow::Day as i32);
+                assert_eq!(k.usage.unwrap().limit, 10_000);
+                (k.key.clone(), k.held_by.clone(), k.usage.unwrap().spent)
+            })
+            .collect();
+        assert_eq!(listed, expected);
+    }
+    // Pages of five keys.
+    let mut paged = Vec::new();
+    let mut start_after = String::new();
+    loop {
+        let page = clients[0]
+            .get_usage(namespace_usage(5, &start_after, false))
+            .await?
+            .into_inner();
+        assert!(page.keys.len() <= 5);
+        paged.extend(page.keys.into_iter().map(|k| k.key));
+        if !page.truncated {
+            break;
+        }
+        start_after = page.next_start_after;
+    }
+    assert_eq!(paged, keys);
+    // LOCAL lists only the instance's own budgets; together they are all of them.
+    let mut ids = Vec::new();
+    let mut total = 0;
+    for c in &mut clients {
+        let own = c
+            .get_usage(namespace_usage(0, "", true))
+            .await?
+            .into_inner()
+            .keys;
+        let holders: std::collections::HashSet<&str> =
+            own.iter().map(|k| k.held_by.as_str()).collect();
+        assert!(holders.len() <= 1, "{holders:?}");
+        ids.push(holders.into_iter().next().map(str::to_owned));
+        total += own.len();
+    }
+    assert_eq!(total, keys.len());
+
+    // A Check naming the budget policy, and other bad input, name the field.
+    let item = pb::CheckItem {
+        namespace: "team-b".into(),
+        key: "agent-00".into(),
+        cost: 1,
+        limit_ref: Some(pb::check_item::LimitRef::Policy("daily-tokens".into())),
+        ..Default::default()
+    };
+    let status = check(&mut clients[1], item).await.unwrap_err();
+    assert_eq!(bad_fields(&status), ["items[0].policy"]);
+    let both = pb::Policy {
+        limit: Some(pb::LimitSpec {
+            limit: 5,
+            period: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            burst: 0,
+            algorithm: 0,
+        }),
+        ..stored.clone()
+    };
+    let status = clients[2]
+        .put_policy(pb::PutPolicyRequest {
+            policy: Some(both),
+            expected_version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["policy.budget"]);
+    let strict = pb::Policy {
+        consistency: pb::Consistency::Strict as i32,
+        ..stored.clone()
+    };
+    let status = clients[2]
+        .put_policy(pb::PutPolicyRequest {
+            policy: Some(strict),
+            expected_version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["policy.consistency"]);
+    let status = clients[0]
+        .reserve(pb::ReserveRequest {
+            target: Some(pb::BudgetTarget {
+                policy: "no-such-budget".into(),
+                ..policy_target("agent-00").unwrap()
+            }),
+            estimate: 1,
+            ttl: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert!(status.message().contains("target.policy"), "{status:?}");
+    let status = clients[0]
+        .reserve(pb::ReserveRequest {
+            target: Some(pb::BudgetTarget {
+                budget: Some(pb::BudgetSpec {
+                    limit: 1,
+                    window: pb::BudgetWindow::Day as i32,
+                }),
+                ..policy_target("agent-00").unwrap()
+            }),
+            estimate: 1,
+            ttl: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["target.policy"]);
+    let status = clients[1]
+        .get_usage(namespace_usage(5_000, "", false))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["limit"]);
+
+    // A member that does not answer makes the listing partial, naming it.
+    let (victim, victim_id) = ids
+        .iter()
+        .enumerate()
+        .find_map(|(i, id)| id.clone().map(|id| (i, id)))
+        .expect("some instance holds budgets");
+    let held_by_victim = expected.iter().filter(|(_, o, _)| *o == victim_id).count();
+    processes[victim].kill9();
+    let survivor = &mut clients[(victim + 1) % 3];
+    let r = survivor
+        .get_usage(namespace_usage(0, "", false))
+        .await?
+        .into_inner();
+    assert_eq!(
+        r.unreachable,
+        std::slice::from_ref(&victim_id),
+        "partial: {r:?}"
+    );
+    assert_eq!(r.keys.len(), keys.len() - held_by_victim);
+    assert!(r.keys.iter().all(|k| k.held_by != victim_id));
     Ok(())
 }

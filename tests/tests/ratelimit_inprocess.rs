@@ -588,6 +588,7 @@ fn budget_target(key: &str, limit: u64) -> Option<pb::BudgetTarget> {
             window: pb::BudgetWindow::Day as i32,
         }),
         consistency: 0,
+        policy: String::new(),
     })
 }
 
@@ -656,6 +657,7 @@ async fn test_budgets_reserve_then_commit_refunds_and_cancel_releases() {
     let usage = client
         .get_usage(pb::GetUsageRequest {
             target: budget_target("agent-7", 10_000),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -679,6 +681,7 @@ async fn test_budget_calls_reject_bad_input_naming_every_field() {
             window: 0,
         }),
         consistency: 0,
+        policy: String::new(),
     });
     let status = client
         .reserve(pb::ReserveRequest {
@@ -711,10 +714,335 @@ async fn test_budget_calls_reject_bad_input_naming_every_field() {
         ]
     );
     let status = client
-        .get_usage(pb::GetUsageRequest { target: None })
+        .get_usage(pb::GetUsageRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    running.shutdown().await.unwrap();
+}
+
+fn policy_target(key: &str, policy: &str) -> Option<pb::BudgetTarget> {
+    Some(pb::BudgetTarget {
+        namespace: "team-a".into(),
+        key: key.into(),
+        budget: None,
+        consistency: 0,
+        policy: policy.into(),
+    })
+}
+
+fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_error_details()
+        .bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect()
+}
+
+fn daily_tokens(limit: u64) -> pb::Policy {
+    pb::Policy {
+        namespace: "team-a".into(),
+        name: "daily-tokens".into(),
+        budget: Some(pb::BudgetSpec {
+            limit,
+            window: pb::BudgetWindow::Day as i32,
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn test_budget_policies_from_the_store_and_the_file_and_a_namespaces_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policies.toml");
+    std::fs::write(
+        &path,
+        "[[policy]]\nname = \"rpm\"\nlimit = 5\nperiod = \"1m\"\n\n\
+         [[policy]]\nname = \"file-usd\"\nbudget = 1000\nwindow = \"month\"\n",
+    )
+    .unwrap();
+    let metrics = Metrics::new();
+    let running = start(&metrics, Some(path)).await;
+    let mut client = client(&running, &metrics);
+
+    let stored = client
+        .put_policy(pb::PutPolicyRequest {
+            policy: Some(daily_tokens(10_000)),
+            expected_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stored.version > 0 && stored.limit.is_none());
+    assert_eq!(stored.budget.unwrap().limit, 10_000);
+    let listed = client
+        .list_policies(pb::ListPoliciesRequest {
+            namespace: "team-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.policies, std::slice::from_ref(&stored));
+
+    let reserve = |key: &str, policy: &str, estimate| pb::ReserveRequest {
+        target: policy_target(key, policy),
+        estimate,
+        ttl: None,
+    };
+    // The policy set is applied by a background task: wait for it.
+    let mut r = None;
+    for _ in 0..100 {
+        match client
+            .reserve(reserve("agent-1", "daily-tokens", 4_000))
+            .await
+        {
+            Ok(answer) => {
+                r = Some(answer.into_inner());
+                break;
+            }
+            Err(status) if status.code() == Code::NotFound => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    let r = r.expect("the stored budget policy applies");
+    assert!(r.granted);
+    assert_eq!(r.usage.unwrap().limit, 10_000);
+    let usage = client
+        .commit(pb::CommitRequest {
+            target: policy_target("agent-1", "daily-tokens"),
+            reservation_id: r.reservation_id,
+            actual: 2_500,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .usage
+        .unwrap();
+    assert_eq!((usage.spent, usage.remaining), (2_500, 7_500));
+    // A file budget policy.
+    let r = client
+        .reserve(reserve("agent-2", "file-usd", 300))
+        .await
+        .unwrap()
+        .into_inner();
+    let usage = r.usage.unwrap();
+    assert_eq!(usage.limit, 1_000);
+    assert!(
+        usage.window_end_ms - usage.window_start_ms >= 28 * 86_400_000,
+        "a calendar month"
+    );
+    // An inline budget in the same namespace, left reserved.
+    client
+        .reserve(pb::ReserveRequest {
+            target: budget_target("agent-3", 50),
+            estimate: 10,
+            ttl: None,
+        })
+        .await
+        .unwrap();
+
+    // Raising the policy's limit applies to the budget it names.
+    client
+        .put_policy(pb::PutPolicyRequest {
+            policy: Some(daily_tokens(20_000)),
+            expected_version: stored.version,
+        })
+        .await
+        .unwrap();
+    let mut limit = 0;
+    for _ in 0..100 {
+        let usage = client
+            .get_usage(pb::GetUsageRequest {
+                target: policy_target("agent-1", "daily-tokens"),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .usage
+            .unwrap();
+        limit = usage.limit;
+        if limit == 20_000 {
+            assert_eq!(usage.spent, 2_500);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        limit, 20_000,
+        "the limit in force is the policy's current one"
+    );
+
+    let list = |limit, start_after: &str| pb::GetUsageRequest {
+        namespace: "team-a".into(),
+        limit,
+        start_after: start_after.into(),
+        ..Default::default()
+    };
+    let all = client.get_usage(list(0, "")).await.unwrap().into_inner();
+    let rows: Vec<(&str, i32, u64, u64, u64)> = all
+        .keys
+        .iter()
+        .map(|k| {
+            let u = k.usage.as_ref().unwrap();
+            (k.key.as_str(), k.window, u.limit, u.spent, u.reserved)
+        })
+        .collect();
+    let (day, month) = (pb::BudgetWindow::Day as i32, pb::BudgetWindow::Month as i32);
+    assert_eq!(
+        rows,
+        [
+            ("agent-1", day, 20_000, 2_500, 0),
+            ("agent-2", month, 1_000, 0, 300),
+            ("agent-3", day, 50, 0, 10),
+        ]
+    );
+    assert!(all.keys.iter().all(|k| k.held_by == running.instance_id));
+    assert!(all.usage.is_none() && !all.truncated && all.unreachable.is_empty());
+    let page = client.get_usage(list(2, "")).await.unwrap().into_inner();
+    assert_eq!(page.keys.len(), 2);
+    assert!(page.truncated);
+    assert_eq!(page.next_start_after, "agent-2");
+    let rest = client
+        .get_usage(list(2, &page.next_start_after))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.keys.len(), 1);
+    assert_eq!(rest.keys[0].key, "agent-3");
+    assert!(!rest.truncated && rest.next_start_after.is_empty());
+
+    // A Check cannot spend a budget, and a budget call cannot use a rate limit.
+    for name in ["daily-tokens", "file-usd"] {
+        let mut item = inline("team-a", "agent-1", 1, 0, 0);
+        item.limit_ref = Some(pb::check_item::LimitRef::Policy(name.into()));
+        let status = client
+            .check(pb::CheckRequest {
+                items: vec![item],
+                all_or_nothing: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad_fields(&status), ["items[0].policy"]);
+        assert!(status.message().contains("cost budget"), "{status:?}");
+    }
+    let status = client
+        .reserve(reserve("agent-1", "rpm", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["target.policy"]);
+    let status = client
+        .reserve(reserve("agent-1", "nope", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(status.message().contains("target.policy"), "{status:?}");
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn test_budget_policy_and_usage_calls_reject_bad_input_naming_the_field() {
+    let metrics = Metrics::new();
+    let running = start(&metrics, None).await;
+    let mut client = client(&running, &metrics);
+    let put = |policy| pb::PutPolicyRequest {
+        policy: Some(policy),
+        expected_version: 0,
+    };
+    let per_minute = pb::LimitSpec {
+        limit: 5,
+        period: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        burst: 0,
+        algorithm: 0,
+    };
+    let cases = [
+        (
+            pb::Policy {
+                limit: Some(per_minute),
+                ..daily_tokens(10)
+            },
+            vec!["policy.budget"],
+        ),
+        (
+            pb::Policy {
+                budget: None,
+                ..daily_tokens(10)
+            },
+            vec!["policy.limit"],
+        ),
+        (
+            pb::Policy {
+                consistency: pb::Consistency::Strict as i32,
+                on_failure: pb::FailurePolicy::FailOpen as i32,
+                ..daily_tokens(0)
+            },
+            vec![
+                "policy.budget.limit",
+                "policy.consistency",
+                "policy.on_failure",
+            ],
+        ),
+        (
+            pb::Policy {
+                mode: pb::Mode::Shadow as i32,
+                ..daily_tokens(10)
+            },
+            vec!["policy.mode"],
+        ),
+    ];
+    for (policy, fields) in cases {
+        let status = client.put_policy(put(policy)).await.unwrap_err();
+        assert_eq!(bad_fields(&status), fields);
+    }
+    let both = Some(pb::BudgetTarget {
+        policy: "daily-tokens".into(),
+        ..budget_target("k", 10).unwrap()
+    });
+    let status = client
+        .reserve(pb::ReserveRequest {
+            target: both,
+            estimate: 1,
+            ttl: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["target.policy"]);
+    let status = client
+        .cancel(pb::CancelRequest {
+            target: policy_target("k", ""),
+            reservation_id: "0000000000000001".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["target.budget"]);
+    let status = client
+        .get_usage(pb::GetUsageRequest {
+            target: budget_target("k", 10),
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["namespace"]);
+    let status = client
+        .get_usage(pb::GetUsageRequest {
+            namespace: "team\u{1}a".into(),
+            limit: 1001,
+            consistency: pb::Consistency::Strict as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["namespace", "limit", "consistency"]);
     running.shutdown().await.unwrap();
 }
 

@@ -190,8 +190,13 @@ async fn test_invalid_policies_are_rejected_naming_every_field() -> anyhow::Resu
     fields.sort();
     assert_eq!(
         fields,
-        ["policy.mode"],
-        "wire-level problems are reported first: {fields:?}"
+        [
+            "policy.limit.limit",
+            "policy.mode",
+            "policy.name",
+            "policy.namespace"
+        ],
+        "every problem is reported at once: {fields:?}"
     );
     let mut bad = policy(0);
     bad.namespace = "a/b".into();

@@ -933,6 +933,11 @@ impl Bus {
         limit: usize,
     ) -> Result<u64, EventBusError> {
         let chosen = self.select_dead(subject, sequences, limit).await?;
+        if !sequences.is_empty() && chosen.is_empty() {
+            return Err(EventBusError::NotFound(format!(
+                "no dead letter with those sequences under {subject}"
+            )));
+        }
         let mut done = Vec::new();
         let mut redriven = 0;
         for d in chosen {

@@ -1,6 +1,8 @@
 //! `meshctl bench …`: closed-loop load with a progress bar, then throughput and
 //! p50/p90/p99/max. `bench echo-server` + `bench echo` are the anchor: a bare tonic server with
 //! no agentmesh layers, driven by the same loop, so both figures come from one run.
+//! `bench eventbus` measures publish → deliver instead (see [`pubsub`]), with core NATS and
+//! Redis Streams as its anchors.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,6 +25,10 @@ use tonic::transport::Channel;
 use crate::Output;
 use crate::ratelimit::proto_duration;
 
+mod anchors;
+mod eventbus;
+mod pubsub;
+
 #[derive(clap::Subcommand)]
 pub(crate) enum BenchCommand {
     /// Load the rate limiter with Check (or StreamCheck) calls.
@@ -31,8 +37,16 @@ pub(crate) enum BenchCommand {
     Echo(EchoBench),
     /// The earlier platform's design, as the baseline: every decision is one token-bucket Lua
     /// script in Redis (TIME, HMGET, refill, HSET, PEXPIRE) called by the client itself over one
-    /// multiplexed connection.
+    /// multiplexed connection. Redis: `--redis` (default redis://127.0.0.1:6379).
     RedisScript(RedisScriptBench),
+    /// End-to-end event bus load: publishers on PublishStream, subscribers on Subscribe;
+    /// throughput and publish → deliver latency (optionally per priority).
+    Eventbus(eventbus::EventbusBench),
+    /// Anchor for `bench eventbus`: core NATS pub/sub through async-nats, same loop and clock.
+    Nats(anchors::NatsBench),
+    /// Anchor for `bench eventbus`: Redis Streams, XADD by the publisher, XREADGROUP + XACK by
+    /// one consumer, same loop and clock. Redis: `--redis` (default redis://127.0.0.1:6379).
+    RedisStreams(anchors::RedisStreamsBench),
     /// Serve the bare tonic echo anchor (no agentmesh layers) until interrupted.
     EchoServer {
         /// Listen address.
@@ -109,9 +123,6 @@ impl From<ConsistencyArg> for pb::Consistency {
 pub(crate) struct RedisScriptBench {
     #[command(flatten)]
     load: LoadArgs,
-    /// Redis URL.
-    #[arg(long, default_value = "redis://127.0.0.1:6379")]
-    redis: String,
     /// Distinct keys the decisions cycle through.
     #[arg(long, default_value_t = 10_000)]
     keys: u64,
@@ -126,7 +137,12 @@ pub(crate) struct EchoBench {
     payload: usize,
 }
 
-pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
+/// Redis when the global `--redis` is not given.
+const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379";
+
+/// Runs a bench; `redis` is the global `--redis` (the Redis benches' server).
+pub(crate) async fn run(cmd: BenchCommand, redis: Option<&str>) -> anyhow::Result<ExitCode> {
+    let redis = redis.unwrap_or(DEFAULT_REDIS).to_owned();
     match cmd {
         BenchCommand::EchoServer { listen } => echo_server(listen).await,
         BenchCommand::Echo(args) => {
@@ -199,7 +215,10 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             summary.print(label, &args.load, batch);
             Ok(ExitCode::SUCCESS)
         }
-        BenchCommand::RedisScript(args) => redis_script(args).await,
+        BenchCommand::RedisScript(args) => redis_script(args, &redis).await,
+        BenchCommand::Eventbus(args) => eventbus::run(args).await,
+        BenchCommand::Nats(args) => anchors::nats(args).await,
+        BenchCommand::RedisStreams(args) => anchors::redis_streams(args, &redis).await,
     }
 }
 
@@ -224,13 +243,13 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / refill_per_ms))
 return {allowed, math.floor(tokens)}
 ";
 
-async fn redis_script(args: RedisScriptBench) -> anyhow::Result<ExitCode> {
-    let client = redis::Client::open(args.redis.as_str())
-        .with_context(|| format!("invalid Redis URL {}", args.redis))?;
+async fn redis_script(args: RedisScriptBench, redis: &str) -> anyhow::Result<ExitCode> {
+    let client =
+        redis::Client::open(redis).with_context(|| format!("invalid Redis URL {redis}"))?;
     let mut connection = client
         .get_multiplexed_async_connection()
         .await
-        .with_context(|| format!("cannot connect to {}", args.redis))?;
+        .with_context(|| format!("cannot connect to {redis}"))?;
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
         .arg(TOKEN_BUCKET_LUA)

@@ -1,6 +1,7 @@
 //! `meshctl`: the agentmesh operator CLI.
 
 mod bench;
+mod events;
 mod members;
 mod ratelimit;
 
@@ -25,6 +26,9 @@ enum Command {
     /// Call the rate limiter.
     #[command(subcommand)]
     Ratelimit(ratelimit::RatelimitCommand),
+    /// Publish, subscribe and request on the event bus; inspect its stats and dead letters.
+    #[command(subcommand)]
+    Events(events::EventsCommand),
     /// Closed-loop load against a service, with a progress bar and a latency summary.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -56,7 +60,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Members(args) => members::run(&cli.cluster, &args).await,
             Command::Ratelimit(cmd) => ratelimit::run(cmd).await,
-            Command::Bench(cmd) => bench::run(cmd).await,
+            Command::Events(cmd) => events::run(cmd).await,
+            Command::Bench(cmd) => bench::run(cmd, cli.cluster.redis_url()).await,
         }
     });
     match result {

@@ -277,16 +277,40 @@ async fn reset(args: CheckArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `usage`: one budget (`-k` with `--budget` or `--policy`), or every budget of a namespace.
 #[derive(clap::Args)]
 pub(crate) struct UsageArgs {
-    #[command(flatten)]
-    target: KeyArgs,
-    /// Budget: units per window.
-    #[arg(long)]
-    budget: u64,
-    /// Calendar window (UTC).
-    #[arg(long, value_enum, default_value_t = WindowArg::Day)]
+    /// Rate limiter address.
+    #[arg(
+        long,
+        env = "AGENTMESH_RATELIMIT_ADDR",
+        default_value = "127.0.0.1:7104"
+    )]
+    addr: String,
+    /// Tenant namespace.
+    #[arg(long, short = 'n')]
+    namespace: String,
+    /// The key; without it, every budget of the namespace is listed (across the cluster).
+    #[arg(long, short = 'k')]
+    key: Option<String>,
+    /// Inline budget: units per window.
+    #[arg(long, requires = "key", conflicts_with = "policy")]
+    budget: Option<u64>,
+    /// Calendar window (UTC) of an inline budget.
+    #[arg(long, value_enum, default_value_t = WindowArg::Day, requires = "budget")]
     window: WindowArg,
+    /// A budget policy (stored in the namespace, or from the policy file) instead of --budget.
+    #[arg(long, requires = "key")]
+    policy: Option<String>,
+    /// Listing: most keys (0 or unset = 100; at most 1000).
+    #[arg(long, conflicts_with = "key", default_value_t = 0)]
+    limit: u32,
+    /// Listing: keys after this one (the `next_start_after` of the previous page).
+    #[arg(long, conflicts_with = "key")]
+    start_after: Option<String>,
+    /// Listing: only the instance called, not every live member.
+    #[arg(long, conflicts_with = "key")]
+    local: bool,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -299,55 +323,242 @@ pub(crate) enum WindowArg {
     Month,
 }
 
-async fn usage(args: UsageArgs) -> anyhow::Result<ExitCode> {
-    let window = match args.window {
-        WindowArg::Hour => pb::BudgetWindow::Hour,
-        WindowArg::Day => pb::BudgetWindow::Day,
-        WindowArg::Month => pb::BudgetWindow::Month,
+impl From<WindowArg> for pb::BudgetWindow {
+    fn from(w: WindowArg) -> Self {
+        match w {
+            WindowArg::Hour => pb::BudgetWindow::Hour,
+            WindowArg::Day => pb::BudgetWindow::Day,
+            WindowArg::Month => pb::BudgetWindow::Month,
+        }
+    }
+}
+
+/// The request the usage flags describe.
+fn usage_request(args: &UsageArgs) -> anyhow::Result<pb::GetUsageRequest> {
+    let Some(key) = &args.key else {
+        return Ok(pb::GetUsageRequest {
+            target: None,
+            namespace: args.namespace.clone(),
+            limit: args.limit,
+            start_after: args.start_after.clone().unwrap_or_default(),
+            consistency: if args.local {
+                pb::Consistency::Local
+            } else {
+                pb::Consistency::Unspecified
+            } as i32,
+        });
     };
-    let target = pb::BudgetTarget {
-        namespace: args.target.namespace,
-        key: args.target.key,
-        budget: Some(pb::BudgetSpec {
-            limit: args.budget,
-            window: window as i32,
+    let (budget, policy) = match (args.budget, &args.policy) {
+        (Some(limit), None) => (
+            Some(pb::BudgetSpec {
+                limit,
+                window: pb::BudgetWindow::from(args.window) as i32,
+            }),
+            String::new(),
+        ),
+        (None, Some(policy)) => (None, policy.clone()),
+        _ => anyhow::bail!("with -k, give the budget: --budget N [--window W] or --policy NAME"),
+    };
+    Ok(pb::GetUsageRequest {
+        target: Some(pb::BudgetTarget {
+            namespace: args.namespace.clone(),
+            key: key.clone(),
+            budget,
+            consistency: 0,
+            policy,
         }),
-        consistency: 0,
-    };
-    let request = pb::GetUsageRequest {
-        target: Some(target),
-    };
-    let response = client_for(&args.target.addr)
+        ..pb::GetUsageRequest::default()
+    })
+}
+
+/// Time from now until `end_ms` (UNIX ms), in whole seconds.
+fn until(end_ms: u64) -> String {
+    let now_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(0);
+    humantime::format_duration(Duration::from_secs(end_ms.saturating_sub(now_ms) / 1000))
+        .to_string()
+        .replace(' ', "")
+}
+
+fn usage_json(u: &pb::BudgetUsage) -> serde_json::Value {
+    serde_json::json!({"limit": u.limit, "spent": u.spent, "reserved": u.reserved,
+        "remaining": u.remaining, "window_start_ms": u.window_start_ms,
+        "window_end_ms": u.window_end_ms})
+}
+
+fn window_name(window: i32) -> String {
+    pb::BudgetWindow::try_from(window).map_or("?".into(), |w| {
+        w.as_str_name()
+            .trim_start_matches("BUDGET_WINDOW_")
+            .to_lowercase()
+    })
+}
+
+async fn usage(args: UsageArgs) -> anyhow::Result<ExitCode> {
+    let request = usage_request(&args)?;
+    let response = client_for(&args.addr)
         .await?
         .get_usage(request)
         .await
         .map_err(|s| status_error(&s))?
         .into_inner();
+    if args.key.is_none() {
+        print_listing(&response, args.output);
+        return Ok(ExitCode::SUCCESS);
+    }
     let u = response.usage.context("empty response")?;
     match args.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::json!({"limit": u.limit, "spent": u.spent, "reserved": u.reserved, "remaining": u.remaining,
-                "window_start_ms": u.window_start_ms, "window_end_ms": u.window_end_ms})
-        ),
+        Output::Json => println!("{}", usage_json(&u)),
         Output::Table => println!(
             "limit={} spent={} reserved={} remaining={} window_ends_in={}",
             u.limit,
             u.spent,
             u.reserved,
             u.remaining,
-            humantime::format_duration(Duration::from_secs(
-                u.window_end_ms.saturating_sub(
-                    u64::try_from(
-                        std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .unwrap_or_default()
-                            .as_millis()
-                    )
-                    .unwrap_or(0)
-                ) / 1000
-            ))
+            until(u.window_end_ms)
         ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A namespace listing: a table (or JSON), then on stderr whether it is partial or has more.
+fn print_listing(response: &pb::GetUsageResponse, output: Output) {
+    if output == Output::Json {
+        let keys: Vec<serde_json::Value> = response
+            .keys
+            .iter()
+            .map(|k| {
+                serde_json::json!({"key": k.key, "window": window_name(k.window),
+                    "usage": usage_json(&k.usage.unwrap_or_default()), "held_by": k.held_by})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"keys": keys, "truncated": response.truncated,
+                "next_start_after": response.next_start_after,
+                "unreachable": response.unreachable})
+        );
+        return;
+    }
+    let header = [
+        "KEY",
+        "WINDOW",
+        "LIMIT",
+        "SPENT",
+        "RESERVED",
+        "REMAINING",
+        "RESETS_IN",
+        "HELD_BY",
+    ]
+    .map(String::from);
+    let rows: Vec<[String; 8]> = std::iter::once(header)
+        .chain(response.keys.iter().map(|k| {
+            let u = k.usage.unwrap_or_default();
+            [
+                k.key.clone(),
+                window_name(k.window),
+                u.limit.to_string(),
+                u.spent.to_string(),
+                u.reserved.to_string(),
+                u.remaining.to_string(),
+                until(u.window_end_ms),
+                k.held_by.clone(),
+            ]
+        }))
+        .collect();
+    let mut widths = [0usize; 8];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+    if response.keys.is_empty() {
+        println!("(no budget with spending or reservations in its current window)");
+    }
+    if response.truncated {
+        eprintln!(
+            "more keys follow: --start-after {:?}",
+            response.next_start_after
+        );
+    }
+    if !response.unreachable.is_empty() {
+        eprintln!(
+            "partial: no answer from {}",
+            response.unreachable.join(", ")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: RatelimitCommand,
+    }
+
+    fn usage_args(args: &[&str]) -> Result<UsageArgs, clap::Error> {
+        let argv = ["meshctl", "usage"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            RatelimitCommand::Usage(args) => Ok(args),
+            _ => unreachable!("usage parses as usage"),
+        }
+    }
+
+    #[test]
+    fn test_usage_without_a_key_lists_the_namespace() {
+        let args = usage_args(&["-n", "team-a", "--limit", "5", "--local"]).unwrap();
+        let request = usage_request(&args).unwrap();
+        assert!(request.target.is_none());
+        assert_eq!(
+            (
+                request.namespace.as_str(),
+                request.limit,
+                request.consistency
+            ),
+            ("team-a", 5, pb::Consistency::Local as i32)
+        );
+    }
+
+    #[test]
+    fn test_usage_with_a_key_names_an_inline_budget_or_a_policy() {
+        let args =
+            usage_args(&["-n", "a", "-k", "k", "--budget", "10", "--window", "hour"]).unwrap();
+        let target = usage_request(&args).unwrap().target.unwrap();
+        assert_eq!(
+            target.budget,
+            Some(pb::BudgetSpec {
+                limit: 10,
+                window: pb::BudgetWindow::Hour as i32
+            })
+        );
+        let args = usage_args(&["-n", "a", "-k", "k", "--policy", "usd"]).unwrap();
+        let target = usage_request(&args).unwrap().target.unwrap();
+        assert_eq!((target.budget, target.policy.as_str()), (None, "usd"));
+        let args = usage_args(&["-n", "a", "-k", "k"]).unwrap();
+        assert!(usage_request(&args).is_err(), "a key needs a budget");
+        assert!(usage_args(&["-n", "a", "-k", "k", "--budget", "1", "--policy", "p"]).is_err());
+        assert!(
+            usage_args(&["-n", "a", "--policy", "p"]).is_err(),
+            "a policy needs a key"
+        );
+        assert!(usage_args(&["-n", "a", "-k", "k", "--local"]).is_err());
+    }
 }

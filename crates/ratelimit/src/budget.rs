@@ -38,8 +38,15 @@
 //! ended) is dropped. If that frees nothing, the request fails with [`BudgetError::Full`]. After
 //! a sweep the shard remembers the time interval in which another sweep could free nothing, so a
 //! full shard under load is not rescanned on every request.
+//!
+//! # Listing
+//!
+//! Each budget keeps its namespace and key (at most 128 + 512 bytes, so the memory per budget
+//! stays bounded) and the latest limit given, so [`BudgetLedger::list`] can report every budget
+//! of a namespace. A listing scans every shard (each under its own lock, one at a time): it is
+//! an operator's call, not a hot path.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -58,7 +65,10 @@ const MAX_SHARDS: usize = 16;
 const MIN_PER_SHARD: usize = 64;
 
 /// The calendar window (UTC) a budget's limit applies to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum BudgetWindow {
     /// A calendar hour.
     Hour,
@@ -69,6 +79,15 @@ pub enum BudgetWindow {
 }
 
 impl BudgetWindow {
+    /// The name used in policy files and stored policies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hour => "hour",
+            Self::Day => "day",
+            Self::Month => "month",
+        }
+    }
+
     /// The window containing `now_nanos` (UNIX time, ns) as `[start, end)` in ns; the end
     /// saturates at `u64::MAX` for the last window representable.
     pub fn bounds(self, now_nanos: u64) -> (u64, u64) {
@@ -124,12 +143,45 @@ fn civil_from_days(days: u64) -> (u64, u64) {
 }
 
 /// A budget's limit and window.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BudgetSpec {
     /// Units per window, `1..=10^15` (validated by the caller; any value is safe here).
     pub limit: u64,
     /// The calendar window the limit applies to.
     pub window: BudgetWindow,
+}
+
+/// Which budget a ledger call is about: the hash it is keyed by, and the names it keeps so it
+/// can be listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BudgetKey<'a> {
+    /// Hash of (namespace, key, window): the budget's identity. The caller keeps it consistent
+    /// with the names.
+    pub hash: u64,
+    /// Namespace of the key.
+    pub namespace: &'a str,
+    /// The key.
+    pub key: &'a str,
+}
+
+/// One budget found by [`BudgetLedger::list`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedBudget {
+    /// The key.
+    pub key: String,
+    /// Its calendar window.
+    pub window: BudgetWindow,
+    /// Its usage now; `limit` is the latest limit given for it.
+    pub usage: Usage,
+}
+
+/// The answer of [`BudgetLedger::list`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BudgetListing {
+    /// Sorted by (key, window).
+    pub budgets: Vec<ListedBudget>,
+    /// Keys after the last one listed were left out.
+    pub truncated: bool,
 }
 
 /// An open hold on part of a budget.
@@ -210,6 +262,10 @@ type HoldMap = HashMap<u64, Hold, BuildHasherDefault<PrehashedKey>>;
 
 #[derive(Debug)]
 struct Budget {
+    namespace: Box<str>,
+    key: Box<str>,
+    /// The latest limit given (listings report it).
+    limit: u64,
     window: BudgetWindow,
     window_start: u64,
     window_end: u64,
@@ -222,9 +278,12 @@ struct Budget {
 }
 
 impl Budget {
-    fn fresh(window: BudgetWindow, (start, end): (u64, u64)) -> Self {
+    fn fresh(key: BudgetKey<'_>, spec: &BudgetSpec, (start, end): (u64, u64)) -> Self {
         Self {
-            window,
+            namespace: key.namespace.into(),
+            key: key.key.into(),
+            limit: spec.limit,
+            window: spec.window,
             window_start: start,
             window_end: end,
             spent: 0,
@@ -282,9 +341,9 @@ impl Budget {
             && (self.spent == 0 || now < self.window_start || now >= self.window_end)
     }
 
-    fn usage(&self, limit: u64) -> Usage {
+    fn usage(&self) -> Usage {
         Usage::new(
-            limit,
+            self.limit,
             self.spent,
             self.reserved,
             (self.window_start, self.window_end),
@@ -313,7 +372,8 @@ impl Shard {
             Some(budget) => {
                 let rolled = budget.window != spec.window || budget.window_start != bounds.0;
                 let released = budget.refresh(spec.window, bounds, now);
-                let usage = budget.usage(spec.limit);
+                budget.limit = spec.limit;
+                let usage = budget.usage();
                 self.open = self.open.saturating_sub(released);
                 // Expiries are already within the quiet interval; a roll-over is not when the
                 // spec's window kind changed.
@@ -368,13 +428,13 @@ impl Shard {
     /// `key`'s budget in the window `bounds`, inserted if absent and there is room.
     fn budget_mut(
         &mut self,
-        key: u64,
-        window: BudgetWindow,
+        key: BudgetKey<'_>,
+        spec: &BudgetSpec,
         bounds: (u64, u64),
         now: u64,
         full: usize,
     ) -> Result<&mut Budget, BudgetError> {
-        if !self.budgets.contains_key(&key) {
+        if !self.budgets.contains_key(&key.hash) {
             if self.budgets.len() >= self.max_budgets {
                 self.sweep(now);
             }
@@ -385,8 +445,8 @@ impl Shard {
         }
         Ok(self
             .budgets
-            .entry(key)
-            .or_insert_with(|| Budget::fresh(window, bounds)))
+            .entry(key.hash)
+            .or_insert_with(|| Budget::fresh(key, spec, bounds)))
     }
 
     /// Releases hold `id` of `key` (refreshed first) and charges `actual` to the current
@@ -413,7 +473,7 @@ impl Shard {
             budget.reserved = budget.reserved.saturating_sub(hold.amount);
         }
         budget.spent = budget.spent.saturating_add(actual);
-        let usage = budget.usage(spec.limit);
+        let usage = budget.usage();
         self.open = self.open.saturating_sub(1);
         // The budget may now be at rest before the remembered interval ends.
         self.forget_quiet();
@@ -488,7 +548,7 @@ impl BudgetLedger {
     /// reserve holds nothing. The hold is released by itself at `now + ttl`.
     pub fn reserve(
         &self,
-        key: u64,
+        key: BudgetKey<'_>,
         spec: &BudgetSpec,
         estimate: u64,
         ttl: Duration,
@@ -496,9 +556,9 @@ impl BudgetLedger {
     ) -> Result<ReserveOutcome, BudgetError> {
         let now = now_nanos;
         let bounds = spec.window.bounds(now);
-        let mut guard = self.shard(key).lock();
+        let mut guard = self.shard(key.hash).lock();
         let shard = &mut *guard;
-        let usage = shard.refresh(key, spec, bounds, now);
+        let usage = shard.refresh(key.hash, spec, bounds, now);
         let fits = usage
             .spent
             .checked_add(usage.reserved)
@@ -518,7 +578,7 @@ impl BudgetLedger {
             }
         }
         let expires_at = now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
-        let budget = shard.budget_mut(key, spec.window, bounds, now, self.max_budgets)?;
+        let budget = shard.budget_mut(key, spec, bounds, now, self.max_budgets)?;
         let id = self.new_id();
         budget.holds.insert(
             id,
@@ -531,7 +591,7 @@ impl BudgetLedger {
         );
         budget.reserved = budget.reserved.saturating_add(estimate);
         budget.next_expiry = budget.next_expiry.min(expires_at);
-        let usage = budget.usage(spec.limit);
+        let usage = budget.usage();
         shard.open += 1;
         shard.narrow_quiet(bounds.0, expires_at);
         Ok(ReserveOutcome {
@@ -551,55 +611,119 @@ impl BudgetLedger {
     /// window has ended is charged to the current window (see the module docs).
     pub fn commit(
         &self,
-        key: u64,
+        key: BudgetKey<'_>,
         spec: &BudgetSpec,
         reservation_id: u64,
         actual: u64,
         now_nanos: u64,
     ) -> Result<Usage, BudgetError> {
-        self.shard(key)
+        self.shard(key.hash)
             .lock()
-            .settle(key, spec, reservation_id, actual, now_nanos)
+            .settle(key.hash, spec, reservation_id, actual, now_nanos)
     }
 
     /// Releases a reservation without charging.
     pub fn cancel(
         &self,
-        key: u64,
+        key: BudgetKey<'_>,
         spec: &BudgetSpec,
         reservation_id: u64,
         now_nanos: u64,
     ) -> Result<Usage, BudgetError> {
-        self.shard(key)
+        self.shard(key.hash)
             .lock()
-            .settle(key, spec, reservation_id, 0, now_nanos)
+            .settle(key.hash, spec, reservation_id, 0, now_nanos)
     }
 
     /// Charges `amount` to the current window without a reservation (for callers that only
     /// know the cost afterwards); never refused for exceeding the limit.
     pub fn charge(
         &self,
-        key: u64,
+        key: BudgetKey<'_>,
         spec: &BudgetSpec,
         amount: u64,
         now_nanos: u64,
     ) -> Result<Usage, BudgetError> {
         let now = now_nanos;
         let bounds = spec.window.bounds(now);
-        let mut shard = self.shard(key).lock();
-        let usage = shard.refresh(key, spec, bounds, now);
+        let mut shard = self.shard(key.hash).lock();
+        let usage = shard.refresh(key.hash, spec, bounds, now);
         if amount == 0 {
             return Ok(usage);
         }
-        let budget = shard.budget_mut(key, spec.window, bounds, now, self.max_budgets)?;
+        let budget = shard.budget_mut(key, spec, bounds, now, self.max_budgets)?;
         budget.spent = budget.spent.saturating_add(amount);
-        Ok(budget.usage(spec.limit))
+        Ok(budget.usage())
     }
 
     /// Current usage: expired reservations are released first; a new window starts at zero.
-    pub fn usage(&self, key: u64, spec: &BudgetSpec, now_nanos: u64) -> Usage {
+    pub fn usage(&self, key: BudgetKey<'_>, spec: &BudgetSpec, now_nanos: u64) -> Usage {
         let bounds = spec.window.bounds(now_nanos);
-        self.shard(key).lock().refresh(key, spec, bounds, now_nanos)
+        self.shard(key.hash)
+            .lock()
+            .refresh(key.hash, spec, bounds, now_nanos)
+    }
+
+    /// The budgets of `namespace` whose key sorts after `start_after`, at most `max_keys` keys
+    /// (each with all its windows), sorted by (key, window). Budgets at rest (nothing spent in
+    /// the current window and no open reservation) are left out: they are indistinguishable
+    /// from fresh ones. Expired reservations are released and windows rolled on the way.
+    pub fn list(
+        &self,
+        namespace: &str,
+        start_after: &str,
+        max_keys: usize,
+        now_nanos: u64,
+    ) -> BudgetListing {
+        let now = now_nanos;
+        // At most `max_keys` keys are kept at any time: memory is bounded by the page size.
+        let mut found: BTreeMap<Box<str>, Vec<ListedBudget>> = BTreeMap::new();
+        let mut truncated = false;
+        for shard in &self.shards {
+            let mut guard = shard.0.lock();
+            let shard = &mut *guard;
+            let (mut released, mut rolled) = (0, false);
+            for budget in shard.budgets.values_mut() {
+                if *budget.namespace != *namespace || *budget.key <= *start_after {
+                    continue;
+                }
+                let bounds = budget.window.bounds(now);
+                rolled |= budget.window_start != bounds.0;
+                released += budget.refresh(budget.window, bounds, now);
+                if budget.at_rest(now) {
+                    continue;
+                }
+                if !found.contains_key(&budget.key) && found.len() >= max_keys {
+                    truncated = true;
+                    match found.last_key_value() {
+                        Some((last, _)) if budget.key < *last => {
+                            found.pop_last();
+                        }
+                        _ => continue,
+                    }
+                }
+                found
+                    .entry(budget.key.clone())
+                    .or_default()
+                    .push(ListedBudget {
+                        key: budget.key.to_string(),
+                        window: budget.window,
+                        usage: budget.usage(),
+                    });
+            }
+            shard.open = shard.open.saturating_sub(released);
+            if rolled {
+                shard.forget_quiet();
+            }
+        }
+        let budgets = found
+            .into_values()
+            .flat_map(|mut windows| {
+                windows.sort_by_key(|b| b.window);
+                windows
+            })
+            .collect();
+        BudgetListing { budgets, truncated }
     }
 
     /// (budgets held, open reservations held), for metrics.
@@ -631,6 +755,15 @@ mod tests {
         BudgetSpec {
             limit,
             window: BudgetWindow::Hour,
+        }
+    }
+
+    /// A budget of namespace `ns` whose hash is `hash` (the names only matter to listings).
+    fn id(hash: u64) -> BudgetKey<'static> {
+        BudgetKey {
+            hash,
+            namespace: "ns",
+            key: "k",
         }
     }
 
@@ -731,18 +864,18 @@ mod tests {
         let ledger = BudgetLedger::new(100, 100);
         let spec = hourly(10_000);
         let now = LEAP_DAY_AFTERNOON;
-        let reservation = granted(&ledger.reserve(1, &spec, 1_000, TTL, now).unwrap());
+        let reservation = granted(&ledger.reserve(id(1), &spec, 1_000, TTL, now).unwrap());
         assert_eq!(reservation.amount, 1_000);
         assert_eq!(reservation.expires_at_nanos, now + 60 * SEC);
         assert_eq!(reservation.window_start_nanos, 1_835_442_000 * SEC);
-        let held = ledger.usage(1, &spec, now + SEC);
+        let held = ledger.usage(id(1), &spec, now + SEC);
         assert_eq!(
             (held.spent, held.reserved, held.remaining),
             (0, 1_000, 9_000)
         );
 
         let usage = ledger
-            .commit(1, &spec, reservation.id, 600, now + 2 * SEC)
+            .commit(id(1), &spec, reservation.id, 600, now + 2 * SEC)
             .unwrap();
         assert_eq!(
             (usage.spent, usage.reserved, usage.remaining),
@@ -756,13 +889,15 @@ mod tests {
         let ledger = BudgetLedger::new(100, 100);
         let spec = hourly(1_000);
         let now = LEAP_DAY_AFTERNOON;
-        let reservation = granted(&ledger.reserve(1, &spec, 900, TTL, now).unwrap());
-        let usage = ledger.commit(1, &spec, reservation.id, 1_500, now).unwrap();
+        let reservation = granted(&ledger.reserve(id(1), &spec, 900, TTL, now).unwrap());
+        let usage = ledger
+            .commit(id(1), &spec, reservation.id, 1_500, now)
+            .unwrap();
         assert_eq!(
             (usage.spent, usage.reserved, usage.remaining),
             (1_500, 0, 0)
         );
-        let denied = ledger.reserve(1, &spec, 1, TTL, now).unwrap();
+        let denied = ledger.reserve(id(1), &spec, 1, TTL, now).unwrap();
         assert!(!denied.granted);
         assert_eq!(denied.usage.spent, 1_500);
     }
@@ -772,9 +907,9 @@ mod tests {
         let ledger = BudgetLedger::new(100, 100);
         let spec = hourly(1_000);
         let now = LEAP_DAY_AFTERNOON;
-        ledger.charge(1, &spec, 100, now).unwrap();
-        let reservation = granted(&ledger.reserve(1, &spec, 700, TTL, now).unwrap());
-        let usage = ledger.cancel(1, &spec, reservation.id, now).unwrap();
+        ledger.charge(id(1), &spec, 100, now).unwrap();
+        let reservation = granted(&ledger.reserve(id(1), &spec, 700, TTL, now).unwrap());
+        let usage = ledger.cancel(id(1), &spec, reservation.id, now).unwrap();
         assert_eq!(
             (usage.spent, usage.reserved, usage.remaining),
             (100, 0, 900)
@@ -787,19 +922,19 @@ mod tests {
         let ledger = BudgetLedger::new(100, 100);
         let spec = hourly(1_000);
         let now = LEAP_DAY_AFTERNOON;
-        let reservation = granted(&ledger.reserve(1, &spec, 800, TTL, now).unwrap());
-        let just_before = ledger.usage(1, &spec, now + 60 * SEC - 1);
+        let reservation = granted(&ledger.reserve(id(1), &spec, 800, TTL, now).unwrap());
+        let just_before = ledger.usage(id(1), &spec, now + 60 * SEC - 1);
         assert_eq!((just_before.reserved, just_before.remaining), (800, 200));
         assert_eq!(ledger.stats(), (1, 1));
 
-        let after = ledger.usage(1, &spec, now + 60 * SEC);
+        let after = ledger.usage(id(1), &spec, now + 60 * SEC);
         assert_eq!(
             (after.spent, after.reserved, after.remaining),
             (0, 0, 1_000)
         );
         assert_eq!(ledger.stats(), (1, 0));
         assert_eq!(
-            ledger.commit(1, &spec, reservation.id, 500, now + 61 * SEC),
+            ledger.commit(id(1), &spec, reservation.id, 500, now + 61 * SEC),
             Err(BudgetError::UnknownReservation(reservation.id))
         );
     }
@@ -809,16 +944,21 @@ mod tests {
         let ledger = BudgetLedger::new(100, 100);
         let spec = hourly(1_000);
         let now = LEAP_DAY_AFTERNOON;
-        granted(&ledger.reserve(1, &spec, 600, TTL, now).unwrap());
-        let denied = ledger.reserve(1, &spec, 401, TTL, now).unwrap();
+        granted(&ledger.reserve(id(1), &spec, 600, TTL, now).unwrap());
+        let denied = ledger.reserve(id(1), &spec, 401, TTL, now).unwrap();
         assert!(!denied.granted);
         assert_eq!(denied.reservation, None);
         assert_eq!((denied.usage.reserved, denied.usage.remaining), (600, 400));
         assert_eq!(ledger.stats(), (1, 1));
         // Exactly the remainder still fits.
-        granted(&ledger.reserve(1, &spec, 400, TTL, now).unwrap());
+        granted(&ledger.reserve(id(1), &spec, 400, TTL, now).unwrap());
         // A denied reserve on an unknown key creates no budget.
-        assert!(!ledger.reserve(2, &spec, 1_001, TTL, now).unwrap().granted);
+        assert!(
+            !ledger
+                .reserve(id(2), &spec, 1_001, TTL, now)
+                .unwrap()
+                .granted
+        );
         assert_eq!(ledger.stats(), (1, 2));
     }
 
@@ -827,8 +967,8 @@ mod tests {
         let ledger = BudgetLedger::new(100, 100);
         let spec = hourly(1_000);
         let now = LEAP_DAY_AFTERNOON;
-        ledger.charge(1, &spec, 5_000, now).unwrap();
-        let outcome = ledger.reserve(1, &spec, 0, TTL, now).unwrap();
+        ledger.charge(id(1), &spec, 5_000, now).unwrap();
+        let outcome = ledger.reserve(id(1), &spec, 0, TTL, now).unwrap();
         assert!(outcome.granted);
         assert_eq!(outcome.reservation, None);
         assert_eq!((outcome.usage.spent, outcome.usage.remaining), (5_000, 0));
@@ -841,12 +981,12 @@ mod tests {
         let spec = hourly(1_000);
         // 13:59:00 on 2028-02-29.
         let late = 1_835_445_540 * SEC;
-        ledger.charge(1, &spec, 700, late).unwrap();
-        let reservation = granted(&ledger.reserve(1, &spec, 300, TTL * 5, late).unwrap());
+        ledger.charge(id(1), &spec, 700, late).unwrap();
+        let reservation = granted(&ledger.reserve(id(1), &spec, 300, TTL * 5, late).unwrap());
 
         // 14:00:30: new window; the old hold is still open but no longer counts.
         let next = 1_835_445_630 * SEC;
-        let usage = ledger.usage(1, &spec, next);
+        let usage = ledger.usage(id(1), &spec, next);
         assert_eq!(
             (usage.spent, usage.reserved, usage.remaining),
             (0, 0, 1_000)
@@ -855,7 +995,9 @@ mod tests {
         assert_eq!(ledger.stats(), (1, 1));
 
         // Committing it after the window ended charges the current window.
-        let usage = ledger.commit(1, &spec, reservation.id, 250, next).unwrap();
+        let usage = ledger
+            .commit(id(1), &spec, reservation.id, 250, next)
+            .unwrap();
         assert_eq!(
             (usage.spent, usage.reserved, usage.remaining),
             (250, 0, 750)
@@ -867,9 +1009,9 @@ mod tests {
         let ledger = BudgetLedger::new(100, 100);
         let spec = hourly(1_000);
         let now = LEAP_DAY_AFTERNOON;
-        granted(&ledger.reserve(1, &spec, 400, TTL, now).unwrap());
+        granted(&ledger.reserve(id(1), &spec, 400, TTL, now).unwrap());
         let earlier = now - NANOS_PER_HOUR;
-        let usage = ledger.usage(1, &spec, earlier);
+        let usage = ledger.usage(id(1), &spec, earlier);
         assert_eq!((usage.spent, usage.reserved), (0, 0));
         assert_eq!(usage.window_start_nanos, 1_835_438_400 * SEC);
     }
@@ -879,26 +1021,28 @@ mod tests {
         let ledger = BudgetLedger::new(100, 100);
         let spec = hourly(1_000);
         let now = LEAP_DAY_AFTERNOON;
-        let reservation = granted(&ledger.reserve(1, &spec, 100, TTL, now).unwrap());
+        let reservation = granted(&ledger.reserve(id(1), &spec, 100, TTL, now).unwrap());
         assert_eq!(
-            ledger.commit(2, &spec, reservation.id, 100, now),
+            ledger.commit(id(2), &spec, reservation.id, 100, now),
             Err(BudgetError::UnknownReservation(reservation.id)),
             "another key's reservation"
         );
         assert_eq!(
-            ledger.commit(1, &spec, reservation.id ^ 1, 100, now),
+            ledger.commit(id(1), &spec, reservation.id ^ 1, 100, now),
             Err(BudgetError::UnknownReservation(reservation.id ^ 1))
         );
-        ledger.commit(1, &spec, reservation.id, 100, now).unwrap();
+        ledger
+            .commit(id(1), &spec, reservation.id, 100, now)
+            .unwrap();
         assert_eq!(
-            ledger.commit(1, &spec, reservation.id, 100, now),
+            ledger.commit(id(1), &spec, reservation.id, 100, now),
             Err(BudgetError::UnknownReservation(reservation.id))
         );
         assert_eq!(
-            ledger.cancel(1, &spec, reservation.id, now),
+            ledger.cancel(id(1), &spec, reservation.id, now),
             Err(BudgetError::UnknownReservation(reservation.id))
         );
-        assert_eq!(ledger.usage(1, &spec, now).spent, 100, "charged once");
+        assert_eq!(ledger.usage(id(1), &spec, now).spent, 100, "charged once");
     }
 
     #[test]
@@ -909,7 +1053,7 @@ mod tests {
         for _ in 0..5_000 {
             let reservation = granted(
                 &ledger
-                    .reserve(1, &spec, 1, TTL, LEAP_DAY_AFTERNOON)
+                    .reserve(id(1), &spec, 1, TTL, LEAP_DAY_AFTERNOON)
                     .unwrap(),
             );
             assert!(ids.insert(reservation.id));
@@ -921,17 +1065,23 @@ mod tests {
         let ledger = BudgetLedger::new(1, 1);
         let spec = hourly(1_000);
         let now = LEAP_DAY_AFTERNOON;
-        ledger.charge(1, &spec, 10, now).unwrap();
-        assert_eq!(ledger.charge(2, &spec, 10, now), Err(BudgetError::Full(1)));
+        ledger.charge(id(1), &spec, 10, now).unwrap();
         assert_eq!(
-            ledger.reserve(2, &spec, 10, TTL, now),
+            ledger.charge(id(2), &spec, 10, now),
+            Err(BudgetError::Full(1))
+        );
+        assert_eq!(
+            ledger.reserve(id(2), &spec, 10, TTL, now),
             Err(BudgetError::Full(1))
         );
         // Reads of an unknown key need no room.
-        assert_eq!(ledger.usage(2, &spec, now).remaining, 1_000);
+        assert_eq!(ledger.usage(id(2), &spec, now).remaining, 1_000);
         // Next hour key 1 is equivalent to fresh and gives way.
         let next_hour = now + NANOS_PER_HOUR;
-        assert_eq!(ledger.charge(2, &spec, 10, next_hour).unwrap().spent, 10);
+        assert_eq!(
+            ledger.charge(id(2), &spec, 10, next_hour).unwrap().spent,
+            10
+        );
         assert_eq!(ledger.stats(), (1, 0));
     }
 
@@ -940,22 +1090,22 @@ mod tests {
         let ledger = BudgetLedger::new(4, 2);
         let spec = hourly(1_000);
         let now = LEAP_DAY_AFTERNOON;
-        let first = granted(&ledger.reserve(1, &spec, 10, TTL, now).unwrap());
-        granted(&ledger.reserve(1, &spec, 10, TTL * 2, now).unwrap());
+        let first = granted(&ledger.reserve(id(1), &spec, 10, TTL, now).unwrap());
+        granted(&ledger.reserve(id(1), &spec, 10, TTL * 2, now).unwrap());
         assert_eq!(
-            ledger.reserve(1, &spec, 10, TTL, now + SEC),
+            ledger.reserve(id(1), &spec, 10, TTL, now + SEC),
             Err(BudgetError::Full(2))
         );
         // Settling frees a slot.
-        ledger.cancel(1, &spec, first.id, now + SEC).unwrap();
-        granted(&ledger.reserve(1, &spec, 10, TTL, now + SEC).unwrap());
+        ledger.cancel(id(1), &spec, first.id, now + SEC).unwrap();
+        granted(&ledger.reserve(id(1), &spec, 10, TTL, now + SEC).unwrap());
         assert_eq!(
-            ledger.reserve(1, &spec, 10, TTL, now + 2 * SEC),
+            ledger.reserve(id(1), &spec, 10, TTL, now + 2 * SEC),
             Err(BudgetError::Full(2))
         );
         // The sweep on a full shard releases the expired hold even for another key.
         let expired = now + SEC + 60 * SEC;
-        granted(&ledger.reserve(2, &spec, 10, TTL, expired).unwrap());
+        granted(&ledger.reserve(id(2), &spec, 10, TTL, expired).unwrap());
         assert_eq!(ledger.stats(), (2, 2));
     }
 
@@ -964,12 +1114,15 @@ mod tests {
         let ledger = BudgetLedger::new(0, 0);
         let spec = hourly(1_000);
         let now = LEAP_DAY_AFTERNOON;
-        assert_eq!(ledger.charge(1, &spec, 1, now), Err(BudgetError::Full(0)));
         assert_eq!(
-            ledger.reserve(1, &spec, 1, TTL, now),
+            ledger.charge(id(1), &spec, 1, now),
             Err(BudgetError::Full(0))
         );
-        assert!(ledger.reserve(1, &spec, 0, TTL, now).unwrap().granted);
+        assert_eq!(
+            ledger.reserve(id(1), &spec, 1, TTL, now),
+            Err(BudgetError::Full(0))
+        );
+        assert!(ledger.reserve(id(1), &spec, 0, TTL, now).unwrap().granted);
         assert_eq!(ledger.stats(), (0, 0));
     }
 
@@ -980,10 +1133,12 @@ mod tests {
         let spec = hourly(1_000);
         for shard in 0..16_u64 {
             let key = (shard << 32) | 7;
-            ledger.charge(key, &spec, 1, LEAP_DAY_AFTERNOON).unwrap();
+            ledger
+                .charge(id(key), &spec, 1, LEAP_DAY_AFTERNOON)
+                .unwrap();
             granted(
                 &ledger
-                    .reserve(key, &spec, 1, TTL, LEAP_DAY_AFTERNOON)
+                    .reserve(id(key), &spec, 1, TTL, LEAP_DAY_AFTERNOON)
                     .unwrap(),
             );
         }
@@ -1006,27 +1161,158 @@ mod tests {
         }
         let reservation = granted(
             &ledger
-                .reserve(1, &spec, u64::MAX - 1, Duration::MAX, 0)
+                .reserve(id(1), &spec, u64::MAX - 1, Duration::MAX, 0)
                 .unwrap(),
         );
         assert_eq!(reservation.expires_at_nanos, u64::MAX);
         // 1 more still fits exactly; 2 more would overflow and is denied, not wrapped.
-        assert!(!ledger.reserve(1, &spec, 2, TTL, 0).unwrap().granted);
-        assert!(!ledger.reserve(1, &spec, u64::MAX, TTL, 0).unwrap().granted);
+        assert!(!ledger.reserve(id(1), &spec, 2, TTL, 0).unwrap().granted);
+        assert!(
+            !ledger
+                .reserve(id(1), &spec, u64::MAX, TTL, 0)
+                .unwrap()
+                .granted
+        );
         let usage = ledger
-            .commit(1, &spec, reservation.id, u64::MAX, 0)
+            .commit(id(1), &spec, reservation.id, u64::MAX, 0)
             .unwrap();
         assert_eq!((usage.spent, usage.remaining), (u64::MAX, 0));
-        let usage = ledger.charge(1, &spec, u64::MAX, 0).unwrap();
+        let usage = ledger.charge(id(1), &spec, u64::MAX, 0).unwrap();
         assert_eq!(
             (usage.spent, usage.reserved, usage.remaining),
             (u64::MAX, 0, 0)
         );
         // A far-future time and a huge TTL neither panic nor overflow.
         let late = ledger
-            .reserve(2, &hourly(5), 5, Duration::MAX, now)
+            .reserve(id(2), &hourly(5), 5, Duration::MAX, now)
             .unwrap();
         assert_eq!(granted(&late).expires_at_nanos, u64::MAX);
+    }
+
+    #[test]
+    fn test_list_gives_a_namespaces_budgets_by_key_and_window_with_the_latest_limit() {
+        let ledger = BudgetLedger::new(64 * 8, 64 * 8);
+        assert_eq!(ledger.shards.len(), 8);
+        let now = LEAP_DAY_AFTERNOON;
+        // Distinct hashes spread over the shards (the shard is taken from bits 32 and up).
+        let at = |n: u64, namespace: &'static str, key: &'static str| BudgetKey {
+            hash: (n << 32) | n,
+            namespace,
+            key,
+        };
+        let daily = BudgetSpec {
+            limit: 5_000,
+            window: BudgetWindow::Day,
+        };
+        ledger
+            .charge(at(1, "team-a", "b-agent"), &hourly(1_000), 10, now)
+            .unwrap();
+        ledger
+            .charge(at(2, "team-a", "a-agent"), &hourly(1_000), 3, now)
+            .unwrap();
+        granted(
+            &ledger
+                .reserve(at(3, "team-a", "a-agent"), &daily, 5, TTL, now)
+                .unwrap(),
+        );
+        ledger
+            .charge(at(4, "team-b", "a-agent"), &hourly(1_000), 7, now)
+            .unwrap();
+        // Spent in the previous hour only: at rest now, so not listed.
+        ledger
+            .charge(
+                at(5, "team-a", "old"),
+                &hourly(1_000),
+                7,
+                now - NANOS_PER_HOUR,
+            )
+            .unwrap();
+        // Only read: never created.
+        ledger.usage(at(6, "team-a", "read-only"), &hourly(1_000), now);
+        // The latest limit given is the one listed.
+        let raised = ledger.usage(at(1, "team-a", "b-agent"), &hourly(2_000), now);
+        assert_eq!(raised.remaining, 1_990);
+
+        let listing = ledger.list("team-a", "", 10, now + SEC);
+        let rows: Vec<_> = listing
+            .budgets
+            .iter()
+            .map(|b| {
+                (
+                    b.key.as_str(),
+                    b.window,
+                    b.usage.limit,
+                    b.usage.spent,
+                    b.usage.reserved,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("a-agent", BudgetWindow::Hour, 1_000, 3, 0),
+                ("a-agent", BudgetWindow::Day, 5_000, 0, 5),
+                ("b-agent", BudgetWindow::Hour, 2_000, 10, 0),
+            ]
+        );
+        assert!(!listing.truncated);
+        assert_eq!(
+            listing.budgets[0].usage.window_start_nanos,
+            1_835_442_000 * SEC
+        );
+
+        // Pages: at most `max_keys` keys, each with all its windows.
+        let first = ledger.list("team-a", "", 1, now);
+        assert!(first.truncated);
+        assert_eq!(first.budgets.len(), 2);
+        assert!(first.budgets.iter().all(|b| b.key == "a-agent"));
+        let second = ledger.list("team-a", "a-agent", 1, now);
+        assert!(!second.truncated);
+        assert_eq!(second.budgets.len(), 1);
+        assert_eq!(second.budgets[0].key, "b-agent");
+        let none = ledger.list("team-a", "", 0, now);
+        assert!(none.truncated && none.budgets.is_empty());
+        assert!(ledger.list("team-c", "", 10, now).budgets.is_empty());
+        assert_eq!(ledger.list("team-b", "", 10, now).budgets.len(), 1);
+    }
+
+    #[test]
+    fn test_list_keeps_the_smallest_keys_whatever_the_scan_order() {
+        let ledger = BudgetLedger::new(64 * 16, 64 * 16);
+        let names: Vec<String> = (0..200).map(|i| format!("key-{i:03}")).collect();
+        // Insert in reverse order over every shard.
+        for (n, name) in names.iter().enumerate().rev() {
+            let n = n as u64;
+            let key = BudgetKey {
+                hash: (n << 32) | n,
+                namespace: "ns",
+                key: name,
+            };
+            ledger
+                .charge(key, &hourly(100), 1, LEAP_DAY_AFTERNOON)
+                .unwrap();
+        }
+        let page = ledger.list("ns", "key-049", 25, LEAP_DAY_AFTERNOON);
+        assert!(page.truncated);
+        let keys: Vec<&str> = page.budgets.iter().map(|b| b.key.as_str()).collect();
+        let expected: Vec<&str> = names[50..75].iter().map(String::as_str).collect();
+        assert_eq!(keys, expected);
+    }
+
+    #[test]
+    fn test_list_releases_expired_reservations_and_skips_what_comes_to_rest() {
+        let ledger = BudgetLedger::new(100, 100);
+        let now = LEAP_DAY_AFTERNOON;
+        let key = BudgetKey {
+            hash: 9,
+            namespace: "ns",
+            key: "held",
+        };
+        granted(&ledger.reserve(key, &hourly(1_000), 50, TTL, now).unwrap());
+        assert_eq!(ledger.list("ns", "", 10, now).budgets[0].usage.reserved, 50);
+        assert_eq!(ledger.stats(), (1, 1));
+        assert!(ledger.list("ns", "", 10, now + 60 * SEC).budgets.is_empty());
+        assert_eq!(ledger.stats(), (1, 0), "the expired hold was released");
     }
 
     #[test]
@@ -1047,7 +1333,7 @@ mod tests {
                         let estimate = 7 + thread * 13;
                         let mut sum = 0;
                         for _ in 0..2_000 {
-                            let outcome = ledger.reserve(42, spec, estimate, TTL, now).unwrap();
+                            let outcome = ledger.reserve(id(42), spec, estimate, TTL, now).unwrap();
                             if outcome.granted {
                                 sum += estimate;
                             }
@@ -1062,7 +1348,7 @@ mod tests {
                 .sum()
         });
         assert!(granted_total <= LIMIT, "{granted_total} > {LIMIT}");
-        assert_eq!(ledger.usage(42, &spec, now).reserved, granted_total);
+        assert_eq!(ledger.usage(id(42), &spec, now).reserved, granted_total);
         // The thread asking 98 at a time asks for more than the limit, so it was denied at
         // least once: the budget was filled to within 98 (nothing is released in this test).
         assert!(LIMIT - granted_total < 98, "{granted_total}");

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::budget::{BudgetSpec, BudgetWindow, Usage};
+use crate::budget::{BudgetSpec, BudgetWindow, ListedBudget, Usage};
 use crate::concurrency::{DEFAULT_LEASE_TTL, MAX_CONCURRENCY, MAX_LEASE_TTL, MIN_LEASE_TTL};
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
@@ -23,8 +23,14 @@ use crate::metrics::{ItemNamespaces, RateLimitMetrics};
 /// Metadata a peer sets on a forwarded Check, so the owner does not count the decisions again.
 pub(crate) const FORWARDED_HEADER: &str = "agentmesh-forwarded";
 use crate::policy_store::PolicyStore;
-use crate::router::{BudgetCall, BudgetTarget, ClusterRouter, LeaseTarget};
-use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode, Policy, ScopedPolicy};
+use crate::router::{
+    BudgetCall, BudgetQuery, BudgetRef, BudgetTarget, ClusterRouter, DEFAULT_LISTED_KEYS,
+    HeldBudget, LeaseTarget, MAX_LISTED_KEYS, NamespaceUsage,
+};
+use crate::spec::{
+    Algorithm, Consistency, FailurePolicy, LimitSpec, MAX_KEY_LEN, MAX_NAMESPACE_LEN, Mode,
+    PolicyBody, ScopedPolicy, validate_budget_limit, validate_identifier, validate_policy_name,
+};
 
 /// Responses buffered per StreamCheck stream before the server stops reading requests.
 const STREAM_BUFFER: usize = 256;
@@ -359,16 +365,22 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
     async fn get_usage(
         &self,
         request: Request<pb::GetUsageRequest>,
-    ) -> Result<Response<pb::BudgetUsageResponse>, Status> {
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let deadline = deadline_of(&request);
-        let target = decode_budget_target(request.into_inner().target, Vec::new())?;
-        let (answer, _) = self
-            .router
-            .budget(&target, BudgetCall::Usage, deadline)
-            .await?;
-        Ok(Response::new(pb::BudgetUsageResponse {
-            usage: Some(encode_usage(&answer.usage)),
-        }))
+        let response = match decode_usage_request(request.into_inner())? {
+            UsageQuery::One(target) => {
+                let call = BudgetCall::Usage;
+                let (answer, _) = self.router.budget(&target, call, deadline).await?;
+                pb::GetUsageResponse {
+                    usage: Some(encode_usage(&answer.usage)),
+                    ..pb::GetUsageResponse::default()
+                }
+            }
+            UsageQuery::Namespace(query) => {
+                encode_namespace_usage(self.router.list_budgets(&query, deadline).await)
+            }
+        };
+        Ok(Response::new(response))
     }
 }
 
@@ -490,37 +502,38 @@ fn decode_budget_target(
         violations.push(FieldViolation::new("target", "required"));
         return Err(RateLimitError::InvalidArgument(violations));
     };
-    let spec = t.budget.unwrap_or_default();
-    if spec.limit == 0 || spec.limit > crate::spec::MAX_LIMIT {
-        violations.push(FieldViolation::new(
-            "target.budget.limit",
-            format!(
-                "must be between 1 and {}, got {}",
-                crate::spec::MAX_LIMIT,
-                spec.limit
-            ),
-        ));
-    }
-    let window = match pb::BudgetWindow::try_from(spec.window) {
-        Ok(pb::BudgetWindow::Hour) => BudgetWindow::Hour,
-        Ok(pb::BudgetWindow::Day) => BudgetWindow::Day,
-        Ok(pb::BudgetWindow::Month) => BudgetWindow::Month,
-        Ok(pb::BudgetWindow::Unspecified) | Err(_) => {
+    let budget = match (t.budget, t.policy.is_empty()) {
+        (Some(_), false) => {
             violations.push(FieldViolation::new(
-                "target.budget.window",
-                "must be HOUR, DAY or MONTH",
+                "target.policy",
+                "set either target.budget (an inline budget) or target.policy (a budget \
+                 policy), not both",
             ));
-            BudgetWindow::Day
+            None
         }
+        (None, true) => {
+            violations.push(FieldViolation::new(
+                "target.budget",
+                "required: an inline budget, or name a budget policy in target.policy",
+            ));
+            None
+        }
+        (None, false) => {
+            validate_policy_name(&t.policy, "target.policy", &mut violations);
+            Some(BudgetRef::Policy(t.policy))
+        }
+        (Some(spec), true) => Some(BudgetRef::Inline(decode_budget_spec(
+            spec,
+            "target.budget",
+            &mut violations,
+        ))),
     };
     let relabel =
         |v: FieldViolation| FieldViolation::new(format!("target.{}", v.field), v.description);
-    let mut inner = Vec::new();
     let lease = decode_lease(&t.namespace, &t.key, t.consistency, None, Vec::new());
     if let Err(RateLimitError::InvalidArgument(v)) = &lease {
-        inner.extend(v.iter().cloned().map(relabel));
+        violations.extend(v.iter().cloned().map(relabel));
     }
-    violations.extend(inner);
     if !violations.is_empty() {
         return Err(RateLimitError::InvalidArgument(violations));
     }
@@ -528,32 +541,195 @@ fn decode_budget_target(
     Ok(BudgetTarget {
         namespace: lease.namespace,
         key: lease.key,
-        spec: BudgetSpec {
-            limit: spec.limit,
-            window,
-        },
+        budget: budget.ok_or_else(|| RateLimitError::invalid("target.budget", "required"))?,
         consistency: lease.consistency,
     })
 }
 
-/// The wire form of a budget target (for forwarding to an owner).
+/// A budget spec from the wire; bad fields become violations under `prefix`.
+fn decode_budget_spec(
+    spec: pb::BudgetSpec,
+    prefix: &str,
+    violations: &mut Vec<FieldViolation>,
+) -> BudgetSpec {
+    validate_budget_limit(spec.limit, &format!("{prefix}.limit"), violations);
+    let window = decode_window(spec.window).unwrap_or_else(|| {
+        violations.push(FieldViolation::new(
+            format!("{prefix}.window"),
+            "must be HOUR, DAY or MONTH",
+        ));
+        BudgetWindow::Day
+    });
+    BudgetSpec {
+        limit: spec.limit,
+        window,
+    }
+}
+
+fn decode_window(window: i32) -> Option<BudgetWindow> {
+    match pb::BudgetWindow::try_from(window) {
+        Ok(pb::BudgetWindow::Hour) => Some(BudgetWindow::Hour),
+        Ok(pb::BudgetWindow::Day) => Some(BudgetWindow::Day),
+        Ok(pb::BudgetWindow::Month) => Some(BudgetWindow::Month),
+        Ok(pb::BudgetWindow::Unspecified) | Err(_) => None,
+    }
+}
+
+fn encode_window(window: BudgetWindow) -> pb::BudgetWindow {
+    match window {
+        BudgetWindow::Hour => pb::BudgetWindow::Hour,
+        BudgetWindow::Day => pb::BudgetWindow::Day,
+        BudgetWindow::Month => pb::BudgetWindow::Month,
+    }
+}
+
+fn encode_budget_spec(spec: &BudgetSpec) -> pb::BudgetSpec {
+    pb::BudgetSpec {
+        limit: spec.limit,
+        window: encode_window(spec.window) as i32,
+    }
+}
+
+/// The wire form of an inline budget target (for forwarding to an owner).
 pub(crate) fn encode_budget_target(
-    t: &BudgetTarget,
+    namespace: &str,
+    key: &str,
+    spec: &BudgetSpec,
     consistency: pb::Consistency,
 ) -> pb::BudgetTarget {
     pb::BudgetTarget {
-        namespace: t.namespace.clone(),
-        key: t.key.clone(),
-        budget: Some(pb::BudgetSpec {
-            limit: t.spec.limit,
-            window: match t.spec.window {
-                BudgetWindow::Hour => pb::BudgetWindow::Hour,
-                BudgetWindow::Day => pb::BudgetWindow::Day,
-                BudgetWindow::Month => pb::BudgetWindow::Month,
-            } as i32,
-        }),
+        namespace: namespace.to_owned(),
+        key: key.to_owned(),
+        budget: Some(encode_budget_spec(spec)),
         consistency: consistency as i32,
+        policy: String::new(),
     }
+}
+
+/// What a GetUsage asks for.
+#[derive(Debug)]
+enum UsageQuery {
+    /// One budget.
+    One(BudgetTarget),
+    /// Every budget of a namespace.
+    Namespace(BudgetQuery),
+}
+
+/// A GetUsage request: `target` for one budget, else `namespace` (with its page bound,
+/// cursor and consistency) for all of a namespace's; every violation at once.
+fn decode_usage_request(r: pb::GetUsageRequest) -> Result<UsageQuery, RateLimitError> {
+    let mut violations = Vec::new();
+    if let Some(target) = r.target {
+        let mut only_without_target = |field: &str, set: bool| {
+            if set {
+                violations.push(FieldViolation::new(
+                    field,
+                    "only for a namespace listing: leave it unset when target is set",
+                ));
+            }
+        };
+        only_without_target("namespace", !r.namespace.is_empty());
+        only_without_target("limit", r.limit != 0);
+        only_without_target("start_after", !r.start_after.is_empty());
+        only_without_target("consistency", r.consistency != 0);
+        return decode_budget_target(Some(target), violations).map(UsageQuery::One);
+    }
+    if r.namespace.is_empty() {
+        violations.push(FieldViolation::new(
+            "namespace",
+            "required: the namespace whose budgets to list (or set target for one budget)",
+        ));
+    } else {
+        validate_identifier(
+            &r.namespace,
+            "namespace",
+            MAX_NAMESPACE_LEN,
+            &mut violations,
+        );
+    }
+    let max_keys = match usize::try_from(r.limit) {
+        Ok(0) => DEFAULT_LISTED_KEYS,
+        Ok(n) if n <= MAX_LISTED_KEYS => n,
+        _ => {
+            violations.push(FieldViolation::new(
+                "limit",
+                format!(
+                    "must be at most {MAX_LISTED_KEYS} (0 = {DEFAULT_LISTED_KEYS}), got {}",
+                    r.limit
+                ),
+            ));
+            DEFAULT_LISTED_KEYS
+        }
+    };
+    if r.start_after.len() > MAX_KEY_LEN {
+        violations.push(FieldViolation::new(
+            "start_after",
+            format!(
+                "must be at most {MAX_KEY_LEN} bytes, got {}",
+                r.start_after.len()
+            ),
+        ));
+    }
+    let local_only = match pb::Consistency::try_from(r.consistency) {
+        Ok(pb::Consistency::Local) => true,
+        Ok(pb::Consistency::Unspecified | pb::Consistency::Owner) => false,
+        Ok(pb::Consistency::Strict) | Err(_) => {
+            violations.push(FieldViolation::new(
+                "consistency",
+                "LOCAL (this instance's budgets) or OWNER/unset (every live member's)",
+            ));
+            false
+        }
+    };
+    if !violations.is_empty() {
+        return Err(RateLimitError::InvalidArgument(violations));
+    }
+    Ok(UsageQuery::Namespace(BudgetQuery {
+        namespace: r.namespace,
+        start_after: r.start_after,
+        max_keys,
+        local_only,
+    }))
+}
+
+fn encode_namespace_usage(listing: NamespaceUsage) -> pb::GetUsageResponse {
+    let next_start_after = if listing.truncated {
+        listing
+            .budgets
+            .last()
+            .map(|b| b.budget.key.clone())
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    pb::GetUsageResponse {
+        usage: None,
+        keys: listing
+            .budgets
+            .into_iter()
+            .map(|b| pb::KeyUsage {
+                window: encode_window(b.budget.window) as i32,
+                usage: Some(encode_usage(&b.budget.usage)),
+                key: b.budget.key,
+                held_by: b.held_by,
+            })
+            .collect(),
+        truncated: listing.truncated,
+        next_start_after,
+        unreachable: listing.unreachable,
+    }
+}
+
+/// The domain form of one budget a peer listed; `None` when it is malformed.
+pub(crate) fn decode_key_usage(k: pb::KeyUsage) -> Option<HeldBudget> {
+    Some(HeldBudget {
+        budget: ListedBudget {
+            window: decode_window(k.window)?,
+            usage: decode_usage(k.usage?),
+            key: k.key,
+        },
+        held_by: k.held_by,
+    })
 }
 
 const NANOS_PER_MS: u64 = 1_000_000;
@@ -601,6 +777,31 @@ fn decode_policy(policy: Option<pb::Policy>) -> Result<ScopedPolicy, RateLimitEr
     let Some(policy) = policy else {
         return Err(RateLimitError::invalid("policy", "required"));
     };
+    let mut own = Vec::new();
+    let budget = match (&policy.limit, policy.budget) {
+        (Some(_), Some(_)) => {
+            own.push(FieldViolation::new(
+                "policy.budget",
+                "set either limit (a rate limit) or budget (a cost budget), not both",
+            ));
+            None
+        }
+        (None, None) => {
+            own.push(FieldViolation::new(
+                "policy.limit",
+                "required: set limit (a rate limit) or budget (a cost budget)",
+            ));
+            None
+        }
+        (None, Some(spec)) => Some(decode_budget_spec(spec, "policy.budget", &mut own)),
+        (Some(_), None) => None,
+    };
+    if budget.is_some() && policy.mode == pb::Mode::Shadow as i32 {
+        own.push(FieldViolation::new(
+            "policy.mode",
+            "a budget is always enforced: leave mode unset or ENFORCE",
+        ));
+    }
     // Reuse the item decoder for the enums and the limit, then relabel its field paths.
     let probe = pb::CheckItem {
         namespace: policy.namespace.clone(),
@@ -616,40 +817,59 @@ fn decode_policy(policy: Option<pb::Policy>) -> Result<ScopedPolicy, RateLimitEr
     let relabel = |v: FieldViolation| {
         FieldViolation::new(v.field.replacen("items[0]", "policy", 1), v.description)
     };
-    if !violations.is_empty() {
-        return Err(RateLimitError::InvalidArgument(
-            violations.into_iter().map(relabel).collect(),
-        ));
-    }
-    let LimitRef::Inline(spec) = item.limit else {
-        return Err(RateLimitError::invalid("policy.limit", "required"));
-    };
-    let scoped = ScopedPolicy {
-        namespace: policy.namespace,
-        policy: Policy {
-            name: policy.name,
+    let mut violations: Vec<FieldViolation> = violations.into_iter().map(relabel).collect();
+    violations.extend(own);
+    let body = match (budget, item.limit) {
+        (Some(spec), _) => PolicyBody::Budget(spec),
+        (None, LimitRef::Inline(spec)) => PolicyBody::RateLimit {
             spec,
             mode: item.mode.unwrap_or_default(),
         },
+        // Neither limit nor budget (already a violation), or both.
+        (None, _) => return Err(RateLimitError::InvalidArgument(violations)),
+    };
+    let scoped = ScopedPolicy {
+        namespace: policy.namespace,
+        name: policy.name,
+        body,
         consistency: item.consistency,
         on_failure: item.on_failure,
         version: 0,
     };
-    scoped.validate("policy")?;
-    Ok(scoped)
+    // Every problem at once: the wire's and the domain's, each field once.
+    if let Err(RateLimitError::InvalidArgument(more)) = scoped.validate("policy") {
+        for v in more {
+            if !violations.iter().any(|seen| seen.field == v.field) {
+                violations.push(v);
+            }
+        }
+    }
+    if violations.is_empty() {
+        Ok(scoped)
+    } else {
+        Err(RateLimitError::InvalidArgument(violations))
+    }
 }
 
 fn encode_policy(p: &ScopedPolicy) -> pb::Policy {
+    let (limit, budget, mode) = match &p.body {
+        PolicyBody::RateLimit { spec, mode } => (
+            Some(pb::LimitSpec {
+                limit: spec.limit,
+                period: Some(duration_to_proto(spec.period)),
+                burst: spec.burst,
+                algorithm: encode_algorithm(spec.algorithm),
+            }),
+            None,
+            encode_mode(*mode),
+        ),
+        PolicyBody::Budget(spec) => (None, Some(encode_budget_spec(spec)), pb::Mode::Unspecified),
+    };
     pb::Policy {
         namespace: p.namespace.clone(),
-        name: p.policy.name.clone(),
-        limit: Some(pb::LimitSpec {
-            limit: p.policy.spec.limit,
-            period: Some(duration_to_proto(p.policy.spec.period)),
-            burst: p.policy.spec.burst,
-            algorithm: encode_algorithm(p.policy.spec.algorithm),
-        }),
-        mode: encode_mode(p.policy.mode) as i32,
+        name: p.name.clone(),
+        limit,
+        mode: mode as i32,
         consistency: p
             .consistency
             .map_or(pb::Consistency::Unspecified, encode_consistency) as i32,
@@ -657,6 +877,7 @@ fn encode_policy(p: &ScopedPolicy) -> pb::Policy {
             .on_failure
             .map_or(pb::FailurePolicy::Unspecified, encode_failure) as i32,
         version: p.version,
+        budget,
     }
 }
 
@@ -1015,5 +1236,175 @@ mod tests {
     #[test]
     fn test_huge_durations_saturate_when_encoded() {
         assert_eq!(duration_to_proto(Duration::MAX).seconds, i64::MAX);
+    }
+
+    fn violated_fields(err: RateLimitError) -> Vec<String> {
+        let RateLimitError::InvalidArgument(v) = err else {
+            panic!("expected invalid argument, got {err:?}")
+        };
+        v.into_iter().map(|v| v.field).collect()
+    }
+
+    fn target(budget: Option<pb::BudgetSpec>, policy: &str) -> pb::BudgetTarget {
+        pb::BudgetTarget {
+            namespace: "ns".into(),
+            key: "k".into(),
+            budget,
+            consistency: 0,
+            policy: policy.into(),
+        }
+    }
+
+    const DAILY: pb::BudgetSpec = pb::BudgetSpec {
+        limit: 10,
+        window: pb::BudgetWindow::Day as i32,
+    };
+
+    #[test]
+    fn test_a_budget_target_names_exactly_one_of_budget_and_policy() {
+        let both = decode_budget_target(Some(target(Some(DAILY), "usd")), Vec::new());
+        assert_eq!(violated_fields(both.unwrap_err()), ["target.policy"]);
+        let neither = decode_budget_target(Some(target(None, "")), Vec::new());
+        assert_eq!(violated_fields(neither.unwrap_err()), ["target.budget"]);
+        let bad_name = decode_budget_target(Some(target(None, "a b")), Vec::new());
+        assert_eq!(violated_fields(bad_name.unwrap_err()), ["target.policy"]);
+        let named = decode_budget_target(Some(target(None, "usd")), Vec::new()).unwrap();
+        assert_eq!(named.budget, BudgetRef::Policy("usd".into()));
+        let inline = decode_budget_target(Some(target(Some(DAILY), "")), Vec::new()).unwrap();
+        assert_eq!(
+            inline.budget,
+            BudgetRef::Inline(BudgetSpec {
+                limit: 10,
+                window: BudgetWindow::Day
+            })
+        );
+    }
+
+    #[test]
+    fn test_get_usage_is_one_target_or_one_namespace_within_bounds() {
+        let request =
+            |target, namespace: &str, limit, consistency: pb::Consistency| pb::GetUsageRequest {
+                target,
+                namespace: namespace.into(),
+                limit,
+                start_after: String::new(),
+                consistency: consistency as i32,
+            };
+        let unset = pb::Consistency::Unspecified;
+        let err = decode_usage_request(request(None, "", 0, unset)).unwrap_err();
+        assert_eq!(violated_fields(err), ["namespace"]);
+        let err = decode_usage_request(request(
+            Some(target(Some(DAILY), "")),
+            "ns",
+            5,
+            pb::Consistency::Local,
+        ))
+        .unwrap_err();
+        assert_eq!(violated_fields(err), ["namespace", "limit", "consistency"]);
+        let err = decode_usage_request(pb::GetUsageRequest {
+            start_after: "k".repeat(MAX_KEY_LEN + 1),
+            ..request(None, "ns", 1001, pb::Consistency::Strict)
+        })
+        .unwrap_err();
+        assert_eq!(
+            violated_fields(err),
+            ["limit", "start_after", "consistency"]
+        );
+
+        let Ok(UsageQuery::Namespace(query)) = decode_usage_request(request(None, "ns", 0, unset))
+        else {
+            panic!("a namespace listing")
+        };
+        assert_eq!(
+            query,
+            BudgetQuery {
+                namespace: "ns".into(),
+                start_after: String::new(),
+                max_keys: DEFAULT_LISTED_KEYS,
+                local_only: false,
+            }
+        );
+        let Ok(UsageQuery::Namespace(query)) =
+            decode_usage_request(request(None, "ns", 1000, pb::Consistency::Local))
+        else {
+            panic!("a namespace listing")
+        };
+        assert_eq!((query.max_keys, query.local_only), (MAX_LISTED_KEYS, true));
+        assert!(matches!(
+            decode_usage_request(request(Some(target(None, "usd")), "", 0, unset)),
+            Ok(UsageQuery::One(_))
+        ));
+    }
+
+    fn wire_policy(limit: Option<pb::LimitSpec>, budget: Option<pb::BudgetSpec>) -> pb::Policy {
+        pb::Policy {
+            namespace: "ns".into(),
+            name: "p".into(),
+            limit,
+            budget,
+            ..pb::Policy::default()
+        }
+    }
+
+    #[test]
+    fn test_a_policy_is_a_rate_limit_or_a_budget_and_round_trips() {
+        let per_minute = pb::LimitSpec {
+            limit: 5,
+            period: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            burst: 0,
+            algorithm: 0,
+        };
+        let both = decode_policy(Some(wire_policy(Some(per_minute), Some(DAILY))));
+        assert_eq!(violated_fields(both.unwrap_err()), ["policy.budget"]);
+        let neither = decode_policy(Some(wire_policy(None, None)));
+        assert_eq!(violated_fields(neither.unwrap_err()), ["policy.limit"]);
+        let shadow_budget = pb::Policy {
+            mode: pb::Mode::Shadow as i32,
+            consistency: pb::Consistency::Strict as i32,
+            on_failure: pb::FailurePolicy::FailOpen as i32,
+            ..wire_policy(
+                None,
+                Some(pb::BudgetSpec {
+                    limit: 0,
+                    window: 9,
+                }),
+            )
+        };
+        assert_eq!(
+            violated_fields(decode_policy(Some(shadow_budget)).unwrap_err()),
+            [
+                "policy.budget.limit",
+                "policy.budget.window",
+                "policy.mode",
+                "policy.consistency",
+                "policy.on_failure"
+            ]
+        );
+        let strict_budget = pb::Policy {
+            consistency: pb::Consistency::Strict as i32,
+            ..wire_policy(None, Some(DAILY))
+        };
+        assert_eq!(
+            violated_fields(decode_policy(Some(strict_budget)).unwrap_err()),
+            ["policy.consistency"]
+        );
+
+        let budget = decode_policy(Some(wire_policy(None, Some(DAILY)))).unwrap();
+        assert_eq!(
+            budget.body,
+            PolicyBody::Budget(BudgetSpec {
+                limit: 10,
+                window: BudgetWindow::Day
+            })
+        );
+        let encoded = encode_policy(&budget);
+        assert_eq!((encoded.limit, encoded.budget), (None, Some(DAILY)));
+        let rate = decode_policy(Some(wire_policy(Some(per_minute), None))).unwrap();
+        let encoded = encode_policy(&rate);
+        assert_eq!(encoded.budget, None);
+        assert_eq!(encoded.limit.unwrap().limit, 5);
     }
 }

@@ -226,11 +226,14 @@ fn resolve<'a>(policies: &PolicySet, item: &'a CheckItem) -> Option<Resolved<'a>
     })
 }
 
-fn policy_not_found(index: usize, item: &CheckItem) -> RateLimitError {
-    RateLimitError::PolicyNotFound {
-        field: format!("items[{index}].policy"),
-        name: policy_name(&item.limit).to_owned(),
-    }
+/// `PolicyNotFound` for an item naming an unknown policy, `InvalidArgument` when it names a
+/// budget policy.
+fn policy_not_found(policies: &PolicySet, index: usize, item: &CheckItem) -> RateLimitError {
+    policies.not_a_rate_limit(
+        &item.namespace,
+        policy_name(&item.limit),
+        format!("items[{index}].policy"),
+    )
 }
 
 /// Checks every item's fields and the item count, reporting every violation found.
@@ -314,7 +317,7 @@ impl Limiter {
             if let LimitRef::Policy(name) = &item.limit
                 && policies.get_compiled_in(&item.namespace, name).is_none()
             {
-                return Err(policy_not_found(i, item));
+                return Err(policy_not_found(&policies, i, item));
             }
         }
         if all_or_nothing {
@@ -335,7 +338,8 @@ impl Limiter {
     pub fn reset(&self, item: &CheckItem) -> Result<bool, RateLimitError> {
         validate_items(std::slice::from_ref(item))?;
         let policies = self.policies();
-        let resolved = resolve(&policies, item).ok_or_else(|| policy_not_found(0, item))?;
+        let resolved =
+            resolve(&policies, item).ok_or_else(|| policy_not_found(&policies, 0, item))?;
         let hash = resolved.key_hash(&self.store, item);
         Ok(self.store.lock(self.store.shard_of(hash)).remove(hash))
     }
@@ -354,7 +358,9 @@ impl Limiter {
             }
         };
         let mut shard = self.store.lock(self.store.shard_of(hash));
-        let resolved = resolve(shard.policies(), item).ok_or_else(|| policy_not_found(0, item))?;
+        let policies = shard.policies();
+        let resolved =
+            resolve(policies, item).ok_or_else(|| policy_not_found(policies, 0, item))?;
         let decision = shard.decide(hash, resolved.fingerprint, &resolved.params, now, item.cost);
         drop(shard);
         Ok(resolved.outcome(&decision))
@@ -1014,6 +1020,44 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn test_a_check_naming_a_budget_policy_is_invalid_on_every_path() {
+        use crate::budget::{BudgetSpec, BudgetWindow};
+        use crate::spec::{PolicyBody, ScopedPolicy};
+        let (limiter, _clock) = new_limiter();
+        let usd = ScopedPolicy {
+            namespace: "tenant-a".into(),
+            name: "usd".into(),
+            body: PolicyBody::Budget(BudgetSpec {
+                limit: 100,
+                window: BudgetWindow::Month,
+            }),
+            consistency: None,
+            on_failure: None,
+            version: 1,
+        };
+        limiter.set_policies(limiter.policies().with_scoped(&[usd]).unwrap());
+        let budget = item("k", 1, LimitRef::Policy("usd".into()));
+        let expect = |err: RateLimitError, field: &str| {
+            let RateLimitError::InvalidArgument(v) = err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(v[0].field, field);
+            assert!(v[0].description.contains("cost budget"), "{v:?}");
+        };
+        // The single-item path, the batch path and Reset.
+        expect(
+            limiter
+                .check(std::slice::from_ref(&budget), false)
+                .unwrap_err(),
+            "items[0].policy",
+        );
+        let batch = [item("k", 1, gcra_10_per_sec()), budget.clone()];
+        expect(limiter.check(&batch, false).unwrap_err(), "items[1].policy");
+        expect(limiter.reset(&budget).unwrap_err(), "items[0].policy");
+        assert_eq!(limiter.stats().entries, 0);
     }
 
     #[test]

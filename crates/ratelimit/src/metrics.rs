@@ -151,7 +151,9 @@ impl RateLimitMetrics {
     /// Counts the outcomes of one request, `namespaces` giving each item's namespace. Items
     /// are grouped first, so a batch of one namespace and policy costs one label lookup.
     pub fn record(&self, namespaces: &ItemNamespaces, outcomes: &[CheckOutcome]) {
-        let mut groups: Vec<((&str, &str, Consistency, &'static str), u64)> = Vec::new();
+        // (namespace, policy, consistency, result) → count.
+        type Group<'a> = ((&'a str, &'a str, Consistency, &'static str), u64);
+        let mut groups: Vec<Group<'_>> = Vec::new();
         for (i, o) in outcomes.iter().enumerate() {
             let result = if o.batch_rejected {
                 "batch_rejected"

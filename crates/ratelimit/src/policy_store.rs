@@ -1,5 +1,5 @@
-//! Rate-limit policies stored in etcd at `<prefix>/ratelimit/policies/<namespace>/<name>`
-//! (JSON), versioned by their etcd revision. Every instance keeps the full set in memory from
+//! Rate-limit and budget policies stored in etcd at
+//! `<prefix>/ratelimit/policies/<namespace>/<name>` (JSON), versioned by their etcd revision. Every instance keeps the full set in memory from
 //! a snapshot plus a prefix watch and applies changes without a restart; a broken watch
 //! (etcd restarted, compaction) re-lists. The in-memory store has the same semantics for
 //! standalone mode and tests.
@@ -13,8 +13,11 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::budget::{BudgetSpec, BudgetWindow};
 use crate::error::RateLimitError;
-use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode, Policy, ScopedPolicy};
+use crate::spec::{
+    Algorithm, Consistency, FailurePolicy, LimitSpec, Mode, PolicyBody, ScopedPolicy,
+};
 
 /// Most policies one cluster stores; a put beyond it fails with `FailedPrecondition`.
 pub const MAX_STORED_POLICIES: usize = 10_000;
@@ -49,10 +52,14 @@ pub trait PolicyStore: Send + Sync + 'static {
     fn subscribe(&self) -> watch::Receiver<PolicySnapshot>;
 }
 
-/// The JSON stored in etcd.
+/// The JSON stored in etcd. A rate limit has `limit` and `period_ns` (records written before
+/// budgets existed have nothing else); a budget has `budget` instead, and no `limit`, so an
+/// older instance ignores it as undecodable rather than mistaking it for a rate limit.
 #[derive(Debug, Serialize, Deserialize)]
 struct PolicyRecord {
+    #[serde(default, skip_serializing_if = "is_zero")]
     limit: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     period_ns: u64,
     #[serde(default)]
     burst: u64,
@@ -64,26 +71,56 @@ struct PolicyRecord {
     consistency: Option<Consistency>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     on_failure: Option<FailurePolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    budget: Option<BudgetRecord>,
+}
+
+/// The budget of a budget policy's record.
+#[derive(Debug, Serialize, Deserialize)]
+struct BudgetRecord {
+    limit: u64,
+    window: BudgetWindow,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 impl PolicyRecord {
     fn from_policy(p: &ScopedPolicy) -> Self {
+        let (spec, mode, budget) = match p.body {
+            PolicyBody::RateLimit { spec, mode } => (Some(spec), mode, None),
+            PolicyBody::Budget(b) => (
+                None,
+                Mode::Enforce,
+                Some(BudgetRecord {
+                    limit: b.limit,
+                    window: b.window,
+                }),
+            ),
+        };
         Self {
-            limit: p.policy.spec.limit,
-            period_ns: u64::try_from(p.policy.spec.period.as_nanos()).unwrap_or(u64::MAX),
-            burst: p.policy.spec.burst,
-            algorithm: p.policy.spec.algorithm,
-            mode: p.policy.mode,
+            limit: spec.map_or(0, |s| s.limit),
+            period_ns: spec.map_or(0, |s| {
+                u64::try_from(s.period.as_nanos()).unwrap_or(u64::MAX)
+            }),
+            burst: spec.map_or(0, |s| s.burst),
+            algorithm: spec.map(|s| s.algorithm).unwrap_or_default(),
+            mode,
             consistency: p.consistency,
             on_failure: p.on_failure,
+            budget,
         }
     }
 
     fn into_policy(self, namespace: String, name: String, version: u64) -> ScopedPolicy {
-        ScopedPolicy {
-            namespace,
-            policy: Policy {
-                name,
+        let body = match self.budget {
+            Some(b) => PolicyBody::Budget(BudgetSpec {
+                limit: b.limit,
+                window: b.window,
+            }),
+            None => PolicyBody::RateLimit {
                 spec: LimitSpec {
                     limit: self.limit,
                     period: Duration::from_nanos(self.period_ns),
@@ -92,6 +129,11 @@ impl PolicyRecord {
                 },
                 mode: self.mode,
             },
+        };
+        ScopedPolicy {
+            namespace,
+            name,
+            body,
             consistency: self.consistency,
             on_failure: self.on_failure,
             version,
@@ -155,7 +197,7 @@ impl PolicyStore for InMemoryPolicyStore {
         policy.validate("policy")?;
         let mut guard = self.state.lock();
         let (map, revision) = &mut *guard;
-        let key = (policy.namespace.clone(), policy.policy.name.clone());
+        let key = (policy.namespace.clone(), policy.name.clone());
         let actual = map.get(&key).map_or(0, |p| p.version);
         if expected_version != 0 && expected_version != actual {
             return Err(mismatch(&key.0, &key.1, expected_version, actual));
@@ -327,7 +369,7 @@ async fn list_all(
         .kvs()
         .iter()
         .filter_map(|kv| decode(root, kv))
-        .map(|p| ((p.namespace.clone(), p.policy.name.clone()), p))
+        .map(|p| ((p.namespace.clone(), p.name.clone()), p))
         .collect();
     Ok((map, revision))
 }
@@ -364,7 +406,7 @@ async fn watch_policies(
                             match event.event_type() {
                                 etcd_client::EventType::Put => {
                                     if let Some(p) = decode(&root, kv) {
-                                        map.insert((p.namespace.clone(), p.policy.name.clone()), p);
+                                        map.insert((p.namespace.clone(), p.name.clone()), p);
                                     }
                                 }
                                 etcd_client::EventType::Delete => {
@@ -414,14 +456,14 @@ impl PolicyStore for EtcdPolicyStore {
         expected_version: u64,
     ) -> Result<ScopedPolicy, RateLimitError> {
         policy.validate("policy")?;
-        let key = self.key(&policy.namespace, &policy.policy.name);
+        let key = self.key(&policy.namespace, &policy.name);
         if expected_version == 0
             && self.snapshot_rx.borrow().len() >= MAX_STORED_POLICIES
             && !self
                 .snapshot_rx
                 .borrow()
                 .iter()
-                .any(|p| p.namespace == policy.namespace && p.policy.name == policy.policy.name)
+                .any(|p| p.namespace == policy.namespace && p.name == policy.name)
         {
             return Err(too_many());
         }
@@ -456,7 +498,7 @@ impl PolicyStore for EtcdPolicyStore {
                 .unwrap_or(0);
             return Err(mismatch(
                 &policy.namespace,
-                &policy.policy.name,
+                &policy.name,
                 expected_version,
                 u64::try_from(actual).unwrap_or(0),
             ));
@@ -497,8 +539,7 @@ impl PolicyStore for EtcdPolicyStore {
             .iter()
             .filter_map(|kv| decode(&self.root, kv))
             .collect();
-        policies
-            .sort_by(|a, b| (&a.namespace, &a.policy.name).cmp(&(&b.namespace, &b.policy.name)));
+        policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         Ok(policies)
     }
 
@@ -580,8 +621,8 @@ mod tests {
     fn policy(namespace: &str, name: &str, limit: u64) -> ScopedPolicy {
         ScopedPolicy {
             namespace: namespace.into(),
-            policy: Policy {
-                name: name.into(),
+            name: name.into(),
+            body: PolicyBody::RateLimit {
                 spec: LimitSpec {
                     limit,
                     period: Duration::from_secs(60),
@@ -618,8 +659,8 @@ mod tests {
         assert!(b.version > a.version);
         store.put(policy("team-b", "rpm", 5), 0).await.unwrap();
         assert_eq!(
-            store.get("team-a", "rpm").await.unwrap().policy.spec.limit,
-            20
+            store.get("team-a", "rpm").await.unwrap().body,
+            policy("team-a", "rpm", 20).body
         );
         assert_eq!(store.list(Some("team-b")).await.unwrap().len(), 1);
         assert_eq!(store.list(None).await.unwrap().len(), 2);
@@ -656,5 +697,86 @@ mod tests {
         assert!(json.contains("\"consistency\":\"strict\""), "{json}");
         let back: PolicyRecord = serde_json::from_str(&json).unwrap();
         assert_eq!(back.into_policy("ns".into(), "tokens".into(), 0), p);
+    }
+
+    fn budget(namespace: &str, name: &str, limit: u64) -> ScopedPolicy {
+        ScopedPolicy {
+            namespace: namespace.into(),
+            name: name.into(),
+            body: PolicyBody::Budget(BudgetSpec {
+                limit,
+                window: BudgetWindow::Month,
+            }),
+            consistency: Some(Consistency::Owner),
+            on_failure: None,
+            version: 0,
+        }
+    }
+
+    #[test]
+    fn test_budget_records_round_trip_without_a_rate_limit_in_them() {
+        let p = budget("ns", "monthly-usd", 5_000_000);
+        let json = serde_json::to_string(&PolicyRecord::from_policy(&p)).unwrap();
+        assert!(
+            json.contains(r#""budget":{"limit":5000000,"window":"month"}"#),
+            "{json}"
+        );
+        // No top-level `limit`: an instance that predates budgets cannot decode it as a rate
+        // limit, so it ignores it.
+        assert!(
+            !json.contains("period_ns") && !json.starts_with(r#"{"limit""#),
+            "{json}"
+        );
+        let back: PolicyRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            back.into_policy("ns".into(), "monthly-usd".into(), 3).body,
+            p.body
+        );
+    }
+
+    #[test]
+    fn test_records_written_before_budgets_still_decode() {
+        let old =
+            r#"{"limit":100,"period_ns":60000000000,"burst":0,"algorithm":"gcra","mode":"shadow"}"#;
+        let record: PolicyRecord = serde_json::from_str(old).unwrap();
+        let p = record.into_policy("ns".into(), "rpm".into(), 9);
+        assert_eq!(
+            p.body,
+            PolicyBody::RateLimit {
+                spec: LimitSpec {
+                    limit: 100,
+                    period: Duration::from_secs(60),
+                    burst: 0,
+                    algorithm: Algorithm::Gcra,
+                },
+                mode: Mode::Shadow,
+            }
+        );
+        assert_eq!((p.consistency, p.on_failure, p.version), (None, None, 9));
+        p.validate("policy").unwrap();
+    }
+
+    #[tokio::test]
+    async fn test_budget_policies_are_stored_and_validated_like_rate_limits() {
+        let store = InMemoryPolicyStore::default();
+        let stored = store.put(budget("team-a", "usd", 10), 0).await.unwrap();
+        assert_eq!(store.get("team-a", "usd").await.unwrap(), stored);
+        let strict = ScopedPolicy {
+            consistency: Some(Consistency::Strict),
+            on_failure: Some(FailurePolicy::FailOpen),
+            ..budget("team-a", "usd", 0)
+        };
+        let RateLimitError::InvalidArgument(v) = store.put(strict, 0).await.unwrap_err() else {
+            panic!("expected invalid argument")
+        };
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "policy.budget.limit",
+                "policy.consistency",
+                "policy.on_failure"
+            ]
+        );
     }
 }

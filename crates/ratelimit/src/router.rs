@@ -19,7 +19,7 @@
 //! An all-or-nothing batch must be decided in one place: every item with the same consistency
 //! and, for OWNER, the same owner (items about one `(namespace, key)` always share an owner).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,9 @@ use parking_lot::Mutex;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-use crate::budget::{BudgetError, BudgetLedger, BudgetSpec, BudgetWindow, Usage};
+use crate::budget::{
+    BudgetError, BudgetKey, BudgetLedger, BudgetSpec, BudgetWindow, ListedBudget, Usage,
+};
 use crate::concurrency::{AcquireOutcome, LeaseError, LeaseTable};
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
@@ -49,6 +51,10 @@ const PEER_QUEUE: usize = 4096;
 const MAX_FORWARD_ITEMS: usize = 1000;
 /// Seed of the key hash used in Redis, the same on every instance.
 const STRICT_KEY_SEED: u64 = 0x6167_656e_746d_6573;
+/// Keys a namespace usage listing gives when the caller sets no bound.
+pub const DEFAULT_LISTED_KEYS: usize = 100;
+/// Most keys one namespace usage listing gives.
+pub const MAX_LISTED_KEYS: usize = 1000;
 
 /// Router settings.
 #[derive(Clone, Debug)]
@@ -402,10 +408,52 @@ pub struct BudgetTarget {
     pub namespace: String,
     /// The key the budget belongs to.
     pub key: String,
-    /// Limit and calendar window.
-    pub spec: BudgetSpec,
-    /// LOCAL or OWNER; `None` = the cluster default.
+    /// Its limit and calendar window, inline or through a budget policy.
+    pub budget: BudgetRef,
+    /// LOCAL or OWNER; `None` = the policy's, else the cluster default.
     pub consistency: Option<Consistency>,
+}
+
+/// Where a budget call's limit and window come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BudgetRef {
+    /// Given with the call.
+    Inline(BudgetSpec),
+    /// The budget policy of this name (stored in the target's namespace, or from the file).
+    Policy(String),
+}
+
+/// A namespace usage listing: which budgets to list, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BudgetQuery {
+    /// The namespace whose budgets are listed.
+    pub namespace: String,
+    /// Only keys after this one (byte order); empty = from the start.
+    pub start_after: String,
+    /// Most keys listed, `1..=MAX_LISTED_KEYS`.
+    pub max_keys: usize,
+    /// Only this instance's budgets (what instances ask each other), not every live member's.
+    pub local_only: bool,
+}
+
+/// One budget of a namespace listing and the instance that holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldBudget {
+    /// The budget.
+    pub budget: ListedBudget,
+    /// The instance that holds it.
+    pub held_by: String,
+}
+
+/// The budgets of a namespace across the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceUsage {
+    /// Sorted by (key, window, holder); at most `max_keys` keys.
+    pub budgets: Vec<HeldBudget>,
+    /// Keys after the last one listed were left out.
+    pub truncated: bool,
+    /// Members that did not answer: their budgets are missing.
+    pub unreachable: Vec<String>,
 }
 
 /// A budget operation.
@@ -663,24 +711,59 @@ impl ClusterRouter {
         }
     }
 
-    fn budget_key(target: &BudgetTarget) -> u64 {
+    /// The ledger key of the target's budget: one budget per (namespace, key, window).
+    fn budget_key<'a>(target: &'a BudgetTarget, window: BudgetWindow) -> BudgetKey<'a> {
         use xxhash_rust::xxh3::xxh3_64_with_seed;
-        let window = match target.spec.window {
+        let tag = match window {
             BudgetWindow::Hour => 1,
             BudgetWindow::Day => 2,
             BudgetWindow::Month => 3,
         };
-        let h = xxh3_64_with_seed(target.namespace.as_bytes(), STRICT_KEY_SEED ^ window);
-        xxh3_64_with_seed(target.key.as_bytes(), h)
+        let h = xxh3_64_with_seed(target.namespace.as_bytes(), STRICT_KEY_SEED ^ tag);
+        BudgetKey {
+            hash: xxh3_64_with_seed(target.key.as_bytes(), h),
+            namespace: &target.namespace,
+            key: &target.key,
+        }
+    }
+
+    /// The limit and window of the target's budget now, and where it lives (the target's
+    /// consistency, else its policy's).
+    ///
+    /// # Errors
+    /// `PolicyNotFound` on `target.policy` for an unknown policy; `InvalidArgument` when the
+    /// policy is a rate limit.
+    pub fn resolve_budget(
+        &self,
+        target: &BudgetTarget,
+    ) -> Result<(BudgetSpec, Option<Consistency>), RateLimitError> {
+        let name = match &target.budget {
+            BudgetRef::Inline(spec) => return Ok((*spec, target.consistency)),
+            BudgetRef::Policy(name) => name,
+        };
+        let policies = self.limiter.policies();
+        match policies.budget_in(&target.namespace, name) {
+            Some((spec, routing)) => Ok((spec, target.consistency.or(routing.consistency))),
+            None if policies.get_in(&target.namespace, name).is_some() => {
+                Err(RateLimitError::invalid(
+                    "target.policy",
+                    format!("policy {name:?} is a rate limit, not a cost budget; use Check"),
+                ))
+            }
+            None => Err(RateLimitError::PolicyNotFound {
+                field: "target.policy".to_owned(),
+                name: name.clone(),
+            }),
+        }
     }
 
     fn budget_here(
         &self,
         target: &BudgetTarget,
+        spec: &BudgetSpec,
         call: BudgetCall,
     ) -> Result<BudgetAnswer, RateLimitError> {
-        let (key, now) = (Self::budget_key(target), Self::now_nanos());
-        let spec = &target.spec;
+        let (key, now) = (Self::budget_key(target, spec.window), Self::now_nanos());
         let answer = match call {
             BudgetCall::Reserve { estimate, ttl } => {
                 let r = self
@@ -719,17 +802,22 @@ impl ClusterRouter {
         call: BudgetCall,
         deadline: Option<Instant>,
     ) -> Result<(BudgetAnswer, String), RateLimitError> {
-        let peer = match self.key_route(&target.namespace, &target.key, target.consistency)? {
+        let (spec, consistency) = self.resolve_budget(target)?;
+        let peer = match self.key_route(&target.namespace, &target.key, consistency)? {
             KeyRoute::Here => {
                 return Ok((
-                    self.budget_here(target, call)?,
+                    self.budget_here(target, &spec, call)?,
                     self.config.instance_id.clone(),
                 ));
             }
             KeyRoute::Peer(peer) => peer,
         };
+        // The owner gets the limit resolved here, so a policy change still propagating cannot
+        // make the two disagree within one call.
         let wire = Some(crate::grpc::encode_budget_target(
-            target,
+            &target.namespace,
+            &target.key,
+            &spec,
             pb::Consistency::Local,
         ));
         match call {
@@ -792,7 +880,10 @@ impl ClusterRouter {
                 ))
             }
             BudgetCall::Usage => {
-                let request = pb::GetUsageRequest { target: wire };
+                let request = pb::GetUsageRequest {
+                    target: wire,
+                    ..pb::GetUsageRequest::default()
+                };
                 let r = self
                     .call_peer(
                         &peer,
@@ -807,6 +898,91 @@ impl ClusterRouter {
                 ))
             }
         }
+    }
+
+    /// The budgets of a namespace: this instance's, and unless `local_only` every other live
+    /// member's, asked at once (each with LOCAL consistency) within the forward budget; members
+    /// that do not answer in time are listed as unreachable.
+    pub async fn list_budgets(
+        &self,
+        query: &BudgetQuery,
+        deadline: Option<Instant>,
+    ) -> NamespaceUsage {
+        let here = self.budgets.list(
+            &query.namespace,
+            &query.start_after,
+            query.max_keys,
+            Self::now_nanos(),
+        );
+        let own = here
+            .budgets
+            .into_iter()
+            .map(|budget| HeldBudget {
+                budget,
+                held_by: self.config.instance_id.clone(),
+            })
+            .collect();
+        let mut parts = vec![(own, here.truncated)];
+        let mut unreachable = Vec::new();
+        if !query.local_only {
+            let ring = self.owners.ring();
+            let peers: Vec<&str> = ring
+                .members()
+                .map(|m| m.instance_id.as_str())
+                .filter(|id| *id != self.config.instance_id)
+                .collect();
+            let answers = futures::future::join_all(
+                peers
+                    .iter()
+                    .map(|peer| self.list_budgets_at(peer, query, deadline)),
+            )
+            .await;
+            for (peer, answer) in peers.into_iter().zip(answers) {
+                match answer {
+                    Ok(part) => parts.push(part),
+                    Err(e) => {
+                        tracing::debug!(peer, error = %e, "budget listing: member did not answer");
+                        unreachable.push(peer.to_owned());
+                    }
+                }
+            }
+        }
+        let (budgets, truncated) = merge_listings(parts, query.max_keys);
+        NamespaceUsage {
+            budgets,
+            truncated,
+            unreachable,
+        }
+    }
+
+    /// One peer's own budgets of the query's namespace.
+    async fn list_budgets_at(
+        &self,
+        peer: &str,
+        query: &BudgetQuery,
+        deadline: Option<Instant>,
+    ) -> Result<(Vec<HeldBudget>, bool), RateLimitError> {
+        let request = pb::GetUsageRequest {
+            target: None,
+            namespace: query.namespace.clone(),
+            limit: u32::try_from(query.max_keys).unwrap_or(u32::MAX),
+            start_after: query.start_after.clone(),
+            consistency: Self::HERE,
+        };
+        let r = self
+            .call_peer(
+                peer,
+                deadline,
+                |mut c, req| async move { c.get_usage(req).await },
+                request,
+            )
+            .await?;
+        let budgets = r
+            .keys
+            .into_iter()
+            .filter_map(crate::grpc::decode_key_usage)
+            .collect();
+        Ok((budgets, r.truncated))
     }
 
     /// Forgets the state of one item's limit where it lives; whether there was any (always
@@ -958,6 +1134,31 @@ impl Decide for ClusterRouter {
     }
 }
 
+/// The first `max_keys` keys of several members' listings (each sorted and complete up to its
+/// own last key), each key with all its entries sorted by (window, holder); truncated when any
+/// listing was or more keys were found.
+fn merge_listings(parts: Vec<(Vec<HeldBudget>, bool)>, max_keys: usize) -> (Vec<HeldBudget>, bool) {
+    let mut truncated = false;
+    let mut by_key: BTreeMap<String, Vec<HeldBudget>> = BTreeMap::new();
+    for (budgets, part_truncated) in parts {
+        truncated |= part_truncated;
+        for b in budgets {
+            by_key.entry(b.budget.key.clone()).or_default().push(b);
+        }
+    }
+    truncated |= by_key.len() > max_keys;
+    let budgets = by_key
+        .into_values()
+        .take(max_keys)
+        .flat_map(|mut entries| {
+            entries
+                .sort_by(|a, b| (a.budget.window, &a.held_by).cmp(&(b.budget.window, &b.held_by)));
+            entries
+        })
+        .collect();
+    (budgets, truncated)
+}
+
 /// The limit, mode and routing of an item, or `PolicyNotFound`.
 fn resolve(
     policies: &PolicySet,
@@ -972,10 +1173,11 @@ fn resolve(
         }
         LimitRef::Policy(name) => match policies.get_in(&item.namespace, name) {
             Some(p) => Ok((p.spec, p.mode, policies.routing_in(&item.namespace, name))),
-            None => Err(RateLimitError::PolicyNotFound {
-                field: format!("items[{index}].policy"),
-                name: name.clone(),
-            }),
+            None => Err(policies.not_a_rate_limit(
+                &item.namespace,
+                name,
+                format!("items[{index}].policy"),
+            )),
         },
     }
 }
@@ -1326,5 +1528,67 @@ async fn send_batch(
                     .send(Err(RateLimitError::Unavailable(message.clone())));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(key: &str, window: BudgetWindow, held_by: &str) -> HeldBudget {
+        HeldBudget {
+            budget: ListedBudget {
+                key: key.to_owned(),
+                window,
+                usage: Usage {
+                    limit: 10,
+                    spent: 1,
+                    reserved: 0,
+                    remaining: 9,
+                    window_start_nanos: 0,
+                    window_end_nanos: 1,
+                },
+            },
+            held_by: held_by.to_owned(),
+        }
+    }
+
+    fn rows(budgets: &[HeldBudget]) -> Vec<(&str, BudgetWindow, &str)> {
+        budgets
+            .iter()
+            .map(|b| (b.budget.key.as_str(), b.budget.window, b.held_by.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn test_merged_listings_keep_the_first_keys_with_all_their_holders() {
+        use BudgetWindow::{Day, Hour};
+        let a = vec![held("k1", Day, "a"), held("k3", Hour, "a")];
+        let b = vec![
+            held("k1", Hour, "b"),
+            held("k1", Day, "b"),
+            held("k2", Day, "b"),
+        ];
+        let (merged, truncated) = merge_listings(vec![(a.clone(), false), (b.clone(), false)], 10);
+        assert!(!truncated);
+        assert_eq!(
+            rows(&merged),
+            [
+                ("k1", Hour, "b"),
+                ("k1", Day, "a"),
+                ("k1", Day, "b"),
+                ("k2", Day, "b"),
+                ("k3", Hour, "a"),
+            ]
+        );
+        // Two keys: k3 is left out, so the answer is truncated.
+        let (merged, truncated) = merge_listings(vec![(a.clone(), false), (b, false)], 2);
+        assert!(truncated);
+        assert_eq!(merged.last().unwrap().budget.key, "k2");
+        // A member that truncated its own listing truncates the merged one.
+        let (merged, truncated) = merge_listings(vec![(a, true)], 10);
+        assert!(truncated);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merge_listings(Vec::new(), 10), (Vec::new(), false));
     }
 }

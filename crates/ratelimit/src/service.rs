@@ -52,7 +52,8 @@ pub struct RateLimitArgs {
         default_value_t = 1.0
     )]
     pub default_refill_per_sec: f64,
-    /// TOML file of named policies (`[[policy]] name, limit, period, burst, algorithm, mode`).
+    /// TOML file of named policies: rate limits (`[[policy]] name, limit, period, burst,
+    /// algorithm, mode`) and cost budgets (`[[policy]] name, budget, window`).
     #[arg(long = "ratelimit-policies", env = "AGENTMESH_RATELIMIT_POLICIES")]
     pub policy_file: Option<PathBuf>,
     /// Time a forward to an owner or a Redis call may take before the failure policy answers

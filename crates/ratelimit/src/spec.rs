@@ -1,5 +1,5 @@
-//! What a limit is: algorithms, modes, limit specs, named policies and the policy file, plus
-//! every bound the limiter enforces on its inputs.
+//! What a limit is: algorithms, modes, limit specs, named policies (rate limits and cost
+//! budgets) and the policy file, plus every bound the limiter enforces on its inputs.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::algorithm::Params;
+use crate::budget::{BudgetSpec, BudgetWindow};
 use crate::error::{FieldViolation, RateLimitError};
 use crate::store::SeededXxh3;
 
@@ -309,6 +310,34 @@ pub fn validate_policy_name(name: &str, field: &str, out: &mut Vec<FieldViolatio
     }
 }
 
+/// Appends a violation on `field` unless `limit` is a valid budget limit (`1..=MAX_LIMIT`).
+pub fn validate_budget_limit(limit: u64, field: &str, out: &mut Vec<FieldViolation>) {
+    if limit == 0 || limit > MAX_LIMIT {
+        out.push(FieldViolation::new(
+            field,
+            format!("must be between 1 and {MAX_LIMIT}, got {limit}"),
+        ));
+    }
+}
+
+/// Appends violations for the routing settings a budget policy may not have: STRICT (budgets
+/// live on one instance) and a failure policy (a budget call fails with UNAVAILABLE instead).
+fn validate_budget_routing(routing: &PolicyRouting, prefix: &str, out: &mut Vec<FieldViolation>) {
+    if routing.consistency == Some(Consistency::Strict) {
+        out.push(FieldViolation::new(
+            format!("{prefix}.consistency"),
+            "a budget is LOCAL or OWNER, not STRICT",
+        ));
+    }
+    if routing.on_failure.is_some() {
+        out.push(FieldViolation::new(
+            format!("{prefix}.on_failure"),
+            "must be unset for a budget: budget calls fail with UNAVAILABLE when the owner does \
+             not answer",
+        ));
+    }
+}
+
 /// Whether `value` is non-empty, at most `max_len` bytes and free of ASCII control characters
 /// (the rule for namespaces and keys).
 pub fn is_valid_identifier(value: &str, max_len: usize) -> bool {
@@ -356,24 +385,48 @@ impl CompiledPolicy {
     }
 }
 
+/// What a stored policy limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyBody {
+    /// A rate limit, used by Check.
+    RateLimit {
+        /// The limit.
+        spec: LimitSpec,
+        /// Enforce or shadow, unless a check item overrides it.
+        mode: Mode,
+    },
+    /// A cost budget per calendar window, used by Reserve/Commit/Cancel/GetUsage.
+    Budget(BudgetSpec),
+}
+
 /// A policy stored in etcd: scoped to one namespace, versioned, with its routing settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScopedPolicy {
     /// The namespace it applies to.
     pub namespace: String,
-    /// Name, limit and mode.
-    pub policy: Policy,
-    /// Where its items are decided; `None` = the cluster default.
+    /// Name items and budget targets refer to.
+    pub name: String,
+    /// A rate limit or a cost budget.
+    pub body: PolicyBody,
+    /// Where its items or budgets are decided; `None` = the cluster default.
     pub consistency: Option<Consistency>,
-    /// What to answer when the owner or Redis fails; `None` = LOCAL_FALLBACK.
+    /// Rate limits only: what to answer when the owner or Redis fails; `None` = LOCAL_FALLBACK.
     pub on_failure: Option<FailurePolicy>,
     /// The etcd revision of its last write (0 before it is stored).
     pub version: u64,
 }
 
 impl ScopedPolicy {
-    /// Checks the namespace, the name and the limit, naming fields under `field` (such as
-    /// `policy`).
+    fn routing(&self) -> PolicyRouting {
+        PolicyRouting {
+            consistency: self.consistency,
+            on_failure: self.on_failure,
+            version: self.version,
+        }
+    }
+
+    /// Checks the namespace, the name, the limit or budget and the routing settings, naming
+    /// fields under `field` (such as `policy`).
     ///
     /// # Errors
     /// `InvalidArgument` with every violation.
@@ -386,16 +439,23 @@ impl ScopedPolicy {
                 format!("must be 1 to {MAX_NAMESPACE_LEN} bytes without control characters or '/'"),
             ));
         }
-        validate_policy_name(&self.policy.name, &format!("{field}.name"), &mut violations);
-        if self.policy.name == DEFAULT_POLICY_NAME {
+        validate_policy_name(&self.name, &format!("{field}.name"), &mut violations);
+        if self.name == DEFAULT_POLICY_NAME {
             violations.push(FieldViolation::new(
                 format!("{field}.name"),
                 "\"default\" is reserved for the built-in default policy",
             ));
         }
-        self.policy
-            .spec
-            .validate_into(&format!("{field}.limit"), &mut violations);
+        match &self.body {
+            PolicyBody::RateLimit { spec, .. } => {
+                spec.validate_into(&format!("{field}.limit"), &mut violations);
+            }
+            PolicyBody::Budget(spec) => {
+                let limit_field = format!("{field}.budget.limit");
+                validate_budget_limit(spec.limit, &limit_field, &mut violations);
+                validate_budget_routing(&self.routing(), field, &mut violations);
+            }
+        }
         if violations.is_empty() {
             Ok(())
         } else {
@@ -415,20 +475,39 @@ pub struct PolicyRouting {
     pub version: u64,
 }
 
+/// A cost budget policy of the policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetPolicy {
+    /// Name budget targets refer to, as for rate-limit policies.
+    pub name: String,
+    /// Limit and calendar window.
+    pub spec: BudgetSpec,
+    /// LOCAL or OWNER; `None` = the cluster default.
+    pub consistency: Option<Consistency>,
+}
+
 type PolicyMap = HashMap<String, CompiledPolicy, BuildHasherDefault<SeededXxh3>>;
+type BudgetMap = HashMap<String, (BudgetSpec, PolicyRouting)>;
 
 #[derive(Debug)]
 struct PolicySetInner {
     default: CompiledPolicy,
+    /// File rate-limit policies.
     named: PolicyMap,
     names: Vec<String>,
     /// Consistency and failure policy of file policies that set them.
     named_routing: HashMap<String, PolicyRouting>,
-    /// Namespace-scoped policies (from etcd), which shadow `named` in their namespace.
+    /// File budget policies (kept apart: a Check cannot use them, a budget call only them).
+    named_budgets: BudgetMap,
+    /// Namespace-scoped rate-limit policies (from etcd), which shadow file policies of the same
+    /// name in their namespace.
     scoped: HashMap<String, HashMap<String, (CompiledPolicy, PolicyRouting)>>,
+    /// Namespace-scoped budget policies (from etcd), which shadow file policies likewise.
+    scoped_budgets: HashMap<String, BudgetMap>,
 }
 
-/// An immutable, validated set of policies: the default plus named ones. Cheap to clone.
+/// An immutable, validated set of policies: the default plus named ones, rate limits and cost
+/// budgets apart. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct PolicySet {
     inner: Arc<PolicySetInner>,
@@ -444,19 +523,23 @@ impl PolicySet {
                 .into_iter()
                 .map(|p| (p, PolicyRouting::default()))
                 .collect(),
+            Vec::new(),
         )
     }
 
-    /// As [`PolicySet::new`], each policy with its consistency and failure policy.
+    /// As [`PolicySet::new`], each policy with its consistency and failure policy, plus budget
+    /// policies (whose names share the rate-limit policies' name space).
     fn with_routing(
         default: Policy,
         named: Vec<(Policy, PolicyRouting)>,
+        budgets: Vec<BudgetPolicy>,
     ) -> Result<Self, RateLimitError> {
         let mut violations = Vec::new();
-        if named.len() >= MAX_POLICIES {
+        let count = named.len() + budgets.len();
+        if count >= MAX_POLICIES {
             violations.push(FieldViolation::new(
                 "policy",
-                format!("at most {MAX_POLICIES} policies, got {}", named.len() + 1),
+                format!("at most {MAX_POLICIES} policies, got {}", count + 1),
             ));
         }
         let mut default = default;
@@ -481,6 +564,31 @@ impl PolicySet {
                 map.insert(policy.name.clone(), CompiledPolicy::new(policy));
             }
         }
+        let mut named_budgets = BudgetMap::new();
+        for budget in budgets {
+            let prefix = policy_field(&budget.name);
+            validate_policy_name(&budget.name, &format!("{prefix}.name"), &mut violations);
+            validate_budget_limit(
+                budget.spec.limit,
+                &format!("{prefix}.budget"),
+                &mut violations,
+            );
+            let routing = PolicyRouting {
+                consistency: budget.consistency,
+                ..PolicyRouting::default()
+            };
+            validate_budget_routing(&routing, &prefix, &mut violations);
+            if budget.name == DEFAULT_POLICY_NAME {
+                violations.push(FieldViolation::new(
+                    format!("{prefix}.name"),
+                    "\"default\" is reserved for the built-in default (rate-limit) policy",
+                ));
+            } else if map.contains_key(&budget.name) || named_budgets.contains_key(&budget.name) {
+                violations.push(duplicate(&budget.name));
+            } else {
+                named_budgets.insert(budget.name, (budget.spec, routing));
+            }
+        }
         default.validate_into(&mut violations);
         if !violations.is_empty() {
             return Err(RateLimitError::InvalidArgument(violations));
@@ -494,7 +602,9 @@ impl PolicySet {
                 named: map,
                 names,
                 named_routing,
+                named_budgets,
                 scoped: HashMap::new(),
+                scoped_budgets: HashMap::new(),
             }),
         })
     }
@@ -511,6 +621,12 @@ impl PolicySet {
     /// mode = "enforce"     # optional: enforce | shadow
     /// consistency = "owner"  # optional: local | owner | strict (default: the cluster's)
     /// on_failure = "fail_closed"  # optional: fail_open | fail_closed | local_fallback
+    ///
+    /// [[policy]]
+    /// name = "daily-tokens"   # a cost budget instead of a rate limit
+    /// budget = 1000000        # units per window, 1 … 10^15
+    /// window = "day"          # hour | day | month (UTC calendar windows)
+    /// consistency = "owner"   # optional: local | owner
     /// ```
     ///
     /// Unknown fields are rejected; errors name the policy and the field.
@@ -542,8 +658,8 @@ impl PolicySet {
             path: source.to_owned(),
             reason,
         };
-        let named = parse_policy_file(toml).map_err(file_error)?;
-        Self::with_routing(default, named).map_err(|e| match e {
+        let (named, budgets) = parse_policy_file(toml).map_err(file_error)?;
+        Self::with_routing(default, named, budgets).map_err(|e| match e {
             RateLimitError::InvalidArgument(violations) => file_error(
                 violations
                     .iter()
@@ -567,19 +683,26 @@ impl PolicySet {
     pub fn with_scoped(&self, scoped: &[ScopedPolicy]) -> Result<Self, RateLimitError> {
         let mut by_namespace: HashMap<String, HashMap<String, (CompiledPolicy, PolicyRouting)>> =
             HashMap::new();
+        let mut budgets: HashMap<String, BudgetMap> = HashMap::new();
         for p in scoped {
             p.validate("policy")?;
-            let mut compiled = CompiledPolicy::new(p.policy.clone());
-            compiled.version = p.version;
-            let routing = PolicyRouting {
-                consistency: p.consistency,
-                on_failure: p.on_failure,
-                version: p.version,
-            };
-            by_namespace
-                .entry(p.namespace.clone())
-                .or_default()
-                .insert(p.policy.name.clone(), (compiled, routing));
+            match p.body {
+                PolicyBody::RateLimit { spec, mode } => {
+                    let name = p.name.clone();
+                    let mut compiled = CompiledPolicy::new(Policy { name, spec, mode });
+                    compiled.version = p.version;
+                    by_namespace
+                        .entry(p.namespace.clone())
+                        .or_default()
+                        .insert(p.name.clone(), (compiled, p.routing()));
+                }
+                PolicyBody::Budget(spec) => {
+                    budgets
+                        .entry(p.namespace.clone())
+                        .or_default()
+                        .insert(p.name.clone(), (spec, p.routing()));
+                }
+            }
         }
         Ok(Self {
             inner: Arc::new(PolicySetInner {
@@ -587,20 +710,73 @@ impl PolicySet {
                 named: self.inner.named.clone(),
                 names: self.inner.names.clone(),
                 named_routing: self.inner.named_routing.clone(),
+                named_budgets: self.inner.named_budgets.clone(),
                 scoped: by_namespace,
+                scoped_budgets: budgets,
             }),
         })
     }
 
-    /// The policy called `name` as seen from `namespace`: the namespace's own (etcd) policy,
-    /// else the global one.
-    pub(crate) fn get_compiled_in(&self, namespace: &str, name: &str) -> Option<&CompiledPolicy> {
-        self.inner
+    /// Whether `namespace` has a stored policy called `name` of either kind (which shadows
+    /// file policies of that name).
+    fn scoped_has(&self, namespace: &str, name: &str) -> bool {
+        let inner = &self.inner;
+        inner
             .scoped
             .get(namespace)
+            .is_some_and(|m| m.contains_key(name))
+            || inner
+                .scoped_budgets
+                .get(namespace)
+                .is_some_and(|m| m.contains_key(name))
+    }
+
+    /// The rate-limit policy called `name` as seen from `namespace`: the namespace's own
+    /// (etcd) policy, else the global one — unless the namespace's own policy of that name is
+    /// a budget.
+    pub(crate) fn get_compiled_in(&self, namespace: &str, name: &str) -> Option<&CompiledPolicy> {
+        match self.inner.scoped.get(namespace).and_then(|m| m.get(name)) {
+            Some((c, _)) => Some(c),
+            None if self.scoped_has(namespace, name) => None,
+            None => self.get_compiled(name),
+        }
+    }
+
+    /// The budget policy called `name` as seen from `namespace` (its limit and window, and its
+    /// routing and version): the namespace's own, else the file's — unless the namespace's own
+    /// policy of that name is a rate limit.
+    #[must_use]
+    pub fn budget_in(&self, namespace: &str, name: &str) -> Option<(BudgetSpec, PolicyRouting)> {
+        match self
+            .inner
+            .scoped_budgets
+            .get(namespace)
             .and_then(|m| m.get(name))
-            .map(|(c, _)| c)
-            .or_else(|| self.get_compiled(name))
+        {
+            Some(found) => Some(*found),
+            None if self.scoped_has(namespace, name) => None,
+            None => self.inner.named_budgets.get(name).copied(),
+        }
+    }
+
+    /// The error for `field` naming `name` in `namespace` as a rate limit when it is not one:
+    /// `InvalidArgument` when it is a budget policy, `PolicyNotFound` otherwise.
+    #[must_use]
+    pub fn not_a_rate_limit(&self, namespace: &str, name: &str, field: String) -> RateLimitError {
+        if self.budget_in(namespace, name).is_some() {
+            RateLimitError::invalid(
+                field,
+                format!(
+                    "policy {name:?} is a cost budget; use Reserve/Commit/Cancel/GetUsage with \
+                     target.policy"
+                ),
+            )
+        } else {
+            RateLimitError::PolicyNotFound {
+                field,
+                name: name.to_owned(),
+            }
+        }
     }
 
     /// Whether `name` resolves in `namespace`.
@@ -644,12 +820,12 @@ impl PolicySet {
         &self.inner.default.policy
     }
 
-    /// Every policy name, `default` included, sorted.
+    /// Every rate-limit policy name of the file, `default` included, sorted.
     pub fn names(&self) -> impl ExactSizeIterator<Item = &str> {
         self.inner.names.iter().map(String::as_str)
     }
 
-    /// Number of policies, the default included.
+    /// Number of rate-limit policies of the file, the default included.
     pub fn len(&self) -> usize {
         self.inner.names.len()
     }
@@ -674,32 +850,114 @@ fn duplicate(name: &str) -> FieldViolation {
     )
 }
 
-/// One `[[policy]]` table of the policy file.
+/// One `[[policy]]` table of the policy file: a rate limit (`limit`, `period`, …) or a cost
+/// budget (`budget`, `window`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyEntry {
     name: String,
-    limit: u64,
-    period: String,
     #[serde(default)]
-    burst: u64,
+    limit: Option<u64>,
     #[serde(default)]
-    algorithm: Algorithm,
+    period: Option<String>,
     #[serde(default)]
-    mode: Mode,
+    burst: Option<u64>,
+    #[serde(default)]
+    algorithm: Option<Algorithm>,
+    #[serde(default)]
+    mode: Option<Mode>,
+    #[serde(default)]
+    budget: Option<u64>,
+    #[serde(default)]
+    window: Option<BudgetWindow>,
     #[serde(default)]
     consistency: Option<Consistency>,
     #[serde(default)]
     on_failure: Option<FailurePolicy>,
 }
 
+/// A policy file entry, decoded.
+enum FileEntry {
+    RateLimit(Policy, PolicyRouting),
+    Budget(BudgetPolicy),
+}
+
+impl PolicyEntry {
+    /// The rate limit or budget this entry declares; `label` is `policy[<name>]`.
+    fn into_policy(self, label: &str) -> Result<FileEntry, String> {
+        match (self.limit, self.budget) {
+            (Some(_), Some(_)) => Err(format!(
+                "{label}.budget: set either `limit` and `period` (a rate limit) or `budget` and \
+                 `window` (a cost budget), not both"
+            )),
+            (None, None) => Err(format!(
+                "{label}: missing field `limit` (a rate limit) or `budget` (a cost budget)"
+            )),
+            (Some(limit), None) => {
+                if self.window.is_some() {
+                    return Err(format!(
+                        "{label}.window: only for a budget; a rate limit has `period`"
+                    ));
+                }
+                let Some(period) = self.period else {
+                    return Err(format!("{label}: missing field `period`"));
+                };
+                let period = humantime::parse_duration(&period)
+                    .map_err(|e| format!("{label}.period: invalid duration {period:?}: {e}"))?;
+                let routing = PolicyRouting {
+                    consistency: self.consistency,
+                    on_failure: self.on_failure,
+                    version: 0,
+                };
+                let spec = LimitSpec {
+                    limit,
+                    period,
+                    burst: self.burst.unwrap_or(0),
+                    algorithm: self.algorithm.unwrap_or_default(),
+                };
+                let mode = self.mode.unwrap_or_default();
+                let name = self.name;
+                Ok(FileEntry::RateLimit(Policy { name, spec, mode }, routing))
+            }
+            (None, Some(limit)) => {
+                let rate_only = [
+                    ("period", self.period.is_some()),
+                    ("burst", self.burst.is_some()),
+                    ("algorithm", self.algorithm.is_some()),
+                    ("mode", self.mode == Some(Mode::Shadow)),
+                    ("on_failure", self.on_failure.is_some()),
+                ];
+                if let Some((field, _)) = rate_only.iter().find(|(_, set)| *set) {
+                    return Err(format!(
+                        "{label}.{field}: only for a rate limit; a budget has `budget` and \
+                         `window`, is always enforced, and its calls fail with UNAVAILABLE when \
+                         the owner does not answer"
+                    ));
+                }
+                let Some(window) = self.window else {
+                    return Err(format!(
+                        "{label}: missing field `window` (hour, day or month)"
+                    ));
+                };
+                Ok(FileEntry::Budget(BudgetPolicy {
+                    name: self.name,
+                    spec: BudgetSpec { limit, window },
+                    consistency: self.consistency,
+                }))
+            }
+        }
+    }
+}
+
+type ParsedFile = (Vec<(Policy, PolicyRouting)>, Vec<BudgetPolicy>);
+
 /// Parses the policy file format (see `PolicySet::from_toml_str`). Entries are decoded one by
 /// one so an error can name the policy as well as the field.
-fn parse_policy_file(toml: &str) -> Result<Vec<(Policy, PolicyRouting)>, String> {
+fn parse_policy_file(toml: &str) -> Result<ParsedFile, String> {
     let doc: toml::Table = toml
         .parse()
         .map_err(|e: toml::de::Error| one_line(&e.to_string()))?;
-    let mut policies = Vec::new();
+    let (mut policies, mut budgets) = (Vec::new(), Vec::new());
     for (key, value) in doc {
         if key != "policy" {
             return Err(format!(
@@ -723,29 +981,13 @@ fn parse_policy_file(toml: &str) -> Result<Vec<(Policy, PolicyRouting)>, String>
             let entry: PolicyEntry = entry
                 .try_into()
                 .map_err(|e: toml::de::Error| format!("{label}: {}", one_line(&e.to_string())))?;
-            let period = humantime::parse_duration(&entry.period)
-                .map_err(|e| format!("{label}.period: invalid duration {:?}: {e}", entry.period))?;
-            let routing = PolicyRouting {
-                consistency: entry.consistency,
-                on_failure: entry.on_failure,
-                version: 0,
-            };
-            policies.push((
-                Policy {
-                    name: entry.name,
-                    spec: LimitSpec {
-                        limit: entry.limit,
-                        period,
-                        burst: entry.burst,
-                        algorithm: entry.algorithm,
-                    },
-                    mode: entry.mode,
-                },
-                routing,
-            ));
+            match entry.into_policy(&label)? {
+                FileEntry::RateLimit(policy, routing) => policies.push((policy, routing)),
+                FileEntry::Budget(budget) => budgets.push(budget),
+            }
         }
     }
-    Ok(policies)
+    Ok((policies, budgets))
 }
 
 fn one_line(message: &str) -> String {
@@ -1122,5 +1364,183 @@ mod tests {
         ));
         assert!(reason.contains("policy[x]"), "{reason}");
         assert!(reason.contains("eventual"), "{reason}");
+    }
+
+    fn scoped(namespace: &str, name: &str, body: PolicyBody) -> ScopedPolicy {
+        ScopedPolicy {
+            namespace: namespace.into(),
+            name: name.into(),
+            body,
+            consistency: None,
+            on_failure: None,
+            version: 4,
+        }
+    }
+
+    fn daily(limit: u64) -> PolicyBody {
+        PolicyBody::Budget(BudgetSpec {
+            limit,
+            window: BudgetWindow::Day,
+        })
+    }
+
+    fn per_second(limit: u64) -> PolicyBody {
+        PolicyBody::RateLimit {
+            spec: spec(limit, Duration::from_secs(1)),
+            mode: Mode::Enforce,
+        }
+    }
+
+    #[test]
+    fn test_budget_policies_are_kept_apart_from_rate_limits() {
+        let base = PolicySet::from_toml_str(
+            "[[policy]]\nname = \"rpm\"\nlimit = 5\nperiod = \"1m\"\n\n\
+             [[policy]]\nname = \"tokens\"\nbudget = 1000\nwindow = \"month\"\n\
+             consistency = \"local\"\n",
+            Policy::default(),
+        )
+        .unwrap();
+        let owner = ScopedPolicy {
+            consistency: Some(Consistency::Owner),
+            ..scoped("team-a", "usd", daily(500))
+        };
+        let set = base
+            .with_scoped(&[
+                owner,
+                // A stored budget shadows the file's rate limit in its namespace...
+                scoped("team-b", "rpm", daily(7)),
+                // ...and a stored rate limit the file's budget.
+                scoped("team-c", "tokens", per_second(3)),
+            ])
+            .unwrap();
+
+        let (usd, routing) = set.budget_in("team-a", "usd").unwrap();
+        assert_eq!(usd.limit, 500);
+        assert_eq!(
+            (routing.consistency, routing.version),
+            (Some(Consistency::Owner), 4)
+        );
+        assert!(set.get_in("team-a", "usd").is_none(), "not a rate limit");
+        assert!(set.budget_in("team-b", "usd").is_none(), "scoped to team-a");
+        // File budgets apply in every namespace, with their routing.
+        let (tokens, routing) = set.budget_in("team-a", "tokens").unwrap();
+        assert_eq!(tokens.window, BudgetWindow::Month);
+        assert_eq!(routing.consistency, Some(Consistency::Local));
+        assert!(set.get_in("team-a", "tokens").is_none());
+        assert!(!set.names().any(|n| n == "tokens"), "names are rate limits");
+        // Shadowing, both ways.
+        assert!(set.get_in("team-b", "rpm").is_none());
+        assert_eq!(set.budget_in("team-b", "rpm").unwrap().0.limit, 7);
+        assert_eq!(set.get_in("team-a", "rpm").unwrap().spec.limit, 5);
+        assert!(set.budget_in("team-c", "tokens").is_none());
+        assert_eq!(set.get_in("team-c", "tokens").unwrap().spec.limit, 3);
+    }
+
+    #[test]
+    fn test_naming_a_budget_where_a_rate_limit_is_expected_is_invalid_not_missing() {
+        let set = PolicySet::default()
+            .with_scoped(&[scoped("ns", "usd", daily(5))])
+            .unwrap();
+        let err = set.not_a_rate_limit("ns", "usd", "items[2].policy".into());
+        let RateLimitError::InvalidArgument(v) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(v[0].field, "items[2].policy");
+        assert!(v[0].description.contains("is a cost budget"), "{v:?}");
+        assert_eq!(
+            set.not_a_rate_limit("other", "usd", "items[0].policy".into()),
+            RateLimitError::PolicyNotFound {
+                field: "items[0].policy".into(),
+                name: "usd".into()
+            }
+        );
+    }
+
+    #[test]
+    fn test_scoped_budget_validation_names_every_bad_field() {
+        let bad = ScopedPolicy {
+            consistency: Some(Consistency::Strict),
+            on_failure: Some(FailurePolicy::FailClosed),
+            ..scoped("ns", "default", daily(MAX_LIMIT + 1))
+        };
+        let RateLimitError::InvalidArgument(v) = bad.validate("policy").unwrap_err() else {
+            panic!()
+        };
+        let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "policy.name",
+                "policy.budget.limit",
+                "policy.consistency",
+                "policy.on_failure"
+            ]
+        );
+        scoped("ns", "usd", daily(MAX_LIMIT))
+            .validate("policy")
+            .unwrap();
+    }
+
+    #[test]
+    fn test_policy_file_budget_errors_name_policy_and_field() {
+        let budget = "[[policy]]\nname = \"usd\"\nbudget = 10\nwindow = \"day\"\n";
+        let cases = [
+            (
+                "[[policy]]\nname = \"x\"\n".to_owned(),
+                "policy[x]: missing field `limit` (a rate limit) or `budget` (a cost budget)",
+            ),
+            (
+                format!("{budget}limit = 3\n"),
+                "policy[usd].budget: set either `limit` and `period` (a rate limit) or `budget`",
+            ),
+            (
+                "[[policy]]\nname = \"usd\"\nbudget = 10\n".to_owned(),
+                "policy[usd]: missing field `window`",
+            ),
+            (
+                format!("{budget}period = \"1m\"\n"),
+                "policy[usd].period: only for a rate limit",
+            ),
+            (
+                format!("{budget}mode = \"shadow\"\n"),
+                "policy[usd].mode: only for a rate limit",
+            ),
+            (
+                format!("{budget}on_failure = \"fail_open\"\n"),
+                "policy[usd].on_failure: only for a rate limit",
+            ),
+            (
+                "[[policy]]\nname = \"usd\"\nbudget = 10\nwindow = \"week\"\n".to_owned(),
+                "policy[usd]: unknown variant `week`",
+            ),
+            (
+                "[[policy]]\nname = \"usd\"\nbudget = 0\nwindow = \"day\"\n".to_owned(),
+                "policy[usd].budget: must be between 1 and 1000000000000000, got 0",
+            ),
+            (
+                format!("{budget}consistency = \"strict\"\n"),
+                "policy[usd].consistency: a budget is LOCAL or OWNER",
+            ),
+            (
+                "[[policy]]\nname = \"r\"\nlimit = 1\nperiod = \"1s\"\nwindow = \"day\"\n"
+                    .to_owned(),
+                "policy[r].window: only for a budget",
+            ),
+            (
+                format!("{budget}[[policy]]\nname = \"usd\"\nlimit = 1\nperiod = \"1s\"\n"),
+                "policy[usd].name: duplicate policy name",
+            ),
+            (
+                "[[policy]]\nname = \"default\"\nbudget = 1\nwindow = \"day\"\n".to_owned(),
+                "policy[default].name: \"default\" is reserved",
+            ),
+        ];
+        for (toml, expected) in cases {
+            let reason = file_reason(PolicySet::from_toml_str(&toml, Policy::default()));
+            assert!(
+                reason.starts_with(expected),
+                "{toml:?}\n got: {reason}\nwant: {expected}"
+            );
+        }
     }
 }

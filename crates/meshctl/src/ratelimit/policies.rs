@@ -58,10 +58,20 @@ fn enum_name(value: &str, prefix: &str) -> String {
 }
 
 fn describe(p: &pb::Policy) -> [String; 6] {
-    let limit = p.limit.unwrap_or_default();
-    let period = limit.period.map_or(0, |d| d.seconds);
-    let algorithm = pb::Algorithm::try_from(limit.algorithm)
-        .map_or("?".into(), |a| enum_name(a.as_str_name(), "ALGORITHM_"));
+    let limit = match (p.limit, p.budget) {
+        (_, Some(budget)) => {
+            let window = pb::BudgetWindow::try_from(budget.window)
+                .map_or("?".into(), |w| enum_name(w.as_str_name(), "BUDGET_WINDOW_"));
+            format!("{}/{window} budget", budget.limit)
+        }
+        (limit, None) => {
+            let limit = limit.unwrap_or_default();
+            let period = limit.period.map_or(0, |d| d.seconds);
+            let algorithm = pb::Algorithm::try_from(limit.algorithm)
+                .map_or("?".into(), |a| enum_name(a.as_str_name(), "ALGORITHM_"));
+            format!("{}/{}s {algorithm}", limit.limit, period)
+        }
+    };
     let consistency = pb::Consistency::try_from(p.consistency)
         .map_or("?".into(), |c| enum_name(c.as_str_name(), "CONSISTENCY_"));
     let on_failure = pb::FailurePolicy::try_from(p.on_failure).map_or("?".into(), |f| {
@@ -70,7 +80,7 @@ fn describe(p: &pb::Policy) -> [String; 6] {
     [
         p.namespace.clone(),
         p.name.clone(),
-        format!("{}/{}s {algorithm}", limit.limit, period),
+        limit,
         if consistency == "unspecified" {
             "-".into()
         } else {
@@ -209,5 +219,16 @@ mod tests {
             ]
             .map(String::from)
         );
+        let budget = pb::Policy {
+            namespace: "team-a".into(),
+            name: "usd".into(),
+            budget: Some(pb::BudgetSpec {
+                limit: 5_000_000,
+                window: pb::BudgetWindow::Month as i32,
+            }),
+            version: 8,
+            ..Default::default()
+        };
+        assert_eq!(describe(&budget)[2], "5000000/month budget");
     }
 }

@@ -354,31 +354,41 @@ impl Bus {
         if run.is_empty() {
             return;
         }
-        let window = if generated {
-            Duration::ZERO
-        } else {
-            self.inner.config.dedup_window
-        };
+        let window = self.dedup_window(generated);
         match self.inner.log.append_batch(&stream, &run, window).await {
             Ok(outcomes) => {
                 for (event, outcome) in run.into_iter().zip(outcomes) {
-                    let duplicate = matches!(outcome, AppendOutcome::Duplicate(_));
-                    self.count_subject(&event.subject, duplicate);
-                    let counter = if duplicate {
-                        &self.inner.counters.duplicates
-                    } else {
-                        &self.inner.counters.published_durable
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    out.push(Ok(PublishOutcome {
-                        id: event.id,
-                        duplicate,
-                        sequence: outcome.sequence().unwrap_or(0),
-                        stream: Some(stream.clone()),
-                    }));
+                    out.push(Ok(self.stored(&stream, event, outcome)));
                 }
             }
             Err(e) => out.extend(run.iter().map(|_| Err(e.clone()))),
+        }
+    }
+
+    /// Generated ids are unique by construction: only client-supplied ids are deduplicated.
+    fn dedup_window(&self, generated: bool) -> Duration {
+        if generated {
+            Duration::ZERO
+        } else {
+            self.inner.config.dedup_window
+        }
+    }
+
+    /// Counts a durable append and answers it.
+    fn stored(&self, stream: &str, event: Event, outcome: AppendOutcome) -> PublishOutcome {
+        let duplicate = matches!(outcome, AppendOutcome::Duplicate(_));
+        self.count_subject(&event.subject, duplicate);
+        let counter = if duplicate {
+            &self.inner.counters.duplicates
+        } else {
+            &self.inner.counters.published_durable
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        PublishOutcome {
+            id: event.id,
+            duplicate,
+            sequence: outcome.sequence().unwrap_or(0),
+            stream: Some(stream.to_owned()),
         }
     }
 
@@ -405,29 +415,9 @@ impl Bus {
     ) -> Result<PublishOutcome, EventBusError> {
         let inner = &self.inner;
         if let Some(stream) = self.durable_stream(&event.subject) {
-            let stream = stream.to_owned();
-            let window = if generated {
-                Duration::ZERO
-            } else {
-                inner.config.dedup_window
-            };
-            let outcome = inner.log.append(&stream, &event, window).await?;
-            let duplicate = matches!(outcome, AppendOutcome::Duplicate(_));
-            self.count_subject(&event.subject, duplicate);
-            if duplicate {
-                inner.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-            } else {
-                inner
-                    .counters
-                    .published_durable
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            return Ok(PublishOutcome {
-                id: event.id,
-                duplicate,
-                sequence: outcome.sequence().unwrap_or(0),
-                stream: Some(stream),
-            });
+            let window = self.dedup_window(generated);
+            let outcome = inner.log.append(stream, &event, window).await?;
+            return Ok(self.stored(stream, event, outcome));
         }
         let now = now_ms();
         if !generated && inner.dedup.check_and_insert("", &event.id, now) == DedupOutcome::Duplicate
@@ -1168,80 +1158,65 @@ async fn read_durable(inner: Weak<Inner>, group: Arc<Consumer>, stream: String) 
         if group.is_closed() {
             return;
         }
-        let Some(bus) = inner.upgrade().map(|inner| Bus { inner }) else {
+        // Only the log is held while waiting in it, so a dropped bus ends this task.
+        let Some(log) = inner.upgrade().map(|inner| inner.log.clone()) else {
             return;
         };
         let room = group.room().min(crate::log::MAX_BATCH).min(256);
         if room < 16 {
-            drop(bus);
             tokio::select! {
                 () = group.room.notified() => {}
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
             continue;
         }
-        let log = bus.inner.log.clone();
+        let (log_group, consumer) = (&group.log_group, &group.log_consumer);
         let now = tokio::time::Instant::now();
-        let result = if last_claim.is_none_or(|at| now.duration_since(at) >= claim_every) {
+        let claiming = last_claim.is_none_or(|at| now.duration_since(at) >= claim_every);
+        let result = if claiming {
             last_claim = Some(now);
-            log.claim_stalled(
+            log.claim_stalled(&stream, log_group, consumer, min_idle, room)
+                .await
+                .map(|claimed| {
+                    claimed
+                        .into_iter()
+                        .map(|c| (c.stored, c.delivery_count.saturating_sub(1)))
+                        .collect::<Vec<_>>()
+                })
+        } else {
+            log.read_group(
                 &stream,
-                &group.log_group,
-                &group.log_consumer,
-                min_idle,
+                log_group,
+                consumer,
                 room,
+                Duration::from_millis(500),
             )
             .await
-            .map(|claimed| {
-                claimed
-                    .into_iter()
-                    .map(|c| (c.stored, c.delivery_count.saturating_sub(1)))
-                    .collect::<Vec<_>>()
-            })
-        } else {
-            drop(bus);
-            let read = log
-                .read_group(
-                    &stream,
-                    &group.log_group,
-                    &group.log_consumer,
-                    room,
-                    Duration::from_millis(500),
-                )
-                .await
-                .map(|events| events.into_iter().map(|e| (e, 0)).collect::<Vec<_>>());
-            let Some(inner) = inner.upgrade() else {
-                return;
-            };
-            let bus = Bus { inner };
-            match read {
-                Ok(events) => {
-                    failures = 0;
-                    offer_stored(&bus, &group, events);
-                }
-                Err(e) => {
-                    failures += 1;
-                    bus.inner
-                        .counters
-                        .log_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    if failures == 1 || failures.is_multiple_of(60) {
-                        tracing::warn!(error = %e, stream = %stream, "reading a durable stream failed");
-                    }
-                    drop(bus);
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-            continue;
+            .map(|events| events.into_iter().map(|e| (e, 0)).collect::<Vec<_>>())
+        };
+        let Some(bus) = inner.upgrade().map(|inner| Bus { inner }) else {
+            return;
         };
         match result {
-            Ok(events) => offer_stored(&bus, &group, events),
+            Ok(events) => {
+                failures = 0;
+                offer_stored(&bus, &group, events);
+            }
             Err(e) => {
                 bus.inner
                     .counters
                     .log_errors
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, stream = %stream, "claiming stalled deliveries failed");
+                if claiming {
+                    tracing::debug!(error = %e, stream = %stream, "claiming stalled deliveries failed");
+                    continue;
+                }
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(60) {
+                    tracing::warn!(error = %e, stream = %stream, "reading a durable stream failed");
+                }
+                drop(bus);
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     }

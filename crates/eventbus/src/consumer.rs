@@ -245,6 +245,15 @@ struct State {
     closed: bool,
 }
 
+impl State {
+    /// Puts an event back at the head of its priority class (a redelivery or a return).
+    fn requeue_front(&mut self, pending: Pending, now_ms: u64) {
+        let priority = pending.event.priority;
+        let expires = pending.event.expires_at_ms;
+        self.pending.push_front(pending, priority, expires, now_ms);
+    }
+}
+
 /// One group: its options, durable stream and dispatch state.
 pub struct Consumer {
     /// Unique within the bus.
@@ -357,11 +366,7 @@ impl Consumer {
         returned.sort_unstable_by(|a, b| b.cmp(a));
         for id in returned {
             if let Some(f) = state.in_flight.remove(&id) {
-                let priority = f.pending.event.priority;
-                let expires = f.pending.event.expires_at_ms;
-                state
-                    .pending
-                    .push_front(f.pending, priority, expires, now_ms);
+                state.requeue_front(f.pending, now_ms);
             }
         }
         let mut effects = Effects::default();
@@ -633,9 +638,7 @@ impl Consumer {
             let delayed = std::mem::take(&mut state.delayed);
             for (ready, p) in delayed {
                 if ready <= now_ms {
-                    let priority = p.event.priority;
-                    let expires = p.event.expires_at_ms;
-                    state.pending.push_front(p, priority, expires, now_ms);
+                    state.requeue_front(p, now_ms);
                 } else {
                     state.delayed.push((ready, p));
                 }
@@ -707,11 +710,7 @@ impl Consumer {
         });
         match delay.map(duration_ms) {
             Some(ms) if ms > 0 => state.delayed.push((now_ms + ms, pending)),
-            _ => {
-                let priority = pending.event.priority;
-                let expires = pending.event.expires_at_ms;
-                state.pending.push_front(pending, priority, expires, now_ms);
-            }
+            _ => state.requeue_front(pending, now_ms),
         }
     }
 
@@ -797,9 +796,7 @@ impl Consumer {
                     // Its channel is closed (it is leaving) or full of advisories: put the
                     // event back where it was and try again on the next ack or tick.
                     pending.deliveries -= 1;
-                    let priority = pending.event.priority;
-                    let expires = pending.event.expires_at_ms;
-                    state.pending.push_front(pending, priority, expires, now_ms);
+                    state.requeue_front(pending, now_ms);
                     break;
                 }
             }

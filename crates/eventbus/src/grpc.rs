@@ -8,10 +8,11 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use agentmesh_proto::eventbus::v1 as pb;
 use agentmesh_runtime::telemetry::TRACE_TARGET;
+use agentmesh_runtime::wire::{duration_from_proto, timestamp_from_ms, timestamp_to_ms};
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -280,7 +281,7 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
                 pending: s.pending,
                 delivered: s.member.delivered,
                 acked: s.member.acked,
-                opened_at: Some(timestamp(s.member.opened_at_ms)),
+                opened_at: Some(timestamp_from_ms(s.member.opened_at_ms)),
                 stream: s.stream.unwrap_or_default(),
             })
             .collect();
@@ -375,7 +376,7 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
                     reason: d.reason,
                     deliveries: d.deliveries,
                     group: d.group,
-                    dead_at: Some(timestamp(d.dead_at_ms)),
+                    dead_at: Some(timestamp_from_ms(d.dead_at_ms)),
                 })
                 .collect(),
         }))
@@ -647,7 +648,7 @@ fn decode_publish(event: Option<pb::Event>, field: &str) -> Result<Event, EventB
                 None
             }
         },
-        (None, Some(at)) => match timestamp_ms(at) {
+        (None, Some(at)) => match timestamp_to_ms(at) {
             Some(ms) => Some(ms),
             None => {
                 violations.push(FieldViolation::new(
@@ -677,7 +678,7 @@ fn decode_publish(event: Option<pb::Event>, field: &str) -> Result<Event, EventB
         subject: e.subject,
         r#type: e.r#type,
         source: e.source,
-        time_ms: e.time.as_ref().and_then(timestamp_ms).unwrap_or(0),
+        time_ms: e.time.as_ref().and_then(timestamp_to_ms).unwrap_or(0),
         priority,
         expires_at_ms,
         correlation_id: e.correlation_id,
@@ -712,10 +713,10 @@ pub fn encode_event(e: &Event) -> pb::Event {
         subject: e.subject.clone(),
         r#type: e.r#type.clone(),
         source: e.source.clone(),
-        time: (e.time_ms != 0).then(|| timestamp(e.time_ms)),
+        time: (e.time_ms != 0).then(|| timestamp_from_ms(e.time_ms)),
         priority: encode_priority(e.priority),
         ttl: None,
-        expires_at: e.expires_at_ms.map(timestamp),
+        expires_at: e.expires_at_ms.map(timestamp_from_ms),
         correlation_id: e.correlation_id.clone(),
         reply_to: e.reply_to.clone(),
         ordering_key: e.ordering_key.clone(),
@@ -866,7 +867,7 @@ fn decode_open(
             StartPosition::New
         }
         Some(pb::start_position::Position::Sequence(n)) => StartPosition::Sequence(*n),
-        Some(pb::start_position::Position::Time(t)) => match timestamp_ms(t) {
+        Some(pb::start_position::Position::Time(t)) => match timestamp_to_ms(t) {
             Some(ms) => StartPosition::Time(ms),
             None => {
                 v.push(FieldViolation::new("open.start.time", "invalid timestamp"));
@@ -920,23 +921,6 @@ fn page(limit: u32, field: &str) -> Result<usize, Status> {
     }
 }
 
-fn duration_from_proto(d: &prost_types::Duration) -> Option<Duration> {
-    let seconds = u64::try_from(d.seconds).ok()?;
-    let nanos = u32::try_from(d.nanos).ok()?;
-    (nanos < 1_000_000_000).then(|| Duration::new(seconds, nanos))
-}
-
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn timestamp_ms(t: &prost_types::Timestamp) -> Option<u64> {
-    let seconds = u64::try_from(t.seconds).ok()?;
-    let nanos = u64::try_from(t.nanos).ok()?;
-    (nanos < 1_000_000_000).then(|| seconds.saturating_mul(1000) + nanos / 1_000_000)
-}
-
-fn timestamp(ms: u64) -> prost_types::Timestamp {
-    let t = UNIX_EPOCH + Duration::from_millis(ms);
-    prost_types::Timestamp::from(t.min(SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 40)))
 }

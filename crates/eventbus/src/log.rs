@@ -471,6 +471,31 @@ impl StreamState {
 }
 
 impl InMemoryLog {
+    /// Applies `f` to each of `sequences` in a group's pending list; counts where it held.
+    /// An unknown stream or group has nothing pending.
+    fn with_pending(
+        &self,
+        stream: &str,
+        group: &str,
+        sequences: &[u64],
+        mut f: impl FnMut(&mut BTreeMap<u64, PendingEntry>, u64) -> bool,
+    ) -> Result<u64, EventBusError> {
+        check_stream(stream)?;
+        check_name("group", group)?;
+        check_batch("sequences", sequences.len())?;
+        let mut streams = self.streams.lock();
+        let Some(state) = streams
+            .get_mut(stream)
+            .and_then(|s| s.groups.get_mut(group))
+        else {
+            return Ok(0);
+        };
+        Ok(sequences
+            .iter()
+            .filter(|&&s| f(&mut state.pending, s))
+            .count() as u64)
+    }
+
     /// An empty log keeping at most `max_len` events per stream (at least 1).
     pub fn new(max_len: u64) -> Self {
         Self {
@@ -608,21 +633,9 @@ impl EventLog for InMemoryLog {
         group: &str,
         sequences: &[u64],
     ) -> Result<u64, EventBusError> {
-        check_stream(stream)?;
-        check_name("group", group)?;
-        check_batch("sequences", sequences.len())?;
-        let mut streams = self.streams.lock();
-        let Some(state) = streams
-            .get_mut(stream)
-            .and_then(|s| s.groups.get_mut(group))
-        else {
-            return Ok(0);
-        };
-        let acked = sequences
-            .iter()
-            .filter(|s| state.pending.remove(s).is_some())
-            .count();
-        Ok(acked as u64)
+        self.with_pending(stream, group, sequences, |pending, s| {
+            pending.remove(&s).is_some()
+        })
     }
 
     async fn release(
@@ -631,24 +644,9 @@ impl EventLog for InMemoryLog {
         group: &str,
         sequences: &[u64],
     ) -> Result<u64, EventBusError> {
-        check_stream(stream)?;
-        check_name("group", group)?;
-        check_batch("sequences", sequences.len())?;
-        let mut streams = self.streams.lock();
-        let Some(state) = streams
-            .get_mut(stream)
-            .and_then(|s| s.groups.get_mut(group))
-        else {
-            return Ok(0);
-        };
-        let mut released = 0;
-        for s in sequences {
-            if let Some(p) = state.pending.get_mut(s) {
-                p.delivered_at_ms = 0;
-                released += 1;
-            }
-        }
-        Ok(released)
+        self.with_pending(stream, group, sequences, |pending, s| {
+            pending.get_mut(&s).map(|p| p.delivered_at_ms = 0).is_some()
+        })
     }
 
     async fn claim_stalled(

@@ -93,12 +93,7 @@ impl From<AlgorithmArg> for pb::Algorithm {
     }
 }
 
-pub(crate) fn proto_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
-}
+pub(crate) use agentmesh_runtime::wire::duration_to_proto as proto_duration;
 
 fn format_duration(d: Option<&prost_types::Duration>) -> String {
     match d {

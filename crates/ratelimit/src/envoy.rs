@@ -40,6 +40,8 @@ pub use rls::rate_limit_service_server::SERVICE_NAME;
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
 use crate::limiter::{CheckItem, CheckOutcome, LimitRef};
+use agentmesh_runtime::wire::duration_to_proto;
+
 use crate::metrics::{ItemNamespaces, RateLimitMetrics};
 use crate::spec::{
     Algorithm, LimitSpec, MAX_ITEMS, MAX_KEY_LEN, MAX_NAMESPACE_LEN, MAX_POLICY_NAME_LEN,
@@ -545,13 +547,5 @@ fn for_descriptors(err: RateLimitError, item_descriptors: &[usize]) -> RateLimit
             name,
         },
         other => other,
-    }
-}
-
-/// A proto duration; saturates at the largest value proto allows.
-fn duration_to_proto(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
     }
 }

@@ -1056,19 +1056,7 @@ fn decode_item(i: usize, item: pb::CheckItem, violations: &mut Vec<FieldViolatio
     }
 }
 
-fn duration_from_proto(d: &prost_types::Duration) -> Option<Duration> {
-    let secs = u64::try_from(d.seconds).ok()?;
-    let nanos = u32::try_from(d.nanos).ok().filter(|n| *n < 1_000_000_000)?;
-    Some(Duration::new(secs, nanos))
-}
-
-/// A proto duration; saturates at the largest value proto allows.
-pub(crate) fn duration_to_proto(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
-}
+pub(crate) use agentmesh_runtime::wire::{duration_from_proto, duration_to_proto};
 
 fn encode_response(outcomes: &[CheckOutcome], instance_id: &str) -> pb::CheckResponse {
     let results: Vec<pb::CheckResult> = outcomes

@@ -20,6 +20,7 @@ pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+pub mod wire;
 
 pub use client::{ClientChannel, ClientConfig, connect_lazy};
 pub use metrics::Metrics;

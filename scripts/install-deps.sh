@@ -24,5 +24,6 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 protoc --version
-etcd --version | head -1
+v="$(etcd --version)"
+echo "${v%%$'\n'*}"
 redis-server --version

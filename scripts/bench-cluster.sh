@@ -49,11 +49,20 @@ echo "| load | in flight | calls/s | decisions/s | p50 µs | p99 µs | p99.9 µs
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 base=$(bench redis-script --redis redis://127.0.0.1:63791 --concurrency 64)
 row "baseline: token-bucket Lua script per decision, from the client" "$base"
+row "baseline at 1600 decisions in flight (as many as the 100-item rows below)" \
+  "$(bench redis-script --redis redis://127.0.0.1:63791 --concurrency 1600)"
 owner=$(bench ratelimit --addr "$addrs" --connections 1 --concurrency 64 --consistency owner)
 row "OWNER, unary Check (1 item)" "$owner"
 row "OWNER, Check of 100 items" "$(bench ratelimit --addr "$addrs" --connections 1 --concurrency 16 --batch 100 --consistency owner)"
 row "STRICT, unary Check (1 item)" "$(bench ratelimit --addr "$addrs" --connections 1 --concurrency 64 --consistency strict)"
 row "STRICT, Check of 100 items" "$(bench ratelimit --addr "$addrs" --connections 1 --concurrency 16 --batch 100 --consistency strict)"
+stream=$(bench ratelimit --addr "$addrs" --connections 1 --concurrency 64 --stream --consistency owner)
+row "OWNER, StreamCheck (1 item per message, 64 streams)" "$stream"
+row "OWNER, StreamCheck of 16 items (4 streams: 64 decisions in flight)" \
+  "$(bench ratelimit --addr "$addrs" --connections 1 --concurrency 4 --batch 16 --stream --consistency owner)"
+shalf=$(python3 -c "import json,sys; print(int(json.loads(sys.argv[1])['calls_per_sec']/2))" "$stream")
+row "OWNER StreamCheck at half of its peak ($shalf/s; 2/3 of checks forwarded)" \
+  "$(bench ratelimit --addr "$addrs" --connections 1 --concurrency 64 --stream --consistency owner --rate "$shalf")"
 half=$(python3 -c "import json,sys; print(int(json.loads(sys.argv[1])['calls_per_sec']/2))" "$owner")
 row "OWNER at half of its peak ($half/s, open loop; 2/3 of checks forwarded)" \
   "$(bench ratelimit --addr "$addrs" --connections 1 --concurrency 64 --consistency owner --rate "$half")"

@@ -138,9 +138,10 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         request: Request<Streaming<pb::StreamCheckRequest>>,
     ) -> Result<Response<Self::StreamCheckStream>, Status> {
         let deadline = deadline_of(&request);
+        let count = !request.metadata().contains_key(FORWARDED_HEADER);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(self.clone().serve_stream(inbound, tx, deadline));
+        tokio::spawn(self.clone().serve_stream(inbound, tx, deadline, count));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -883,19 +884,21 @@ fn encode_policy(p: &ScopedPolicy) -> pb::Policy {
 
 impl RateLimiterGrpc {
     /// Answers a StreamCheck stream: up to [`STREAM_IN_FLIGHT`] requests are decided at once
-    /// and answered as they finish; a stream error from the caller ends it.
+    /// and answered as they finish; a stream error from the caller ends it. `count` is false on
+    /// a peer's forward stream (the instance the client called counts those decisions).
     async fn serve_stream(
         self,
         mut inbound: Streaming<pb::StreamCheckRequest>,
         tx: mpsc::Sender<Result<pb::StreamCheckResponse, Status>>,
         deadline: Option<Instant>,
+        count: bool,
     ) {
         let mut in_flight = FuturesUnordered::new();
         let mut open = true;
         while open || !in_flight.is_empty() {
             tokio::select! {
                 message = inbound.next(), if open && in_flight.len() < STREAM_IN_FLIGHT => match message {
-                    Some(Ok(message)) => in_flight.push(self.answer(message, deadline)),
+                    Some(Ok(message)) => in_flight.push(self.answer(message, deadline, count)),
                     Some(Err(status)) => {
                         let _ = tx.send(Err(status)).await;
                         return;
@@ -916,10 +919,11 @@ impl RateLimiterGrpc {
         &self,
         message: pb::StreamCheckRequest,
         deadline: Option<Instant>,
+        count: bool,
     ) -> pb::StreamCheckResponse {
         let id = message.id;
         let result = match message.request {
-            Some(request) => self.check(request, deadline, true).await,
+            Some(request) => self.check(request, deadline, count).await,
             None => Err(RateLimitError::invalid("request", "required")),
         };
         match result {

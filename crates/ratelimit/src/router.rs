@@ -3,12 +3,12 @@
 //! - **LOCAL**: the in-process [`Limiter`].
 //! - **OWNER**: the instance that owns `(namespace, key)` on the rendezvous hash ring of live
 //!   rate-limiter members. Items this instance owns are decided locally; the others are
-//!   forwarded to their owner through a per-peer batcher: a request is sent at once when the
-//!   peer has a free slot (at most [`PEER_IN_FLIGHT`] requests in flight), and requests that
-//!   queue while it is busy are coalesced into one (at most 1000 items) — batching grows with
-//!   load and never waits on a timer. One slot measured best on a 2-core machine (fewer, larger
-//!   forwards: 26.5k checks/s and p99 4.0 ms at half load, against 23.8k/s and 5.2 ms with two
-//!   and 22.4k/s with eight). The owner decides forwarded items locally.
+//!   forwarded to their owner over one long-lived `StreamCheck` stream per peer: a forward is
+//!   written as soon as the batcher takes it, and forwards that queued meanwhile are coalesced
+//!   into one message (at most 1000 items) — batching grows with load and never waits on a
+//!   timer; answers come back by id in any order. A stream message costs a fraction of a unary
+//!   call (no HTTP/2 stream set-up, headers or per-call span); see BENCHMARKS.md. The owner
+//!   decides forwarded items locally and does not count them again.
 //! - **STRICT**: atomically in Redis ([`RedisStrict`], GCRA on Redis's clock).
 //!
 //! A forward or Redis call gets a budget (default 5 ms) that never exceeds the caller's
@@ -28,7 +28,7 @@ use agentmesh_proto::ratelimit::v1 as pb;
 use agentmesh_runtime::{ClientChannel, ClientConfig, Metrics};
 use parking_lot::Mutex;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::budget::{
     BudgetError, BudgetKey, BudgetLedger, BudgetSpec, BudgetWindow, ListedBudget, Usage,
@@ -43,8 +43,14 @@ use crate::strict::{RedisStrict, StrictDecision, StrictItem};
 
 /// Default time a forward or a Redis call may take.
 pub const DEFAULT_BUDGET: Duration = Duration::from_millis(5);
-/// Requests in flight to one peer before further forwards are coalesced (see the module docs).
-pub const PEER_IN_FLIGHT: usize = 1;
+/// Forward messages buffered on one peer stream before new forwards fail over.
+const PEER_STREAM_BUFFER: usize = 1024;
+/// Time a peer has to open the forward stream.
+const PEER_OPEN_TIMEOUT: Duration = Duration::from_millis(250);
+/// How often batches whose callers gave up are dropped.
+const PEER_SWEEP: Duration = Duration::from_millis(100);
+/// An unanswered forward this old means the stream is stuck: it is dropped and reopened.
+const PEER_STALL: Duration = Duration::from_secs(1);
 /// Forwards queued for one peer before new ones fail over to the failure policy.
 const PEER_QUEUE: usize = 4096;
 /// Items in one forwarded request.
@@ -1431,20 +1437,97 @@ impl PeerBatcher {
     }
 }
 
-/// Takes jobs as slots free up; jobs that queued meanwhile travel together.
+/// A batch sent on the peer stream and not answered yet.
+struct Sent {
+    at: Instant,
+    jobs: Vec<Job>,
+}
+
+/// The open `StreamCheck` stream to one peer.
+struct PeerLink {
+    outbound: mpsc::Sender<pb::StreamCheckRequest>,
+    inbound: tonic::Streaming<pb::StreamCheckResponse>,
+}
+
+impl PeerLink {
+    /// Opens the stream, marked as forwards (the owner does not count their decisions).
+    async fn open(channel: ClientChannel) -> Result<Self, RateLimitError> {
+        let (outbound, rx) = mpsc::channel(PEER_STREAM_BUFFER);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request.metadata_mut().insert(
+            crate::grpc::FORWARDED_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        let mut client = pb::rate_limiter_client::RateLimiterClient::new(channel);
+        let opened = tokio::time::timeout(PEER_OPEN_TIMEOUT, client.stream_check(request)).await;
+        match opened {
+            Ok(Ok(response)) => Ok(Self {
+                outbound,
+                inbound: response.into_inner(),
+            }),
+            Ok(Err(status)) => Err(RateLimitError::Unavailable(format!(
+                "owner refused the forward stream: {:?}: {}",
+                status.code(),
+                status.message()
+            ))),
+            Err(_) => Err(RateLimitError::Unavailable(
+                "owner did not open the forward stream in time".to_owned(),
+            )),
+        }
+    }
+}
+
+/// The next answer on the link, or never when there is no link.
+async fn next_answer(
+    link: &mut Option<PeerLink>,
+) -> Result<Option<pb::StreamCheckResponse>, tonic::Status> {
+    match link {
+        Some(link) => link.inbound.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Forwards to one peer over one long-lived `StreamCheck` stream: a batch is written as soon
+/// as it is taken from the queue, and jobs that queued meanwhile travel together (at most
+/// [`MAX_FORWARD_ITEMS`] items; an all-or-nothing job alone). Answers come back by id, in any
+/// order. The stream is reopened on the next forward after it fails or stalls.
 async fn run_batcher(channel: ClientChannel, mut queue_rx: mpsc::Receiver<Job>) {
-    let slots = Arc::new(Semaphore::new(PEER_IN_FLIGHT));
+    let mut link: Option<PeerLink> = None;
+    let mut pending: HashMap<u64, Sent> = HashMap::new();
+    let mut next_id: u64 = 0;
     let mut carried: Option<Job> = None;
+    let mut sweep = tokio::time::interval(PEER_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let first = match carried.take() {
-            Some(job) => job,
-            None => match queue_rx.recv().await {
-                Some(job) => job,
-                None => return,
-            },
-        };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+        let first = if let Some(job) = carried.take() {
+            job
+        } else {
+            tokio::select! {
+                biased;
+                answer = next_answer(&mut link) => {
+                    match answer {
+                        Ok(Some(answer)) => settle(&mut pending, answer),
+                        Ok(None) => fail_all(&mut link, &mut pending, "owner closed the forward stream"),
+                        Err(status) => fail_all(
+                            &mut link,
+                            &mut pending,
+                            &format!("forward stream failed: {:?}: {}", status.code(), status.message()),
+                        ),
+                    }
+                    continue;
+                }
+                job = queue_rx.recv() => match job {
+                    Some(job) => job,
+                    None => return,
+                },
+                _ = sweep.tick(), if !pending.is_empty() => {
+                    pending.retain(|_, sent| sent.jobs.iter().any(|job| !job.reply_tx.is_closed()));
+                    if pending.values().any(|sent| sent.at.elapsed() > PEER_STALL) {
+                        fail_all(&mut link, &mut pending, "owner stopped answering forwards");
+                    }
+                    continue;
+                }
+            }
         };
         let mut batch = vec![first];
         if !batch[0].all_or_nothing {
@@ -1458,60 +1541,72 @@ async fn run_batcher(channel: ClientChannel, mut queue_rx: mpsc::Receiver<Job>) 
                 batch.push(job);
             }
         }
-        let client = pb::rate_limiter_client::RateLimiterClient::new(channel.clone());
-        tokio::spawn(async move {
-            send_batch(client, batch).await;
-            drop(slot);
-        });
+        let now = Instant::now();
+        batch.retain(|job| job.deadline > now && !job.reply_tx.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        if link.is_none() {
+            match PeerLink::open(channel.clone()).await {
+                Ok(opened) => link = Some(opened),
+                Err(e) => {
+                    reply_all(batch, &e.to_string());
+                    continue;
+                }
+            }
+        }
+        let Some(open) = link.as_ref() else { continue };
+        next_id = next_id.wrapping_add(1);
+        let all_or_nothing = batch.len() == 1 && batch[0].all_or_nothing;
+        let items: Vec<pb::CheckItem> = batch
+            .iter()
+            .flat_map(|job| job.items.iter())
+            .map(|item| pb::CheckItem {
+                consistency: pb::Consistency::Local as i32,
+                ..encode_item(item)
+            })
+            .collect();
+        let message = pb::StreamCheckRequest {
+            id: next_id,
+            request: Some(pb::CheckRequest {
+                items,
+                all_or_nothing,
+            }),
+        };
+        match open.outbound.try_send(message) {
+            Ok(()) => {
+                pending.insert(
+                    next_id,
+                    Sent {
+                        at: now,
+                        jobs: batch,
+                    },
+                );
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                reply_all(batch, "forward stream to the owner is full");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                reply_all(batch, "forward stream to the owner closed");
+                fail_all(
+                    &mut link,
+                    &mut pending,
+                    "forward stream to the owner closed",
+                );
+            }
+        }
     }
 }
 
-/// Sends one batch as one Check with every item forced LOCAL, and splits the answer.
-async fn send_batch(
-    mut client: pb::rate_limiter_client::RateLimiterClient<ClientChannel>,
-    batch: Vec<Job>,
-) {
-    let now = Instant::now();
-    let batch: Vec<Job> = batch
-        .into_iter()
-        .filter(|job| job.deadline > now && !job.reply_tx.is_closed())
-        .collect();
-    let Some(deadline) = batch.iter().map(|job| job.deadline).min() else {
-        return;
+/// Hands one answer to the jobs of its batch.
+fn settle(pending: &mut HashMap<u64, Sent>, answer: pb::StreamCheckResponse) {
+    let Some(sent) = pending.remove(&answer.id) else {
+        return; // given up on already
     };
-    let all_or_nothing = batch.len() == 1 && batch[0].all_or_nothing;
-    let items: Vec<pb::CheckItem> = batch
-        .iter()
-        .flat_map(|job| job.items.iter())
-        .map(|item| pb::CheckItem {
-            consistency: pb::Consistency::Local as i32,
-            ..encode_item(item)
-        })
-        .collect();
-    let mut request = tonic::Request::new(pb::CheckRequest {
-        items,
-        all_or_nothing,
-    });
-    request.set_timeout(deadline.saturating_duration_since(now));
-    request.metadata_mut().insert(
-        crate::grpc::FORWARDED_HEADER,
-        tonic::metadata::MetadataValue::from_static("1"),
-    );
-    let result = match tokio::time::timeout_at(deadline.into(), client.check(request)).await {
-        Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => Err(RateLimitError::Unavailable(format!(
-            "owner answered {:?}: {}",
-            status.code(),
-            status.message()
-        ))),
-        Err(_) => Err(RateLimitError::Unavailable(
-            "owner did not answer within the budget".to_owned(),
-        )),
-    };
-    match result {
-        Ok(response) => {
+    match answer.response {
+        Some(response) => {
             let mut results = response.results.into_iter();
-            for job in batch {
+            for job in sent.jobs {
                 let outcomes: Vec<CheckOutcome> = results
                     .by_ref()
                     .take(job.items.len())
@@ -1520,14 +1615,29 @@ async fn send_batch(
                 let _ = job.reply_tx.send(Ok(outcomes));
             }
         }
-        Err(e) => {
-            let message = e.to_string();
-            for job in batch {
-                let _ = job
-                    .reply_tx
-                    .send(Err(RateLimitError::Unavailable(message.clone())));
-            }
+        None => {
+            let message = answer.error.map_or_else(
+                || "owner answered without a result".to_owned(),
+                |e| format!("owner answered code {}: {}", e.code, e.message),
+            );
+            reply_all(sent.jobs, &message);
         }
+    }
+}
+
+/// Drops the link and fails every batch waiting on it.
+fn fail_all(link: &mut Option<PeerLink>, pending: &mut HashMap<u64, Sent>, reason: &str) {
+    *link = None;
+    for (_, sent) in pending.drain() {
+        reply_all(sent.jobs, reason);
+    }
+}
+
+fn reply_all(jobs: Vec<Job>, reason: &str) {
+    for job in jobs {
+        let _ = job
+            .reply_tx
+            .send(Err(RateLimitError::Unavailable(reason.to_owned())));
     }
 }
 

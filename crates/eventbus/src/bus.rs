@@ -17,14 +17,15 @@
 //! * **Request/reply**: a request is published with a reply subject `_INBOX.<token>.<n>`
 //!   answered in memory; "no responders" when no group is interested in the subject.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::cluster::{Backplane, ClusterView, Forward, Inbound, Interest, pick_weighted};
 use crate::consumer::{
     AckPolicy, AdvisoryKind, AdvisoryOut, Consumer, ConsumerOptions, DeadReason, Effects,
     GroupSettings, GroupSnapshot, MemberInfo, Outbound, Pending,
@@ -136,6 +137,12 @@ pub struct BusCounters {
     pub no_interest: AtomicU64,
     /// Log failures in background work (acks, reads, dead letters).
     pub log_errors: AtomicU64,
+    /// Ephemeral events handed to other instances (one per instance).
+    pub forwarded_out: AtomicU64,
+    /// Ephemeral events other instances handed to this one.
+    pub forwarded_in: AtomicU64,
+    /// Forwards the backplane could not take (dropped: ephemeral delivery is at most once).
+    pub forward_dropped: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -207,6 +214,16 @@ struct Inner {
     group_rates: Mutex<HashMap<u64, (u64, f64)>>,
     counters: BusCounters,
     last_shed_advisory: Mutex<HashMap<u64, u64>>,
+    cluster: Option<ClusterState>,
+}
+
+/// This instance's part of cluster-wide ephemeral delivery (see [`crate::cluster`]).
+struct ClusterState {
+    backplane: Arc<dyn Backplane>,
+    remotes: Mutex<HashMap<String, Vec<Interest>>>,
+    view: RwLock<Arc<ClusterView>>,
+    /// Signalled when this instance's interests change.
+    changed: Arc<Notify>,
 }
 
 /// A weak handle on a [`Bus`].
@@ -237,7 +254,38 @@ impl Bus {
     /// A bus over `log` (durable subjects); spawns its housekeeping task (ack deadlines,
     /// delayed redeliveries, expiry, rates, retention), which ends when the bus is dropped.
     pub fn new(config: BusConfig, log: Arc<dyn EventLog>) -> Self {
+        Self::build(config, log, None)
+    }
+
+    /// A bus that shares ephemeral events with other instances over `backplane`; `inbound`
+    /// is what the backplane hands to this instance (see [`crate::cluster`]).
+    pub fn with_cluster(
+        config: BusConfig,
+        log: Arc<dyn EventLog>,
+        backplane: Arc<dyn Backplane>,
+        inbound: mpsc::Receiver<Inbound>,
+    ) -> Self {
+        Self::build(config, log, Some((backplane, inbound)))
+    }
+
+    fn build(
+        config: BusConfig,
+        log: Arc<dyn EventLog>,
+        cluster: Option<(Arc<dyn Backplane>, mpsc::Receiver<Inbound>)>,
+    ) -> Self {
         let token = new_ulid(now_ms());
+        let (cluster, inbound) = match cluster {
+            Some((backplane, inbound)) => (
+                Some(ClusterState {
+                    backplane,
+                    remotes: Mutex::new(HashMap::new()),
+                    view: RwLock::new(Arc::new(ClusterView::default())),
+                    changed: Arc::new(Notify::new()),
+                }),
+                Some(inbound),
+            ),
+            None => (None, None),
+        };
         let inner = Arc::new(Inner {
             dedup: DedupWindow::new(config.dedup_window, config.dedup_max_entries),
             config,
@@ -253,8 +301,16 @@ impl Bus {
             group_rates: Mutex::new(HashMap::new()),
             counters: BusCounters::default(),
             last_shed_advisory: Mutex::new(HashMap::new()),
+            cluster,
         });
         tokio::spawn(housekeeping(Arc::downgrade(&inner)));
+        if let (Some(cluster), Some(inbound)) = (&inner.cluster, inbound) {
+            tokio::spawn(cluster_inbound(Arc::downgrade(&inner), inbound));
+            tokio::spawn(cluster_advertise(
+                Arc::downgrade(&inner),
+                cluster.changed.clone(),
+            ));
+        }
         Self { inner }
     }
 
@@ -437,7 +493,7 @@ impl Bus {
             .published_ephemeral
             .fetch_add(1, Ordering::Relaxed);
         let id = event.id.clone();
-        self.deliver(&Arc::new(event), now);
+        self.route(Arc::new(event), now);
         Ok(PublishOutcome {
             id,
             duplicate: false,
@@ -446,32 +502,41 @@ impl Bus {
         })
     }
 
-    /// Offers an ephemeral event to every interested group; returns how many there were.
-    fn deliver(&self, event: &Arc<Event>, now: u64) -> usize {
-        let inner = &self.inner;
-        if event.subject.starts_with(INBOX_PREFIX) {
-            let waiter = inner.inboxes.lock().remove(&event.subject);
-            if let Some(tx) = waiter {
+    /// Hands an ephemeral event to a waiting request of this instance; true if one took it.
+    fn answer_inbox(&self, event: &Arc<Event>) -> bool {
+        if !event.subject.starts_with(INBOX_PREFIX) {
+            return false;
+        }
+        let waiter = self.inner.inboxes.lock().remove(&event.subject);
+        match waiter {
+            Some(tx) => {
                 let responder = event.headers.get("responder").cloned().unwrap_or_default();
                 let _ = tx.send((Event::clone(event), responder));
-                return 1;
+                true
             }
+            None => false,
         }
+    }
+
+    /// The local groups interested in `subject`.
+    fn local_groups(&self, subject: &str) -> Vec<Arc<Consumer>> {
+        let inner = &self.inner;
         let mut ids: Vec<u64> = Vec::new();
         inner
             .index
             .read()
-            .for_each_match(&event.subject, |id| ids.push(*id));
+            .for_each_match(subject, |id| ids.push(*id));
         if ids.is_empty() {
-            inner.counters.no_interest.fetch_add(1, Ordering::Relaxed);
-            return 0;
+            return Vec::new();
         }
-        let groups: Vec<Arc<Consumer>> = {
-            let map = inner.groups.read();
-            ids.iter().filter_map(|id| map.get(id).cloned()).collect()
-        };
+        let map = inner.groups.read();
+        ids.iter().filter_map(|id| map.get(id).cloned()).collect()
+    }
+
+    /// Offers an ephemeral event to `groups` (every member of each for broadcast subjects).
+    fn offer_to(&self, groups: &[Arc<Consumer>], event: &Arc<Event>, now: u64) {
         let broadcast = event.subject.starts_with(BROADCAST_PREFIX);
-        for group in &groups {
+        for group in groups {
             let effects = if broadcast {
                 group.offer_to_all(event, now)
             } else {
@@ -486,7 +551,131 @@ impl Bus {
             };
             self.apply(group, effects);
         }
-        groups.len()
+    }
+
+    /// Delivers an ephemeral event accepted here: to this instance's subscriptions and, in a
+    /// cluster, to the other instances' (each queue group gets it once cluster-wide). Returns
+    /// how many groups and instances it went to.
+    fn route(&self, event: Arc<Event>, now: u64) -> usize {
+        if self.answer_inbox(&event) {
+            return 1;
+        }
+        let inner = &self.inner;
+        let mut local = self.local_groups(&event.subject);
+        let view = inner.cluster.as_ref().map(|c| c.view.read().clone());
+        let mut sent = 0;
+        if let Some(view) = view.filter(|v| !v.is_empty()) {
+            let (forwards, skip) = plan_forwards(&view, &local, &event);
+            if !skip.is_empty() {
+                local.retain(|g| cluster_group(g).is_none_or(|id| !skip.contains(id)));
+            }
+            sent = self.send_forwards(forwards, &event);
+        }
+        if local.is_empty() && sent == 0 {
+            inner.counters.no_interest.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+        self.offer_to(&local, &event, now);
+        local.len() + sent
+    }
+
+    fn send_forwards(
+        &self,
+        forwards: HashMap<String, (bool, Vec<String>)>,
+        event: &Event,
+    ) -> usize {
+        let Some(cluster) = &self.inner.cluster else {
+            return 0;
+        };
+        let counters = &self.inner.counters;
+        let mut sent = 0;
+        for (to, (plain, groups)) in forwards {
+            let forward = Forward {
+                from: self.inner.config.instance_id.clone(),
+                event: event.clone(),
+                plain,
+                groups,
+            };
+            if cluster.backplane.send(&to, forward) {
+                counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
+                sent += 1;
+            } else {
+                counters.forward_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        sent
+    }
+
+    /// Delivers an event another instance routed here, to the subscriptions it was meant for.
+    pub fn accept_forward(&self, forward: Forward) {
+        let inner = &self.inner;
+        inner.counters.forwarded_in.fetch_add(1, Ordering::Relaxed);
+        let event = Arc::new(forward.event);
+        if self.answer_inbox(&event) {
+            return;
+        }
+        let broadcast = event.subject.starts_with(BROADCAST_PREFIX);
+        let mut groups = self.local_groups(&event.subject);
+        if !broadcast {
+            groups.retain(|g| match cluster_group(g) {
+                None => forward.plain,
+                Some(id) => forward.groups.iter().any(|f| f == id),
+            });
+        }
+        if groups.is_empty() {
+            inner.counters.no_interest.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.offer_to(&groups, &event, now_ms());
+    }
+
+    /// This instance's interests, as advertised to the others.
+    fn interests(&self) -> Vec<Interest> {
+        let inner = &self.inner;
+        let groups: Vec<Arc<Consumer>> = inner.groups.read().values().cloned().collect();
+        let mut plain: HashSet<String> = HashSet::new();
+        let mut out = Vec::new();
+        for g in groups {
+            let members = g.member_count();
+            if members == 0 || g.is_closed() {
+                continue;
+            }
+            match cluster_group(&g) {
+                Some(id) => out.push(Interest {
+                    filter: g.options.filter.as_str().to_owned(),
+                    group: Some(id.to_owned()),
+                    members: u32::try_from(members).unwrap_or(u32::MAX),
+                }),
+                None => {
+                    plain.insert(g.options.filter.as_str().to_owned());
+                }
+            }
+        }
+        plain.insert(format!("{INBOX_PREFIX}{}.>", inner.inbox_token));
+        out.extend(plain.into_iter().map(|filter| Interest {
+            filter,
+            group: None,
+            members: 1,
+        }));
+        out.sort_by(|a, b| (&a.filter, &a.group).cmp(&(&b.filter, &b.group)));
+        out
+    }
+
+    /// Tells the advertiser this instance's interests changed.
+    fn interests_changed(&self) {
+        if let Some(cluster) = &self.inner.cluster {
+            cluster.changed.notify_one();
+        }
+    }
+
+    /// Whether a subscription anywhere in the cluster matches `subject`.
+    fn anyone_interested(&self, subject: &str) -> bool {
+        self.inner.index.read().has_match(subject)
+            || self
+                .inner
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.view.read().has_match(subject))
     }
 
     fn count_subject(&self, subject: &str, duplicate: bool) {
@@ -602,7 +791,7 @@ impl Bus {
             .log
             .append(&event.subject, &event, Duration::ZERO)
             .await?;
-        self.deliver(&Arc::new(event), now);
+        self.route(Arc::new(event), now);
         Ok(())
     }
 
@@ -637,7 +826,7 @@ impl Bus {
         };
         // Never offered back to the group that shed (it would only shed more).
         if !group.options.filter.matches(SHED_ADVISORY_SUBJECT) {
-            self.deliver(&Arc::new(advisory), now);
+            self.route(Arc::new(advisory), now);
         }
     }
 
@@ -741,6 +930,7 @@ impl Bus {
             now_ms(),
         );
         self.apply(&group, effects);
+        self.interests_changed();
         Ok(Subscription {
             id: subscription_id,
             stream,
@@ -767,6 +957,7 @@ impl Bus {
         if tokio::runtime::Handle::try_current().is_ok() {
             self.apply(group, effects);
         }
+        self.interests_changed();
     }
 
     /// Publishes `event` with a fresh reply subject and waits up to `timeout` for one reply.
@@ -779,8 +970,7 @@ impl Bus {
         timeout: Duration,
     ) -> Result<(Event, String), EventBusError> {
         let (mut event, generated) = self.prepare(event, "event")?;
-        let interested = self.inner.index.read().has_match(&event.subject);
-        if !interested {
+        if !self.anyone_interested(&event.subject) {
             return Err(EventBusError::NoResponders(event.subject));
         }
         let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -1149,6 +1339,122 @@ fn group_label(group: &Consumer) -> String {
 }
 
 /// Reads a durable stream for one group, as far as its queue has room.
+/// The cluster-wide identity of a named group (`q:<group>|<filter>`); `None` without a name.
+fn cluster_group(group: &Consumer) -> Option<&str> {
+    (group.options.queue_group.is_some() || group.options.durable_name.is_some())
+        .then_some(group.log_group.as_str())
+}
+
+/// Which instances get `event` (instance → (plain subscriptions, chosen groups)), and the
+/// local named groups that another instance was chosen for.
+fn plan_forwards<'a>(
+    view: &'a ClusterView,
+    local: &'a [Arc<Consumer>],
+    event: &Event,
+) -> (HashMap<String, (bool, Vec<String>)>, HashSet<String>) {
+    let broadcast = event.subject.starts_with(BROADCAST_PREFIX);
+    let mut forwards: HashMap<String, (bool, Vec<String>)> = HashMap::new();
+    // Candidates per named group: `None` is this instance.
+    let mut named: HashMap<&'a str, Vec<(Option<&'a str>, u32)>> = HashMap::new();
+    view.for_each_match(&event.subject, |instance, interest| {
+        match (&interest.group, broadcast) {
+            (None, _) | (Some(_), true) => {
+                forwards.entry(instance.to_owned()).or_default().0 = true;
+            }
+            (Some(group), false) => named
+                .entry(group.as_str())
+                .or_default()
+                .push((Some(instance), interest.members)),
+        }
+    });
+    let mut skip = HashSet::new();
+    if broadcast {
+        return (forwards, skip);
+    }
+    for g in local {
+        if let Some(id) = cluster_group(g) {
+            named
+                .entry(id)
+                .or_default()
+                .push((None, u32::try_from(g.member_count()).unwrap_or(u32::MAX)));
+        }
+    }
+    let hash = xxhash_rust::xxh3::xxh3_64(event.id.as_bytes());
+    for (group, candidates) in named {
+        if candidates.iter().all(|(who, _)| who.is_none()) {
+            continue;
+        }
+        let group_hash = hash ^ xxhash_rust::xxh3::xxh3_64(group.as_bytes());
+        match pick_weighted(&candidates, group_hash) {
+            Some(Some(instance)) => {
+                forwards
+                    .entry(instance.to_owned())
+                    .or_default()
+                    .1
+                    .push(group.to_owned());
+                skip.insert(group.to_owned());
+            }
+            Some(None) | None => {}
+        }
+    }
+    forwards.retain(|_, (plain, groups)| *plain || !groups.is_empty());
+    (forwards, skip)
+}
+
+/// Applies what the backplane hands over, while the bus lives.
+async fn cluster_inbound(inner: Weak<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
+    while let Some(message) = inbound.recv().await {
+        let Some(inner) = inner.upgrade() else { return };
+        let bus = Bus { inner };
+        match message {
+            Inbound::Forward(forward) => bus.accept_forward(forward),
+            Inbound::Interests {
+                instance,
+                interests,
+            } => {
+                let Some(cluster) = &bus.inner.cluster else {
+                    return;
+                };
+                if instance == bus.inner.config.instance_id {
+                    continue;
+                }
+                let view = {
+                    let mut remotes = cluster.remotes.lock();
+                    if interests.is_empty() {
+                        remotes.remove(&instance);
+                    } else {
+                        remotes.insert(instance, interests);
+                    }
+                    ClusterView::new(&remotes)
+                };
+                *cluster.view.write() = Arc::new(view);
+            }
+        }
+    }
+}
+
+/// Advertises this instance's interests when they change (and at start), while the bus lives.
+async fn cluster_advertise(inner: Weak<Inner>, changed: Arc<Notify>) {
+    let mut last: Option<Vec<Interest>> = None;
+    loop {
+        {
+            let Some(inner) = inner.upgrade() else { return };
+            let bus = Bus { inner };
+            let interests = bus.interests();
+            if last.as_ref() != Some(&interests) {
+                if let Some(cluster) = &bus.inner.cluster {
+                    cluster.backplane.advertise(interests.clone());
+                }
+                last = Some(interests);
+            }
+        }
+        tokio::select! {
+            () = changed.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 async fn read_durable(inner: Weak<Inner>, group: Arc<Consumer>, stream: String) {
     let min_idle = group.options.ack_wait + Duration::from_secs(1);
     let claim_every = (group.options.ack_wait / 2).max(Duration::from_millis(500));

@@ -399,7 +399,12 @@ impl Consumer {
         (false, effects)
     }
 
-    /// Whether the group has been closed (its last member left).
+    /// Members subscribed now.
+    pub fn member_count(&self) -> usize {
+        self.state.lock().members.len()
+    }
+
+    /// Whether the group was closed (its last member left).
     pub fn is_closed(&self) -> bool {
         self.state.lock().closed
     }

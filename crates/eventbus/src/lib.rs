@@ -7,6 +7,7 @@
 //! [`redis_log`]).
 
 pub mod bus;
+pub mod cluster;
 pub mod consumer;
 pub mod dedup;
 pub mod error;

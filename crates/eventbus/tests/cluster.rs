@@ -1,0 +1,236 @@
+//! Cluster-wide ephemeral delivery between buses joined over the in-memory backplane.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentmesh_eventbus::cluster::InMemoryHub;
+use agentmesh_eventbus::log::{InMemoryLog, StartPosition};
+use agentmesh_eventbus::subject::SubjectFilter;
+use agentmesh_eventbus::{
+    AckPolicy, Bus, BusConfig, ConsumerOptions, Event, EventBusError, Outbound, Priority,
+    Subscription,
+};
+
+fn bus(hub: &InMemoryHub, id: &str) -> Bus {
+    let (plane, inbound) = hub.join(id);
+    Bus::with_cluster(
+        BusConfig::new(id),
+        Arc::new(InMemoryLog::new(1000)),
+        plane,
+        inbound,
+    )
+}
+
+fn options(filter: &str, group: Option<&str>) -> ConsumerOptions {
+    ConsumerOptions {
+        filter: SubjectFilter::parse("f", filter).unwrap(),
+        queue_group: group.map(str::to_owned),
+        types: Vec::new(),
+        headers: Vec::new(),
+        min_priority: Priority::Low,
+        max_in_flight: 10_000,
+        ack_wait: Duration::from_secs(30),
+        max_deliveries: 5,
+        backoff: Vec::new(),
+        dead_letter_subject: "sys.deadletter".into(),
+        ack_policy: AckPolicy::Explicit,
+        durable_name: None,
+    }
+}
+
+async fn subscribe(bus: &Bus, filter: &str, group: Option<&str>) -> Subscription {
+    bus.subscribe(options(filter, group), StartPosition::New)
+        .await
+        .unwrap()
+}
+
+fn event(subject: &str, id: &str) -> Event {
+    Event {
+        id: id.to_owned(),
+        subject: subject.to_owned(),
+        data: bytes::Bytes::from_static(b"x"),
+        ..Event::default()
+    }
+}
+
+/// Gives the buses time to exchange their interests.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Drains what arrives within `wait`.
+async fn drain(sub: &mut Subscription, wait: Duration) -> Vec<Arc<Event>> {
+    let mut out = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(wait, sub.rx.recv()).await {
+        if let Outbound::Delivery(d) = message {
+            out.push(d.event);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn test_a_subscriber_on_another_instance_gets_events_published_here() {
+    let hub = InMemoryHub::new();
+    let a = bus(&hub, "a");
+    let b = bus(&hub, "b");
+    let mut on_a = subscribe(&a, "orders.*", None).await;
+    let mut on_b = subscribe(&b, "orders.>", None).await;
+    settle().await;
+    for i in 0..10 {
+        a.publish(event("orders.new", &format!("e{i}")))
+            .await
+            .unwrap();
+    }
+    let got_a = drain(&mut on_a, Duration::from_millis(100)).await;
+    let got_b = drain(&mut on_b, Duration::from_millis(100)).await;
+    assert_eq!(got_a.len(), 10);
+    assert_eq!(got_b.len(), 10);
+    assert_eq!(got_b[3].id, "e3", "order is kept per publisher");
+    assert_eq!(
+        a.counters()
+            .forwarded_out
+            .load(std::sync::atomic::Ordering::Relaxed),
+        10
+    );
+    assert_eq!(
+        b.counters()
+            .forwarded_in
+            .load(std::sync::atomic::Ordering::Relaxed),
+        10
+    );
+}
+
+#[tokio::test]
+async fn test_a_queue_group_spread_over_instances_gets_each_event_once() {
+    let hub = InMemoryHub::new();
+    let a = bus(&hub, "a");
+    let b = bus(&hub, "b");
+    let c = bus(&hub, "c");
+    let mut w_a = subscribe(&a, "jobs.>", Some("workers")).await;
+    let mut w_b1 = subscribe(&b, "jobs.>", Some("workers")).await;
+    let mut w_b2 = subscribe(&b, "jobs.>", Some("workers")).await;
+    // Another group and a plain subscriber on the same subjects get everything.
+    let mut audit = subscribe(&c, "jobs.>", Some("audit")).await;
+    let mut tap = subscribe(&c, "jobs.*", None).await;
+    settle().await;
+    for i in 0..300 {
+        c.publish(event("jobs.run", &format!("j{i}")))
+            .await
+            .unwrap();
+    }
+    let wait = Duration::from_millis(100);
+    let (na, nb1, nb2) = (
+        drain(&mut w_a, wait).await.len(),
+        drain(&mut w_b1, wait).await.len(),
+        drain(&mut w_b2, wait).await.len(),
+    );
+    assert_eq!(na + nb1 + nb2, 300, "a={na} b1={nb1} b2={nb2}");
+    // Weighted by members: b has two of the three.
+    assert!((50..150).contains(&na), "a={na}");
+    assert!(nb1 > 0 && nb2 > 0);
+    assert_eq!(drain(&mut audit, wait).await.len(), 300);
+    assert_eq!(drain(&mut tap, wait).await.len(), 300);
+}
+
+#[tokio::test]
+async fn test_broadcast_reaches_every_member_on_every_instance() {
+    let hub = InMemoryHub::new();
+    let a = bus(&hub, "a");
+    let b = bus(&hub, "b");
+    let mut g_a = subscribe(&a, "sys.broadcast.>", Some("g")).await;
+    let mut g_b1 = subscribe(&b, "sys.broadcast.>", Some("g")).await;
+    let mut g_b2 = subscribe(&b, "sys.broadcast.>", Some("g")).await;
+    settle().await;
+    a.publish(event("sys.broadcast.reload", "r1"))
+        .await
+        .unwrap();
+    let wait = Duration::from_millis(100);
+    assert_eq!(drain(&mut g_a, wait).await.len(), 1);
+    assert_eq!(drain(&mut g_b1, wait).await.len(), 1);
+    assert_eq!(drain(&mut g_b2, wait).await.len(), 1);
+}
+
+#[tokio::test]
+async fn test_a_request_is_answered_by_a_responder_on_another_instance() {
+    let hub = InMemoryHub::new();
+    let a = bus(&hub, "a");
+    let b = bus(&hub, "b");
+    assert!(matches!(
+        a.request(event("svc.echo", ""), Duration::from_secs(1))
+            .await,
+        Err(EventBusError::NoResponders(_))
+    ));
+    let mut responder = subscribe(&b, "svc.echo", Some("echo")).await;
+    settle().await;
+    let serve = tokio::spawn(async move {
+        while let Some(message) = responder.rx.recv().await {
+            if let Outbound::Delivery(d) = message {
+                let reply = Event {
+                    data: d.event.data.clone(),
+                    ..Event::default()
+                };
+                responder
+                    .handle
+                    .reply(d.delivery_id, reply, "b-responder")
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let mut request = event("svc.echo", "");
+    request.data = bytes::Bytes::from_static(b"ping");
+    let (reply, responder) = a.request(request, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(&reply.data[..], b"ping");
+    assert_eq!(responder, "b-responder");
+    serve.abort();
+}
+
+#[tokio::test]
+async fn test_a_departed_instance_gets_nothing_more_and_its_groups_move() {
+    let hub = InMemoryHub::new();
+    let a = bus(&hub, "a");
+    let b = bus(&hub, "b");
+    let mut w_a = subscribe(&a, "jobs.>", Some("workers")).await;
+    let _w_b = subscribe(&b, "jobs.>", Some("workers")).await;
+    settle().await;
+    hub.leave("b");
+    settle().await;
+    for i in 0..20 {
+        a.publish(event("jobs.run", &format!("j{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(drain(&mut w_a, Duration::from_millis(100)).await.len(), 20);
+    assert_eq!(
+        a.counters()
+            .forwarded_out
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn test_closing_the_last_remote_subscription_stops_forwarding() {
+    let hub = InMemoryHub::new();
+    let a = bus(&hub, "a");
+    let b = bus(&hub, "b");
+    let on_b = subscribe(&b, "news.>", None).await;
+    settle().await;
+    a.publish(event("news.x", "n1")).await.unwrap();
+    drop(on_b);
+    settle().await;
+    a.publish(event("news.x", "n2")).await.unwrap();
+    assert_eq!(
+        a.counters()
+            .forwarded_out
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        a.counters()
+            .no_interest
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}

@@ -493,7 +493,7 @@ impl Bus {
             .published_ephemeral
             .fetch_add(1, Ordering::Relaxed);
         let id = event.id.clone();
-        self.route(Arc::new(event), now);
+        self.route(&Arc::new(event), now);
         Ok(PublishOutcome {
             id,
             duplicate: false,
@@ -556,8 +556,8 @@ impl Bus {
     /// Delivers an ephemeral event accepted here: to this instance's subscriptions and, in a
     /// cluster, to the other instances' (each queue group gets it once cluster-wide). Returns
     /// how many groups and instances it went to.
-    fn route(&self, event: Arc<Event>, now: u64) -> usize {
-        if self.answer_inbox(&event) {
+    fn route(&self, event: &Arc<Event>, now: u64) -> usize {
+        if self.answer_inbox(event) {
             return 1;
         }
         let inner = &self.inner;
@@ -565,25 +565,21 @@ impl Bus {
         let view = inner.cluster.as_ref().map(|c| c.view.read().clone());
         let mut sent = 0;
         if let Some(view) = view.filter(|v| !v.is_empty()) {
-            let (forwards, skip) = plan_forwards(&view, &local, &event);
+            let (forwards, skip) = plan_forwards(&view, &local, event);
             if !skip.is_empty() {
                 local.retain(|g| cluster_group(g).is_none_or(|id| !skip.contains(id)));
             }
-            sent = self.send_forwards(forwards, &event);
+            sent = self.send_forwards(forwards, event);
         }
         if local.is_empty() && sent == 0 {
             inner.counters.no_interest.fetch_add(1, Ordering::Relaxed);
             return 0;
         }
-        self.offer_to(&local, &event, now);
+        self.offer_to(&local, event, now);
         local.len() + sent
     }
 
-    fn send_forwards(
-        &self,
-        forwards: HashMap<String, (bool, Vec<String>)>,
-        event: &Event,
-    ) -> usize {
+    fn send_forwards(&self, forwards: Forwards, event: &Event) -> usize {
         let Some(cluster) = &self.inner.cluster else {
             return 0;
         };
@@ -791,7 +787,7 @@ impl Bus {
             .log
             .append(&event.subject, &event, Duration::ZERO)
             .await?;
-        self.route(Arc::new(event), now);
+        self.route(&Arc::new(event), now);
         Ok(())
     }
 
@@ -826,7 +822,7 @@ impl Bus {
         };
         // Never offered back to the group that shed (it would only shed more).
         if !group.options.filter.matches(SHED_ADVISORY_SUBJECT) {
-            self.route(Arc::new(advisory), now);
+            self.route(&Arc::new(advisory), now);
         }
     }
 
@@ -1339,6 +1335,9 @@ fn group_label(group: &Consumer) -> String {
 }
 
 /// Reads a durable stream for one group, as far as its queue has room.
+/// Instance → (whether its plain subscriptions get the event, the groups chosen there).
+type Forwards = HashMap<String, (bool, Vec<String>)>;
+
 /// The cluster-wide identity of a named group (`q:<group>|<filter>`); `None` without a name.
 fn cluster_group(group: &Consumer) -> Option<&str> {
     (group.options.queue_group.is_some() || group.options.durable_name.is_some())
@@ -1351,9 +1350,9 @@ fn plan_forwards<'a>(
     view: &'a ClusterView,
     local: &'a [Arc<Consumer>],
     event: &Event,
-) -> (HashMap<String, (bool, Vec<String>)>, HashSet<String>) {
+) -> (Forwards, HashSet<String>) {
     let broadcast = event.subject.starts_with(BROADCAST_PREFIX);
-    let mut forwards: HashMap<String, (bool, Vec<String>)> = HashMap::new();
+    let mut forwards: Forwards = HashMap::new();
     // Candidates per named group: `None` is this instance.
     let mut named: HashMap<&'a str, Vec<(Option<&'a str>, u32)>> = HashMap::new();
     view.for_each_match(&event.subject, |instance, interest| {
@@ -1385,16 +1384,13 @@ fn plan_forwards<'a>(
             continue;
         }
         let group_hash = hash ^ xxhash_rust::xxh3::xxh3_64(group.as_bytes());
-        match pick_weighted(&candidates, group_hash) {
-            Some(Some(instance)) => {
-                forwards
-                    .entry(instance.to_owned())
-                    .or_default()
-                    .1
-                    .push(group.to_owned());
-                skip.insert(group.to_owned());
-            }
-            Some(None) | None => {}
+        if let Some(Some(instance)) = pick_weighted(&candidates, group_hash) {
+            forwards
+                .entry(instance.to_owned())
+                .or_default()
+                .1
+                .push(group.to_owned());
+            skip.insert(group.to_owned());
         }
     }
     forwards.retain(|_, (plain, groups)| *plain || !groups.is_empty());
@@ -1407,7 +1403,7 @@ async fn cluster_inbound(inner: Weak<Inner>, mut inbound: mpsc::Receiver<Inbound
         let Some(inner) = inner.upgrade() else { return };
         let bus = Bus { inner };
         match message {
-            Inbound::Forward(forward) => bus.accept_forward(forward),
+            Inbound::Forward(forward) => bus.accept_forward(*forward),
             Inbound::Interests {
                 instance,
                 interests,

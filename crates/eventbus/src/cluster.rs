@@ -63,7 +63,7 @@ pub enum Inbound {
         interests: Vec<Interest>,
     },
     /// An event another instance routed here.
-    Forward(Forward),
+    Forward(Box<Forward>),
 }
 
 /// How instances reach each other.
@@ -245,7 +245,7 @@ impl Backplane for HubPlane {
 
     fn send(&self, to: &str, forward: Forward) -> bool {
         let tx = self.hub.members.lock().get(to).map(|m| m.tx.clone());
-        tx.is_some_and(|tx| tx.try_send(Inbound::Forward(forward)).is_ok())
+        tx.is_some_and(|tx| tx.try_send(Inbound::Forward(Box::new(forward))).is_ok())
     }
 }
 
@@ -279,7 +279,7 @@ mod tests {
         let view = ClusterView::new(&remotes);
         let mut hits = Vec::new();
         view.for_each_match("orders.new", |who, i| {
-            hits.push((who.to_owned(), i.group.clone()))
+            hits.push((who.to_owned(), i.group.clone()));
         });
         hits.sort();
         assert_eq!(

@@ -616,3 +616,124 @@ async fn test_a_subscriber_that_disconnects_gives_its_unacked_events_to_its_grou
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn test_two_instances_deliver_ephemeral_events_and_replies_to_subscribers_on_both()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let url = redis.url();
+    let mut a = AgentmeshProcess::serve_eventbus(Some(&url), None, &[]).await?;
+    let b = AgentmeshProcess::serve_eventbus(Some(&url), None, &[]).await?;
+    let (mut ca, mut cb) = (client(a.grpc_addr).await?, client(b.grpc_addr).await?);
+    let workers = pb::SubscribeOpen {
+        queue_group: "workers".into(),
+        max_in_flight: 1000,
+        ..open("chat.msg")
+    };
+    let tap = pb::SubscribeOpen {
+        max_in_flight: 1000,
+        ..open("chat.*")
+    };
+    let mut tap_a = subscribe(&mut ca, tap.clone()).await?;
+    let mut tap_b = subscribe(&mut cb, tap).await?;
+    let mut work_a = subscribe(&mut ca, workers.clone()).await?;
+    let mut work_b = subscribe(&mut cb, workers).await?;
+    // Interests travel through Redis: ping both ways until each side hears the other.
+    let pings = |got: &[pb::Delivery], from: &str| got.iter().any(|d| data(d) == from);
+    let mut seen_a = Vec::new();
+    let mut seen_b = Vec::new();
+    for _ in 0..50 {
+        seen_a.extend(tap_a.take(1000, Duration::from_millis(100)).await);
+        seen_b.extend(tap_b.take(1000, Duration::from_millis(100)).await);
+        if pings(&seen_a, "b") && pings(&seen_b, "a") {
+            break;
+        }
+        publish(&mut ca, event("chat.ping", "a")).await?;
+        publish(&mut cb, event("chat.ping", "b")).await?;
+    }
+    assert!(pings(&seen_a, "b") && pings(&seen_b, "a"), "pings crossed");
+
+    for i in 0..100 {
+        let c = if i % 2 == 0 { &mut ca } else { &mut cb };
+        publish(c, event("chat.msg", &format!("m{i}"))).await?;
+    }
+    let msgs = |got: Vec<pb::Delivery>| -> Vec<String> {
+        got.iter()
+            .map(data)
+            .filter(|d| d.starts_with('m'))
+            .collect()
+    };
+    let on_a = msgs(tap_a.take(200, Duration::from_secs(3)).await);
+    let on_b = msgs(tap_b.take(200, Duration::from_secs(3)).await);
+    assert_eq!(on_a.len(), 100, "every subscriber gets every event");
+    assert_eq!(on_b.len(), 100, "every subscriber gets every event");
+    let shared_a = work_a.take(100, Duration::from_secs(1)).await;
+    let shared_b = work_b.take(100, Duration::from_secs(1)).await;
+    let mut shared: Vec<String> = shared_a.iter().chain(&shared_b).map(data).collect();
+    shared.sort();
+    shared.dedup();
+    assert_eq!(
+        shared_a.len() + shared_b.len(),
+        100,
+        "the queue group gets each event once across both instances"
+    );
+    assert_eq!(shared.len(), 100);
+    assert!(
+        !shared_a.is_empty() && !shared_b.is_empty(),
+        "both members got a share"
+    );
+
+    // Request through A, answered by the only responder, on B.
+    let mut responder = subscribe(
+        &mut cb,
+        pb::SubscribeOpen {
+            queue_group: "clock".into(),
+            ..open("svc.time")
+        },
+    )
+    .await?;
+    let serve = tokio::spawn(async move {
+        loop {
+            let got = responder.take(1, Duration::from_secs(30)).await;
+            let Some(d) = got.first() else { return };
+            responder
+                .send(pb::subscribe_request::Kind::Reply(pb::Reply {
+                    delivery_id: d.delivery_id,
+                    event: Some(event("", "noon")),
+                }))
+                .await;
+        }
+    });
+    let reply = wait_until(Duration::from_secs(10), "a reply from B", || {
+        let mut ca = ca.clone();
+        async move {
+            ca.request(pb::RequestRequest {
+                event: Some(event("svc.time", "?")),
+                timeout: Some(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .is_ok_and(|r| r.into_inner().reply.is_some_and(|e| e.data == b"noon"))
+        }
+    })
+    .await;
+    serve.abort();
+    reply?;
+
+    // B killed without a goodbye: within the advert TTL A stops routing to it, so A's member
+    // gets every event of the group again.
+    drop(b);
+    let mut a_only = Vec::new();
+    tokio::time::sleep(agentmesh_eventbus::redis_backplane::ADVERT_TTL + Duration::from_secs(2))
+        .await;
+    let _ = work_a.take(1000, Duration::from_millis(100)).await;
+    for i in 0..20 {
+        publish(&mut ca, event("chat.msg", &format!("after{i}"))).await?;
+    }
+    a_only.extend(work_a.take(20, Duration::from_secs(3)).await);
+    assert_eq!(a_only.len(), 20, "nothing is routed to the dead instance");
+    a.kill9();
+    Ok(())
+}

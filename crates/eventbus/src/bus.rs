@@ -1416,6 +1416,13 @@ async fn cluster_inbound(inner: Weak<Inner>, mut inbound: mpsc::Receiver<Inbound
                 }
                 let view = {
                     let mut remotes = cluster.remotes.lock();
+                    let unchanged = match remotes.get(&instance) {
+                        Some(known) => *known == interests,
+                        None => interests.is_empty(),
+                    };
+                    if unchanged {
+                        continue;
+                    }
                     if interests.is_empty() {
                         remotes.remove(&instance);
                     } else {

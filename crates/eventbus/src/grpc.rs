@@ -624,7 +624,10 @@ pub fn to_status(e: EventBusError) -> Status {
 }
 
 /// Decodes a published event: envelope bounds are checked by the bus, TTL rules here.
-fn decode_publish(event: Option<pb::Event>, field: &str) -> Result<Event, EventBusError> {
+pub(crate) fn decode_publish(
+    event: Option<pb::Event>,
+    field: &str,
+) -> Result<Event, EventBusError> {
     let Some(e) = event else {
         return Err(EventBusError::invalid(field, "required"));
     };

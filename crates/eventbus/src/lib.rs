@@ -4,7 +4,8 @@
 //! wildcard filters, [`index`] finds the subscriptions interested in a subject, [`priority`]
 //! queues pending events by priority with weighted fairness, aging and TTL, [`dedup`] remembers
 //! recent event ids, and [`log`] is the durable event log (in memory, or Redis Streams in
-//! [`redis_log`]).
+//! [`redis_log`]), and [`cluster`] routes ephemeral events between instances (over Redis in
+//! [`redis_backplane`]).
 
 pub mod bus;
 pub mod cluster;
@@ -16,6 +17,7 @@ pub mod grpc;
 pub mod index;
 pub mod log;
 pub mod priority;
+pub mod redis_backplane;
 pub mod redis_log;
 pub mod service;
 pub mod subject;

@@ -18,11 +18,14 @@ use crate::bus::{Bus, BusConfig};
 use crate::error::EventBusError;
 use crate::grpc::EventBusGrpc;
 use crate::log::{EventLog, InMemoryLog, TrimPolicy};
+use crate::redis_backplane::RedisBackplane;
 use crate::redis_log::RedisLog;
 use crate::subject::SubjectFilter;
 
 /// Short service name in membership.
 pub const NAME: &str = "eventbus";
+/// Prefix of the event bus's Redis keys and channels.
+pub const REDIS_PREFIX: &str = "agentmesh:eventbus";
 
 /// Event bus settings.
 #[derive(Clone, Debug, clap::Args)]
@@ -114,6 +117,7 @@ impl EventBusArgs {
             ));
         }
         let instance_id = new_instance_id(NAME);
+        let mut backplane = None;
         let log: Arc<dyn EventLog> = match &deps.redis_url {
             Some(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(|e| {
@@ -130,10 +134,13 @@ impl EventBusArgs {
                 .map_err(|e| {
                     EventBusError::Unavailable(format!("cannot reach Redis at {url}: {e}"))
                 })?;
-                Arc::new(
-                    RedisLog::new(manager, client, "agentmesh:eventbus")
-                        .with_blocking_connections(64),
-                )
+                backplane = Some(RedisBackplane::start(
+                    client.clone(),
+                    manager.clone(),
+                    REDIS_PREFIX,
+                    &instance_id,
+                ));
+                Arc::new(RedisLog::new(manager, client, REDIS_PREFIX).with_blocking_connections(64))
             }
             None => Arc::new(InMemoryLog::new(self.retention_max_len)),
         };
@@ -150,7 +157,10 @@ impl EventBusArgs {
             },
             ..BusConfig::new(instance_id.clone())
         };
-        let bus = Bus::new(config, log);
+        let bus = match backplane {
+            Some((plane, inbound)) => Bus::with_cluster(config, log, plane, inbound),
+            None => Bus::new(config, log),
+        };
         spawn_metrics(&deps.metrics, &bus).map_err(|e| {
             EventBusError::Unavailable(format!("registering event bus metrics: {e}"))
         })?;
@@ -209,7 +219,15 @@ fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> 
         "eventbus_dedup_evicted_early_total",
         "Ids forgotten before the dedup window ended because it was full.",
     )?;
+    let forwarded = IntCounterVec::new(
+        Opts::new(
+            "eventbus_cluster_forwards_total",
+            "Ephemeral events handed between instances, by direction (out, in, dropped).",
+        ),
+        &["direction"],
+    )?;
     let subscriptions = IntGauge::new("eventbus_subscriptions", "Open subscriptions.")?;
+    registry.register(Box::new(forwarded.clone()))?;
     registry.register(Box::new(published.clone()))?;
     registry.register(Box::new(shed.clone()))?;
     for c in [
@@ -258,6 +276,16 @@ fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> 
             sync(&no_interest, c.no_interest.load(Ordering::Relaxed));
             sync(&log_errors, c.log_errors.load(Ordering::Relaxed));
             sync(&dedup_evicted, bus.dedup_evicted_early());
+            for (direction, value) in [
+                ("out", &c.forwarded_out),
+                ("in", &c.forwarded_in),
+                ("dropped", &c.forward_dropped),
+            ] {
+                sync(
+                    &forwarded.with_label_values(&[direction]),
+                    value.load(Ordering::Relaxed),
+                );
+            }
             subscriptions.set(i64::try_from(bus.subscription_count()).unwrap_or(i64::MAX));
         }
     });

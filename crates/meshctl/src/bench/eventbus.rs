@@ -29,6 +29,10 @@ pub(crate) struct EventbusBench {
     /// Event bus address.
     #[arg(long, env = "AGENTMESH_EVENTBUS_ADDR", default_value = DEFAULT_ADDR)]
     addr: String,
+    /// Subscribe through this instance instead (another instance sharing the same Redis):
+    /// measures delivery across instances over the backplane.
+    #[arg(long)]
+    subscribe_addr: Option<String>,
     /// Subject published to; with `--subjects N` above 1, SUBJECT.0 … SUBJECT.N-1 (the
     /// subscribers then use SUBJECT.>).
     #[arg(long, default_value = "bench.events")]
@@ -175,7 +179,8 @@ async fn subscriber(
         })
         .await
         .context("subscription request stream closed")?;
-    let mut client = client_for(&args.addr, Duration::from_secs(5)).await?;
+    let addr = args.subscribe_addr.as_deref().unwrap_or(&args.addr);
+    let mut client = client_for(addr, Duration::from_secs(5)).await?;
     let mut responses = client
         .subscribe(ReceiverStream::new(requests_rx))
         .await

@@ -230,9 +230,10 @@ struct HubPlane {
 impl Backplane for HubPlane {
     fn advertise(&self, interests: Vec<Interest>) {
         let mut members = self.hub.members.lock();
-        if let Some(me) = members.get_mut(&self.instance) {
-            me.interests.clone_from(&interests);
-        }
+        let Some(me) = members.get_mut(&self.instance) else {
+            return; // left the hub
+        };
+        me.interests.clone_from(&interests);
         for (id, member) in members.iter() {
             if *id != self.instance {
                 let _ = member.tx.try_send(Inbound::Interests {

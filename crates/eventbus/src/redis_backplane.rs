@@ -5,8 +5,8 @@
 //!   channel `<prefix>:bus:changed`. It rewrites the advert every [`REFRESH`] with a bumped
 //!   generation; a reader that sees a generation unchanged for [`ADVERT_TTL`] (by its own
 //!   clock, so clocks need not agree) forgets that instance and removes its advert, so the
-//!   interests of an instance killed without a goodbye vanish within that time. A clean
-//!   shutdown removes the advert at once.
+//!   interests of an instance that died vanish within that time. Dropping the backplane
+//!   removes the advert at once (best effort: a process that exits first leaves it to expire).
 //! - **Forwards**: an event for instance X is `PUBLISH`ed (a `ClusterForward`) on
 //!   `<prefix>:bus:to:X`, which only X subscribes to. Publishes are pipelined by one writer
 //!   task; its queue is bounded and a forward that does not fit is dropped and counted.

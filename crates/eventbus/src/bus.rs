@@ -16,6 +16,9 @@
 //! * **Broadcast**: subjects under `sys.broadcast.` reach every member of every group.
 //! * **Request/reply**: a request is published with a reply subject `_INBOX.<token>.<n>`
 //!   answered in memory; "no responders" when no group is interested in the subject.
+//! * **Cluster** ([`Bus::with_cluster`]): ephemeral events are also routed to the other
+//!   instances' subscriptions over a [`Backplane`] (see [`crate::cluster`]); a queue group gets
+//!   each event once cluster-wide, and request inboxes are advertised so replies come back.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -118,9 +118,7 @@ impl ClusterView {
 
     /// Whether some other instance has a subscription matching `subject`.
     pub fn has_match(&self, subject: &str) -> bool {
-        let mut found = false;
-        self.index.for_each_match(subject, |_| found = true);
-        found
+        self.index.has_match(subject)
     }
 
     /// Calls `f(instance, interest)` for every remote interest matching `subject`.

@@ -271,6 +271,19 @@ pub(crate) fn check_name(field: &str, name: &str) -> Result<(), EventBusError> {
     Ok(())
 }
 
+/// Checks the arguments of a group read or claim.
+pub(crate) fn check_reader(
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    max: usize,
+) -> Result<(), EventBusError> {
+    check_stream(stream)?;
+    check_name("group", group)?;
+    check_name("consumer", consumer)?;
+    check_batch("max", max)
+}
+
 /// Checks a batch size against [`MAX_BATCH`].
 pub(crate) fn check_batch(field: &str, len: usize) -> Result<(), EventBusError> {
     if len > MAX_BATCH {
@@ -583,10 +596,7 @@ impl EventLog for InMemoryLog {
         max: usize,
         block: Duration,
     ) -> Result<Vec<StoredEvent>, EventBusError> {
-        check_stream(stream)?;
-        check_name("group", group)?;
-        check_name("consumer", consumer)?;
-        check_batch("max", max)?;
+        check_reader(stream, group, consumer, max)?;
         if max == 0 {
             return Ok(Vec::new());
         }
@@ -657,10 +667,7 @@ impl EventLog for InMemoryLog {
         min_idle: Duration,
         max: usize,
     ) -> Result<Vec<Claimed>, EventBusError> {
-        check_stream(stream)?;
-        check_name("group", group)?;
-        check_name("consumer", consumer)?;
-        check_batch("max", max)?;
+        check_reader(stream, group, consumer, max)?;
         let mut streams = self.streams.lock();
         let state = streams
             .get_mut(stream)

@@ -67,8 +67,8 @@ use crate::error::EventBusError;
 use crate::event::{Event, Priority};
 use crate::log::{
     AppendOutcome, Claimed, EventLog, GroupInfo, SEQUENCE_COUNTER_BITS, StartPosition, StoredEvent,
-    StreamInfo, TrimPolicy, check_batch, check_name, check_stream, first_sequence_at, millis_ceil,
-    no_group, sequence_beyond_end, stored_at_ms,
+    StreamInfo, TrimPolicy, check_batch, check_name, check_reader, check_stream, first_sequence_at,
+    millis_ceil, no_group, sequence_beyond_end, stored_at_ms,
 };
 
 /// Bound on each Redis call unless set with [`RedisLog::with_timeout`].
@@ -584,10 +584,7 @@ impl EventLog for RedisLog {
         max: usize,
         block: Duration,
     ) -> Result<Vec<StoredEvent>, EventBusError> {
-        check_stream(stream)?;
-        check_name("group", group)?;
-        check_name("consumer", consumer)?;
-        check_batch("max", max)?;
+        check_reader(stream, group, consumer, max)?;
         // COUNT 0 would mean "no limit" to Redis.
         if max == 0 {
             return Ok(Vec::new());
@@ -666,10 +663,7 @@ impl EventLog for RedisLog {
         min_idle: Duration,
         max: usize,
     ) -> Result<Vec<Claimed>, EventBusError> {
-        check_stream(stream)?;
-        check_name("group", group)?;
-        check_name("consumer", consumer)?;
-        check_batch("max", max)?;
+        check_reader(stream, group, consumer, max)?;
         if max == 0 {
             return Ok(Vec::new());
         }

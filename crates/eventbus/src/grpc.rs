@@ -1,9 +1,12 @@
 //! The thin gRPC adapter serving `agentmesh.eventbus.v1.EventBus` over the [`Bus`]: decode and
 //! validate, call the bus, encode; one mapping from [`EventBusError`] to `Status`.
 //!
-//! Tracing: Publish opens a producer span (child of the caller's context) and writes its
-//! `traceparent` into the event's headers; each delivery opens a consumer span whose parent is
-//! the context in the event's headers, so a trace continues publish → deliver across processes.
+//! Tracing: Publish opens a producer span (child of a `traceparent` the client put in the event,
+//! else of the caller's context) and writes its `traceparent` into the event's headers; each
+//! delivery opens a consumer span whose parent is the context in the event's headers, so a
+//! trace continues publish → deliver across processes. These per-event spans are built with
+//! the OpenTelemetry API directly and only when an exporter is configured
+//! ([`message_trace`]); without one an event still gets a `traceparent`.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -11,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentmesh_proto::eventbus::v1 as pb;
-use agentmesh_runtime::telemetry::TRACE_TARGET;
+use agentmesh_runtime::message_trace;
 use agentmesh_runtime::wire::{duration_from_proto, timestamp_from_ms, timestamp_to_ms};
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -83,12 +86,9 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let event = decode_publish(request.into_inner().event, "event").map_err(to_status)?;
-        let span = producer_span(&event.subject);
-        let event = with_trace(event, &span);
-        let outcome = tracing::Instrument::instrument(self.bus.publish(event), span)
-            .await
-            .map_err(to_status)?;
+        let mut event = decode_publish(request.into_inner().event, "event").map_err(to_status)?;
+        let _span = producer_span(&mut event, true);
+        let outcome = self.bus.publish(event).await.map_err(to_status)?;
         Ok(Response::new(encode_outcome(outcome)))
     }
 
@@ -118,9 +118,9 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
                 let mut events = Vec::with_capacity(batch.len());
                 for m in batch {
                     match decode_publish(m.event, "event") {
-                        Ok(event) => {
-                            let span = producer_span(&event.subject);
-                            events.push(with_trace(event, &span));
+                        Ok(mut event) => {
+                            drop(producer_span(&mut event, false));
+                            events.push(event);
                             answers.push(None);
                         }
                         Err(e) => answers.push(Some(error_response(&e))),
@@ -249,12 +249,9 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
             }
             None => timeout,
         };
-        let span = producer_span(&event.subject);
-        let event = with_trace(event, &span);
-        let (reply, responder) =
-            tracing::Instrument::instrument(self.bus.request(event, timeout), span)
-                .await
-                .map_err(to_status)?;
+        let mut event = event;
+        let _span = producer_span(&mut event, true);
+        let (reply, responder) = self.bus.request(event, timeout).await.map_err(to_status)?;
         Ok(Response::new(pb::RequestResponse {
             reply: Some(encode_event(&reply)),
             responder,
@@ -483,18 +480,8 @@ async fn write_deliveries(
         let encoded: Vec<pb::Delivery> = deliveries
             .iter()
             .map(|d| {
-                let span = tracing::debug_span!(
-                    target: TRACE_TARGET,
-                    "deliver",
-                    otel.kind = "consumer",
-                    messaging.system = "agentmesh",
-                    messaging.destination.name = %d.event.subject,
-                    messaging.message.id = %d.event.id,
-                );
-                let _ = span.set_parent(agentmesh_runtime::observe::extract_from_map(
-                    &d.event.headers,
-                ));
-                let _entered = span.enter();
+                let _span =
+                    message_trace::consumer(&d.event.headers, &d.event.subject, &d.event.id);
                 pb::Delivery {
                     delivery_id: d.delivery_id,
                     event: Some(encode_event(&d.event)),
@@ -557,24 +544,12 @@ async fn handle_client_message(
     }
 }
 
-fn producer_span(subject: &str) -> tracing::Span {
-    tracing::debug_span!(
-        target: TRACE_TARGET,
-        "publish",
-        otel.kind = "producer",
-        messaging.system = "agentmesh",
-        messaging.destination.name = %subject,
-    )
-}
-
-/// Writes the producer span's context into the event headers (unless the client already set
-/// a `traceparent`, which then stays: the client's own producer span is the parent).
-fn with_trace(mut event: Event, span: &tracing::Span) -> Event {
-    if !event.headers.contains_key("traceparent") {
-        let cx = span.context();
-        agentmesh_runtime::observe::inject_into_map(&cx, &mut event.headers);
-    }
-    event
+/// Opens the event's producer span and writes its context into the event's headers. Its
+/// parent is a `traceparent` the client put in the event, else (`in_call`) the context of the
+/// RPC carrying it; events of a PublishStream without one each start a trace.
+fn producer_span(event: &mut Event, in_call: bool) -> message_trace::MessageSpan {
+    let rpc = in_call.then(|| tracing::Span::current().context());
+    message_trace::producer(&mut event.headers, &event.subject, rpc.as_ref())
 }
 
 fn encode_outcome(o: PublishOutcome) -> pb::PublishResponse {

@@ -3,6 +3,7 @@
 //! - [`config`]: flags with environment fallbacks, duration parsing, exit code 64.
 //! - [`telemetry`]: logs (text/JSON) and OpenTelemetry traces with OTLP export.
 //! - [`metrics`]: the process's Prometheus registry and RED histograms.
+//! - [`message_trace`]: producer/consumer spans and trace context carried in message headers.
 //! - [`observe`]: tower layers for server and client spans, trace propagation and metrics.
 //! - [`breaker`]: a circuit breaker layer for client channels.
 //! - [`client`]: client channels through that stack.
@@ -14,6 +15,7 @@ pub mod breaker;
 pub mod client;
 pub mod config;
 pub mod deadline;
+pub mod message_trace;
 pub mod metrics;
 pub mod observe;
 pub mod server;

@@ -123,6 +123,9 @@ pub fn init(args: &TelemetryArgs) -> Result<TelemetryGuard, TelemetryError> {
             })?;
     let provider = tracer_provider(args)?;
     let tracer = provider.tracer("agentmesh");
+    if args.otlp_endpoint.as_deref().is_some_and(|e| !e.is_empty()) {
+        crate::message_trace::export_through(tracer.clone());
+    }
     let otel_layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(otel_filter());

@@ -60,9 +60,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
-use redis::streams::{
-    StreamId, StreamInfoGroupsReply, StreamInfoStreamReply, StreamRangeReply, StreamReadReply,
-};
+use redis::streams::{StreamId, StreamInfoGroupsReply, StreamInfoStreamReply, StreamRangeReply};
 use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, RedisResult, Script, Value};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -505,7 +503,7 @@ impl RedisLog {
         consumer: &str,
         max: usize,
         block: Duration,
-    ) -> Result<Option<StreamReadReply>, EventBusError> {
+    ) -> Result<Value, EventBusError> {
         let deadline = Instant::now() + block;
         let permit = tokio::time::timeout(block, self.blocking.permits.acquire()).await;
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -675,7 +673,9 @@ impl EventLog for RedisLog {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let reply: Option<StreamReadReply> = if block.is_zero() {
+        // Read as a raw value and walked by hand: for a busy stream, building redis-rs's
+        // StreamReadReply (a map and cloned values per entry) cost more than the parse.
+        let reply: Value = if block.is_zero() {
             let cmd = self.read_group_cmd(stream, group, consumer, max, None);
             let mut conn = self.conn.clone();
             self.run("read_group", cmd.query_async(&mut conn)).await
@@ -684,12 +684,7 @@ impl EventLog for RedisLog {
                 .await
         }
         .map_err(|e| name_group(e, stream, group))?;
-        reply
-            .into_iter()
-            .flat_map(|reply| reply.keys)
-            .flat_map(|key| key.ids)
-            .map(|entry| stored("read_group", &entry))
-            .collect()
+        read_reply_events("read_group", reply)
     }
 
     async fn ack(
@@ -949,43 +944,127 @@ fn encode_event(event: &Event) -> Vec<(&'static str, Vec<u8>)> {
 
 /// The event stored in `fields`; missing or unreadable fields are left empty.
 fn decode_event(fields: &HashMap<String, Value>) -> Event {
-    let bytes = |name: &str| -> Option<&[u8]> {
-        match fields.get(name)? {
-            Value::BulkString(b) => Some(b.as_slice()),
-            Value::SimpleString(s) => Some(s.as_bytes()),
+    decode_fields(
+        fields
+            .iter()
+            .map(|(name, value)| (name.as_bytes(), value.clone())),
+    )
+}
+
+/// The event stored in `(name, value)` fields; missing or unreadable fields are left empty.
+/// Values are taken, so `data` is not copied.
+fn decode_fields<'a>(fields: impl Iterator<Item = (&'a [u8], Value)>) -> Event {
+    fn bytes(value: Value) -> Option<Vec<u8>> {
+        match value {
+            Value::BulkString(b) => Some(b),
+            Value::SimpleString(s) => Some(s.into_bytes()),
             _ => None,
         }
-    };
-    let text = |name: &str| {
-        bytes(name)
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .unwrap_or_default()
-    };
-    let number = |name: &str| text(name).parse::<u64>().ok();
-    let priority = Priority::ALL
-        .into_iter()
-        .find(|p| bytes("priority") == Some(p.as_str().as_bytes()))
-        .unwrap_or_default();
-    let headers = bytes("headers")
-        .and_then(|b| serde_json::from_slice::<BTreeMap<String, String>>(b).ok())
-        .unwrap_or_default();
-    Event {
-        id: text("id"),
-        subject: text("subject"),
-        r#type: text("type"),
-        source: text("source"),
-        time_ms: number("time").unwrap_or(0),
-        priority,
-        expires_at_ms: number("expires_at"),
-        correlation_id: text("correlation_id"),
-        reply_to: text("reply_to"),
-        ordering_key: text("ordering_key"),
-        headers,
-        content_type: text("content_type"),
-        data: bytes("data")
-            .map(Bytes::copy_from_slice)
-            .unwrap_or_default(),
     }
+    fn text(value: Value) -> String {
+        bytes(value)
+            .map(|b| {
+                String::from_utf8(b)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+            })
+            .unwrap_or_default()
+    }
+    let mut event = Event::default();
+    for (name, value) in fields {
+        match name {
+            b"id" => event.id = text(value),
+            b"subject" => event.subject = text(value),
+            b"type" => event.r#type = text(value),
+            b"source" => event.source = text(value),
+            b"time" => event.time_ms = text(value).parse().unwrap_or(0),
+            b"priority" => {
+                let name = bytes(value).unwrap_or_default();
+                event.priority = Priority::ALL
+                    .into_iter()
+                    .find(|p| p.as_str().as_bytes() == name.as_slice())
+                    .unwrap_or_default();
+            }
+            b"expires_at" => event.expires_at_ms = text(value).parse().ok(),
+            b"correlation_id" => event.correlation_id = text(value),
+            b"reply_to" => event.reply_to = text(value),
+            b"ordering_key" => event.ordering_key = text(value),
+            b"content_type" => event.content_type = text(value),
+            b"headers" => {
+                event.headers = bytes(value)
+                    .and_then(|b| serde_json::from_slice::<BTreeMap<String, String>>(&b).ok())
+                    .unwrap_or_default();
+            }
+            b"data" => event.data = bytes(value).map(Bytes::from).unwrap_or_default(),
+            _ => {}
+        }
+    }
+    event
+}
+
+/// The entries of an `XREADGROUP`/`XREAD` reply (nil, or per stream `[key, [[id, [field,
+/// value, …]], …]]`; a map of them under RESP3), in order.
+fn read_reply_events(op: &'static str, reply: Value) -> Result<Vec<StoredEvent>, EventBusError> {
+    let streams = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(streams) => streams
+            .into_iter()
+            .map(|stream| match stream {
+                Value::Array(mut key_entries) if key_entries.len() == 2 => {
+                    Ok(key_entries.pop().unwrap_or(Value::Nil))
+                }
+                _ => Err(malformed(op, "a stream of the reply is not [key, entries]")),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Value::Map(streams) => streams.into_iter().map(|(_, entries)| entries).collect(),
+        _ => return Err(malformed(op, "the reply is not a list of streams")),
+    };
+    let mut out = Vec::new();
+    for entries in streams {
+        let Value::Array(entries) = entries else {
+            return Err(malformed(op, "a stream's entries are not a list"));
+        };
+        out.reserve(entries.len());
+        for entry in entries {
+            let Value::Array(mut id_fields) = entry else {
+                return Err(malformed(op, "an entry is not [id, fields]"));
+            };
+            let (Some(fields), Some(id), true) =
+                (id_fields.pop(), id_fields.pop(), id_fields.is_empty())
+            else {
+                return Err(malformed(op, "an entry is not [id, fields]"));
+            };
+            let id = match id {
+                Value::BulkString(b) => String::from_utf8(b).unwrap_or_default(),
+                Value::SimpleString(s) => s,
+                _ => return Err(malformed(op, "an entry id is not a string")),
+            };
+            let sequence = sequence(op, &id)?;
+            let fields = match fields {
+                Value::Array(fields) => fields,
+                // An entry deleted while pending has no fields.
+                Value::Nil => Vec::new(),
+                _ => return Err(malformed(op, "an entry's fields are not a list")),
+            };
+            let mut names = Vec::with_capacity(fields.len() / 2);
+            let mut values = Vec::with_capacity(fields.len() / 2);
+            let mut it = fields.into_iter();
+            while let (Some(name), Some(value)) = (it.next(), it.next()) {
+                names.push(match name {
+                    Value::BulkString(b) => b,
+                    Value::SimpleString(s) => s.into_bytes(),
+                    _ => Vec::new(),
+                });
+                values.push(value);
+            }
+            let event = decode_fields(names.iter().map(Vec::as_slice).zip(values));
+            out.push(StoredEvent {
+                sequence,
+                stored_at_ms: stored_at_ms(sequence),
+                event,
+            });
+        }
+    }
+    Ok(out)
 }
 
 fn stored(op: &'static str, entry: &StreamId) -> Result<StoredEvent, EventBusError> {

@@ -26,6 +26,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
+use prometheus::{Histogram, HistogramOpts, HistogramVec};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::cluster::{Backplane, ClusterView, Forward, Inbound, Interest, pick_weighted};
@@ -35,7 +36,7 @@ use crate::consumer::{
 };
 use crate::dedup::{DedupOutcome, DedupWindow};
 use crate::error::EventBusError;
-use crate::event::{Event, new_ulid, now_ms};
+use crate::event::{Event, Priority, new_ulid, now_ms};
 use crate::index::SubjectIndex;
 use crate::log::{AppendOutcome, EventLog, StartPosition, TrimPolicy};
 use crate::priority::FairnessConfig;
@@ -218,6 +219,8 @@ struct Inner {
     counters: BusCounters,
     last_shed_advisory: Mutex<HashMap<u64, u64>>,
     cluster: Option<ClusterState>,
+    queue_wait_vec: HistogramVec,
+    queue_wait: Arc<[Histogram; 4]>,
 }
 
 /// This instance's part of cluster-wide ephemeral delivery (see [`crate::cluster`]).
@@ -289,7 +292,12 @@ impl Bus {
             ),
             None => (None, None),
         };
+        let queue_wait_vec = queue_wait_histogram();
+        let queue_wait =
+            Arc::new(Priority::ALL.map(|p| queue_wait_vec.with_label_values(&[p.as_str()])));
         let inner = Arc::new(Inner {
+            queue_wait_vec,
+            queue_wait,
             dedup: DedupWindow::new(config.dedup_window, config.dedup_max_entries),
             config,
             log,
@@ -315,6 +323,12 @@ impl Bus {
             ));
         }
         Self { inner }
+    }
+
+    /// How long events waited in pending queues before delivery, by priority
+    /// (`eventbus_queue_wait_seconds`; the service registers it).
+    pub fn queue_wait_histogram(&self) -> &HistogramVec {
+        &self.inner.queue_wait_vec
     }
 
     /// A handle that does not keep the bus alive.
@@ -543,14 +557,7 @@ impl Bus {
             let effects = if broadcast {
                 group.offer_to_all(event, now)
             } else {
-                group.offer(
-                    Pending {
-                        event: event.clone(),
-                        deliveries: 0,
-                        sequence: 0,
-                    },
-                    now,
-                )
+                group.offer(Pending::new(event.clone(), 0, 0), now)
             };
             self.apply(group, effects);
         }
@@ -900,6 +907,7 @@ impl Bus {
                         log_group,
                         log_consumer: format!("{}:{group_id}", inner.config.instance_id),
                         dead_letter_expired: inner.config.dead_letter_expired,
+                        queue_wait: Some(inner.queue_wait.clone()),
                     },
                 ));
                 inner.groups.write().insert(group_id, group.clone());
@@ -1547,11 +1555,7 @@ fn offer_stored(bus: &Bus, group: &Arc<Consumer>, events: Vec<(crate::log::Store
     }
     for (stored, deliveries) in events {
         let effects = group.offer(
-            Pending {
-                event: Arc::new(stored.event),
-                deliveries,
-                sequence: stored.sequence,
-            },
+            Pending::new(Arc::new(stored.event), deliveries, stored.sequence),
             now,
         );
         bus.apply(group, effects);
@@ -1616,4 +1620,19 @@ fn update_rates(inner: &Inner, groups: &[Arc<Consumer>], seconds: f64) {
         entry.0 = delivered;
         entry.1 += (delta as f64 / seconds - entry.1) / 12.0;
     }
+}
+
+/// `eventbus_queue_wait_seconds{priority}`: fine buckets below a millisecond, where a
+/// CRITICAL event's wait should stay.
+fn queue_wait_histogram() -> HistogramVec {
+    let opts = HistogramOpts::new(
+        "eventbus_queue_wait_seconds",
+        "Time events waited in a subscription's pending queue before delivery, by priority.",
+    )
+    .buckets(vec![
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5,
+        10.0,
+    ]);
+    // Valid name, help and label: cannot fail.
+    HistogramVec::new(opts, &["priority"]).expect("queue wait histogram")
 }

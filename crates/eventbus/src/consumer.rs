@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
@@ -82,7 +82,25 @@ pub struct Pending {
     pub deliveries: u32,
     /// Durable stream sequence; 0 for ephemeral events.
     pub sequence: u64,
+    /// When it was queued (again), for the queue-wait histogram.
+    pub queued_at: Instant,
 }
+
+impl Pending {
+    /// An event about to be offered, queued now.
+    pub fn new(event: Arc<Event>, deliveries: u32, sequence: u64) -> Self {
+        Self {
+            event,
+            deliveries,
+            sequence,
+            queued_at: Instant::now(),
+        }
+    }
+}
+
+/// Time events waited in a group's pending queue before delivery, one histogram per priority
+/// (indexed by [`Priority::index`]); `None` records nothing.
+pub type QueueWait = Option<Arc<[prometheus::Histogram; 4]>>;
 
 /// What the bus sends to one member.
 #[derive(Debug, Clone)]
@@ -247,7 +265,8 @@ struct State {
 
 impl State {
     /// Puts an event back at the head of its priority class (a redelivery or a return).
-    fn requeue_front(&mut self, pending: Pending, now_ms: u64) {
+    fn requeue_front(&mut self, mut pending: Pending, now_ms: u64) {
+        pending.queued_at = Instant::now();
         let priority = pending.event.priority;
         let expires = pending.event.expires_at_ms;
         self.pending.push_front(pending, priority, expires, now_ms);
@@ -270,6 +289,7 @@ pub struct Consumer {
     /// Signalled when pending room appears (durable readers wait on it) or on close.
     pub room: Notify,
     dead_letter_expired: bool,
+    queue_wait: QueueWait,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -299,6 +319,8 @@ pub struct GroupSettings {
     pub log_consumer: String,
     /// Dead-letter expired events (else only count them).
     pub dead_letter_expired: bool,
+    /// Where queue waits are recorded.
+    pub queue_wait: QueueWait,
 }
 
 impl Consumer {
@@ -324,6 +346,7 @@ impl Consumer {
             }),
             room: Notify::new(),
             dead_letter_expired: settings.dead_letter_expired,
+            queue_wait: settings.queue_wait,
         }
     }
 
@@ -486,11 +509,7 @@ impl Consumer {
                     state.in_flight.insert(
                         id,
                         InFlight {
-                            pending: Pending {
-                                event: event.clone(),
-                                deliveries: 1,
-                                sequence: 0,
-                            },
+                            pending: Pending::new(event.clone(), 1, 0),
                             member: member_id,
                             deadline_ms: now_ms + ack_wait,
                         },
@@ -760,9 +779,12 @@ impl Consumer {
             if !popped.expired.is_empty() {
                 self.expired(state, popped.expired, effects);
             }
-            let Some((mut pending, _priority, _)) = popped.item else {
+            let Some((mut pending, priority, _)) = popped.item else {
                 break;
             };
+            if let Some(wait) = &self.queue_wait {
+                wait[priority.index()].observe(pending.queued_at.elapsed().as_secs_f64());
+            }
             pending.deliveries += 1;
             let id = state.next_delivery_id;
             state.next_delivery_id += 1;
@@ -885,21 +907,22 @@ mod tests {
                 log_group: "g".into(),
                 log_consumer: "c".into(),
                 dead_letter_expired: false,
+                queue_wait: None,
             },
         )
     }
 
     fn pending(data: &str, priority: Priority) -> Pending {
-        Pending {
-            event: Arc::new(Event {
+        Pending::new(
+            Arc::new(Event {
                 subject: "a.b".into(),
                 priority,
                 data: data.to_owned().into(),
                 ..Event::default()
             }),
-            deliveries: 0,
-            sequence: 0,
-        }
+            0,
+            0,
+        )
     }
 
     fn deliveries(rx: &mut mpsc::Receiver<Outbound>) -> Vec<DeliveryOut> {

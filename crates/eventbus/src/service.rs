@@ -241,6 +241,7 @@ fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> 
         registry.register(Box::new(c.clone()))?;
     }
     registry.register(Box::new(subscriptions.clone()))?;
+    registry.register(Box::new(bus.queue_wait_histogram().clone()))?;
     let weak = bus.downgrade();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -28,6 +28,7 @@ use crate::ratelimit::proto_duration;
 mod anchors;
 mod eventbus;
 mod pubsub;
+mod scrape;
 
 #[derive(clap::Subcommand)]
 pub(crate) enum BenchCommand {

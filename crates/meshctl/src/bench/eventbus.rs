@@ -16,8 +16,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use super::pubsub::{self, NORMAL, Plan, PubSubArgs, Recorder, Shared, Sink};
+use super::pubsub::{self, NORMAL, PRIORITIES, Plan, PubSubArgs, Recorder, Shared, Sink};
+use super::scrape;
+use crate::Output;
 use crate::events::{DEFAULT_ADDR, client_for, status_error};
+
+/// The server's histogram of time spent in pending queues.
+const QUEUE_WAIT: &str = "eventbus_queue_wait_seconds";
 
 /// Queue group the subscribers share when there are several.
 const GROUP: &str = "meshctl-bench";
@@ -67,6 +72,11 @@ pub(crate) struct EventbusBench {
         value_parser = pubsub::parse_mix
     )]
     priority_mix: Option<[u32; 4]>,
+    /// The server's metrics URL (its admin listener, e.g. `http://127.0.0.1:9101/metrics`):
+    /// scraped before and after the run to report how long events waited in the bus's
+    /// pending queues, by priority (`eventbus_queue_wait_seconds`, warm-up included).
+    #[arg(long)]
+    metrics_url: Option<String>,
 }
 
 pub(super) async fn run(args: EventbusBench) -> anyhow::Result<ExitCode> {
@@ -101,7 +111,19 @@ pub(super) async fn run(args: EventbusBench) -> anyhow::Result<ExitCode> {
     for _ in 0..args.load.publishers() {
         sinks.push(BusSink::open(&args.addr, &args.load, &plan, shared.clone()).await?);
     }
+    let before = match &args.metrics_url {
+        Some(url) => Some(scrape::fetch(url).await?),
+        None => None,
+    };
     let report = pubsub::drive(&args.load, plan, shared, sinks, subscribers, cancel).await;
+    let queue_wait = match (&args.metrics_url, before) {
+        (Some(url), Some(before)) => {
+            let after = scrape::fetch(url).await?;
+            let parse = |text: &str| scrape::parse(text, QUEUE_WAIT, "priority");
+            Some(parse(&after).since(&parse(&before)))
+        }
+        _ => None,
+    };
     let durability = if stream.is_empty() {
         "ephemeral".to_owned()
     } else {
@@ -122,6 +144,9 @@ pub(super) async fn run(args: EventbusBench) -> anyhow::Result<ExitCode> {
         &args.load,
         args.priority_mix.is_some(),
     );
+    if let Some(waits) = queue_wait {
+        print_queue_wait(&waits, &args.load);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -194,21 +219,17 @@ async fn subscriber(
         _ => anyhow::bail!("the event bus did not confirm the subscription"),
     }
     let ack = args.ack;
-    let mut acks = AckPacer::new(args.consume_rate);
+    let pacer = (ack && args.consume_rate > 0.0).then(|| {
+        AckPacer::spawn(
+            Duration::from_secs_f64(1.0 / args.consume_rate),
+            requests_tx.clone(),
+            cancel.clone(),
+        )
+    });
     Ok(tokio::spawn(async move {
         loop {
             let message = tokio::select! {
                 () = cancel.cancelled() => break,
-                () = acks.due() => {
-                    let request = pb::SubscribeRequest {
-                        kind: Some(Out::Ack(pb::Ack { delivery_ids: acks.take() })),
-                    };
-                    tokio::select! {
-                        () = cancel.cancelled() => break,
-                        sent = requests_tx.send(request) => if sent.is_err() { break },
-                    }
-                    continue;
-                }
                 message = responses.next() => message,
             };
             let kind = match message {
@@ -229,8 +250,9 @@ async fn subscriber(
                             recorder.record(&event.data, now);
                         }
                     }
-                    if ack && acks.paced() {
-                        acks.owe(batch.deliveries.iter().map(|d| d.delivery_id));
+                    if let Some(pacer) = &pacer {
+                        let _ =
+                            pacer.send(batch.deliveries.iter().map(|d| d.delivery_id).collect());
                     } else if ack {
                         let ids = batch.deliveries.iter().map(|d| d.delivery_id).collect();
                         let request = pb::SubscribeRequest {
@@ -253,62 +275,76 @@ async fn subscriber(
     }))
 }
 
-/// Acks paced at a consume rate: delivery ids wait in `owed` until their turn.
-struct AckPacer {
-    /// Time to handle one delivery; `None` = ack on receipt.
-    per: Option<Duration>,
-    owed: VecDeque<u64>,
-    next: Instant,
-}
+/// Acks at a steady rate, as if each delivery took `per` to handle, on a thread of its own:
+/// tokio's timer ticks in milliseconds, which made the consumer return credit in 1 ms bursts
+/// (and any event, CRITICAL included, wait for the next burst); a thread's sleep lets it ack
+/// every [`AckPacer::TICK`].
+struct AckPacer;
 
 impl AckPacer {
     /// Most ids in one Ack.
     const MAX_IDS: usize = 1000;
+    /// Shortest sleep between acks.
+    const TICK: Duration = Duration::from_micros(100);
 
-    fn new(rate: f64) -> Self {
-        Self {
-            per: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
-            owed: VecDeque::new(),
-            next: Instant::now(),
-        }
-    }
-
-    fn paced(&self) -> bool {
-        self.per.is_some()
-    }
-
-    /// Queues received deliveries; an idle consumer does not bank time for a burst.
-    fn owe(&mut self, ids: impl Iterator<Item = u64>) {
-        if self.owed.is_empty() {
-            self.next = self.next.max(Instant::now());
-        }
-        self.owed.extend(ids);
-    }
-
-    /// Resolves when an owed delivery's turn has come; never when nothing is owed.
-    async fn due(&self) {
-        match (self.per, self.owed.is_empty()) {
-            (Some(per), false) => tokio::time::sleep_until((self.next + per).into()).await,
-            _ => std::future::pending().await,
-        }
-    }
-
-    /// The ids whose turn has come (at least one).
-    fn take(&mut self) -> Vec<u64> {
-        let Some(per) = self.per else {
-            return Vec::new();
+    /// Starts the pacer; deliveries received are sent to it, and it sends the acks. It stops
+    /// when the sender is dropped, the request stream closes, or `cancel` fires.
+    fn spawn(
+        per: Duration,
+        requests: mpsc::Sender<pb::SubscribeRequest>,
+        cancel: CancellationToken,
+    ) -> std::sync::mpsc::Sender<Vec<u64>> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u64>>();
+        let pace = move || {
+            let mut owed: VecDeque<u64> = VecDeque::new();
+            let mut next = Instant::now();
+            while !cancel.is_cancelled() {
+                if owed.is_empty() {
+                    // An idle consumer does not bank time for a burst.
+                    match rx.recv_timeout(Duration::from_millis(100)) {
+                        Ok(ids) => {
+                            next = next.max(Instant::now());
+                            owed.extend(ids);
+                        }
+                        Err(RecvTimeoutError::Timeout) => continue,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                while let Ok(ids) = rx.try_recv() {
+                    owed.extend(ids);
+                }
+                let now = Instant::now();
+                if next + per > now {
+                    std::thread::sleep((next + per - now).max(Self::TICK));
+                    continue;
+                }
+                let mut ids = Vec::new();
+                while ids.len() < Self::MAX_IDS
+                    && let Some(&id) = owed.front()
+                    && next + per <= now
+                {
+                    ids.push(id);
+                    owed.pop_front();
+                    next += per;
+                }
+                let request = pb::SubscribeRequest {
+                    kind: Some(pb::subscribe_request::Kind::Ack(pb::Ack {
+                        delivery_ids: ids,
+                    })),
+                };
+                if requests.blocking_send(request).is_err() {
+                    return;
+                }
+            }
         };
-        let now = Instant::now();
-        let mut ids = Vec::new();
-        while ids.len() < Self::MAX_IDS
-            && let Some(&id) = self.owed.front()
-            && (ids.is_empty() || self.next + per <= now)
+        if let Err(e) = std::thread::Builder::new()
+            .name("ack-pacer".to_owned())
+            .spawn(pace)
         {
-            ids.push(id);
-            self.owed.pop_front();
-            self.next += per;
+            tracing::warn!(error = %e, "could not start the ack pacer; deliveries are not acked");
         }
-        ids
+        tx
     }
 }
 
@@ -391,5 +427,40 @@ impl Sink for BusSink {
     async fn close(self) {
         drop(self.requests_tx);
         let _ = self.answers.await;
+    }
+}
+
+/// Prints (or, with `-o json`, emits) the bus-side queue wait per priority, highest first.
+fn print_queue_wait(waits: &scrape::Buckets, load: &PubSubArgs) {
+    let us = |s: Option<f64>| s.map_or_else(|| "-".to_owned(), |s| format!("{:.0}µs", s * 1e6));
+    if load.output == Output::Json {
+        let rows: Vec<_> = PRIORITIES
+            .iter()
+            .rev()
+            .filter(|p| waits.count(p) > 0)
+            .map(|p| {
+                serde_json::json!({
+                    "priority": p,
+                    "count": waits.count(p),
+                    "p50_us": waits.quantile(p, 0.5).map(|s| s * 1e6),
+                    "p99_us": waits.quantile(p, 0.99).map(|s| s * 1e6),
+                    "p999_us": waits.quantile(p, 0.999).map(|s| s * 1e6),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "queue_wait": rows }));
+        return;
+    }
+    println!(
+        "  queue wait in the bus (server histogram, warm-up included; interpolated in buckets)"
+    );
+    for p in PRIORITIES.iter().rev().filter(|p| waits.count(p) > 0) {
+        println!(
+            "  {p:<9} {:>10}  p50 {}  p99 {}  p99.9 {}",
+            waits.count(p),
+            us(waits.quantile(p, 0.5)),
+            us(waits.quantile(p, 0.99)),
+            us(waits.quantile(p, 0.999)),
+        );
     }
 }

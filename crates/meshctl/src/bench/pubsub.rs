@@ -59,7 +59,7 @@ pub(crate) struct PubSubArgs {
     window: u32,
     /// Output format of the summary.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-    output: Output,
+    pub(super) output: Output,
 }
 
 impl PubSubArgs {

@@ -1,0 +1,177 @@
+//! Reads a server's Prometheus histogram over the run: `/metrics` is scraped before the load
+//! and after it, and the bucket counts' difference gives the quantiles of what happened in
+//! between (the event bus's queue wait per priority, measured inside the server, which the
+//! client-side publish → deliver latency cannot separate from transport and credit).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Cumulative bucket counts by label value of one histogram, keyed by upper bound.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(super) struct Buckets(BTreeMap<String, Vec<(f64, u64)>>);
+
+impl Buckets {
+    /// What was observed after `before` (counts subtracted bucket by bucket).
+    pub(super) fn since(&self, before: &Self) -> Self {
+        let mut out = BTreeMap::new();
+        for (label, buckets) in &self.0 {
+            let old = before.0.get(label);
+            let diff = buckets
+                .iter()
+                .map(|&(le, n)| {
+                    let was = old
+                        .and_then(|o| o.iter().find(|(l, _)| *l == le))
+                        .map_or(0, |&(_, n)| n);
+                    (le, n.saturating_sub(was))
+                })
+                .collect();
+            out.insert(label.clone(), diff);
+        }
+        Self(out)
+    }
+
+    /// Observations under `label`.
+    pub(super) fn count(&self, label: &str) -> u64 {
+        self.0
+            .get(label)
+            .and_then(|b| b.last())
+            .map_or(0, |&(_, n)| n)
+    }
+
+    /// The `q` quantile under `label`, interpolated linearly inside its bucket (Prometheus's
+    /// `histogram_quantile`); `None` without observations, infinity in the last bucket.
+    #[allow(clippy::cast_precision_loss)]
+    pub(super) fn quantile(&self, label: &str, q: f64) -> Option<f64> {
+        let buckets = self.0.get(label)?;
+        let total = buckets.last()?.1;
+        if total == 0 {
+            return None;
+        }
+        let rank = q * total as f64;
+        let (mut lower, mut below) = (0.0, 0_u64);
+        for &(le, n) in buckets {
+            if n as f64 >= rank {
+                if le.is_infinite() {
+                    return Some(lower);
+                }
+                let inside = (n - below) as f64;
+                let at = if inside == 0.0 {
+                    le
+                } else {
+                    lower + (le - lower) * (rank - below as f64) / inside
+                };
+                return Some(at);
+            }
+            (lower, below) = (le, n);
+        }
+        Some(lower)
+    }
+}
+
+/// Parses `<name>_bucket{<label>="v",le="x"} n` lines of a Prometheus text exposition.
+pub(super) fn parse(text: &str, name: &str, label: &str) -> Buckets {
+    let prefix = format!("{name}_bucket{{");
+    let mut out: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let mut key = None;
+        let mut le = None;
+        for pair in labels.split(',') {
+            let Some((k, v)) = pair.split_once('=') else {
+                continue;
+            };
+            let v = v.trim_matches('"');
+            if k == label {
+                key = Some(v.to_owned());
+            } else if k == "le" {
+                le = if v == "+Inf" {
+                    Some(f64::INFINITY)
+                } else {
+                    v.parse().ok()
+                };
+            }
+        }
+        if let (Some(key), Some(le), Ok(n)) = (key, le, value.trim().parse::<u64>()) {
+            out.entry(key).or_default().push((le, n));
+        }
+    }
+    for buckets in out.values_mut() {
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    Buckets(out)
+}
+
+/// `GET` of an `http://host:port/path` URL over plain HTTP/1.0; the body.
+pub(super) async fn fetch(url: &str) -> anyhow::Result<String> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("{url}: only http:// URLs are scraped"))?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, "metrics"));
+    let request = format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\nAccept: text/plain\r\n\r\n");
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(host).await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .with_context(|| format!("{url}: no answer within 5 s"))?
+        .with_context(|| format!("scraping {url}"))?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{url}: not an HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        anyhow::bail!("{url}: {}", head.lines().next().unwrap_or("no status line"));
+    }
+    Ok(body.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEFORE: &str = r#"# HELP eventbus_queue_wait_seconds x
+eventbus_queue_wait_seconds_bucket{priority="critical",le="0.0005"} 10
+eventbus_queue_wait_seconds_bucket{priority="critical",le="0.001"} 10
+eventbus_queue_wait_seconds_bucket{priority="critical",le="+Inf"} 10
+eventbus_queue_wait_seconds_count{priority="critical"} 10
+"#;
+    const AFTER: &str = r#"eventbus_queue_wait_seconds_bucket{priority="critical",le="0.0005"} 60
+eventbus_queue_wait_seconds_bucket{priority="critical",le="0.001"} 109
+eventbus_queue_wait_seconds_bucket{priority="critical",le="+Inf"} 110
+eventbus_queue_wait_seconds_bucket{priority="low",le="0.0005"} 0
+eventbus_queue_wait_seconds_bucket{priority="low",le="0.001"} 0
+eventbus_queue_wait_seconds_bucket{priority="low",le="+Inf"} 4
+"#;
+
+    #[test]
+    fn test_quantiles_of_the_difference_interpolate_inside_buckets() {
+        let name = "eventbus_queue_wait_seconds";
+        let diff = parse(AFTER, name, "priority").since(&parse(BEFORE, name, "priority"));
+        assert_eq!(diff.count("critical"), 100);
+        let p50 = diff.quantile("critical", 0.5).unwrap();
+        assert!((p50 - 0.0005).abs() < 1e-9, "{p50}");
+        let p90 = diff.quantile("critical", 0.9).unwrap();
+        assert!(
+            (p90 - (0.0005 + 0.0005 * 40.0 / 49.0)).abs() < 1e-9,
+            "{p90}"
+        );
+        assert_eq!(
+            diff.quantile("low", 0.5),
+            Some(0.001),
+            "beyond the last bound"
+        );
+        assert_eq!(diff.quantile("high", 0.5), None);
+    }
+}

@@ -10,7 +10,7 @@
 //! only that member can ack, nak, extend or terminate it. When a member leaves, its
 //! unacknowledged deliveries go back to the head of the queue for the others.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,8 @@ pub struct Pending {
     pub sequence: u64,
     /// When it was queued (again), for the queue-wait histogram.
     pub queued_at: Instant,
+    /// It holds its ordering key in its group (set when offered).
+    keyed: bool,
 }
 
 impl Pending {
@@ -94,6 +96,7 @@ impl Pending {
             deliveries,
             sequence,
             queued_at: Instant::now(),
+            keyed: false,
         }
     }
 }
@@ -261,9 +264,49 @@ struct State {
     last_expiry_scan_ms: u64,
     counters: GroupCounters,
     closed: bool,
+    /// Ordering keys with an event queued, in flight or waiting for redelivery (the key's
+    /// holder), and the key's later events, in publish order.
+    keyed: HashMap<String, VecDeque<Pending>>,
+    /// Events waiting in `keyed` (they count against the pending bound).
+    held: usize,
 }
 
 impl State {
+    /// Takes `pending`'s ordering key if it has one: true when it may be queued now, false
+    /// when an earlier event holds the key (then it waits behind it).
+    fn claim_key(&mut self, pending: &mut Pending) -> bool {
+        if pending.event.ordering_key.is_empty() {
+            return true;
+        }
+        if self.keyed.contains_key(&pending.event.ordering_key) {
+            return false;
+        }
+        self.keyed
+            .insert(pending.event.ordering_key.clone(), VecDeque::new());
+        pending.keyed = true;
+        true
+    }
+
+    /// `pending` is done with (acked, dead-lettered, expired, shed, or sent without acks):
+    /// the next event with its ordering key, if any, is queued at the head of its class.
+    fn release_key(&mut self, pending: &Pending, now_ms: u64) {
+        if !pending.keyed {
+            return;
+        }
+        let key = &pending.event.ordering_key;
+        let next = self.keyed.get_mut(key).and_then(VecDeque::pop_front);
+        match next {
+            Some(mut next) => {
+                self.held -= 1;
+                next.keyed = true;
+                self.requeue_front(next, now_ms);
+            }
+            None => {
+                self.keyed.remove(key);
+            }
+        }
+    }
+
     /// Puts an event back at the head of its priority class (a redelivery or a return).
     fn requeue_front(&mut self, mut pending: Pending, now_ms: u64) {
         pending.queued_at = Instant::now();
@@ -343,6 +386,8 @@ impl Consumer {
                 last_expiry_scan_ms: 0,
                 counters: GroupCounters::default(),
                 closed: false,
+                keyed: HashMap::new(),
+                held: 0,
             }),
             room: Notify::new(),
             dead_letter_expired: settings.dead_letter_expired,
@@ -402,6 +447,12 @@ impl Consumer {
                 .map(|(_, f)| f.pending.sequence)
                 .collect();
             let delayed: Vec<u64> = state.delayed.drain(..).map(|(_, p)| p.sequence).collect();
+            let held: Vec<u64> = state
+                .keyed
+                .drain()
+                .flat_map(|(_, waiting)| waiting.into_iter().map(|p| p.sequence))
+                .collect();
+            state.held = 0;
             let pending: Vec<u64> = state
                 .pending
                 .drain()
@@ -411,6 +462,7 @@ impl Consumer {
             effects.log_release = in_flight
                 .into_iter()
                 .chain(delayed)
+                .chain(held)
                 .chain(pending)
                 .filter(|&s| s != 0)
                 .collect();
@@ -434,7 +486,7 @@ impl Consumer {
 
     /// Offers an event (already matched by subject); filtered-out durable events are returned
     /// as log acks.
-    pub fn offer(&self, pending: Pending, now_ms: u64) -> Effects {
+    pub fn offer(&self, mut pending: Pending, now_ms: u64) -> Effects {
         let mut effects = Effects::default();
         if !self.options.accepts(&pending.event) {
             if pending.sequence != 0 {
@@ -448,10 +500,23 @@ impl Consumer {
         }
         let priority = pending.event.priority;
         let expires = pending.event.expires_at_ms;
-        if let PushOutcome::Shed(shed) = state.pending.push(pending, priority, expires, now_ms) {
+        let outcome = if state.claim_key(&mut pending) {
+            state.pending.push(pending, priority, expires, now_ms)
+        } else if state.pending.len() + state.delayed.len() + state.held >= state.pending.capacity()
+        {
+            // Its key is busy and the group is full: it goes (it cannot overtake its key).
+            PushOutcome::Shed(vec![(pending, priority)])
+        } else {
+            let key = pending.event.ordering_key.clone();
+            state.keyed.entry(key).or_default().push_back(pending);
+            state.held += 1;
+            PushOutcome::Queued
+        };
+        if let PushOutcome::Shed(shed) = outcome {
             for (p, priority) in shed {
                 effects.shed[priority.index()] += 1;
                 state.counters.shed += 1;
+                state.release_key(&p, now_ms);
                 if p.sequence != 0 {
                     // Durable readers only read what fits, so this is rare; the event stays
                     // pending in the log and is reclaimed later.
@@ -548,6 +613,7 @@ impl Consumer {
         for id in ids {
             if let Some(f) = take_owned(&mut state, *id, member) {
                 known += 1;
+                state.release_key(&f.pending, now_ms);
                 state.counters.acked += 1;
                 if let Some(m) = state.members.iter_mut().find(|m| m.id == member) {
                     m.acked += 1;
@@ -571,6 +637,7 @@ impl Consumer {
         let mut effects = Effects::default();
         let mut state = self.state.lock();
         let event = take_owned(&mut state, id, member).map(|f| {
+            state.release_key(&f.pending, now_ms);
             state.counters.acked += 1;
             if f.pending.sequence != 0 {
                 effects.log_acks.push(f.pending.sequence);
@@ -623,6 +690,7 @@ impl Consumer {
             &mut state,
             f.pending,
             DeadReason::Terminated(reason.to_owned()),
+            now_ms,
             &mut effects,
         );
         self.pump(&mut state, now_ms, &mut effects);
@@ -671,7 +739,7 @@ impl Consumer {
         if now_ms.saturating_sub(state.last_expiry_scan_ms) >= 100 {
             state.last_expiry_scan_ms = now_ms;
             let expired = state.pending.drain_expired(now_ms);
-            self.expired(&mut state, expired, &mut effects);
+            self.expired(&mut state, expired, now_ms, &mut effects);
         }
         self.pump(&mut state, now_ms, &mut effects);
         effects
@@ -683,14 +751,14 @@ impl Consumer {
         state
             .pending
             .capacity()
-            .saturating_sub(state.pending.len() + state.delayed.len())
+            .saturating_sub(state.pending.len() + state.delayed.len() + state.held)
     }
 
     /// Pending, in flight, members and counters.
     pub fn snapshot(&self) -> GroupSnapshot {
         let state = self.state.lock();
         GroupSnapshot {
-            pending: state.pending.len() + state.delayed.len(),
+            pending: state.pending.len() + state.delayed.len() + state.held,
             in_flight: state.in_flight.len()
                 + state
                     .members
@@ -724,7 +792,7 @@ impl Consumer {
         effects: &mut Effects,
     ) {
         if pending.deliveries >= self.options.max_deliveries {
-            self.dead(state, pending, DeadReason::MaxDeliveries, effects);
+            self.dead(state, pending, DeadReason::MaxDeliveries, now_ms, effects);
             return;
         }
         let backoff = &self.options.backoff;
@@ -738,7 +806,15 @@ impl Consumer {
         }
     }
 
-    fn dead(&self, state: &mut State, pending: Pending, reason: DeadReason, effects: &mut Effects) {
+    fn dead(
+        &self,
+        state: &mut State,
+        pending: Pending,
+        reason: DeadReason,
+        now_ms: u64,
+        effects: &mut Effects,
+    ) {
+        state.release_key(&pending, now_ms);
         state.counters.dead_lettered += 1;
         if pending.sequence != 0 {
             effects.log_acks.push(pending.sequence);
@@ -746,14 +822,23 @@ impl Consumer {
         effects.dead.push((pending, reason));
     }
 
-    fn expired(&self, state: &mut State, expired: Vec<(Pending, Priority)>, effects: &mut Effects) {
+    fn expired(
+        &self,
+        state: &mut State,
+        expired: Vec<(Pending, Priority)>,
+        now_ms: u64,
+        effects: &mut Effects,
+    ) {
         for (p, _) in expired {
             state.counters.expired += 1;
             effects.expired += 1;
             if self.dead_letter_expired {
-                self.dead(state, p, DeadReason::Expired, effects);
-            } else if p.sequence != 0 {
-                effects.log_acks.push(p.sequence);
+                self.dead(state, p, DeadReason::Expired, now_ms, effects);
+            } else {
+                state.release_key(&p, now_ms);
+                if p.sequence != 0 {
+                    effects.log_acks.push(p.sequence);
+                }
             }
         }
     }
@@ -777,7 +862,7 @@ impl Consumer {
             };
             let popped = state.pending.pop(now_ms);
             if !popped.expired.is_empty() {
-                self.expired(state, popped.expired, effects);
+                self.expired(state, popped.expired, now_ms, effects);
             }
             let Some((mut pending, priority, _)) = popped.item else {
                 break;
@@ -815,8 +900,12 @@ impl Consumer {
                                 deadline_ms: now_ms + ack_wait,
                             },
                         );
-                    } else if pending.sequence != 0 {
-                        effects.log_acks.push(pending.sequence);
+                    } else {
+                        // Without acks an event is done once sent.
+                        state.release_key(&pending, now_ms);
+                        if pending.sequence != 0 {
+                            effects.log_acks.push(pending.sequence);
+                        }
                     }
                 }
                 Err(_) => {
@@ -959,6 +1048,101 @@ mod tests {
         // Another member cannot ack this member's delivery.
         let (known, _) = g.ack(8, &[first[1].delivery_id], 1);
         assert_eq!(known, 0);
+    }
+
+    fn keyed(data: &str, key: &str, priority: Priority) -> Pending {
+        Pending::new(
+            Arc::new(Event {
+                subject: "a.b".into(),
+                priority,
+                ordering_key: key.into(),
+                data: data.to_owned().into(),
+                ..Event::default()
+            }),
+            0,
+            0,
+        )
+    }
+
+    fn texts(rx: &mut mpsc::Receiver<Outbound>) -> Vec<String> {
+        deliveries(rx).iter().map(text).collect()
+    }
+
+    #[test]
+    fn test_an_ordering_key_goes_one_event_at_a_time_in_publish_order_across_members() {
+        let g = group(100, options(5));
+        let (tx1, mut rx1) = mpsc::channel(100);
+        let (tx2, mut rx2) = mpsc::channel(100);
+        g.add_member(1, "s1".into(), 10, tx1, 0);
+        g.add_member(2, "s2".into(), 10, tx2, 0);
+        // A later event of the key is CRITICAL: it still waits for the earlier LOW one.
+        g.offer(keyed("a1", "a", Priority::Low), 0);
+        g.offer(keyed("a2", "a", Priority::Critical), 0);
+        g.offer(keyed("b1", "b", Priority::Normal), 0);
+        g.offer(keyed("a3", "a", Priority::Normal), 0);
+        let (d1, d2) = (deliveries(&mut rx1), deliveries(&mut rx2));
+        assert_eq!(d1.iter().map(text).collect::<Vec<_>>(), ["a1"]);
+        assert_eq!(d2.iter().map(text).collect::<Vec<_>>(), ["b1"]);
+        assert_eq!(g.snapshot().pending, 2, "a2 and a3 wait behind a1");
+        // a1 is nak'ed: it is redelivered before a2 (the key stays with it).
+        assert!(g.nak(1, d1[0].delivery_id, None, 1).0);
+        let again: Vec<DeliveryOut> = deliveries(&mut rx1)
+            .into_iter()
+            .chain(deliveries(&mut rx2))
+            .collect();
+        assert_eq!(again.iter().map(text).collect::<Vec<_>>(), ["a1"]);
+        assert_eq!(again[0].delivery_count, 2);
+        // Acking it (whichever member has it) releases a2, and a2's ack releases a3.
+        let ack_anywhere = |id: u64| {
+            let known: u64 = [1, 2].iter().map(|&m| g.ack(m, &[id], 2).0).sum();
+            assert_eq!(known, 1);
+        };
+        ack_anywhere(again[0].delivery_id);
+        let next: Vec<DeliveryOut> = deliveries(&mut rx1)
+            .into_iter()
+            .chain(deliveries(&mut rx2))
+            .collect();
+        assert_eq!(next.iter().map(text).collect::<Vec<_>>(), ["a2"]);
+        assert_eq!(g.snapshot().pending, 1);
+        ack_anywhere(next[0].delivery_id);
+        let last: Vec<String> = texts(&mut rx1).into_iter().chain(texts(&mut rx2)).collect();
+        assert_eq!(last, ["a3"]);
+        assert_eq!(g.snapshot().pending, 0);
+    }
+
+    #[test]
+    fn test_an_ordering_key_is_released_by_dead_letter_expiry_and_sends_without_acks() {
+        // Terminated: the next event of the key goes out.
+        let g = group(100, options(5));
+        let (tx, mut rx) = mpsc::channel(100);
+        g.add_member(1, "s".into(), 10, tx, 0);
+        g.offer(keyed("k1", "k", Priority::Normal), 0);
+        g.offer(keyed("k2", "k", Priority::Normal), 0);
+        let first = deliveries(&mut rx);
+        assert_eq!(first.iter().map(text).collect::<Vec<_>>(), ["k1"]);
+        assert!(g.terminate(1, first[0].delivery_id, "bad", 1).0);
+        assert_eq!(texts(&mut rx), ["k2"]);
+
+        // Ack policy NONE: each event is done once sent, so the key's events all go, in order.
+        let mut none = options(5);
+        none.ack_policy = AckPolicy::None;
+        let g = group(100, none);
+        let (tx, mut rx) = mpsc::channel(100);
+        g.offer(keyed("n1", "k", Priority::Low), 0);
+        g.offer(keyed("n2", "k", Priority::Critical), 0);
+        g.offer(keyed("n3", "k", Priority::Normal), 0);
+        g.add_member(1, "s".into(), 10, tx, 0);
+        assert_eq!(texts(&mut rx), ["n1", "n2", "n3"]);
+        assert_eq!(g.snapshot().pending, 0);
+
+        // A key's waiting events count against the bound; beyond it they are shed.
+        let g = group(2, options(5));
+        let e1 = g.offer(keyed("x1", "x", Priority::Normal), 0);
+        let e2 = g.offer(keyed("x2", "x", Priority::Normal), 0);
+        let e3 = g.offer(keyed("x3", "x", Priority::High), 0);
+        assert!(e1.is_empty() && e2.is_empty());
+        assert_eq!(e3.shed, [0, 0, 1, 0]);
+        assert_eq!(g.room(), 0);
     }
 
     #[test]

@@ -65,7 +65,8 @@ pub struct Event {
     pub correlation_id: String,
     /// Subject the receiver should answer on (request/reply).
     pub reply_to: String,
-    /// Events with the same ordering key are delivered in publish order within a group.
+    /// Events with the same ordering key are delivered to a group in publish order, one at a
+    /// time (the next once the previous is acked or otherwise done).
     pub ordering_key: String,
     /// Free-form headers; carries `traceparent` / `tracestate`.
     pub headers: BTreeMap<String, String>,

@@ -9,6 +9,11 @@
 //! Delivery ids are unique within the group. A delivery belongs to the member it was sent to:
 //! only that member can ack, nak, extend or terminate it. When a member leaves, its
 //! unacknowledged deliveries go back to the head of the queue for the others.
+//!
+//! Ordering keys: at most one event per key is queued or in flight (it *holds* the key); later
+//! events of the key wait behind it, in publish order, and the next is queued at the head of
+//! its class when the holder is done with (acked, replied to, dead-lettered, expired, shed, or
+//! sent under ack policy NONE). A redelivery keeps holding the key.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

@@ -550,6 +550,63 @@ async fn test_durable_events_survive_an_eventbus_restart_and_replay() -> anyhow:
 }
 
 #[tokio::test]
+async fn test_a_publish_stream_stores_and_answers_in_publish_order() -> anyhow::Result<()> {
+    // Thousands of publishes at once: the bus pipelines several batches to Redis, and both
+    // the answers and the stream keep the publish order, also when batches mix subjects.
+    let redis = RedisServer::start().await?;
+    let durable = ["--eventbus-durable", "orders.>"];
+    let process = AgentmeshProcess::serve_eventbus(Some(&redis.url()), None, &durable).await?;
+    let mut c = client(process.grpc_addr).await?;
+    let mut reader = subscribe(
+        &mut c,
+        pb::SubscribeOpen {
+            max_in_flight: 10_000,
+            ack_policy: pb::AckPolicy::None as i32,
+            ..open("orders.>")
+        },
+    )
+    .await?;
+    let total = 5000_usize;
+    let requests: Vec<pb::PublishRequest> = (0..total)
+        .map(|i| {
+            // Every 1000th event is ephemeral, so some batches are not all one stream.
+            let subject = if i % 1000 == 999 {
+                "audit.tick"
+            } else {
+                "orders.eu.created"
+            };
+            pb::PublishRequest {
+                event: Some(event(subject, &i.to_string())),
+            }
+        })
+        .collect();
+    let mut answers = c
+        .publish_stream(tokio_stream::iter(requests))
+        .await?
+        .into_inner();
+    let mut sequences = Vec::new();
+    while let Some(answer) = answers.next().await {
+        let answer = answer?;
+        assert!(answer.error.is_none(), "{answer:?}");
+        sequences.push(answer.sequence);
+    }
+    assert_eq!(sequences.len(), total);
+    let stored: Vec<u64> = sequences.iter().copied().filter(|&s| s != 0).collect();
+    assert_eq!(stored.len(), total - 5);
+    assert!(
+        stored.windows(2).all(|w| w[0] < w[1]),
+        "answers in publish order carry increasing sequences"
+    );
+    let got = reader.take(total - 5, Duration::from_secs(10)).await;
+    let expected: Vec<String> = (0..total)
+        .filter(|i| i % 1000 != 999)
+        .map(|i| i.to_string())
+        .collect();
+    assert_eq!(got.iter().map(data).collect::<Vec<_>>(), expected);
+    Ok(())
+}
+
+#[tokio::test]
 async fn test_durable_events_of_a_killed_instance_reach_the_surviving_subscriber()
 -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;

@@ -16,7 +16,6 @@ use std::time::Duration;
 use agentmesh_proto::eventbus::v1 as pb;
 use agentmesh_runtime::message_trace;
 use agentmesh_runtime::wire::{duration_from_proto, timestamp_from_ms, timestamp_to_ms};
-use futures::stream::FuturesOrdered;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,8 +35,6 @@ pub const MAX_IN_FLIGHT: u32 = 10_000;
 const MAX_DELIVERIES_PER_MESSAGE: usize = 128;
 /// Most events a PublishStream takes into one batch.
 const MAX_PUBLISH_BATCH: usize = 256;
-/// Most batches of one PublishStream waiting on the durable log at once.
-const MAX_BATCHES_IN_FLIGHT: usize = 4;
 /// Default and bounds of a request's timeout.
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
@@ -105,65 +102,43 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         let (tx, rx) = mpsc::channel(MAX_PUBLISH_BATCH * 2);
         let bus = self.bus.clone();
         tokio::spawn(async move {
-            // Batches whose events all go to one durable stream are pipelined: up to
-            // MAX_BATCHES_IN_FLIGHT of them wait on the log at once. Each is polled once as
-            // soon as it is queued (the `biased` select polls the batches in flight before it
-            // reads the next one), which hands its appends to the log's connection, so they
-            // are stored in the order they were published. Any other batch waits for those in
-            // flight to finish, and the next waits for it: the order holds across streams too.
-            let mut in_flight = FuturesOrdered::new();
-            let mut mixed_in_flight = false;
-            let mut inbound_done = false;
             loop {
-                tokio::select! {
-                    biased;
-                    Some(answers) = in_flight.next(), if !in_flight.is_empty() => {
-                        if send_all(&tx, answers).await.is_err() {
-                            return;
-                        }
+                // One message (waiting), then whatever else already arrived.
+                let Some(Ok(first)) = inbound.next().await else {
+                    return;
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_PUBLISH_BATCH {
+                    match inbound.next().now_or_never() {
+                        Some(Some(Ok(m))) => batch.push(m),
+                        _ => break,
                     }
-                    first = inbound.next(),
-                        if !inbound_done && in_flight.len() < MAX_BATCHES_IN_FLIGHT =>
-                    {
-                        // One message (waiting), then whatever else already arrived.
-                        let Some(Ok(first)) = first else {
-                            inbound_done = true;
-                            continue;
-                        };
-                        let mut batch = vec![first];
-                        while batch.len() < MAX_PUBLISH_BATCH {
-                            match inbound.next().now_or_never() {
-                                Some(Some(Ok(m))) => batch.push(m),
-                                _ => break,
-                            }
+                }
+                let mut answers: Vec<Option<pb::PublishResponse>> = Vec::with_capacity(batch.len());
+                let mut events = Vec::with_capacity(batch.len());
+                for m in batch {
+                    match decode_publish(m.event, "event") {
+                        Ok(mut event) => {
+                            drop(producer_span(&mut event, false));
+                            events.push(event);
+                            answers.push(None);
                         }
-                        let mut answers: Vec<Option<pb::PublishResponse>> =
-                            Vec::with_capacity(batch.len());
-                        let mut events = Vec::with_capacity(batch.len());
-                        for m in batch {
-                            match decode_publish(m.event, "event") {
-                                Ok(mut event) => {
-                                    drop(producer_span(&mut event, false));
-                                    events.push(event);
-                                    answers.push(None);
-                                }
-                                Err(e) => answers.push(Some(error_response(&e))),
-                            }
-                        }
-                        let stream = events.first().and_then(|e| bus.durable_stream(&e.subject));
-                        let one_stream = stream.is_some()
-                            && events.iter().all(|e| bus.durable_stream(&e.subject) == stream);
-                        if !one_stream || mixed_in_flight {
-                            while let Some(answers) = in_flight.next().await {
-                                if send_all(&tx, answers).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                        mixed_in_flight = !one_stream;
-                        in_flight.push_back(publish_answers(bus.clone(), answers, events));
+                        Err(e) => answers.push(Some(error_response(&e))),
                     }
-                    else => return,
+                }
+                let mut results = bus.publish_batch(events).await.into_iter();
+                for answer in answers {
+                    let response = match answer {
+                        Some(error) => error,
+                        None => match results.next() {
+                            Some(Ok(outcome)) => encode_outcome(outcome),
+                            Some(Err(e)) => error_response(&e),
+                            None => error_response(&EventBusError::ShuttingDown),
+                        },
+                    };
+                    if tx.send(Ok(response)).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -451,38 +426,6 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
             .map_err(to_status)?;
         Ok(Response::new(pb::PurgeDeadLettersResponse { purged }))
     }
-}
-
-/// Publishes a PublishStream batch and answers every message in order: `answers` holds the
-/// decode error of each message that had one, `None` for those in `events`.
-async fn publish_answers(
-    bus: Bus,
-    answers: Vec<Option<pb::PublishResponse>>,
-    events: Vec<Event>,
-) -> Vec<pb::PublishResponse> {
-    let mut results = bus.publish_batch(events).await.into_iter();
-    answers
-        .into_iter()
-        .map(|answer| match answer {
-            Some(error) => error,
-            None => match results.next() {
-                Some(Ok(outcome)) => encode_outcome(outcome),
-                Some(Err(e)) => error_response(&e),
-                None => error_response(&EventBusError::ShuttingDown),
-            },
-        })
-        .collect()
-}
-
-/// Sends a batch's answers; an error when the client went away.
-async fn send_all(
-    tx: &mpsc::Sender<Result<pb::PublishResponse, Status>>,
-    answers: Vec<pb::PublishResponse>,
-) -> Result<(), ()> {
-    for answer in answers {
-        tx.send(Ok(answer)).await.map_err(|_| ())?;
-    }
-    Ok(())
 }
 
 /// Writes deliveries and advisories to the subscriber, batching what is ready, until the

@@ -19,6 +19,7 @@ pub mod log;
 pub mod priority;
 pub mod redis_backplane;
 pub mod redis_log;
+mod resp;
 pub mod service;
 pub mod subject;
 

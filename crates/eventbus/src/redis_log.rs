@@ -59,9 +59,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::aio::ConnectionManager;
 use redis::streams::{StreamId, StreamInfoGroupsReply, StreamInfoStreamReply, StreamRangeReply};
-use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, RedisResult, Script, Value};
+use redis::{Cmd, ErrorKind, RedisError, RedisResult, Script, Value};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::debug;
@@ -73,6 +73,7 @@ use crate::log::{
     StreamInfo, TrimPolicy, check_batch, check_name, check_reader, check_stream, first_sequence_at,
     millis_ceil, no_group, sequence_beyond_end, stored_at_ms,
 };
+use crate::resp::{CallError, Frame, RawConnection};
 
 /// Bound on each Redis call unless set with [`RedisLog::with_timeout`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -212,11 +213,11 @@ impl std::fmt::Debug for RedisLog {
 }
 
 /// Dedicated connections for blocking reads: at most `permits` in use at once, idle ones kept
-/// for reuse.
+/// for reuse. They are [`RawConnection`]s, which read replies in place (see [`crate::resp`]).
 struct BlockingPool {
     client: redis::Client,
     permits: Semaphore,
-    idle: Mutex<Vec<MultiplexedConnection>>,
+    idle: Mutex<Vec<RawConnection>>,
 }
 
 impl BlockingPool {
@@ -232,22 +233,16 @@ impl BlockingPool {
     async fn checkout(
         &self,
         connect_timeout: Duration,
-    ) -> RedisResult<(MultiplexedConnection, bool)> {
+    ) -> Result<(RawConnection, bool), CallError> {
         if let Some(conn) = self.idle.lock().pop() {
             return Ok((conn, true));
         }
-        // No response timeout: the caller bounds each blocking read by its own wait.
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(None);
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let conn =
+            RawConnection::connect(self.client.get_connection_info(), connect_timeout).await?;
         Ok((conn, false))
     }
 
-    fn checkin(&self, conn: MultiplexedConnection) {
+    fn checkin(&self, conn: RawConnection) {
         self.idle.lock().push(conn);
     }
 }
@@ -503,7 +498,7 @@ impl RedisLog {
         consumer: &str,
         max: usize,
         block: Duration,
-    ) -> Result<Value, EventBusError> {
+    ) -> Result<Vec<StoredEvent>, EventBusError> {
         let deadline = Instant::now() + block;
         let permit = tokio::time::timeout(block, self.blocking.permits.acquire()).await;
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -511,28 +506,36 @@ impl RedisLog {
             // Every dedicated connection stayed busy for the whole wait.
             let cmd = self.read_group_cmd(stream, group, consumer, max, None);
             let mut conn = self.conn.clone();
-            return self.run("read_group", cmd.query_async(&mut conn)).await;
+            let reply: Value = self.run("read_group", cmd.query_async(&mut conn)).await?;
+            return read_reply_events("read_group", reply);
         };
         let cmd = self.read_group_cmd(stream, group, consumer, max, Some(millis_ceil(remaining)));
+        let packed = cmd.get_packed_command();
         let bound = remaining + self.timeout;
         // A pooled connection may have died while idle (Redis restarted): one more try on a
         // fresh one.
         for attempt in 0..2 {
-            let (mut conn, reused) = self
-                .run("read_group", self.blocking.checkout(self.timeout))
-                .await?;
-            match tokio::time::timeout(bound, cmd.query_async(&mut conn)).await {
-                Ok(Ok(reply)) => {
-                    self.blocking.checkin(conn);
-                    return Ok(reply);
+            let (mut conn, reused) = match self.blocking.checkout(self.timeout).await {
+                Ok(checked_out) => checked_out,
+                Err(e) => {
+                    return Err(EventBusError::Unavailable(format!(
+                        "read_group: cannot connect to redis: {e}"
+                    )));
                 }
-                Ok(Err(e)) if e.code().is_some() => {
+            };
+            let call = conn.call(&packed, |frame| frame_events("read_group", frame));
+            match tokio::time::timeout(bound, call).await {
+                Ok(Ok(events)) => {
+                    self.blocking.checkin(conn);
+                    return events;
+                }
+                Ok(Err(CallError::Redis(message))) => {
                     // Redis answered with an error: the connection itself is fine.
                     self.blocking.checkin(conn);
-                    return Err(redis_error("read_group", &e));
+                    return Err(raw_redis_error("read_group", &message));
                 }
-                Ok(Err(e)) if !(reused && attempt == 0) => {
-                    return Err(redis_error("read_group", &e));
+                Ok(Err(CallError::Io(e))) if !(reused && attempt == 0) => {
+                    return Err(EventBusError::Unavailable(format!("read_group: {e}")));
                 }
                 Ok(Err(e)) => debug!(error = %e, "dedicated redis connection broken; reopening"),
                 Err(_) => return Err(timed_out("read_group", bound)),
@@ -675,16 +678,19 @@ impl EventLog for RedisLog {
         }
         // Read as a raw value and walked by hand: for a busy stream, building redis-rs's
         // StreamReadReply (a map and cloned values per entry) cost more than the parse.
-        let reply: Value = if block.is_zero() {
+        if block.is_zero() {
             let cmd = self.read_group_cmd(stream, group, consumer, max, None);
             let mut conn = self.conn.clone();
-            self.run("read_group", cmd.query_async(&mut conn)).await
+            let reply: Value = self
+                .run("read_group", cmd.query_async(&mut conn))
+                .await
+                .map_err(|e| name_group(e, stream, group))?;
+            read_reply_events("read_group", reply)
         } else {
             self.read_group_blocking(stream, group, consumer, max, block)
                 .await
+                .map_err(|e| name_group(e, stream, group))
         }
-        .map_err(|e| name_group(e, stream, group))?;
-        read_reply_events("read_group", reply)
     }
 
     async fn ack(
@@ -947,27 +953,25 @@ fn decode_event(fields: &HashMap<String, Value>) -> Event {
     decode_fields(
         fields
             .iter()
-            .map(|(name, value)| (name.as_bytes(), value.clone())),
+            .filter_map(|(name, value)| Some((name.as_bytes(), value_bytes(value.clone())?))),
     )
 }
 
-/// The event stored in `(name, value)` fields; missing or unreadable fields are left empty.
-/// Values are taken, so `data` is not copied.
-fn decode_fields<'a>(fields: impl Iterator<Item = (&'a [u8], Value)>) -> Event {
-    fn bytes(value: Value) -> Option<Vec<u8>> {
-        match value {
-            Value::BulkString(b) => Some(b),
-            Value::SimpleString(s) => Some(s.into_bytes()),
-            _ => None,
-        }
+/// The bytes of a string reply.
+fn value_bytes(value: Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
     }
-    fn text(value: Value) -> String {
-        bytes(value)
-            .map(|b| {
-                String::from_utf8(b)
-                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-            })
-            .unwrap_or_default()
+}
+
+/// The event stored in `(name, value)` fields; missing or unreadable fields are left empty.
+/// Values are taken, so text and `data` are not copied again.
+fn decode_fields<'a>(fields: impl Iterator<Item = (&'a [u8], Vec<u8>)>) -> Event {
+    fn text(value: Vec<u8>) -> String {
+        String::from_utf8(value)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
     let mut event = Event::default();
     for (name, value) in fields {
@@ -978,10 +982,9 @@ fn decode_fields<'a>(fields: impl Iterator<Item = (&'a [u8], Value)>) -> Event {
             b"source" => event.source = text(value),
             b"time" => event.time_ms = text(value).parse().unwrap_or(0),
             b"priority" => {
-                let name = bytes(value).unwrap_or_default();
                 event.priority = Priority::ALL
                     .into_iter()
-                    .find(|p| p.as_str().as_bytes() == name.as_slice())
+                    .find(|p| p.as_str().as_bytes() == value.as_slice())
                     .unwrap_or_default();
             }
             b"expires_at" => event.expires_at_ms = text(value).parse().ok(),
@@ -990,15 +993,59 @@ fn decode_fields<'a>(fields: impl Iterator<Item = (&'a [u8], Value)>) -> Event {
             b"ordering_key" => event.ordering_key = text(value),
             b"content_type" => event.content_type = text(value),
             b"headers" => {
-                event.headers = bytes(value)
-                    .and_then(|b| serde_json::from_slice::<BTreeMap<String, String>>(&b).ok())
-                    .unwrap_or_default();
+                event.headers =
+                    serde_json::from_slice::<BTreeMap<String, String>>(&value).unwrap_or_default();
             }
-            b"data" => event.data = bytes(value).map(Bytes::from).unwrap_or_default(),
+            b"data" => event.data = Bytes::from(value),
             _ => {}
         }
     }
     event
+}
+
+/// The entries of an `XREADGROUP` reply read in place by a [`RawConnection`] (nil, or per
+/// stream `[key, [[id, [field, value, …]], …]]`), in order; field values are copied out.
+fn frame_events(op: &'static str, reply: Frame<'_>) -> Result<Vec<StoredEvent>, EventBusError> {
+    let streams = match reply {
+        Frame::Nil => return Ok(Vec::new()),
+        Frame::Array(streams) => streams,
+        _ => return Err(malformed(op, "the reply is not a list of streams")),
+    };
+    let mut out = Vec::new();
+    for stream in streams {
+        let Frame::Array(mut key_entries) = stream else {
+            return Err(malformed(op, "a stream of the reply is not [key, entries]"));
+        };
+        let Some(Frame::Array(entries)) = key_entries.pop() else {
+            return Err(malformed(op, "a stream's entries are not a list"));
+        };
+        out.reserve(entries.len());
+        for entry in entries {
+            let Frame::Array(id_fields) = entry else {
+                return Err(malformed(op, "an entry is not [id, fields]"));
+            };
+            let [Frame::Bulk(id), fields] = id_fields.as_slice() else {
+                return Err(malformed(op, "an entry is not [id, fields]"));
+            };
+            let sequence = sequence(op, &String::from_utf8_lossy(id))?;
+            let fields: &[Frame<'_>] = match fields {
+                Frame::Array(fields) => fields,
+                // An entry deleted while pending has no fields.
+                Frame::Nil => &[],
+                _ => return Err(malformed(op, "an entry's fields are not a list")),
+            };
+            let event = decode_fields(fields.chunks_exact(2).filter_map(|pair| match pair {
+                [Frame::Bulk(name), Frame::Bulk(value)] => Some((*name, value.to_vec())),
+                _ => None,
+            }));
+            out.push(StoredEvent {
+                sequence,
+                stored_at_ms: stored_at_ms(sequence),
+                event,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The entries of an `XREADGROUP`/`XREAD` reply (nil, or per stream `[key, [[id, [field,
@@ -1049,12 +1096,10 @@ fn read_reply_events(op: &'static str, reply: Value) -> Result<Vec<StoredEvent>,
             let mut values = Vec::with_capacity(fields.len() / 2);
             let mut it = fields.into_iter();
             while let (Some(name), Some(value)) = (it.next(), it.next()) {
-                names.push(match name {
-                    Value::BulkString(b) => b,
-                    Value::SimpleString(s) => s.into_bytes(),
-                    _ => Vec::new(),
-                });
-                values.push(value);
+                if let (Some(name), Some(value)) = (value_bytes(name), value_bytes(value)) {
+                    names.push(name);
+                    values.push(value);
+                }
             }
             let event = decode_fields(names.iter().map(Vec::as_slice).zip(values));
             out.push(StoredEvent {
@@ -1094,6 +1139,15 @@ fn append_outcomes(value: Value) -> Result<Vec<AppendOutcome>, EventBusError> {
             }
         })
         .collect()
+}
+
+/// An error reply read by a [`RawConnection`], mapped as [`redis_error`] maps redis-rs's.
+fn raw_redis_error(op: &'static str, message: &str) -> EventBusError {
+    if message.starts_with("NOGROUP") {
+        return EventBusError::NotFound(format!("{op}: no such consumer group"));
+    }
+    debug!(op, error = %message, "redis event log call failed");
+    EventBusError::Unavailable(format!("{op}: {message}"))
 }
 
 fn redis_error(op: &'static str, e: &RedisError) -> EventBusError {

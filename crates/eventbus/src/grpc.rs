@@ -8,7 +8,7 @@
 //! the OpenTelemetry API directly and only when an exporter is configured
 //! ([`message_trace`]); without one an event still gets a `traceparent`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,12 +18,13 @@ use agentmesh_runtime::message_trace;
 use agentmesh_runtime::wire::{duration_from_proto, timestamp_from_ms, timestamp_to_ms};
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::bus::{Bus, DEFAULT_DEAD_LETTER_SUBJECT, PublishOutcome, SubscriptionHandle};
-use crate::consumer::{AckPolicy, AdvisoryKind, ConsumerOptions, Outbound};
+use crate::consumer::{
+    AckPolicy, AdvisoryKind, AdvisoryOut, ConsumerOptions, DeliveryOut, Outbound,
+};
 use crate::error::{EventBusError, FieldViolation};
 use crate::event::{Event, MAX_TTL_MS, Priority, now_ms};
 use crate::log::StartPosition;
@@ -98,51 +99,55 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(MAX_PUBLISH_BATCH * 2);
-        let bus = self.bus.clone();
-        tokio::spawn(async move {
-            loop {
-                // One message (waiting), then whatever else already arrived.
-                let Some(Ok(first)) = inbound.next().await else {
-                    return;
-                };
-                let mut batch = vec![first];
-                while batch.len() < MAX_PUBLISH_BATCH {
-                    match inbound.next().now_or_never() {
-                        Some(Some(Ok(m))) => batch.push(m),
-                        _ => break,
-                    }
-                }
-                let mut answers: Vec<Option<pb::PublishResponse>> = Vec::with_capacity(batch.len());
-                let mut events = Vec::with_capacity(batch.len());
-                for m in batch {
-                    match decode_publish(m.event, "event") {
-                        Ok(mut event) => {
-                            drop(producer_span(&mut event, false));
-                            events.push(event);
-                            answers.push(None);
-                        }
-                        Err(e) => answers.push(Some(error_response(&e))),
-                    }
-                }
-                let mut results = bus.publish_batch(events).await.into_iter();
-                for answer in answers {
-                    let response = match answer {
-                        Some(error) => error,
-                        None => match results.next() {
-                            Some(Ok(outcome)) => encode_outcome(outcome),
-                            Some(Err(e)) => error_response(&e),
-                            None => error_response(&EventBusError::ShuttingDown),
-                        },
-                    };
-                    if tx.send(Ok(response)).await.is_err() {
-                        return;
-                    }
+        // Processed inside the response stream (no task or channel in between): each time the
+        // transport wants an answer and none is ready, the next batch is read and published.
+        let state = PublishState {
+            inbound: request.into_inner(),
+            bus: self.bus.clone(),
+            ready: VecDeque::new(),
+        };
+        let answers = futures::stream::unfold(state, |mut state| async move {
+            if let Some(answer) = state.ready.pop_front() {
+                return Some((Ok(answer), state));
+            }
+            // One message (waiting), then whatever else already arrived.
+            let Some(Ok(first)) = state.inbound.next().await else {
+                return None;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_PUBLISH_BATCH {
+                match state.inbound.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.push(m),
+                    _ => break,
                 }
             }
+            let mut answers: Vec<Option<pb::PublishResponse>> = Vec::with_capacity(batch.len());
+            let mut events = Vec::with_capacity(batch.len());
+            for m in batch {
+                match decode_publish(m.event, "event") {
+                    Ok(mut event) => {
+                        drop(producer_span(&mut event, false));
+                        events.push(event);
+                        answers.push(None);
+                    }
+                    Err(e) => answers.push(Some(error_response(&e))),
+                }
+            }
+            let mut results = state.bus.publish_batch(events).await.into_iter();
+            state
+                .ready
+                .extend(answers.into_iter().map(|answer| match answer {
+                    Some(error) => error,
+                    None => match results.next() {
+                        Some(Ok(outcome)) => encode_outcome(outcome),
+                        Some(Err(e)) => error_response(&e),
+                        None => error_response(&EventBusError::ShuttingDown),
+                    },
+                }));
+            let answer = state.ready.pop_front()?;
+            Some((Ok(answer), state))
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(answers)))
     }
 
     type SubscribeStream = BoxStream<pb::SubscribeResponse>;
@@ -171,7 +176,6 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
             .subscribe(options, start)
             .await
             .map_err(to_status)?;
-        let (tx, rx) = mpsc::channel::<Result<pb::SubscribeResponse, Status>>(16);
         let subscribed = pb::SubscribeResponse {
             kind: Some(pb::subscribe_response::Kind::Subscribed(pb::Subscribed {
                 subscription_id: subscription.id.clone(),
@@ -179,15 +183,9 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
                 stream: subscription.stream.clone().unwrap_or_default(),
             })),
         };
-        let _ = tx.send(Ok(subscribed)).await;
         let handle = Arc::new(subscription.handle);
         let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(write_deliveries(
-            subscription.rx,
-            handle.clone(),
-            tx,
-            stop.clone(),
-        ));
+        let deliveries = deliveries_stream(subscription.rx, handle.clone(), stop.clone());
         let id = subscription.id;
         tokio::spawn(async move {
             while let Some(Ok(message)) = inbound.next().await {
@@ -195,7 +193,8 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
             }
             stop.cancel();
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = futures::stream::once(std::future::ready(Ok(subscribed))).chain(deliveries);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn request(
@@ -428,77 +427,107 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
     }
 }
 
-/// Writes deliveries and advisories to the subscriber, batching what is ready, until the
-/// client goes away or `stop` fires.
-async fn write_deliveries(
-    mut rx: mpsc::Receiver<Outbound>,
+/// A PublishStream's state between answers.
+struct PublishState {
+    inbound: Streaming<pb::PublishRequest>,
+    bus: Bus,
+    /// Answers of the batch being handed out, in order.
+    ready: VecDeque<pb::PublishResponse>,
+}
+
+/// A subscription's outgoing side between messages.
+struct DeliverState {
+    rx: mpsc::Receiver<Outbound>,
     handle: Arc<SubscriptionHandle>,
-    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
     stop: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        let first = tokio::select! {
-            () = stop.cancelled() => return,
-            next = rx.recv() => match next {
-                Some(out) => out,
-                None => return,
-            },
-        };
-        let mut deliveries = Vec::new();
-        let mut advisories = Vec::new();
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            match out {
-                Outbound::Delivery(d) => deliveries.push(d),
-                Outbound::Advisory(a) => advisories.push(a),
-            }
-            if deliveries.len() < MAX_DELIVERIES_PER_MESSAGE {
-                next = rx.try_recv().ok();
-            }
+    /// Messages ready to go, with the deliveries each carries.
+    ready: VecDeque<(pb::SubscribeResponse, u32)>,
+    /// Deliveries in the message handed out last: written once the next is asked for.
+    handed_out: u32,
+}
+
+/// Deliveries and advisories for the subscriber, batching what is ready, until the client goes
+/// away or `stop` fires. Encoded inside the response stream itself (no task or channel in
+/// between); a message's deliveries count as written (ack policy NONE frees their credit) when
+/// the transport asks for the next one.
+fn deliveries_stream(
+    rx: mpsc::Receiver<Outbound>,
+    handle: Arc<SubscriptionHandle>,
+    stop: tokio_util::sync::CancellationToken,
+) -> impl Stream<Item = Result<pb::SubscribeResponse, Status>> + Send + 'static {
+    let state = DeliverState {
+        rx,
+        handle,
+        stop,
+        ready: VecDeque::new(),
+        handed_out: 0,
+    };
+    futures::stream::unfold(state, |mut state| async move {
+        if state.handed_out > 0 {
+            state.handle.sent(std::mem::take(&mut state.handed_out));
         }
-        for a in advisories {
-            let message = pb::SubscribeResponse {
-                kind: Some(pb::subscribe_response::Kind::Advisory(pb::Advisory {
-                    kind: match a.kind {
-                        AdvisoryKind::Shed => pb::advisory::Kind::Shed,
-                        AdvisoryKind::Expired => pb::advisory::Kind::Expired,
-                        AdvisoryKind::DeadLettered => pb::advisory::Kind::DeadLettered,
-                    } as i32,
-                    count: a.count,
-                    priority: a.priority.map_or(0, encode_priority),
-                    message: a.message,
-                })),
+        if state.ready.is_empty() {
+            let first = tokio::select! {
+                () = state.stop.cancelled() => return None,
+                next = state.rx.recv() => next?,
             };
-            if tx.send(Ok(message)).await.is_err() {
-                return;
+            let mut deliveries = Vec::new();
+            let mut next = Some(first);
+            while let Some(out) = next.take() {
+                match out {
+                    Outbound::Delivery(d) => deliveries.push(d),
+                    Outbound::Advisory(a) => state.ready.push_back((encode_advisory(a), 0)),
+                }
+                if deliveries.len() < MAX_DELIVERIES_PER_MESSAGE {
+                    next = state.rx.try_recv().ok();
+                }
+            }
+            if !deliveries.is_empty() {
+                let count = u32::try_from(deliveries.len()).unwrap_or(u32::MAX);
+                state
+                    .ready
+                    .push_back((encode_deliveries(&deliveries), count));
             }
         }
-        if deliveries.is_empty() {
-            continue;
-        }
-        let count = u32::try_from(deliveries.len()).unwrap_or(u32::MAX);
-        let encoded: Vec<pb::Delivery> = deliveries
-            .iter()
-            .map(|d| {
-                let _span =
-                    message_trace::consumer(&d.event.headers, &d.event.subject, &d.event.id);
-                pb::Delivery {
-                    delivery_id: d.delivery_id,
-                    event: Some(encode_event(&d.event)),
-                    delivery_count: d.delivery_count,
-                    sequence: d.sequence,
-                }
-            })
-            .collect();
-        let message = pb::SubscribeResponse {
-            kind: Some(pb::subscribe_response::Kind::Deliveries(pb::Deliveries {
-                deliveries: encoded,
-            })),
-        };
-        if tx.send(Ok(message)).await.is_err() {
-            return;
-        }
-        handle.sent(count);
+        let (message, count) = state.ready.pop_front()?;
+        state.handed_out = count;
+        Some((Ok(message), state))
+    })
+}
+
+fn encode_advisory(a: AdvisoryOut) -> pb::SubscribeResponse {
+    pb::SubscribeResponse {
+        kind: Some(pb::subscribe_response::Kind::Advisory(pb::Advisory {
+            kind: match a.kind {
+                AdvisoryKind::Shed => pb::advisory::Kind::Shed,
+                AdvisoryKind::Expired => pb::advisory::Kind::Expired,
+                AdvisoryKind::DeadLettered => pb::advisory::Kind::DeadLettered,
+            } as i32,
+            count: a.count,
+            priority: a.priority.map_or(0, encode_priority),
+            message: a.message,
+        })),
+    }
+}
+
+/// One Deliveries message; each delivery opens its consumer span (when exporting).
+fn encode_deliveries(deliveries: &[DeliveryOut]) -> pb::SubscribeResponse {
+    let encoded = deliveries
+        .iter()
+        .map(|d| {
+            let _span = message_trace::consumer(&d.event.headers, &d.event.subject, &d.event.id);
+            pb::Delivery {
+                delivery_id: d.delivery_id,
+                event: Some(encode_event(&d.event)),
+                delivery_count: d.delivery_count,
+                sequence: d.sequence,
+            }
+        })
+        .collect();
+    pb::SubscribeResponse {
+        kind: Some(pb::subscribe_response::Kind::Deliveries(pb::Deliveries {
+            deliveries: encoded,
+        })),
     }
 }
 

@@ -2,7 +2,9 @@
 # Event bus benchmarks, each beside its anchor measured in the same run: NATS core (Debian's
 # nats-server, driven by the same harness through async-nats) for ephemeral delivery, Redis
 # Streams used directly (XADD / XREADGROUP / XACK) for durable delivery, and the bus's own
-# queue-wait histogram for priorities. One tokio worker per process, loopback only.
+# queue-wait histogram for priorities. Loopback only. The event bus runs with its default
+# runtime (a worker per core), as NATS (GOMAXPROCS = cores) does; the load generator has one
+# tokio worker.
 # Prints Markdown rows for BENCHMARKS.md.   scripts/bench-eventbus.sh [seconds-per-run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +13,6 @@ command -v protoc >/dev/null 2>&1 || scripts/install-deps.sh
 command -v nats-server >/dev/null 2>&1 || { echo "needs nats-server (apt-get install -y nats-server)" >&2; exit 1; }
 cargo build --release --quiet --bins
 bin=$PWD/target/release
-export TOKIO_WORKER_THREADS=1
 dir=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
@@ -33,7 +34,7 @@ for port in 7851 7852; do
 done
 sleep 1
 
-bench() { "$bin/meshctl" bench "$@" --duration "${secs}s" --warmup 2s -o json; }
+bench() { TOKIO_WORKER_THREADS=1 "$bin/meshctl" bench "$@" --duration "${secs}s" --warmup 2s -o json; }
 row() {
   python3 - "$1" "$2" <<'PY'
 import json, sys

@@ -250,7 +250,7 @@ async fn test_unacked_events_are_redelivered_then_dead_lettered_and_can_be_redri
         },
     )
     .await?;
-    publish(&mut c, event("work.item", "poison")).await?;
+    let poison = publish(&mut c, event("work.item", "poison")).await?;
     let mut counts = Vec::new();
     for _ in 0..3 {
         let d = s.take(1, Duration::from_secs(2)).await;
@@ -277,6 +277,11 @@ async fn test_unacked_events_are_redelivered_then_dead_lettered_and_can_be_redri
     assert_eq!(dead[0].reason, "MAX_DELIVERIES");
     assert_eq!(dead[0].deliveries, 3);
     assert_eq!(dead[0].event.as_ref().unwrap().subject, "work.item");
+    assert_eq!(
+        dead[0].event.as_ref().unwrap().id,
+        poison.id,
+        "listed as it was published"
+    );
 
     // Redrive publishes it on its original subject again.
     let mut fresh = subscribe(&mut c, open("work.item")).await?;
@@ -290,6 +295,12 @@ async fn test_unacked_events_are_redelivered_then_dead_lettered_and_can_be_redri
     assert_eq!(redriven.redriven, 1);
     let d = fresh.take(1, Duration::from_secs(2)).await;
     assert_eq!(data(&d[0]), "poison");
+    let redriven_event = d[0].event.as_ref().unwrap();
+    assert_ne!(
+        redriven_event.id, poison.id,
+        "a new id, or dedup would drop it"
+    );
+    assert_eq!(redriven_event.headers["redriven-from"], poison.id);
     assert!(
         wait_for_dead_letters(&mut c, "dlq.work", 0)
             .await?

@@ -60,6 +60,12 @@ pub const DEAD_LETTER_DELIVERIES: &str = "deadletter-deliveries";
 pub const DEAD_LETTER_GROUP: &str = "deadletter-group";
 /// When, ms since the epoch.
 pub const DEAD_LETTER_AT: &str = "deadletter-at";
+/// The event's own id (the dead letter is stored under a new one, so that a dead letter is
+/// never taken for a duplicate of its event).
+pub const DEAD_LETTER_ID: &str = "deadletter-id";
+/// A redriven event's original id (it is published under a new one, or the dedup window
+/// would take it for a duplicate).
+pub const REDRIVEN_FROM: &str = "redriven-from";
 /// Most subjects tracked one by one in stats; the rest are summed under `_other`.
 pub const MAX_TRACKED_SUBJECTS: usize = 1024;
 
@@ -790,7 +796,8 @@ impl Bus {
             .insert(DEAD_LETTER_GROUP.into(), group_label(group));
         event.headers.insert(DEAD_LETTER_AT.into(), now.to_string());
         event.subject.clone_from(&group.options.dead_letter_subject);
-        event.id = new_ulid(now);
+        let original_id = std::mem::replace(&mut event.id, new_ulid(now));
+        event.headers.insert(DEAD_LETTER_ID.into(), original_id);
         // A dead letter must not expire on its way to the dead-letter store.
         event.expires_at_ms = None;
         self.inner
@@ -1095,6 +1102,10 @@ impl Bus {
                 if !original.is_empty() {
                     event.subject = original;
                 }
+                let original_id = header(&mut event, DEAD_LETTER_ID);
+                if !original_id.is_empty() {
+                    event.id = original_id;
+                }
                 DeadLetter {
                     sequence: s.sequence,
                     event,
@@ -1132,7 +1143,8 @@ impl Bus {
             if let Some(to) = to_subject {
                 to.clone_into(&mut event.subject);
             }
-            event.id = new_ulid(now_ms());
+            let original_id = std::mem::replace(&mut event.id, new_ulid(now_ms()));
+            event.headers.insert(REDRIVEN_FROM.into(), original_id);
             self.publish(event).await?;
             redriven += 1;
             done.push(d.sequence);

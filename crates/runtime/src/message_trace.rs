@@ -31,12 +31,6 @@ pub fn export_through(tracer: SdkTracer) {
     let _ = EXPORTING.set(tracer);
 }
 
-/// True when message spans are exported.
-#[must_use]
-pub fn is_exporting() -> bool {
-    EXPORTING.get().is_some()
-}
-
 /// A producer or consumer span in progress; ends when dropped. Empty when nothing is
 /// exported.
 #[must_use = "the span ends when this is dropped"]
@@ -131,13 +125,12 @@ fn write_child_of(parent: Option<&SpanContext>, headers: &mut BTreeMap<String, S
     thread_local! {
         static IDS: RandomIdGenerator = RandomIdGenerator::default();
     }
+    let parent = parent.filter(|p| p.is_valid());
     let (trace_id, span_id) = IDS.with(|ids| {
-        let trace_id = parent
-            .filter(|p| p.is_valid())
-            .map_or_else(|| ids.new_trace_id(), SpanContext::trace_id);
+        let trace_id = parent.map_or_else(|| ids.new_trace_id(), SpanContext::trace_id);
         (trace_id, ids.new_span_id())
     });
-    let (flags, state) = match parent.filter(|p| p.is_valid()) {
+    let (flags, state) = match parent {
         Some(p) => (p.trace_flags(), p.trace_state().header()),
         None => (TraceFlags::SAMPLED, String::new()),
     };

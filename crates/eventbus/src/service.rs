@@ -18,6 +18,7 @@ use crate::bus::{Bus, BusConfig};
 use crate::error::EventBusError;
 use crate::grpc::EventBusGrpc;
 use crate::log::{EventLog, InMemoryLog, TrimPolicy};
+use crate::priority::FairnessConfig;
 use crate::redis_backplane::RedisBackplane;
 use crate::redis_log::RedisLog;
 use crate::subject::SubjectFilter;
@@ -85,6 +86,40 @@ pub struct EventBusArgs {
     /// Drop durable events older than this.
     #[arg(long = "eventbus-retention-max-age", env = "AGENTMESH_EVENTBUS_RETENTION_MAX_AGE", default_value = "7d", value_parser = parse_duration)]
     pub retention_max_age: Duration,
+    /// Priority weights, CRITICAL,HIGH,NORMAL,LOW: each class's share of a backlogged
+    /// subscription's deliveries and of its pending bound (LOW gets 1/sum of them).
+    #[arg(long = "eventbus-priority-weights", env = "AGENTMESH_EVENTBUS_PRIORITY_WEIGHTS", default_value = "8,4,2,1", value_parser = parse_weights)]
+    pub priority_weights: Weights,
+    /// A class whose oldest pending event has waited this long is scheduled one class higher
+    /// per period, never above HIGH; 0 turns aging off.
+    #[arg(long = "eventbus-priority-aging", env = "AGENTMESH_EVENTBUS_PRIORITY_AGING", default_value = "500ms", value_parser = parse_duration)]
+    pub priority_aging: Duration,
+}
+
+/// Priority weights indexed by [`crate::event::Priority::index`] (LOW first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Weights(pub [u32; 4]);
+
+/// Parses `CRITICAL,HIGH,NORMAL,LOW` weights, each 1–1000.
+///
+/// # Errors
+/// Anything but four whole numbers from 1 to 1000.
+pub fn parse_weights(text: &str) -> Result<Weights, String> {
+    let parsed: Vec<u32> = text
+        .split(',')
+        .map(|w| w.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{text:?}: {e} (write CRITICAL,HIGH,NORMAL,LOW, e.g. 8,4,2,1)"))?;
+    let [critical, high, normal, low] = parsed.as_slice() else {
+        return Err(format!(
+            "{text:?}: four weights expected, CRITICAL,HIGH,NORMAL,LOW (e.g. 8,4,2,1)"
+        ));
+    };
+    let weights = [*low, *normal, *high, *critical];
+    if weights.iter().any(|w| !(1..=1000).contains(w)) {
+        return Err(format!("{text:?}: each weight must be 1 to 1000"));
+    }
+    Ok(Weights(weights))
 }
 
 /// What the host gives the event bus.
@@ -154,6 +189,10 @@ impl EventBusArgs {
             retention: TrimPolicy {
                 max_len: Some(self.retention_max_len),
                 max_age: Some(self.retention_max_age),
+            },
+            fairness: FairnessConfig {
+                weights: self.priority_weights.0,
+                aging_ms: u64::try_from(self.priority_aging.as_millis()).unwrap_or(u64::MAX),
             },
             ..BusConfig::new(instance_id.clone())
         };
@@ -291,4 +330,18 @@ fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> 
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_priority_weights_read_critical_first_and_are_bounded() {
+        assert_eq!(parse_weights("8,4,2,1"), Ok(Weights([1, 2, 4, 8])));
+        assert_eq!(parse_weights(" 12, 4 ,2,1"), Ok(Weights([1, 2, 4, 12])));
+        assert!(parse_weights("8,4,2").unwrap_err().contains("four weights"));
+        assert!(parse_weights("8,4,2,0").unwrap_err().contains("1 to 1000"));
+        assert!(parse_weights("8,4,x,1").is_err());
+    }
 }

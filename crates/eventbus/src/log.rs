@@ -284,6 +284,17 @@ pub(crate) fn check_reader(
     check_batch("max", max)
 }
 
+/// Checks the arguments of an ack or release of a group's pending sequences.
+pub(crate) fn check_pending_args(
+    stream: &str,
+    group: &str,
+    sequences: &[u64],
+) -> Result<(), EventBusError> {
+    check_stream(stream)?;
+    check_name("group", group)?;
+    check_batch("sequences", sequences.len())
+}
+
 /// Checks a batch size against [`MAX_BATCH`].
 pub(crate) fn check_batch(field: &str, len: usize) -> Result<(), EventBusError> {
     if len > MAX_BATCH {
@@ -493,9 +504,7 @@ impl InMemoryLog {
         sequences: &[u64],
         mut f: impl FnMut(&mut BTreeMap<u64, PendingEntry>, u64) -> bool,
     ) -> Result<u64, EventBusError> {
-        check_stream(stream)?;
-        check_name("group", group)?;
-        check_batch("sequences", sequences.len())?;
+        check_pending_args(stream, group, sequences)?;
         let mut streams = self.streams.lock();
         let Some(state) = streams
             .get_mut(stream)

@@ -72,8 +72,8 @@ use crate::error::EventBusError;
 use crate::event::{Event, Priority};
 use crate::log::{
     AppendOutcome, Claimed, EventLog, GroupInfo, SEQUENCE_COUNTER_BITS, StartPosition, StoredEvent,
-    StreamInfo, TrimPolicy, check_batch, check_name, check_reader, check_stream, first_sequence_at,
-    millis_ceil, no_group, sequence_beyond_end, stored_at_ms,
+    StreamInfo, TrimPolicy, check_batch, check_name, check_pending_args, check_reader,
+    check_stream, first_sequence_at, millis_ceil, no_group, sequence_beyond_end, stored_at_ms,
 };
 use crate::resp::{CallError, Frame, RawConnection};
 
@@ -509,7 +509,7 @@ impl RedisLog {
             let cmd = self.read_group_cmd(stream, group, consumer, max, None);
             let mut conn = self.conn.clone();
             let reply: Value = self.run("read_group", cmd.query_async(&mut conn)).await?;
-            return read_reply_events("read_group", reply);
+            return reply_events("read_group", &reply);
         };
         let cmd = self.read_group_cmd(stream, group, consumer, max, Some(millis_ceil(remaining)));
         let packed = cmd.get_packed_command();
@@ -525,7 +525,7 @@ impl RedisLog {
                     )));
                 }
             };
-            let call = conn.call(&packed, |frame| frame_events("read_group", frame));
+            let call = conn.call(&packed, |frame| reply_events("read_group", &frame));
             match tokio::time::timeout(bound, call).await {
                 Ok(Ok(events)) => {
                     self.blocking.checkin(conn);
@@ -687,7 +687,7 @@ impl EventLog for RedisLog {
                 .run("read_group", cmd.query_async(&mut conn))
                 .await
                 .map_err(|e| name_group(e, stream, group))?;
-            read_reply_events("read_group", reply)
+            reply_events("read_group", &reply)
         } else {
             self.read_group_blocking(stream, group, consumer, max, block)
                 .await
@@ -701,9 +701,7 @@ impl EventLog for RedisLog {
         group: &str,
         sequences: &[u64],
     ) -> Result<u64, EventBusError> {
-        check_stream(stream)?;
-        check_name("group", group)?;
-        check_batch("sequences", sequences.len())?;
+        check_pending_args(stream, group, sequences)?;
         if sequences.is_empty() {
             return Ok(0);
         }
@@ -722,9 +720,7 @@ impl EventLog for RedisLog {
         group: &str,
         sequences: &[u64],
     ) -> Result<u64, EventBusError> {
-        check_stream(stream)?;
-        check_name("group", group)?;
-        check_batch("sequences", sequences.len())?;
+        check_pending_args(stream, group, sequences)?;
         if sequences.is_empty() {
             return Ok(0);
         }
@@ -955,17 +951,8 @@ fn decode_event(fields: &HashMap<String, Value>) -> Event {
     decode_fields(
         fields
             .iter()
-            .filter_map(|(name, value)| Some((name.as_bytes(), value_bytes(value.clone())?))),
+            .filter_map(|(name, value)| Some((name.as_bytes(), value.bytes()?.to_vec()))),
     )
-}
-
-/// The bytes of a string reply.
-fn value_bytes(value: Value) -> Option<Vec<u8>> {
-    match value {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.into_bytes()),
-        _ => None,
-    }
 }
 
 /// The event stored in `(name, value)` fields; missing or unreadable fields are left empty.
@@ -1005,105 +992,116 @@ fn decode_fields<'a>(fields: impl Iterator<Item = (&'a [u8], Vec<u8>)>) -> Event
     event
 }
 
-/// The entries of an `XREADGROUP` reply read in place by a [`RawConnection`] (nil, or per
-/// stream `[key, [[id, [field, value, …]], …]]`), in order; field values are copied out.
-fn frame_events(op: &'static str, reply: Frame<'_>) -> Result<Vec<StoredEvent>, EventBusError> {
-    let streams = match reply {
-        Frame::Nil => return Ok(Vec::new()),
-        Frame::Array(streams) => streams,
-        _ => return Err(malformed(op, "the reply is not a list of streams")),
-    };
-    let mut out = Vec::new();
-    for stream in streams {
-        let Frame::Array(mut key_entries) = stream else {
-            return Err(malformed(op, "a stream of the reply is not [key, entries]"));
-        };
-        let Some(Frame::Array(entries)) = key_entries.pop() else {
-            return Err(malformed(op, "a stream's entries are not a list"));
-        };
-        out.reserve(entries.len());
-        for entry in entries {
-            let Frame::Array(id_fields) = entry else {
-                return Err(malformed(op, "an entry is not [id, fields]"));
-            };
-            let [Frame::Bulk(id), fields] = id_fields.as_slice() else {
-                return Err(malformed(op, "an entry is not [id, fields]"));
-            };
-            let sequence = sequence(op, &String::from_utf8_lossy(id))?;
-            let fields: &[Frame<'_>] = match fields {
-                Frame::Array(fields) => fields,
-                // An entry deleted while pending has no fields.
-                Frame::Nil => &[],
-                _ => return Err(malformed(op, "an entry's fields are not a list")),
-            };
-            let event = decode_fields(fields.chunks_exact(2).filter_map(|pair| match pair {
-                [Frame::Bulk(name), Frame::Bulk(value)] => Some((*name, value.to_vec())),
+/// A node of a stream read reply, from either reader: redis-rs's [`Value`] or a [`Frame`]
+/// read in place by a [`RawConnection`].
+trait ReplyNode: Sized {
+    fn is_nil(&self) -> bool;
+    /// The elements of an array.
+    fn items(&self) -> Option<&[Self]>;
+    /// The bytes of a string.
+    fn bytes(&self) -> Option<&[u8]>;
+    /// The values of a map (RESP3); none for RESP2 nodes.
+    fn map_values(&self) -> Option<Vec<&Self>> {
+        None
+    }
+    /// The entry lists of a multi-stream reply, `[[key, entries], …]` (a map of stream →
+    /// entries under RESP3).
+    fn entry_lists(&self) -> Option<Vec<&Self>> {
+        if let Some(lists) = self.map_values() {
+            return Some(lists);
+        }
+        self.items()?
+            .iter()
+            .map(|stream| match stream.items()? {
+                [_, entries] => Some(entries),
                 _ => None,
-            }));
-            out.push(StoredEvent {
-                sequence,
-                stored_at_ms: stored_at_ms(sequence),
-                event,
-            });
+            })
+            .collect()
+    }
+}
+
+impl ReplyNode for Value {
+    fn is_nil(&self) -> bool {
+        matches!(self, Value::Nil)
+    }
+    fn items(&self) -> Option<&[Self]> {
+        match self {
+            Value::Array(items) => Some(items),
+            _ => None,
         }
     }
-    Ok(out)
+    fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Value::BulkString(b) => Some(b),
+            Value::SimpleString(s) => Some(s.as_bytes()),
+            _ => None,
+        }
+    }
+    fn map_values(&self) -> Option<Vec<&Self>> {
+        match self {
+            Value::Map(streams) => Some(streams.iter().map(|(_, entries)| entries).collect()),
+            _ => None,
+        }
+    }
+}
+
+impl ReplyNode for Frame<'_> {
+    fn is_nil(&self) -> bool {
+        matches!(self, Frame::Nil)
+    }
+    fn items(&self) -> Option<&[Self]> {
+        match self {
+            Frame::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+    fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Frame::Bulk(b) | Frame::Simple(b) => Some(b),
+            _ => None,
+        }
+    }
 }
 
 /// The entries of an `XREADGROUP`/`XREAD` reply (nil, or per stream `[key, [[id, [field,
-/// value, …]], …]]`; a map of them under RESP3), in order.
-fn read_reply_events(op: &'static str, reply: Value) -> Result<Vec<StoredEvent>, EventBusError> {
-    let streams = match reply {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Array(streams) => streams
-            .into_iter()
-            .map(|stream| match stream {
-                Value::Array(mut key_entries) if key_entries.len() == 2 => {
-                    Ok(key_entries.pop().unwrap_or(Value::Nil))
-                }
-                _ => Err(malformed(op, "a stream of the reply is not [key, entries]")),
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Value::Map(streams) => streams.into_iter().map(|(_, entries)| entries).collect(),
-        _ => return Err(malformed(op, "the reply is not a list of streams")),
-    };
+/// value, …]], …]]`), in order; field values are copied out.
+fn reply_events<R: ReplyNode>(
+    op: &'static str,
+    reply: &R,
+) -> Result<Vec<StoredEvent>, EventBusError> {
+    if reply.is_nil() {
+        return Ok(Vec::new());
+    }
+    let lists = reply
+        .entry_lists()
+        .ok_or_else(|| malformed(op, "the reply is not a list of [stream, entries]"))?;
     let mut out = Vec::new();
-    for entries in streams {
-        let Value::Array(entries) = entries else {
-            return Err(malformed(op, "a stream's entries are not a list"));
-        };
+    for entries in lists {
+        let entries = entries
+            .items()
+            .ok_or_else(|| malformed(op, "a stream's entries are not a list"))?;
         out.reserve(entries.len());
         for entry in entries {
-            let Value::Array(mut id_fields) = entry else {
+            let [id, fields] = entry.items().unwrap_or_default() else {
                 return Err(malformed(op, "an entry is not [id, fields]"));
             };
-            let (Some(fields), Some(id), true) =
-                (id_fields.pop(), id_fields.pop(), id_fields.is_empty())
-            else {
-                return Err(malformed(op, "an entry is not [id, fields]"));
-            };
-            let id = match id {
-                Value::BulkString(b) => String::from_utf8(b).unwrap_or_default(),
-                Value::SimpleString(s) => s,
-                _ => return Err(malformed(op, "an entry id is not a string")),
-            };
-            let sequence = sequence(op, &id)?;
-            let fields = match fields {
-                Value::Array(fields) => fields,
+            let id = id
+                .bytes()
+                .ok_or_else(|| malformed(op, "an entry id is not a string"))?;
+            let sequence = sequence(op, &String::from_utf8_lossy(id))?;
+            let fields: &[R] = if fields.is_nil() {
                 // An entry deleted while pending has no fields.
-                Value::Nil => Vec::new(),
-                _ => return Err(malformed(op, "an entry's fields are not a list")),
+                &[]
+            } else {
+                fields
+                    .items()
+                    .ok_or_else(|| malformed(op, "an entry's fields are not a list"))?
             };
-            let mut names = Vec::with_capacity(fields.len() / 2);
-            let mut values = Vec::with_capacity(fields.len() / 2);
-            let mut it = fields.into_iter();
-            while let (Some(name), Some(value)) = (it.next(), it.next()) {
-                if let (Some(name), Some(value)) = (value_bytes(name), value_bytes(value)) {
-                    names.push(name);
-                    values.push(value);
-                }
-            }
-            let event = decode_fields(names.iter().map(Vec::as_slice).zip(values));
+            let event = decode_fields(
+                fields
+                    .chunks_exact(2)
+                    .filter_map(|pair| Some((pair[0].bytes()?, pair[1].bytes()?.to_vec()))),
+            );
             out.push(StoredEvent {
                 sequence,
                 stored_at_ms: stored_at_ms(sequence),

@@ -40,13 +40,14 @@ row() {
   python3 - "$1" "$2" <<'PY'
 import json, sys
 label, d = sys.argv[1], json.loads(sys.argv[2])
-print(f"| {label} | {d['concurrency']} | {d['calls_per_sec']:.0f} | {d['items_per_sec']:.0f} | {d['p50_us']} | {d['p99_us']} | {d['p999_us']} | {d['errors']} |")
+fwd = f"{d['forwarded_p50_us']} / {d['forwarded_p99_us']} / {d['forwarded_p999_us']}" if d.get('forwarded_calls') else "–"
+print(f"| {label} | {d['concurrency']} | {d['calls_per_sec']:.0f} | {d['items_per_sec']:.0f} | {d['p50_us']} | {d['p99_us']} | {d['p999_us']} | {fwd} | {d['errors']} |")
 PY
 }
 bench() { "$bin/meshctl" bench "$@" --duration "${secs}s" --warmup 1s -o json; }
 
-echo "| load | in flight | calls/s | decisions/s | p50 µs | p99 µs | p99.9 µs | errors |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| load | in flight | calls/s | decisions/s | p50 µs | p99 µs | p99.9 µs | forwarded calls p50 / p99 / p99.9 µs | errors |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 base=$(bench redis-script --redis redis://127.0.0.1:63791 --concurrency 64)
 row "baseline: token-bucket Lua script per decision, from the client" "$base"
 row "baseline at 1600 decisions in flight (as many as the 100-item rows below)" \

@@ -17,7 +17,7 @@ use agentmesh_runtime::config::parse_duration;
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -73,11 +73,10 @@ pub(crate) struct LoadArgs {
     /// Unmeasured time before it.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     warmup: Duration,
-    /// Calls per second in total, paced over the in-flight slots (each slot sends every
-    /// `concurrency / rate` seconds); 0 = as fast as possible (closed loop). Latency is measured
-    /// from the actual send: tokio's 1 ms timer would otherwise charge the generator's own
-    /// wake-up lateness to the server. A stall longer than one slot interval delays that slot's
-    /// next calls (the achieved rate in the summary shows it).
+    /// Calls per second in total, released every 100 µs by a pacer thread to whichever
+    /// in-flight slot is free; 0 = as fast as possible (closed loop). Latency is measured from
+    /// the actual send; calls due while every slot is busy are sent late (the achieved rate in
+    /// the summary shows it).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
     /// Output format of the summary.
@@ -163,7 +162,7 @@ pub(crate) async fn run(cmd: BenchCommand, redis: Option<&str>) -> anyhow::Resul
                     client
                         .echo(echo_pb::EchoRequest { payload })
                         .await
-                        .map(|_| ())
+                        .map(|_| false)
                         .map_err(|s| s.code())
                 }
             })
@@ -181,6 +180,13 @@ pub(crate) async fn run(cmd: BenchCommand, redis: Option<&str>) -> anyhow::Resul
             let consistency = pb::Consistency::from(args.consistency) as i32;
             let batch = args.batch.clamp(1, 1000);
             let keys = args.keys.max(1);
+            // Which instance each channel reaches, so checks decided elsewhere (forwarded to
+            // their owner) are told apart: a LOCAL check is decided by the instance called.
+            let mut called = Vec::with_capacity(channels.len());
+            for channel in &channels {
+                called.push(instance_of(channel.clone()).await?);
+            }
+            let called: Arc<[String]> = called.into();
             let label = if args.stream {
                 "ratelimit StreamCheck"
             } else {
@@ -190,10 +196,12 @@ pub(crate) async fn run(cmd: BenchCommand, redis: Option<&str>) -> anyhow::Resul
                 let streams = open_streams(&channels, args.load.concurrency).await?;
                 run_load(&args.load, batch as u64, move |worker, seq| {
                     let stream = streams[worker].clone();
+                    let called = called.clone();
                     async move {
-                        stream
+                        let response = stream
                             .call(seq, check_request(worker, seq, batch, keys, consistency))
-                            .await
+                            .await?;
+                        Ok(forwarded(&response, &called[worker % called.len()]))
                     }
                 })
                 .await
@@ -203,11 +211,12 @@ pub(crate) async fn run(cmd: BenchCommand, redis: Option<&str>) -> anyhow::Resul
                         channels[worker % channels.len()].clone(),
                     );
                     let request = check_request(worker, seq, batch, keys, consistency);
+                    let called = called.clone();
                     async move {
                         client
                             .check(request)
                             .await
-                            .map(|_| ())
+                            .map(|r| forwarded(r.get_ref(), &called[worker % called.len()]))
                             .map_err(|s| s.code())
                     }
                 })
@@ -271,7 +280,7 @@ async fn redis_script(args: RedisScriptBench, redis: &str) -> anyhow::Result<Exi
                 .arg(1)
                 .query_async::<Vec<i64>>(&mut connection)
                 .await
-                .map(|_| ())
+                .map(|_| false)
                 .map_err(|_| tonic::Code::Unavailable)
         }
     })
@@ -318,6 +327,27 @@ fn check_request(
     }
 }
 
+/// The instance id behind `channel`: the decider of a LOCAL check.
+async fn instance_of(channel: Channel) -> anyhow::Result<String> {
+    let mut request = check_request(0, 0, 1, 1, pb::Consistency::Local as i32);
+    request.items[0].key = "bench:whoami".to_owned();
+    let response = pb::rate_limiter_client::RateLimiterClient::new(channel)
+        .check(request)
+        .await
+        .context("probe Check failed")?
+        .into_inner();
+    response
+        .results
+        .first()
+        .map(|r| r.decided_by.clone())
+        .context("probe Check answered no result")
+}
+
+/// True when any item of `response` was decided by another instance than `called`.
+fn forwarded(response: &pb::CheckResponse, called: &str) -> bool {
+    response.results.iter().any(|r| r.decided_by != called)
+}
+
 /// `connections` channels to each of the comma-separated addresses in `addr`.
 async fn connect(addr: &str, connections: usize) -> anyhow::Result<Vec<Channel>> {
     let config = agentmesh_runtime::ClientConfig::default();
@@ -358,7 +388,11 @@ struct CheckStream {
 }
 
 impl CheckStream {
-    async fn call(&self, id: u64, request: pb::CheckRequest) -> Result<(), tonic::Code> {
+    async fn call(
+        &self,
+        id: u64,
+        request: pb::CheckRequest,
+    ) -> Result<pb::CheckResponse, tonic::Code> {
         let mut guard = self.inner.lock().await;
         let (tx, rx) = &mut *guard;
         tx.send(pb::StreamCheckRequest {
@@ -368,7 +402,11 @@ impl CheckStream {
         .await
         .map_err(|_| tonic::Code::Unavailable)?;
         match rx.next().await {
-            Some(Ok(response)) if response.error.is_none() => Ok(()),
+            Some(Ok(pb::StreamCheckResponse {
+                response: Some(response),
+                error: None,
+                ..
+            })) => Ok(response),
             Some(Ok(_)) => Err(tonic::Code::InvalidArgument),
             Some(Err(status)) => Err(status.code()),
             None => Err(tonic::Code::Unavailable),
@@ -401,6 +439,8 @@ struct Summary {
     first_error: Option<tonic::Code>,
     elapsed: Duration,
     latency: Histogram<u64>,
+    /// The calls decided by another instance than the one called (rate limiter benches).
+    forwarded: Histogram<u64>,
 }
 
 impl Summary {
@@ -411,10 +451,15 @@ impl Summary {
         #[allow(clippy::cast_precision_loss)]
         let items_per_sec = calls_per_sec * items_per_call as f64;
         let q = |p: f64| self.latency.value_at_quantile(p);
+        let fq = |p: f64| self.forwarded.value_at_quantile(p);
         match load.output {
             Output::Json => println!(
                 "{}",
                 serde_json::json!({
+                    "forwarded_calls": self.forwarded.len(),
+                    "forwarded_p50_us": fq(0.5),
+                    "forwarded_p99_us": fq(0.99),
+                    "forwarded_p999_us": fq(0.999),
                     "bench": label,
                     "concurrency": load.concurrency,
                     "connections": load.connections,
@@ -462,6 +507,16 @@ impl Summary {
                     micros(q(0.999)),
                     micros(self.latency.max())
                 );
+                if !self.forwarded.is_empty() {
+                    println!(
+                        "  forwarded   {} calls  p50 {}  p99 {}  p99.9 {}  max {}",
+                        self.forwarded.len(),
+                        micros(fq(0.5)),
+                        micros(fq(0.99)),
+                        micros(fq(0.999)),
+                        micros(self.forwarded.max())
+                    );
+                }
             }
         }
     }
@@ -477,33 +532,36 @@ fn micros(us: u64) -> String {
 }
 
 /// Runs `concurrency` closed loops of `call(worker, seq)` for warm-up + duration, recording
-/// latencies (µs) of calls that start in the measured window.
+/// latencies (µs) of calls that start in the measured window. A call answering `Ok(true)` was
+/// forwarded (decided by another instance): its latency is also recorded on its own.
 async fn run_load<F, Fut>(load: &LoadArgs, items_per_call: u64, call: F) -> Summary
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), tonic::Code>> + Send + 'static,
+    Fut: Future<Output = Result<bool, tonic::Code>> + Send + 'static,
 {
     let measuring = Arc::new(AtomicBool::new(false));
     let stopping = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
-    let (rate, slots) = (load.rate, load.concurrency.max(1));
+    let slots = load.concurrency.max(1);
+    let pacer = (load.rate > 0.0).then(|| Pacer::spawn(load.rate, stopping.clone()));
     for worker in 0..slots {
         let call = call.clone();
         let (measuring, stopping, done) = (measuring.clone(), stopping.clone(), done.clone());
+        let pacer = pacer.clone();
         workers.push(tokio::spawn(async move {
             let mut hist =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut forwarded = hist.clone();
             let (mut errors, mut first_error) = (0u64, None);
             let mut seq = 0u64;
-            // Open loop: this slot's calls are `interval` apart, starting offset by its index.
-            let interval = (rate > 0.0).then(|| Duration::from_secs_f64(slots as f64 / rate));
-            let mut next = Instant::now()
-                + interval.map_or(Duration::ZERO, |i| i.mul_f64(worker as f64 / slots as f64));
             while !stopping.load(Ordering::Relaxed) {
-                if let Some(interval) = interval {
-                    tokio::time::sleep_until(next.into()).await;
-                    next += interval;
+                // Open loop: wait for the pacer's next call, if paced.
+                if let Some(pacer) = &pacer {
+                    match pacer.acquire().await {
+                        Ok(permit) => permit.forget(),
+                        Err(_) => break,
+                    }
                 }
                 let start = Instant::now();
                 let measured = measuring.load(Ordering::Relaxed);
@@ -515,13 +573,17 @@ where
                         .max(1);
                     hist.saturating_record(us);
                     done.fetch_add(1, Ordering::Relaxed);
-                    if let Err(code) = result {
-                        errors += 1;
-                        first_error.get_or_insert(code);
+                    match result {
+                        Ok(true) => forwarded.saturating_record(us),
+                        Ok(false) => {}
+                        Err(code) => {
+                            errors += 1;
+                            first_error.get_or_insert(code);
+                        }
                     }
                 }
             }
-            (hist, errors, first_error)
+            (hist, forwarded, errors, first_error)
         }));
     }
     tokio::time::sleep(load.warmup).await;
@@ -555,10 +617,12 @@ where
     let elapsed = start.elapsed();
     bar.finish_and_clear();
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut forwarded = latency.clone();
     let (mut errors, mut first_error) = (0, None);
     for w in workers {
-        if let Ok((hist, e, first)) = w.await {
+        if let Ok((hist, fwd, e, first)) = w.await {
             latency.add(&hist).expect("same bounds");
+            forwarded.add(&fwd).expect("same bounds");
             errors += e;
             first_error = first_error.or(first);
         }
@@ -569,6 +633,49 @@ where
         first_error,
         elapsed,
         latency,
+        forwarded,
+    }
+}
+
+/// Releases calls at `rate` per second from a thread of its own, every [`Pacer::TICK`], to
+/// whichever slot is free: tokio's timer ticks in milliseconds, so slots sleeping until their
+/// own send times woke together once per millisecond and sent their calls as one burst (at
+/// 25k/s, 25 calls at once, the last of them queueing behind the others on every hop).
+struct Pacer;
+
+impl Pacer {
+    const TICK: Duration = Duration::from_micros(100);
+
+    fn spawn(rate: f64, stopping: Arc<AtomicBool>) -> Arc<Semaphore> {
+        let permits = Arc::new(Semaphore::new(0));
+        let released = permits.clone();
+        let pace = move || {
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while !stopping.load(Ordering::Relaxed) {
+                std::thread::sleep(Self::TICK);
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a count of calls due, non-negative and far below u64::MAX"
+                )]
+                let due = (start.elapsed().as_secs_f64() * rate) as u64;
+                // Calls due while every slot is busy wait for a free slot (sent late).
+                if due > sent {
+                    released.add_permits(usize::try_from(due - sent).unwrap_or(usize::MAX));
+                    sent = due;
+                }
+            }
+            released.close();
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("pacer".to_owned())
+            .spawn(pace)
+        {
+            tracing::warn!(error = %e, "could not start the pacer; no calls are sent");
+            permits.close();
+        }
+        permits
     }
 }
 

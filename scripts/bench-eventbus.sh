@@ -5,10 +5,13 @@
 # queue-wait histogram for priorities. Loopback only. The event bus runs with its default
 # runtime (a worker per core), as NATS (GOMAXPROCS = cores) does; the load generator has one
 # tokio worker.
-# Prints Markdown rows for BENCHMARKS.md.   scripts/bench-eventbus.sh [seconds-per-run]
+# Prints Markdown rows for BENCHMARKS.md.   scripts/bench-eventbus.sh [seconds-per-run] [tables]
+# tables: any of "ephemeral durable priority" (default: all three).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
+tables=${2:-ephemeral durable priority}
+want() { [[ " $tables " == *" $1 "* ]]; }
 command -v protoc >/dev/null 2>&1 || scripts/install-deps.sh
 command -v nats-server >/dev/null 2>&1 || { echo "needs nats-server (apt-get install -y nats-server)" >&2; exit 1; }
 cargo build --release --quiet --bins
@@ -57,12 +60,17 @@ for p in d["priorities"]:
 PY
 }
 
+if want ephemeral || want durable; then
 echo "| load | published/s | delivered/s | p50 µs | p99 µs | p99.9 µs | errors |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+fi
+if want ephemeral; then
 row "eventbus ephemeral, PublishStream (window 256), saturation" "$(bench eventbus --addr http://127.0.0.1:7851)"
 row "NATS core, saturation (anchor)" "$(bench nats --addr nats://127.0.0.1:42251)"
 row "eventbus ephemeral at 10k/s" "$(bench eventbus --addr http://127.0.0.1:7851 --rate 10000)"
 row "NATS core at 10k/s (anchor)" "$(bench nats --addr nats://127.0.0.1:42251 --rate 10000)"
+fi
+if want durable; then
 durable="--subject bench.durable.events --durable --ack"
 row "eventbus durable + acks, Redis Streams, 1 publisher, saturation" "$(bench eventbus --addr http://127.0.0.1:7852 $durable)"
 row "eventbus durable + acks, Redis Streams, 2 publishers, saturation" "$(bench eventbus --addr http://127.0.0.1:7852 $durable --publishers 2)"
@@ -73,7 +81,9 @@ redis-cli -p 63851 flushall >/dev/null
 row "eventbus durable + acks, Redis Streams, at 10k/s" "$(bench eventbus --addr http://127.0.0.1:7852 $durable --rate 10000)"
 row "raw Redis Streams at 10k/s (anchor)" "$(bench redis-streams --redis redis://127.0.0.1:63851 --rate 10000)"
 row "eventbus durable + acks, in-memory log, saturation" "$(bench eventbus --addr http://127.0.0.1:7851 $durable)"
+fi
 
+want priority || exit 0
 echo
 echo "| mix (40k/s in, subscriber acks 20k/s, credit 100) | priority | published | delivered (share) | shed | publish → deliver p50 / p99 µs | wait in the bus p50 / p99 µs |"
 echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"

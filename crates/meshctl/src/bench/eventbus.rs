@@ -73,8 +73,8 @@ pub(crate) struct EventbusBench {
     )]
     priority_mix: Option<[u32; 4]>,
     /// The server's metrics URL (its admin listener, e.g. `http://127.0.0.1:9101/metrics`):
-    /// scraped before and after the run to report how long events waited in the bus's
-    /// pending queues, by priority (`eventbus_queue_wait_seconds`, warm-up included).
+    /// scraped when the measured window opens and after the run to report how long events
+    /// waited in the bus's pending queues, by priority (`eventbus_queue_wait_seconds`).
     #[arg(long)]
     metrics_url: Option<String>,
 }
@@ -111,13 +111,19 @@ pub(super) async fn run(args: EventbusBench) -> anyhow::Result<ExitCode> {
     for _ in 0..args.load.publishers() {
         sinks.push(BusSink::open(&args.addr, &args.load, &plan, shared.clone()).await?);
     }
-    let before = match &args.metrics_url {
-        Some(url) => Some(scrape::fetch(url).await?),
-        None => None,
-    };
+    // Scraped as the measured window opens (`drive` warms up for as long first), so the
+    // warm-up's waits are left out.
+    let before = args.metrics_url.clone().map(|url| {
+        let warmup = args.load.warmup;
+        tokio::spawn(async move {
+            tokio::time::sleep(warmup).await;
+            scrape::fetch(&url).await
+        })
+    });
     let report = pubsub::drive(&args.load, plan, shared, sinks, subscribers, cancel).await;
     let queue_wait = match (&args.metrics_url, before) {
         (Some(url), Some(before)) => {
+            let before = before.await.context("metrics scrape task failed")??;
             let after = scrape::fetch(url).await?;
             let parse = |text: &str| scrape::parse(text, QUEUE_WAIT, "priority");
             Some(parse(&after).since(&parse(&before)))

@@ -44,7 +44,7 @@ pub(crate) struct PubSubArgs {
     duration: Duration,
     /// Unmeasured time before it.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    warmup: Duration,
+    pub(super) warmup: Duration,
     /// Events per second in total, paced evenly over the publishers; 0 = as fast as the
     /// publish window allows (saturation). Latency counts from the actual hand-over to the
     /// transport, so a stalled publisher shows as a lower achieved rate, not as latency.

@@ -53,8 +53,9 @@ fn ids(events: &[StoredEvent]) -> Vec<String> {
 
 async fn append(log: &dyn EventLog, stream: &str, ids: &[&str]) -> Vec<u64> {
     let events: Vec<Event> = ids.iter().map(|id| event(id)).collect();
-    log.append_batch(stream, &events, NONE)
+    log.append_batch(stream, events, NONE)
         .await
+        .1
         .unwrap()
         .into_iter()
         .map(|outcome| match outcome {
@@ -128,8 +129,9 @@ async fn appends_dedup_within_the_window(log: &dyn EventLog) {
     ));
     // In a batch, outcomes come in order and a repeated id is a duplicate of its first.
     let outcomes = log
-        .append_batch("dedup", &[event("b"), event("a"), event("b")], WINDOW)
+        .append_batch("dedup", vec![event("b"), event("a"), event("b")], WINDOW)
         .await
+        .1
         .unwrap();
     assert!(matches!(outcomes[0], AppendOutcome::Stored(_)));
     assert_eq!(outcomes[1], AppendOutcome::Duplicate(Some(original)));
@@ -639,6 +641,32 @@ async fn test_redis_blocking_reads_do_not_stall_concurrent_appends() {
 }
 
 #[tokio::test]
+async fn test_redis_batches_started_back_to_back_are_stored_in_start_order() {
+    let redis = RedisServer::start().await.unwrap();
+    let log = redis_log(&redis).await;
+    // Started one after another without waiting between them; plain XADDs and script runs.
+    let started: Vec<_> = (0..50)
+        .map(|batch| {
+            let events: Vec<Event> = (0..20).map(|i| event(&format!("b{batch}-{i}"))).collect();
+            let window = if batch % 3 == 0 { WINDOW } else { NONE };
+            log.append_batch("s", events, window)
+        })
+        .collect();
+    let mut last = 0;
+    let mut stored = 0;
+    for appending in started {
+        let (_, outcomes) = appending.await;
+        for outcome in outcomes.unwrap() {
+            let sequence = outcome.sequence().unwrap();
+            assert!(sequence > last, "{sequence} after {last}");
+            last = sequence;
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 1000);
+}
+
+#[tokio::test]
 async fn test_redis_stopped_is_unavailable_within_bounded_time_and_recovers() {
     let mut redis = RedisServer::start().await.unwrap();
     let log = redis_log(&redis).await;
@@ -671,7 +699,10 @@ async fn test_redis_stopped_is_unavailable_within_bounded_time_and_recovers() {
     let started = Instant::now();
     let results = [
         log.append("s", &event("a"), WINDOW).await.map(drop),
-        log.append_batch("s", &[event("b")], NONE).await.map(drop),
+        log.append_batch("s", vec![event("b")], NONE)
+            .await
+            .1
+            .map(drop),
         log.ensure_group("s", "h", &StartPosition::All).await,
         log.ack("s", "g", &[1]).await.map(drop),
         log.claim_stalled("s", "g", "c", NONE, 1).await.map(drop),
@@ -851,8 +882,9 @@ async fn test_redis_scripts_are_reloaded_after_script_flush() {
     append(&log, "s", &["a"]).await;
     flush().query_async::<()>(&mut con).await.unwrap();
     let outcomes = log
-        .append_batch("s", &[event("b"), event("c"), event("b")], WINDOW)
+        .append_batch("s", vec![event("b"), event("c"), event("b")], WINDOW)
         .await
+        .1
         .unwrap();
     assert!(matches!(outcomes[2], AppendOutcome::Duplicate(Some(_))));
     assert_eq!(read(&log, "s", "g", "c").await, ["a", "b", "c"]);
@@ -878,7 +910,7 @@ async fn test_redis_max_len_keeps_streams_near_their_bound() {
     let log = redis_log(&redis).await.with_max_len(10);
     for chunk in 0..10 {
         let events: Vec<Event> = (0..100).map(|i| event(&format!("e{chunk}-{i}"))).collect();
-        log.append_batch("s", &events, NONE).await.unwrap();
+        log.append_batch("s", events, NONE).await.1.unwrap();
     }
     let length = log.info("s").await.unwrap().length;
     assert!((10..=200).contains(&length), "length {length}");

@@ -21,6 +21,7 @@
 //!   each event once cluster-wide, and request inboxes are advertised so replies come back.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -38,7 +39,7 @@ use crate::dedup::{DedupOutcome, DedupWindow};
 use crate::error::EventBusError;
 use crate::event::{Event, Priority, new_ulid, now_ms};
 use crate::index::SubjectIndex;
-use crate::log::{AppendOutcome, EventLog, StartPosition, TrimPolicy};
+use crate::log::{AppendOutcome, Appending, EventLog, StartPosition, TrimPolicy};
 use crate::priority::FairnessConfig;
 use crate::subject::SubjectFilter;
 
@@ -113,6 +114,12 @@ impl BusConfig {
             },
         }
     }
+}
+
+/// One part of a started batch: an answer already known, or a durable run being stored.
+enum BatchPart {
+    Done(Result<PublishOutcome, EventBusError>),
+    Stored { stream: String, append: Appending },
 }
 
 /// What publish did.
@@ -393,9 +400,22 @@ impl Bus {
         &self,
         events: Vec<Event>,
     ) -> Vec<Result<PublishOutcome, EventBusError>> {
-        let mut out = Vec::with_capacity(events.len());
+        self.start_batch(events).await
+    }
+
+    /// Starts publishing `events` and returns the future of their answers: ephemeral events
+    /// are routed and durable runs (consecutive events of one stream) are queued to the log
+    /// before this returns, so a batch started later is stored after this one — a
+    /// `PublishStream` keeps several batches in flight and still stores them in publish
+    /// order.
+    pub fn start_batch(
+        &self,
+        events: Vec<Event>,
+    ) -> impl Future<Output = Vec<Result<PublishOutcome, EventBusError>>> + Send + 'static {
+        let mut parts: Vec<BatchPart> = Vec::new();
         let mut run: Vec<Event> = Vec::new();
         let mut run_key: Option<(String, bool)> = None;
+        let total = events.len();
         for event in events {
             let prepared = self.prepare(event, "event");
             let key = prepared.as_ref().ok().and_then(|(e, generated)| {
@@ -403,8 +423,7 @@ impl Bus {
                     .map(|s| (s.to_owned(), *generated))
             });
             if run_key.is_some() && key != run_key {
-                self.append_run(run_key.take(), std::mem::take(&mut run), &mut out)
-                    .await;
+                parts.extend(self.start_run(run_key.take(), std::mem::take(&mut run)));
             }
             match (prepared, key) {
                 (Ok((event, _)), Some(key)) => {
@@ -412,36 +431,41 @@ impl Bus {
                     run_key = Some(key);
                 }
                 (Ok((event, generated)), None) => {
-                    out.push(self.publish_prepared(event, generated).await);
+                    parts.push(BatchPart::Done(self.publish_ephemeral(event, generated)));
                 }
-                (Err(e), _) => out.push(Err(e)),
+                (Err(e), _) => parts.push(BatchPart::Done(Err(e))),
             }
         }
-        self.append_run(run_key, run, &mut out).await;
-        out
+        parts.extend(self.start_run(run_key, run));
+        let bus = self.clone();
+        async move {
+            let mut out = Vec::with_capacity(total);
+            for part in parts {
+                match part {
+                    BatchPart::Done(answer) => out.push(answer),
+                    BatchPart::Stored { stream, append } => match append.await {
+                        (run, Ok(outcomes)) => out.extend(
+                            run.into_iter()
+                                .zip(outcomes)
+                                .map(|(event, outcome)| Ok(bus.stored(&stream, event, outcome))),
+                        ),
+                        (run, Err(e)) => out.extend(run.iter().map(|_| Err(e.clone()))),
+                    },
+                }
+            }
+            out
+        }
     }
 
-    async fn append_run(
-        &self,
-        key: Option<(String, bool)>,
-        run: Vec<Event>,
-        out: &mut Vec<Result<PublishOutcome, EventBusError>>,
-    ) {
-        let Some((stream, generated)) = key else {
-            return;
-        };
+    /// Starts the append of one durable run.
+    fn start_run(&self, key: Option<(String, bool)>, run: Vec<Event>) -> Option<BatchPart> {
+        let (stream, generated) = key?;
         if run.is_empty() {
-            return;
+            return None;
         }
         let window = self.dedup_window(generated);
-        match self.inner.log.append_batch(&stream, &run, window).await {
-            Ok(outcomes) => {
-                for (event, outcome) in run.into_iter().zip(outcomes) {
-                    out.push(Ok(self.stored(&stream, event, outcome)));
-                }
-            }
-            Err(e) => out.extend(run.iter().map(|_| Err(e.clone()))),
-        }
+        let append = self.inner.log.append_batch(&stream, run, window);
+        Some(BatchPart::Stored { stream, append })
     }
 
     /// Generated ids are unique by construction: only client-supplied ids are deduplicated.
@@ -492,12 +516,21 @@ impl Bus {
         event: Event,
         generated: bool,
     ) -> Result<PublishOutcome, EventBusError> {
-        let inner = &self.inner;
         if let Some(stream) = self.durable_stream(&event.subject) {
             let window = self.dedup_window(generated);
-            let outcome = inner.log.append(stream, &event, window).await?;
+            let outcome = self.inner.log.append(stream, &event, window).await?;
             return Ok(self.stored(stream, event, outcome));
         }
+        self.publish_ephemeral(event, generated)
+    }
+
+    /// Publishes an event of an ephemeral subject: deduplicated in memory, then routed.
+    fn publish_ephemeral(
+        &self,
+        event: Event,
+        generated: bool,
+    ) -> Result<PublishOutcome, EventBusError> {
+        let inner = &self.inner;
         let now = now_ms();
         if !generated && inner.dedup.check_and_insert("", &event.id, now) == DedupOutcome::Duplicate
         {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use agentmesh_proto::eventbus::v1 as pb;
 use agentmesh_runtime::message_trace;
 use agentmesh_runtime::wire::{duration_from_proto, timestamp_from_ms, timestamp_to_ms};
+use futures::future::BoxFuture;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
@@ -36,6 +37,9 @@ pub const MAX_IN_FLIGHT: u32 = 10_000;
 const MAX_DELIVERIES_PER_MESSAGE: usize = 128;
 /// Most events a PublishStream takes into one batch.
 const MAX_PUBLISH_BATCH: usize = 256;
+
+/// Most batches of one `PublishStream` being stored at once (they are stored in order).
+const PUBLISH_DEPTH: usize = 4;
 /// Default and bounds of a request's timeout.
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
@@ -100,52 +104,44 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         // Processed inside the response stream (no task or channel in between): each time the
-        // transport wants an answer and none is ready, the next batch is read and published.
+        // transport wants an answer and none is ready, batches are read and started (up to
+        // PUBLISH_DEPTH in flight, stored in publish order: see `Bus::start_batch`) and the
+        // oldest one's answers are handed out.
         let state = PublishState {
             inbound: request.into_inner(),
+            inbound_done: false,
             bus: self.bus.clone(),
+            in_flight: futures::stream::FuturesOrdered::new(),
             ready: VecDeque::new(),
         };
         let answers = futures::stream::unfold(state, |mut state| async move {
-            if let Some(answer) = state.ready.pop_front() {
-                return Some((Ok(answer), state));
-            }
-            // One message (waiting), then whatever else already arrived.
-            let Some(Ok(first)) = state.inbound.next().await else {
-                return None;
-            };
-            let mut batch = vec![first];
-            while batch.len() < MAX_PUBLISH_BATCH {
-                match state.inbound.next().now_or_never() {
-                    Some(Some(Ok(m))) => batch.push(m),
-                    _ => break,
+            loop {
+                if let Some(answer) = state.ready.pop_front() {
+                    return Some((Ok(answer), state));
                 }
-            }
-            let mut answers: Vec<Option<pb::PublishResponse>> = Vec::with_capacity(batch.len());
-            let mut events = Vec::with_capacity(batch.len());
-            for m in batch {
-                match decode_publish(m.event, "event") {
-                    Ok(mut event) => {
-                        drop(producer_span(&mut event, false));
-                        events.push(event);
-                        answers.push(None);
+                if state.inbound_done || state.in_flight.len() >= PUBLISH_DEPTH {
+                    let answers = state.in_flight.next().await?;
+                    state.ready.extend(answers);
+                    continue;
+                }
+                let first = if state.in_flight.is_empty() {
+                    state.inbound.next().await
+                } else {
+                    tokio::select! {
+                        biased;
+                        answers = state.in_flight.next() => {
+                            state.ready.extend(answers.unwrap_or_default());
+                            continue;
+                        }
+                        message = state.inbound.next() => message,
                     }
-                    Err(e) => answers.push(Some(error_response(&e))),
+                };
+                match first {
+                    Some(Ok(first)) => state.start(first),
+                    // The client is done (or gone): answer what is in flight, then end.
+                    _ => state.inbound_done = true,
                 }
             }
-            let mut results = state.bus.publish_batch(events).await.into_iter();
-            state
-                .ready
-                .extend(answers.into_iter().map(|answer| match answer {
-                    Some(error) => error,
-                    None => match results.next() {
-                        Some(Ok(outcome)) => encode_outcome(outcome),
-                        Some(Err(e)) => error_response(&e),
-                        None => error_response(&EventBusError::ShuttingDown),
-                    },
-                }));
-            let answer = state.ready.pop_front()?;
-            Some((Ok(answer), state))
         });
         Ok(Response::new(Box::pin(answers)))
     }
@@ -430,9 +426,53 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
 /// A PublishStream's state between answers.
 struct PublishState {
     inbound: Streaming<pb::PublishRequest>,
+    /// The client closed its side (or it failed): no batch is started any more.
+    inbound_done: bool,
     bus: Bus,
+    /// Started batches, oldest first: each resolves to its answers in order.
+    in_flight: futures::stream::FuturesOrdered<BoxFuture<'static, Vec<pb::PublishResponse>>>,
     /// Answers of the batch being handed out, in order.
     ready: VecDeque<pb::PublishResponse>,
+}
+
+impl PublishState {
+    /// Starts a batch of `first` and whatever else already arrived.
+    fn start(&mut self, first: pb::PublishRequest) {
+        let mut batch = vec![first];
+        while batch.len() < MAX_PUBLISH_BATCH {
+            match self.inbound.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                _ => break,
+            }
+        }
+        let mut answers: Vec<Option<pb::PublishResponse>> = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        for m in batch {
+            match decode_publish(m.event, "event") {
+                Ok(mut event) => {
+                    drop(producer_span(&mut event, false));
+                    events.push(event);
+                    answers.push(None);
+                }
+                Err(e) => answers.push(Some(error_response(&e))),
+            }
+        }
+        let published = self.bus.start_batch(events);
+        self.in_flight.push_back(Box::pin(async move {
+            let mut results = published.await.into_iter();
+            answers
+                .into_iter()
+                .map(|answer| match answer {
+                    Some(error) => error,
+                    None => match results.next() {
+                        Some(Ok(outcome)) => encode_outcome(outcome),
+                        Some(Err(e)) => error_response(&e),
+                        None => error_response(&EventBusError::ShuttingDown),
+                    },
+                })
+                .collect()
+        }));
+    }
 }
 
 /// A subscription's outgoing side between messages.

@@ -32,6 +32,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -152,6 +153,9 @@ pub struct GroupInfo {
     pub lag: Option<u64>,
 }
 
+/// A started [`EventLog::append_batch`]: the events back, with their outcomes.
+pub type Appending = BoxFuture<'static, (Vec<Event>, Result<Vec<AppendOutcome>, EventBusError>)>;
+
 /// A durable, append-only log of named event streams with consumer groups.
 #[async_trait::async_trait]
 pub trait EventLog: Send + Sync + 'static {
@@ -166,12 +170,10 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// As [`append`](Self::append) for up to [`MAX_BATCH`] events in one round trip, outcomes
     /// in order (an id repeated within the batch is a duplicate of its first occurrence).
-    async fn append_batch(
-        &self,
-        stream: &str,
-        events: &[Event],
-        dedup_window: Duration,
-    ) -> Result<Vec<AppendOutcome>, EventBusError>;
+    /// The append is started before this returns: a batch started later on this log is
+    /// stored after it (so a publisher can keep several batches in flight, in order). The
+    /// future hands the events back with the outcome.
+    fn append_batch(&self, stream: &str, events: Vec<Event>, dedup_window: Duration) -> Appending;
 
     /// Creates the consumer group at `start` unless it exists (an existing group keeps its
     /// position), creating the stream too. `Sequence(n)` beyond the last assigned sequence + 1
@@ -518,6 +520,30 @@ impl InMemoryLog {
             .count() as u64)
     }
 
+    /// Appends a batch at once (see [`EventLog::append_batch`]).
+    fn append_now(
+        &self,
+        stream: &str,
+        events: &[Event],
+        dedup_window: Duration,
+    ) -> Result<Vec<AppendOutcome>, EventBusError> {
+        check_stream(stream)?;
+        check_batch("events", events.len())?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut streams = self.streams.lock();
+        let state = streams
+            .entry(stream.to_owned())
+            .or_insert_with(StreamState::new);
+        let outcomes = events
+            .iter()
+            .map(|event| state.append(event, dedup_window, self.max_len))
+            .collect();
+        state.appended.notify_waiters();
+        Ok(outcomes)
+    }
+
     /// An empty log keeping at most `max_len` events per stream (at least 1).
     pub fn new(max_len: u64) -> Self {
         Self {
@@ -545,27 +571,9 @@ impl EventLog for InMemoryLog {
         Ok(outcome)
     }
 
-    async fn append_batch(
-        &self,
-        stream: &str,
-        events: &[Event],
-        dedup_window: Duration,
-    ) -> Result<Vec<AppendOutcome>, EventBusError> {
-        check_stream(stream)?;
-        check_batch("events", events.len())?;
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut streams = self.streams.lock();
-        let state = streams
-            .entry(stream.to_owned())
-            .or_insert_with(StreamState::new);
-        let outcomes = events
-            .iter()
-            .map(|event| state.append(event, dedup_window, self.max_len))
-            .collect();
-        state.appended.notify_waiters();
-        Ok(outcomes)
+    fn append_batch(&self, stream: &str, events: Vec<Event>, dedup_window: Duration) -> Appending {
+        let outcomes = self.append_now(stream, &events, dedup_window);
+        Box::pin(std::future::ready((events, outcomes)))
     }
 
     async fn ensure_group(
@@ -874,8 +882,9 @@ mod tests {
         ));
         // Within a batch, a repeated id is a duplicate of its first occurrence.
         let outcomes = log
-            .append_batch("s", &[event("b"), event("c"), event("b")], SECOND)
+            .append_batch("s", vec![event("b"), event("c"), event("b")], SECOND)
             .await
+            .1
             .unwrap();
         assert!(matches!(outcomes[0], AppendOutcome::Stored(_)));
         assert!(matches!(outcomes[1], AppendOutcome::Stored(_)));
@@ -911,8 +920,9 @@ mod tests {
         let before = now_ms();
         let events: Vec<Event> = (0..500).map(|i| event(&i.to_string())).collect();
         let outcomes = log
-            .append_batch("s", &events, Duration::ZERO)
+            .append_batch("s", events.clone(), Duration::ZERO)
             .await
+            .1
             .unwrap();
         let sequences: Vec<u64> = outcomes.iter().map(|o| o.sequence().unwrap()).collect();
         assert!(sequences.windows(2).all(|w| w[0] < w[1]));

@@ -57,6 +57,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -71,11 +72,11 @@ use tracing::debug;
 use crate::error::EventBusError;
 use crate::event::{Event, Priority};
 use crate::log::{
-    AppendOutcome, Claimed, EventLog, GroupInfo, SEQUENCE_COUNTER_BITS, StartPosition, StoredEvent,
-    StreamInfo, TrimPolicy, check_batch, check_name, check_pending_args, check_reader,
+    AppendOutcome, Appending, Claimed, EventLog, GroupInfo, SEQUENCE_COUNTER_BITS, StartPosition,
+    StoredEvent, StreamInfo, TrimPolicy, check_batch, check_name, check_pending_args, check_reader,
     check_stream, first_sequence_at, millis_ceil, no_group, sequence_beyond_end, stored_at_ms,
 };
-use crate::resp::{CallError, Frame, RawConnection};
+use crate::resp::{self, CallError, Frame, Pipe, RawConnection};
 
 /// Bound on each Redis call unless set with [`RedisLog::with_timeout`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -193,15 +194,18 @@ pub fn stream_id_of(sequence: u64) -> String {
 }
 
 /// The event log on Redis Streams; see the module documentation.
+#[derive(Clone)]
 pub struct RedisLog {
     conn: ConnectionManager,
-    prefix: String,
+    prefix: Arc<str>,
     timeout: Duration,
     max_len: Option<u64>,
-    append_script: Script,
-    claim_script: Script,
-    trim_script: Script,
-    blocking: BlockingPool,
+    append_script: Arc<Script>,
+    claim_script: Arc<Script>,
+    trim_script: Arc<Script>,
+    blocking: Arc<BlockingPool>,
+    /// Appends, pipelined in the order they are started (see [`crate::resp::Pipe`]).
+    appends: Arc<Pipe>,
 }
 
 impl std::fmt::Debug for RedisLog {
@@ -212,6 +216,21 @@ impl std::fmt::Debug for RedisLog {
             .field("max_len", &self.max_len)
             .finish_non_exhaustive()
     }
+}
+
+/// The append pipe for `client`'s server; every new connection loads the append script first.
+fn append_pipe(client: &redis::Client, timeout: Duration) -> Arc<Pipe> {
+    let mut prelude = Vec::new();
+    resp::write_command(
+        &mut prelude,
+        &[b"SCRIPT", b"LOAD", APPEND_SCRIPT.as_bytes()],
+    );
+    Arc::new(Pipe::new(
+        client.get_connection_info().clone(),
+        timeout,
+        prelude,
+        1,
+    ))
 }
 
 /// Dedicated connections for blocking reads: at most `permits` in use at once, idle ones kept
@@ -260,15 +279,17 @@ impl RedisLog {
         client: redis::Client,
         key_prefix: impl Into<String>,
     ) -> Self {
+        let appends = append_pipe(&client, DEFAULT_TIMEOUT);
         Self {
             conn,
-            prefix: key_prefix.into(),
+            prefix: key_prefix.into().into(),
             timeout: DEFAULT_TIMEOUT,
             max_len: None,
-            append_script: Script::new(APPEND_SCRIPT),
-            claim_script: Script::new(CLAIM_SCRIPT),
-            trim_script: Script::new(TRIM_SCRIPT),
-            blocking: BlockingPool::new(client, DEFAULT_BLOCKING_CONNECTIONS),
+            append_script: Arc::new(Script::new(APPEND_SCRIPT)),
+            claim_script: Arc::new(Script::new(CLAIM_SCRIPT)),
+            trim_script: Arc::new(Script::new(TRIM_SCRIPT)),
+            blocking: Arc::new(BlockingPool::new(client, DEFAULT_BLOCKING_CONNECTIONS)),
+            appends,
         }
     }
 
@@ -276,6 +297,7 @@ impl RedisLog {
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.max(Duration::from_millis(1));
+        self.appends = append_pipe(&self.blocking.client, self.timeout);
         self
     }
 
@@ -283,7 +305,7 @@ impl RedisLog {
     /// connection. Default 8.
     #[must_use]
     pub fn with_blocking_connections(mut self, size: usize) -> Self {
-        self.blocking = BlockingPool::new(self.blocking.client.clone(), size);
+        self.blocking = Arc::new(BlockingPool::new(self.blocking.client.clone(), size));
         self
     }
 
@@ -340,73 +362,101 @@ impl RedisLog {
         cmd
     }
 
-    /// A plain `XADD` of one event that is not deduplicated.
-    fn xadd_cmd(&self, stream: &str, event: &Event, id: &str) -> Cmd {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(self.log_key(stream));
-        if let Some(max_len) = self.max_len {
-            cmd.arg("MAXLEN").arg("~").arg(max_len);
+    /// Appends a plain `XADD` of one event that is not deduplicated to `out`, written
+    /// straight from the event's fields.
+    fn write_xadd(&self, out: &mut Vec<u8>, stream: &str, event: &Event, id: &str) {
+        let mut fields = Vec::with_capacity(event.data.len() + 256);
+        let pairs = write_event_fields(&mut fields, event);
+        let max_len = self.max_len.map(|n| n.to_string());
+        let trim = if max_len.is_some() { 3 } else { 0 };
+        resp::write_header(out, b'*', 3 + trim + 2 * pairs);
+        resp::write_bulk(out, b"XADD");
+        resp::write_bulk(out, self.log_key(stream).as_bytes());
+        if let Some(max_len) = &max_len {
+            resp::write_bulk(out, b"MAXLEN");
+            resp::write_bulk(out, b"~");
+            resp::write_bulk(out, max_len.as_bytes());
         }
-        cmd.arg(id);
-        for (name, value) in encode_event(event) {
-            cmd.arg(name).arg(value);
-        }
-        cmd
+        resp::write_bulk(out, id.as_bytes());
+        out.extend_from_slice(&fields);
     }
 
-    /// Appends a batch in order in one round trip: one pipeline of `SADD` of the stream name,
-    /// plain `XADD`s for events without dedup, and one append-script call per run of
-    /// deduplicated events (scripting costs Redis several times a plain XADD per event). A
-    /// script call that met `NOSCRIPT` (nothing ran) is sent again after loading the script;
-    /// a plain XADD whose ID would overflow the sequence counter is moved by the script.
-    async fn append_pipeline(
+    /// Starts appending a batch in order in one round trip on the append pipe: `SADD` of the
+    /// stream name, plain `XADD`s for events without dedup, and one append-script call per run
+    /// of deduplicated events (scripting costs Redis several times a plain XADD per event).
+    /// The request is queued before this returns, so a batch started later is stored after
+    /// it; the future waits for the replies and hands the events back with their outcomes.
+    /// A script call that met `NOSCRIPT` (nothing ran; the pipe loads the script on every new
+    /// connection, so only a `SCRIPT FLUSH` causes it) is sent again after loading the script,
+    /// and a plain XADD whose ID would overflow the sequence counter is moved by the script:
+    /// those two, and only they, may land after a batch started later.
+    fn start_append(&self, stream: &str, events: Vec<Event>, dedup_window: Duration) -> Appending {
+        let window_ms = millis_ceil(dedup_window);
+        let deduplicated = |e: &Event| window_ms > 0 && !e.id.is_empty();
+        // Runs of consecutive events with the same treatment, in order: (script?, first, len).
+        let mut runs: Vec<(bool, usize, usize)> = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            let dedup = deduplicated(event);
+            match runs.last_mut() {
+                Some((d, _, len)) if *d == dedup && dedup => *len += 1,
+                _ => runs.push((dedup, i, 1)),
+            }
+        }
+        let mut packed = Vec::with_capacity(events.len() * 512);
+        resp::write_command(
+            &mut packed,
+            &[b"SADD", self.streams_key().as_bytes(), stream.as_bytes()],
+        );
+        let mut scripts: Vec<Option<Cmd>> = Vec::with_capacity(runs.len());
+        for &(dedup, first, len) in &runs {
+            if dedup {
+                let run: Vec<&Event> = events[first..first + len].iter().collect();
+                let cmd = self.append_script_cmd(stream, &run, window_ms);
+                cmd.write_packed_command(&mut packed);
+                scripts.push(Some(cmd));
+            } else {
+                self.write_xadd(&mut packed, stream, &events[first], "*");
+                scripts.push(None);
+            }
+        }
+        let answer = self.appends.send(packed, runs.len() + 1);
+        let log = self.clone();
+        let stream = stream.to_owned();
+        Box::pin(async move {
+            let replies = match tokio::time::timeout(log.timeout, answer).await {
+                Ok(Ok(Ok(replies))) => replies,
+                Ok(Ok(Err(e))) => return (events, Err(unavailable("append", &e))),
+                Ok(Err(_)) => return (events, Err(unavailable("append", "append pipe closed"))),
+                Err(_) => return (events, Err(timed_out("append", log.timeout))),
+            };
+            let outcomes = log
+                .settle_append(&stream, &events, &runs, scripts, replies)
+                .await;
+            (events, outcomes)
+        })
+    }
+
+    /// The outcomes of a started append from its replies (the first is the `SADD`'s).
+    async fn settle_append(
         &self,
         stream: &str,
         events: &[Event],
-        dedup_window: Duration,
+        runs: &[(bool, usize, usize)],
+        scripts: Vec<Option<Cmd>>,
+        replies: Vec<resp::Reply>,
     ) -> Result<Vec<AppendOutcome>, EventBusError> {
-        let window_ms = millis_ceil(dedup_window);
-        let deduplicated = |e: &Event| window_ms > 0 && !e.id.is_empty();
-        // Runs of consecutive events with the same treatment, in order.
-        let mut runs: Vec<(bool, Vec<&Event>)> = Vec::new();
-        for event in events {
-            let dedup = deduplicated(event);
-            match runs.last_mut() {
-                Some((d, run)) if *d == dedup && dedup => run.push(event),
-                _ => runs.push((dedup, vec![event])),
-            }
-        }
-        let cmds: Vec<Cmd> = runs
-            .iter()
-            .map(|(dedup, run)| {
-                if *dedup {
-                    self.append_script_cmd(stream, run, window_ms)
-                } else {
-                    self.xadd_cmd(stream, run[0], "*")
-                }
-            })
-            .collect();
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.cmd("SADD")
-            .arg(self.streams_key())
-            .arg(stream)
-            .ignore();
-        for cmd in &cmds {
-            pipe.add_command(cmd.clone());
-        }
-        let replies: Vec<RedisResult<Value>> = self
-            .run("append", pipe.ignore_errors().query_async(&mut conn))
-            .await?;
-        if replies.len() != cmds.len() {
+        if replies.len() != runs.len() + 1 {
             return Err(malformed("append", "pipeline reply too short"));
         }
+        let mut conn = self.conn.clone();
         let mut outcomes = Vec::with_capacity(events.len());
         let mut loaded = false;
-        for (((dedup, run), cmd), reply) in runs.iter().zip(&cmds).zip(replies) {
-            let value = match reply {
-                Ok(value) => value,
-                Err(e) if e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+        for ((&(dedup, first, len), script), reply) in
+            runs.iter().zip(scripts).zip(replies.into_iter().skip(1))
+        {
+            let value = match (reply, script) {
+                (Ok(value), _) => value,
+                (Err(e), Some(cmd)) if e.starts_with("NOSCRIPT") => {
                     if !loaded {
                         debug!("redis event log append script missing; reloading");
                         self.run("append", self.append_script.load_async(&mut conn))
@@ -415,11 +465,11 @@ impl RedisLog {
                     }
                     self.run("append", cmd.query_async(&mut conn)).await?
                 }
-                Err(e) => return Err(redis_error("append", &e)),
+                (Err(e), _) => return Err(raw_redis_error("append", &e)),
             };
-            if *dedup {
+            if dedup {
                 let run_outcomes = append_outcomes(value)?;
-                if run_outcomes.len() != run.len() {
+                if run_outcomes.len() != len {
                     return Err(malformed("append", "one outcome per event expected"));
                 }
                 outcomes.extend(run_outcomes);
@@ -429,7 +479,7 @@ impl RedisLog {
                 .map_err(|e| malformed("append", &format!("unexpected XADD reply: {e}")))?;
             let outcome = match sequence_of_stream_id(&id) {
                 Some(sequence) => AppendOutcome::Stored(sequence),
-                None => self.move_overflowed(stream, run[0], &id).await?,
+                None => self.move_overflowed(stream, &events[first], &id).await?,
             };
             outcomes.push(outcome);
         }
@@ -595,26 +645,22 @@ impl EventLog for RedisLog {
         dedup_window: Duration,
     ) -> Result<AppendOutcome, EventBusError> {
         check_stream(stream)?;
-        let mut outcomes = self
-            .append_pipeline(stream, std::slice::from_ref(event), dedup_window)
-            .await?;
-        outcomes
+        let (_, outcomes) = self
+            .start_append(stream, vec![event.clone()], dedup_window)
+            .await;
+        outcomes?
             .pop()
             .ok_or_else(|| malformed("append", "no reply"))
     }
 
-    async fn append_batch(
-        &self,
-        stream: &str,
-        events: &[Event],
-        dedup_window: Duration,
-    ) -> Result<Vec<AppendOutcome>, EventBusError> {
-        check_stream(stream)?;
-        check_batch("events", events.len())?;
-        if events.is_empty() {
-            return Ok(Vec::new());
+    fn append_batch(&self, stream: &str, events: Vec<Event>, dedup_window: Duration) -> Appending {
+        if let Err(e) = check_stream(stream).and_then(|()| check_batch("events", events.len())) {
+            return Box::pin(std::future::ready((events, Err(e))));
         }
-        self.append_pipeline(stream, events, dedup_window).await
+        if events.is_empty() {
+            return Box::pin(std::future::ready((events, Ok(Vec::new()))));
+        }
+        self.start_append(stream, events, dedup_window)
     }
 
     async fn ensure_group(
@@ -910,6 +956,41 @@ impl EventLog for RedisLog {
     }
 }
 
+/// Writes the attributes of `event` to `out` as RESP bulk strings, name then value, leaving
+/// empty ones out (as [`encode_event`]); returns the number of pairs.
+fn write_event_fields(out: &mut Vec<u8>, event: &Event) -> usize {
+    let mut pairs = 0;
+    let mut field = |name: &str, value: &[u8]| {
+        if !value.is_empty() {
+            resp::write_bulk(out, name.as_bytes());
+            resp::write_bulk(out, value);
+            pairs += 1;
+        }
+    };
+    field("id", event.id.as_bytes());
+    field("subject", event.subject.as_bytes());
+    field("type", event.r#type.as_bytes());
+    field("source", event.source.as_bytes());
+    if event.time_ms != 0 {
+        field("time", event.time_ms.to_string().as_bytes());
+    }
+    field("priority", event.priority.as_str().as_bytes());
+    if let Some(at) = event.expires_at_ms {
+        field("expires_at", at.to_string().as_bytes());
+    }
+    field("correlation_id", event.correlation_id.as_bytes());
+    field("reply_to", event.reply_to.as_bytes());
+    field("ordering_key", event.ordering_key.as_bytes());
+    field("content_type", event.content_type.as_bytes());
+    if !event.headers.is_empty() {
+        // A map of strings always serializes.
+        let headers = serde_json::to_vec(&event.headers).unwrap_or_default();
+        field("headers", &headers);
+    }
+    field("data", &event.data);
+    pairs
+}
+
 /// The attributes of `event` as stream fields; empty ones are left out.
 fn encode_event(event: &Event) -> Vec<(&'static str, Vec<u8>)> {
     let mut fields = Vec::with_capacity(13);
@@ -1161,6 +1242,11 @@ fn redis_error(op: &'static str, e: &RedisError) -> EventBusError {
 fn timed_out(op: &'static str, after: Duration) -> EventBusError {
     debug!(op, ?after, "redis event log call timed out");
     EventBusError::Unavailable(format!("{op}: redis did not answer within {after:?}"))
+}
+
+fn unavailable(op: &'static str, what: &str) -> EventBusError {
+    debug!(op, error = %what, "redis event log call failed");
+    EventBusError::Unavailable(format!("{op}: {what}"))
 }
 
 fn malformed(op: &'static str, what: &str) -> EventBusError {

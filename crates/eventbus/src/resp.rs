@@ -8,13 +8,20 @@
 //!
 //! Only what a blocking read needs: TCP or Unix socket, `AUTH` and `SELECT` from the client's
 //! connection info, one command at a time, RESP2 replies.
+//!
+//! [`Pipe`] is the other use: one connection on which requests are pipelined in the order
+//! [`Pipe::send`] was called — a synchronous call, so a caller can start an append, start the
+//! next, and only then wait for either (redis-rs's multiplexed connection queues a request when
+//! its future is first polled, which gives no such order between two requests in flight).
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use redis::ConnectionAddr;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
 
 /// A RESP2 value borrowing the bytes it was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +131,227 @@ impl std::fmt::Display for CallError {
             Self::Redis(m) => f.write_str(m),
         }
     }
+}
+
+/// Appends `args` to `out` as one RESP command (an array of bulk strings).
+pub(crate) fn write_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    write_header(out, b'*', args.len());
+    for arg in args {
+        write_bulk(out, arg);
+    }
+}
+
+/// `*n\r\n` or `$n\r\n`.
+pub(crate) fn write_header(out: &mut Vec<u8>, kind: u8, n: usize) {
+    out.push(kind);
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        // A decimal digit: n % 10 < 10.
+        #[allow(clippy::cast_possible_truncation, reason = "n % 10 < 10")]
+        let digit = (n % 10) as u8;
+        digits[at] = b'0' + digit;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One bulk string.
+pub(crate) fn write_bulk(out: &mut Vec<u8>, arg: &[u8]) {
+    write_header(out, b'$', arg.len());
+    out.extend_from_slice(arg);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One reply of a pipelined request: a value, or the error Redis answered with.
+pub(crate) type Reply = Result<redis::Value, String>;
+
+/// The replies to one [`Pipe::send`], or why the connection failed.
+pub(crate) type Replies = Result<Vec<Reply>, String>;
+
+struct PipeRequest {
+    packed: Vec<u8>,
+    replies: usize,
+    done: oneshot::Sender<Replies>,
+}
+
+/// One connection with requests pipelined in call order; see the module docs. It connects on
+/// first use and again on the next request after it broke (requests in flight then fail).
+/// `prelude` (packed commands) is sent first on every new connection and its replies are
+/// dropped: the event log loads its append script there, so a restarted Redis has it before
+/// any request can meet `NOSCRIPT`.
+pub(crate) struct Pipe {
+    info: redis::ConnectionInfo,
+    timeout: Duration,
+    prelude: Arc<[u8]>,
+    prelude_replies: usize,
+    queue: parking_lot::Mutex<Option<mpsc::UnboundedSender<PipeRequest>>>,
+}
+
+impl std::fmt::Debug for Pipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipe").finish_non_exhaustive()
+    }
+}
+
+impl Pipe {
+    pub(crate) fn new(
+        info: redis::ConnectionInfo,
+        timeout: Duration,
+        prelude: Vec<u8>,
+        prelude_replies: usize,
+    ) -> Self {
+        Self {
+            info,
+            timeout,
+            prelude: prelude.into(),
+            prelude_replies,
+            queue: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Queues `packed` (`replies` commands) behind every request sent before; the receiver
+    /// gets their replies. Must be called within a tokio runtime (it may start the
+    /// connection's task).
+    pub(crate) fn send(&self, packed: Vec<u8>, replies: usize) -> oneshot::Receiver<Replies> {
+        let (done, answer) = oneshot::channel();
+        let mut request = PipeRequest {
+            packed,
+            replies,
+            done,
+        };
+        let mut queue = self.queue.lock();
+        loop {
+            if let Some(tx) = queue.as_ref() {
+                match tx.send(request) {
+                    Ok(()) => return answer,
+                    // The connection's task ended (it broke): start another.
+                    Err(mpsc::error::SendError(back)) => request = back,
+                }
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run_pipe(
+                self.info.clone(),
+                self.timeout,
+                self.prelude.clone(),
+                self.prelude_replies,
+                rx,
+            ));
+            *queue = Some(tx);
+        }
+    }
+}
+
+/// Serves one connection of a [`Pipe`] until it breaks, then fails every request waiting.
+async fn run_pipe(
+    info: redis::ConnectionInfo,
+    timeout: Duration,
+    prelude: Arc<[u8]>,
+    prelude_replies: usize,
+    mut requests: mpsc::UnboundedReceiver<PipeRequest>,
+) {
+    let (waiting_tx, mut waiting) = mpsc::unbounded_channel::<(usize, Option<PipeRequest>)>();
+    let failure = match RawConnection::connect(&info, timeout).await {
+        Err(e) => format!("cannot connect: {e}"),
+        Ok(conn) => {
+            let RawConnection { stream, mut buf } = conn;
+            let (mut reader, mut writer) = tokio::io::split(stream);
+            let write = async {
+                if prelude_replies > 0 {
+                    let _ = waiting_tx.send((prelude_replies, None));
+                    writer.write_all(&prelude).await?;
+                }
+                while let Some(first) = requests.recv().await {
+                    let mut packed = Vec::new();
+                    let mut next = Some(first);
+                    while let Some(mut request) = next.take() {
+                        if packed.is_empty() {
+                            packed = std::mem::take(&mut request.packed);
+                        } else {
+                            packed.extend_from_slice(&request.packed);
+                        }
+                        let _ = waiting_tx.send((request.replies, Some(request)));
+                        if packed.len() < 1 << 20 {
+                            next = requests.try_recv().ok();
+                        }
+                    }
+                    writer.write_all(&packed).await?;
+                }
+                Ok::<_, io::Error>(())
+            };
+            let read = async {
+                while let Some((count, request)) = waiting.recv().await {
+                    let mut replies = Vec::with_capacity(count);
+                    while replies.len() < count {
+                        match parse(&buf) {
+                            Ok(Some((frame, used))) => {
+                                replies.push(owned(frame));
+                                buf.advance(used);
+                                continue;
+                            }
+                            Ok(None) => {}
+                            Err(e) => return io::Error::new(io::ErrorKind::InvalidData, e),
+                        }
+                        if buf.capacity() - buf.len() < 16 * 1024 {
+                            buf.reserve(64 * 1024);
+                        }
+                        match reader.read_buf(&mut buf).await {
+                            Ok(0) => return io::ErrorKind::UnexpectedEof.into(),
+                            Ok(_) => {}
+                            Err(e) => return e,
+                        }
+                    }
+                    if let Some(request) = request {
+                        let _ = request.done.send(Ok(replies));
+                    }
+                }
+                io::ErrorKind::BrokenPipe.into()
+            };
+            tokio::select! {
+                written = write => match written {
+                    Ok(()) => return, // the pipe was dropped
+                    Err(e) => format!("connection broke: {e}"),
+                },
+                e = read => format!("connection broke: {e}"),
+            }
+        }
+    };
+    // New requests go to a new connection; every one sent here fails.
+    requests.close();
+    waiting.close();
+    while let Ok((_, request)) = waiting.try_recv() {
+        if let Some(request) = request {
+            let _ = request.done.send(Err(failure.clone()));
+        }
+    }
+    while let Ok(request) = requests.try_recv() {
+        let _ = request.done.send(Err(failure.clone()));
+    }
+}
+
+/// An owned copy of `frame`; an error reply is `Err` with its message.
+fn owned(frame: Frame<'_>) -> Reply {
+    use redis::Value;
+    Ok(match frame {
+        Frame::Error(message) => return Err(String::from_utf8_lossy(message).into_owned()),
+        Frame::Simple(b"OK") => Value::Okay,
+        Frame::Simple(text) => Value::SimpleString(String::from_utf8_lossy(text).into_owned()),
+        Frame::Integer(n) => Value::Int(n),
+        Frame::Bulk(bytes) => Value::BulkString(bytes.to_vec()),
+        Frame::Nil => Value::Nil,
+        Frame::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(|item| owned(item).unwrap_or_else(Value::SimpleString))
+                .collect(),
+        ),
+    })
 }
 
 /// One connection, one command at a time.

@@ -561,14 +561,10 @@ impl EventLog for InMemoryLog {
         event: &Event,
         dedup_window: Duration,
     ) -> Result<AppendOutcome, EventBusError> {
-        check_stream(stream)?;
-        let mut streams = self.streams.lock();
-        let state = streams
-            .entry(stream.to_owned())
-            .or_insert_with(StreamState::new);
-        let outcome = state.append(event, dedup_window, self.max_len);
-        state.appended.notify_waiters();
-        Ok(outcome)
+        // One event in, one outcome out.
+        Ok(self
+            .append_now(stream, std::slice::from_ref(event), dedup_window)?
+            .remove(0))
     }
 
     fn append_batch(&self, stream: &str, events: Vec<Event>, dedup_window: Duration) -> Appending {

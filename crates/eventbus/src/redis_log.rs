@@ -218,6 +218,14 @@ impl std::fmt::Debug for RedisLog {
     }
 }
 
+/// One command of a started append.
+enum AppendRun {
+    /// A plain `XADD` of the event at this index.
+    Plain(usize),
+    /// One append-script call for `len` deduplicated events (kept to resend after `NOSCRIPT`).
+    Script { len: usize, cmd: Cmd },
+}
+
 /// The append pipe for `client`'s server; every new connection loads the append script first.
 fn append_pipe(client: &redis::Client, timeout: Duration) -> Arc<Pipe> {
     let mut prelude = Vec::new();
@@ -407,18 +415,20 @@ impl RedisLog {
             &mut packed,
             &[b"SADD", self.streams_key().as_bytes(), stream.as_bytes()],
         );
-        let mut scripts: Vec<Option<Cmd>> = Vec::with_capacity(runs.len());
-        for &(dedup, first, len) in &runs {
-            if dedup {
-                let run: Vec<&Event> = events[first..first + len].iter().collect();
-                let cmd = self.append_script_cmd(stream, &run, window_ms);
-                cmd.write_packed_command(&mut packed);
-                scripts.push(Some(cmd));
-            } else {
-                self.write_xadd(&mut packed, stream, &events[first], "*");
-                scripts.push(None);
-            }
-        }
+        let runs: Vec<AppendRun> = runs
+            .into_iter()
+            .map(|(dedup, first, len)| {
+                if dedup {
+                    let run: Vec<&Event> = events[first..first + len].iter().collect();
+                    let cmd = self.append_script_cmd(stream, &run, window_ms);
+                    cmd.write_packed_command(&mut packed);
+                    AppendRun::Script { len, cmd }
+                } else {
+                    self.write_xadd(&mut packed, stream, &events[first], "*");
+                    AppendRun::Plain(first)
+                }
+            })
+            .collect();
         let answer = self.appends.send(packed, runs.len() + 1);
         let log = self.clone();
         let stream = stream.to_owned();
@@ -429,9 +439,7 @@ impl RedisLog {
                 Ok(Err(_)) => return (events, Err(unavailable("append", "append pipe closed"))),
                 Err(_) => return (events, Err(timed_out("append", log.timeout))),
             };
-            let outcomes = log
-                .settle_append(&stream, &events, &runs, scripts, replies)
-                .await;
+            let outcomes = log.settle_append(&stream, &events, runs, replies).await;
             (events, outcomes)
         })
     }
@@ -441,8 +449,7 @@ impl RedisLog {
         &self,
         stream: &str,
         events: &[Event],
-        runs: &[(bool, usize, usize)],
-        scripts: Vec<Option<Cmd>>,
+        runs: Vec<AppendRun>,
         replies: Vec<resp::Reply>,
     ) -> Result<Vec<AppendOutcome>, EventBusError> {
         if replies.len() != runs.len() + 1 {
@@ -451,37 +458,38 @@ impl RedisLog {
         let mut conn = self.conn.clone();
         let mut outcomes = Vec::with_capacity(events.len());
         let mut loaded = false;
-        for ((&(dedup, first, len), script), reply) in
-            runs.iter().zip(scripts).zip(replies.into_iter().skip(1))
-        {
-            let value = match (reply, script) {
-                (Ok(value), _) => value,
-                (Err(e), Some(cmd)) if e.starts_with("NOSCRIPT") => {
-                    if !loaded {
-                        debug!("redis event log append script missing; reloading");
-                        self.run("append", self.append_script.load_async(&mut conn))
-                            .await?;
-                        loaded = true;
+        for (run, reply) in runs.into_iter().zip(replies.into_iter().skip(1)) {
+            match run {
+                AppendRun::Script { len, cmd } => {
+                    let value = match reply {
+                        Ok(value) => value,
+                        Err(e) if e.starts_with("NOSCRIPT") => {
+                            if !loaded {
+                                debug!("redis event log append script missing; reloading");
+                                self.run("append", self.append_script.load_async(&mut conn))
+                                    .await?;
+                                loaded = true;
+                            }
+                            self.run("append", cmd.query_async(&mut conn)).await?
+                        }
+                        Err(e) => return Err(raw_redis_error("append", &e)),
+                    };
+                    let run_outcomes = append_outcomes(value)?;
+                    if run_outcomes.len() != len {
+                        return Err(malformed("append", "one outcome per event expected"));
                     }
-                    self.run("append", cmd.query_async(&mut conn)).await?
+                    outcomes.extend(run_outcomes);
                 }
-                (Err(e), _) => return Err(raw_redis_error("append", &e)),
-            };
-            if dedup {
-                let run_outcomes = append_outcomes(value)?;
-                if run_outcomes.len() != len {
-                    return Err(malformed("append", "one outcome per event expected"));
+                AppendRun::Plain(index) => {
+                    let value = reply.map_err(|e| raw_redis_error("append", &e))?;
+                    let id: String = redis::from_redis_value(value)
+                        .map_err(|e| malformed("append", &format!("unexpected XADD reply: {e}")))?;
+                    outcomes.push(match sequence_of_stream_id(&id) {
+                        Some(sequence) => AppendOutcome::Stored(sequence),
+                        None => self.move_overflowed(stream, &events[index], &id).await?,
+                    });
                 }
-                outcomes.extend(run_outcomes);
-                continue;
             }
-            let id: String = redis::from_redis_value(value)
-                .map_err(|e| malformed("append", &format!("unexpected XADD reply: {e}")))?;
-            let outcome = match sequence_of_stream_id(&id) {
-                Some(sequence) => AppendOutcome::Stored(sequence),
-                None => self.move_overflowed(stream, &events[first], &id).await?,
-            };
-            outcomes.push(outcome);
         }
         Ok(outcomes)
     }
@@ -956,74 +964,55 @@ impl EventLog for RedisLog {
     }
 }
 
-/// Writes the attributes of `event` to `out` as RESP bulk strings, name then value, leaving
-/// empty ones out (as [`encode_event`]); returns the number of pairs.
-fn write_event_fields(out: &mut Vec<u8>, event: &Event) -> usize {
-    let mut pairs = 0;
-    let mut field = |name: &str, value: &[u8]| {
+/// Hands each attribute of `event` to `field` as a stream field (name, value); empty ones are
+/// left out.
+fn visit_event_fields(event: &Event, mut field: impl FnMut(&'static str, &[u8])) {
+    let mut text = |name: &'static str, value: &[u8]| {
         if !value.is_empty() {
-            resp::write_bulk(out, name.as_bytes());
-            resp::write_bulk(out, value);
-            pairs += 1;
+            field(name, value);
         }
     };
-    field("id", event.id.as_bytes());
-    field("subject", event.subject.as_bytes());
-    field("type", event.r#type.as_bytes());
-    field("source", event.source.as_bytes());
+    text("id", event.id.as_bytes());
+    text("subject", event.subject.as_bytes());
+    text("type", event.r#type.as_bytes());
+    text("source", event.source.as_bytes());
     if event.time_ms != 0 {
-        field("time", event.time_ms.to_string().as_bytes());
+        text("time", event.time_ms.to_string().as_bytes());
     }
-    field("priority", event.priority.as_str().as_bytes());
+    text("priority", event.priority.as_str().as_bytes());
     if let Some(at) = event.expires_at_ms {
-        field("expires_at", at.to_string().as_bytes());
+        text("expires_at", at.to_string().as_bytes());
     }
-    field("correlation_id", event.correlation_id.as_bytes());
-    field("reply_to", event.reply_to.as_bytes());
-    field("ordering_key", event.ordering_key.as_bytes());
-    field("content_type", event.content_type.as_bytes());
-    if !event.headers.is_empty() {
-        // A map of strings always serializes.
-        let headers = serde_json::to_vec(&event.headers).unwrap_or_default();
-        field("headers", &headers);
-    }
-    field("data", &event.data);
-    pairs
-}
-
-/// The attributes of `event` as stream fields; empty ones are left out.
-fn encode_event(event: &Event) -> Vec<(&'static str, Vec<u8>)> {
-    let mut fields = Vec::with_capacity(13);
-    let mut text = |name: &'static str, value: &str| {
-        if !value.is_empty() {
-            fields.push((name, value.as_bytes().to_vec()));
-        }
-    };
-    text("id", &event.id);
-    text("subject", &event.subject);
-    text("type", &event.r#type);
-    text("source", &event.source);
-    if event.time_ms != 0 {
-        text("time", &event.time_ms.to_string());
-    }
-    text("priority", event.priority.as_str());
-    if let Some(at) = event.expires_at_ms {
-        text("expires_at", &at.to_string());
-    }
-    text("correlation_id", &event.correlation_id);
-    text("reply_to", &event.reply_to);
-    text("ordering_key", &event.ordering_key);
-    text("content_type", &event.content_type);
+    text("correlation_id", event.correlation_id.as_bytes());
+    text("reply_to", event.reply_to.as_bytes());
+    text("ordering_key", event.ordering_key.as_bytes());
+    text("content_type", event.content_type.as_bytes());
     if !event.headers.is_empty() {
         // A map of strings always serializes.
         text(
             "headers",
-            &serde_json::to_string(&event.headers).unwrap_or_default(),
+            &serde_json::to_vec(&event.headers).unwrap_or_default(),
         );
     }
-    if !event.data.is_empty() {
-        fields.push(("data", event.data.to_vec()));
-    }
+    text("data", &event.data);
+}
+
+/// Writes the fields of `event` to `out` as RESP bulk strings, name then value; returns the
+/// number of pairs.
+fn write_event_fields(out: &mut Vec<u8>, event: &Event) -> usize {
+    let mut pairs = 0;
+    visit_event_fields(event, |name, value| {
+        resp::write_bulk(out, name.as_bytes());
+        resp::write_bulk(out, value);
+        pairs += 1;
+    });
+    pairs
+}
+
+/// The fields of `event`, owned.
+fn encode_event(event: &Event) -> Vec<(&'static str, Vec<u8>)> {
+    let mut fields = Vec::with_capacity(13);
+    visit_event_fields(event, |name, value| fields.push((name, value.to_vec())));
     fields
 }
 

@@ -289,21 +289,8 @@ async fn run_pipe(
                 while let Some((count, request)) = waiting.recv().await {
                     let mut replies = Vec::with_capacity(count);
                     while replies.len() < count {
-                        match parse(&buf) {
-                            Ok(Some((frame, used))) => {
-                                replies.push(owned(frame));
-                                buf.advance(used);
-                                continue;
-                            }
-                            Ok(None) => {}
-                            Err(e) => return io::Error::new(io::ErrorKind::InvalidData, e),
-                        }
-                        if buf.capacity() - buf.len() < 16 * 1024 {
-                            buf.reserve(64 * 1024);
-                        }
-                        match reader.read_buf(&mut buf).await {
-                            Ok(0) => return io::ErrorKind::UnexpectedEof.into(),
-                            Ok(_) => {}
+                        match next_frame(&mut reader, &mut buf, owned).await {
+                            Ok(reply) => replies.push(reply),
                             Err(e) => return e,
                         }
                     }
@@ -332,6 +319,32 @@ async fn run_pipe(
     }
     while let Ok(request) = requests.try_recv() {
         let _ = request.done.send(Err(failure.clone()));
+    }
+}
+
+/// Reads the next frame from `reader` into `buf` (more when `buf` holds only part of it) and
+/// hands it to `take`; the frame's bytes are then dropped from `buf`.
+async fn next_frame<R: AsyncRead + Unpin, T>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    take: impl FnOnce(Frame<'_>) -> T,
+) -> io::Result<T> {
+    loop {
+        match parse(buf) {
+            Ok(Some((frame, used))) => {
+                let out = take(frame);
+                buf.advance(used);
+                return Ok(out);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
     }
 }
 
@@ -433,33 +446,14 @@ impl RawConnection {
         read: impl FnOnce(Frame<'_>) -> T,
     ) -> Result<T, CallError> {
         self.stream.write_all(packed).await.map_err(CallError::Io)?;
-        loop {
-            match parse(&self.buf) {
-                Ok(Some((frame, used))) => {
-                    let out = match frame {
-                        Frame::Error(message) => Err(CallError::Redis(
-                            String::from_utf8_lossy(message).into_owned(),
-                        )),
-                        frame => Ok(read(frame)),
-                    };
-                    self.buf.advance(used);
-                    return out;
-                }
-                Ok(None) => {}
-                Err(e) => return Err(CallError::Io(io::Error::new(io::ErrorKind::InvalidData, e))),
-            }
-            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
-                self.buf.reserve(64 * 1024);
-            }
-            let n = self
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(CallError::Io)?;
-            if n == 0 {
-                return Err(CallError::Io(io::ErrorKind::UnexpectedEof.into()));
-            }
-        }
+        next_frame(&mut self.stream, &mut self.buf, |frame| match frame {
+            Frame::Error(message) => Err(CallError::Redis(
+                String::from_utf8_lossy(message).into_owned(),
+            )),
+            frame => Ok(read(frame)),
+        })
+        .await
+        .map_err(CallError::Io)?
     }
 }
 

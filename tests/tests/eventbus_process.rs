@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use agentmesh_proto::eventbus::v1 as pb;
 use agentmesh_tests::agentmesh::AgentmeshProcess;
-use agentmesh_tests::{RedisServer, wait_until};
+use agentmesh_tests::{EtcdServer, RedisServer, wait_until};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -806,5 +806,109 @@ async fn test_two_instances_deliver_ephemeral_events_and_replies_to_subscribers_
     a_only.extend(work_a.take(20, Duration::from_secs(3)).await);
     assert_eq!(a_only.len(), 20, "nothing is routed to the dead instance");
     a.kill9();
+    Ok(())
+}
+
+#[tokio::test]
+async fn test_stats_and_subscriptions_cover_every_live_instance_and_name_a_dead_one()
+-> anyhow::Result<()> {
+    let (redis, etcd) = (RedisServer::start().await?, EtcdServer::start().await?);
+    let (url, endpoint) = (redis.url(), etcd.endpoint());
+    let a = AgentmeshProcess::serve_eventbus(Some(&url), Some(&endpoint), &[]).await?;
+    let mut b = AgentmeshProcess::serve_eventbus(Some(&url), Some(&endpoint), &[]).await?;
+    let (mut ca, mut cb) = (client(a.grpc_addr).await?, client(b.grpc_addr).await?);
+    let workers = pb::SubscribeOpen {
+        queue_group: "workers".into(),
+        ..open("jobs.*")
+    };
+    let _on_a = subscribe(&mut ca, workers.clone()).await?;
+    let _on_b = subscribe(&mut cb, workers).await?;
+    let _tap = subscribe(&mut cb, open("audit")).await?;
+    for i in 0..3 {
+        publish(&mut ca, event("jobs.build", &i.to_string())).await?;
+    }
+    for i in 0..2 {
+        publish(&mut cb, event("jobs.build", &i.to_string())).await?;
+    }
+    let only = |subject: &str| pb::GetStatsRequest {
+        subject: subject.into(),
+        instance_only: true,
+    };
+    let id_a = ca.get_stats(only("")).await?.into_inner().instance;
+    let id_b = cb.get_stats(only("")).await?.into_inner().instance;
+
+    wait_until(
+        Duration::from_secs(10),
+        "both instances in the stats",
+        || {
+            let mut ca = ca.clone();
+            async move {
+                ca.get_stats(pb::GetStatsRequest::default())
+                    .await
+                    .is_ok_and(|s| s.into_inner().instances.len() == 2)
+            }
+        },
+    )
+    .await?;
+    let stats = ca
+        .get_stats(pb::GetStatsRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(stats.instance, id_a);
+    assert_eq!(stats.instances, [id_a.clone(), id_b.clone()]);
+    assert!(stats.unreachable.is_empty(), "{:?}", stats.unreachable);
+    let build = stats.subjects.iter().find(|s| s.subject == "jobs.build");
+    assert_eq!(
+        build.map(|s| s.published),
+        Some(5),
+        "publishes on both instances add up"
+    );
+    let group = stats.groups.iter().find(|g| g.group == "workers");
+    assert_eq!(
+        group.map(|g| g.members),
+        Some(2),
+        "one row for the group, members on both instances"
+    );
+    let local = ca.get_stats(only("jobs.>")).await?.into_inner();
+    assert_eq!(local.instances, std::slice::from_ref(&id_a));
+    assert_eq!(
+        local.subjects[0].published, 3,
+        "instance_only: A's own figures"
+    );
+
+    let listed = ca
+        .list_subscriptions(pb::ListSubscriptionsRequest::default())
+        .await?
+        .into_inner();
+    let mut on: Vec<(String, String)> = listed
+        .subscriptions
+        .iter()
+        .map(|s| (s.subject.clone(), s.instance.clone()))
+        .collect();
+    on.sort();
+    let mut want = vec![
+        ("audit".to_owned(), id_b.clone()),
+        ("jobs.*".to_owned(), id_a.clone()),
+        ("jobs.*".to_owned(), id_b.clone()),
+    ];
+    want.sort();
+    assert_eq!(on, want);
+    assert_eq!(listed.instances, [id_a.clone(), id_b.clone()]);
+
+    // B dies without leaving: until its lease expires it is still a member, and it is named
+    // unreachable at once instead of holding the answer up.
+    b.kill9();
+    let started = std::time::Instant::now();
+    let stats = ca
+        .get_stats(pb::GetStatsRequest::default())
+        .await?
+        .into_inner();
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "a dead peer costs at most the peer budget: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(stats.unreachable, [id_b]);
+    assert_eq!(stats.instances, [id_a]);
     Ok(())
 }

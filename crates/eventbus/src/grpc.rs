@@ -29,6 +29,7 @@ use crate::consumer::{
 use crate::error::{EventBusError, FieldViolation};
 use crate::event::{Event, MAX_TTL_MS, Priority, now_ms};
 use crate::log::StartPosition;
+use crate::peers::{Gathered, PEER_BUDGET, PeerClient, Peers};
 use crate::subject::{SubjectFilter, validate_subject};
 
 /// Most credit a subscription may ask for.
@@ -63,12 +64,129 @@ const MAX_PAGE: usize = 1000;
 #[derive(Clone)]
 pub struct EventBusGrpc {
     bus: Bus,
+    peers: Option<Arc<Peers>>,
 }
 
 impl EventBusGrpc {
-    /// An adapter over `bus`.
+    /// An adapter over `bus`; listings cover this instance only.
     pub fn new(bus: Bus) -> Self {
-        Self { bus }
+        Self { bus, peers: None }
+    }
+
+    /// Listings (`ListSubscriptions`, `GetStats`) also ask `peers` and merge their answers.
+    #[must_use]
+    pub fn with_peers(mut self, peers: Arc<Peers>) -> Self {
+        self.peers = Some(peers);
+        self
+    }
+
+    /// What the other instances answer to `call` within the caller's deadline (at most
+    /// [`PEER_BUDGET`]); nothing when this instance has no peers or only it was asked.
+    async fn gather<T, F, Fut>(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        instance_only: bool,
+        call: F,
+    ) -> Gathered<T>
+    where
+        F: Fn(PeerClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let now = std::time::Instant::now();
+        match &self.peers {
+            Some(peers) if !instance_only => {
+                let deadline = agentmesh_runtime::deadline::from_metadata(metadata, now);
+                // Keep a little of the caller's time for merging and answering.
+                let budget = agentmesh_runtime::deadline::budget(deadline, PEER_BUDGET, now)
+                    .saturating_sub(Duration::from_millis(20));
+                peers.gather(budget, call).await
+            }
+            _ => Gathered {
+                answers: Vec::new(),
+                unreachable: Vec::new(),
+            },
+        }
+    }
+
+    /// This instance's subscriptions whose filter equals `subject` (empty = all).
+    fn local_subscriptions(&self, subject: &str) -> Vec<pb::SubscriptionInfo> {
+        let instance = self.bus.config().instance_id.clone();
+        self.bus
+            .list_subscriptions(subject)
+            .into_iter()
+            .map(|s| pb::SubscriptionInfo {
+                subscription_id: s.member.subscription_id,
+                subject: s.subject,
+                queue_group: s.queue_group,
+                instance: instance.clone(),
+                max_in_flight: s.member.max_in_flight,
+                in_flight: u64::from(s.member.in_flight),
+                pending: s.pending,
+                delivered: s.member.delivered,
+                acked: s.member.acked,
+                opened_at: Some(timestamp_from_ms(s.member.opened_at_ms)),
+                stream: s.stream.unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// This instance's stats of subjects and groups matching `filter`, and the durable streams.
+    async fn local_stats(
+        &self,
+        filter: Option<&SubjectFilter>,
+    ) -> Result<pb::GetStatsResponse, Status> {
+        let (subjects, groups) = self.bus.stats(filter);
+        let mut streams = Vec::new();
+        for pattern in &self.bus.config().durable {
+            if filter.is_some_and(|f| !f.overlaps(pattern)) {
+                continue;
+            }
+            let info = self
+                .bus
+                .log()
+                .info(pattern.as_str())
+                .await
+                .map_err(to_status)?;
+            streams.push(pb::StreamStats {
+                stream: pattern.as_str().to_owned(),
+                length: info.length,
+                first_sequence: info.first_sequence.unwrap_or(0),
+                last_sequence: info.last_sequence.unwrap_or(0),
+            });
+        }
+        let instance = self.bus.config().instance_id.clone();
+        Ok(pb::GetStatsResponse {
+            subjects: subjects
+                .into_iter()
+                .map(|s| pb::SubjectStats {
+                    subject: s.subject,
+                    published: s.published,
+                    duplicates: s.duplicates,
+                    publish_rate: s.rate,
+                })
+                .collect(),
+            groups: groups
+                .into_iter()
+                .map(|g| pb::GroupStats {
+                    subject: g.subject,
+                    group: g.group,
+                    members: u32::try_from(g.snapshot.members.len()).unwrap_or(u32::MAX),
+                    pending: g.snapshot.pending as u64,
+                    in_flight: g.snapshot.in_flight as u64,
+                    delivered: g.snapshot.counters.delivered,
+                    acked: g.snapshot.counters.acked,
+                    redelivered: g.snapshot.counters.redelivered,
+                    expired: g.snapshot.counters.expired,
+                    dead_lettered: g.snapshot.counters.dead_lettered,
+                    shed: g.snapshot.counters.shed,
+                    delivery_rate: g.rate,
+                })
+                .collect(),
+            streams,
+            instances: vec![instance.clone()],
+            instance,
+            unreachable: Vec::new(),
+        })
     }
 
     /// The tonic server for this adapter. Messages up to four times the data bound are
@@ -257,29 +375,27 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         &self,
         request: Request<pb::ListSubscriptionsRequest>,
     ) -> Result<Response<pb::ListSubscriptionsResponse>, Status> {
-        let subject = request.into_inner().subject;
-        let instance = self.bus.config().instance_id.clone();
-        let subscriptions = self
-            .bus
-            .list_subscriptions(&subject)
-            .into_iter()
-            .map(|s| pb::SubscriptionInfo {
-                subscription_id: s.member.subscription_id,
-                subject: s.subject,
-                queue_group: s.queue_group,
-                instance: instance.clone(),
-                max_in_flight: s.member.max_in_flight,
-                in_flight: u64::from(s.member.in_flight),
-                pending: s.pending,
-                delivered: s.member.delivered,
-                acked: s.member.acked,
-                opened_at: Some(timestamp_from_ms(s.member.opened_at_ms)),
-                stream: s.stream.unwrap_or_default(),
+        let (metadata, _, r) = request.into_parts();
+        let mut subscriptions = self.local_subscriptions(&r.subject);
+        let asked = pb::ListSubscriptionsRequest {
+            subject: r.subject.clone(),
+            instance_only: true,
+        };
+        let peers = self
+            .gather(&metadata, r.instance_only, |mut client| {
+                let asked = asked.clone();
+                async move { Ok(client.list_subscriptions(asked).await?.into_inner()) }
             })
-            .collect();
+            .await;
+        let mut instances = vec![self.bus.config().instance_id.clone()];
+        for (instance, answer) in peers.answers {
+            subscriptions.extend(answer.subscriptions);
+            instances.push(instance);
+        }
         Ok(Response::new(pb::ListSubscriptionsResponse {
             subscriptions,
-            unreachable: Vec::new(),
+            unreachable: peers.unreachable,
+            instances,
         }))
     }
 
@@ -287,64 +403,32 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         &self,
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
-        let subject = request.into_inner().subject;
-        let filter = if subject.is_empty() {
+        let (metadata, _, r) = request.into_parts();
+        let filter = if r.subject.is_empty() {
             None
         } else {
             Some(
-                SubjectFilter::parse("subject", &subject)
+                SubjectFilter::parse("subject", &r.subject)
                     .map_err(|v| to_status(EventBusError::InvalidArgument(vec![v])))?,
             )
         };
-        let (subjects, groups) = self.bus.stats(filter.as_ref());
-        let mut streams = Vec::new();
-        for pattern in &self.bus.config().durable {
-            if filter.as_ref().is_some_and(|f| !f.overlaps(pattern)) {
-                continue;
-            }
-            let info = self
-                .bus
-                .log()
-                .info(pattern.as_str())
-                .await
-                .map_err(to_status)?;
-            streams.push(pb::StreamStats {
-                stream: pattern.as_str().to_owned(),
-                length: info.length,
-                first_sequence: info.first_sequence.unwrap_or(0),
-                last_sequence: info.last_sequence.unwrap_or(0),
-            });
+        let asked = pb::GetStatsRequest {
+            subject: r.subject.clone(),
+            instance_only: true,
+        };
+        let (local, peers) = futures::join!(
+            self.local_stats(filter.as_ref()),
+            self.gather(&metadata, r.instance_only, |mut client| {
+                let asked = asked.clone();
+                async move { Ok(client.get_stats(asked).await?.into_inner()) }
+            })
+        );
+        let mut stats = local?;
+        for (_, answer) in peers.answers {
+            merge_stats(&mut stats, answer);
         }
-        Ok(Response::new(pb::GetStatsResponse {
-            subjects: subjects
-                .into_iter()
-                .map(|s| pb::SubjectStats {
-                    subject: s.subject,
-                    published: s.published,
-                    duplicates: s.duplicates,
-                    publish_rate: s.rate,
-                })
-                .collect(),
-            groups: groups
-                .into_iter()
-                .map(|g| pb::GroupStats {
-                    subject: g.subject,
-                    group: g.group,
-                    members: u32::try_from(g.snapshot.members.len()).unwrap_or(u32::MAX),
-                    pending: g.snapshot.pending as u64,
-                    in_flight: g.snapshot.in_flight as u64,
-                    delivered: g.snapshot.counters.delivered,
-                    acked: g.snapshot.counters.acked,
-                    redelivered: g.snapshot.counters.redelivered,
-                    expired: g.snapshot.counters.expired,
-                    dead_lettered: g.snapshot.counters.dead_lettered,
-                    shed: g.snapshot.counters.shed,
-                    delivery_rate: g.rate,
-                })
-                .collect(),
-            streams,
-            instance: self.bus.config().instance_id.clone(),
-        }))
+        stats.unreachable = peers.unreachable;
+        Ok(Response::new(stats))
     }
 
     async fn list_dead_letters(
@@ -970,4 +1054,157 @@ fn page(limit: u32, field: &str) -> Result<usize, Status> {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Adds another instance's stats to `into`: subjects by subject, groups by filter and group
+/// (every figure is a sum: each instance counts only what it handled); durable streams are
+/// shared, so one copy of each is kept.
+fn merge_stats(into: &mut pb::GetStatsResponse, other: pb::GetStatsResponse) {
+    let mut subjects: BTreeMap<String, pb::SubjectStats> = std::mem::take(&mut into.subjects)
+        .into_iter()
+        .map(|s| (s.subject.clone(), s))
+        .collect();
+    for s in other.subjects {
+        let sum = subjects
+            .entry(s.subject.clone())
+            .or_insert_with(|| pb::SubjectStats {
+                subject: s.subject.clone(),
+                ..Default::default()
+            });
+        sum.published += s.published;
+        sum.duplicates += s.duplicates;
+        sum.publish_rate += s.publish_rate;
+    }
+    into.subjects = subjects.into_values().collect();
+    let mut groups: BTreeMap<(String, String), pb::GroupStats> = std::mem::take(&mut into.groups)
+        .into_iter()
+        .map(|g| ((g.subject.clone(), g.group.clone()), g))
+        .collect();
+    for g in other.groups {
+        let sum = groups
+            .entry((g.subject.clone(), g.group.clone()))
+            .or_insert_with(|| pb::GroupStats {
+                subject: g.subject.clone(),
+                group: g.group.clone(),
+                ..Default::default()
+            });
+        sum.members = sum.members.saturating_add(g.members);
+        sum.pending += g.pending;
+        sum.in_flight += g.in_flight;
+        sum.delivered += g.delivered;
+        sum.acked += g.acked;
+        sum.redelivered += g.redelivered;
+        sum.expired += g.expired;
+        sum.dead_lettered += g.dead_lettered;
+        sum.shed += g.shed;
+        sum.delivery_rate += g.delivery_rate;
+    }
+    into.groups = groups.into_values().collect();
+    for stream in other.streams {
+        if !into.streams.iter().any(|s| s.stream == stream.stream) {
+            into.streams.push(stream);
+        }
+    }
+    into.streams.sort_by(|a, b| a.stream.cmp(&b.stream));
+    into.instances.extend(other.instances);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(subject: &str, group: &str, members: u32, delivered: u64) -> pb::GroupStats {
+        pb::GroupStats {
+            subject: subject.into(),
+            group: group.into(),
+            members,
+            pending: 1,
+            in_flight: 2,
+            delivered,
+            delivery_rate: 1.5,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn test_merged_stats_add_up_subjects_and_groups_and_keep_one_copy_of_a_stream() {
+        let stream = |length| pb::StreamStats {
+            stream: "jobs.>".into(),
+            length,
+            first_sequence: 1,
+            last_sequence: length,
+        };
+        let mut a = pb::GetStatsResponse {
+            subjects: vec![pb::SubjectStats {
+                subject: "chat.msg".into(),
+                published: 10,
+                duplicates: 1,
+                publish_rate: 2.0,
+            }],
+            groups: vec![group("chat.*", "workers", 1, 7), group("a.b", "s-1", 1, 3)],
+            streams: vec![stream(40)],
+            instance: "eventbus-a".into(),
+            instances: vec!["eventbus-a".into()],
+            unreachable: Vec::new(),
+        };
+        let b = pb::GetStatsResponse {
+            subjects: vec![
+                pb::SubjectStats {
+                    subject: "chat.msg".into(),
+                    published: 5,
+                    duplicates: 0,
+                    publish_rate: 1.0,
+                },
+                pb::SubjectStats {
+                    subject: "audit".into(),
+                    published: 1,
+                    ..Default::default()
+                },
+            ],
+            groups: vec![group("chat.*", "workers", 2, 5)],
+            streams: vec![
+                stream(41),
+                pb::StreamStats {
+                    stream: "audit".into(),
+                    ..Default::default()
+                },
+            ],
+            instance: "eventbus-b".into(),
+            instances: vec!["eventbus-b".into()],
+            unreachable: Vec::new(),
+        };
+        merge_stats(&mut a, b);
+        let subjects: Vec<(&str, u64, u64)> = a
+            .subjects
+            .iter()
+            .map(|s| (s.subject.as_str(), s.published, s.duplicates))
+            .collect();
+        assert_eq!(subjects, [("audit", 1, 0), ("chat.msg", 15, 1)]);
+        assert!((a.subjects[1].publish_rate - 3.0).abs() < 1e-9);
+        let workers = a.groups.iter().find(|g| g.group == "workers").unwrap();
+        assert_eq!(
+            (
+                workers.members,
+                workers.pending,
+                workers.in_flight,
+                workers.delivered
+            ),
+            (3, 2, 4, 12),
+            "one row for a queue group spread over two instances"
+        );
+        assert!((workers.delivery_rate - 3.0).abs() < 1e-9);
+        assert_eq!(a.groups.len(), 2);
+        let streams: Vec<(&str, u64)> = a
+            .streams
+            .iter()
+            .map(|s| (s.stream.as_str(), s.length))
+            .collect();
+        assert_eq!(
+            streams,
+            [("audit", 0), ("jobs.>", 40)],
+            "shared streams once"
+        );
+        assert_eq!(a.instances, ["eventbus-a", "eventbus-b"]);
+        assert_eq!(a.instance, "eventbus-a");
+    }
 }

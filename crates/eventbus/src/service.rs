@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use agentmesh_membership::Membership;
 use agentmesh_proto::eventbus::v1::event_bus_server::SERVICE_NAME;
 use agentmesh_runtime::Metrics;
 use agentmesh_runtime::config::{parse_duration, parse_socket_addr};
@@ -18,6 +19,7 @@ use crate::bus::{Bus, BusConfig};
 use crate::error::EventBusError;
 use crate::grpc::EventBusGrpc;
 use crate::log::{EventLog, InMemoryLog, TrimPolicy};
+use crate::peers::Peers;
 use crate::priority::FairnessConfig;
 use crate::redis_backplane::RedisBackplane;
 use crate::redis_log::RedisLog;
@@ -129,6 +131,9 @@ pub struct EventBusDeps {
     pub metrics: Metrics,
     /// Redis URL for durable streams, when configured.
     pub redis_url: Option<String>,
+    /// Cluster membership (etcd or in-memory): the other instances answer cluster-wide
+    /// listings.
+    pub membership: Arc<dyn Membership>,
 }
 
 impl EventBusArgs {
@@ -203,7 +208,15 @@ impl EventBusArgs {
         spawn_metrics(&deps.metrics, &bus).map_err(|e| {
             EventBusError::Unavailable(format!("registering event bus metrics: {e}"))
         })?;
-        let server = EventBusGrpc::new(bus).into_server();
+        let peers = Peers::new(
+            &instance_id,
+            NAME,
+            deps.membership.clone(),
+            deps.metrics.clone(),
+        );
+        let server = EventBusGrpc::new(bus)
+            .with_peers(Arc::new(peers))
+            .into_server();
         Ok(ServiceSpec {
             name: NAME,
             instance_id,

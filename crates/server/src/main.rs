@@ -212,6 +212,7 @@ async fn serve(
     let eventbus_deps = EventBusDeps {
         metrics: metrics.clone(),
         redis_url: cluster.redis_url().map(str::to_owned),
+        membership: membership.clone(),
     };
     let mut specs: Vec<ServiceSpec> = Vec::new();
     for service in dedup(services) {

@@ -18,6 +18,9 @@ pub(crate) struct StatsArgs {
     bus: BusAddr,
     /// Only subjects and groups matching this filter.
     filter: Option<String>,
+    /// Only the instance called (by default it adds up every live instance's figures).
+    #[arg(long)]
+    instance_only: bool,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -26,6 +29,7 @@ pub(crate) struct StatsArgs {
 pub(super) async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
     let request = pb::GetStatsRequest {
         subject: args.filter.clone().unwrap_or_default(),
+        instance_only: args.instance_only,
     };
     let stats = args
         .bus
@@ -39,7 +43,7 @@ pub(super) async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
         println!("{}", stats_json(&stats));
         return Ok(ExitCode::SUCCESS);
     }
-    println!("instance {}\n", stats.instance);
+    println!("instances {}\n", stats.instances.join(", "));
     let subjects: Vec<Vec<String>> = stats
         .subjects
         .iter()
@@ -107,6 +111,7 @@ pub(super) async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
             .collect();
         print_table(&["STREAM", "LENGTH", "FIRST_SEQ", "LAST_SEQ"], &streams);
     }
+    warn_partial(&stats.unreachable);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -138,7 +143,8 @@ fn stats_json(stats: &pb::GetStatsResponse) -> serde_json::Value {
                 "first_sequence": s.first_sequence, "last_sequence": s.last_sequence})
         })
         .collect();
-    serde_json::json!({"instance": stats.instance, "subjects": subjects, "groups": groups,
+    serde_json::json!({"instance": stats.instance, "instances": stats.instances,
+        "unreachable": stats.unreachable, "subjects": subjects, "groups": groups,
         "streams": streams})
 }
 
@@ -148,6 +154,9 @@ pub(crate) struct SubscriptionsArgs {
     bus: BusAddr,
     /// Only subscriptions whose filter is exactly this.
     filter: Option<String>,
+    /// Only the instance called (by default it lists every live instance's subscriptions).
+    #[arg(long)]
+    instance_only: bool,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -156,6 +165,7 @@ pub(crate) struct SubscriptionsArgs {
 pub(super) async fn subscriptions(args: SubscriptionsArgs) -> anyhow::Result<ExitCode> {
     let request = pb::ListSubscriptionsRequest {
         subject: args.filter.clone().unwrap_or_default(),
+        instance_only: args.instance_only,
     };
     let response = args
         .bus
@@ -180,7 +190,7 @@ pub(super) async fn subscriptions(args: SubscriptionsArgs) -> anyhow::Result<Exi
         println!(
             "{}",
             serde_json::json!({"subscriptions": subscriptions,
-                "unreachable": response.unreachable})
+                "instances": response.instances, "unreachable": response.unreachable})
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -220,13 +230,15 @@ pub(super) async fn subscriptions(args: SubscriptionsArgs) -> anyhow::Result<Exi
     if response.subscriptions.is_empty() {
         println!("(no subscriptions)");
     }
-    if !response.unreachable.is_empty() {
-        eprintln!(
-            "partial: no answer from {}",
-            response.unreachable.join(", ")
-        );
-    }
+    warn_partial(&response.unreachable);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says on stderr which instances' figures are missing.
+fn warn_partial(unreachable: &[String]) {
+    if !unreachable.is_empty() {
+        eprintln!("partial: no answer from {}", unreachable.join(", "));
+    }
 }
 
 fn dash(s: &str) -> String {

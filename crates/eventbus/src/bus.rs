@@ -30,7 +30,7 @@ use parking_lot::{Mutex, RwLock};
 use prometheus::{Histogram, HistogramOpts, HistogramVec};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::cluster::{Backplane, ClusterView, Forward, Inbound, Interest, pick_weighted};
+use crate::cluster::{Backplane, ClusterView, Forward, Handed, Inbound, Interest, pick_weighted};
 use crate::consumer::{
     AckPolicy, AdvisoryKind, AdvisoryOut, Consumer, ConsumerOptions, DeadReason, Effects,
     GroupSettings, GroupSnapshot, MemberInfo, Outbound, Pending,
@@ -160,6 +160,8 @@ pub struct BusCounters {
     pub forwarded_in: AtomicU64,
     /// Forwards the backplane could not take (dropped: ephemeral delivery is at most once).
     pub forward_dropped: AtomicU64,
+    /// Of those, by priority (index 0 = LOW): a full backplane link sheds the lowest first.
+    pub forward_shed: [AtomicU64; 4],
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -231,6 +233,8 @@ struct Inner {
     group_rates: Mutex<HashMap<u64, (u64, f64)>>,
     counters: BusCounters,
     last_shed_advisory: Mutex<HashMap<u64, u64>>,
+    /// When the last backplane shed advisory went out, and the shed counts it reported.
+    backplane_advisory: Mutex<(u64, [u64; 4])>,
     cluster: Option<ClusterState>,
     queue_wait_vec: HistogramVec,
     queue_wait: Arc<[Histogram; 4]>,
@@ -325,6 +329,7 @@ impl Bus {
             group_rates: Mutex::new(HashMap::new()),
             counters: BusCounters::default(),
             last_shed_advisory: Mutex::new(HashMap::new()),
+            backplane_advisory: Mutex::new((0, [0; 4])),
             cluster,
         });
         tokio::spawn(housekeeping(Arc::downgrade(&inner)));
@@ -641,14 +646,48 @@ impl Bus {
                 plain,
                 groups,
             };
-            if cluster.backplane.send(&to, forward) {
+            let shed = match cluster.backplane.send(&to, forward) {
+                Handed::Queued => None,
+                Handed::QueuedShedding(lower) => Some(lower),
+                Handed::Dropped => Some(event.priority),
+            };
+            if shed != Some(event.priority) {
                 counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
                 sent += 1;
-            } else {
+            }
+            if let Some(priority) = shed {
                 counters.forward_dropped.fetch_add(1, Ordering::Relaxed);
+                counters.forward_shed[priority.index()].fetch_add(1, Ordering::Relaxed);
+                self.backplane_shed_advisory(&to);
             }
         }
         sent
+    }
+
+    /// Tells `sys.advisory.eventbus.shed` (at most once a second) that forwards to `to` were
+    /// shed because the backplane link was full: how many of each priority since the last
+    /// such advisory.
+    fn backplane_shed_advisory(&self, to: &str) {
+        let now = now_ms();
+        let shed = {
+            let mut last = self.inner.backplane_advisory.lock();
+            if now.saturating_sub(last.0) < 1000 {
+                return;
+            }
+            last.0 = now;
+            let mut since = [0u64; 4];
+            for (i, reported) in last.1.iter_mut().enumerate() {
+                let total = self.inner.counters.forward_shed[i].load(Ordering::Relaxed);
+                since[i] = total - *reported;
+                *reported = total;
+            }
+            since
+        };
+        let data = format!(
+            "{{\"backplane\":{to:?},\"shed\":{{\"low\":{},\"normal\":{},\"high\":{},\"critical\":{}}}}}",
+            shed[0], shed[1], shed[2], shed[3]
+        );
+        self.route(&Arc::new(self.advisory(now, data)), now);
     }
 
     /// Delivers an event another instance routed here, to the subscriptions it was meant for.
@@ -860,7 +899,15 @@ impl Bus {
             shed[2],
             shed[3]
         );
-        let advisory = Event {
+        // Never offered back to the group that shed (it would only shed more).
+        if !group.options.filter.matches(SHED_ADVISORY_SUBJECT) {
+            self.route(&Arc::new(self.advisory(now, data)), now);
+        }
+    }
+
+    /// A shed advisory carrying `data` (JSON).
+    fn advisory(&self, now: u64, data: String) -> Event {
+        Event {
             id: new_ulid(now),
             subject: SHED_ADVISORY_SUBJECT.to_owned(),
             r#type: "agentmesh.eventbus.advisory.shed".to_owned(),
@@ -869,10 +916,6 @@ impl Bus {
             content_type: "application/json".to_owned(),
             data: data.into(),
             ..Event::default()
-        };
-        // Never offered back to the group that shed (it would only shed more).
-        if !group.options.filter.matches(SHED_ADVISORY_SUBJECT) {
-            self.route(&Arc::new(advisory), now);
         }
     }
 

@@ -15,16 +15,17 @@
 //! - the receiving instance offers the event to exactly the subscriptions it was chosen for.
 //!
 //! Delivery across instances is at most once, like ephemeral delivery itself: a forward that
-//! cannot be handed over (the backplane link is full or down) is dropped and counted. The
+//! cannot be handed over (the backplane link is down, or full — then lower priorities go
+//! first, see [`ShedQueue`]) is dropped, counted and announced in a shed advisory. The
 //! adverts are refreshed periodically and expire, so a dead instance's interests vanish.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use crate::event::Event;
+use crate::event::{Event, Priority};
 use crate::index::SubjectIndex;
 use crate::subject::SubjectFilter;
 
@@ -66,13 +67,85 @@ pub enum Inbound {
     Forward(Box<Forward>),
 }
 
+/// What became of a forward handed to a backplane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handed {
+    /// Queued for the other instance.
+    Queued,
+    /// Queued; to make room the oldest queued forward of this lower priority was dropped.
+    QueuedShedding(Priority),
+    /// Dropped: the link is down, or full of forwards of the same or higher priority.
+    Dropped,
+}
+
 /// How instances reach each other.
 pub trait Backplane: Send + Sync + 'static {
     /// Replaces this instance's advertised interests.
     fn advertise(&self, interests: Vec<Interest>);
-    /// Hands `forward` to instance `to`, best effort; returns false when it was dropped (the
-    /// link is full or down).
-    fn send(&self, to: &str, forward: Forward) -> bool;
+    /// Hands `forward` to instance `to`, best effort (ephemeral delivery is at most once):
+    /// when the link is full, lower priorities are dropped first.
+    fn send(&self, to: &str, forward: Forward) -> Handed;
+}
+
+/// A bounded FIFO that sheds by priority: when full, a newcomer pushes out the oldest queued
+/// entry of the lowest priority below its own, or is refused when there is none. Entries leave
+/// in the order they came, whatever their priority.
+#[derive(Debug)]
+pub struct ShedQueue<T> {
+    /// Per priority (lowest first): (arrival number, entry).
+    classes: [VecDeque<(u64, T)>; 4],
+    arrivals: u64,
+    len: usize,
+    capacity: usize,
+}
+
+impl<T> ShedQueue<T> {
+    /// An empty queue holding at most `capacity` (at least 1) entries.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            classes: Default::default(),
+            arrivals: 0,
+            len: 0,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Queues `entry` of `priority`, shedding a lower priority when full.
+    pub fn push(&mut self, priority: Priority, entry: T) -> Handed {
+        let mut handed = Handed::Queued;
+        if self.len >= self.capacity {
+            let Some(lower) = (0..priority.index()).find(|&c| !self.classes[c].is_empty()) else {
+                return Handed::Dropped;
+            };
+            self.classes[lower].pop_front();
+            self.len -= 1;
+            handed = Handed::QueuedShedding(Priority::ALL[lower]);
+        }
+        self.arrivals += 1;
+        self.classes[priority.index()].push_back((self.arrivals, entry));
+        self.len += 1;
+        handed
+    }
+
+    /// The oldest entry.
+    pub fn pop(&mut self) -> Option<T> {
+        let class = (0..4)
+            .filter_map(|c| self.classes[c].front().map(|(at, _)| (*at, c)))
+            .min()?
+            .1;
+        self.len -= 1;
+        self.classes[class].pop_front().map(|(_, entry)| entry)
+    }
+
+    /// Entries queued.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// The other instances' interests, indexed by subject.
@@ -242,9 +315,12 @@ impl Backplane for HubPlane {
         }
     }
 
-    fn send(&self, to: &str, forward: Forward) -> bool {
+    fn send(&self, to: &str, forward: Forward) -> Handed {
         let tx = self.hub.members.lock().get(to).map(|m| m.tx.clone());
-        tx.is_some_and(|tx| tx.try_send(Inbound::Forward(Box::new(forward))).is_ok())
+        match tx.map(|tx| tx.try_send(Inbound::Forward(Box::new(forward)))) {
+            Some(Ok(())) => Handed::Queued,
+            _ => Handed::Dropped,
+        }
     }
 }
 
@@ -291,6 +367,42 @@ mod tests {
         assert!(view.has_match("audit.x.y"));
         assert!(!view.has_match("billing.x"));
         assert_eq!(view.instances().collect::<Vec<_>>(), vec!["b", "c"]);
+    }
+
+    #[test]
+    fn test_a_full_shed_queue_drops_the_oldest_lowest_priority_and_keeps_arrival_order() {
+        let mut q = ShedQueue::new(3);
+        assert_eq!(q.push(Priority::Normal, "n1"), Handed::Queued);
+        assert_eq!(q.push(Priority::Low, "l1"), Handed::Queued);
+        assert_eq!(q.push(Priority::Low, "l2"), Handed::Queued);
+        // Full: a HIGH pushes out the oldest LOW, then the next LOW, then the NORMAL.
+        assert_eq!(
+            q.push(Priority::High, "h1"),
+            Handed::QueuedShedding(Priority::Low)
+        );
+        assert_eq!(
+            q.push(Priority::High, "h2"),
+            Handed::QueuedShedding(Priority::Low)
+        );
+        assert_eq!(
+            q.push(Priority::Low, "l3"),
+            Handed::Dropped,
+            "nothing lower"
+        );
+        assert_eq!(
+            q.push(Priority::High, "h3"),
+            Handed::QueuedShedding(Priority::Normal)
+        );
+        assert_eq!(q.push(Priority::High, "h4"), Handed::Dropped, "all equal");
+        assert_eq!(
+            q.push(Priority::Critical, "c1"),
+            Handed::QueuedShedding(Priority::High)
+        );
+        assert_eq!(q.len(), 3);
+        let out: Vec<_> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(out, ["h2", "h3", "c1"], "arrival order across priorities");
+        assert!(q.is_empty());
+        assert_eq!(q.push(Priority::Low, "l4"), Handed::Queued);
     }
 
     #[test]

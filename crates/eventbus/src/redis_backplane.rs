@@ -9,30 +9,34 @@
 //!   removes the advert at once (best effort: a process that exits first leaves it to expire).
 //! - **Forwards**: an event for instance X is `PUBLISH`ed (a `ClusterForward`) on
 //!   `<prefix>:bus:to:X`, which only X subscribes to. Publishes are pipelined by one writer
-//!   task; its queue is bounded and a forward that does not fit is dropped and counted.
+//!   task in the order they were handed over; its queue is bounded ([`OUTBOX`]) and sheds by
+//!   priority: when full, a forward pushes out the oldest queued one of a lower priority, or is
+//!   dropped when there is none (the bus counts both and publishes a shed advisory).
 //! - Each instance re-reads every advert when it (re)subscribes and every [`REFRESH`], so a
 //!   missed announcement (a dropped pub/sub connection) heals by itself.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use agentmesh_proto::eventbus::v1 as pb;
 use futures::StreamExt;
+use parking_lot::Mutex;
 use prost::Message;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
-use crate::cluster::{Backplane, Forward, INBOUND_QUEUE, Inbound, Interest};
+use crate::cluster::{Backplane, Forward, Handed, INBOUND_QUEUE, Inbound, Interest, ShedQueue};
 use crate::grpc::{decode_publish, encode_event};
 
 /// How often an instance rewrites its advert and re-reads the others'.
 pub const REFRESH: Duration = Duration::from_secs(1);
 /// An advert not rewritten for this long is gone.
 pub const ADVERT_TTL: Duration = Duration::from_secs(3);
-/// Forwards queued for the writer before new ones are dropped.
-const OUTBOX: usize = 65_536;
+/// Forwards queued for the writer before lower priorities are shed.
+pub const OUTBOX: usize = 65_536;
 /// Most publishes in one pipeline.
 const PIPELINE: usize = 512;
 
@@ -41,7 +45,21 @@ pub struct RedisBackplane {
     instance: String,
     prefix: String,
     adverts: watch::Sender<Vec<Interest>>,
-    outbox: mpsc::Sender<(String, Vec<u8>)>,
+    outbox: Arc<Outbox>,
+}
+
+/// Forwards waiting for the writer: (channel, encoded forward).
+struct Outbox {
+    queue: Mutex<ShedQueue<(String, Vec<u8>)>>,
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl Drop for RedisBackplane {
+    fn drop(&mut self) {
+        self.outbox.closed.store(true, Ordering::Release);
+        self.outbox.ready.notify_one();
+    }
 }
 
 impl std::fmt::Debug for RedisBackplane {
@@ -63,10 +81,14 @@ impl RedisBackplane {
         instance: &str,
     ) -> (Arc<Self>, mpsc::Receiver<Inbound>) {
         let (adverts, adverts_rx) = watch::channel(Vec::new());
-        let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
+        let outbox = Arc::new(Outbox {
+            queue: Mutex::new(ShedQueue::new(OUTBOX)),
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let keys = Keys::new(prefix, instance);
-        tokio::spawn(write_forwards(conn.clone(), outbox_rx));
+        tokio::spawn(write_forwards(conn.clone(), outbox.clone()));
         tokio::spawn(advertise(conn.clone(), keys.clone(), adverts_rx));
         tokio::spawn(listen(client, conn, keys, inbound_tx));
         let plane = Arc::new(Self {
@@ -84,7 +106,8 @@ impl Backplane for RedisBackplane {
         self.adverts.send_replace(interests);
     }
 
-    fn send(&self, to: &str, forward: Forward) -> bool {
+    fn send(&self, to: &str, forward: Forward) -> Handed {
+        let priority = forward.event.priority;
         let message = pb::ClusterForward {
             from: forward.from,
             event: Some(encode_event(&forward.event)),
@@ -92,9 +115,15 @@ impl Backplane for RedisBackplane {
             groups: forward.groups,
         };
         let channel = format!("{}:bus:to:{to}", self.prefix);
-        self.outbox
-            .try_send((channel, message.encode_to_vec()))
-            .is_ok()
+        let handed = self
+            .outbox
+            .queue
+            .lock()
+            .push(priority, (channel, message.encode_to_vec()));
+        if handed != Handed::Dropped {
+            self.outbox.ready.notify_one();
+        }
+        handed
     }
 }
 
@@ -117,13 +146,24 @@ impl Keys {
     }
 }
 
-/// Publishes queued forwards, pipelined.
-async fn write_forwards(
-    mut conn: ConnectionManager,
-    mut outbox: mpsc::Receiver<(String, Vec<u8>)>,
-) {
+/// Publishes queued forwards, pipelined, until the backplane is dropped.
+async fn write_forwards(mut conn: ConnectionManager, outbox: Arc<Outbox>) {
     let mut batch = Vec::with_capacity(PIPELINE);
-    while outbox.recv_many(&mut batch, PIPELINE).await > 0 {
+    loop {
+        {
+            let mut queue = outbox.queue.lock();
+            while batch.len() < PIPELINE {
+                let Some(entry) = queue.pop() else { break };
+                batch.push(entry);
+            }
+        }
+        if batch.is_empty() {
+            if outbox.closed.load(Ordering::Acquire) {
+                return;
+            }
+            outbox.ready.notified().await;
+            continue;
+        }
         let mut pipe = redis::pipe();
         for (channel, payload) in batch.drain(..) {
             pipe.publish(channel, payload).ignore();

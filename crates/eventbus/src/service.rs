@@ -278,8 +278,16 @@ fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> 
         ),
         &["direction"],
     )?;
+    let forward_shed = IntCounterVec::new(
+        Opts::new(
+            "eventbus_cluster_forwards_shed_total",
+            "Forwards dropped because the backplane link was full, by priority (lowest first).",
+        ),
+        &["priority"],
+    )?;
     let subscriptions = IntGauge::new("eventbus_subscriptions", "Open subscriptions.")?;
     registry.register(Box::new(forwarded.clone()))?;
+    registry.register(Box::new(forward_shed.clone()))?;
     registry.register(Box::new(published.clone()))?;
     registry.register(Box::new(shed.clone()))?;
     for c in [
@@ -321,6 +329,10 @@ fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> 
                 sync(
                     &shed.with_label_values(&[p.as_str()]),
                     c.shed[p.index()].load(Ordering::Relaxed),
+                );
+                sync(
+                    &forward_shed.with_label_values(&[p.as_str()]),
+                    c.forward_shed[p.index()].load(Ordering::Relaxed),
                 );
             }
             sync(&duplicates, c.duplicates.load(Ordering::Relaxed));

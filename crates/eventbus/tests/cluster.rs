@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentmesh_eventbus::cluster::InMemoryHub;
+use agentmesh_eventbus::cluster::{Backplane, Forward, Handed, InMemoryHub, Inbound, Interest};
 use agentmesh_eventbus::log::{InMemoryLog, StartPosition};
 use agentmesh_eventbus::subject::SubjectFilter;
 use agentmesh_eventbus::{
@@ -233,4 +233,65 @@ async fn test_closing_the_last_remote_subscription_stops_forwarding() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+}
+
+/// A backplane whose link to every other instance is full: it takes a forward by shedding an
+/// older LOW one, and drops a LOW forward itself.
+struct FullLink;
+
+impl Backplane for FullLink {
+    fn advertise(&self, _: Vec<Interest>) {}
+
+    fn send(&self, _: &str, forward: Forward) -> Handed {
+        if forward.event.priority == Priority::Low {
+            Handed::Dropped
+        } else {
+            Handed::QueuedShedding(Priority::Low)
+        }
+    }
+}
+
+#[tokio::test]
+async fn test_a_full_backplane_link_sheds_low_first_counts_it_and_advises() {
+    let (tx, inbound) = tokio::sync::mpsc::channel(16);
+    let a = Bus::with_cluster(
+        BusConfig::new("a"),
+        Arc::new(InMemoryLog::new(1000)),
+        Arc::new(FullLink),
+        inbound,
+    );
+    tx.send(Inbound::Interests {
+        instance: "b".into(),
+        interests: vec![Interest {
+            filter: "jobs.>".into(),
+            group: None,
+            members: 1,
+        }],
+    })
+    .await
+    .unwrap();
+    let mut advisories = subscribe(&a, "sys.advisory.eventbus.shed", None).await;
+    settle().await;
+    let mut low = event("jobs.x", "l1");
+    low.priority = Priority::Low;
+    a.publish(low).await.unwrap();
+    let mut high = event("jobs.x", "h1");
+    high.priority = Priority::High;
+    a.publish(high).await.unwrap();
+    let c = a.counters();
+    let shed: Vec<u64> = c
+        .forward_shed
+        .iter()
+        .map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+        .collect();
+    assert_eq!(shed, [2, 0, 0, 0], "only LOW forwards were dropped");
+    assert_eq!(
+        c.forwarded_out.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let got = drain(&mut advisories, Duration::from_millis(200)).await;
+    assert_eq!(got.len(), 1, "one advisory a second at most");
+    let data = String::from_utf8_lossy(&got[0].data).into_owned();
+    assert!(data.contains("\"backplane\":\"b\""), "{data}");
+    assert!(data.contains("\"low\":1"), "{data}");
 }

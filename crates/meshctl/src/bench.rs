@@ -544,7 +544,10 @@ where
     let done = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     let slots = load.concurrency.max(1);
-    let pacer = (load.rate > 0.0).then(|| Pacer::spawn(load.rate, stopping.clone()));
+    let pacer = (load.rate > 0.0).then(|| {
+        let stopping = stopping.clone();
+        Pacer::spawn(load.rate, move || stopping.load(Ordering::Relaxed))
+    });
     for worker in 0..slots {
         let call = call.clone();
         let (measuring, stopping, done) = (measuring.clone(), stopping.clone(), done.clone());
@@ -641,18 +644,24 @@ where
 /// whichever slot is free: tokio's timer ticks in milliseconds, so slots sleeping until their
 /// own send times woke together once per millisecond and sent their calls as one burst (at
 /// 25k/s, 25 calls at once, the last of them queueing behind the others on every hop).
-struct Pacer;
+/// The event bench's publishers are paced the same way.
+pub(crate) struct Pacer;
 
 impl Pacer {
     const TICK: Duration = Duration::from_micros(100);
 
-    fn spawn(rate: f64, stopping: Arc<AtomicBool>) -> Arc<Semaphore> {
+    /// Starts releasing permits at `rate` per second until `stopped` says so (the semaphore
+    /// is then closed).
+    pub(crate) fn spawn(
+        rate: f64,
+        stopped: impl Fn() -> bool + Send + 'static,
+    ) -> Arc<Semaphore> {
         let permits = Arc::new(Semaphore::new(0));
         let released = permits.clone();
         let pace = move || {
             let start = Instant::now();
             let mut sent = 0u64;
-            while !stopping.load(Ordering::Relaxed) {
+            while !stopped() {
                 std::thread::sleep(Self::TICK);
                 #[allow(
                     clippy::cast_possible_truncation,

@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use agentmesh_runtime::config::parse_duration;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::micros;
+use super::{Pacer, micros};
 use crate::Output;
 
 /// Bytes of the stamp at the head of every event: send time (8) and priority (1).
@@ -267,23 +268,21 @@ pub(super) trait Sink: Send + 'static {
     fn close(self) -> impl Future<Output = ()> + Send;
 }
 
+/// Publishes until stopped: as fast as the window allows, or one event per permit of `pacer`
+/// (released evenly by [`Pacer`], so a paced load does not come in millisecond bursts).
 async fn publish_loop<S: Sink>(
     shared: Arc<Shared>,
     plan: Arc<Plan>,
     mut sink: S,
     (index, publishers): (usize, usize),
-    rate: f64,
+    pacer: Option<Arc<Semaphore>>,
 ) {
-    #[allow(clippy::cast_precision_loss)]
-    let per_sec = rate / publishers as f64;
-    let start = Instant::now();
     let mut n = 0u64;
     while !shared.stopping.load(Ordering::Relaxed) {
-        if per_sec > 0.0 {
-            #[allow(clippy::cast_precision_loss)]
-            let due = start + Duration::from_secs_f64(n as f64 / per_sec);
-            if due > Instant::now() {
-                tokio::time::sleep_until(due.into()).await;
+        if let Some(pacer) = &pacer {
+            match pacer.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => break,
             }
         }
         if !sink.ready().await {
@@ -318,6 +317,10 @@ pub(super) async fn drive<S: Sink>(
 ) -> Report {
     let plan = Arc::new(plan);
     let publishers = sinks.len();
+    let pacer = (args.rate > 0.0).then(|| {
+        let shared = shared.clone();
+        Pacer::spawn(args.rate, move || shared.stopping.load(Ordering::Relaxed))
+    });
     let workers: Vec<_> = sinks
         .into_iter()
         .enumerate()
@@ -327,7 +330,7 @@ pub(super) async fn drive<S: Sink>(
                 plan.clone(),
                 sink,
                 (i, publishers),
-                args.rate,
+                pacer.clone(),
             ))
         })
         .collect();

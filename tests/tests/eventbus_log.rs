@@ -1,14 +1,17 @@
 //! The durable event log: one conformance suite run against the in-memory log and the Redis
 //! Streams log on a real Redis, then what only Redis has: events surviving a new log instance,
 //! blocking reads that do not stall other commands, Redis going away, the sequence encoding and
-//! the stored layout.
+//! the stored layout; and the Redis backplane between instances shedding by priority when a bus
+//! falls behind.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use agentmesh_eventbus::cluster::{Backplane, Forward, Handed, INBOUND_QUEUE, Inbound};
 use agentmesh_eventbus::log::{
     AppendOutcome, EventLog, InMemoryLog, StartPosition, StoredEvent, TrimPolicy, stored_at_ms,
 };
+use agentmesh_eventbus::redis_backplane::RedisBackplane;
 use agentmesh_eventbus::redis_log::{RedisLog, sequence_of_stream_id, stream_id_of};
 use agentmesh_eventbus::{Event, EventBusError, Priority};
 use agentmesh_tests::{RedisServer, wait_until};
@@ -914,4 +917,79 @@ async fn test_redis_max_len_keeps_streams_near_their_bound() {
     }
     let length = log.info("s").await.unwrap().length;
     assert!((10..=200).contains(&length), "length {length}");
+}
+
+fn forward(id: &str, priority: Priority) -> Forward {
+    Forward {
+        from: "a".to_owned(),
+        event: Event {
+            priority,
+            ..event(id)
+        },
+        plain: true,
+        groups: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn test_redis_backplane_sheds_low_first_when_a_bus_falls_behind_and_loses_nothing_else() {
+    let redis = RedisServer::start().await.unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let (a, _a_inbound) = RedisBackplane::start(client.clone(), manager(&redis).await, PREFIX, "a");
+    let (b, mut b_inbound) = RedisBackplane::start(client, manager(&redis).await, PREFIX, "b");
+    // B is listening once a probe gets through.
+    let mut probes = 0;
+    loop {
+        probes += 1;
+        assert_eq!(a.send("b", forward("probe", Priority::Low)), Handed::Queued);
+        match tokio::time::timeout(Duration::from_millis(100), b_inbound.recv()).await {
+            Ok(Some(Inbound::Forward(_))) => break,
+            _ => assert!(probes < 50, "B never heard A"),
+        }
+    }
+    while b_inbound.try_recv().is_ok() {}
+    // B's bus reads nothing while more LOW forwards arrive than B holds, then CRITICAL ones.
+    // A sends in chunks its writer keeps up with, so nothing is shed on A's side.
+    let low = INBOUND_QUEUE + 5_000;
+    let mut sent = 0;
+    while sent < low {
+        let chunk = (low - sent).min(10_000);
+        for i in 0..chunk {
+            let handed = a.send("b", forward(&format!("l{}", sent + i), Priority::Low));
+            assert_eq!(handed, Handed::Queued);
+        }
+        sent += chunk;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    for i in 0..100 {
+        a.send("b", forward(&format!("c{i}"), Priority::Critical));
+    }
+    wait_until(Duration::from_secs(10), "B took every forward in", || {
+        let b = b.clone();
+        async move { b.shed_on_arrival()[0] > 0 }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut got_low, mut got_critical) = (0usize, 0usize);
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(300), b_inbound.recv()).await
+    {
+        if let Inbound::Forward(f) = message {
+            match f.event.priority {
+                Priority::Critical => got_critical += 1,
+                _ => got_low += 1,
+            }
+        }
+    }
+    let shed = b.shed_on_arrival();
+    assert_eq!(got_critical, 100, "every CRITICAL forward arrived");
+    assert_eq!(shed[3], 0);
+    assert_eq!(
+        got_low + usize::try_from(shed[0]).unwrap(),
+        low,
+        "each LOW forward was either handed to the bus or counted as shed ({shed:?})"
+    );
+    // B holds INBOUND_QUEUE in its inbox plus what waits in the channel to the bus.
+    assert!(shed[0] >= 3_000, "{shed:?}");
 }

@@ -369,6 +369,15 @@ impl Bus {
         &self.inner.counters
     }
 
+    /// Forwards from other instances dropped on arrival because this bus fell behind them, by
+    /// priority (lowest first); zeros without a cluster.
+    pub fn forwards_shed_on_arrival(&self) -> [u64; 4] {
+        self.inner
+            .cluster
+            .as_ref()
+            .map_or([0; 4], |c| c.backplane.shed_on_arrival())
+    }
+
     /// Open subscriptions.
     pub fn subscription_count(&self) -> u64 {
         self.inner.subscriptions.load(Ordering::Relaxed)

@@ -85,6 +85,11 @@ pub trait Backplane: Send + Sync + 'static {
     /// Hands `forward` to instance `to`, best effort (ephemeral delivery is at most once):
     /// when the link is full, lower priorities are dropped first.
     fn send(&self, to: &str, forward: Forward) -> Handed;
+    /// Forwards received for this instance and dropped, by priority (lowest first), because
+    /// the bus fell behind them.
+    fn shed_on_arrival(&self) -> [u64; 4] {
+        [0; 4]
+    }
 }
 
 /// A bounded FIFO that sheds by priority: when full, a newcomer pushes out the oldest queued

@@ -12,12 +12,17 @@
 //!   task in the order they were handed over; its queue is bounded ([`OUTBOX`]) and sheds by
 //!   priority: when full, a forward pushes out the oldest queued one of a lower priority, or is
 //!   dropped when there is none (the bus counts both and publishes a shed advisory).
+//! - The listener never waits for the bus: received forwards go into an inbox that sheds the
+//!   same way (counted in [`Backplane::shed_on_arrival`]) and adverts into a map with the
+//!   latest per instance; a hand-over task feeds both to the bus. So a bus that falls behind
+//!   sheds LOW first instead of Redis buffering the channel up to its output limit and then
+//!   closing the connection with every priority on it.
 //! - Each instance re-reads every advert when it (re)subscribes and every [`REFRESH`], so a
 //!   missed announcement (a dropped pub/sub connection) heals by itself.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use agentmesh_proto::eventbus::v1 as pb;
@@ -29,6 +34,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::cluster::{Backplane, Forward, Handed, INBOUND_QUEUE, Inbound, Interest, ShedQueue};
+use crate::event::Priority;
 use crate::grpc::{decode_publish, encode_event};
 
 /// How often an instance rewrites its advert and re-reads the others'.
@@ -37,6 +43,9 @@ pub const REFRESH: Duration = Duration::from_secs(1);
 pub const ADVERT_TTL: Duration = Duration::from_secs(3);
 /// Forwards queued for the writer before lower priorities are shed.
 pub const OUTBOX: usize = 65_536;
+/// Messages waiting for the bus in the channel behind the inbox (forwards beyond wait in the
+/// inbox, which sheds by priority; [`INBOUND_QUEUE`] of them).
+const HANDOVER: usize = 1024;
 /// Most publishes in one pipeline.
 const PIPELINE: usize = 512;
 
@@ -45,20 +54,95 @@ pub struct RedisBackplane {
     instance: String,
     prefix: String,
     adverts: watch::Sender<Vec<Interest>>,
-    outbox: Arc<Outbox>,
+    outbox: Arc<Lane<(String, Vec<u8>)>>,
+    inbox: Arc<Inbox>,
 }
 
-/// Forwards waiting for the writer: (channel, encoded forward).
-struct Outbox {
-    queue: Mutex<ShedQueue<(String, Vec<u8>)>>,
+/// A queue between two tasks that sheds by priority ([`ShedQueue`]): forwards waiting for
+/// the writer (channel, encoded forward), and forwards received waiting for the bus.
+struct Lane<T> {
+    queue: Mutex<ShedQueue<T>>,
     ready: Notify,
     closed: AtomicBool,
+    /// Entries dropped to stay within the bound, by priority (lowest first).
+    shed: [AtomicU64; 4],
+}
+
+impl<T> Lane<T> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            queue: Mutex::new(ShedQueue::new(capacity)),
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+            shed: Default::default(),
+        }
+    }
+
+    /// Queues `entry`, never waiting.
+    fn push(&self, priority: Priority, entry: T) -> Handed {
+        let handed = self.queue.lock().push(priority, entry);
+        let shed = match handed {
+            Handed::Queued => None,
+            Handed::QueuedShedding(lower) => Some(lower),
+            Handed::Dropped => Some(priority),
+        };
+        if let Some(p) = shed {
+            self.shed[p.index()].fetch_add(1, Ordering::Relaxed);
+        }
+        if handed != Handed::Dropped {
+            self.ready.notify_one();
+        }
+        handed
+    }
+
+    /// Waits for entries and moves up to `most` of them into `into`; returns with nothing
+    /// once the lane is closed and empty.
+    async fn take(&self, most: usize, into: &mut Vec<T>) {
+        loop {
+            {
+                let mut queue = self.queue.lock();
+                while into.len() < most {
+                    let Some(entry) = queue.pop() else { break };
+                    into.push(entry);
+                }
+            }
+            if !into.is_empty() || self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
+    fn shed(&self) -> [u64; 4] {
+        self.shed.each_ref().map(|n| n.load(Ordering::Relaxed))
+    }
+}
+
+/// What the listener has for the bus, taken by the hand-over task so the listener never
+/// waits for the bus.
+struct Inbox {
+    forwards: Lane<Forward>,
+    /// The latest interests of each instance, not handed to the bus yet (a newer advert
+    /// replaces an older one, so this holds one entry per instance at most).
+    interests: Mutex<HashMap<String, Vec<Interest>>>,
+    interests_ready: Notify,
+}
+
+impl Inbox {
+    fn interests(&self, instance: &str, interests: Vec<Interest>) {
+        self.interests.lock().insert(instance.to_owned(), interests);
+        self.interests_ready.notify_one();
+    }
 }
 
 impl Drop for RedisBackplane {
     fn drop(&mut self) {
-        self.outbox.closed.store(true, Ordering::Release);
-        self.outbox.ready.notify_one();
+        self.outbox.close();
     }
 }
 
@@ -81,21 +165,24 @@ impl RedisBackplane {
         instance: &str,
     ) -> (Arc<Self>, mpsc::Receiver<Inbound>) {
         let (adverts, adverts_rx) = watch::channel(Vec::new());
-        let outbox = Arc::new(Outbox {
-            queue: Mutex::new(ShedQueue::new(OUTBOX)),
-            ready: Notify::new(),
-            closed: AtomicBool::new(false),
+        let outbox = Arc::new(Lane::new(OUTBOX));
+        let inbox = Arc::new(Inbox {
+            forwards: Lane::new(INBOUND_QUEUE),
+            interests: Mutex::new(HashMap::new()),
+            interests_ready: Notify::new(),
         });
-        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+        let (inbound_tx, inbound_rx) = mpsc::channel(HANDOVER);
         let keys = Keys::new(prefix, instance);
         tokio::spawn(write_forwards(conn.clone(), outbox.clone()));
         tokio::spawn(advertise(conn.clone(), keys.clone(), adverts_rx));
-        tokio::spawn(listen(client, conn, keys, inbound_tx));
+        tokio::spawn(hand_over(inbox.clone(), inbound_tx.clone()));
+        tokio::spawn(listen(client, conn, keys, inbox.clone(), inbound_tx));
         let plane = Arc::new(Self {
             instance: instance.to_owned(),
             prefix: prefix.to_owned(),
             adverts,
             outbox,
+            inbox,
         });
         (plane, inbound_rx)
     }
@@ -115,15 +202,12 @@ impl Backplane for RedisBackplane {
             groups: forward.groups,
         };
         let channel = format!("{}:bus:to:{to}", self.prefix);
-        let handed = self
-            .outbox
-            .queue
-            .lock()
-            .push(priority, (channel, message.encode_to_vec()));
-        if handed != Handed::Dropped {
-            self.outbox.ready.notify_one();
-        }
-        handed
+        self.outbox
+            .push(priority, (channel, message.encode_to_vec()))
+    }
+
+    fn shed_on_arrival(&self) -> [u64; 4] {
+        self.inbox.forwards.shed()
     }
 }
 
@@ -147,22 +231,12 @@ impl Keys {
 }
 
 /// Publishes queued forwards, pipelined, until the backplane is dropped.
-async fn write_forwards(mut conn: ConnectionManager, outbox: Arc<Outbox>) {
+async fn write_forwards(mut conn: ConnectionManager, outbox: Arc<Lane<(String, Vec<u8>)>>) {
     let mut batch = Vec::with_capacity(PIPELINE);
     loop {
-        {
-            let mut queue = outbox.queue.lock();
-            while batch.len() < PIPELINE {
-                let Some(entry) = queue.pop() else { break };
-                batch.push(entry);
-            }
-        }
+        outbox.take(PIPELINE, &mut batch).await;
         if batch.is_empty() {
-            if outbox.closed.load(Ordering::Acquire) {
-                return;
-            }
-            outbox.ready.notified().await;
-            continue;
+            return; // closed
         }
         let mut pipe = redis::pipe();
         for (channel, payload) in batch.drain(..) {
@@ -226,6 +300,7 @@ async fn listen(
     client: redis::Client,
     mut conn: ConnectionManager,
     keys: Keys,
+    inbox: Arc<Inbox>,
     inbound: mpsc::Sender<Inbound>,
 ) {
     let mut known = Known::new();
@@ -247,9 +322,7 @@ async fn listen(
                 }
             },
         };
-        if !refresh_all(&mut conn, &keys, &mut known, &inbound).await {
-            return;
-        }
+        refresh_all(&mut conn, &keys, &mut known, &inbox).await;
         let mut tick = tokio::time::interval(REFRESH);
         tick.reset();
         loop {
@@ -258,27 +331,19 @@ async fn listen(
                 message = messages.next() => {
                     let Some(message) = message else { break };
                     let channel = message.get_channel_name();
-                    let ok = if channel == keys.inbox {
+                    if channel == keys.inbox {
                         match pb::ClusterForward::decode(message.get_payload_bytes()) {
-                            Ok(forward) => hand_over(forward, &inbound).await,
+                            Ok(forward) => receive(forward, &inbox.forwards),
                             Err(e) => {
                                 tracing::debug!(error = %e, "event bus backplane: undecodable forward");
-                                true
                             }
                         }
                     } else {
                         let instance = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
-                        refresh_one(&mut conn, &keys, &instance, &mut known, &inbound).await
-                    };
-                    if !ok {
-                        return;
+                        refresh_one(&mut conn, &keys, &instance, &mut known, &inbox).await;
                     }
                 }
-                _ = tick.tick() => {
-                    if !refresh_all(&mut conn, &keys, &mut known, &inbound).await {
-                        return;
-                    }
-                }
+                _ = tick.tick() => refresh_all(&mut conn, &keys, &mut known, &inbox).await,
             }
         }
         tracing::debug!("event bus backplane: pub/sub connection lost; re-subscribing");
@@ -286,21 +351,54 @@ async fn listen(
     }
 }
 
-/// Hands a forward to the bus; false when the bus is gone.
-async fn hand_over(forward: pb::ClusterForward, inbound: &mpsc::Sender<Inbound>) -> bool {
+/// Queues a received forward for the bus without waiting, so the pub/sub connection is read
+/// at once whatever the bus's pace: when the bus falls behind, the inbox sheds LOW first
+/// rather than Redis buffering (and at its limit dropping the connection with everything on
+/// it).
+fn receive(forward: pb::ClusterForward, inbox: &Lane<Forward>) {
     let Ok(event) = decode_publish(forward.event, "event") else {
-        return true; // expired on the way, or not a valid event: nothing to deliver
+        return; // expired on the way, or not a valid event: nothing to deliver
     };
+    let priority = event.priority;
     let forward = Forward {
         from: forward.from,
         event,
         plain: forward.plain,
         groups: forward.groups,
     };
-    inbound
-        .send(Inbound::Forward(Box::new(forward)))
-        .await
-        .is_ok()
+    inbox.push(priority, forward);
+}
+
+/// Hands interests and received forwards (in the order they came) to the bus, until the bus
+/// is gone.
+async fn hand_over(inbox: Arc<Inbox>, inbound: mpsc::Sender<Inbound>) {
+    let mut batch = Vec::with_capacity(PIPELINE);
+    loop {
+        tokio::select! {
+            () = inbound.closed() => return,
+            () = inbox.interests_ready.notified() => {}
+            () = inbox.forwards.take(PIPELINE, &mut batch) => {}
+        }
+        let adverts: Vec<(String, Vec<Interest>)> = inbox.interests.lock().drain().collect();
+        for (instance, interests) in adverts {
+            let message = Inbound::Interests {
+                instance,
+                interests,
+            };
+            if inbound.send(message).await.is_err() {
+                return;
+            }
+        }
+        for forward in batch.drain(..) {
+            if inbound
+                .send(Inbound::Forward(Box::new(forward)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
 }
 
 /// Instances with a live advert: the generation last seen and when it last moved.
@@ -342,16 +440,16 @@ async fn refresh_one(
     keys: &Keys,
     instance: &str,
     known: &mut Known,
-    inbound: &mpsc::Sender<Inbound>,
-) -> bool {
+    inbox: &Inbox,
+) {
     if instance == keys.instance {
-        return true;
+        return;
     }
     let bytes: Option<Vec<u8>> = match conn.hget(&keys.interest, instance).await {
         Ok(bytes) => bytes,
         Err(e) => {
             tracing::debug!(error = %e, "event bus backplane: reading an advert failed");
-            return true;
+            return;
         }
     };
     let interests = match bytes.as_deref().and_then(decode_advert) {
@@ -365,28 +463,17 @@ async fn refresh_one(
             Vec::new()
         }
     };
-    inbound
-        .send(Inbound::Interests {
-            instance: instance.to_owned(),
-            interests,
-        })
-        .await
-        .is_ok()
+    inbox.interests(instance, interests);
 }
 
 /// Re-reads every advert: hands over the live ones, forgets instances whose advert is gone
 /// and removes expired adverts.
-async fn refresh_all(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    known: &mut Known,
-    inbound: &mpsc::Sender<Inbound>,
-) -> bool {
+async fn refresh_all(conn: &mut ConnectionManager, keys: &Keys, known: &mut Known, inbox: &Inbox) {
     let all: Vec<(String, Vec<u8>)> = match conn.hgetall(&keys.interest).await {
         Ok(all) => all,
         Err(e) => {
             tracing::debug!(error = %e, "event bus backplane: reading adverts failed");
-            return true;
+            return;
         }
     };
     let now = Instant::now();
@@ -399,16 +486,8 @@ async fn refresh_all(
             .filter(|(generation, _)| alive(known, &instance, *generation, now));
         match advert {
             Some((_, interests)) => {
-                live.insert(instance.clone());
-                let sent = inbound
-                    .send(Inbound::Interests {
-                        instance,
-                        interests,
-                    })
-                    .await;
-                if sent.is_err() {
-                    return false;
-                }
+                inbox.interests(&instance, interests);
+                live.insert(instance);
             }
             None => {
                 let _: redis::RedisResult<()> = conn.hdel(&keys.interest, &instance).await;
@@ -422,15 +501,6 @@ async fn refresh_all(
         .collect();
     for instance in gone {
         known.remove(&instance);
-        let sent = inbound
-            .send(Inbound::Interests {
-                instance,
-                interests: Vec::new(),
-            })
-            .await;
-        if sent.is_err() {
-            return false;
-        }
+        inbox.interests(&instance, Vec::new());
     }
-    true
 }

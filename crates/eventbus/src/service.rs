@@ -281,9 +281,10 @@ fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> 
     let forward_shed = IntCounterVec::new(
         Opts::new(
             "eventbus_cluster_forwards_shed_total",
-            "Forwards dropped because the backplane link was full, by priority (lowest first).",
+            "Forwards dropped because the backplane was full, by priority and side (sending: \
+             the queue to Redis; receiving: this bus fell behind the forwards sent to it).",
         ),
-        &["priority"],
+        &["priority", "side"],
     )?;
     let subscriptions = IntGauge::new("eventbus_subscriptions", "Open subscriptions.")?;
     registry.register(Box::new(forwarded.clone()))?;
@@ -311,6 +312,7 @@ fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> 
                 return;
             };
             let c = bus.counters();
+            let on_arrival = bus.forwards_shed_on_arrival();
             let sync = |counter: &IntCounter, value: u64| {
                 let have = counter.get();
                 if value > have {
@@ -331,8 +333,12 @@ fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> 
                     c.shed[p.index()].load(Ordering::Relaxed),
                 );
                 sync(
-                    &forward_shed.with_label_values(&[p.as_str()]),
+                    &forward_shed.with_label_values(&[p.as_str(), "sending"]),
                     c.forward_shed[p.index()].load(Ordering::Relaxed),
+                );
+                sync(
+                    &forward_shed.with_label_values(&[p.as_str(), "receiving"]),
+                    on_arrival[p.index()],
                 );
             }
             sync(&duplicates, c.duplicates.load(Ordering::Relaxed));

@@ -652,10 +652,7 @@ impl Pacer {
 
     /// Starts releasing permits at `rate` per second until `stopped` says so (the semaphore
     /// is then closed).
-    pub(crate) fn spawn(
-        rate: f64,
-        stopped: impl Fn() -> bool + Send + 'static,
-    ) -> Arc<Semaphore> {
+    pub(crate) fn spawn(rate: f64, stopped: impl Fn() -> bool + Send + 'static) -> Arc<Semaphore> {
         let permits = Arc::new(Semaphore::new(0));
         let released = permits.clone();
         let pace = move || {

@@ -233,8 +233,8 @@ struct Inner {
     group_rates: Mutex<HashMap<u64, (u64, f64)>>,
     counters: BusCounters,
     last_shed_advisory: Mutex<HashMap<u64, u64>>,
-    /// When the last backplane shed advisory went out, and the shed counts it reported.
-    backplane_advisory: Mutex<(u64, [u64; 4])>,
+    /// Backplane shed totals (sending, receiving) already announced in an advisory.
+    backplane_reported: Mutex<[[u64; 4]; 2]>,
     cluster: Option<ClusterState>,
     queue_wait_vec: HistogramVec,
     queue_wait: Arc<[Histogram; 4]>,
@@ -329,7 +329,7 @@ impl Bus {
             group_rates: Mutex::new(HashMap::new()),
             counters: BusCounters::default(),
             last_shed_advisory: Mutex::new(HashMap::new()),
-            backplane_advisory: Mutex::new((0, [0; 4])),
+            backplane_reported: Mutex::new([[0; 4]; 2]),
             cluster,
         });
         tokio::spawn(housekeeping(Arc::downgrade(&inner)));
@@ -655,48 +655,53 @@ impl Bus {
                 plain,
                 groups,
             };
-            let shed = match cluster.backplane.send(&to, forward) {
-                Handed::Queued => None,
-                Handed::QueuedShedding(lower) => Some(lower),
-                Handed::Dropped => Some(event.priority),
+            let (queued, shed) = match cluster.backplane.send(&to, forward) {
+                Handed::Queued => (true, None),
+                Handed::QueuedShedding(lower) => (true, Some(lower)),
+                Handed::Dropped => (false, Some(event.priority)),
             };
-            if shed != Some(event.priority) {
+            if queued {
                 counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
                 sent += 1;
             }
             if let Some(priority) = shed {
                 counters.forward_dropped.fetch_add(1, Ordering::Relaxed);
                 counters.forward_shed[priority.index()].fetch_add(1, Ordering::Relaxed);
-                self.backplane_shed_advisory(&to);
             }
         }
         sent
     }
 
-    /// Tells `sys.advisory.eventbus.shed` (at most once a second) that forwards to `to` were
-    /// shed because the backplane link was full: how many of each priority since the last
-    /// such advisory.
-    fn backplane_shed_advisory(&self, to: &str) {
-        let now = now_ms();
-        let shed = {
-            let mut last = self.inner.backplane_advisory.lock();
-            if now.saturating_sub(last.0) < 1000 {
-                return;
+    /// Tells `sys.advisory.eventbus.shed` when the backplane shed forwards since the last
+    /// call (housekeeping calls it once a second): one advisory per side that did, with how
+    /// many of each priority — `sending` (the queue to the other instances was full) or
+    /// `receiving` (this bus fell behind the forwards sent to it).
+    fn backplane_shed_advisories(&self, now: u64) {
+        let sending = self
+            .inner
+            .counters
+            .forward_shed
+            .each_ref()
+            .map(|n| n.load(Ordering::Relaxed));
+        let sides = [
+            ("sending", sending),
+            ("receiving", self.forwards_shed_on_arrival()),
+        ];
+        for (side, (name, totals)) in sides.into_iter().enumerate() {
+            let shed: [u64; 4] = {
+                let mut reported = self.inner.backplane_reported.lock();
+                let before = std::mem::replace(&mut reported[side], totals);
+                std::array::from_fn(|i| totals[i].saturating_sub(before[i]))
+            };
+            if shed == [0; 4] {
+                continue;
             }
-            last.0 = now;
-            let mut since = [0u64; 4];
-            for (i, reported) in last.1.iter_mut().enumerate() {
-                let total = self.inner.counters.forward_shed[i].load(Ordering::Relaxed);
-                since[i] = total - *reported;
-                *reported = total;
-            }
-            since
-        };
-        let data = format!(
-            "{{\"backplane\":{to:?},\"shed\":{{\"low\":{},\"normal\":{},\"high\":{},\"critical\":{}}}}}",
-            shed[0], shed[1], shed[2], shed[3]
-        );
-        self.route(&Arc::new(self.advisory(now, data)), now);
+            let data = format!(
+                "{{\"backplane\":\"{name}\",\"shed\":{{\"low\":{},\"normal\":{},\"high\":{},\"critical\":{}}}}}",
+                shed[0], shed[1], shed[2], shed[3]
+            );
+            self.route(&Arc::new(self.advisory(now, data)), now);
+        }
     }
 
     /// Delivers an event another instance routed here, to the subscriptions it was meant for.
@@ -1677,6 +1682,9 @@ async fn housekeeping(inner: Weak<Inner>) {
         for g in &groups {
             let effects = g.tick(now);
             bus.apply(g, effects);
+        }
+        if n.is_multiple_of(100) {
+            bus.backplane_shed_advisories(now);
         }
         if n.is_multiple_of(500) {
             update_rates(&bus.inner, &groups, 5.0);

@@ -502,6 +502,25 @@ async fn test_bad_input_is_invalid_argument_naming_the_field() -> anyhow::Result
     let err = c.request(pb::RequestRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert_eq!(field_of(&err), "event");
+    let bad_filter = "a..b".to_owned();
+    let err = c
+        .list_subscriptions(pb::ListSubscriptionsRequest {
+            subject: bad_filter.clone(),
+            instance_only: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(field_of(&err), "subject");
+    let err = c
+        .get_stats(pb::GetStatsRequest {
+            subject: bad_filter,
+            instance_only: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(field_of(&err), "subject");
     Ok(())
 }
 

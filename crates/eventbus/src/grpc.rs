@@ -376,6 +376,11 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         request: Request<pb::ListSubscriptionsRequest>,
     ) -> Result<Response<pb::ListSubscriptionsResponse>, Status> {
         let (metadata, _, r) = request.into_parts();
+        if !r.subject.is_empty() {
+            // Listings match filters exactly, so anything else would match nothing.
+            SubjectFilter::parse("subject", &r.subject)
+                .map_err(|v| to_status(EventBusError::InvalidArgument(vec![v])))?;
+        }
         let mut subscriptions = self.local_subscriptions(&r.subject);
         let asked = pb::ListSubscriptionsRequest {
             subject: r.subject.clone(),

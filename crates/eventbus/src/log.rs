@@ -160,13 +160,21 @@ pub type Appending = BoxFuture<'static, (Vec<Event>, Result<Vec<AppendOutcome>, 
 #[async_trait::async_trait]
 pub trait EventLog: Send + Sync + 'static {
     /// Appends `event`; an event whose id was appended to this stream within `dedup_window` is
-    /// not stored again. A zero window, or an empty event id, means no dedup.
+    /// not stored again. A zero window, or an empty event id, means no dedup. (A batch of one:
+    /// the append future owns its events, so the event is copied once.)
     async fn append(
         &self,
         stream: &str,
         event: &Event,
         dedup_window: Duration,
-    ) -> Result<AppendOutcome, EventBusError>;
+    ) -> Result<AppendOutcome, EventBusError> {
+        let (_, outcomes) = self
+            .append_batch(stream, vec![event.clone()], dedup_window)
+            .await;
+        outcomes?
+            .pop()
+            .ok_or_else(|| EventBusError::Unavailable("append: no reply".to_owned()))
+    }
 
     /// As [`append`](Self::append) for up to [`MAX_BATCH`] events in one round trip, outcomes
     /// in order (an id repeated within the batch is a duplicate of its first occurrence).
@@ -555,18 +563,6 @@ impl InMemoryLog {
 
 #[async_trait::async_trait]
 impl EventLog for InMemoryLog {
-    async fn append(
-        &self,
-        stream: &str,
-        event: &Event,
-        dedup_window: Duration,
-    ) -> Result<AppendOutcome, EventBusError> {
-        // One event in, one outcome out.
-        Ok(self
-            .append_now(stream, std::slice::from_ref(event), dedup_window)?
-            .remove(0))
-    }
-
     fn append_batch(&self, stream: &str, events: Vec<Event>, dedup_window: Duration) -> Appending {
         let outcomes = self.append_now(stream, &events, dedup_window);
         Box::pin(std::future::ready((events, outcomes)))

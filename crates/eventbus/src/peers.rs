@@ -86,54 +86,27 @@ impl Peers {
                 Ok(Err(e)) => return unreadable(&e.to_string()),
                 Err(_) => return unreadable(&format!("no member list within {budget:?}")),
             };
-        let mut calls = Vec::new();
-        {
-            let mut channels = self.channels.lock();
-            channels.retain(|addr, _| members.values().any(|m| &m.grpc_addr == addr));
-            for member in members.values() {
-                if member.instance_id == self.instance_id {
-                    continue;
-                }
-                let channel = match channels.get(&member.grpc_addr) {
-                    Some(channel) => channel.clone(),
-                    None => {
-                        let config = ClientConfig {
-                            timeout: PEER_BUDGET,
-                            connect_timeout: PEER_BUDGET,
-                            ..ClientConfig::default()
-                        };
-                        match agentmesh_runtime::connect_lazy(
-                            &member.grpc_addr,
-                            &config,
-                            &self.metrics,
-                        ) {
-                            Ok(channel) => {
-                                channels.insert(member.grpc_addr.clone(), channel.clone());
-                                channel
-                            }
-                            Err(e) => {
-                                calls.push(futures::future::Either::Left(std::future::ready((
-                                    member.instance_id.clone(),
-                                    Err(e.to_string()),
-                                ))));
-                                continue;
-                            }
-                        }
-                    }
-                };
-                let client = EventBusClient::new(channel).max_decoding_message_size(MAX_ANSWER);
-                let answer = call(client);
+        self.channels
+            .lock()
+            .retain(|addr, _| members.values().any(|m| &m.grpc_addr == addr));
+        let calls = members
+            .values()
+            .filter(|m| m.instance_id != self.instance_id)
+            .map(|member| {
+                let answer = self.client(&member.grpc_addr).map(&call);
                 let id = member.instance_id.clone();
-                calls.push(futures::future::Either::Right(async move {
-                    let result = match tokio::time::timeout_at(deadline, answer).await {
-                        Ok(Ok(answer)) => Ok(answer),
-                        Ok(Err(status)) => Err(status.message().to_owned()),
-                        Err(_) => Err(format!("no answer within {budget:?}")),
+                async move {
+                    let result = match answer {
+                        Err(e) => Err(e),
+                        Ok(answer) => match tokio::time::timeout_at(deadline, answer).await {
+                            Ok(Ok(answer)) => Ok(answer),
+                            Ok(Err(status)) => Err(status.message().to_owned()),
+                            Err(_) => Err(format!("no answer within {budget:?}")),
+                        },
                     };
                     (id, result)
-                }));
-            }
-        }
+                }
+            });
         let mut gathered = Gathered {
             answers: Vec::new(),
             unreachable: Vec::new(),
@@ -148,6 +121,26 @@ impl Peers {
             }
         }
         gathered
+    }
+
+    /// A client of the peer at `addr`, on a channel kept for it.
+    fn client(&self, addr: &str) -> Result<PeerClient, String> {
+        let mut channels = self.channels.lock();
+        let channel = match channels.get(addr) {
+            Some(channel) => channel.clone(),
+            None => {
+                let config = ClientConfig {
+                    timeout: PEER_BUDGET,
+                    connect_timeout: PEER_BUDGET,
+                    ..ClientConfig::default()
+                };
+                let channel = agentmesh_runtime::connect_lazy(addr, &config, &self.metrics)
+                    .map_err(|e| e.to_string())?;
+                channels.insert(addr.to_owned(), channel.clone());
+                channel
+            }
+        };
+        Ok(EventBusClient::new(channel).max_decoding_message_size(MAX_ANSWER))
     }
 }
 

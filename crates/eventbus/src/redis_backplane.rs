@@ -64,8 +64,6 @@ struct Lane<T> {
     queue: Mutex<ShedQueue<T>>,
     ready: Notify,
     closed: AtomicBool,
-    /// Entries dropped to stay within the bound, by priority (lowest first).
-    shed: [AtomicU64; 4],
 }
 
 impl<T> Lane<T> {
@@ -74,21 +72,12 @@ impl<T> Lane<T> {
             queue: Mutex::new(ShedQueue::new(capacity)),
             ready: Notify::new(),
             closed: AtomicBool::new(false),
-            shed: Default::default(),
         }
     }
 
     /// Queues `entry`, never waiting.
     fn push(&self, priority: Priority, entry: T) -> Handed {
         let handed = self.queue.lock().push(priority, entry);
-        let shed = match handed {
-            Handed::Queued => None,
-            Handed::QueuedShedding(lower) => Some(lower),
-            Handed::Dropped => Some(priority),
-        };
-        if let Some(p) = shed {
-            self.shed[p.index()].fetch_add(1, Ordering::Relaxed);
-        }
         if handed != Handed::Dropped {
             self.ready.notify_one();
         }
@@ -117,10 +106,6 @@ impl<T> Lane<T> {
         self.closed.store(true, Ordering::Release);
         self.ready.notify_one();
     }
-
-    fn shed(&self) -> [u64; 4] {
-        self.shed.each_ref().map(|n| n.load(Ordering::Relaxed))
-    }
 }
 
 /// What the listener has for the bus, taken by the hand-over task so the listener never
@@ -131,6 +116,8 @@ struct Inbox {
     /// replaces an older one, so this holds one entry per instance at most).
     interests: Mutex<HashMap<String, Vec<Interest>>>,
     interests_ready: Notify,
+    /// Forwards dropped to stay within the bound, by priority (lowest first).
+    shed: [AtomicU64; 4],
 }
 
 impl Inbox {
@@ -170,6 +157,7 @@ impl RedisBackplane {
             forwards: Lane::new(INBOUND_QUEUE),
             interests: Mutex::new(HashMap::new()),
             interests_ready: Notify::new(),
+            shed: Default::default(),
         });
         let (inbound_tx, inbound_rx) = mpsc::channel(HANDOVER);
         let keys = Keys::new(prefix, instance);
@@ -207,7 +195,10 @@ impl Backplane for RedisBackplane {
     }
 
     fn shed_on_arrival(&self) -> [u64; 4] {
-        self.inbox.forwards.shed()
+        self.inbox
+            .shed
+            .each_ref()
+            .map(|n| n.load(Ordering::Relaxed))
     }
 }
 
@@ -333,7 +324,7 @@ async fn listen(
                     let channel = message.get_channel_name();
                     if channel == keys.inbox {
                         match pb::ClusterForward::decode(message.get_payload_bytes()) {
-                            Ok(forward) => receive(forward, &inbox.forwards),
+                            Ok(forward) => receive(forward, &inbox),
                             Err(e) => {
                                 tracing::debug!(error = %e, "event bus backplane: undecodable forward");
                             }
@@ -355,7 +346,7 @@ async fn listen(
 /// at once whatever the bus's pace: when the bus falls behind, the inbox sheds LOW first
 /// rather than Redis buffering (and at its limit dropping the connection with everything on
 /// it).
-fn receive(forward: pb::ClusterForward, inbox: &Lane<Forward>) {
+fn receive(forward: pb::ClusterForward, inbox: &Inbox) {
     let Ok(event) = decode_publish(forward.event, "event") else {
         return; // expired on the way, or not a valid event: nothing to deliver
     };
@@ -366,7 +357,12 @@ fn receive(forward: pb::ClusterForward, inbox: &Lane<Forward>) {
         plain: forward.plain,
         groups: forward.groups,
     };
-    inbox.push(priority, forward);
+    let shed = match inbox.forwards.push(priority, forward) {
+        Handed::Queued => return,
+        Handed::QueuedShedding(lower) => lower,
+        Handed::Dropped => priority,
+    };
+    inbox.shed[shed.index()].fetch_add(1, Ordering::Relaxed);
 }
 
 /// Hands interests and received forwards (in the order they came) to the bus, until the bus

@@ -646,21 +646,6 @@ impl RedisLog {
 
 #[async_trait::async_trait]
 impl EventLog for RedisLog {
-    async fn append(
-        &self,
-        stream: &str,
-        event: &Event,
-        dedup_window: Duration,
-    ) -> Result<AppendOutcome, EventBusError> {
-        check_stream(stream)?;
-        let (_, outcomes) = self
-            .start_append(stream, vec![event.clone()], dedup_window)
-            .await;
-        outcomes?
-            .pop()
-            .ok_or_else(|| malformed("append", "no reply"))
-    }
-
     fn append_batch(&self, stream: &str, events: Vec<Event>, dedup_window: Duration) -> Appending {
         if let Err(e) = check_stream(stream).and_then(|()| check_batch("events", events.len())) {
             return Box::pin(std::future::ready((events, Err(e))));

@@ -46,10 +46,7 @@ pub(crate) enum Output {
 
 fn main() -> ExitCode {
     let cli: Cli = parse_args_or_exit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match agentmesh_runtime::executor::build_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the tokio runtime: {e}");

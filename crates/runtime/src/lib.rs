@@ -9,12 +9,14 @@
 //! - [`client`]: client channels through that stack.
 //! - [`server`]: runs a service with health, reflection, admin HTTP, membership and ordered
 //!   graceful shutdown.
+//! - [`executor`]: the tokio runtime a binary runs on (`TOKIO_WORKER_THREADS=1`: current-thread).
 //! - [`status`]: `tonic::Status` helpers with rich error details.
 
 pub mod breaker;
 pub mod client;
 pub mod config;
 pub mod deadline;
+pub mod executor;
 pub mod message_trace;
 pub mod metrics;
 pub mod observe;

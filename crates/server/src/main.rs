@@ -95,10 +95,7 @@ fn main() -> ExitCode {
     if let Err(message) = cli.cluster.validate() {
         exit_config_error(&message);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match agentmesh_runtime::executor::build_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the tokio runtime: {e}");

@@ -46,7 +46,12 @@ pub(crate) enum Output {
 
 fn main() -> ExitCode {
     let cli: Cli = parse_args_or_exit();
-    let runtime = match agentmesh_runtime::executor::build_runtime() {
+    // Always multi-thread: the load generators run their bookkeeping in the `block_on` future
+    // beside the worker, and the baselines they measure must not lose that thread.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the tokio runtime: {e}");

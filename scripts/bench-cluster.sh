@@ -2,7 +2,8 @@
 # Cluster-wide rate-limiter benchmarks, each beside its baseline measured in the same run:
 # the earlier platform's design (every caller runs a token-bucket Lua script in Redis per
 # decision) against OWNER and STRICT mode over three `agentmesh serve ratelimit` instances
-# sharing one etcd and one Redis, all on loopback with one tokio worker per process.
+# sharing one etcd and one Redis, all on loopback; TOKIO_WORKER_THREADS=1: each server on one
+# thread (current-thread runtime), the load generator with one worker.
 # Prints Markdown rows for BENCHMARKS.md.   scripts/bench-cluster.sh [seconds-per-run]
 set -euo pipefail
 cd "$(dirname "$0")/.."

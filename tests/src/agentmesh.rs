@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::{free_port, wait_until};
+use crate::{free_ports, wait_until};
 
 /// Path of a workspace binary (`agentmesh`, `meshctl`) built next to the test executable, or
 /// from `AGENTMESH_BIN_DIR`.
@@ -57,23 +57,23 @@ impl AgentmeshProcess {
     /// # Errors
     /// Fails when the binary is missing or the process does not come up within 15 s.
     pub async fn serve_ratelimit(etcd: Option<&str>, extra: &[&str]) -> anyhow::Result<Self> {
-        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let grpc = grpc_addr.to_string();
-        let admin = admin_addr.to_string();
-        let mut args = vec![
-            "serve",
-            "ratelimit",
-            "--ratelimit-listen",
-            &grpc,
-            "--ratelimit-admin-listen",
-            &admin,
-        ];
-        if let Some(endpoint) = etcd {
-            args.extend(["--etcd", endpoint]);
-        }
-        args.extend_from_slice(extra);
-        Self::spawn("agentmesh", &args, &[], grpc_addr, admin_addr).await
+        let (process, _) = Self::spawn_on_ports(&[], |[grpc, admin]: &[String; 2]| {
+            let mut args = vec![
+                "serve",
+                "ratelimit",
+                "--ratelimit-listen",
+                grpc,
+                "--ratelimit-admin-listen",
+                admin,
+            ];
+            if let Some(endpoint) = etcd {
+                args.extend(["--etcd", endpoint]);
+            }
+            args.extend_from_slice(extra);
+            args.into_iter().map(str::to_owned).collect()
+        })
+        .await?;
+        Ok(process)
     }
 
     /// Starts `agentmesh dev` with the rate limiter on free loopback ports.
@@ -89,24 +89,23 @@ impl AgentmeshProcess {
     /// # Errors
     /// Fails when the binary is missing or the process does not come up within 15 s.
     pub async fn dev_with_env(envs: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let (grpc, admin) = (grpc_addr.to_string(), admin_addr.to_string());
-        let bus: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let bus_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let (bus_s, bus_admin_s) = (bus.to_string(), bus_admin.to_string());
-        let args = [
-            "dev",
-            "--ratelimit-listen",
-            &grpc,
-            "--ratelimit-admin-listen",
-            &admin,
-            "--eventbus-listen",
-            &bus_s,
-            "--eventbus-admin-listen",
-            &bus_admin_s,
-        ];
-        let mut process = Self::spawn("agentmesh", &args, envs, grpc_addr, admin_addr).await?;
+        let (mut process, [_, _, bus, bus_admin]) =
+            Self::spawn_on_ports(envs, |[grpc, admin, bus, bus_admin]: &[String; 4]| {
+                [
+                    "dev",
+                    "--ratelimit-listen",
+                    grpc,
+                    "--ratelimit-admin-listen",
+                    admin,
+                    "--eventbus-listen",
+                    bus,
+                    "--eventbus-admin-listen",
+                    bus_admin,
+                ]
+                .map(str::to_owned)
+                .to_vec()
+            })
+            .await?;
         process.eventbus = Some((bus, bus_admin));
         Ok(process)
     }
@@ -121,27 +120,56 @@ impl AgentmeshProcess {
         etcd: Option<&str>,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let (grpc, admin) = (grpc_addr.to_string(), admin_addr.to_string());
-        let mut args = vec![
-            "serve",
-            "eventbus",
-            "--eventbus-listen",
-            &grpc,
-            "--eventbus-admin-listen",
-            &admin,
-        ];
-        if let Some(url) = redis {
-            args.extend(["--redis", url]);
-        }
-        if let Some(endpoint) = etcd {
-            args.extend(["--etcd", endpoint]);
-        }
-        args.extend_from_slice(extra);
-        let mut process = Self::spawn("agentmesh", &args, &[], grpc_addr, admin_addr).await?;
-        process.eventbus = Some((grpc_addr, admin_addr));
+        let (mut process, [grpc, admin]) =
+            Self::spawn_on_ports(&[], |[grpc, admin]: &[String; 2]| {
+                let mut args = vec![
+                    "serve",
+                    "eventbus",
+                    "--eventbus-listen",
+                    grpc,
+                    "--eventbus-admin-listen",
+                    admin,
+                ];
+                if let Some(url) = redis {
+                    args.extend(["--redis", url]);
+                }
+                if let Some(endpoint) = etcd {
+                    args.extend(["--etcd", endpoint]);
+                }
+                args.extend_from_slice(extra);
+                args.into_iter().map(str::to_owned).collect()
+            })
+            .await?;
+        process.eventbus = Some((grpc, admin));
         Ok(process)
+    }
+
+    /// Starts `agentmesh` on `N` distinct free loopback ports (the first two are the gRPC and
+    /// admin addresses it is waited on by); `args` builds its arguments from them. A port can
+    /// be taken by another process between being chosen and being bound, so on "address
+    /// already in use" it starts again on new ports, up to three times.
+    async fn spawn_on_ports<const N: usize>(
+        envs: &[(&str, &str)],
+        args: impl Fn(&[String; N]) -> Vec<String>,
+    ) -> anyhow::Result<(Self, [SocketAddr; N])> {
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 1;
+        loop {
+            let addrs: [SocketAddr; N] = free_ports::<N>()
+                .map(|port| SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)));
+            let strings = addrs.map(|a| a.to_string());
+            let argv = args(&strings);
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            match Self::spawn("agentmesh", &argv, envs, addrs[0], addrs[1]).await {
+                Ok(process) => return Ok((process, addrs)),
+                Err(e)
+                    if attempt < ATTEMPTS && e.to_string().contains("Address already in use") =>
+                {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn spawn(

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::process::{START_ATTEMPTS, says_port_taken};
 use crate::{free_ports, wait_until};
 
 /// Path of a workspace binary (`agentmesh`, `meshctl`) built next to the test executable, or
@@ -152,19 +153,14 @@ impl AgentmeshProcess {
         envs: &[(&str, &str)],
         args: impl Fn(&[String; N]) -> Vec<String>,
     ) -> anyhow::Result<(Self, [SocketAddr; N])> {
-        const ATTEMPTS: usize = 3;
         let mut attempt = 1;
         loop {
             let addrs: [SocketAddr; N] = free_ports::<N>()
                 .map(|port| SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)));
-            let strings = addrs.map(|a| a.to_string());
-            let argv = args(&strings);
-            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-            match Self::spawn("agentmesh", &argv, envs, addrs[0], addrs[1]).await {
+            let argv = args(&addrs.map(|a| a.to_string()));
+            match Self::spawn(&argv, envs, addrs[0], addrs[1]).await {
                 Ok(process) => return Ok((process, addrs)),
-                Err(e)
-                    if attempt < ATTEMPTS && e.to_string().contains("Address already in use") =>
-                {
+                Err(e) if attempt < START_ATTEMPTS && says_port_taken(&e.to_string()) => {
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -172,15 +168,16 @@ impl AgentmeshProcess {
         }
     }
 
+    /// Starts `agentmesh` and waits until its gRPC port accepts connections, or fails as soon
+    /// as it exits.
     async fn spawn(
-        bin: &str,
-        args: &[&str],
+        args: &[String],
         envs: &[(&str, &str)],
         grpc_addr: SocketAddr,
         admin_addr: SocketAddr,
     ) -> anyhow::Result<Self> {
         let log = tempfile::NamedTempFile::new()?;
-        let child = Command::new(binary(bin)?)
+        let child = Command::new(binary("agentmesh")?)
             .args(args)
             .env_remove("AGENTMESH_ETCD_ENDPOINTS")
             .env_remove("AGENTMESH_REDIS_URL")
@@ -192,7 +189,7 @@ impl AgentmeshProcess {
             .stdout(log.reopen()?)
             .stderr(log.reopen()?)
             .spawn()
-            .with_context(|| format!("cannot start {bin}"))?;
+            .context("cannot start agentmesh")?;
         let mut process = Self {
             child,
             grpc_addr,
@@ -200,15 +197,20 @@ impl AgentmeshProcess {
             eventbus: None,
             log,
         };
-        let up = wait_until(
-            Duration::from_secs(15),
-            "agentmesh gRPC port",
-            || async move { tokio::net::TcpStream::connect(grpc_addr).await.is_ok() },
-        )
+        let up = wait_until(Duration::from_secs(15), "agentmesh gRPC port", || {
+            let exited = matches!(process.child.try_wait(), Ok(Some(_)));
+            async move { exited || tokio::net::TcpStream::connect(grpc_addr).await.is_ok() }
+        })
         .await;
+        let status = process.child.try_wait().ok().flatten();
         if let Err(e) = up {
-            let status = process.child.try_wait().ok().flatten();
             bail!("{e}; exit status {status:?}; log:\n{}", process.logs());
+        }
+        if let Some(status) = status {
+            bail!(
+                "agentmesh exited at start-up ({status}); log:\n{}",
+                process.logs()
+            );
         }
         Ok(process)
     }

@@ -10,12 +10,10 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 
 use crate::free_ports;
-use crate::process::ChildProcess;
+use crate::process::{ChildProcess, START_ATTEMPTS};
 
 /// How long etcd gets to answer after being started.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Attempts on fresh ports when the chosen ones were taken in the meantime.
-const START_ATTEMPTS: usize = 3;
 const NAME: &str = "agentmesh-test";
 
 /// A running etcd (`/usr/bin/etcd`), stopped and its directory removed on drop.

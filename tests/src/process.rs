@@ -14,6 +14,14 @@ use nix::unistd::Pid;
 const TERM_GRACE: Duration = Duration::from_secs(10);
 /// How much of each log a start-up failure shows.
 const TAIL_BYTES: u64 = 4096;
+/// Starts tried on fresh ports when the port chosen was taken meanwhile.
+pub(crate) const START_ATTEMPTS: usize = 3;
+
+/// True when a process's output says its port was taken (another process grabbed it after
+/// `free_port` released it): worth a retry on other ports.
+pub(crate) fn says_port_taken(output: &str) -> bool {
+    output.to_lowercase().contains("address already in use")
+}
 
 pub(crate) struct ChildProcess {
     name: String,
@@ -94,8 +102,11 @@ impl ChildProcess {
     /// True when the logs say the port was taken (another process grabbed it after
     /// `free_port` released it): worth a retry on other ports.
     pub(crate) fn port_conflict(&self) -> bool {
-        let logs = format!("{}{}", tail(&self.stdout_path), tail(&self.stderr_path));
-        logs.to_lowercase().contains("address already in use")
+        says_port_taken(&format!(
+            "{}{}",
+            tail(&self.stdout_path),
+            tail(&self.stderr_path)
+        ))
     }
 }
 

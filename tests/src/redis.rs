@@ -10,10 +10,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::free_port;
-use crate::process::ChildProcess;
+use crate::process::{ChildProcess, START_ATTEMPTS};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
-const START_ATTEMPTS: usize = 3;
 
 /// A running `redis-server`, stopped and its directory removed on drop.
 pub struct RedisServer {

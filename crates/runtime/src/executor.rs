@@ -2,7 +2,12 @@
 
 use std::io;
 
-/// Builds the process's tokio runtime from `TOKIO_WORKER_THREADS`; see [`runtime_for`].
+/// Builds the process's tokio runtime from `TOKIO_WORKER_THREADS`. `1` gives a current-thread
+/// runtime: every task runs on the main thread, where a multi-thread runtime with one worker
+/// would park the main thread in `block_on` and hand wake-ups between it and the worker across
+/// threads (measured with three rate limiters and their client on two shared cores: about 4% less
+/// server CPU at the same load, BENCHMARKS.md). Any other value, or none, gives tokio's
+/// multi-thread runtime, which reads the variable itself (default: one worker per core).
 ///
 /// # Errors
 /// When the runtime cannot be created (e.g. the I/O driver cannot open its epoll instance).
@@ -10,16 +15,8 @@ pub fn build_runtime() -> io::Result<tokio::runtime::Runtime> {
     runtime_for(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref())
 }
 
-/// The runtime for a `TOKIO_WORKER_THREADS` value. `1` gives a current-thread runtime: every
-/// task runs on the main thread, where a multi-thread runtime with one worker would park the
-/// main thread in `block_on` and hand wake-ups between it and the worker across threads
-/// (measured with three rate limiters and their client on two shared cores: about 4% less
-/// server CPU at the same load, BENCHMARKS.md). Any other value, or none, gives tokio's
-/// multi-thread runtime, which reads the variable itself (default: one worker per core).
-///
-/// # Errors
-/// When the runtime cannot be created.
-pub fn runtime_for(worker_threads: Option<&str>) -> io::Result<tokio::runtime::Runtime> {
+/// The runtime for a `TOKIO_WORKER_THREADS` value (see [`build_runtime`]).
+fn runtime_for(worker_threads: Option<&str>) -> io::Result<tokio::runtime::Runtime> {
     let mut builder = if worker_threads.is_some_and(|v| v.trim() == "1") {
         tokio::runtime::Builder::new_current_thread()
     } else {

@@ -139,8 +139,21 @@ async fn test_owner_and_strict_admit_at_most_the_limit_across_three_instances() 
     );
     // Each decision is counted once, by the instance the client called, not again by the owner.
     let (mut counted, mut allowed) = (0, 0);
+    // Each call is timed once too, by the path it took: the owner's third decided where they
+    // arrived, the other two thirds forwarded.
+    let (mut timed_local, mut timed_forwarded) = (0, 0);
     for p in &processes {
         let (_, metrics) = agentmesh_tests::agentmesh::http_get(p.admin_addr, "/metrics").await?;
+        let count_of = |path: &str| -> anyhow::Result<u64> {
+            let prefix = format!("ratelimit_check_duration_seconds_count{{path=\"{path}\"}} ");
+            Ok(metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .unwrap_or("0")
+                .parse()?)
+        };
+        timed_local += count_of("local")?;
+        timed_forwarded += count_of("forwarded")?;
         for line in metrics.lines().filter(|l| {
             l.starts_with("ratelimit_decisions_total{consistency=\"owner\",namespace=\"cluster\",policy=\"_inline\"")
         }) {
@@ -155,6 +168,11 @@ async fn test_owner_and_strict_admit_at_most_the_limit_across_three_instances() 
         (counted, allowed),
         (480, 100),
         "decisions counted once each"
+    );
+    assert_eq!(
+        (timed_local, timed_forwarded),
+        (160, 320),
+        "calls timed once each, by path"
     );
     let strict = hammer(
         &processes,

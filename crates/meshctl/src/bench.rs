@@ -100,6 +100,60 @@ pub(crate) struct RatelimitBench {
     /// Where the checks are decided.
     #[arg(long, value_enum, default_value_t = ConsistencyArg::Local)]
     consistency: ConsistencyArg,
+    /// The instances' metrics URLs (their admin listeners, comma-separated, e.g.
+    /// `http://127.0.0.1:9104/metrics`): scraped when the measured window opens and after the
+    /// run to report, beside the client's figures, how long the checks took inside the
+    /// instances called, by path (`ratelimit_check_duration_seconds`).
+    #[arg(long, value_delimiter = ',')]
+    metrics_url: Vec<String>,
+}
+
+/// `ratelimit_check_duration_seconds` of `urls`, added up.
+async fn scrape_check_paths(urls: &[String]) -> anyhow::Result<scrape::Buckets> {
+    let mut sum = scrape::Buckets::default();
+    for url in urls {
+        let text = scrape::fetch(url).await?;
+        sum = sum.plus(&scrape::parse(
+            &text,
+            "ratelimit_check_duration_seconds",
+            "path",
+        ));
+    }
+    Ok(sum)
+}
+
+/// Prints (or, with `-o json`, emits as a second object) the check latency per path as the
+/// instances measured it over the run.
+fn print_check_paths(paths: &scrape::Buckets, output: Output) {
+    const PATHS: [&str; 4] = ["local", "forwarded", "strict", "degraded"];
+    let us = |s: Option<f64>| s.map(|s| (s * 1e6).round());
+    let shown = || PATHS.iter().filter(|p| paths.count(p) > 0);
+    if output == Output::Json {
+        let rows: Vec<_> = shown()
+            .map(|p| {
+                serde_json::json!({
+                    "path": p,
+                    "count": paths.count(p),
+                    "p50_us": us(paths.quantile(p, 0.5)),
+                    "p99_us": us(paths.quantile(p, 0.99)),
+                    "p999_us": us(paths.quantile(p, 0.999)),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "at_the_instances": rows }));
+        return;
+    }
+    let text = |s: Option<f64>| us(s).map_or_else(|| "-".to_owned(), |us| format!("{us:.0}µs"));
+    println!("  at the instances called (server histograms; interpolated in buckets)");
+    for p in shown() {
+        println!(
+            "  {p:<9} {:>10} checks  p50 {}  p99 {}  p99.9 {}",
+            paths.count(p),
+            text(paths.quantile(p, 0.5)),
+            text(paths.quantile(p, 0.99)),
+            text(paths.quantile(p, 0.999)),
+        );
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -192,6 +246,14 @@ pub(crate) async fn run(cmd: BenchCommand, redis: Option<&str>) -> anyhow::Resul
             } else {
                 "ratelimit Check"
             };
+            // Scraped as the measured window opens (the load warms up for as long first).
+            let before = (!args.metrics_url.is_empty()).then(|| {
+                let (urls, warmup) = (args.metrics_url.clone(), args.load.warmup);
+                tokio::spawn(async move {
+                    tokio::time::sleep(warmup).await;
+                    scrape_check_paths(&urls).await
+                })
+            });
             let summary = if args.stream {
                 let streams = open_streams(&channels, args.load.concurrency).await?;
                 run_load(&args.load, batch as u64, move |worker, seq| {
@@ -223,6 +285,11 @@ pub(crate) async fn run(cmd: BenchCommand, redis: Option<&str>) -> anyhow::Resul
                 .await
             };
             summary.print(label, &args.load, batch);
+            if let Some(before) = before {
+                let before = before.await.context("metrics scrape task failed")??;
+                let after = scrape_check_paths(&args.metrics_url).await?;
+                print_check_paths(&after.since(&before), args.load.output);
+            }
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::RedisScript(args) => redis_script(args, &redis).await,

@@ -217,6 +217,7 @@ impl EnvoyRlsGrpc {
         request: rls::RateLimitRequest,
         deadline: Option<Instant>,
     ) -> Result<rls::RateLimitResponse, RateLimitError> {
+        let started = Instant::now();
         validate_request(&request)?;
         let (items, plans) = self.plan(&request);
         let outcomes = if items.is_empty() {
@@ -233,6 +234,7 @@ impl EnvoyRlsGrpc {
                 &ItemNamespaces::single(&request.domain, outcomes.len()),
                 &outcomes,
             );
+            metrics.observe_check(started, &outcomes);
         }
         let response = self.encode(&request.domain, &plans, &outcomes);
         tracing::debug!(

@@ -104,6 +104,7 @@ impl RateLimiterGrpc {
         deadline: Option<Instant>,
         count: bool,
     ) -> Result<pb::CheckResponse, RateLimitError> {
+        let started = Instant::now();
         let items = decode_items(request.items)?;
         let namespaces =
             count.then(|| ItemNamespaces::of(items.iter().map(|i| i.namespace.as_str())));
@@ -113,6 +114,7 @@ impl RateLimiterGrpc {
             .await?;
         if let Some(namespaces) = namespaces {
             self.metrics.record(&namespaces, &outcomes);
+            self.metrics.observe_check(started, &outcomes);
         }
         Ok(encode_response(&outcomes, &self.instance_id))
     }

@@ -3,10 +3,10 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::limiter::{CheckOutcome, Limiter};
 use crate::spec::Consistency;
@@ -93,6 +93,8 @@ impl ItemNamespaces {
 #[derive(Clone)]
 pub struct RateLimitMetrics {
     decisions: IntCounterVec,
+    /// `ratelimit_check_duration_seconds` by path: local, forwarded, strict, degraded.
+    check_seconds: [Histogram; 4],
     namespaces: Arc<BoundedLabel>,
     policies: Arc<BoundedLabel>,
     store_entries: IntGauge,
@@ -114,6 +116,14 @@ impl RateLimitMetrics {
             ),
             &["namespace", "policy", "consistency", "result"],
         )?;
+        let check_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "ratelimit_check_duration_seconds",
+                "Time to answer one check request (a Check, one StreamCheck message or a ShouldRateLimit) at the instance the client called, from its arrival to its answer. path = degraded (an item was answered by its failure policy), forwarded (an item was decided by another instance), strict (an item was decided in Redis) or local, the first that applies.",
+            )
+            .buckets(agentmesh_runtime::metrics::LATENCY_BUCKETS.to_vec()),
+            &["path"],
+        )?;
         let gauge = |name: &str, help: &str| IntGauge::new(name, help);
         let store_entries = gauge("ratelimit_store_entries", "Limit states held in memory.")?;
         let store_capacity = gauge(
@@ -129,6 +139,7 @@ impl RateLimitMetrics {
             "Limit states evicted before they were at rest because the store was full, since start; raise --ratelimit-max-keys if this grows.",
         )?;
         registry.register(Box::new(decisions.clone()))?;
+        registry.register(Box::new(check_seconds.clone()))?;
         for g in [
             &store_entries,
             &store_capacity,
@@ -139,6 +150,7 @@ impl RateLimitMetrics {
         }
         Ok(Self {
             decisions,
+            check_seconds: CheckPath::ALL.map(|p| check_seconds.with_label_values(&[p.label()])),
             namespaces: Arc::new(BoundedLabel::new(MAX_LABELLED_NAMESPACES)),
             policies: Arc::new(BoundedLabel::new(MAX_LABELLED_POLICIES)),
             store_entries,
@@ -192,6 +204,13 @@ impl RateLimitMetrics {
         }
     }
 
+    /// Observes the time one check request took, `started` being its arrival, on the path of
+    /// its outcomes (see [`CheckPath::of`]).
+    pub fn observe_check(&self, started: Instant, outcomes: &[CheckOutcome]) {
+        self.check_seconds[CheckPath::of(outcomes) as usize]
+            .observe(started.elapsed().as_secs_f64());
+    }
+
     /// Copies the store's statistics into the gauges every `period` until the limiter is
     /// dropped everywhere else.
     pub fn spawn_store_sampler(&self, limiter: &Arc<Limiter>, period: Duration) {
@@ -216,9 +235,124 @@ impl RateLimitMetrics {
     }
 }
 
+/// The way a check request was answered, for `ratelimit_check_duration_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CheckPath {
+    Local,
+    Forwarded,
+    Strict,
+    Degraded,
+}
+
+impl CheckPath {
+    const ALL: [Self; 4] = [Self::Local, Self::Forwarded, Self::Strict, Self::Degraded];
+
+    /// The slowest way any of the outcomes took: degraded (its failure policy answered, after
+    /// the budget or an open breaker), else forwarded (another instance decided), else strict
+    /// (Redis decided), else local.
+    fn of(outcomes: &[CheckOutcome]) -> Self {
+        if outcomes.iter().any(|o| o.degraded.is_some()) {
+            Self::Degraded
+        } else if outcomes.iter().any(|o| o.decided_by.is_some()) {
+            Self::Forwarded
+        } else if outcomes
+            .iter()
+            .any(|o| o.consistency == Consistency::Strict)
+        {
+            Self::Strict
+        } else {
+            Self::Local
+        }
+    }
+
+    const fn label(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Forwarded => "forwarded",
+            Self::Strict => "strict",
+            Self::Degraded => "degraded",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn outcome(consistency: Consistency) -> CheckOutcome {
+        CheckOutcome {
+            allowed: true,
+            over_limit: false,
+            batch_rejected: false,
+            mode: crate::spec::Mode::Enforce,
+            policy: String::new(),
+            limit: 1,
+            remaining: 0,
+            retry_after: None,
+            reset_after: Duration::ZERO,
+            policy_version: 0,
+            degraded: None,
+            decided_by: None,
+            consistency,
+        }
+    }
+
+    #[test]
+    fn test_a_check_is_timed_on_the_slowest_path_its_items_took() {
+        let local = outcome(Consistency::Local);
+        let strict = outcome(Consistency::Strict);
+        let forwarded = CheckOutcome {
+            decided_by: Some("peer".to_owned()),
+            ..outcome(Consistency::Owner)
+        };
+        let degraded = CheckOutcome {
+            degraded: Some(crate::limiter::DegradedReason::OwnerUnavailable),
+            ..outcome(Consistency::Owner)
+        };
+        assert_eq!(CheckPath::of(&[]), CheckPath::Local);
+        assert_eq!(
+            CheckPath::of(std::slice::from_ref(&local)),
+            CheckPath::Local
+        );
+        assert_eq!(
+            CheckPath::of(&[local.clone(), strict.clone()]),
+            CheckPath::Strict
+        );
+        assert_eq!(
+            CheckPath::of(&[strict, forwarded.clone(), local.clone()]),
+            CheckPath::Forwarded
+        );
+        assert_eq!(
+            CheckPath::of(&[forwarded.clone(), degraded]),
+            CheckPath::Degraded
+        );
+
+        let registry = Registry::new();
+        let metrics = RateLimitMetrics::register(&registry).expect("register");
+        metrics.observe_check(Instant::now(), &[forwarded]);
+        metrics.observe_check(Instant::now(), std::slice::from_ref(&local));
+        metrics.observe_check(Instant::now(), &[local]);
+        let counts: Vec<(String, u64)> = registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "ratelimit_check_duration_seconds")
+            .flat_map(|f| f.get_metric().iter())
+            .map(|m| {
+                (
+                    m.get_label()[0].value().to_owned(),
+                    m.get_histogram().get_sample_count(),
+                )
+            })
+            .collect();
+        for (path, n) in [
+            ("local", 2),
+            ("forwarded", 1),
+            ("strict", 0),
+            ("degraded", 0),
+        ] {
+            assert!(counts.contains(&(path.to_owned(), n)), "{path}: {counts:?}");
+        }
+    }
 
     #[test]
     fn test_bounded_label_shares_other_beyond_the_bound() {

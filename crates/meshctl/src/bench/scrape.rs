@@ -33,6 +33,22 @@ impl Buckets {
         Self(out)
     }
 
+    /// Both sets of observations, bucket by bucket (several servers' histograms of one
+    /// metric, which share their buckets).
+    pub(super) fn plus(mut self, other: &Self) -> Self {
+        for (label, buckets) in &other.0 {
+            let mine = self.0.entry(label.clone()).or_default();
+            for &(le, n) in buckets {
+                match mine.iter_mut().find(|(l, _)| *l == le) {
+                    Some((_, m)) => *m += n,
+                    None => mine.push((le, n)),
+                }
+            }
+            mine.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        self
+    }
+
     /// Observations under `label`.
     pub(super) fn count(&self, label: &str) -> u64 {
         self.0
@@ -140,6 +156,23 @@ pub(super) async fn fetch(url: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_histograms_of_several_servers_add_up_bucket_by_bucket() {
+        let a = parse(
+            "x_bucket{path=\"f\",le=\"0.001\"} 3\nx_bucket{path=\"f\",le=\"+Inf\"} 4\n",
+            "x",
+            "path",
+        );
+        let b = parse(
+            "x_bucket{path=\"f\",le=\"0.001\"} 1\nx_bucket{path=\"f\",le=\"+Inf\"} 6\nx_bucket{path=\"l\",le=\"+Inf\"} 2\n",
+            "x",
+            "path",
+        );
+        let sum = a.plus(&b);
+        assert_eq!((sum.count("f"), sum.count("l")), (10, 2));
+        assert_eq!(sum.quantile("f", 0.4), Some(0.001));
+    }
 
     const BEFORE: &str = r#"# HELP eventbus_queue_wait_seconds x
 eventbus_queue_wait_seconds_bucket{priority="critical",le="0.0005"} 10

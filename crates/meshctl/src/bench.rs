@@ -125,35 +125,16 @@ async fn scrape_check_paths(urls: &[String]) -> anyhow::Result<scrape::Buckets> 
 /// Prints (or, with `-o json`, emits as a second object) the check latency per path as the
 /// instances measured it over the run.
 fn print_check_paths(paths: &scrape::Buckets, output: Output) {
-    const PATHS: [&str; 4] = ["local", "forwarded", "strict", "degraded"];
-    let us = |s: Option<f64>| s.map(|s| (s * 1e6).round());
-    let shown = || PATHS.iter().filter(|p| paths.count(p) > 0);
-    if output == Output::Json {
-        let rows: Vec<_> = shown()
-            .map(|p| {
-                serde_json::json!({
-                    "path": p,
-                    "count": paths.count(p),
-                    "p50_us": us(paths.quantile(p, 0.5)),
-                    "p99_us": us(paths.quantile(p, 0.99)),
-                    "p999_us": us(paths.quantile(p, 0.999)),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::json!({ "at_the_instances": rows }));
-        return;
-    }
-    let text = |s: Option<f64>| us(s).map_or_else(|| "-".to_owned(), |us| format!("{us:.0}µs"));
-    println!("  at the instances called (server histograms; interpolated in buckets)");
-    for p in shown() {
-        println!(
-            "  {p:<9} {:>10} checks  p50 {}  p99 {}  p99.9 {}",
-            paths.count(p),
-            text(paths.quantile(p, 0.5)),
-            text(paths.quantile(p, 0.99)),
-            text(paths.quantile(p, 0.999)),
-        );
-    }
+    paths.print_quantiles(
+        &["local", "forwarded", "strict", "degraded"],
+        output == Output::Json,
+        &scrape::Report {
+            name: "at_the_instances",
+            key: "path",
+            heading: "checks at the instances called",
+            unit: " checks",
+        },
+    );
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

@@ -438,35 +438,15 @@ impl Sink for BusSink {
 
 /// Prints (or, with `-o json`, emits) the bus-side queue wait per priority, highest first.
 fn print_queue_wait(waits: &scrape::Buckets, load: &PubSubArgs) {
-    let us = |s: Option<f64>| s.map_or_else(|| "-".to_owned(), |s| format!("{:.0}µs", s * 1e6));
-    if load.output == Output::Json {
-        let rows: Vec<_> = PRIORITIES
-            .iter()
-            .rev()
-            .filter(|p| waits.count(p) > 0)
-            .map(|p| {
-                serde_json::json!({
-                    "priority": p,
-                    "count": waits.count(p),
-                    "p50_us": waits.quantile(p, 0.5).map(|s| s * 1e6),
-                    "p99_us": waits.quantile(p, 0.99).map(|s| s * 1e6),
-                    "p999_us": waits.quantile(p, 0.999).map(|s| s * 1e6),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::json!({ "queue_wait": rows }));
-        return;
-    }
-    println!(
-        "  queue wait in the bus (server histogram, warm-up included; interpolated in buckets)"
+    let highest_first: Vec<&str> = PRIORITIES.iter().rev().copied().collect();
+    waits.print_quantiles(
+        &highest_first,
+        load.output == Output::Json,
+        &scrape::Report {
+            name: "queue_wait",
+            key: "priority",
+            heading: "queue wait in the bus",
+            unit: "",
+        },
     );
-    for p in PRIORITIES.iter().rev().filter(|p| waits.count(p) > 0) {
-        println!(
-            "  {p:<9} {:>10}  p50 {}  p99 {}  p99.9 {}",
-            waits.count(p),
-            us(waits.quantile(p, 0.5)),
-            us(waits.quantile(p, 0.99)),
-            us(waits.quantile(p, 0.999)),
-        );
-    }
 }

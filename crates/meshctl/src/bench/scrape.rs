@@ -49,6 +49,44 @@ impl Buckets {
         self
     }
 
+    /// Prints one line per label with observations, in the order given: its count (followed by
+    /// `unit`) and p50/p99/p99.9 interpolated in the buckets, under `heading`. With `json`, one
+    /// object instead, `{ name: [{ key: label, "count", "p50_us", "p99_us", "p999_us" }, …] }`.
+    pub(super) fn print_quantiles(&self, labels: &[&str], json: bool, report: &Report<'_>) {
+        let us = |s: Option<f64>| s.map(|s| (s * 1e6).round());
+        let shown = || labels.iter().filter(|l| self.count(l) > 0);
+        if json {
+            let rows: Vec<_> = shown()
+                .map(|l| {
+                    serde_json::json!({
+                        report.key: l,
+                        "count": self.count(l),
+                        "p50_us": us(self.quantile(l, 0.5)),
+                        "p99_us": us(self.quantile(l, 0.99)),
+                        "p999_us": us(self.quantile(l, 0.999)),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::json!({ report.name: rows }));
+            return;
+        }
+        let text = |s: Option<f64>| us(s).map_or_else(|| "-".to_owned(), |us| format!("{us:.0}µs"));
+        println!(
+            "  {} (server histograms over the measured window; interpolated in buckets)",
+            report.heading
+        );
+        for l in shown() {
+            println!(
+                "  {l:<9} {:>10}{}  p50 {}  p99 {}  p99.9 {}",
+                self.count(l),
+                report.unit,
+                text(self.quantile(l, 0.5)),
+                text(self.quantile(l, 0.99)),
+                text(self.quantile(l, 0.999)),
+            );
+        }
+    }
+
     /// Observations under `label`.
     pub(super) fn count(&self, label: &str) -> u64 {
         self.0
@@ -85,6 +123,18 @@ impl Buckets {
         }
         Some(lower)
     }
+}
+
+/// How [`Buckets::print_quantiles`] names what it prints.
+pub(super) struct Report<'a> {
+    /// The JSON object's one field.
+    pub(super) name: &'a str,
+    /// The field naming each row's label in JSON.
+    pub(super) key: &'a str,
+    /// The table's heading.
+    pub(super) heading: &'a str,
+    /// After each row's count in the table.
+    pub(super) unit: &'a str,
 }
 
 /// Parses `<name>_bucket{<label>="v",le="x"} n` lines of a Prometheus text exposition.

@@ -63,8 +63,11 @@ row "OWNER, StreamCheck (1 item per message, 64 streams)" "$stream"
 row "OWNER, StreamCheck of 16 items (4 streams: 64 decisions in flight)" \
   "$(bench ratelimit --addr "$addrs" --connections 1 --concurrency 4 --batch 16 --stream --consistency owner)"
 shalf=$(python3 -c "import json,sys; print(int(json.loads(sys.argv[1])['calls_per_sec']/2))" "$stream")
-row "OWNER StreamCheck at half of its peak ($shalf/s; 2/3 of checks forwarded)" \
-  "$(bench ratelimit --addr "$addrs" --connections 1 --concurrency 64 --stream --consistency owner --rate "$shalf")"
+# Also read the instances' own per-check histogram over this row's window (a second JSON line).
+metrics=http://127.0.0.1:9411/metrics,http://127.0.0.1:9412/metrics,http://127.0.0.1:9413/metrics
+shalf_out=$(bench ratelimit --addr "$addrs" --connections 1 --concurrency 64 --stream --consistency owner \
+  --rate "$shalf" --metrics-url "$metrics")
+row "OWNER StreamCheck at half of its peak ($shalf/s; 2/3 of checks forwarded)" "$(head -n 1 <<<"$shalf_out")"
 half=$(python3 -c "import json,sys; print(int(json.loads(sys.argv[1])['calls_per_sec']/2))" "$owner")
 row "OWNER at half of its peak ($half/s, open loop; 2/3 of checks forwarded)" \
   "$(bench ratelimit --addr "$addrs" --connections 1 --concurrency 64 --consistency owner --rate "$half")"
@@ -75,3 +78,10 @@ row "OWNER at $half/s with one of three instances killed (its keys fail over unt
 kill "${pids[1]}"; wait "${pids[1]}" 2>/dev/null || true
 row "STRICT at $half/s with Redis stopped (FAIL_CLOSED answers)" \
   "$(bench ratelimit --addr 127.0.0.1:7411,127.0.0.1:7412 --connections 1 --concurrency 64 --consistency strict --rate "$half")"
+echo
+python3 - "$(tail -n 1 <<<"$shalf_out")" <<'PY'
+import json, sys
+for r in json.loads(sys.argv[1])["at_the_instances"]:
+    print(f"Inside the instances called, StreamCheck at half of its peak, {r['path']} checks: {r['count']}, "
+          f"p50 / p99 / p99.9 {r['p50_us']:.0f} / {r['p99_us']:.0f} / {r['p999_us']:.0f} µs")
+PY

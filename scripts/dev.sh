@@ -1,25 +1,51 @@
 #!/usr/bin/env bash
-# Runs agentmesh standalone (no etcd, no Redis) and shows it working: builds, starts
-# `agentmesh dev`, waits until it is SERVING, makes a few `meshctl` calls, then keeps the
-# cluster running until Ctrl-C. `scripts/dev.sh --demo` stops after the demonstration.
+# Runs agentmesh standalone (no etcd, no Redis) and shows every built service working: builds,
+# starts `agentmesh dev`, waits until each service is SERVING, makes a few `meshctl` calls on
+# each (rate limiter: allowed, denied, shadow, default policy; event bus: subscribe, publish,
+# request/reply), prints the counters from `/metrics`, then keeps the cluster running until
+# Ctrl-C. `scripts/dev.sh --demo` stops after the demonstration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-command -v protoc >/dev/null 2>&1 || scripts/install-deps.sh
+scripts/install-deps.sh --build >/dev/null
 cargo build --quiet --bins
 bin=target/debug
+scratch=$(mktemp -d)
 
 "$bin/agentmesh" dev &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true; rm -rf "$scratch"' EXIT
 
-for _ in $(seq 1 50); do
-  "$bin/agentmesh" probe 127.0.0.1:7104 >/dev/null 2>&1 && break
-  sleep 0.2
+# Prints the lines of an admin port's /metrics that start with $2 (bash's /dev/tcp: no curl needed).
+metrics() {
+  exec 3<>"/dev/tcp/127.0.0.1/$1"
+  printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+  grep "^$2" <&3 || true
+  exec 3>&-
+}
+
+# Waits until a `meshctl events subscribe` writing its status to $1 has subscribed.
+await_subscribed() {
+  for _ in $(seq 1 50); do
+    grep -q '^subscribed' "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "the subscription did not open:" >&2
+  cat "$1" >&2
+  return 1
+}
+
+for port in 7104 7101; do
+  for _ in $(seq 1 100); do
+    "$bin/agentmesh" probe "127.0.0.1:$port" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
 done
 echo
-echo "\$ agentmesh probe 127.0.0.1:7104"
+echo "\$ agentmesh probe 127.0.0.1:7104   # the rate limiter"
 "$bin/agentmesh" probe 127.0.0.1:7104
+echo "\$ agentmesh probe 127.0.0.1:7101   # the event bus"
+"$bin/agentmesh" probe 127.0.0.1:7101
 
 echo
 echo "\$ meshctl ratelimit check -n demo -k agent-1 --limit 3 --period 1m   # four times"
@@ -37,14 +63,53 @@ echo "\$ meshctl ratelimit check -n demo -k agent-2   # the default policy: 60 p
 
 echo
 echo "\$ curl -s 127.0.0.1:9104/metrics | grep ratelimit_decisions_total"
-exec 3<>/dev/tcp/127.0.0.1/9104
-printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
-grep '^ratelimit_decisions_total' <&3 || true
-exec 3>&-
+metrics 9104 ratelimit_decisions_total
+
+echo
+echo "\$ meshctl events subscribe 'demo.>' --count 2 &   # a subscriber, in the background"
+"$bin/meshctl" events subscribe 'demo.>' --count 2 >"$scratch/sub.out" 2>"$scratch/sub.err" &
+sub=$!
+await_subscribed "$scratch/sub.err"
+cat "$scratch/sub.err"
+echo "\$ meshctl events publish demo.greeting 'hello, agents' --type demo.greeting"
+"$bin/meshctl" events publish demo.greeting 'hello, agents' --type demo.greeting
+echo "\$ meshctl events publish demo.alert 'disk almost full' --priority critical"
+"$bin/meshctl" events publish demo.alert 'disk almost full' --priority critical
+wait "$sub"
+echo "(the subscriber received:)"
+cat "$scratch/sub.out"
+
+echo
+echo "\$ meshctl events subscribe svc.echo --reply pong --count 1 &   # a responder"
+"$bin/meshctl" events subscribe svc.echo --reply pong --count 1 >"$scratch/rep.out" 2>"$scratch/rep.err" &
+rep=$!
+await_subscribed "$scratch/rep.err"
+echo "\$ meshctl events request svc.echo ping"
+"$bin/meshctl" events request svc.echo ping
+wait "$rep"
+
+echo
+echo "\$ meshctl events stats"
+"$bin/meshctl" events stats
 
 if [ "${1:-}" = "--demo" ]; then
   exit 0
 fi
-echo
-echo "agentmesh dev is running: rate limiter gRPC 127.0.0.1:7104, admin http://127.0.0.1:9104 — Ctrl-C stops it"
+cat <<'EOT'
+
+agentmesh dev is running (Ctrl-C stops it):
+
+  service      gRPC             admin (/metrics /livez /readyz)
+  ratelimit    127.0.0.1:7104   http://127.0.0.1:9104
+  eventbus     127.0.0.1:7101   http://127.0.0.1:9101
+
+Try next:
+  target/debug/meshctl ratelimit check -n demo -k me --limit 5 --period 10s
+  target/debug/meshctl ratelimit policies list
+  target/debug/meshctl events subscribe 'orders.>'          # in one terminal
+  target/debug/meshctl events publish orders.created '{"id":1}'   # in another
+  target/debug/meshctl events stats
+  target/debug/meshctl --help                               # every command
+Each gRPC port serves reflection (grpcurl -plaintext 127.0.0.1:7104 list) and grpc.health.v1.
+EOT
 wait $pid

@@ -1,29 +1,111 @@
 #!/usr/bin/env bash
-# Installs what building and testing agentmesh needs, where missing: protoc (etcd-client's
-# build script runs it), etcd 3.4 and Redis 7 (the tests start real servers), cargo-nextest.
-# Debian/Ubuntu via apt; run as root or with sudo.
+# Installs what building and testing agentmesh needs, where missing, then checks that every piece
+# is really there (the files the build reads, not only the commands) and fails naming the package
+# that is missing. Debian/Ubuntu via apt; run as root or with sudo.
+#
+#   scripts/install-deps.sh           everything: the build, then the tests (etcd, Redis, nextest)
+#   scripts/install-deps.sh --build   only what `cargo build` needs (scripts/dev.sh)
+#   scripts/install-deps.sh --check   install nothing; exit 1 naming whatever is missing
+#
+# What needs what:
+# - etcd-client's build script runs `protoc` on protos that import Google's well-known types:
+#   protobuf-compiler (the command) and libprotobuf-dev (/usr/include/google/protobuf/*.proto;
+#   `--no-install-recommends` leaves it out). Our own protos are compiled by protox, in Rust.
+# - A C compiler and linker (cc) for rustc's linking and crates that build C.
+# - The tests start real etcd 3.4 and Redis 7 servers (etcd-server, redis-server; etcdctl from
+#   etcd-client for people debugging them) and run under cargo-nextest.
 set -euo pipefail
 
-need=()
-command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
-command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
-command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
-command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+mode=all
+case "${1:-}" in
+  "") ;;
+  --build) mode=build ;;
+  --check) mode=check ;;
+  *) echo "usage: $0 [--build|--check]" >&2; exit 64 ;;
+esac
 
-if ((${#need[@]})); then
+# One line per requirement: package, then how to tell it is there (a command or an absolute file).
+build_reqs=(
+  "protobuf-compiler protoc"
+  "libprotobuf-dev /usr/include/google/protobuf/descriptor.proto"
+  "libprotobuf-dev /usr/include/google/protobuf/struct.proto"
+  "gcc cc"
+)
+test_reqs=(
+  "etcd-server etcd"
+  "etcd-client etcdctl"
+  "redis-server redis-server"
+)
+reqs=("${build_reqs[@]}")
+if [ "$mode" != build ]; then reqs+=("${test_reqs[@]}"); fi
+
+present() {
+  case "$1" in
+    /*) [ -e "$1" ] ;;
+    *) command -v "$1" >/dev/null 2>&1 ;;
+  esac
+}
+
+# Packages whose marker is missing, each once.
+missing_packages() {
+  local req pkg marker out=()
+  for req in "${reqs[@]}"; do
+    read -r pkg marker <<<"$req"
+    if ! present "$marker" && [[ " ${out[*]-} " != *" $pkg "* ]]; then out+=("$pkg"); fi
+  done
+  echo "${out[*]-}"
+}
+
+need=$(missing_packages)
+if [ -n "$need" ] && [ "$mode" != check ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: missing $need, and there is no apt-get to install them with; install the equivalent packages and run again" >&2
+    exit 1
+  fi
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-  echo "installing: ${need[*]}"
+  echo "installing: $need"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # shellcheck disable=SC2086 # the package list is meant to split
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $need >/dev/null
 fi
 
-if ! cargo nextest --version >/dev/null 2>&1; then
-  echo "installing cargo-nextest"
-  cargo install cargo-nextest --locked
+# The guard: whatever installed it (or did not), every requirement must now be there.
+failed=0
+for req in "${reqs[@]}"; do
+  read -r pkg marker <<<"$req"
+  if ! present "$marker"; then
+    echo "error: $marker is missing: install the Debian package '$pkg' (apt-get install $pkg)" >&2
+    failed=1
+  fi
+done
+components=()
+if [ "$mode" != build ]; then components=(rustfmt clippy); fi
+for component in "${components[@]}"; do
+  sub=${component/rustfmt/fmt}
+  if ! cargo "$sub" --version >/dev/null 2>&1; then
+    if [ "$mode" = check ] || ! command -v rustup >/dev/null 2>&1; then
+      echo "error: cargo $sub is missing: rustup component add $component" >&2
+      failed=1
+    else
+      rustup component add "$component"
+    fi
+  fi
+done
+if [ "$mode" != build ] && ! cargo nextest --version >/dev/null 2>&1; then
+  if [ "$mode" = check ]; then
+    echo "error: cargo-nextest is missing: cargo install cargo-nextest --locked" >&2
+    failed=1
+  else
+    echo "installing cargo-nextest"
+    cargo install cargo-nextest --locked
+  fi
 fi
+if [ "$failed" -ne 0 ]; then exit 1; fi
 
 protoc --version
-v="$(etcd --version)"
-echo "${v%%$'\n'*}"
-redis-server --version
+if [ "$mode" != build ]; then
+  v="$(etcd --version)"
+  echo "${v%%$'\n'*}"
+  redis-server --version
+fi

@@ -6,6 +6,8 @@
 /// Encoded `FileDescriptorSet` of every agentmesh proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("agentmesh_descriptor");
 
+pub mod codec;
+
 pub mod common {
     pub mod v1 {
         tonic::include_proto!("agentmesh.common.v1");

@@ -62,6 +62,13 @@ bind "$cargo_bin" "$run/opt/cargo-bin" ro
 nextest=$(command -v cargo-nextest || true)
 if [ -n "$nextest" ]; then bind "$(dirname "$nextest")" "$run/opt/nextest-bin" ro; fi
 cp /etc/resolv.conf "$run/etc/resolv.conf"
+# The host's CA bundle, for networks that reach the registries through a TLS-inspecting proxy
+# with its own CA (a fresh machine there is given that CA the same way).
+ca=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
+if [ -f "$ca" ]; then
+  mkdir -p "$run/etc/ssl/certs"
+  cp "$ca" "$run/etc/ssl/certs/host-ca.crt"
+fi
 
 git clone -q . "$run/src"
 # ../shared sits beside the repository in CI; give the clone the same neighbour when it exists.
@@ -70,6 +77,7 @@ if [ -d ../shared ]; then bind "$(cd ../shared && pwd)" "$run/shared" ro; fi
 echo "running in the chroot: $commands"
 chroot "$run" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
   PATH=/opt/cargo-bin:/opt/nextest-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  SSL_CERT_FILE=/etc/ssl/certs/host-ca.crt CARGO_HTTP_CAINFO=/etc/ssl/certs/host-ca.crt \
   RUSTUP_HOME=/opt/rustup CARGO_HOME=/root/.cargo RUSTUP_TOOLCHAIN="$(rustup show active-toolchain | cut -d' ' -f1)" \
   bash -c "cd /src && $commands"
 echo "fresh machine: '$commands' passed"

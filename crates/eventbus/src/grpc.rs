@@ -231,6 +231,7 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
             bus: self.bus.clone(),
             in_flight: futures::stream::FuturesOrdered::new(),
             ready: VecDeque::new(),
+            failure: None,
         };
         let answers = futures::stream::unfold(state, |mut state| async move {
             loop {
@@ -238,8 +239,12 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
                     return Some((Ok(answer), state));
                 }
                 if state.inbound_done || state.in_flight.len() >= PUBLISH_DEPTH {
-                    let answers = state.in_flight.next().await?;
-                    state.ready.extend(answers);
+                    match state.in_flight.next().await {
+                        Some(answers) => state.ready.extend(answers),
+                        // Everything read was answered: end with the reason reading stopped,
+                        // if it was not the client's clean end (never OK after a bad frame).
+                        None => return state.failure.take().map(|status| (Err(status), state)),
+                    }
                     continue;
                 }
                 let first = if state.in_flight.is_empty() {
@@ -257,7 +262,8 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
                 match first {
                     Some(Ok(first)) => state.start(first),
                     // The client is done (or gone): answer what is in flight, then end.
-                    _ => state.inbound_done = true,
+                    None => state.inbound_done = true,
+                    Some(Err(status)) => state.fail(status),
                 }
             }
         });
@@ -299,12 +305,29 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         };
         let handle = Arc::new(subscription.handle);
         let stop = tokio_util::sync::CancellationToken::new();
-        let deliveries = deliveries_stream(subscription.rx, handle.clone(), stop.clone());
+        let failure = Arc::new(parking_lot::Mutex::new(None));
+        let deliveries = deliveries_stream(
+            subscription.rx,
+            handle.clone(),
+            stop.clone(),
+            failure.clone(),
+        );
         let id = subscription.id;
         tokio::spawn(async move {
-            while let Some(Ok(message)) = inbound.next().await {
-                handle_client_message(&handle, &id, message).await;
-            }
+            // A protocol error (an undecodable frame, a second `open`, an empty message) ends
+            // the subscription with INVALID_ARGUMENT naming it, never with OK.
+            let outcome = loop {
+                match inbound.next().await {
+                    Some(Ok(message)) => {
+                        if let Err(e) = handle_client_message(&handle, &id, message).await {
+                            break Some(to_status(e));
+                        }
+                    }
+                    Some(Err(status)) => break Some(status),
+                    None => break None,
+                }
+            };
+            *failure.lock() = outcome;
             stop.cancel();
         });
         let stream = futures::stream::once(std::future::ready(Ok(subscribed))).chain(deliveries);
@@ -522,16 +545,33 @@ struct PublishState {
     in_flight: futures::stream::FuturesOrdered<BoxFuture<'static, Vec<pb::PublishResponse>>>,
     /// Answers of the batch being handed out, in order.
     ready: VecDeque<pb::PublishResponse>,
+    /// Why reading stopped, when it was not the client's clean end (an undecodable frame is
+    /// INVALID_ARGUMENT): the stream ends with it once everything read before is answered.
+    failure: Option<Status>,
 }
 
 impl PublishState {
+    /// Stops reading: nothing after a frame that could not be read is published.
+    fn fail(&mut self, status: Status) {
+        self.inbound_done = true;
+        self.failure = Some(status);
+    }
+
     /// Starts a batch of `first` and whatever else already arrived.
     fn start(&mut self, first: pb::PublishRequest) {
         let mut batch = vec![first];
         while batch.len() < MAX_PUBLISH_BATCH {
             match self.inbound.next().now_or_never() {
                 Some(Some(Ok(m))) => batch.push(m),
-                _ => break,
+                Some(Some(Err(status))) => {
+                    self.fail(status);
+                    break;
+                }
+                Some(None) => {
+                    self.inbound_done = true;
+                    break;
+                }
+                None => break,
             }
         }
         let mut answers: Vec<Option<pb::PublishResponse>> = Vec::with_capacity(batch.len());
@@ -569,6 +609,8 @@ struct DeliverState {
     rx: mpsc::Receiver<Outbound>,
     handle: Arc<SubscriptionHandle>,
     stop: tokio_util::sync::CancellationToken,
+    /// Why the client's side ended, when it was a protocol error: the last thing sent.
+    failure: Arc<parking_lot::Mutex<Option<Status>>>,
     /// Messages ready to go, with the deliveries each carries.
     ready: VecDeque<(pb::SubscribeResponse, u32)>,
     /// Deliveries in the message handed out last: written once the next is asked for.
@@ -583,11 +625,13 @@ fn deliveries_stream(
     rx: mpsc::Receiver<Outbound>,
     handle: Arc<SubscriptionHandle>,
     stop: tokio_util::sync::CancellationToken,
+    failure: Arc<parking_lot::Mutex<Option<Status>>>,
 ) -> impl Stream<Item = Result<pb::SubscribeResponse, Status>> + Send + 'static {
     let state = DeliverState {
         rx,
         handle,
         stop,
+        failure,
         ready: VecDeque::new(),
         handed_out: 0,
     };
@@ -597,7 +641,10 @@ fn deliveries_stream(
         }
         if state.ready.is_empty() {
             let first = tokio::select! {
-                () = state.stop.cancelled() => return None,
+                () = state.stop.cancelled() => {
+                    let failure = state.failure.lock().take();
+                    return failure.map(|status| (Err(status), state));
+                }
                 next = state.rx.recv() => next?,
             };
             let mut deliveries = Vec::new();
@@ -664,7 +711,7 @@ async fn handle_client_message(
     handle: &SubscriptionHandle,
     subscription_id: &str,
     message: pb::SubscribeRequest,
-) {
+) -> Result<(), EventBusError> {
     use pb::subscribe_request::Kind;
     match message.kind {
         Some(Kind::Ack(ack)) => {
@@ -696,10 +743,20 @@ async fn handle_client_message(
                 tracing::debug!(error = %e, subscription = %subscription_id, "reply refused");
             }
         }
-        Some(Kind::Open(_)) | None => {
-            tracing::debug!(subscription = %subscription_id, "ignoring a second open");
+        Some(Kind::Open(_)) => {
+            return Err(EventBusError::invalid(
+                "open",
+                "a subscription is opened once: `open` after the first message is a protocol error",
+            ));
+        }
+        None => {
+            return Err(EventBusError::invalid(
+                "kind",
+                "empty message: set one of ack, nak, in_progress, terminate, reply",
+            ));
         }
     }
+    Ok(())
 }
 
 /// Opens the event's producer span and writes its context into the event's headers. Its

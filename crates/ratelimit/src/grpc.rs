@@ -172,6 +172,13 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         request: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
         let namespace = request.into_inner().namespace;
+        if !namespace.is_empty() {
+            let mut violations = Vec::new();
+            validate_identifier(&namespace, "namespace", MAX_NAMESPACE_LEN, &mut violations);
+            if !violations.is_empty() {
+                return Err(RateLimitError::InvalidArgument(violations).into());
+            }
+        }
         let listed = self
             .policies
             .list(Some(namespace.as_str()).filter(|ns| !ns.is_empty()))
@@ -761,14 +768,12 @@ pub(crate) fn decode_usage(u: pb::BudgetUsage) -> Usage {
 }
 
 /// Checks a (namespace, name) pair used to address a stored policy.
+/// A stored policy's namespace and name, bounded as `PutPolicy` bounds them (so nothing
+/// oversized reaches etcd, and a NOT_FOUND message echoes at most a valid name).
 fn validate_policy_ref(namespace: &str, name: &str) -> Result<(), RateLimitError> {
     let mut violations = Vec::new();
-    if namespace.is_empty() {
-        violations.push(FieldViolation::new("namespace", "required"));
-    }
-    if name.is_empty() {
-        violations.push(FieldViolation::new("name", "required"));
-    }
+    validate_identifier(namespace, "namespace", MAX_NAMESPACE_LEN, &mut violations);
+    validate_policy_name(name, "name", &mut violations);
     if violations.is_empty() {
         Ok(())
     } else {
@@ -897,13 +902,16 @@ impl RateLimiterGrpc {
     ) {
         let mut in_flight = FuturesUnordered::new();
         let mut open = true;
+        // A frame that cannot be read (not valid protobuf: INVALID_ARGUMENT from the codec)
+        // stops reading; the stream ends with it once the checks before it are answered.
+        let mut failure = None;
         while open || !in_flight.is_empty() {
             tokio::select! {
                 message = inbound.next(), if open && in_flight.len() < STREAM_IN_FLIGHT => match message {
                     Some(Ok(message)) => in_flight.push(self.answer(message, deadline, count)),
                     Some(Err(status)) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
+                        failure = Some(status);
+                        open = false;
                     }
                     None => open = false,
                 },
@@ -913,6 +921,9 @@ impl RateLimiterGrpc {
                     }
                 }
             }
+        }
+        if let Some(status) = failure {
+            let _ = tx.send(Err(status)).await;
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod agentmesh;
 mod etcd;
 mod process;
+pub mod raw;
 mod redis;
 
 use std::future::Future;

@@ -23,6 +23,14 @@ fn loopback() -> SocketAddr {
 }
 
 async fn start(metrics: &Metrics, policy_file: Option<std::path::PathBuf>) -> RunningService {
+    start_with(metrics, policy_file, 10_000).await
+}
+
+async fn start_with(
+    metrics: &Metrics,
+    policy_file: Option<std::path::PathBuf>,
+    max_streams: usize,
+) -> RunningService {
     let args = RateLimitArgs {
         listen: loopback(),
         admin_listen: loopback(),
@@ -31,6 +39,7 @@ async fn start(metrics: &Metrics, policy_file: Option<std::path::PathBuf>) -> Ru
         policy_file,
         max_keys: 10_000,
         budget: Duration::from_millis(5),
+        max_streams,
     };
     let membership: Arc<dyn agentmesh_membership::Membership> =
         Arc::new(InMemoryMembership::default());
@@ -249,6 +258,42 @@ async fn test_named_policies_from_file_and_all_or_nothing() {
 }
 
 #[tokio::test]
+async fn test_stream_check_streams_are_bounded_per_instance() {
+    let metrics = Metrics::new();
+    let running = start_with(&metrics, None, 2).await;
+    let client = client(&running, &metrics);
+    let open = |mut client: pb::rate_limiter_client::RateLimiterClient<_>| async move {
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::StreamCheckRequest>(1);
+        let call = client
+            .stream_check(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        (tx, call)
+    };
+    let (first_tx, first) = open(client.clone()).await;
+    let (_second_tx, second) = open(client.clone()).await;
+    assert!(first.is_ok() && second.is_ok());
+    let (_third_tx, third) = open(client.clone()).await;
+    let status = third.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("--ratelimit-max-streams"));
+    // A stream that ends gives its place back.
+    drop(first_tx);
+    let mut first = first.unwrap().into_inner();
+    while first.next().await.is_some() {}
+    let mut reopened = None;
+    for _ in 0..50 {
+        let (tx, call) = open(client.clone()).await;
+        if call.is_ok() {
+            reopened = Some(tx);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(reopened.is_some(), "the freed place was not given back");
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn test_stream_check_answers_each_request_and_survives_a_bad_one() {
     let metrics = Metrics::new();
     let running = start(&metrics, None).await;
@@ -349,6 +394,10 @@ async fn test_health_and_reflection_answer_on_the_grpc_port() {
         names.contains(&"grpc.health.v1.Health".to_owned()),
         "{names:?}"
     );
+    // Only what this port serves: not the benchmark Echo service, not the event bus.
+    for absent in ["agentmesh.bench.v1.Echo", "agentmesh.eventbus.v1.EventBus"] {
+        assert!(!names.contains(&absent.to_owned()), "{names:?}");
+    }
     running.shutdown().await.unwrap();
 }
 
@@ -467,7 +516,7 @@ async fn test_leases_cap_concurrency_and_free_slots_on_release_and_expiry() {
         .unwrap()
         .into_inner();
     assert!(first.acquired && second.acquired);
-    assert_eq!((second.in_use, second.lease_id.len()), (2, 16));
+    assert_eq!((second.in_use, second.lease_id.len()), (2, 32));
     let third = client
         .acquire(acquire_request("gpu", 2, 60))
         .await
@@ -1019,7 +1068,7 @@ async fn test_budget_policy_and_usage_calls_reject_bad_input_naming_the_field() 
     let status = client
         .cancel(pb::CancelRequest {
             target: policy_target("k", ""),
-            reservation_id: "0000000000000001".into(),
+            reservation_id: "00000000000000000000000000000001".into(),
         })
         .await
         .unwrap_err();

@@ -253,3 +253,56 @@ async fn test_standalone_mode_stores_policies_in_memory() -> anyhow::Result<()> 
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn test_policy_calls_bound_every_field_and_never_echo_oversized_input() -> anyhow::Result<()>
+{
+    let process = AgentmeshProcess::dev().await?;
+    let mut c = client(&process).await?;
+    let huge = "x".repeat(1_000_000);
+    let field_of = |status: &tonic::Status| -> Vec<String> {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().len() < 1024,
+            "the message echoes the input"
+        );
+        status
+            .get_error_details()
+            .bad_request()
+            .expect("field details")
+            .field_violations
+            .iter()
+            .map(|v| v.field.clone())
+            .collect()
+    };
+    let get = |namespace: &str, name: &str| pb::GetPolicyRequest {
+        namespace: namespace.into(),
+        name: name.into(),
+    };
+    for (request, fields) in [
+        (get("fz", &huge), vec!["name"]),
+        (get(&huge, "x"), vec!["namespace"]),
+        (get("fz", "a\0b"), vec!["name"]),
+        (get("a/b", "x"), vec!["namespace"]),
+    ] {
+        let status = c.get_policy(request).await.unwrap_err();
+        assert_eq!(field_of(&status), fields);
+    }
+    let status = c
+        .delete_policy(pb::DeletePolicyRequest {
+            namespace: huge.clone(),
+            name: "x".into(),
+            expected_version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&status), ["namespace"]);
+    let status = c
+        .list_policies(pb::ListPoliciesRequest {
+            namespace: huge.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&status), ["namespace"]);
+    Ok(())
+}

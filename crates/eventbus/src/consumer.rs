@@ -1055,6 +1055,33 @@ mod tests {
         assert_eq!(known, 0);
     }
 
+    #[test]
+    fn test_a_new_subscription_sends_every_critical_before_waiting_low() {
+        let g = group(100, options(5));
+        let (tx, mut rx) = mpsc::channel(100);
+        g.add_member(7, "s".into(), 1, tx, 0);
+        g.offer(pending("blocker", Priority::Normal), 0);
+        let mut delivered = deliveries(&mut rx);
+        for i in 0..10 {
+            g.offer(pending(&format!("L{i}"), Priority::Low), 0);
+        }
+        for i in 0..5 {
+            g.offer(pending(&format!("C{i}"), Priority::Critical), 0);
+        }
+        let mut order = Vec::new();
+        for _ in 0..15 {
+            let (known, _) = g.ack(7, &[delivered[0].delivery_id], 1);
+            assert_eq!(known, 1);
+            delivered = deliveries(&mut rx);
+            order.push(text(&delivered[0]));
+        }
+        let want: Vec<String> = (0..5)
+            .map(|i| format!("C{i}"))
+            .chain((0..10).map(|i| format!("L{i}")))
+            .collect();
+        assert_eq!(order, want);
+    }
+
     fn keyed(data: &str, key: &str, priority: Priority) -> Pending {
         Pending::new(
             Arc::new(Event {

@@ -28,7 +28,9 @@
 //!   builds only while CRITICAL's queue is empty, so a CRITICAL flood still gets 8/15, and a
 //!   burst delays the other classes by at most 64 deliveries. (Every class banking credit
 //!   would let a LOW class back from idle take pops ahead of CRITICAL.) `V` never moves back
-//!   when CRITICAL serves banked credit.
+//!   when CRITICAL serves banked credit. A new queue's clock starts at [`ORIGIN`], as if
+//!   CRITICAL had been idle long enough to bank the whole burst, so a new subscription orders
+//!   its first deliveries as an old one does.
 //!
 //! Choosing a class costs four comparisons, so `pop` is O(1) apart from the expired items it
 //! skips.
@@ -74,6 +76,12 @@ const AGING_CEILING: usize = Priority::High as usize;
 
 /// Virtual-time units one service costs at weight 1; lcm(1..=16), so usual weights divide it.
 const SCALE: u64 = 720_720;
+
+/// Virtual time a new queue starts at: CRITICAL's whole burst credit at any weight (an
+/// increment is at most `SCALE`). A queue starting at 0 gave CRITICAL no credit, as the credit
+/// saturated at 0: on a fresh subscription one LOW item went out between the first and second
+/// CRITICAL. Now a new queue behaves like one whose CRITICAL has long been idle.
+const ORIGIN: u64 = CRITICAL_BURST * SCALE;
 
 /// When the virtual clock passes this, all tags are shifted down (never reached in practice).
 const RENORMALIZE_AT: u64 = 1 << 62;
@@ -151,8 +159,9 @@ impl<T> PriorityQueue<T> {
             config,
             capacity,
             classes: Default::default(),
+            // Every class idle since before the origin.
             start: [0; CLASSES],
-            virtual_time: 0,
+            virtual_time: ORIGIN,
             len: 0,
         }
     }
@@ -378,12 +387,13 @@ impl<T> PriorityQueue<T> {
         (SCALE / u64::from(weight)).max(1)
     }
 
+    /// Shifts every tag down so the clock is back at [`ORIGIN`] (keeping CRITICAL's credit).
     fn renormalize(&mut self) {
-        let base = self.virtual_time;
+        let base = self.virtual_time - ORIGIN;
         for tag in &mut self.start {
             *tag = tag.saturating_sub(base);
         }
-        self.virtual_time = 0;
+        self.virtual_time = ORIGIN;
     }
 }
 
@@ -515,6 +525,13 @@ mod tests {
     fn test_saturated_shares_follow_weights_8_4_2_1() {
         let mut q = PriorityQueue::new(no_aging(), 100_000);
         fill(&mut q, 10_000, 0);
+        // A new queue's CRITICAL has its burst credit banked: it goes first.
+        let burst = count_pops(&mut q, CRITICAL_BURST as usize, 0);
+        assert_eq!(
+            burst[Critical.index()],
+            CRITICAL_BURST as usize,
+            "{burst:?}"
+        );
         let counts = count_pops(&mut q, 15_000, 0);
         let want = [1_000, 2_000, 4_000, 8_000];
         for (got, want) in counts.iter().zip(want) {
@@ -553,6 +570,7 @@ mod tests {
         };
         let mut q = PriorityQueue::new(config, 100_000);
         fill(&mut q, 5_000, 0);
+        count_pops(&mut q, CRITICAL_BURST as usize, 50);
         // Fresh heads: plain 8:4:2:1.
         let fresh = count_pops(&mut q, 1_500, 50);
         assert!(fresh[Low.index()].abs_diff(100) <= 2, "fresh {fresh:?}");
@@ -766,6 +784,29 @@ mod tests {
     }
 
     #[test]
+    fn test_critical_goes_first_on_a_new_queue_as_on_an_old_one() {
+        for history in [0, 1, 40] {
+            let mut q = PriorityQueue::new(no_aging(), 1_000);
+            for i in 0..history {
+                q.push(i, Normal, None, 0);
+                pop_item(&mut q, 0);
+            }
+            // One blocker out, then 10 LOW and 5 CRITICAL wait: all CRITICAL go first.
+            q.push(100, Normal, None, 0);
+            pop_item(&mut q, 0);
+            for i in 0..10 {
+                q.push(200 + i, Low, None, 0);
+            }
+            for i in 0..5 {
+                q.push(300 + i, Critical, None, 0);
+            }
+            let order: Vec<Priority> = (0..15).map(|_| pop_item(&mut q, 0).unwrap().1).collect();
+            let want: Vec<Priority> = [[Critical; 5].as_slice(), [Low; 10].as_slice()].concat();
+            assert_eq!(order, want, "after {history} earlier deliveries");
+        }
+    }
+
+    #[test]
     fn test_idle_critical_banks_a_bounded_burst() {
         let mut q = PriorityQueue::new(no_aging(), 100_000);
         for i in 0..5_000 {
@@ -787,7 +828,7 @@ mod tests {
     fn test_critical_flood_keeps_its_share_despite_the_burst_credit() {
         let mut q = PriorityQueue::new(no_aging(), 1_000_000);
         fill(&mut q, 100_000, 0);
-        // Every class backlogged from the start: the credit never builds.
+        // Every class backlogged from the start: only the new queue's one burst, never more.
         let counts = count_pops(&mut q, 150_000, 0);
         assert!(
             counts[Critical.index()].abs_diff(80_000) <= 64,
@@ -800,6 +841,7 @@ mod tests {
     fn test_renormalizing_the_virtual_clock_keeps_the_schedule() {
         let mut q = PriorityQueue::new(no_aging(), 100_000);
         fill(&mut q, 1_000, 0);
+        count_pops(&mut q, CRITICAL_BURST as usize, 0);
         let offset = RENORMALIZE_AT - 5 * SCALE;
         q.virtual_time += offset;
         for tag in &mut q.start {

@@ -23,9 +23,9 @@
 //!
 //! # Reservation ids
 //!
-//! `id = mix(seed + counter)` with a random per-ledger seed, a per-ledger counter and a
-//! bijective 64-bit mixer: ids are unique per ledger (for 2^64 reservations) and hard to guess,
-//! so one caller cannot settle another's reservation by counting.
+//! 128 random bits from a CSPRNG ([`crate::ids`]): one caller cannot settle another's
+//! reservation by guessing or counting. (A mixed counter was invertible: one id gave away the
+//! next.)
 //!
 //! # Bounds
 //!
@@ -47,12 +47,12 @@
 //! an operator's call, not a hot path.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::BuildHasherDefault;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::ids::{OpaqueId, new_id};
 use crate::store::PrehashedKey;
 
 const NANOS_PER_HOUR: u64 = 3_600 * 1_000_000_000;
@@ -188,7 +188,7 @@ pub struct BudgetListing {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reservation {
     /// Id to commit or cancel with, unique per ledger.
-    pub id: u64,
+    pub id: OpaqueId,
     /// Units held.
     pub amount: u64,
     /// UNIX time (ns) from which the hold is released by itself.
@@ -243,8 +243,8 @@ impl Usage {
 pub enum BudgetError {
     /// The reservation was never made under this key, or was already settled, cancelled or
     /// expired.
-    #[error("reservation {0:016x} does not exist (settled, cancelled or expired)")]
-    UnknownReservation(u64),
+    #[error("reservation {0:032x} does not exist (settled, cancelled or expired)")]
+    UnknownReservation(OpaqueId),
     /// The budget or open-reservation bound is reached (the value is that bound).
     #[error("this instance holds its maximum of {0} budgets or open reservations")]
     Full(usize),
@@ -258,7 +258,7 @@ struct Hold {
     window_start: u64,
 }
 
-type HoldMap = HashMap<u64, Hold, BuildHasherDefault<PrehashedKey>>;
+type HoldMap = HashMap<OpaqueId, Hold, BuildHasherDefault<PrehashedKey>>;
 
 #[derive(Debug)]
 struct Budget {
@@ -455,7 +455,7 @@ impl Shard {
         &mut self,
         key: u64,
         spec: &BudgetSpec,
-        id: u64,
+        id: OpaqueId,
         actual: u64,
         now: u64,
     ) -> Result<Usage, BudgetError> {
@@ -493,8 +493,6 @@ pub struct BudgetLedger {
     shard_mask: u64,
     max_budgets: usize,
     max_open_reservations: usize,
-    seed: u64,
-    next_id: AtomicU64,
 }
 
 impl BudgetLedger {
@@ -525,8 +523,6 @@ impl BudgetLedger {
             shard_mask: (shards - 1) as u64,
             max_budgets,
             max_open_reservations,
-            seed: RandomState::new().build_hasher().finish(),
-            next_id: AtomicU64::new(0),
         }
     }
 
@@ -536,11 +532,6 @@ impl BudgetLedger {
         #[allow(clippy::cast_possible_truncation)]
         let index = ((key >> 32) & self.shard_mask) as usize;
         &self.shards[index].0
-    }
-
-    fn new_id(&self) -> u64 {
-        let counter = self.next_id.fetch_add(1, Ordering::Relaxed);
-        mix(self.seed.wrapping_add(counter))
     }
 
     /// Reserves `estimate` in the current window: granted iff `spent + reserved + estimate <=
@@ -579,7 +570,7 @@ impl BudgetLedger {
         }
         let expires_at = now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
         let budget = shard.budget_mut(key, spec, bounds, now, self.max_budgets)?;
-        let id = self.new_id();
+        let id = new_id();
         budget.holds.insert(
             id,
             Hold {
@@ -613,7 +604,7 @@ impl BudgetLedger {
         &self,
         key: BudgetKey<'_>,
         spec: &BudgetSpec,
-        reservation_id: u64,
+        reservation_id: OpaqueId,
         actual: u64,
         now_nanos: u64,
     ) -> Result<Usage, BudgetError> {
@@ -627,7 +618,7 @@ impl BudgetLedger {
         &self,
         key: BudgetKey<'_>,
         spec: &BudgetSpec,
-        reservation_id: u64,
+        reservation_id: OpaqueId,
         now_nanos: u64,
     ) -> Result<Usage, BudgetError> {
         self.shard(key.hash)
@@ -733,13 +724,6 @@ impl BudgetLedger {
             (budgets + shard.budgets.len(), open + shard.open)
         })
     }
-}
-
-/// A bijective 64-bit mixer (the splitmix64 finaliser), so distinct inputs give distinct ids.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -3,11 +3,12 @@
 //! whenever their key is touched, and all of them when the table reaches its bound.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+
+use crate::ids::{OpaqueId, new_id};
 
 /// Most leases one key may allow at once.
 pub const MAX_CONCURRENCY: u64 = 1_000_000;
@@ -24,8 +25,8 @@ const SHARDS: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum LeaseError {
     /// The lease expired, was released, or never existed.
-    #[error("lease {0:016x} does not exist (released or expired)")]
-    Unknown(u64),
+    #[error("lease {0:032x} does not exist (released or expired)")]
+    Unknown(OpaqueId),
     /// The table holds its maximum of leases.
     #[error("this instance holds its maximum of {0} leases")]
     Full(usize),
@@ -35,7 +36,7 @@ pub enum LeaseError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcquireOutcome {
     /// The lease id when a slot was taken.
-    pub lease_id: Option<u64>,
+    pub lease_id: Option<OpaqueId>,
     /// Leases held for the key after the call.
     pub in_use: u64,
     /// When none was taken: until the soonest lease expires.
@@ -44,11 +45,9 @@ pub struct AcquireOutcome {
 
 /// Leases by key hash; see the module docs.
 pub struct LeaseTable {
-    shards: Vec<Mutex<HashMap<u64, HashMap<u64, u64>>>>,
+    shards: Vec<Mutex<HashMap<u64, HashMap<OpaqueId, u64>>>>,
     max_leases: usize,
     held: AtomicUsize,
-    next_id: AtomicU64,
-    id_seed: u64,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -59,23 +58,19 @@ impl LeaseTable {
     /// A table holding at most `max_leases` leases in all.
     #[must_use]
     pub fn new(max_leases: usize) -> Self {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u64(0x6c65_6173_6573);
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             max_leases: max_leases.max(1),
             held: AtomicUsize::new(0),
-            next_id: AtomicU64::new(1),
-            id_seed: hasher.finish(),
         }
     }
 
-    fn shard(&self, key: u64) -> &Mutex<HashMap<u64, HashMap<u64, u64>>> {
+    fn shard(&self, key: u64) -> &Mutex<HashMap<u64, HashMap<OpaqueId, u64>>> {
         &self.shards[usize::try_from(key % SHARDS as u64).unwrap_or(0)]
     }
 
     /// Drops the expired leases of one key, returning how many it still holds.
-    fn purge(&self, leases: &mut HashMap<u64, u64>, now: u64) -> usize {
+    fn purge(&self, leases: &mut HashMap<OpaqueId, u64>, now: u64) -> usize {
         let before = leases.len();
         leases.retain(|_, expires| *expires > now);
         self.held
@@ -118,7 +113,7 @@ impl LeaseTable {
                 retry_after: Some(Duration::from_nanos(soonest.saturating_sub(now))),
             });
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) ^ self.id_seed;
+        let id = new_id();
         leases.insert(id, now.saturating_add(nanos(ttl)));
         self.held.fetch_add(1, Ordering::Relaxed);
         Ok(AcquireOutcome {
@@ -135,7 +130,7 @@ impl LeaseTable {
     pub fn renew(
         &self,
         key: u64,
-        lease_id: u64,
+        lease_id: OpaqueId,
         ttl: Duration,
         now: u64,
     ) -> Result<(), LeaseError> {
@@ -153,7 +148,7 @@ impl LeaseTable {
     ///
     /// # Errors
     /// `Unknown` when the lease expired or was released.
-    pub fn release(&self, key: u64, lease_id: u64, now: u64) -> Result<u64, LeaseError> {
+    pub fn release(&self, key: u64, lease_id: OpaqueId, now: u64) -> Result<u64, LeaseError> {
         let mut map = self.shard(key).lock();
         let leases = map.get_mut(&key).ok_or(LeaseError::Unknown(lease_id))?;
         self.purge(leases, now);

@@ -17,6 +17,7 @@ use crate::budget::{BudgetSpec, BudgetWindow, ListedBudget, Usage};
 use crate::concurrency::{DEFAULT_LEASE_TTL, MAX_CONCURRENCY, MAX_LEASE_TTL, MIN_LEASE_TTL};
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
+use crate::ids::{ID_HEX_LEN, OpaqueId, decode_id as decode_opaque, encode_id};
 use crate::limiter::{CheckItem, CheckOutcome, LimitRef};
 use crate::metrics::{ItemNamespaces, RateLimitMetrics};
 
@@ -30,6 +31,7 @@ use crate::router::{
 use crate::spec::{
     Algorithm, Consistency, FailurePolicy, LimitSpec, MAX_KEY_LEN, MAX_NAMESPACE_LEN, Mode,
     PolicyBody, ScopedPolicy, validate_budget_limit, validate_identifier, validate_policy_name,
+    validate_stored_namespace,
 };
 
 /// Responses buffered per StreamCheck stream before the server stops reading requests.
@@ -70,6 +72,43 @@ pub struct RateLimiterGrpc {
     policies: Arc<dyn PolicyStore>,
     metrics: RateLimitMetrics,
     instance_id: Arc<str>,
+    streams: Arc<StreamSlots>,
+}
+
+/// Default bound on the StreamCheck streams clients hold open on one instance.
+pub const DEFAULT_MAX_STREAMS: usize = 10_000;
+
+/// Open StreamCheck streams of clients (streams forwarded by peers are not counted: they are
+/// bounded by the cluster's size, and refusing them would break forwarding).
+struct StreamSlots {
+    open: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+/// One client stream's place under the bound, given back when the stream ends.
+struct StreamSlot(Arc<StreamSlots>);
+
+impl StreamSlots {
+    fn take(self: &Arc<Self>) -> Result<StreamSlot, RateLimitError> {
+        use std::sync::atomic::Ordering;
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(RateLimitError::ResourceExhausted(format!(
+                "this instance has its maximum of {} open StreamCheck streams \
+                 (--ratelimit-max-streams): close one, or use another instance",
+                self.max
+            )));
+        }
+        Ok(StreamSlot(self.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl RateLimiterGrpc {
@@ -87,7 +126,21 @@ impl RateLimiterGrpc {
             policies,
             metrics,
             instance_id: instance_id.into(),
+            streams: Arc::new(StreamSlots {
+                open: std::sync::atomic::AtomicUsize::new(0),
+                max: DEFAULT_MAX_STREAMS,
+            }),
         }
+    }
+
+    /// Bounds the StreamCheck streams clients may hold open on this instance (at least 1).
+    #[must_use]
+    pub fn with_max_streams(mut self, max: usize) -> Self {
+        self.streams = Arc::new(StreamSlots {
+            open: std::sync::atomic::AtomicUsize::new(0),
+            max: max.max(1),
+        });
+        self
     }
 
     /// The tonic server for this adapter.
@@ -141,9 +194,18 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
     ) -> Result<Response<Self::StreamCheckStream>, Status> {
         let deadline = deadline_of(&request);
         let count = !request.metadata().contains_key(FORWARDED_HEADER);
+        let slot = if count {
+            Some(self.streams.take()?)
+        } else {
+            None
+        };
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(self.clone().serve_stream(inbound, tx, deadline, count));
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.serve_stream(inbound, tx, deadline, count).await;
+            drop(slot);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -174,7 +236,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         let namespace = request.into_inner().namespace;
         if !namespace.is_empty() {
             let mut violations = Vec::new();
-            validate_identifier(&namespace, "namespace", MAX_NAMESPACE_LEN, &mut violations);
+            validate_stored_namespace(&namespace, "namespace", &mut violations);
             if !violations.is_empty() {
                 return Err(RateLimitError::InvalidArgument(violations).into());
             }
@@ -450,23 +512,15 @@ fn decode_lease(
     ))
 }
 
-/// A lease or reservation id on the wire: 16 hex digits.
-pub(crate) fn encode_id(id: u64) -> String {
-    format!("{id:016x}")
-}
-
-/// A lease or reservation id as the server sent it: 16 hex digits.
-fn decode_id(field: &str, text: &str, violations: &mut Vec<FieldViolation>) -> u64 {
-    match u64::from_str_radix(text, 16) {
-        Ok(id) if text.len() == 16 => id,
-        _ => {
-            violations.push(FieldViolation::new(
-                field,
-                "must be the 16 hex digits the server returned",
-            ));
-            0
-        }
-    }
+/// A lease or reservation id as the server sent it: 32 hex digits.
+fn decode_id(field: &str, text: &str, violations: &mut Vec<FieldViolation>) -> OpaqueId {
+    decode_opaque(text).unwrap_or_else(|| {
+        violations.push(FieldViolation::new(
+            field,
+            format!("must be the {ID_HEX_LEN} hex digits the server returned"),
+        ));
+        0
+    })
 }
 
 /// The caller's deadline, from its `grpc-timeout`.
@@ -772,7 +826,7 @@ pub(crate) fn decode_usage(u: pb::BudgetUsage) -> Usage {
 /// oversized reaches etcd, and a NOT_FOUND message echoes at most a valid name).
 fn validate_policy_ref(namespace: &str, name: &str) -> Result<(), RateLimitError> {
     let mut violations = Vec::new();
-    validate_identifier(namespace, "namespace", MAX_NAMESPACE_LEN, &mut violations);
+    validate_stored_namespace(namespace, "namespace", &mut violations);
     validate_policy_name(name, "name", &mut violations);
     if violations.is_empty() {
         Ok(())

@@ -14,6 +14,7 @@ pub mod decide;
 pub mod envoy;
 pub mod error;
 pub mod grpc;
+pub mod ids;
 pub mod limiter;
 pub mod metrics;
 pub mod policy_store;

@@ -37,6 +37,7 @@ use crate::concurrency::{AcquireOutcome, LeaseError, LeaseTable};
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
 use crate::grpc::{decode_result, encode_item};
+use crate::ids::OpaqueId;
 use crate::limiter::{CheckItem, CheckOutcome, DegradedReason, LimitRef, Limiter, validate_items};
 use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode, PolicySet};
 use crate::strict::{RedisStrict, StrictDecision, StrictItem};
@@ -475,14 +476,14 @@ pub enum BudgetCall {
     /// Settle a reservation with the actual cost.
     Commit {
         /// Reservation id.
-        id: u64,
+        id: OpaqueId,
         /// Actual cost.
         actual: u64,
     },
     /// Release a reservation.
     Cancel {
         /// Reservation id.
-        id: u64,
+        id: OpaqueId,
     },
     /// Read the usage.
     Usage,
@@ -494,7 +495,7 @@ pub struct BudgetAnswer {
     /// Reserve: whether the estimate was granted (true for the other calls).
     pub granted: bool,
     /// Reserve: the reservation held, if any.
-    pub reservation_id: Option<u64>,
+    pub reservation_id: Option<OpaqueId>,
     /// Usage after the call.
     pub usage: Usage,
 }
@@ -629,7 +630,7 @@ impl ClusterRouter {
                     .await?;
                 let outcome = AcquireOutcome {
                     lease_id: if r.acquired {
-                        u64::from_str_radix(&r.lease_id, 16).ok()
+                        crate::ids::decode_id(&r.lease_id)
                     } else {
                         None
                     },
@@ -653,7 +654,7 @@ impl ClusterRouter {
     pub async fn renew(
         &self,
         target: &LeaseTarget,
-        lease_id: u64,
+        lease_id: OpaqueId,
         ttl: Duration,
         deadline: Option<Instant>,
     ) -> Result<(), RateLimitError> {
@@ -666,7 +667,7 @@ impl ClusterRouter {
                 let request = pb::RenewLeaseRequest {
                     namespace: target.namespace.clone(),
                     key: target.key.clone(),
-                    lease_id: crate::grpc::encode_id(lease_id),
+                    lease_id: crate::ids::encode_id(lease_id),
                     ttl: Some(crate::grpc::duration_to_proto(ttl)),
                     consistency: Self::HERE,
                 };
@@ -689,7 +690,7 @@ impl ClusterRouter {
     pub async fn release(
         &self,
         target: &LeaseTarget,
-        lease_id: u64,
+        lease_id: OpaqueId,
         deadline: Option<Instant>,
     ) -> Result<u64, RateLimitError> {
         match self.key_route(&target.namespace, &target.key, target.consistency)? {
@@ -701,7 +702,7 @@ impl ClusterRouter {
                 let request = pb::ReleaseRequest {
                     namespace: target.namespace.clone(),
                     key: target.key.clone(),
-                    lease_id: crate::grpc::encode_id(lease_id),
+                    lease_id: crate::ids::encode_id(lease_id),
                     consistency: Self::HERE,
                 };
                 let r = self
@@ -843,7 +844,7 @@ impl ClusterRouter {
                     .await?;
                 let answer = BudgetAnswer {
                     granted: r.granted,
-                    reservation_id: u64::from_str_radix(&r.reservation_id, 16).ok(),
+                    reservation_id: crate::ids::decode_id(&r.reservation_id),
                     usage: crate::grpc::decode_usage(r.usage.unwrap_or_default()),
                 };
                 Ok((answer, r.decided_by))
@@ -851,7 +852,7 @@ impl ClusterRouter {
             BudgetCall::Commit { id, actual } => {
                 let request = pb::CommitRequest {
                     target: wire,
-                    reservation_id: crate::grpc::encode_id(id),
+                    reservation_id: crate::ids::encode_id(id),
                     actual,
                 };
                 let r = self
@@ -870,7 +871,7 @@ impl ClusterRouter {
             BudgetCall::Cancel { id } => {
                 let request = pb::CancelRequest {
                     target: wire,
-                    reservation_id: crate::grpc::encode_id(id),
+                    reservation_id: crate::ids::encode_id(id),
                 };
                 let r = self
                     .call_peer(

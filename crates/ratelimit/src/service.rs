@@ -67,6 +67,14 @@ pub struct RateLimitArgs {
         default_value_t = 1_000_000
     )]
     pub max_keys: usize,
+    /// Most StreamCheck streams clients may hold open on one instance; one more is refused
+    /// with RESOURCE_EXHAUSTED (streams between instances are not counted).
+    #[arg(
+        long = "ratelimit-max-streams",
+        env = "AGENTMESH_RATELIMIT_MAX_STREAMS",
+        default_value_t = crate::grpc::DEFAULT_MAX_STREAMS
+    )]
+    pub max_streams: usize,
 }
 
 impl RateLimitArgs {
@@ -91,6 +99,12 @@ impl RateLimitArgs {
         if self.max_keys == 0 {
             return Err(RateLimitError::invalid(
                 "--ratelimit-max-keys",
+                "must be at least 1",
+            ));
+        }
+        if self.max_streams == 0 {
+            return Err(RateLimitError::invalid(
+                "--ratelimit-max-streams",
                 "must be at least 1",
             ));
         }
@@ -157,8 +171,9 @@ impl RateLimitArgs {
         );
         let envoy =
             EnvoyRlsGrpc::new(router.clone(), &instance_id).with_metrics(domain_metrics.clone());
-        let server =
-            RateLimiterGrpc::new(router, store, domain_metrics, &instance_id).into_server();
+        let server = RateLimiterGrpc::new(router, store, domain_metrics, &instance_id)
+            .with_max_streams(self.max_streams)
+            .into_server();
         Ok(ServiceSpec {
             name: NAME,
             instance_id,

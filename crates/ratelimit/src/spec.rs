@@ -297,6 +297,20 @@ pub fn is_valid_policy_name(name: &str) -> bool {
         })
 }
 
+/// Appends a violation on `field` unless `namespace` can hold stored policies: 1 to
+/// `MAX_NAMESPACE_LEN` bytes without control characters or '/' (it is an etcd key segment).
+pub fn validate_stored_namespace(namespace: &str, field: &str, out: &mut Vec<FieldViolation>) {
+    if !is_valid_identifier(namespace, MAX_NAMESPACE_LEN) || namespace.contains('/') {
+        out.push(FieldViolation::new(
+            field,
+            format!(
+                "must be 1 to {MAX_NAMESPACE_LEN} bytes without control characters or '/', got {} bytes",
+                namespace.len()
+            ),
+        ));
+    }
+}
+
 /// Appends a violation on `field` unless `name` is a valid policy name.
 pub fn validate_policy_name(name: &str, field: &str, out: &mut Vec<FieldViolation>) {
     if !is_valid_policy_name(name) {
@@ -432,13 +446,11 @@ impl ScopedPolicy {
     /// `InvalidArgument` with every violation.
     pub fn validate(&self, field: &str) -> Result<(), RateLimitError> {
         let mut violations = Vec::new();
-        if !is_valid_identifier(&self.namespace, MAX_NAMESPACE_LEN) || self.namespace.contains('/')
-        {
-            violations.push(FieldViolation::new(
-                format!("{field}.namespace"),
-                format!("must be 1 to {MAX_NAMESPACE_LEN} bytes without control characters or '/'"),
-            ));
-        }
+        validate_stored_namespace(
+            &self.namespace,
+            &format!("{field}.namespace"),
+            &mut violations,
+        );
         validate_policy_name(&self.name, &format!("{field}.name"), &mut violations);
         if self.name == DEFAULT_POLICY_NAME {
             violations.push(FieldViolation::new(

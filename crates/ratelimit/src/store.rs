@@ -86,6 +86,12 @@ impl Hasher for PrehashedKey {
         self.0 = value;
     }
 
+    /// Random 128-bit ids (leases, reservations): either half is already a good hash.
+    #[allow(clippy::cast_possible_truncation)]
+    fn write_u128(&mut self, value: u128) {
+        self.0 = (value as u64) ^ ((value >> 64) as u64);
+    }
+
     fn finish(&self) -> u64 {
         self.0
     }

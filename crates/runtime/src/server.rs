@@ -224,10 +224,24 @@ pub async fn start(
         .set_service_status("liveness", ServingStatus::Serving)
         .await;
 
+    let mut known: Vec<String> = spec.grpc_services.clone();
+    known.extend(
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
+        .map(String::from),
+    );
+    // Reflection lists what this port serves, not every service in the descriptor set (the
+    // benchmark Echo service and the other agentmesh services are not served here).
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(agentmesh_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        known.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(agentmesh_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, service| builder.with_service_name(service.clone()),
+        )
     };
     let reflection_error = |e: tonic_reflection::server::Error| ServerError::Serve {
         service: name.to_owned(),
@@ -261,15 +275,6 @@ pub async fn start(
                 reason: e.to_string(),
             })?;
 
-    let mut known: Vec<String> = spec.grpc_services.clone();
-    known.extend(
-        [
-            "grpc.health.v1.Health",
-            "grpc.reflection.v1.ServerReflection",
-            "grpc.reflection.v1alpha.ServerReflection",
-        ]
-        .map(String::from),
-    );
     let grpc_stop = CancellationToken::new();
     let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use agentmesh_proto::ratelimit::v1 as pb;
-use agentmesh_tests::agentmesh::AgentmeshProcess;
+use agentmesh_tests::agentmesh::{AgentmeshProcess, http_get};
 use agentmesh_tests::{EtcdServer, RedisServer, wait_until};
 
 type Client = pb::rate_limiter_client::RateLimiterClient<tonic::transport::Channel>;
@@ -55,11 +55,20 @@ async fn start_three(
     etcd: &EtcdServer,
     redis: Option<&RedisServer>,
 ) -> anyhow::Result<Vec<AgentmeshProcess>> {
+    start_three_with(etcd, redis, &[]).await
+}
+
+async fn start_three_with(
+    etcd: &EtcdServer,
+    redis: Option<&RedisServer>,
+    more: &[&str],
+) -> anyhow::Result<Vec<AgentmeshProcess>> {
     let url = redis.map(RedisServer::url);
     let mut extra = vec!["--ratelimit-budget", "50ms"];
     if let Some(url) = url.as_deref() {
         extra.extend(["--redis", url]);
     }
+    extra.extend_from_slice(more);
     let mut processes = Vec::new();
     for _ in 0..3 {
         processes.push(AgentmeshProcess::serve_ratelimit(Some(&etcd.endpoint()), &extra).await?);
@@ -865,5 +874,76 @@ async fn test_a_stored_budget_policy_is_used_on_every_instance_and_usage_lists_e
     );
     assert_eq!(r.keys.len(), keys.len() - held_by_victim);
     assert!(r.keys.iter().all(|k| k.held_by != victim_id));
+    Ok(())
+}
+
+/// The gRPC health status of `service` on `process`.
+async fn health(process: &AgentmeshProcess, service: &str) -> anyhow::Result<i32> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", process.grpc_addr))?
+        .connect()
+        .await?;
+    let mut client = HealthClient::new(channel);
+    Ok(client
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await?
+        .into_inner()
+        .status)
+}
+
+#[tokio::test]
+async fn test_an_etcd_outage_leaves_every_instance_ready_and_answering() -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut etcd = EtcdServer::start().await?;
+    let processes = start_three_with(&etcd, None, &["--lease-ttl", "2s"]).await?;
+    let mut clients = Vec::new();
+    for p in &processes {
+        clients.push(client(p).await?);
+    }
+    etcd.kill();
+    // Well past the 2 s lease (and its keep-alive slack): every lease is lost meanwhile.
+    let until = Instant::now() + Duration::from_secs(7);
+    let mut lease_lost_seen = [false; 3];
+    while Instant::now() < until {
+        for (i, p) in processes.iter().enumerate() {
+            let (code, _) = http_get(p.admin_addr, "/readyz").await?;
+            assert_eq!(code, 200, "instance {i} not ready during the etcd outage");
+            assert_eq!(
+                health(p, "readiness").await?,
+                ServingStatus::Serving as i32,
+                "instance {i}: gRPC readiness"
+            );
+            if health(p, "membership").await? == ServingStatus::NotServing as i32 {
+                lease_lost_seen[i] = true;
+            }
+            let r = check(
+                &mut clients[i],
+                item(
+                    "outage",
+                    1_000_000,
+                    pb::Consistency::Owner,
+                    pb::FailurePolicy::LocalFallback,
+                ),
+            )
+            .await?;
+            assert_eq!(r.decision, pb::Decision::Allow as i32);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        lease_lost_seen, [true; 3],
+        "every instance noticed its lease was lost (reported under `membership`)"
+    );
+    etcd.restart().await?;
+    for (i, p) in processes.iter().enumerate() {
+        wait_until(Duration::from_secs(10), "registered again", || async {
+            health(p, "membership").await.ok() == Some(ServingStatus::Serving as i32)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("instance {i}: {e}"))?;
+    }
     Ok(())
 }

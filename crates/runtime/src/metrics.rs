@@ -20,6 +20,8 @@ pub struct Metrics {
     pub rpc_client_duration: HistogramVec,
     /// Circuit-breaker state per client target (0 closed, 1 open, 2 half-open).
     pub breaker_state: IntGaugeVec,
+    /// 1 while a service's membership entry is registered, 0 while its lease is lost.
+    pub membership_registered: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -66,6 +68,15 @@ impl Metrics {
             &["target"],
         )
         .expect("valid metric");
+        let membership_registered = IntGaugeVec::new(
+            Opts::new(
+                "membership_registered",
+                "1 while the service's membership entry is registered (its lease is alive), 0 while \
+                 the lease is lost and the instance serves on its last known membership.",
+            ),
+            &["service"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "agentmesh_build_info",
@@ -81,6 +92,7 @@ impl Metrics {
             Box::new(rpc_server_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(rpc_client_duration.clone()),
             Box::new(breaker_state.clone()),
+            Box::new(membership_registered.clone()),
             Box::new(build_info),
         ] {
             registry
@@ -98,6 +110,7 @@ impl Metrics {
             rpc_server_duration,
             rpc_client_duration,
             breaker_state,
+            membership_registered,
         }
     }
 

@@ -29,7 +29,11 @@ use crate::metrics::{METRICS_CONTENT_TYPE, Metrics};
 use crate::observe::ServerTelemetryLayer;
 
 /// How often readiness is re-derived from the membership registration.
-const READINESS_INTERVAL: Duration = Duration::from_millis(500);
+const MEMBERSHIP_REPORT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// gRPC health name that reports the membership registration (SERVING while registered).
+/// Readiness does not follow it: see [`report_membership`].
+pub const MEMBERSHIP_HEALTH: &str = "membership";
 /// Longest wait for the membership lease to be revoked at shutdown.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -309,11 +313,12 @@ pub async fn start(
     let stop = shutdown.child_token();
     let stop_signal = stop.clone();
     let grace = ctx.shutdown_grace;
+    let ctx_metrics = ctx.metrics.clone();
     let task = tokio::spawn(async move {
         let grpc_failed = tokio::select! {
             () = stop_signal.cancelled() => None,
             result = &mut grpc_task => Some(result),
-            () = keep_readiness(&registration, &reporter, &ready) => None,
+            () = report_membership(&registration, &reporter, &ctx_metrics) => None,
         };
         if let Some(result) = grpc_failed {
             admin_stop.cancel();
@@ -330,6 +335,9 @@ pub async fn start(
         tracing::info!(service = name, "shutting down: readiness off");
         ready.store(false, Ordering::Relaxed);
         set_all(&reporter, &serving_names, ServingStatus::NotServing).await;
+        reporter
+            .set_service_status(MEMBERSHIP_HEALTH, ServingStatus::NotServing)
+            .await;
         match tokio::time::timeout(DEREGISTER_TIMEOUT, registration.deregister()).await {
             Ok(Ok(())) => tracing::info!(service = name, "membership lease revoked"),
             Ok(Err(e)) => {
@@ -373,31 +381,41 @@ pub async fn start(
     })
 }
 
-/// Keeps readiness in step with the membership registration: an instance that lost its
-/// lease is not ready until it has registered again. Never returns.
-async fn keep_readiness(
+/// Reports the membership registration — the `membership` health name, the
+/// `membership_registered` gauge and a log line on each change — without touching readiness.
+///
+/// An instance whose lease is lost (etcd down or partitioned away) keeps serving on its last
+/// known membership, as do its peers, who cannot see etcd either; turning it not-ready would
+/// have a probe pull every instance of the fleet at once during an etcd outage. It registers
+/// again (new lease) as soon as etcd answers. Never returns.
+async fn report_membership(
     registration: &Registration,
     reporter: &HealthReporter,
-    ready: &AtomicBool,
+    metrics: &Metrics,
 ) {
-    let mut last = true;
+    let service = registration.member().service.clone();
+    let gauge = metrics
+        .membership_registered
+        .with_label_values(&[service.as_str()]);
+    let mut last = None;
     loop {
-        tokio::time::sleep(READINESS_INTERVAL).await;
         let now = registration.is_registered();
-        if now != last {
-            last = now;
-            ready.store(now, Ordering::Relaxed);
+        if last != Some(now) {
+            gauge.set(i64::from(now));
             let status = if now {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
             };
-            reporter.set_service_status("readiness", status).await;
-            if now {
-                tracing::info!(instance = %registration.member().instance_id, "registered again: ready");
-            } else {
-                tracing::warn!(instance = %registration.member().instance_id, "membership lost: not ready");
+            reporter.set_service_status(MEMBERSHIP_HEALTH, status).await;
+            let instance = &registration.member().instance_id;
+            if !now {
+                tracing::warn!(%instance, "membership lease lost: serving on the last known membership, re-registering");
+            } else if last == Some(false) {
+                tracing::info!(%instance, "registered again in membership");
             }
+            last = Some(now);
         }
+        tokio::time::sleep(MEMBERSHIP_REPORT_INTERVAL).await;
     }
 }

@@ -444,3 +444,54 @@ async fn test_connect_to_a_closed_port_fails_within_the_connect_timeout() {
     );
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+#[tokio::test]
+async fn test_after_a_long_redis_outage_the_breaker_closes_within_one_health_check() {
+    let mut redis = RedisServer::start().await.unwrap();
+    let metrics = Metrics::new();
+    let gauge = metrics.breaker_state.with_label_values(&["redis-strict"]);
+    // The production breaker: 1 s open at first, doubling per failed probe up to 30 s.
+    let config = StrictConfig {
+        breaker: BreakerConfig::default(),
+        ..config(&redis)
+    };
+    let strict = RedisStrict::connect(config, Some(gauge.clone()))
+        .await
+        .unwrap();
+    let unit = item(0x21, 1000, HOUR, 0, 1);
+    let budget = Duration::from_millis(5);
+    assert!(strict.check(&[unit], false, budget).await.is_ok());
+
+    redis.kill();
+    // Long enough for the breaker to open several times (1 + 2 + 4 s of back-off) and for a
+    // reconnect that gives up to have given up.
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(8) {
+        let _ = strict.check(&[unit], false, budget).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_ne!(
+        gauge.get(),
+        0,
+        "the breaker is not closed during the outage"
+    );
+
+    redis.restart().await.unwrap();
+    let restarted = Instant::now();
+    wait_until(
+        Duration::from_secs(20),
+        "strict checks answered again",
+        || {
+            let strict = strict.clone();
+            async move { strict.check(&[unit], false, budget).await.is_ok() }
+        },
+    )
+    .await
+    .unwrap();
+    let recovered = restarted.elapsed();
+    assert_eq!(gauge.get(), 0, "closed");
+    assert!(
+        recovered < Duration::from_millis(1500),
+        "back {recovered:?} after Redis returned; one health check is 250 ms"
+    );
+}

@@ -40,10 +40,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use agentmesh_runtime::breaker::{BreakerConfig, CircuitBreaker, Permit};
+use agentmesh_runtime::breaker::{BreakerConfig, BreakerPhase, CircuitBreaker, Permit};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::spec::{MAX_ITEMS, MAX_LIMIT, MAX_PERIOD, MIN_PERIOD};
 
@@ -63,6 +63,9 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Longest pause between reconnection attempts, so a returning Redis is found quickly.
 const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
+
+/// How often Redis is checked while the breaker is open or half-open.
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// One item to decide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,7 +213,12 @@ impl RedisStrict {
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.connect_timeout))
-            .set_max_delay(RECONNECT_MAX_DELAY);
+            .set_max_delay(RECONNECT_MAX_DELAY)
+            // Keep reconnecting for as long as Redis is away: with the default 6 attempts a
+            // reconnect gave up after 2-4 s, and the next call (a half-open probe) was answered
+            // with that stale error, doubling the breaker's open time. Calls stay bounded by
+            // their budget, and the open breaker answers them without waiting.
+            .set_number_of_retries(usize::MAX);
         let script = Script::new(GCRA_SCRIPT);
         let connect = async {
             let mut conn = ConnectionManager::new_with_config(client, manager_config)
@@ -223,15 +231,18 @@ impl RedisStrict {
             .await
             .map_err(|_| StrictError::Timeout(config.connect_timeout))??;
         debug!(url = %redact_url(&config.url), "redis strict store connected");
-        Ok(Self {
-            inner: Arc::new(Inner {
-                conn,
-                script,
-                key_prefix: config.key_prefix,
-                breaker: CircuitBreaker::new(config.breaker, breaker_gauge),
-                warn_limiter: WarnLimiter::new(),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            conn,
+            script,
+            key_prefix: config.key_prefix,
+            breaker: CircuitBreaker::new(config.breaker, breaker_gauge),
+            warn_limiter: WarnLimiter::new(),
+        });
+        tokio::spawn(health_checks(
+            Arc::downgrade(&inner),
+            config.connect_timeout,
+        ));
+        Ok(Self { inner })
     }
 
     /// Decides `items`.
@@ -607,6 +618,40 @@ impl WarnLimiter {
                     Ordering::Relaxed,
                 )
                 .is_ok()
+    }
+}
+
+/// While the breaker is not closed, checks Redis every [`HEALTH_CHECK_INTERVAL`] out of band —
+/// `PING`, then `SCRIPT LOAD` (an empty, restarted Redis has no script) — with the connect
+/// timeout rather than a check's few-millisecond budget, and closes the breaker as soon as one
+/// passes. So every instance is back within about one interval after Redis returns, instead of
+/// waiting out an open period that doubled each time a cold probe (new connection, NOSCRIPT,
+/// script load) missed its budget. Ends when the store is dropped.
+async fn health_checks(inner: std::sync::Weak<Inner>, timeout: Duration) {
+    loop {
+        tokio::time::sleep(HEALTH_CHECK_INTERVAL).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if inner.breaker.phase(Instant::now()) == BreakerPhase::Closed {
+            continue;
+        }
+        let mut conn = inner.conn.clone();
+        let check = async {
+            redis::cmd("PING")
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| classify(&e))?;
+            load_script(&inner.script, &mut conn).await
+        };
+        match tokio::time::timeout(timeout, check).await {
+            Ok(Ok(())) => {
+                inner.breaker.close_after_health_check();
+                info!("redis answers again: strict checks resume");
+            }
+            Ok(Err(e)) => debug!(error = %e, "redis health check failed"),
+            Err(_) => debug!("redis health check timed out"),
+        }
     }
 }
 

@@ -170,6 +170,17 @@ impl CircuitBreaker {
         );
     }
 
+    /// Closes an open or half-open breaker at once, as a check made out of band (not under a
+    /// permit) found the target healthy: the back-off starts over. No effect when closed.
+    pub fn close_after_health_check(&self) {
+        let mut state = self.state.lock();
+        if !matches!(state.phase, Phase::Closed) {
+            state.openings = 0;
+            state.buckets = [Bucket::default(); BUCKETS];
+            self.set_phase(&mut state, Phase::Closed);
+        }
+    }
+
     /// Asks to make a call now.
     ///
     /// # Errors
@@ -469,6 +480,26 @@ mod tests {
             b.record(probe, false, t);
             assert_eq!(b.try_acquire(t).unwrap_err(), Duration::from_secs(expected));
         }
+    }
+
+    #[test]
+    fn test_a_passed_health_check_closes_at_once_and_restarts_the_back_off() {
+        let b = CircuitBreaker::new(config(), None);
+        let mut t = Instant::now();
+        for _ in 0..4 {
+            call(&b, false, t);
+        }
+        t += Duration::from_secs(1);
+        let probe = b.try_acquire(t).unwrap();
+        b.record(probe, false, t);
+        assert_eq!(b.phase(t), BreakerPhase::Open, "open for 2 s now");
+        b.close_after_health_check();
+        assert_eq!(b.phase(t), BreakerPhase::Closed);
+        // The next opening is the first again: 1 s, not 4 s.
+        for _ in 0..4 {
+            call(&b, false, t);
+        }
+        assert_eq!(b.try_acquire(t).unwrap_err(), Duration::from_secs(1));
     }
 
     #[test]

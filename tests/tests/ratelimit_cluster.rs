@@ -947,3 +947,128 @@ async fn test_an_etcd_outage_leaves_every_instance_ready_and_answering() -> anyh
     }
     Ok(())
 }
+
+/// Checks every key of `keys` through `processes` for `duration` (four tasks per process);
+/// returns the allowed count per key and the degraded answers.
+async fn allowed_per_key(
+    processes: &[&AgentmeshProcess],
+    keys: &[pb::CheckItem],
+    duration: Duration,
+) -> anyhow::Result<(Vec<u64>, u64)> {
+    let allowed: Arc<Vec<AtomicU64>> = Arc::new(keys.iter().map(|_| AtomicU64::new(0)).collect());
+    let degraded = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for (p, process) in processes.iter().enumerate() {
+        for t in 0..4 {
+            let mut c = client(process).await?;
+            let keys = keys.to_vec();
+            let (allowed, degraded) = (allowed.clone(), degraded.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut i = p * 4 + t;
+                while Instant::now() < until {
+                    let k = i % keys.len();
+                    i += 1;
+                    let r = check(&mut c, keys[k].clone()).await.expect("answered");
+                    if r.decision == pb::Decision::Allow as i32 {
+                        allowed[k].fetch_add(1, Ordering::Relaxed);
+                    }
+                    if r.degraded {
+                        degraded.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok((
+        allowed.iter().map(|a| a.load(Ordering::Relaxed)).collect(),
+        degraded.load(Ordering::Relaxed),
+    ))
+}
+
+#[tokio::test]
+async fn test_a_killed_owners_keys_admit_at_most_one_lost_state_until_its_lease_expires()
+-> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let mut processes = start_three(&etcd, None).await?;
+    let keys: Vec<pb::CheckItem> = (0..30)
+        .map(|k| {
+            item(
+                &format!("suspect-{k}"),
+                100,
+                pb::Consistency::Owner,
+                pb::FailurePolicy::LocalFallback,
+            )
+        })
+        .collect();
+    // Every key spends its 100 per hour at once, and we learn each key's owner.
+    let mut c = client(&processes[0]).await?;
+    let mut owner_of_key = Vec::new();
+    for key in &keys {
+        let all_of_it = pb::CheckItem {
+            cost: 100,
+            ..key.clone()
+        };
+        let r = check(&mut c, all_of_it).await?;
+        assert_eq!(r.decision, pb::Decision::Allow as i32);
+        owner_of_key.push(r.decided_by);
+    }
+    // The victim: the instance that owns the most keys.
+    let mut owners: Vec<String> = owner_of_key.clone();
+    owners.sort();
+    owners.dedup();
+    let victim_id = owners
+        .iter()
+        .max_by_key(|o| owner_of_key.iter().filter(|x| x == o).count())
+        .unwrap()
+        .clone();
+    let mut victim = None;
+    for (i, p) in processes.iter().enumerate() {
+        let probe = pb::CheckItem {
+            consistency: pb::Consistency::Local as i32,
+            cost: 0,
+            ..keys[0].clone()
+        };
+        if check(&mut client(p).await?, probe).await?.decided_by == victim_id {
+            victim = Some(i);
+        }
+    }
+    let victim = victim.expect("the victim is one of the three");
+    processes[victim].kill9();
+    let survivors: Vec<&AgentmeshProcess> = processes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, p)| p)
+        .collect();
+    // Well past the harness's 2 s lease TTL: the dead owner leaves the ring meanwhile. Before
+    // suspicion, each survivor answered its keys by LOCAL_FALLBACK (100/3 each) until then,
+    // and the new owner started afresh: 166 per key here, 258-272 with a 10 s TTL.
+    let (after, degraded) = allowed_per_key(&survivors, &keys, Duration::from_secs(8)).await?;
+    let (mut dead_keys, mut live_keys) = (Vec::new(), Vec::new());
+    for (k, owner) in owner_of_key.iter().enumerate() {
+        if *owner == victim_id {
+            dead_keys.push(after[k]);
+        } else {
+            live_keys.push(after[k]);
+        }
+    }
+    eprintln!(
+        "after kill -9 of the owner of {} of 30 keys: its keys admitted {dead_keys:?}, the others {live_keys:?}; {degraded} degraded answers",
+        dead_keys.len()
+    );
+    // One lost state: the stand-in owner starts the key afresh (100), and keeps it when the
+    // dead owner leaves the ring (rendezvous hashing gives it the same owner).
+    assert!(
+        dead_keys.iter().all(|&n| n <= 110),
+        "a dead owner's keys admit at most one lost state: {dead_keys:?}"
+    );
+    assert!(
+        live_keys.iter().all(|&n| n <= 2),
+        "the other keys stay at their limit: {live_keys:?}"
+    );
+    Ok(())
+}

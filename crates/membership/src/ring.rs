@@ -42,6 +42,17 @@ impl HashRing {
             .map(|(_, m)| m)
     }
 
+    /// The member that owns `key` among those `skip` does not exclude: the owner the ring will
+    /// have once the excluded members leave (rendezvous hashing moves only their keys), so a
+    /// stand-in for a failed owner becomes the real owner without a second move.
+    pub fn owner_excluding(&self, key: &[u8], skip: impl Fn(&str) -> bool) -> Option<&Member> {
+        self.members
+            .iter()
+            .filter(|(_, m)| !skip(&m.instance_id))
+            .max_by_key(|(seed, m)| (xxh3_64_with_seed(key, *seed), &m.instance_id))
+            .map(|(_, m)| m)
+    }
+
     /// Up to `n` distinct members for `key`, best first (the first is [`HashRing::owner`]).
     pub fn owners(&self, key: &[u8], n: usize) -> Vec<&Member> {
         let mut scored: Vec<(u64, &Member)> = self
@@ -225,5 +236,22 @@ mod tests {
             let smaller = HashRing::new(&snapshot(&without, 2));
             assert_eq!(smaller.owner(&k), Some(owners[1]));
         }
+    }
+
+    #[test]
+    fn test_owner_excluding_a_member_is_the_owner_once_it_has_left() {
+        let ids = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let all = snapshot(&ids(&["a", "b", "c", "d"]), 1);
+        let without_b = snapshot(&ids(&["a", "c", "d"]), 2);
+        let (ring, after) = (HashRing::new(&all), HashRing::new(&without_b));
+        for k in 0..1000u32 {
+            let key = k.to_be_bytes();
+            let standin = ring.owner_excluding(&key, |id| id == "b").unwrap();
+            assert_eq!(standin.instance_id, after.owner(&key).unwrap().instance_id);
+            if ring.owner(&key).unwrap().instance_id != "b" {
+                assert_eq!(standin.instance_id, ring.owner(&key).unwrap().instance_id);
+            }
+        }
+        assert!(ring.owner_excluding(b"k", |_| true).is_none());
     }
 }

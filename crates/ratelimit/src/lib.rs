@@ -23,6 +23,7 @@ pub mod service;
 pub mod spec;
 pub mod store;
 pub mod strict;
+mod suspects;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::LimiterConfig;

@@ -19,7 +19,7 @@
 //! An all-or-nothing batch must be decided in one place: every item with the same consistency
 //! and, for OWNER, the same owner (items about one `(namespace, key)` always share an owner).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use agentmesh_membership::{HashRing, Member, MemberSnapshot, MemberWatch, Member
 use agentmesh_proto::ratelimit::v1 as pb;
 use agentmesh_runtime::{ClientChannel, ClientConfig, Metrics};
 use parking_lot::Mutex;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::budget::{
@@ -41,6 +41,7 @@ use crate::ids::OpaqueId;
 use crate::limiter::{CheckItem, CheckOutcome, DegradedReason, LimitRef, Limiter, validate_items};
 use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode, PolicySet};
 use crate::strict::{RedisStrict, StrictDecision, StrictItem};
+use crate::suspects::Suspects;
 
 /// Default time a forward or a Redis call may take.
 pub const DEFAULT_BUDGET: Duration = Duration::from_millis(5);
@@ -52,6 +53,8 @@ const PEER_OPEN_TIMEOUT: Duration = Duration::from_millis(250);
 const PEER_SWEEP: Duration = Duration::from_millis(100);
 /// An unanswered forward this old means the stream is stuck: it is dropped and reopened.
 const PEER_STALL: Duration = Duration::from_secs(1);
+/// How often a suspected peer is probed (a forward stream opened to it).
+const SUSPECT_PROBE: Duration = Duration::from_millis(500);
 /// Forwards queued for one peer before new ones fail over to the failure policy.
 const PEER_QUEUE: usize = 4096;
 /// Items in one forwarded request.
@@ -83,6 +86,7 @@ struct RouterMetrics {
     forwarded: IntCounterVec,
     forward_seconds: Histogram,
     redis_seconds: Histogram,
+    suspect_peers: IntGauge,
 }
 
 impl RouterMetrics {
@@ -116,7 +120,12 @@ impl RouterMetrics {
             )
             .buckets(buckets),
         )?;
+        let suspect_peers = IntGauge::new(
+            "ratelimit_suspect_peers",
+            "Peers whose forward stream just failed: their keys go to the next owner until they answer.",
+        )?;
         let registry = metrics.registry();
+        registry.register(Box::new(suspect_peers.clone()))?;
         registry.register(Box::new(degraded.clone()))?;
         registry.register(Box::new(forwarded.clone()))?;
         registry.register(Box::new(forward_seconds.clone()))?;
@@ -126,6 +135,7 @@ impl RouterMetrics {
             forwarded,
             forward_seconds,
             redis_seconds,
+            suspect_peers,
         })
     }
 }
@@ -188,6 +198,7 @@ impl ClusterRouter {
                 config.instance_id.clone(),
                 metrics.clone(),
                 config.budget,
+                Arc::new(Suspects::new(router_metrics.suspect_peers.clone())),
             ),
             leases: LeaseTable::new(config.max_leases),
             budgets: BudgetLedger::new(config.max_leases, config.max_leases),
@@ -208,6 +219,7 @@ impl ClusterRouter {
         validate_items(&items)?;
         let policies = self.limiter.policies();
         let ring = self.owners.ring();
+        let suspects = self.owners.suspects.snapshot();
         let mut violations = Vec::new();
         let mut planned = Vec::with_capacity(items.len());
         for (index, item) in items.into_iter().enumerate() {
@@ -227,7 +239,7 @@ impl ClusterRouter {
                     Route::Local
                 }
                 Consistency::Strict => Route::Strict,
-                Consistency::Owner => match ring.owner(&owner_key(&item)) {
+                Consistency::Owner => match owner_of(&ring, &suspects, &owner_key(&item)) {
                     None => Route::NoOwner,
                     Some(owner) if owner.instance_id == self.config.instance_id => Route::Local,
                     Some(owner) => Route::Peer(owner.instance_id.clone()),
@@ -557,7 +569,8 @@ impl ClusterRouter {
                 let mut key = target.0.as_bytes().to_vec();
                 key.push(0);
                 key.extend_from_slice(target.1.as_bytes());
-                match self.owners.ring().owner(&key) {
+                let suspects = self.owners.suspects.snapshot();
+                match owner_of(&self.owners.ring(), &suspects, &key) {
                     None => Err(RateLimitError::Unavailable(
                         "no live rate-limiter member is known".to_owned(),
                     )),
@@ -1305,6 +1318,16 @@ fn failure_name(f: FailurePolicy) -> &'static str {
     }
 }
 
+/// The owner of `key`: the ring's, or, when that peer is suspected, the next one that is not
+/// (see [`Suspects`]; this instance is never suspected).
+fn owner_of<'a>(ring: &'a HashRing, suspects: &BTreeSet<String>, key: &[u8]) -> Option<&'a Member> {
+    if suspects.is_empty() {
+        ring.owner(key)
+    } else {
+        ring.owner_excluding(key, |id| suspects.contains(id))
+    }
+}
+
 /// The live rate-limiter members, the ring over them, and a batcher per peer.
 struct Owners {
     self_id: String,
@@ -1314,10 +1337,17 @@ struct Owners {
     peers: Mutex<HashMap<String, PeerBatcher>>,
     metrics: Metrics,
     budget: Duration,
+    suspects: Arc<Suspects>,
 }
 
 impl Owners {
-    fn new(watch: MemberWatch, self_id: String, metrics: Metrics, budget: Duration) -> Self {
+    fn new(
+        watch: MemberWatch,
+        self_id: String,
+        metrics: Metrics,
+        budget: Duration,
+        suspects: Arc<Suspects>,
+    ) -> Self {
         let snapshots = watch.snapshots();
         let ring = Arc::new(HashRing::new(&snapshots.borrow()));
         Self {
@@ -1328,6 +1358,7 @@ impl Owners {
             peers: Mutex::default(),
             metrics,
             budget,
+            suspects,
         }
     }
 
@@ -1339,6 +1370,7 @@ impl Owners {
             *ring = Arc::new(HashRing::new(&snapshot));
             let mut peers = self.peers.lock();
             peers.retain(|id, _| snapshot.members.contains_key(id));
+            self.suspects.retain(|id| snapshot.members.contains_key(id));
         }
         ring.clone()
     }
@@ -1354,7 +1386,7 @@ impl Owners {
         match peers.get(peer) {
             Some(b) if b.addr == member.grpc_addr => Ok(b.clone()),
             _ => {
-                let b = PeerBatcher::start(member, &self.metrics, self.budget)?;
+                let b = PeerBatcher::start(member, &self.metrics, self.budget, &self.suspects)?;
                 peers.insert(peer.to_owned(), b.clone());
                 Ok(b)
             }
@@ -1420,7 +1452,12 @@ struct PeerBatcher {
 }
 
 impl PeerBatcher {
-    fn start(member: &Member, metrics: &Metrics, budget: Duration) -> Result<Self, RateLimitError> {
+    fn start(
+        member: &Member,
+        metrics: &Metrics,
+        budget: Duration,
+        suspects: &Arc<Suspects>,
+    ) -> Result<Self, RateLimitError> {
         let config = ClientConfig {
             timeout: Duration::from_secs(1),
             connect_timeout: budget.max(Duration::from_millis(100)),
@@ -1429,7 +1466,12 @@ impl PeerBatcher {
         let channel = agentmesh_runtime::connect_lazy(&member.grpc_addr, &config, metrics)
             .map_err(|e| RateLimitError::Unavailable(e.to_string()))?;
         let (queue_tx, queue_rx) = mpsc::channel(PEER_QUEUE);
-        tokio::spawn(run_batcher(channel.clone(), queue_rx));
+        tokio::spawn(run_batcher(
+            channel.clone(),
+            queue_rx,
+            member.instance_id.clone(),
+            suspects.clone(),
+        ));
         Ok(Self {
             addr: member.grpc_addr.clone(),
             queue_tx,
@@ -1492,13 +1534,27 @@ async fn next_answer(
 /// as it is taken from the queue, and jobs that queued meanwhile travel together (at most
 /// [`MAX_FORWARD_ITEMS`] items; an all-or-nothing job alone). Answers come back by id, in any
 /// order. The stream is reopened on the next forward after it fails or stalls.
-async fn run_batcher(channel: ClientChannel, mut queue_rx: mpsc::Receiver<Job>) {
+///
+/// When the stream fails, closes, stalls or cannot be opened, the peer is suspected (its keys
+/// go to the next owner) and probed every [`SUSPECT_PROBE`] until a stream opens again.
+async fn run_batcher(
+    channel: ClientChannel,
+    mut queue_rx: mpsc::Receiver<Job>,
+    peer: String,
+    suspects: Arc<Suspects>,
+) {
     let mut link: Option<PeerLink> = None;
     let mut pending: HashMap<u64, Sent> = HashMap::new();
     let mut next_id: u64 = 0;
     let mut carried: Option<Job> = None;
     let mut sweep = tokio::time::interval(PEER_SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut probe = tokio::time::interval(SUSPECT_PROBE);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lost = |link: &mut Option<PeerLink>, pending: &mut HashMap<u64, Sent>, reason: &str| {
+        fail_all(link, pending, reason);
+        suspects.mark(&peer, reason);
+    };
     loop {
         let first = if let Some(job) = carried.take() {
             job
@@ -1508,8 +1564,8 @@ async fn run_batcher(channel: ClientChannel, mut queue_rx: mpsc::Receiver<Job>) 
                 answer = next_answer(&mut link) => {
                     match answer {
                         Ok(Some(answer)) => settle(&mut pending, answer),
-                        Ok(None) => fail_all(&mut link, &mut pending, "owner closed the forward stream"),
-                        Err(status) => fail_all(
+                        Ok(None) => lost(&mut link, &mut pending, "owner closed the forward stream"),
+                        Err(status) => lost(
                             &mut link,
                             &mut pending,
                             &format!("forward stream failed: {:?}: {}", status.code(), status.message()),
@@ -1524,7 +1580,14 @@ async fn run_batcher(channel: ClientChannel, mut queue_rx: mpsc::Receiver<Job>) 
                 _ = sweep.tick(), if !pending.is_empty() => {
                     pending.retain(|_, sent| sent.jobs.iter().any(|job| !job.reply_tx.is_closed()));
                     if pending.values().any(|sent| sent.at.elapsed() > PEER_STALL) {
-                        fail_all(&mut link, &mut pending, "owner stopped answering forwards");
+                        lost(&mut link, &mut pending, "owner stopped answering forwards");
+                    }
+                    continue;
+                }
+                _ = probe.tick(), if link.is_none() && suspects.contains(&peer) => {
+                    if let Ok(opened) = PeerLink::open(channel.clone()).await {
+                        link = Some(opened);
+                        suspects.clear(&peer);
                     }
                     continue;
                 }
@@ -1549,9 +1612,14 @@ async fn run_batcher(channel: ClientChannel, mut queue_rx: mpsc::Receiver<Job>) 
         }
         if link.is_none() {
             match PeerLink::open(channel.clone()).await {
-                Ok(opened) => link = Some(opened),
+                Ok(opened) => {
+                    link = Some(opened);
+                    suspects.clear(&peer);
+                }
                 Err(e) => {
-                    reply_all(batch, &e.to_string());
+                    let reason = e.to_string();
+                    reply_all(batch, &reason);
+                    suspects.mark(&peer, &reason);
                     continue;
                 }
             }
@@ -1589,7 +1657,7 @@ async fn run_batcher(channel: ClientChannel, mut queue_rx: mpsc::Receiver<Job>) 
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 reply_all(batch, "forward stream to the owner closed");
-                fail_all(
+                lost(
                     &mut link,
                     &mut pending,
                     "forward stream to the owner closed",

@@ -59,6 +59,7 @@ async fn subscribed(
     tx.send(bus::SubscribeRequest {
         kind: Some(bus::subscribe_request::Kind::Open(bus::SubscribeOpen {
             subject: filter.into(),
+            max_in_flight: 100,
             ..bus::SubscribeOpen::default()
         })),
     })
@@ -133,6 +134,7 @@ async fn test_subscribe_ends_with_invalid_argument_on_a_protocol_error() {
     let open = bus::SubscribeRequest {
         kind: Some(bus::subscribe_request::Kind::Open(bus::SubscribeOpen {
             subject: "proto.>".into(),
+            max_in_flight: 100,
             ..bus::SubscribeOpen::default()
         })),
     }

@@ -931,3 +931,37 @@ async fn test_stats_and_subscriptions_cover_every_live_instance_and_name_a_dead_
     assert_eq!(stats.instances, [id_a]);
     Ok(())
 }
+
+#[tokio::test]
+async fn test_with_redis_an_id_is_deduplicated_across_instances() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let url = redis.url();
+    let a = AgentmeshProcess::serve_eventbus(Some(&url), None, &[]).await?;
+    let b = AgentmeshProcess::serve_eventbus(Some(&url), None, &[]).await?;
+    let (mut ca, mut cb) = (client(a.grpc_addr).await?, client(b.grpc_addr).await?);
+    for i in 0..20 {
+        let id = format!("dedup-{i}");
+        let first = publish(
+            &mut ca,
+            pb::Event {
+                id: id.clone(),
+                ..event("ephemeral.x", "1")
+            },
+        )
+        .await?;
+        let second = publish(
+            &mut cb,
+            pb::Event {
+                id,
+                ..event("ephemeral.x", "2")
+            },
+        )
+        .await?;
+        assert!(!first.duplicate, "{i}: first publish is new");
+        assert!(
+            second.duplicate,
+            "{i}: the same id on the other instance is a duplicate"
+        );
+    }
+    Ok(())
+}

@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -119,7 +119,65 @@ impl BusConfig {
 /// One part of a started batch: an answer already known, or a durable run being stored.
 enum BatchPart {
     Done(Result<PublishOutcome, EventBusError>),
+    Staged(oneshot::Receiver<Result<PublishOutcome, EventBusError>>),
     Stored { stream: String, append: Appending },
+}
+
+/// An ephemeral publish: answered at once, or waiting in the cluster dedup stage.
+enum Ephemeral {
+    Done(Result<PublishOutcome, EventBusError>),
+    Staged(oneshot::Receiver<Result<PublishOutcome, EventBusError>>),
+}
+
+impl Ephemeral {
+    async fn outcome(self) -> Result<PublishOutcome, EventBusError> {
+        match self {
+            Self::Done(answer) => answer,
+            Self::Staged(rx) => rx.await.unwrap_or(Err(EventBusError::ShuttingDown)),
+        }
+    }
+}
+
+/// Ephemeral publishes waiting for their ids' cluster-wide claims ([`Backplane::claim_ids`]),
+/// in publish order: one round trip claims every id that queued meanwhile.
+struct DedupStage {
+    tx: mpsc::Sender<Staged>,
+    /// Submitted and not yet routed. While any wait, every ephemeral publish of this instance
+    /// queues behind them, so events are still routed in publish order.
+    queued: Arc<AtomicUsize>,
+}
+
+/// One publish in the dedup stage.
+struct Staged {
+    event: Event,
+    /// A client-supplied id, to claim (a generated one only keeps its place).
+    claim: bool,
+    reply: oneshot::Sender<Result<PublishOutcome, EventBusError>>,
+}
+
+/// Most publishes waiting in the dedup stage; beyond, a publish is refused (UNAVAILABLE).
+const DEDUP_STAGE_QUEUE: usize = 65_536;
+/// Most ids claimed in one round trip.
+const DEDUP_STAGE_BATCH: usize = 1024;
+
+impl DedupStage {
+    fn submit(&self, event: Event, claim: bool) -> Ephemeral {
+        let (reply, rx) = oneshot::channel();
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        match self.tx.try_send(Staged {
+            event,
+            claim,
+            reply,
+        }) {
+            Ok(()) => Ephemeral::Staged(rx),
+            Err(_) => {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                Ephemeral::Done(Err(EventBusError::Unavailable(format!(
+                    "more than {DEDUP_STAGE_QUEUE} publishes wait for cluster-wide dedup: retry"
+                ))))
+            }
+        }
+    }
 }
 
 /// What publish did.
@@ -162,6 +220,9 @@ pub struct BusCounters {
     pub forward_dropped: AtomicU64,
     /// Of those, by priority (index 0 = LOW): a full backplane link sheds the lowest first.
     pub forward_shed: [AtomicU64; 4],
+    /// Client ids the cluster could not be asked about (Redis down or slow): deduplicated on
+    /// this instance only.
+    pub cluster_dedup_errors: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -247,6 +308,8 @@ struct ClusterState {
     view: RwLock<Arc<ClusterView>>,
     /// Signalled when this instance's interests change.
     changed: Arc<Notify>,
+    /// Present when the backplane claims ids cluster-wide.
+    dedup: Option<DedupStage>,
 }
 
 /// A weak handle on a [`Bus`].
@@ -297,16 +360,26 @@ impl Bus {
         cluster: Option<(Arc<dyn Backplane>, mpsc::Receiver<Inbound>)>,
     ) -> Self {
         let token = new_ulid(now_ms());
+        let mut staged_rx = None;
         let (cluster, inbound) = match cluster {
-            Some((backplane, inbound)) => (
-                Some(ClusterState {
-                    backplane,
-                    remotes: Mutex::new(HashMap::new()),
-                    view: RwLock::new(Arc::new(ClusterView::default())),
-                    changed: Arc::new(Notify::new()),
-                }),
-                Some(inbound),
-            ),
+            Some((backplane, inbound)) => {
+                let dedup = backplane.claims_ids().then(|| {
+                    let (tx, rx) = mpsc::channel(DEDUP_STAGE_QUEUE);
+                    let queued = Arc::new(AtomicUsize::new(0));
+                    staged_rx = Some((rx, queued.clone()));
+                    DedupStage { tx, queued }
+                });
+                (
+                    Some(ClusterState {
+                        backplane,
+                        remotes: Mutex::new(HashMap::new()),
+                        view: RwLock::new(Arc::new(ClusterView::default())),
+                        changed: Arc::new(Notify::new()),
+                        dedup,
+                    }),
+                    Some(inbound),
+                )
+            }
             None => (None, None),
         };
         let queue_wait_vec = queue_wait_histogram();
@@ -333,6 +406,9 @@ impl Bus {
             cluster,
         });
         tokio::spawn(housekeeping(Arc::downgrade(&inner)));
+        if let Some((rx, queued)) = staged_rx {
+            tokio::spawn(cluster_dedup(Arc::downgrade(&inner), rx, queued));
+        }
         if let (Some(cluster), Some(inbound)) = (&inner.cluster, inbound) {
             tokio::spawn(cluster_inbound(Arc::downgrade(&inner), inbound));
             tokio::spawn(cluster_advertise(
@@ -445,7 +521,10 @@ impl Bus {
                     run_key = Some(key);
                 }
                 (Ok((event, generated)), None) => {
-                    parts.push(BatchPart::Done(self.publish_ephemeral(event, generated)));
+                    parts.push(match self.publish_ephemeral(event, generated) {
+                        Ephemeral::Done(answer) => BatchPart::Done(answer),
+                        Ephemeral::Staged(rx) => BatchPart::Staged(rx),
+                    });
                 }
                 (Err(e), _) => parts.push(BatchPart::Done(Err(e))),
             }
@@ -457,6 +536,7 @@ impl Bus {
             for part in parts {
                 match part {
                     BatchPart::Done(answer) => out.push(answer),
+                    BatchPart::Staged(rx) => out.push(Ephemeral::Staged(rx).outcome().await),
                     BatchPart::Stored { stream, append } => match append.await {
                         (run, Ok(outcomes)) => out.extend(
                             run.into_iter()
@@ -535,41 +615,58 @@ impl Bus {
             let outcome = self.inner.log.append(stream, &event, window).await?;
             return Ok(self.stored(stream, event, outcome));
         }
-        self.publish_ephemeral(event, generated)
+        self.publish_ephemeral(event, generated).outcome().await
     }
 
-    /// Publishes an event of an ephemeral subject: deduplicated in memory, then routed.
-    fn publish_ephemeral(
-        &self,
-        event: Event,
-        generated: bool,
-    ) -> Result<PublishOutcome, EventBusError> {
+    /// Publishes an event of an ephemeral subject: deduplicated in memory, then (in a cluster
+    /// whose backplane claims ids) across instances, then routed.
+    fn publish_ephemeral(&self, event: Event, generated: bool) -> Ephemeral {
         let inner = &self.inner;
         let now = now_ms();
         if !generated && inner.dedup.check_and_insert("", &event.id, now) == DedupOutcome::Duplicate
         {
-            inner.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-            self.count_subject(&event.subject, true);
-            return Ok(PublishOutcome {
-                id: event.id,
-                duplicate: true,
-                sequence: 0,
-                stream: None,
-            });
+            return Ephemeral::Done(Ok(self.duplicate(event)));
         }
+        if let Some(stage) = inner.cluster.as_ref().and_then(|c| c.dedup.as_ref()) {
+            // A client id is claimed cluster-wide first; a generated id (unique by
+            // construction) waits only when earlier events are still waiting, to keep order.
+            if !generated || stage.queued.load(Ordering::Acquire) > 0 {
+                return stage.submit(event, !generated);
+            }
+        }
+        Ephemeral::Done(Ok(self.deliver_ephemeral(event, now)))
+    }
+
+    /// Answers a duplicate publish (counted, not delivered).
+    fn duplicate(&self, event: Event) -> PublishOutcome {
+        self.inner
+            .counters
+            .duplicates
+            .fetch_add(1, Ordering::Relaxed);
+        self.count_subject(&event.subject, true);
+        PublishOutcome {
+            id: event.id,
+            duplicate: true,
+            sequence: 0,
+            stream: None,
+        }
+    }
+
+    /// Counts and routes an accepted ephemeral event.
+    fn deliver_ephemeral(&self, event: Event, now: u64) -> PublishOutcome {
         self.count_subject(&event.subject, false);
-        inner
+        self.inner
             .counters
             .published_ephemeral
             .fetch_add(1, Ordering::Relaxed);
         let id = event.id.clone();
         self.route(&Arc::new(event), now);
-        Ok(PublishOutcome {
+        PublishOutcome {
             id,
             duplicate: false,
             sequence: 0,
             stream: None,
-        })
+        }
     }
 
     /// Hands an ephemeral event to a waiting request of this instance; true if one took it.
@@ -1661,6 +1758,63 @@ fn offer_stored(bus: &Bus, group: &Arc<Consumer>, events: Vec<(crate::log::Store
             now,
         );
         bus.apply(group, effects);
+    }
+}
+
+/// Runs the dedup stage ([`DedupStage`]): claims the client ids of whatever queued, in one
+/// round trip, then routes or answers as duplicate every publish in order. When the cluster
+/// cannot be asked (Redis down or slow), the events are delivered — dedup falls back to this
+/// instance's window (at least once, never lost) — and counted in `cluster_dedup_errors`.
+async fn cluster_dedup(
+    weak: Weak<Inner>,
+    mut rx: mpsc::Receiver<Staged>,
+    queued: Arc<AtomicUsize>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, DEDUP_STAGE_BATCH).await > 0 {
+        let Some(inner) = weak.upgrade() else {
+            return;
+        };
+        let Some(cluster) = inner.cluster.as_ref() else {
+            return;
+        };
+        let ids: Vec<String> = batch
+            .iter()
+            .filter(|s| s.claim)
+            .map(|s| s.event.id.clone())
+            .collect();
+        let asked = ids.len();
+        let claims = if ids.is_empty() {
+            Ok(Vec::new())
+        } else {
+            cluster
+                .backplane
+                .claim_ids(ids, inner.config.dedup_window)
+                .await
+        };
+        let mut claims = claims
+            .unwrap_or_else(|e| {
+                tracing::debug!(error = %e, ids = asked, "cluster dedup unavailable: deduplicated on this instance only");
+                inner
+                    .counters
+                    .cluster_dedup_errors
+                    .fetch_add(asked as u64, Ordering::Relaxed);
+                vec![true; asked]
+            })
+            .into_iter();
+        let bus = Bus { inner };
+        let now = now_ms();
+        let routed = batch.len();
+        for staged in batch.drain(..) {
+            let new = !staged.claim || claims.next().unwrap_or(true);
+            let outcome = if new {
+                bus.deliver_ephemeral(staged.event, now)
+            } else {
+                bus.duplicate(staged.event)
+            };
+            let _ = staged.reply.send(Ok(outcome));
+        }
+        queued.fetch_sub(routed, Ordering::AcqRel);
     }
 }
 

@@ -21,6 +21,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -90,7 +93,24 @@ pub trait Backplane: Send + Sync + 'static {
     fn shed_on_arrival(&self) -> [u64; 4] {
         [0; 4]
     }
+
+    /// Whether [`Backplane::claim_ids`] deduplicates across instances (else ids are
+    /// deduplicated per instance only).
+    fn claims_ids(&self) -> bool {
+        false
+    }
+
+    /// Claims client-supplied event ids for the whole cluster for `window`: per id, `true`
+    /// when no instance published it within the window (it is now claimed), `false` for a
+    /// duplicate. One round trip for all of them.
+    fn claim_ids(&self, ids: Vec<String>, window: Duration) -> BoxFuture<'static, IdClaims> {
+        let _ = window;
+        Box::pin(std::future::ready(Ok(vec![true; ids.len()])))
+    }
 }
+
+/// The answer of [`Backplane::claim_ids`]; `Err` names why the cluster could not be asked.
+pub type IdClaims = Result<Vec<bool>, String>;
 
 /// A bounded FIFO that sheds by priority: when full, a newcomer pushes out the oldest queued
 /// entry of the lowest priority below its own, or is refused when there is none. Entries leave
@@ -239,6 +259,8 @@ pub fn pick_weighted<T: Copy>(candidates: &[(T, u32)], hash: u64) -> Option<T> {
 #[derive(Default, Clone)]
 pub struct InMemoryHub {
     members: Arc<Mutex<HashMap<String, HubMember>>>,
+    /// Ids claimed cluster-wide, with the time (ms since the epoch) each claim ends.
+    claimed: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 #[derive(Clone)]
@@ -326,6 +348,28 @@ impl Backplane for HubPlane {
             Some(Ok(())) => Handed::Queued,
             _ => Handed::Dropped,
         }
+    }
+
+    fn claims_ids(&self) -> bool {
+        true
+    }
+
+    fn claim_ids(&self, ids: Vec<String>, window: Duration) -> BoxFuture<'static, IdClaims> {
+        let now = crate::event::now_ms();
+        let until = now.saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+        let mut claimed = self.hub.claimed.lock();
+        claimed.retain(|_, end| *end > now);
+        let answers = ids
+            .into_iter()
+            .map(|id| match claimed.entry(id) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(until);
+                    true
+                }
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(answers)))
     }
 }
 

@@ -27,13 +27,16 @@ use std::time::{Duration, Instant};
 
 use agentmesh_proto::eventbus::v1 as pb;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use prost::Message;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::cluster::{Backplane, Forward, Handed, INBOUND_QUEUE, Inbound, Interest, ShedQueue};
+use crate::cluster::{
+    Backplane, Forward, Handed, INBOUND_QUEUE, IdClaims, Inbound, Interest, ShedQueue,
+};
 use crate::event::Priority;
 use crate::grpc::{decode_publish, encode_event};
 
@@ -51,6 +54,7 @@ const PIPELINE: usize = 512;
 
 /// The Redis backplane of one instance.
 pub struct RedisBackplane {
+    conn: ConnectionManager,
     instance: String,
     prefix: String,
     adverts: watch::Sender<Vec<Interest>>,
@@ -164,8 +168,15 @@ impl RedisBackplane {
         tokio::spawn(write_forwards(conn.clone(), outbox.clone()));
         tokio::spawn(advertise(conn.clone(), keys.clone(), adverts_rx));
         tokio::spawn(hand_over(inbox.clone(), inbound_tx.clone()));
-        tokio::spawn(listen(client, conn, keys, inbox.clone(), inbound_tx));
+        tokio::spawn(listen(
+            client,
+            conn.clone(),
+            keys,
+            inbox.clone(),
+            inbound_tx,
+        ));
         let plane = Arc::new(Self {
+            conn,
             instance: instance.to_owned(),
             prefix: prefix.to_owned(),
             adverts,
@@ -200,7 +211,52 @@ impl Backplane for RedisBackplane {
             .each_ref()
             .map(|n| n.load(Ordering::Relaxed))
     }
+
+    fn claims_ids(&self) -> bool {
+        true
+    }
+
+    /// One pipelined `SET <prefix>:bus:dedup:<xxh3-128 of id> 1 NX PX <window>` per id: the
+    /// first instance to set the key owns the id for the window.
+    fn claim_ids(&self, ids: Vec<String>, window: Duration) -> BoxFuture<'static, IdClaims> {
+        let mut conn = self.conn.clone();
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            let key = format!(
+                "{}:bus:dedup:{:032x}",
+                self.prefix,
+                xxhash_rust::xxh3::xxh3_128(id.as_bytes())
+            );
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(window_ms);
+        }
+        Box::pin(async move {
+            let query = pipe.query_async::<Vec<Option<String>>>(&mut conn);
+            match tokio::time::timeout(CLAIM_TIMEOUT, query).await {
+                Ok(Ok(replies)) if replies.len() == ids.len() => {
+                    Ok(replies.iter().map(Option::is_some).collect())
+                }
+                Ok(Ok(replies)) => Err(format!(
+                    "redis answered {} of {} dedup claims",
+                    replies.len(),
+                    ids.len()
+                )),
+                Ok(Err(e)) => Err(format!("redis dedup claim failed: {e}")),
+                Err(_) => Err(format!(
+                    "redis dedup claim timed out after {CLAIM_TIMEOUT:?}"
+                )),
+            }
+        })
+    }
 }
+
+/// Longest wait for Redis to answer a batch of dedup claims.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 struct Keys {

@@ -267,6 +267,11 @@ fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> 
         "eventbus_log_errors_total",
         "Durable log failures in background work (reads, acks, dead letters).",
     )?;
+    let cluster_dedup_errors = counter(
+        "eventbus_dedup_cluster_errors_total",
+        "Client event ids the cluster could not be asked about (Redis down or slow): \
+         deduplicated on this instance only.",
+    )?;
     let dedup_evicted = counter(
         "eventbus_dedup_evicted_early_total",
         "Ids forgotten before the dedup window ended because it was full.",
@@ -298,6 +303,7 @@ fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> 
         &no_interest,
         &log_errors,
         &dedup_evicted,
+        &cluster_dedup_errors,
     ] {
         registry.register(Box::new(c.clone()))?;
     }
@@ -347,6 +353,10 @@ fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> 
             sync(&no_interest, c.no_interest.load(Ordering::Relaxed));
             sync(&log_errors, c.log_errors.load(Ordering::Relaxed));
             sync(&dedup_evicted, bus.dedup_evicted_early());
+            sync(
+                &cluster_dedup_errors,
+                c.cluster_dedup_errors.load(Ordering::Relaxed),
+            );
             for (direction, value) in [
                 ("out", &c.forwarded_out),
                 ("in", &c.forwarded_in),

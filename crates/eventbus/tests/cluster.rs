@@ -295,3 +295,49 @@ async fn test_a_full_backplane_link_sheds_low_first_counts_it_and_advises() {
     assert!(data.contains("\"backplane\":\"sending\""), "{data}");
     assert!(data.contains("\"low\":2"), "{data}");
 }
+
+#[tokio::test]
+async fn test_an_id_published_on_two_instances_is_delivered_once_and_order_is_kept() {
+    let hub = InMemoryHub::new();
+    let a = bus(&hub, "a");
+    let b = bus(&hub, "b");
+    let mut on_a = subscribe(&a, "pay.>", None).await;
+    settle().await;
+    let first = a.publish(event("pay.done", "order-7")).await.unwrap();
+    let again = b.publish(event("pay.done", "order-7")).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(
+        again.duplicate,
+        "the same id on another instance is a duplicate"
+    );
+    // Client ids and generated ids in one batch keep their publish order.
+    let batch: Vec<Event> = (0..20)
+        .map(|i| {
+            event(
+                "pay.more",
+                &if i % 3 == 0 {
+                    format!("c{i}")
+                } else {
+                    String::new()
+                },
+            )
+        })
+        .collect();
+    let answers = a.publish_batch(batch).await;
+    assert!(
+        answers
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|o| !o.duplicate))
+    );
+    let got = drain(&mut on_a, Duration::from_millis(200)).await;
+    assert_eq!(got.iter().filter(|e| e.id == "order-7").count(), 1);
+    let more: Vec<&str> = got
+        .iter()
+        .filter(|e| e.subject == "pay.more")
+        .map(|e| e.id.as_str())
+        .collect();
+    assert_eq!(more.len(), 20);
+    for i in (0..20).step_by(3) {
+        assert_eq!(more[i], format!("c{i}"), "publish order kept: {more:?}");
+    }
+}

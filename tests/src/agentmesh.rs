@@ -10,7 +10,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::process::{START_ATTEMPTS, says_port_taken};
-use crate::{free_ports, wait_until};
+use crate::{free_port_list, wait_until};
 
 /// Path of a workspace binary (`agentmesh`, `meshctl`) built next to the test executable, or
 /// from `AGENTMESH_BIN_DIR`.
@@ -39,76 +39,107 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// A service the `agentmesh` binary runs, as `agentmesh services` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// Its name, as in `agentmesh serve <name>`.
+    pub name: String,
+    /// Default gRPC port.
+    pub grpc_port: u16,
+    /// Default admin HTTP port.
+    pub admin_port: u16,
+    /// The flag of its gRPC listen address, e.g. `--ratelimit-listen`.
+    pub listen_flag: String,
+    /// The flag of its admin listen address.
+    pub admin_listen_flag: String,
+}
+
+/// The services the `agentmesh` binary runs (asked once per test process): the harness starts
+/// whatever the binary's one list of services holds, so a new service needs no harness code.
+///
+/// # Errors
+/// Fails when the binary is missing or its listing cannot be read.
+pub fn services() -> anyhow::Result<Vec<ServiceInfo>> {
+    static LISTED: std::sync::OnceLock<Result<Vec<ServiceInfo>, String>> =
+        std::sync::OnceLock::new();
+    LISTED
+        .get_or_init(|| list_services().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn list_services() -> anyhow::Result<Vec<ServiceInfo>> {
+    let (code, out, err) = run_binary("agentmesh", &["services"])?;
+    if code != 0 {
+        bail!("agentmesh services exited {code}: {err}");
+    }
+    out.lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [name, grpc, admin, listen, admin_listen] = fields[..] else {
+                bail!("unexpected line from agentmesh services: {line:?}");
+            };
+            Ok(ServiceInfo {
+                name: name.to_owned(),
+                grpc_port: grpc.parse()?,
+                admin_port: admin.parse()?,
+                listen_flag: listen.to_owned(),
+                admin_listen_flag: admin_listen.to_owned(),
+            })
+        })
+        .collect()
+}
+
 /// A running `agentmesh` process, killed on drop.
 pub struct AgentmeshProcess {
     child: Child,
-    /// gRPC address of its (first) service.
+    /// gRPC address of its (first) service; under `dev`, the rate limiter's.
     pub grpc_addr: SocketAddr,
-    /// Admin HTTP address of its (first) service.
+    /// Admin HTTP address of its (first) service; under `dev`, the rate limiter's.
     pub admin_addr: SocketAddr,
     /// gRPC and admin addresses of its event bus, when it runs one.
     pub eventbus: Option<(SocketAddr, SocketAddr)>,
+    /// gRPC and admin addresses of every service it runs, by name.
+    pub addrs: std::collections::BTreeMap<String, (SocketAddr, SocketAddr)>,
     log: tempfile::NamedTempFile,
 }
 
 impl AgentmeshProcess {
+    /// Starts `agentmesh serve <service>` on free loopback ports, with Redis and etcd when
+    /// given, plus `extra` arguments; waits until its gRPC port accepts connections.
+    ///
+    /// # Errors
+    /// Fails when the binary is missing, the service unknown, or the process does not come
+    /// up within 15 s.
+    pub async fn serve(
+        service: &str,
+        redis: Option<&str>,
+        etcd: Option<&str>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let info = services()?
+            .into_iter()
+            .find(|s| s.name == service)
+            .with_context(|| format!("agentmesh runs no service {service:?}"))?;
+        Self::spawn_services(&[], "serve", std::slice::from_ref(&info), |args| {
+            if let Some(url) = redis {
+                args.extend(["--redis".to_owned(), url.to_owned()]);
+            }
+            if let Some(endpoint) = etcd {
+                args.extend(["--etcd".to_owned(), endpoint.to_owned()]);
+            }
+            args.extend(extra.iter().map(|a| (*a).to_owned()));
+        })
+        .await
+    }
+
     /// Starts `agentmesh serve ratelimit` on free loopback ports, with `etcd` when given, plus
     /// `extra` arguments; waits until its gRPC port accepts connections.
     ///
     /// # Errors
     /// Fails when the binary is missing or the process does not come up within 15 s.
     pub async fn serve_ratelimit(etcd: Option<&str>, extra: &[&str]) -> anyhow::Result<Self> {
-        let (process, _) = Self::spawn_on_ports(&[], |[grpc, admin]: &[String; 2]| {
-            let mut args = vec![
-                "serve",
-                "ratelimit",
-                "--ratelimit-listen",
-                grpc,
-                "--ratelimit-admin-listen",
-                admin,
-            ];
-            if let Some(endpoint) = etcd {
-                args.extend(["--etcd", endpoint]);
-            }
-            args.extend_from_slice(extra);
-            args.into_iter().map(str::to_owned).collect()
-        })
-        .await?;
-        Ok(process)
-    }
-
-    /// Starts `agentmesh dev` with the rate limiter on free loopback ports.
-    ///
-    /// # Errors
-    /// Fails when the binary is missing or the process does not come up within 15 s.
-    pub async fn dev() -> anyhow::Result<Self> {
-        Self::dev_with_env(&[]).await
-    }
-
-    /// Starts `agentmesh dev` with extra environment variables (e.g. `OTEL_*`).
-    ///
-    /// # Errors
-    /// Fails when the binary is missing or the process does not come up within 15 s.
-    pub async fn dev_with_env(envs: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let (mut process, [_, _, bus, bus_admin]) =
-            Self::spawn_on_ports(envs, |[grpc, admin, bus, bus_admin]: &[String; 4]| {
-                [
-                    "dev",
-                    "--ratelimit-listen",
-                    grpc,
-                    "--ratelimit-admin-listen",
-                    admin,
-                    "--eventbus-listen",
-                    bus,
-                    "--eventbus-admin-listen",
-                    bus_admin,
-                ]
-                .map(str::to_owned)
-                .to_vec()
-            })
-            .await?;
-        process.eventbus = Some((bus, bus_admin));
-        Ok(process)
+        Self::serve("ratelimit", None, etcd, extra).await
     }
 
     /// Starts `agentmesh serve eventbus` on free loopback ports (`grpc_addr` is the bus), with
@@ -121,45 +152,66 @@ impl AgentmeshProcess {
         etcd: Option<&str>,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let (mut process, [grpc, admin]) =
-            Self::spawn_on_ports(&[], |[grpc, admin]: &[String; 2]| {
-                let mut args = vec![
-                    "serve",
-                    "eventbus",
-                    "--eventbus-listen",
-                    grpc,
-                    "--eventbus-admin-listen",
-                    admin,
-                ];
-                if let Some(url) = redis {
-                    args.extend(["--redis", url]);
-                }
-                if let Some(endpoint) = etcd {
-                    args.extend(["--etcd", endpoint]);
-                }
-                args.extend_from_slice(extra);
-                args.into_iter().map(str::to_owned).collect()
-            })
-            .await?;
-        process.eventbus = Some((grpc, admin));
-        Ok(process)
+        Self::serve("eventbus", redis, etcd, extra).await
     }
 
-    /// Starts `agentmesh` on `N` distinct free loopback ports (the first two are the gRPC and
-    /// admin addresses it is waited on by); `args` builds its arguments from them. A port can
-    /// be taken by another process between being chosen and being bound, so on "address
-    /// already in use" it starts again on new ports, up to three times.
-    async fn spawn_on_ports<const N: usize>(
+    /// Starts `agentmesh dev` with every service on free loopback ports.
+    ///
+    /// # Errors
+    /// Fails when the binary is missing or the process does not come up within 15 s.
+    pub async fn dev() -> anyhow::Result<Self> {
+        Self::dev_with_env(&[]).await
+    }
+
+    /// Starts `agentmesh dev` with extra environment variables (e.g. `OTEL_*`).
+    ///
+    /// # Errors
+    /// Fails when the binary is missing or the process does not come up within 15 s.
+    pub async fn dev_with_env(envs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut all = services()?;
+        // The rate limiter first: `grpc_addr` is its address, as tests expect of `dev`.
+        all.sort_by_key(|s| s.name != "ratelimit");
+        Self::spawn_services(envs, "dev", &all, |_| {}).await
+    }
+
+    /// Starts `agentmesh <command>` with `services` on distinct free loopback ports (the first
+    /// service's gRPC port is the one waited on); `more` adds arguments. A port can be taken by
+    /// another process between being chosen and being bound, so on "address already in use"
+    /// it starts again on new ports, up to three times.
+    async fn spawn_services(
         envs: &[(&str, &str)],
-        args: impl Fn(&[String; N]) -> Vec<String>,
-    ) -> anyhow::Result<(Self, [SocketAddr; N])> {
+        command: &str,
+        services: &[ServiceInfo],
+        more: impl Fn(&mut Vec<String>),
+    ) -> anyhow::Result<Self> {
+        let first = services.first().context("no service to start")?;
         let mut attempt = 1;
         loop {
-            let addrs: [SocketAddr; N] = free_ports::<N>()
-                .map(|port| SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)));
-            let argv = args(&addrs.map(|a| a.to_string()));
-            match Self::spawn(&argv, envs, addrs[0], addrs[1]).await {
-                Ok(process) => return Ok((process, addrs)),
+            let ports = free_port_list(services.len() * 2);
+            let addr = |port: u16| SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+            let mut args = vec![command.to_owned()];
+            if command == "serve" {
+                args.extend(services.iter().map(|s| s.name.clone()));
+            }
+            let mut addrs = std::collections::BTreeMap::new();
+            for (service, pair) in services.iter().zip(ports.chunks(2)) {
+                let (grpc, admin) = (addr(pair[0]), addr(pair[1]));
+                args.extend([
+                    service.listen_flag.clone(),
+                    grpc.to_string(),
+                    service.admin_listen_flag.clone(),
+                    admin.to_string(),
+                ]);
+                addrs.insert(service.name.clone(), (grpc, admin));
+            }
+            more(&mut args);
+            let (grpc, admin) = addrs[&first.name];
+            match Self::spawn(&args, envs, grpc, admin).await {
+                Ok(mut process) => {
+                    process.eventbus = addrs.get("eventbus").copied();
+                    process.addrs = addrs;
+                    return Ok(process);
+                }
                 Err(e) if attempt < START_ATTEMPTS && says_port_taken(&e.to_string()) => {
                     attempt += 1;
                 }
@@ -195,6 +247,7 @@ impl AgentmeshProcess {
             grpc_addr,
             admin_addr,
             eventbus: None,
+            addrs: std::collections::BTreeMap::new(),
             log,
         };
         let up = wait_until(Duration::from_secs(15), "agentmesh gRPC port", || {

@@ -25,15 +25,23 @@ pub fn free_port() -> u16 {
 
 /// `N` distinct free ports, all held until every one is chosen.
 pub(crate) fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
+    let ports = free_port_list(N);
+    std::array::from_fn(|i| ports[i])
+}
+
+/// `n` distinct free ports, all held until every one is chosen.
+pub(crate) fn free_port_list(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0"))
         .collect();
-    std::array::from_fn(|i| {
-        listeners[i]
-            .local_addr()
-            .expect("local address of a bound listener")
-            .port()
-    })
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .expect("local address of a bound listener")
+                .port()
+        })
+        .collect()
 }
 
 /// Polls `condition` every 50 ms until it holds; fails after `timeout`, naming `what`.

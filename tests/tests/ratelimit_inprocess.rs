@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use agentmesh_membership::InMemoryMembership;
 use agentmesh_proto::ratelimit::v1 as pb;
-use agentmesh_ratelimit::service::{RateLimitArgs, RateLimitDeps};
+use agentmesh_ratelimit::service::RateLimitArgs;
 use agentmesh_runtime::server::{self, HostContext, RunningService};
+use agentmesh_runtime::service::HostDeps;
 use agentmesh_runtime::{ClientConfig, Metrics, connect_lazy};
 use opentelemetry::trace::{SpanKind, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
@@ -43,7 +44,7 @@ async fn start_with(
     };
     let membership: Arc<dyn agentmesh_membership::Membership> =
         Arc::new(InMemoryMembership::default());
-    let deps = RateLimitDeps {
+    let deps = HostDeps {
         metrics: metrics.clone(),
         membership: membership.clone(),
         etcd: None,

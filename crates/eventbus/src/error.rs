@@ -1,32 +1,8 @@
-//! The crate's one error enum. It carries no transport types: the gRPC adapter maps each variant
-//! to a status code in one place.
+//! The crate's one error enum. It carries no transport types: it says its code, violations and
+//! message through the runtime's [`ServiceError`], whose one mapping makes the gRPC status.
 
-use std::fmt;
-
-/// One invalid field of a request, e.g. `event.subject` or `open.max_in_flight`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldViolation {
-    /// Path of the offending field.
-    pub field: String,
-    /// What is wrong with it, including the bound when there is one.
-    pub description: String,
-}
-
-impl FieldViolation {
-    /// Builds a violation for `field`.
-    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            description: description.into(),
-        }
-    }
-}
-
-impl fmt::Display for FieldViolation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.description)
-    }
-}
+pub use agentmesh_runtime::error::FieldViolation;
+use agentmesh_runtime::error::{ErrorCode, ServiceError, join_violations as join};
 
 /// Everything that can go wrong in the event bus domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,10 +37,31 @@ impl EventBusError {
     }
 }
 
-fn join(violations: &[FieldViolation]) -> String {
-    violations
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+impl ServiceError for EventBusError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::NoResponders(_) | Self::Unavailable(_) | Self::ShuttingDown => {
+                ErrorCode::Unavailable
+            }
+            Self::Timeout(_) => ErrorCode::DeadlineExceeded,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+        }
+    }
+
+    fn violations(&self) -> &[FieldViolation] {
+        match self {
+            Self::InvalidArgument(violations) => violations,
+            _ => &[],
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Self::Timeout(t) => format!("no reply within {}ms", t.as_millis()),
+            Self::Unavailable(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
 }

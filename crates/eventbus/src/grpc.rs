@@ -793,24 +793,13 @@ fn error_response(e: &EventBusError) -> pb::PublishResponse {
     }
 }
 
-/// The one mapping from domain errors to gRPC status.
+/// A domain error as a gRPC status, through the runtime's one mapping.
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "taken by value to be used as `.map_err(to_status)`"
+)]
 pub fn to_status(e: EventBusError) -> Status {
-    use agentmesh_runtime::status;
-    match e {
-        EventBusError::InvalidArgument(violations) => {
-            status::invalid_argument(violations.into_iter().map(|v| (v.field, v.description)))
-        }
-        EventBusError::NoResponders(subject) => {
-            status::unavailable(format!("no responders for subject {subject:?}"))
-        }
-        EventBusError::Timeout(t) => {
-            status::deadline_exceeded(format!("no reply within {}ms", t.as_millis()))
-        }
-        EventBusError::NotFound(m) => status::not_found(m),
-        EventBusError::ResourceExhausted(m) => status::resource_exhausted(m, None),
-        EventBusError::Unavailable(m) => status::unavailable(m),
-        EventBusError::ShuttingDown => status::unavailable("event bus is shutting down"),
-    }
+    agentmesh_runtime::error::to_status(&e)
 }
 
 /// Decodes a published event: envelope bounds are checked by the bus, TTL rules here.

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use agentmesh_membership::Membership;
 use agentmesh_proto::eventbus::v1::event_bus_server::SERVICE_NAME;
 use agentmesh_runtime::Metrics;
 use agentmesh_runtime::config::{parse_duration, parse_socket_addr};
 use agentmesh_runtime::server::{ServiceSpec, new_instance_id};
+use agentmesh_runtime::service::{BuildError, HostDeps, Service};
+use futures::future::BoxFuture;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use tonic::service::Routes;
 
@@ -124,25 +125,13 @@ pub fn parse_weights(text: &str) -> Result<Weights, String> {
     Ok(Weights(weights))
 }
 
-/// What the host gives the event bus.
-#[derive(Clone)]
-pub struct EventBusDeps {
-    /// The process's metrics.
-    pub metrics: Metrics,
-    /// Redis URL for durable streams, when configured.
-    pub redis_url: Option<String>,
-    /// Cluster membership (etcd or in-memory): the other instances answer cluster-wide
-    /// listings.
-    pub membership: Arc<dyn Membership>,
-}
-
 impl EventBusArgs {
     /// Builds the bus, its log, metrics and gRPC routes.
     ///
     /// # Errors
     /// `InvalidArgument` for bad settings (naming the flag); `Unavailable` when Redis cannot be
     /// reached.
-    pub async fn build(&self, deps: &EventBusDeps) -> Result<ServiceSpec, EventBusError> {
+    pub async fn build(&self, deps: &HostDeps) -> Result<ServiceSpec, EventBusError> {
         let mut durable = Vec::new();
         for pattern in self.durable.iter().filter(|p| !p.trim().is_empty()) {
             durable.push(
@@ -224,6 +213,28 @@ impl EventBusArgs {
             routes: Routes::new(server),
             grpc_listen: self.listen,
             admin_listen: self.admin_listen,
+        })
+    }
+}
+
+impl Service for EventBusArgs {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn default_ports(&self) -> (u16, u16) {
+        (7101, 9101)
+    }
+
+    fn listen(&self) -> (SocketAddr, SocketAddr) {
+        (self.listen, self.admin_listen)
+    }
+
+    fn build<'a>(&'a self, deps: &'a HostDeps) -> BoxFuture<'a, Result<ServiceSpec, BuildError>> {
+        Box::pin(async move {
+            EventBusArgs::build(self, deps)
+                .await
+                .map_err(|e| BuildError::from_service_error(&e))
         })
     }
 }

@@ -1,33 +1,9 @@
-//! The crate's one error enum. It carries no transport types: the gRPC adapter maps
-//! `InvalidArgument` to `INVALID_ARGUMENT` with `BadRequest` details, `PolicyNotFound` to
-//! `NOT_FOUND`, and `PolicyFile` only ever happens at startup or reload.
+//! The crate's one error enum. It carries no transport types: it says its code, violations and
+//! message through the runtime's [`ServiceError`], whose one mapping makes the gRPC status.
+//! `PolicyFile` only ever happens at startup or reload.
 
-use std::fmt;
-
-/// One invalid field of a request or a policy, e.g. `items[3].key` or `policy[llm].period`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldViolation {
-    /// Path of the offending field, e.g. `items[3].limit.period`.
-    pub field: String,
-    /// What is wrong with it, including the bound when there is one.
-    pub description: String,
-}
-
-impl FieldViolation {
-    /// Builds a violation for `field`.
-    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            description: description.into(),
-        }
-    }
-}
-
-impl fmt::Display for FieldViolation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.description)
-    }
-}
+pub use agentmesh_runtime::error::FieldViolation;
+use agentmesh_runtime::error::{ErrorCode, ServiceError, join_violations};
 
 /// Everything that can go wrong in the rate limiter domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,15 +70,35 @@ impl RateLimitError {
     }
 }
 
-fn join_violations(violations: &[FieldViolation]) -> String {
-    let mut out = String::new();
-    for (i, v) in violations.iter().enumerate() {
-        if i > 0 {
-            out.push_str("; ");
+impl ServiceError for RateLimitError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::PolicyNotFound { .. }
+            | Self::StoredPolicyNotFound { .. }
+            | Self::LeaseNotFound(_) => ErrorCode::NotFound,
+            Self::PolicyFile { .. } | Self::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
+            Self::VersionMismatch { .. } => ErrorCode::Aborted,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
         }
-        out.push_str(&v.to_string());
     }
-    out
+
+    fn violations(&self) -> &[FieldViolation] {
+        match self {
+            Self::InvalidArgument(violations) => violations,
+            _ => &[],
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Self::PolicyNotFound { field, name } => {
+                format!("{field}: policy {name:?} does not exist")
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 #[cfg(test)]

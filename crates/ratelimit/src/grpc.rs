@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentmesh_proto::ratelimit::v1 as pb;
-use agentmesh_runtime::status;
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -42,24 +41,7 @@ const STREAM_IN_FLIGHT: usize = 64;
 /// The one mapping from [`RateLimitError`] to `Status`.
 impl From<RateLimitError> for Status {
     fn from(err: RateLimitError) -> Self {
-        match err {
-            RateLimitError::InvalidArgument(violations) => {
-                status::invalid_argument(violations.into_iter().map(|v| (v.field, v.description)))
-            }
-            RateLimitError::PolicyNotFound { field, name } => {
-                status::not_found(format!("{field}: policy {name:?} does not exist"))
-            }
-            RateLimitError::PolicyFile { .. } | RateLimitError::FailedPrecondition(_) => {
-                status::failed_precondition(err.to_string())
-            }
-            RateLimitError::StoredPolicyNotFound { .. } => status::not_found(err.to_string()),
-            RateLimitError::VersionMismatch { .. } => Status::aborted(err.to_string()),
-            RateLimitError::Unavailable(_) => status::unavailable(err.to_string()),
-            RateLimitError::LeaseNotFound(_) => status::not_found(err.to_string()),
-            RateLimitError::ResourceExhausted(_) => {
-                status::resource_exhausted(err.to_string(), None)
-            }
-        }
+        agentmesh_runtime::error::to_status(&err)
     }
 }
 

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentmesh_membership::Membership;
 use agentmesh_proto::ratelimit::v1::rate_limiter_server::SERVICE_NAME;
-use agentmesh_runtime::Metrics;
 use agentmesh_runtime::config::parse_socket_addr;
 use agentmesh_runtime::server::{ServiceSpec, new_instance_id};
+use agentmesh_runtime::service::{BuildError, HostDeps, Service};
+use futures::future::BoxFuture;
 use tonic::service::Routes;
 
 use crate::clock::SystemClock;
@@ -95,7 +95,7 @@ impl RateLimitArgs {
     ///
     /// # Errors
     /// Fails on invalid policies, an unreachable etcd, or metrics registered twice.
-    pub async fn build(&self, deps: &RateLimitDeps) -> Result<ServiceSpec, RateLimitError> {
+    pub async fn build(&self, deps: &HostDeps) -> Result<ServiceSpec, RateLimitError> {
         if self.max_keys == 0 {
             return Err(RateLimitError::invalid(
                 "--ratelimit-max-keys",
@@ -115,9 +115,9 @@ impl RateLimitArgs {
         };
         let limiter = Arc::new(Limiter::new(&config, base.clone(), Arc::new(SystemClock)));
         let store: Arc<dyn PolicyStore> = match &deps.etcd {
-            Some((client, prefix)) => {
-                Arc::new(EtcdPolicyStore::start(client.clone(), prefix, ETCD_TIMEOUT).await?)
-            }
+            Some(etcd) => Arc::new(
+                EtcdPolicyStore::start(etcd.client.clone(), &etcd.prefix, ETCD_TIMEOUT).await?,
+            ),
             None => Arc::new(InMemoryPolicyStore::default()),
         };
         let synced = Arc::downgrade(&limiter);
@@ -188,18 +188,27 @@ impl RateLimitArgs {
     }
 }
 
+impl Service for RateLimitArgs {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn default_ports(&self) -> (u16, u16) {
+        (7104, 9104)
+    }
+
+    fn listen(&self) -> (SocketAddr, SocketAddr) {
+        (self.listen, self.admin_listen)
+    }
+
+    fn build<'a>(&'a self, deps: &'a HostDeps) -> BoxFuture<'a, Result<ServiceSpec, BuildError>> {
+        Box::pin(async move {
+            RateLimitArgs::build(self, deps)
+                .await
+                .map_err(|e| BuildError::from_service_error(&e))
+        })
+    }
+}
+
 /// Time every etcd call of the rate limiter may take.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// What the host gives the rate limiter.
-#[derive(Clone)]
-pub struct RateLimitDeps {
-    /// The process's metrics.
-    pub metrics: Metrics,
-    /// Cluster membership (etcd or in-memory).
-    pub membership: Arc<dyn Membership>,
-    /// The etcd client and key prefix when the cluster has etcd: policies are stored there.
-    pub etcd: Option<(etcd_client::Client, String)>,
-    /// Redis URL for STRICT consistency, when configured.
-    pub redis_url: Option<String>,
-}

@@ -9,18 +9,24 @@
 //! - [`client`]: client channels through that stack.
 //! - [`server`]: runs a service with health, reflection, admin HTTP, membership and ordered
 //!   graceful shutdown.
+//! - [`service`]: the `Service` trait the binary's list of services is made of, and the
+//!   `HostDeps` every service is built from.
 //! - [`executor`]: the tokio runtime a binary runs on (`TOKIO_WORKER_THREADS=1`: current-thread).
 //! - [`status`]: `tonic::Status` helpers with rich error details.
+//! - [`error`]: `FieldViolation`, the `ErrorCode` set and the one `ServiceError` → `Status`
+//!   mapping every service uses.
 
 pub mod breaker;
 pub mod client;
 pub mod config;
 pub mod deadline;
+pub mod error;
 pub mod executor;
 pub mod message_trace;
 pub mod metrics;
 pub mod observe;
 pub mod server;
+pub mod service;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
@@ -29,3 +35,4 @@ pub mod wire;
 pub use client::{ClientChannel, ClientConfig, connect_lazy};
 pub use metrics::Metrics;
 pub use server::{HostContext, RunningService, ServiceSpec};
+pub use service::{BuildError, EtcdHandle, HostDeps, Service};

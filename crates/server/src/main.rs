@@ -12,17 +12,45 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentmesh_eventbus::EventBusError;
-use agentmesh_eventbus::service::{EventBusArgs, EventBusDeps};
 use agentmesh_membership::{EtcdMembership, EtcdMembershipConfig, InMemoryMembership, Membership};
-use agentmesh_ratelimit::RateLimitError;
-use agentmesh_ratelimit::service::{RateLimitArgs, RateLimitDeps};
 use agentmesh_runtime::config::{
     ClusterArgs, TelemetryArgs, exit_config_error, parse_args_or_exit, parse_duration,
 };
 use agentmesh_runtime::server::{self, HostContext, RunningService, ServiceSpec};
+use agentmesh_runtime::service::{BuildError, EtcdHandle, HostDeps, Service};
 use agentmesh_runtime::{Metrics, shutdown, telemetry};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+
+/// Declares the services this binary runs: their flags (flattened into `serve` and `dev`),
+/// their names, and the list every command works from.
+macro_rules! services {
+    ($($name:ident: $args:ty),+ $(,)?) => {
+        /// Settings of every service this binary runs.
+        #[derive(clap::Args)]
+        struct ServiceSettings {
+            $(
+                #[command(flatten)]
+                $name: $args,
+            )+
+        }
+
+        impl ServiceSettings {
+            /// Every service's name, in the list's order.
+            const NAMES: &'static [&'static str] = &[$(stringify!($name)),+];
+
+            /// Every service, in the list's order.
+            fn all(&self) -> Vec<&dyn Service> {
+                vec![$(&self.$name as &dyn Service),+]
+            }
+        }
+    };
+}
+
+// The services this binary runs: a new service is its crate plus one line here.
+services! {
+    eventbus: agentmesh_eventbus::service::EventBusArgs,
+    ratelimit: agentmesh_ratelimit::service::RateLimitArgs,
+}
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -49,13 +77,11 @@ struct Cli {
 enum Command {
     /// Run the named services in this process.
     Serve {
-        /// Services to run.
-        #[arg(required = true, value_enum)]
-        services: Vec<ServiceName>,
+        /// ServiceSettings to run.
+        #[arg(required = true, value_parser = service_name)]
+        services: Vec<String>,
         #[command(flatten)]
-        ratelimit: RateLimitArgs,
-        #[command(flatten)]
-        eventbus: EventBusArgs,
+        settings: ServiceSettings,
     },
     /// Run every built service in one process on loopback (standalone unless --etcd is given).
     Dev {
@@ -63,9 +89,12 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1")]
         bind_host: IpAddr,
         #[command(flatten)]
-        ratelimit: RateLimitArgs,
+        settings: ServiceSettings,
+    },
+    /// List the services this binary runs: name, default gRPC and admin ports, listen flags.
+    Services {
         #[command(flatten)]
-        eventbus: EventBusArgs,
+        settings: ServiceSettings,
     },
     /// Check a gRPC server's health; exit 0 only when SERVING.
     Probe {
@@ -78,16 +107,6 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         timeout: Duration,
     },
-}
-
-/// The agentmesh services.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum ServiceName {
-    Eventbus,
-    Scheduler,
-    Cache,
-    Ratelimit,
-    Health,
 }
 
 fn main() -> ExitCode {
@@ -109,43 +128,54 @@ fn main() -> ExitCode {
                 service,
                 timeout,
             } => probe(&addr, &service, timeout).await,
-            Command::Serve {
-                services,
-                ratelimit,
-                eventbus,
-            } => {
-                let args = ServiceArgs {
-                    ratelimit,
-                    eventbus,
-                };
-                serve(&cli.cluster, &cli.telemetry, &services, &args, None).await
+            Command::Serve { services, settings } => {
+                let chosen: Vec<&dyn Service> = settings
+                    .all()
+                    .into_iter()
+                    .filter(|s| services.iter().any(|name| name == s.name()))
+                    .collect();
+                serve(&cli.cluster, &cli.telemetry, &chosen, None).await
             }
             Command::Dev {
                 bind_host,
-                ratelimit,
-                eventbus,
+                settings,
             } => {
-                let args = ServiceArgs {
-                    ratelimit,
-                    eventbus,
-                };
                 serve(
                     &cli.cluster,
                     &cli.telemetry,
-                    &[ServiceName::Eventbus, ServiceName::Ratelimit],
-                    &args,
+                    &settings.all(),
                     Some(bind_host),
                 )
                 .await
+            }
+            Command::Services { settings } => {
+                list_services(&settings.all());
+                ExitCode::SUCCESS
             }
         }
     })
 }
 
-/// Settings of every built service.
-struct ServiceArgs {
-    ratelimit: RateLimitArgs,
-    eventbus: EventBusArgs,
+/// A service name of [`ServiceSettings::NAMES`].
+fn service_name(name: &str) -> Result<String, String> {
+    if ServiceSettings::NAMES.contains(&name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "{name:?} is not a service agentmesh {} runs (not built yet, or misspelled); available: {}",
+            env!("CARGO_PKG_VERSION"),
+            ServiceSettings::NAMES.join(", ")
+        ))
+    }
+}
+
+/// Prints one line per service: name, default gRPC and admin ports, and the listen flags.
+fn list_services(services: &[&dyn Service]) {
+    for service in services {
+        let (grpc, admin) = service.default_ports();
+        let name = service.name();
+        println!("{name} {grpc} {admin} --{name}-listen --{name}-admin-listen");
+    }
 }
 
 /// Rebinds an unspecified listen IP to `host` (for `dev`).
@@ -159,7 +189,7 @@ fn rebind(addr: SocketAddr, host: Option<IpAddr>) -> SocketAddr {
 /// Membership, plus the etcd client and prefix other etcd users share (None in standalone).
 async fn membership(
     cluster: &ClusterArgs,
-) -> Result<(Arc<dyn Membership>, Option<(etcd_client::Client, String)>), String> {
+) -> Result<(Arc<dyn Membership>, Option<EtcdHandle>), String> {
     if cluster.etcd_endpoints.is_empty() {
         tracing::info!("no etcd configured: in-memory membership (standalone)");
         return Ok((Arc::new(InMemoryMembership::default()), None));
@@ -176,15 +206,17 @@ async fn membership(
             cluster.etcd_endpoints.join(",")
         )
     })?;
-    let etcd = (membership.client().clone(), cluster.etcd_prefix.clone());
+    let etcd = EtcdHandle {
+        client: membership.client().clone(),
+        prefix: cluster.etcd_prefix.clone(),
+    };
     Ok((Arc::new(membership), Some(etcd)))
 }
 
 async fn serve(
     cluster: &ClusterArgs,
     telemetry_args: &TelemetryArgs,
-    services: &[ServiceName],
-    args: &ServiceArgs,
+    services: &[&dyn Service],
     bind_host: Option<IpAddr>,
 ) -> ExitCode {
     let guard = match telemetry::init(telemetry_args) {
@@ -200,51 +232,28 @@ async fn serve(
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    let deps = RateLimitDeps {
+    let deps = HostDeps {
         metrics: metrics.clone(),
         membership: membership.clone(),
         etcd,
         redis_url: cluster.redis_url().map(str::to_owned),
     };
-    let eventbus_deps = EventBusDeps {
-        metrics: metrics.clone(),
-        redis_url: cluster.redis_url().map(str::to_owned),
-        membership: membership.clone(),
-    };
     let mut specs: Vec<ServiceSpec> = Vec::new();
-    for service in dedup(services) {
-        match service {
-            ServiceName::Eventbus => match args.eventbus.build(&eventbus_deps).await {
-                Ok(mut spec) => {
-                    spec.grpc_listen = rebind(spec.grpc_listen, bind_host);
-                    spec.admin_listen = rebind(spec.admin_listen, bind_host);
-                    specs.push(spec);
-                }
-                Err(EventBusError::Unavailable(message)) => {
-                    eprintln!("error: eventbus: {message}");
-                    guard.shutdown().await;
-                    return ExitCode::from(EXIT_UNAVAILABLE);
-                }
-                Err(e) => exit_config_error(&format!("eventbus: {e}")),
-            },
-            ServiceName::Ratelimit => match args.ratelimit.build(&deps).await {
-                Ok(mut spec) => {
-                    spec.grpc_listen = rebind(spec.grpc_listen, bind_host);
-                    spec.admin_listen = rebind(spec.admin_listen, bind_host);
-                    specs.push(spec);
-                }
-                Err(RateLimitError::Unavailable(message)) => {
-                    eprintln!("error: ratelimit: {message}");
-                    guard.shutdown().await;
-                    return ExitCode::from(EXIT_UNAVAILABLE);
-                }
-                Err(e) => exit_config_error(&format!("ratelimit: {e}")),
-            },
-            other => exit_config_error(&format!(
-                "service {:?} is not built yet in agentmesh {}; available: eventbus, ratelimit",
-                format!("{other:?}").to_lowercase(),
-                env!("CARGO_PKG_VERSION")
-            )),
+    for service in services {
+        match service.build(&deps).await {
+            Ok(mut spec) => {
+                spec.grpc_listen = rebind(spec.grpc_listen, bind_host);
+                spec.admin_listen = rebind(spec.admin_listen, bind_host);
+                specs.push(spec);
+            }
+            Err(BuildError::Unavailable(message)) => {
+                eprintln!("error: {}: {message}", service.name());
+                guard.shutdown().await;
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+            Err(BuildError::Config(message)) => {
+                exit_config_error(&format!("{}: {message}", service.name()));
+            }
         }
     }
     let ctx = HostContext {
@@ -277,16 +286,6 @@ async fn serve(
     }
     guard.shutdown().await;
     code
-}
-
-fn dedup(services: &[ServiceName]) -> Vec<ServiceName> {
-    let mut out: Vec<ServiceName> = Vec::new();
-    for s in services {
-        if !out.contains(s) {
-            out.push(*s);
-        }
-    }
-    out
 }
 
 async fn probe(addr: &str, service: &str, timeout: Duration) -> ExitCode {
@@ -325,6 +324,58 @@ async fn probe(addr: &str, service: &str, timeout: Duration) -> ExitCode {
         Err(_) => {
             println!("error: no answer from {addr} within {timeout:?}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn test_the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_every_service_listens_on_its_named_flags_and_default_ports() {
+        let cli = Cli::try_parse_from(["agentmesh", "services"]).unwrap();
+        let Command::Services { settings } = cli.command else {
+            panic!("services")
+        };
+        for service in settings.all() {
+            let (grpc, admin) = service.default_ports();
+            assert_eq!(service.listen().0.port(), grpc, "{}", service.name());
+            assert_eq!(service.listen().1.port(), admin, "{}", service.name());
+            let name = service.name();
+            let flags = [
+                format!("--{name}-listen"),
+                "127.0.0.1:1".to_owned(),
+                format!("--{name}-admin-listen"),
+                "127.0.0.1:2".to_owned(),
+            ];
+            let cli = Cli::try_parse_from(
+                ["agentmesh", "services"]
+                    .into_iter()
+                    .map(str::to_owned)
+                    .chain(flags),
+            )
+            .unwrap();
+            let Command::Services { settings } = cli.command else {
+                panic!("services")
+            };
+            let parsed = settings
+                .all()
+                .into_iter()
+                .find(|s| s.name() == name)
+                .unwrap();
+            assert_eq!(
+                (parsed.listen().0.port(), parsed.listen().1.port()),
+                (1, 2),
+                "{name}"
+            );
         }
     }
 }

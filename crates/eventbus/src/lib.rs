@@ -23,6 +23,7 @@ pub mod redis_log;
 mod resp;
 pub mod service;
 pub mod subject;
+mod wire;
 
 pub use bus::{Bus, BusConfig, PublishOutcome, Subscription, SubscriptionHandle};
 pub use consumer::{AckPolicy, ConsumerOptions, Outbound};

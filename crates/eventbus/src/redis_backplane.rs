@@ -38,7 +38,7 @@ use crate::cluster::{
     Backplane, Forward, Handed, INBOUND_QUEUE, IdClaims, Inbound, Interest, ShedQueue,
 };
 use crate::event::Priority;
-use crate::grpc::{decode_publish, encode_event};
+use crate::wire::{decode_publish, encode_event};
 
 /// How often an instance rewrites its advert and re-reads the others'.
 pub const REFRESH: Duration = Duration::from_secs(1);

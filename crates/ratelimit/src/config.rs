@@ -45,6 +45,9 @@ impl LimiterConfig {
     }
 }
 
+/// Short service name in membership.
+pub const NAME: &str = "ratelimit";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,12 +29,14 @@ use crate::algorithm::{Decision, Params, State, decide};
 use crate::clock::Clock;
 use crate::config::LimiterConfig;
 use crate::error::{FieldViolation, RateLimitError};
+use crate::hash::PrehashedKey;
+use crate::policies::PolicySet;
 use crate::spec::{
     Consistency, DEFAULT_POLICY_NAME, FailurePolicy, LimitSpec, MAX_ITEMS, MAX_KEY_LEN,
-    MAX_NAMESPACE_LEN, Mode, PolicySet, is_valid_identifier, is_valid_policy_name,
-    validate_identifier, validate_policy_name,
+    MAX_NAMESPACE_LEN, Mode, is_valid_identifier, is_valid_policy_name, validate_identifier,
+    validate_policy_name,
 };
-use crate::store::{LimitIdentity, PrehashedKey, Store, StoreStats};
+use crate::store::{LimitIdentity, Store, StoreStats};
 
 /// Which limit an item is checked against.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -30,18 +30,21 @@ use parking_lot::Mutex;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::budget::{
-    BudgetError, BudgetKey, BudgetLedger, BudgetSpec, BudgetWindow, ListedBudget, Usage,
+use crate::budget::{BudgetError, BudgetKey, BudgetLedger, BudgetSpec, BudgetWindow};
+pub use crate::calls::{
+    BudgetAnswer, BudgetCall, BudgetQuery, BudgetRef, BudgetTarget, DEFAULT_LISTED_KEYS,
+    HeldBudget, LeaseTarget, MAX_LISTED_KEYS, NamespaceUsage,
 };
 use crate::concurrency::{AcquireOutcome, LeaseError, LeaseTable};
 use crate::decide::Decide;
 use crate::error::{FieldViolation, RateLimitError};
-use crate::grpc::{decode_result, encode_item};
 use crate::ids::OpaqueId;
 use crate::limiter::{CheckItem, CheckOutcome, DegradedReason, LimitRef, Limiter, validate_items};
-use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode, PolicySet};
+use crate::policies::PolicySet;
+use crate::spec::{Algorithm, Consistency, FailurePolicy, LimitSpec, Mode};
 use crate::strict::{RedisStrict, StrictDecision, StrictItem};
 use crate::suspects::Suspects;
+use crate::wire::{decode_result, encode_item};
 
 /// Default time a forward or a Redis call may take.
 pub const DEFAULT_BUDGET: Duration = Duration::from_millis(5);
@@ -61,10 +64,6 @@ const PEER_QUEUE: usize = 4096;
 const MAX_FORWARD_ITEMS: usize = 1000;
 /// Seed of the key hash used in Redis, the same on every instance.
 const STRICT_KEY_SEED: u64 = 0x6167_656e_746d_6573;
-/// Keys a namespace usage listing gives when the caller sets no bound.
-pub const DEFAULT_LISTED_KEYS: usize = 100;
-/// Most keys one namespace usage listing gives.
-pub const MAX_LISTED_KEYS: usize = 1000;
 
 /// Router settings.
 #[derive(Clone, Debug)]
@@ -187,7 +186,7 @@ impl ClusterRouter {
         strict: Option<RedisStrict>,
         metrics: &Metrics,
     ) -> Result<Self, RateLimitError> {
-        let watch = membership.watch(crate::service::NAME).await.map_err(|e| {
+        let watch = membership.watch(crate::config::NAME).await.map_err(|e| {
             RateLimitError::Unavailable(format!("watching rate-limiter members: {e}"))
         })?;
         let router_metrics = RouterMetrics::register(metrics)
@@ -403,123 +402,10 @@ impl ClusterRouter {
     }
 }
 
-/// Which (namespace, key) a lease call is about, and where it is decided.
-#[derive(Clone, Debug)]
-pub struct LeaseTarget {
-    /// Namespace of the key.
-    pub namespace: String,
-    /// The key whose concurrency is limited.
-    pub key: String,
-    /// LOCAL or OWNER; `None` = the cluster default.
-    pub consistency: Option<Consistency>,
-}
-
 /// Where a per-key call (lease, budget, reset) goes.
 enum KeyRoute {
     Here,
     Peer(String),
-}
-
-/// Which budget a call is about.
-#[derive(Clone, Debug)]
-pub struct BudgetTarget {
-    /// Namespace of the key.
-    pub namespace: String,
-    /// The key the budget belongs to.
-    pub key: String,
-    /// Its limit and calendar window, inline or through a budget policy.
-    pub budget: BudgetRef,
-    /// LOCAL or OWNER; `None` = the policy's, else the cluster default.
-    pub consistency: Option<Consistency>,
-}
-
-/// Where a budget call's limit and window come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BudgetRef {
-    /// Given with the call.
-    Inline(BudgetSpec),
-    /// The budget policy of this name (stored in the target's namespace, or from the file).
-    Policy(String),
-}
-
-/// A namespace usage listing: which budgets to list, and where.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BudgetQuery {
-    /// The namespace whose budgets are listed.
-    pub namespace: String,
-    /// Only keys after this one (byte order); empty = from the start.
-    pub start_after: String,
-    /// Most keys listed, `1..=MAX_LISTED_KEYS`.
-    pub max_keys: usize,
-    /// Only this instance's budgets (what instances ask each other), not every live member's.
-    pub local_only: bool,
-}
-
-/// One budget of a namespace listing and the instance that holds it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HeldBudget {
-    /// The budget.
-    pub budget: ListedBudget,
-    /// The instance that holds it.
-    pub held_by: String,
-}
-
-/// The budgets of a namespace across the cluster.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NamespaceUsage {
-    /// Sorted by (key, window, holder); at most `max_keys` keys.
-    pub budgets: Vec<HeldBudget>,
-    /// Keys after the last one listed were left out.
-    pub truncated: bool,
-    /// Members that did not answer: their budgets are missing.
-    pub unreachable: Vec<String>,
-}
-
-/// A budget operation.
-#[derive(Clone, Copy, Debug)]
-pub enum BudgetCall {
-    /// Hold `estimate` for at most `ttl`.
-    Reserve {
-        /// Units to hold.
-        estimate: u64,
-        /// Hold time.
-        ttl: Duration,
-    },
-    /// Settle a reservation with the actual cost.
-    Commit {
-        /// Reservation id.
-        id: OpaqueId,
-        /// Actual cost.
-        actual: u64,
-    },
-    /// Release a reservation.
-    Cancel {
-        /// Reservation id.
-        id: OpaqueId,
-    },
-    /// Read the usage.
-    Usage,
-}
-
-/// The answer to a budget call.
-#[derive(Clone, Debug)]
-pub struct BudgetAnswer {
-    /// Reserve: whether the estimate was granted (true for the other calls).
-    pub granted: bool,
-    /// Reserve: the reservation held, if any.
-    pub reservation_id: Option<OpaqueId>,
-    /// Usage after the call.
-    pub usage: Usage,
-}
-
-impl BudgetAnswer {
-    fn usage(usage: Usage) -> Self {
-        Self {
-            granted: true,
-            reservation_id: None,
-            usage,
-        }
-    }
 }
 
 fn budget_error(e: BudgetError) -> RateLimitError {
@@ -630,7 +516,7 @@ impl ClusterRouter {
                     namespace: target.namespace.clone(),
                     key: target.key.clone(),
                     limit,
-                    ttl: Some(crate::grpc::duration_to_proto(ttl)),
+                    ttl: Some(crate::wire::duration_to_proto(ttl)),
                     consistency: Self::HERE,
                 };
                 let r = self
@@ -681,7 +567,7 @@ impl ClusterRouter {
                     namespace: target.namespace.clone(),
                     key: target.key.clone(),
                     lease_id: crate::ids::encode_id(lease_id),
-                    ttl: Some(crate::grpc::duration_to_proto(ttl)),
+                    ttl: Some(crate::wire::duration_to_proto(ttl)),
                     consistency: Self::HERE,
                 };
                 self.call_peer(
@@ -834,7 +720,7 @@ impl ClusterRouter {
         };
         // The owner gets the limit resolved here, so a policy change still propagating cannot
         // make the two disagree within one call.
-        let wire = Some(crate::grpc::encode_budget_target(
+        let wire = Some(crate::wire::encode_budget_target(
             &target.namespace,
             &target.key,
             &spec,
@@ -845,7 +731,7 @@ impl ClusterRouter {
                 let request = pb::ReserveRequest {
                     target: wire,
                     estimate,
-                    ttl: Some(crate::grpc::duration_to_proto(ttl)),
+                    ttl: Some(crate::wire::duration_to_proto(ttl)),
                 };
                 let r = self
                     .call_peer(
@@ -858,7 +744,7 @@ impl ClusterRouter {
                 let answer = BudgetAnswer {
                     granted: r.granted,
                     reservation_id: crate::ids::decode_id(&r.reservation_id),
-                    usage: crate::grpc::decode_usage(r.usage.unwrap_or_default()),
+                    usage: crate::wire::decode_usage(r.usage.unwrap_or_default()),
                 };
                 Ok((answer, r.decided_by))
             }
@@ -877,7 +763,7 @@ impl ClusterRouter {
                     )
                     .await?;
                 Ok((
-                    BudgetAnswer::usage(crate::grpc::decode_usage(r.usage.unwrap_or_default())),
+                    BudgetAnswer::usage(crate::wire::decode_usage(r.usage.unwrap_or_default())),
                     peer,
                 ))
             }
@@ -895,7 +781,7 @@ impl ClusterRouter {
                     )
                     .await?;
                 Ok((
-                    BudgetAnswer::usage(crate::grpc::decode_usage(r.usage.unwrap_or_default())),
+                    BudgetAnswer::usage(crate::wire::decode_usage(r.usage.unwrap_or_default())),
                     peer,
                 ))
             }
@@ -913,7 +799,7 @@ impl ClusterRouter {
                     )
                     .await?;
                 Ok((
-                    BudgetAnswer::usage(crate::grpc::decode_usage(r.usage.unwrap_or_default())),
+                    BudgetAnswer::usage(crate::wire::decode_usage(r.usage.unwrap_or_default())),
                     peer,
                 ))
             }
@@ -1000,7 +886,7 @@ impl ClusterRouter {
         let budgets = r
             .keys
             .into_iter()
-            .filter_map(crate::grpc::decode_key_usage)
+            .filter_map(crate::wire::decode_key_usage)
             .collect();
         Ok((budgets, r.truncated))
     }
@@ -1498,7 +1384,7 @@ impl PeerLink {
         let (outbound, rx) = mpsc::channel(PEER_STREAM_BUFFER);
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         request.metadata_mut().insert(
-            crate::grpc::FORWARDED_HEADER,
+            crate::wire::FORWARDED_HEADER,
             tonic::metadata::MetadataValue::from_static("1"),
         );
         let mut client = pb::rate_limiter_client::RateLimiterClient::new(channel);
@@ -1713,6 +1599,7 @@ fn reply_all(jobs: Vec<Job>, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::{ListedBudget, Usage};
 
     fn held(key: &str, window: BudgetWindow, held_by: &str) -> HeldBudget {
         HeldBudget {

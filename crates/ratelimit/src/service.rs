@@ -20,14 +20,14 @@ use crate::error::RateLimitError;
 use crate::grpc::RateLimiterGrpc;
 use crate::limiter::Limiter;
 use crate::metrics::RateLimitMetrics;
+use crate::policies::PolicySet;
 use crate::policy_store::{EtcdPolicyStore, InMemoryPolicyStore, PolicyStore, spawn_policy_sync};
 use crate::router::{ClusterRouter, RouterConfig};
 use crate::spec::Consistency;
-use crate::spec::{Policy, PolicySet};
+use crate::spec::Policy;
 use crate::strict::{RedisStrict, StrictConfig};
 
-/// Short service name in membership.
-pub const NAME: &str = "ratelimit";
+pub use crate::config::NAME;
 
 /// Rate limiter settings.
 #[derive(Clone, Debug, clap::Args)]

@@ -4,6 +4,7 @@
 //! - [`telemetry`]: logs (text/JSON) and OpenTelemetry traces with OTLP export.
 //! - [`metrics`]: the process's Prometheus registry and RED histograms.
 //! - [`message_trace`]: producer/consumer spans and trace context carried in message headers.
+//! - [`propagation`]: W3C trace context in gRPC metadata and in event headers.
 //! - [`observe`]: tower layers for server and client spans, trace propagation and metrics.
 //! - [`breaker`]: a circuit breaker layer for client channels.
 //! - [`client`]: client channels through that stack.
@@ -25,6 +26,7 @@ pub mod executor;
 pub mod message_trace;
 pub mod metrics;
 pub mod observe;
+pub mod propagation;
 pub mod server;
 pub mod service;
 pub mod shutdown;

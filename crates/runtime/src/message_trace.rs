@@ -19,7 +19,7 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer};
 
-use crate::observe::{extract_from_map, inject_into_map};
+use crate::propagation::{extract_from_map, inject_into_map};
 
 /// The tracer message spans are exported through; set once by telemetry init when an OTLP
 /// endpoint is configured.

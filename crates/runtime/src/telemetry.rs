@@ -23,10 +23,7 @@ use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogFormat, TelemetryArgs};
 
-/// Target for spans that are exported at DEBUG level without being formatted by the log
-/// filter: RPC spans and spans around calls to dependencies (`tracing::debug_span!(target:
-/// TRACE_TARGET, …)`).
-pub const TRACE_TARGET: &str = "agentmesh_trace";
+pub use crate::propagation::TRACE_TARGET;
 
 /// How long shutdown waits for the exporter to flush.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);

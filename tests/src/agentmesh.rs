@@ -17,6 +17,10 @@ use crate::{free_port_list, wait_until};
 ///
 /// # Errors
 /// Fails with the command that builds it when it is missing.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the harness is a test tool: the binaries' directory may be given from outside"
+)]
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let dir = match std::env::var_os("AGENTMESH_BIN_DIR") {
         Some(dir) => PathBuf::from(dir),

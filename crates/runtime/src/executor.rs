@@ -11,6 +11,10 @@ use std::io;
 ///
 /// # Errors
 /// When the runtime cannot be created (e.g. the I/O driver cannot open its epoll instance).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "called by the binaries at start-up, beside clap's environment fallbacks"
+)]
 pub fn build_runtime() -> io::Result<tokio::runtime::Runtime> {
     runtime_for(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref())
 }

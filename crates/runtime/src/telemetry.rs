@@ -217,7 +217,9 @@ fn current_trace_id(dispatch: &Dispatch) -> Option<opentelemetry::trace::TraceId
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
+
+    use parking_lot::Mutex;
 
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -230,7 +232,7 @@ mod tests {
 
     impl std::io::Write for Buffer {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
+            self.0.lock().extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -277,7 +279,7 @@ mod tests {
             tracing::warn!(instance = "a", "inside the span");
             span.context().span().span_context().trace_id().to_string()
         });
-        let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let out = String::from_utf8(buffer.0.lock().clone()).unwrap();
         (out, trace_id)
     }
 

@@ -9,8 +9,10 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use agentmesh_runtime::config::parse_duration;
@@ -183,10 +185,10 @@ impl Shared {
 
     /// Counts a failed publish (or a broken subscription); the first message is kept.
     pub(super) fn error(&self, message: impl std::fmt::Display) {
-        if self.errors.fetch_add(1, Ordering::Relaxed) == 0
-            && let Ok(mut first) = self.first_error.lock()
-        {
-            first.get_or_insert_with(|| message.to_string());
+        if self.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.first_error
+                .lock()
+                .get_or_insert_with(|| message.to_string());
         }
     }
 
@@ -361,7 +363,7 @@ pub(super) async fn drive<S: Sink>(
         published: load(&shared.published),
         shed: load(&shared.shed),
         errors: shared.errors.load(Ordering::Relaxed),
-        first_error: shared.first_error.lock().ok().and_then(|e| e.clone()),
+        first_error: shared.first_error.lock().clone(),
         latency,
     }
 }

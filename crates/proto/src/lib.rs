@@ -26,6 +26,12 @@ pub mod eventbus {
     }
 }
 
+pub mod scheduler {
+    pub mod v1 {
+        tonic::include_proto!("agentmesh.scheduler.v1");
+    }
+}
+
 pub mod bench {
     pub mod v1 {
         tonic::include_proto!("agentmesh.bench.v1");

@@ -170,6 +170,26 @@ impl CircuitBreaker {
         );
     }
 
+    /// Gives back a permit whose call was not made, or whose outcome says nothing about the
+    /// target (the caller cancelled): a half-open probe's place is freed, nothing is counted.
+    #[allow(
+        clippy::needless_pass_by_value,
+        reason = "a permit is spent by giving it back"
+    )]
+    pub fn forget(&self, permit: Permit) {
+        let Permit { probe } = permit;
+        if !probe {
+            return;
+        }
+        let mut state = self.state.lock();
+        if let Phase::HalfOpen {
+            ref mut in_flight, ..
+        } = state.phase
+        {
+            *in_flight = in_flight.saturating_sub(1);
+        }
+    }
+
     /// Closes an open or half-open breaker at once, as a check made out of band (not under a
     /// permit) found the target healthy: the back-off starts over. No effect when closed.
     pub fn close_after_health_check(&self) {

@@ -71,6 +71,8 @@ pub enum ErrorCode {
     Unauthenticated,
     /// Credentials that do not allow this.
     PermissionDenied,
+    /// An RPC that is declared but not built yet.
+    Unimplemented,
     /// A bug on our side; never a caller's mistake.
     Internal,
 }
@@ -116,6 +118,7 @@ pub fn to_status(error: &(impl ServiceError + ?Sized)) -> Status {
         ErrorCode::DeadlineExceeded => status::deadline_exceeded(message),
         ErrorCode::Unauthenticated => Status::unauthenticated(message),
         ErrorCode::PermissionDenied => Status::permission_denied(message),
+        ErrorCode::Unimplemented => Status::unimplemented(message),
         ErrorCode::Internal => status::internal(message),
     }
 }

@@ -50,6 +50,7 @@ macro_rules! services {
 services! {
     eventbus: agentmesh_eventbus::service::EventBusArgs,
     ratelimit: agentmesh_ratelimit::service::RateLimitArgs,
+    scheduler: agentmesh_scheduler::service::SchedulerArgs,
 }
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;

@@ -1,0 +1,279 @@
+//! The gRPC adapter of `agentmesh.scheduler.v1.Scheduler`: decode ([`crate::wire`]), call the
+//! [`Pool`], encode. No scheduling logic lives here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use agentmesh_proto::scheduler::v1 as pb;
+use agentmesh_runtime::error::to_status;
+use futures::{Stream, StreamExt};
+use parking_lot::Mutex;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::SchedulerError;
+use crate::metrics::SchedulerMetrics;
+use crate::pool::Pool;
+use crate::wire::{
+    decode_acquire, decode_agent_id, decode_drain, decode_list, decode_register, decode_release,
+    decode_report, encode_agent, encode_reservation, encode_stats, encode_stream_message,
+};
+
+fn status(e: &SchedulerError) -> Status {
+    to_status(e)
+}
+
+/// Serves `agentmesh.scheduler.v1.Scheduler` over a [`Pool`].
+#[derive(Clone)]
+pub struct SchedulerGrpc {
+    pool: Arc<Pool>,
+    metrics: Option<SchedulerMetrics>,
+    instance_id: Arc<str>,
+}
+
+impl SchedulerGrpc {
+    /// An adapter over `pool` that names `instance_id` in its answers.
+    #[must_use]
+    pub fn new(pool: Arc<Pool>, instance_id: &str) -> Self {
+        Self {
+            pool,
+            metrics: None,
+            instance_id: instance_id.into(),
+        }
+    }
+
+    /// Counts acquisitions in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: SchedulerMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The tonic server for this adapter.
+    #[must_use]
+    pub fn into_server(self) -> pb::scheduler_server::SchedulerServer<Self> {
+        pb::scheduler_server::SchedulerServer::new(self)
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::scheduler_server::Scheduler for SchedulerGrpc {
+    async fn register_agent(
+        &self,
+        request: Request<pb::RegisterAgentRequest>,
+    ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
+        let (spec, epoch) = decode_register(request.into_inner()).map_err(|e| status(&e))?;
+        let registered = self.pool.register(spec, epoch).map_err(|e| status(&e))?;
+        Ok(Response::new(pb::RegisterAgentResponse {
+            epoch: registered.epoch,
+            heartbeat_interval: Some(agentmesh_runtime::wire::duration_to_proto(
+                registered.heartbeat_interval,
+            )),
+            lease: Some(agentmesh_runtime::wire::duration_to_proto(registered.lease)),
+        }))
+    }
+
+    async fn deregister_agent(
+        &self,
+        request: Request<pb::DeregisterAgentRequest>,
+    ) -> Result<Response<pb::DeregisterAgentResponse>, Status> {
+        let r = request.into_inner();
+        decode_agent_id(&r.agent_id, "agent_id").map_err(|e| status(&e))?;
+        self.pool
+            .deregister(&r.agent_id, r.epoch)
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DeregisterAgentResponse {}))
+    }
+
+    type HeartbeatStream = BoxStream<pb::HeartbeatResponse>;
+
+    async fn heartbeat(
+        &self,
+        request: Request<Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        use pb::heartbeat_request::Kind;
+        let mut inbound = request.into_inner();
+        let hello = match inbound.next().await {
+            Some(Ok(pb::HeartbeatRequest {
+                kind: Some(Kind::Hello(hello)),
+            })) => hello,
+            Some(Ok(_)) => {
+                return Err(status(&SchedulerError::invalid(
+                    "hello",
+                    "the first message of a heartbeat stream must be hello",
+                )));
+            }
+            Some(Err(s)) => return Err(s),
+            None => return Err(Status::cancelled("the stream ended before hello")),
+        };
+        decode_agent_id(&hello.agent_id, "hello.agent_id").map_err(|e| status(&e))?;
+        let (generation, rx) = self
+            .pool
+            .attach(&hello.agent_id, hello.epoch)
+            .map_err(|e| status(&e))?;
+        let failure: Arc<Mutex<Option<Status>>> = Arc::default();
+        let pool = self.pool.clone();
+        let reader_failure = failure.clone();
+        tokio::spawn(async move {
+            let (agent_id, epoch) = (hello.agent_id, hello.epoch);
+            let outcome = loop {
+                match inbound.next().await {
+                    Some(Ok(pb::HeartbeatRequest {
+                        kind: Some(Kind::Report(report)),
+                    })) => {
+                        if let Err(e) =
+                            pool.report(&agent_id, epoch, generation, decode_report(&report))
+                        {
+                            break Some(status(&e));
+                        }
+                    }
+                    Some(Ok(pb::HeartbeatRequest {
+                        kind: Some(Kind::Hello(_)),
+                    })) => {
+                        break Some(status(&SchedulerError::invalid(
+                            "hello",
+                            "hello is sent once, first",
+                        )));
+                    }
+                    Some(Ok(pb::HeartbeatRequest { kind: None })) => {
+                        break Some(status(&SchedulerError::invalid(
+                            "kind",
+                            "empty message: set hello or report",
+                        )));
+                    }
+                    Some(Err(s)) => break Some(s),
+                    None => break None,
+                }
+            };
+            *reader_failure.lock() = outcome;
+            // Ends the outbound side too (the pool drops its sender).
+            pool.stream_ended(&agent_id, epoch, generation);
+        });
+        let outbound = futures::stream::unfold(
+            (
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                failure,
+                false,
+            ),
+            |(mut rx, failure, done)| async move {
+                if done {
+                    return None;
+                }
+                match rx.next().await {
+                    Some(message) => match encode_stream_message(message) {
+                        Ok(m) => Some((Ok(m), (rx, failure, false))),
+                        Err(e) => Some((Err(status(&e)), (rx, failure, true))),
+                    },
+                    None => {
+                        let end = failure.lock().take();
+                        end.map(|s| (Err(s), (rx, failure, true)))
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(outbound)))
+    }
+
+    async fn drain_agent(
+        &self,
+        request: Request<pb::DrainAgentRequest>,
+    ) -> Result<Response<pb::DrainAgentResponse>, Status> {
+        let (agent_id, deadline, reason) =
+            decode_drain(request.into_inner()).map_err(|e| status(&e))?;
+        let agent = self
+            .pool
+            .drain(&agent_id, deadline, &reason)
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DrainAgentResponse {
+            agent: Some(encode_agent(&agent)),
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let (selector, state, limit, after) =
+            decode_list(request.into_inner()).map_err(|e| status(&e))?;
+        let (agents, more) = self.pool.list(&selector, state, &after, limit);
+        let next_page_token = if more {
+            agents
+                .last()
+                .map(|a| a.spec.agent_id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents.iter().map(encode_agent).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let r = request.into_inner();
+        decode_agent_id(&r.agent_id, "agent_id").map_err(|e| status(&e))?;
+        let agent = self.pool.get(&r.agent_id).map_err(|e| status(&e))?;
+        Ok(Response::new(encode_agent(&agent)))
+    }
+
+    async fn get_pool_stats(
+        &self,
+        _request: Request<pb::GetPoolStatsRequest>,
+    ) -> Result<Response<pb::PoolStats>, Status> {
+        Ok(Response::new(encode_stats(
+            &self.pool.stats(),
+            &self.instance_id,
+        )))
+    }
+
+    async fn acquire_agent(
+        &self,
+        request: Request<pb::AcquireAgentRequest>,
+    ) -> Result<Response<pb::AcquireAgentResponse>, Status> {
+        let acquire = decode_acquire(request.into_inner()).map_err(|e| status(&e))?;
+        let result = self.pool.acquire(&acquire);
+        if let Some(m) = &self.metrics {
+            m.acquired(&result);
+        }
+        let reservation = result.map_err(|e| status(&e))?;
+        Ok(Response::new(encode_reservation(&reservation)))
+    }
+
+    async fn release_agent(
+        &self,
+        request: Request<pb::ReleaseAgentRequest>,
+    ) -> Result<Response<pb::ReleaseAgentResponse>, Status> {
+        let (id, outcome, latency) =
+            decode_release(&request.into_inner()).map_err(|e| status(&e))?;
+        self.pool
+            .release(id, outcome, latency)
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ReleaseAgentResponse {}))
+    }
+
+    async fn submit_task(
+        &self,
+        _request: Request<pb::SubmitTaskRequest>,
+    ) -> Result<Response<pb::SubmitTaskResponse>, Status> {
+        Err(status(&SchedulerError::Unimplemented("SubmitTask")))
+    }
+
+    async fn get_task(
+        &self,
+        _request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        Err(status(&SchedulerError::Unimplemented("GetTask")))
+    }
+
+    async fn cancel_task(
+        &self,
+        _request: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        Err(status(&SchedulerError::Unimplemented("CancelTask")))
+    }
+}

@@ -1,5 +1,6 @@
 //! `meshctl`: the agentmesh operator CLI.
 
+mod agents;
 mod bench;
 mod events;
 mod members;
@@ -29,6 +30,9 @@ enum Command {
     /// Publish, subscribe and request on the event bus; inspect its stats and dead letters.
     #[command(subcommand)]
     Events(events::EventsCommand),
+    /// The agent pool: list, show, drain, stats; acquire and release an agent by hand.
+    #[command(subcommand)]
+    Agents(agents::AgentsCommand),
     /// Closed-loop load against a service, with a progress bar and a latency summary.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
             Command::Members(args) => members::run(&cli.cluster, &args).await,
             Command::Ratelimit(cmd) => ratelimit::run(cmd).await,
             Command::Events(cmd) => events::run(cmd).await,
+            Command::Agents(cmd) => agents::run(cmd).await,
             Command::Bench(cmd) => bench::run(cmd, cli.cluster.redis_url()).await,
         }
     });

@@ -2,7 +2,8 @@
 # Runs agentmesh standalone (no etcd, no Redis) and shows every built service working: builds,
 # starts `agentmesh dev`, waits until each service is SERVING, makes a few `meshctl` calls on
 # each (rate limiter: allowed, denied, shadow, default policy; event bus: subscribe, publish,
-# request/reply), prints the counters from `/metrics`, then keeps the cluster running until
+# request/reply; scheduler: two example agents join, one is acquired and released, one is
+# killed and seen dead), prints the counters from `/metrics`, then keeps the cluster running until
 # Ctrl-C. `scripts/dev.sh --demo` stops after the demonstration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +36,7 @@ await_subscribed() {
   return 1
 }
 
-for port in 7104 7101; do
+for port in 7104 7101 7102; do
   for _ in $(seq 1 100); do
     "$bin/agentmesh" probe "127.0.0.1:$port" >/dev/null 2>&1 && break
     sleep 0.2
@@ -46,6 +47,8 @@ echo "\$ agentmesh probe 127.0.0.1:7104   # the rate limiter"
 "$bin/agentmesh" probe 127.0.0.1:7104
 echo "\$ agentmesh probe 127.0.0.1:7101   # the event bus"
 "$bin/agentmesh" probe 127.0.0.1:7101
+echo "\$ agentmesh probe 127.0.0.1:7102   # the scheduler (agent pool)"
+"$bin/agentmesh" probe 127.0.0.1:7102
 
 echo
 echo "\$ meshctl ratelimit check -n demo -k agent-1 --limit 3 --period 1m   # four times"
@@ -92,6 +95,31 @@ echo
 echo "\$ meshctl events stats"
 "$bin/meshctl" events stats
 
+echo
+echo "\$ example-agent --id summarizer-1 --type summarizer --capacity 2 &   # two agents join the pool"
+"$bin/example-agent" --id summarizer-1 --type summarizer --capacity 2 --endpoint 127.0.0.1:8001 >"$scratch/a1.log" 2>&1 &
+agent1=$!
+"$bin/example-agent" --id summarizer-2 --type summarizer --capacity 2 --endpoint 127.0.0.1:8002 >"$scratch/a2.log" 2>&1 &
+for _ in $(seq 1 50); do
+  [ "$("$bin/meshctl" agents list --state ready -o json 2>/dev/null | grep -o '"agent_id"' | wc -l)" -ge 2 ] && break
+  sleep 0.1
+done
+echo "\$ meshctl agents list"
+"$bin/meshctl" agents list
+echo "\$ meshctl agents acquire --type summarizer   # a caller reserves an agent (ADAPTIVE)"
+reservation=$("$bin/meshctl" agents acquire --type summarizer -o json)
+echo "$reservation"
+id=$(sed -E 's/.*"reservation_id":"([0-9a-f]+)".*/\1/' <<<"$reservation")
+echo "\$ meshctl agents release $id --latency 120ms"
+"$bin/meshctl" agents release "$id" --latency 120ms
+echo "\$ kill -9 <summarizer-1>; meshctl agents list   # a killed agent is dead at once"
+kill -9 "$agent1"
+wait "$agent1" 2>/dev/null || true
+sleep 0.3
+"$bin/meshctl" agents list
+echo "\$ meshctl agents stats"
+"$bin/meshctl" agents stats
+
 if [ "${1:-}" = "--demo" ]; then
   exit 0
 fi
@@ -102,6 +130,7 @@ agentmesh dev is running (Ctrl-C stops it):
   service      gRPC             admin (/metrics /livez /readyz)
   ratelimit    127.0.0.1:7104   http://127.0.0.1:9104
   eventbus     127.0.0.1:7101   http://127.0.0.1:9101
+  scheduler    127.0.0.1:7102   http://127.0.0.1:9102   (agent summarizer-2 is still running)
 
 Try next:
   target/debug/meshctl ratelimit check -n demo -k me --limit 5 --period 10s
@@ -109,6 +138,8 @@ Try next:
   target/debug/meshctl events subscribe 'orders.>'          # in one terminal
   target/debug/meshctl events publish orders.created '{"id":1}'   # in another
   target/debug/meshctl events stats
+  target/debug/example-agent --id my-agent --type demo &    # join the pool
+  target/debug/meshctl agents list; target/debug/meshctl agents drain my-agent --deadline 10s
   target/debug/meshctl --help                               # every command
 Each gRPC port serves reflection (grpcurl -plaintext 127.0.0.1:7104 list) and grpc.health.v1.
 EOT

@@ -37,5 +37,45 @@ fn picks(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, picks);
+/// The whole AcquireAgent + ReleaseAgent in the pool (filtering 1,000 registered agents,
+/// picking, reserving, releasing), without gRPC.
+fn acquire_release(c: &mut Criterion) {
+    use std::sync::Arc;
+
+    use agentmesh_scheduler::config::PoolConfig;
+    use agentmesh_scheduler::pool::{AcquireRequest, AgentSpec, ManualClock, Outcome, Pool};
+
+    let pool = Pool::new(PoolConfig::default(), Arc::new(ManualClock::default()));
+    let mut streams = Vec::new();
+    for i in 0..1000 {
+        let id = format!("agent-{i:04}");
+        let epoch = pool
+            .register(
+                AgentSpec {
+                    agent_id: id.clone(),
+                    agent_type: "worker".into(),
+                    capacity: 8,
+                    weight: 1,
+                    ..AgentSpec::default()
+                },
+                0,
+            )
+            .unwrap()
+            .epoch;
+        streams.push(pool.attach(&id, epoch).unwrap());
+    }
+    let request = AcquireRequest {
+        ttl: Duration::from_secs(60),
+        ..AcquireRequest::default()
+    };
+    c.bench_function("pool_acquire_release_1000_agents", |b| {
+        b.iter(|| {
+            let r = pool.acquire(black_box(&request)).unwrap();
+            pool.release(r.id, Outcome::Success, Some(Duration::from_millis(5)))
+                .unwrap();
+        });
+    });
+}
+
+criterion_group!(benches, picks, acquire_release);
 criterion_main!(benches);

@@ -126,11 +126,16 @@ impl Picker {
         for (i, c) in candidates.iter().enumerate() {
             let weight = i64::from(c.weight.max(1));
             total += weight;
-            let current = self.current.entry(c.id.to_owned()).or_insert(0);
-            *current += weight;
-            if *current > best_weight {
-                best_weight = *current;
-                best = i;
+            // Look up before inserting, so a pick allocates no key for known agents.
+            if !self.current.contains_key(c.id) {
+                self.current.insert(c.id.to_owned(), 0);
+            }
+            if let Some(current) = self.current.get_mut(c.id) {
+                *current += weight;
+                if *current > best_weight {
+                    best_weight = *current;
+                    best = i;
+                }
             }
         }
         if let Some(current) = self.current.get_mut(candidates[best].id) {

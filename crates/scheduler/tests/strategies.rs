@@ -148,7 +148,7 @@ fn slow_agent_success(strategy: Strategy) -> f64 {
             pool.release(r.id, Outcome::Success, Some(latency)).unwrap();
         }
         clock.advance(Duration::from_millis(5));
-        if clock_ms(&clock) % 1000 == 0 {
+        if clock_ms(&clock).is_multiple_of(1000) {
             // Every agent (the slow one too) heartbeats each second.
             sequence += 1;
             for (id, epoch, generation) in &beats {

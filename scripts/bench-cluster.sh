@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
-command -v protoc >/dev/null 2>&1 || scripts/install-deps.sh
+scripts/install-deps.sh >/dev/null
 cargo build --release --quiet --bins
 bin=$PWD/target/release
 export TOKIO_WORKER_THREADS=1

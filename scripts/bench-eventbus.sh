@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-5}
 tables=${2:-ephemeral durable priority}
 want() { [[ " $tables " == *" $1 "* ]]; }
-command -v protoc >/dev/null 2>&1 || scripts/install-deps.sh
+scripts/install-deps.sh >/dev/null
 command -v nats-server >/dev/null 2>&1 || { echo "needs nats-server (apt-get install -y nats-server)" >&2; exit 1; }
 cargo build --release --quiet --bins
 bin=$PWD/target/release

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-5}
 runs=${2:-3}
 
-command -v protoc >/dev/null 2>&1 || scripts/install-deps.sh
+scripts/install-deps.sh --build >/dev/null
 cargo build --release --quiet --bins
 bin=target/release
 export TOKIO_WORKER_THREADS=1

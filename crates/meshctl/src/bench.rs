@@ -28,6 +28,7 @@ use crate::ratelimit::proto_duration;
 mod anchors;
 mod eventbus;
 mod pubsub;
+mod scheduler;
 mod scrape;
 
 #[derive(clap::Subcommand)]
@@ -48,6 +49,9 @@ pub(crate) enum BenchCommand {
     /// Anchor for `bench eventbus`: Redis Streams, XADD by the publisher, XREADGROUP + XACK by
     /// one consumer, same loop and clock. Redis: `--redis` (default redis://127.0.0.1:6379).
     RedisStreams(anchors::RedisStreamsBench),
+    /// Scheduler load: AcquireAgent + ReleaseAgent pairs over `--agents` heartbeating agents
+    /// this process registers (compare with `bench echo` at the same concurrency).
+    Scheduler(scheduler::SchedulerBench),
     /// Serve the bare tonic echo anchor (no agentmesh layers) until interrupted.
     EchoServer {
         /// Listen address.
@@ -275,6 +279,7 @@ pub(crate) async fn run(cmd: BenchCommand, redis: Option<&str>) -> anyhow::Resul
         }
         BenchCommand::RedisScript(args) => redis_script(args, &redis).await,
         BenchCommand::Eventbus(args) => eventbus::run(args).await,
+        BenchCommand::Scheduler(args) => scheduler::run(args).await,
         BenchCommand::Nats(args) => anchors::nats(args).await,
         BenchCommand::RedisStreams(args) => anchors::redis_streams(args, &redis).await,
     }

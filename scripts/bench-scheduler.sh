@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The scheduler end to end beside its anchor in the same run: AcquireAgent + ReleaseAgent
+# pairs (`meshctl bench scheduler`, 100 heartbeating agents registered by the load generator)
+# against `agentmesh serve scheduler`, and the bare tonic echo (`meshctl bench echo`) at the
+# same concurrency; one tokio worker per process, loopback, release build.
+#   scripts/bench-scheduler.sh [seconds-per-run] [concurrency ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-5}
+shift || true
+levels=("${@:-16 64}")
+read -r -a levels <<<"${levels[*]}"
+
+scripts/install-deps.sh --build >/dev/null
+cargo build --release --quiet --bins
+bin=target/release
+export TOKIO_WORKER_THREADS=1
+
+"$bin/meshctl" bench echo-server --listen 127.0.0.1:7199 2>/dev/null &
+echo_pid=$!
+"$bin/agentmesh" serve scheduler --scheduler-listen 127.0.0.1:7102 --scheduler-admin-listen 127.0.0.1:9102 --log-format json 2>/dev/null &
+sched_pid=$!
+trap 'kill $echo_pid $sched_pid 2>/dev/null; wait 2>/dev/null || true' EXIT
+for _ in $(seq 1 50); do
+  "$bin/agentmesh" probe 127.0.0.1:7102 >/dev/null 2>&1 && break
+  sleep 0.2
+done
+
+field() { python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(d[sys.argv[2]])" "$1" "$2"; }
+
+echo "| in flight | echo calls/s | scheduler pairs/s | scheduler RPCs/s | RPCs ÷ echo | pair p50 / p99 (µs) | echo p50 / p99 (µs) |"
+echo "| ---: | ---: | ---: | ---: | ---: | --- | --- |"
+for c in "${levels[@]}"; do
+  echo_out=$("$bin/meshctl" bench echo --concurrency "$c" --connections 4 --duration "${secs}s" --warmup 1s -o json | tail -n 1)
+  sched_out=$("$bin/meshctl" bench scheduler --concurrency "$c" --connections 4 --duration "${secs}s" --warmup 1s -o json | tail -n 1)
+  python3 - "$c" "$echo_out" "$sched_out" <<'PY'
+import json, sys
+c, e, s = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+rpcs = s["calls_per_sec"] * 2
+print(f"| {c} | {e['calls_per_sec']:.0f} | {s['calls_per_sec']:.0f} | {rpcs:.0f} | {rpcs / e['calls_per_sec']:.2f} | "
+      f"{s['p50_us']:.0f} / {s['p99_us']:.0f} | {e['p50_us']:.0f} / {e['p99_us']:.0f} |")
+PY
+done

@@ -151,3 +151,64 @@ async fn test_a_killed_agent_process_is_dead_within_a_second() -> anyhow::Result
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn test_a_hung_agent_is_suspect_then_dead_and_never_dead_first() -> anyhow::Result<()> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let scheduler = AgentmeshProcess::serve("scheduler", None, None, &[]).await?;
+    let c = Client::connect(format!("http://{}", scheduler.grpc_addr)).await?;
+    let mut child = std::process::Command::new(binary("example-agent")?)
+        .args([
+            "--scheduler",
+            &format!("http://{}", scheduler.grpc_addr),
+            "--id",
+            "hung-1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    // A few heartbeats first, so the detector knows the agent's rhythm.
+    wait_until(Duration::from_secs(10), "ready with history", || {
+        let mut c = c.clone();
+        async move {
+            agent_state(&mut c, "hung-1").await.is_ok_and(|a| {
+                a.state == pb::AgentState::Ready as i32
+                    && a.last_report.is_some_and(|r| r.sequence >= 3)
+            })
+        }
+    })
+    .await?;
+    let pid = Pid::from_raw(i32::try_from(child.id())?);
+    kill(pid, Signal::SIGSTOP)?;
+    let stopped = Instant::now();
+    let mut suspect_after = None;
+    let mut dead_after = None;
+    while stopped.elapsed() < Duration::from_secs(8) && dead_after.is_none() {
+        let state = agent_state(&mut c.clone(), "hung-1").await?.state;
+        if state == pb::AgentState::Suspect as i32 && suspect_after.is_none() {
+            suspect_after = Some(stopped.elapsed());
+        }
+        if state == pb::AgentState::Dead as i32 {
+            dead_after = Some(stopped.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill(pid, Signal::SIGCONT)?;
+    child.kill()?;
+    child.wait()?;
+    eprintln!("SIGSTOP: suspect after {suspect_after:?}, dead after {dead_after:?}");
+    let suspect = suspect_after.expect("suspect before dead");
+    let dead = dead_after.expect("declared dead");
+    // The targets are 2 s and 4 s (measured 1.83 s and 2.31 s; BENCHMARKS.md); the bounds
+    // here leave room for a loaded CI machine — figures live in benchmarks, not assertions.
+    assert!(
+        suspect <= Duration::from_secs(3),
+        "suspect after {suspect:?}"
+    );
+    assert!(
+        dead <= Duration::from_secs(5) && dead > suspect,
+        "dead after {dead:?}"
+    );
+    Ok(())
+}

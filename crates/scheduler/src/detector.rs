@@ -35,10 +35,16 @@ impl PhiDetector {
         }
     }
 
-    /// Records a heartbeat at `now_ms`.
+    /// Records a heartbeat at `now_ms`. An interval shorter than half the expected one (the
+    /// first report right after the stream opens, a burst after a stall) only moves the last
+    /// heartbeat: counted, it would widen the spread and slow suspicion for a minute.
     pub fn heartbeat(&mut self, now_ms: u64) {
         if let Some(last) = self.last_ms {
             let interval = now_ms.saturating_sub(last);
+            if interval < self.expected_ms / 2 {
+                self.last_ms = Some(now_ms.max(last));
+                return;
+            }
             if self.intervals.len() == WINDOW
                 && let Some(old) = self.intervals.pop_front()
             {
@@ -122,6 +128,19 @@ mod tests {
         assert!(suspect_at <= 2000, "suspect after {suspect_at} ms");
         assert!(dead_at <= 4000, "dead after {dead_at} ms");
         assert!(suspect_at > 1300 && dead_at > suspect_at);
+    }
+
+    #[test]
+    fn test_a_report_right_after_the_stream_opens_does_not_widen_the_spread() {
+        let mut d = PhiDetector::new(Duration::from_secs(1), Duration::from_millis(250));
+        d.heartbeat(0); // the stream opens
+        d.heartbeat(3); // the first report, at once
+        for i in 1..=3 {
+            d.heartbeat(3 + i * 1000);
+        }
+        let last = 3003;
+        let suspect_at = (0..4000).find(|ms| d.phi(last + ms) >= 3.0).unwrap();
+        assert!(suspect_at <= 1800, "suspect after {suspect_at} ms");
     }
 
     #[test]

@@ -341,26 +341,15 @@ pub fn run_binary(bin: &str, args: &[&str]) -> anyhow::Result<(i32, String, Stri
     ))
 }
 
-/// A minimal HTTP/1.0 GET, returning (status code, body).
+/// `GET http://{addr}{path}` through the runtime's hyper client: (status code, body).
 ///
 /// # Errors
-/// Fails when the connection or the response is broken.
+/// Fails when the connection or the response is broken, or no answer comes within 10 s.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    Ok((code, body.to_owned()))
+    Ok(
+        agentmesh_runtime::scrape::get(&format!("http://{addr}{path}"), Duration::from_secs(10))
+            .await?,
+    )
 }
 
 /// Checks Prometheus text exposition: every sample belongs to a family with HELP and TYPE,

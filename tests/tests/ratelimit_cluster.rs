@@ -152,26 +152,27 @@ async fn test_owner_and_strict_admit_at_most_the_limit_across_three_instances() 
     // arrived, the other two thirds forwarded.
     let (mut timed_local, mut timed_forwarded) = (0, 0);
     for p in &processes {
-        let (_, metrics) = agentmesh_tests::agentmesh::http_get(p.admin_addr, "/metrics").await?;
-        let count_of = |path: &str| -> anyhow::Result<u64> {
-            let prefix = format!("ratelimit_check_duration_seconds_count{{path=\"{path}\"}} ");
-            Ok(metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(prefix.as_str()))
-                .unwrap_or("0")
-                .parse()?)
+        let (_, text) = agentmesh_tests::agentmesh::http_get(p.admin_addr, "/metrics").await?;
+        let metrics = agentmesh_runtime::scrape::parse(&text)?;
+        let sum = |name: &str, labels: &[(&str, &str)]| {
+            // Counts are whole numbers well under 2^53.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let n = agentmesh_runtime::scrape::sum(&metrics, name, labels) as u64;
+            n
         };
-        timed_local += count_of("local")?;
-        timed_forwarded += count_of("forwarded")?;
-        for line in metrics.lines().filter(|l| {
-            l.starts_with("ratelimit_decisions_total{consistency=\"owner\",namespace=\"cluster\",policy=\"_inline\"")
-        }) {
-            let n: u64 = line.rsplit(' ').next().unwrap_or("0").parse()?;
-            counted += n;
-            if line.contains("result=\"allow\"") {
-                allowed += n;
-            }
-        }
+        let timed = "ratelimit_check_duration_seconds_count";
+        timed_local += sum(timed, &[("path", "local")]);
+        timed_forwarded += sum(timed, &[("path", "forwarded")]);
+        let owner = [
+            ("consistency", "owner"),
+            ("namespace", "cluster"),
+            ("policy", "_inline"),
+        ];
+        counted += sum("ratelimit_decisions_total", &owner);
+        allowed += sum(
+            "ratelimit_decisions_total",
+            &[owner.as_slice(), &[("result", "allow")]].concat(),
+        );
     }
     assert_eq!(
         (counted, allowed),

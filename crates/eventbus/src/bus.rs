@@ -27,7 +27,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
-use prometheus::{Histogram, HistogramOpts, HistogramVec};
+use prometheus::{Histogram, HistogramVec, IntCounter};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::cluster::{Backplane, ClusterView, Forward, Handed, Inbound, Interest, pick_weighted};
@@ -40,6 +40,7 @@ use crate::error::EventBusError;
 use crate::event::{Event, Priority, new_ulid, now_ms};
 use crate::index::SubjectIndex;
 use crate::log::{AppendOutcome, Appending, EventLog, StartPosition, TrimPolicy};
+pub use crate::metrics::BusCounters;
 use crate::priority::FairnessConfig;
 use crate::subject::SubjectFilter;
 
@@ -193,38 +194,6 @@ pub struct PublishOutcome {
     pub stream: Option<String>,
 }
 
-/// Bus-wide counters (the service exports them as metrics).
-#[derive(Debug, Default)]
-pub struct BusCounters {
-    /// Events accepted, ephemeral.
-    pub published_ephemeral: AtomicU64,
-    /// Events accepted, durable.
-    pub published_durable: AtomicU64,
-    /// Duplicates answered.
-    pub duplicates: AtomicU64,
-    /// Shed events by priority index.
-    pub shed: [AtomicU64; 4],
-    /// Expired events.
-    pub expired: AtomicU64,
-    /// Dead-lettered events.
-    pub dead_lettered: AtomicU64,
-    /// Ephemeral events no group was interested in.
-    pub no_interest: AtomicU64,
-    /// Log failures in background work (acks, reads, dead letters).
-    pub log_errors: AtomicU64,
-    /// Ephemeral events handed to other instances (one per instance).
-    pub forwarded_out: AtomicU64,
-    /// Ephemeral events other instances handed to this one.
-    pub forwarded_in: AtomicU64,
-    /// Forwards the backplane could not take (dropped: ephemeral delivery is at most once).
-    pub forward_dropped: AtomicU64,
-    /// Of those, by priority (index 0 = LOW): a full backplane link sheds the lowest first.
-    pub forward_shed: [AtomicU64; 4],
-    /// Client ids the cluster could not be asked about (Redis down or slow): deduplicated on
-    /// this instance only.
-    pub cluster_dedup_errors: AtomicU64,
-}
-
 #[derive(Debug, Default, Clone, Copy)]
 struct SubjectCounters {
     published: u64,
@@ -289,7 +258,6 @@ struct Inner {
     inboxes: Mutex<HashMap<String, oneshot::Sender<(Event, String)>>>,
     inbox_token: String,
     next_id: AtomicU64,
-    subscriptions: AtomicU64,
     subjects: Mutex<HashMap<String, SubjectCounters>>,
     group_rates: Mutex<HashMap<u64, (u64, f64)>>,
     counters: BusCounters,
@@ -382,7 +350,7 @@ impl Bus {
             }
             None => (None, None),
         };
-        let queue_wait_vec = queue_wait_histogram();
+        let queue_wait_vec = crate::metrics::queue_wait_histogram();
         let queue_wait =
             Arc::new(Priority::ALL.map(|p| queue_wait_vec.with_label_values(&[p.as_str()])));
         let inner = Arc::new(Inner {
@@ -397,7 +365,6 @@ impl Bus {
             inboxes: Mutex::new(HashMap::new()),
             inbox_token: token,
             next_id: AtomicU64::new(1),
-            subscriptions: AtomicU64::new(0),
             subjects: Mutex::new(HashMap::new()),
             group_rates: Mutex::new(HashMap::new()),
             counters: BusCounters::default(),
@@ -419,10 +386,18 @@ impl Bus {
         Self { inner }
     }
 
-    /// How long events waited in pending queues before delivery, by priority
-    /// (`eventbus_queue_wait_seconds`; the service registers it).
-    pub fn queue_wait_histogram(&self) -> &HistogramVec {
-        &self.inner.queue_wait_vec
+    /// Registers the bus's metrics (counted in place, see [`crate::metrics`]) in `registry`:
+    /// its counters, `eventbus_queue_wait_seconds` and the dedup window's early evictions.
+    ///
+    /// # Errors
+    /// When one of them is already registered.
+    pub fn register_metrics(
+        &self,
+        registry: &prometheus::Registry,
+    ) -> Result<(), prometheus::Error> {
+        self.inner.counters.register(registry)?;
+        registry.register(Box::new(self.inner.queue_wait_vec.clone()))?;
+        registry.register(Box::new(self.inner.dedup.evicted_early_counter().clone()))
     }
 
     /// A handle that does not keep the bus alive.
@@ -456,7 +431,7 @@ impl Bus {
 
     /// Open subscriptions.
     pub fn subscription_count(&self) -> u64 {
-        self.inner.subscriptions.load(Ordering::Relaxed)
+        u64::try_from(self.inner.counters.subscriptions.get()).unwrap_or(0)
     }
 
     /// Ids dropped from the dedup window early because it was full.
@@ -580,7 +555,7 @@ impl Bus {
         } else {
             &self.inner.counters.published_durable
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
         PublishOutcome {
             id: event.id,
             duplicate,
@@ -639,10 +614,7 @@ impl Bus {
 
     /// Answers a duplicate publish (counted, not delivered).
     fn duplicate(&self, event: Event) -> PublishOutcome {
-        self.inner
-            .counters
-            .duplicates
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.duplicates.inc();
         self.count_subject(&event.subject, true);
         PublishOutcome {
             id: event.id,
@@ -655,10 +627,7 @@ impl Bus {
     /// Counts and routes an accepted ephemeral event.
     fn deliver_ephemeral(&self, event: Event, now: u64) -> PublishOutcome {
         self.count_subject(&event.subject, false);
-        self.inner
-            .counters
-            .published_ephemeral
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.published_ephemeral.inc();
         let id = event.id.clone();
         self.route(&Arc::new(event), now);
         PublishOutcome {
@@ -732,7 +701,7 @@ impl Bus {
             sent = self.send_forwards(forwards, event);
         }
         if local.is_empty() && sent == 0 {
-            inner.counters.no_interest.fetch_add(1, Ordering::Relaxed);
+            inner.counters.no_interest.inc();
             return 0;
         }
         self.offer_to(&local, event, now);
@@ -758,12 +727,12 @@ impl Bus {
                 Handed::Dropped => (false, Some(event.priority)),
             };
             if queued {
-                counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
+                counters.forwarded_out.inc();
                 sent += 1;
             }
             if let Some(priority) = shed {
-                counters.forward_dropped.fetch_add(1, Ordering::Relaxed);
-                counters.forward_shed[priority.index()].fetch_add(1, Ordering::Relaxed);
+                counters.forward_dropped.inc();
+                counters.forward_shed[priority.index()].inc();
             }
         }
         sent
@@ -779,7 +748,7 @@ impl Bus {
             .counters
             .forward_shed
             .each_ref()
-            .map(|n| n.load(Ordering::Relaxed));
+            .map(IntCounter::get);
         let sides = [
             ("sending", sending),
             ("receiving", self.forwards_shed_on_arrival()),
@@ -804,7 +773,7 @@ impl Bus {
     /// Delivers an event another instance routed here, to the subscriptions it was meant for.
     pub fn accept_forward(&self, forward: Forward) {
         let inner = &self.inner;
-        inner.counters.forwarded_in.fetch_add(1, Ordering::Relaxed);
+        inner.counters.forwarded_in.inc();
         let event = Arc::new(forward.event);
         if self.answer_inbox(&event) {
             return;
@@ -818,7 +787,7 @@ impl Bus {
             });
         }
         if groups.is_empty() {
-            inner.counters.no_interest.fetch_add(1, Ordering::Relaxed);
+            inner.counters.no_interest.inc();
             return;
         }
         self.offer_to(&groups, &event, now_ms());
@@ -898,9 +867,7 @@ impl Bus {
         }
         let counters = &self.inner.counters;
         if effects.expired > 0 {
-            counters
-                .expired
-                .fetch_add(effects.expired, Ordering::Relaxed);
+            counters.expired.inc_by(effects.expired);
             group.advise_all(&AdvisoryOut {
                 kind: AdvisoryKind::Expired,
                 count: effects.expired,
@@ -911,7 +878,7 @@ impl Bus {
         let shed: u64 = effects.shed.iter().sum();
         if shed > 0 {
             for (i, n) in effects.shed.iter().enumerate() {
-                counters.shed[i].fetch_add(*n, Ordering::Relaxed);
+                counters.shed[i].inc_by(*n);
             }
             self.shed_advisory(group, &effects.shed);
         }
@@ -930,9 +897,9 @@ impl Bus {
     async fn settle(&self, group: &Arc<Consumer>, effects: Effects) {
         let inner = &self.inner;
         for (pending, reason) in effects.dead {
-            inner.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            inner.counters.dead_lettered.inc();
             if let Err(e) = self.dead_letter(group, &pending, &reason).await {
-                inner.counters.log_errors.fetch_add(1, Ordering::Relaxed);
+                inner.counters.log_errors.inc();
                 tracing::warn!(error = %e, event = %pending.event.id, "storing a dead letter failed");
             }
         }
@@ -943,13 +910,13 @@ impl Bus {
                 .ack(stream, &group.log_group, &effects.log_acks)
                 .await
         {
-            inner.counters.log_errors.fetch_add(1, Ordering::Relaxed);
+            inner.counters.log_errors.inc();
             tracing::warn!(error = %e, stream = %stream, "acknowledging in the log failed");
         }
         if let Some(stream) = group.durable.first() {
             for chunk in effects.log_release.chunks(crate::log::MAX_BATCH) {
                 if let Err(e) = inner.log.release(stream, &group.log_group, chunk).await {
-                    inner.counters.log_errors.fetch_add(1, Ordering::Relaxed);
+                    inner.counters.log_errors.inc();
                     tracing::warn!(error = %e, stream = %stream, "giving events back failed");
                 }
             }
@@ -1059,7 +1026,9 @@ impl Bus {
             ));
         }
         let stream = streams.first().map(|p| p.as_str().to_owned());
-        if inner.subscriptions.load(Ordering::Relaxed) >= inner.config.max_subscriptions as u64 {
+        if inner.counters.subscriptions.get()
+            >= i64::try_from(inner.config.max_subscriptions).unwrap_or(i64::MAX)
+        {
             return Err(EventBusError::ResourceExhausted(format!(
                 "at most {} subscriptions per instance",
                 inner.config.max_subscriptions
@@ -1122,7 +1091,7 @@ impl Bus {
         let capacity = usize::try_from(options.max_in_flight).unwrap_or(10_000) + 64;
         let (tx, rx) = mpsc::channel(capacity);
         let member = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        inner.subscriptions.fetch_add(1, Ordering::Relaxed);
+        inner.counters.subscriptions.inc();
         let effects = group.add_member(
             member,
             subscription_id.clone(),
@@ -1146,7 +1115,7 @@ impl Bus {
 
     fn close_member(&self, group: &Arc<Consumer>, member: u64) {
         let inner = &self.inner;
-        inner.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        inner.counters.subscriptions.dec();
         let (empty, effects) = group.remove_member(member, now_ms());
         if empty {
             inner.groups.write().remove(&group.id);
@@ -1722,10 +1691,7 @@ async fn read_durable(inner: Weak<Inner>, group: Arc<Consumer>, stream: String) 
                 offer_stored(&bus, &group, events);
             }
             Err(e) => {
-                bus.inner
-                    .counters
-                    .log_errors
-                    .fetch_add(1, Ordering::Relaxed);
+                bus.inner.counters.log_errors.inc();
                 if claiming {
                     tracing::debug!(error = %e, stream = %stream, "claiming stalled deliveries failed");
                     continue;
@@ -1798,7 +1764,7 @@ async fn cluster_dedup(
                 inner
                     .counters
                     .cluster_dedup_errors
-                    .fetch_add(asked as u64, Ordering::Relaxed);
+                    .inc_by(asked as u64);
                 vec![true; asked]
             })
             .into_iter();
@@ -1879,19 +1845,4 @@ fn update_rates(inner: &Inner, groups: &[Arc<Consumer>], seconds: f64) {
         entry.0 = delivered;
         entry.1 += (delta as f64 / seconds - entry.1) / 12.0;
     }
-}
-
-/// `eventbus_queue_wait_seconds{priority}`: fine buckets below a millisecond, where a
-/// CRITICAL event's wait should stay.
-fn queue_wait_histogram() -> HistogramVec {
-    let opts = HistogramOpts::new(
-        "eventbus_queue_wait_seconds",
-        "Time events waited in a subscription's pending queue before delivery, by priority.",
-    )
-    .buckets(vec![
-        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5,
-        10.0,
-    ]);
-    // Valid name, help and label: cannot fail.
-    HistogramVec::new(opts, &["priority"]).expect("queue wait histogram")
 }

@@ -11,10 +11,10 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use prometheus::IntCounter;
 use xxhash_rust::xxh3::{Xxh3, xxh3_128_with_seed};
 
 /// Default deduplication window.
@@ -42,7 +42,8 @@ pub struct DedupWindow {
     window_ms: u64,
     max_per_shard: usize,
     seed: u64,
-    evicted_early: AtomicU64,
+    /// `eventbus_dedup_evicted_early_total`, counted in place.
+    evicted_early: IntCounter,
 }
 
 #[derive(Debug, Default)]
@@ -65,7 +66,11 @@ impl DedupWindow {
             window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
             max_per_shard: max_entries.div_ceil(SHARDS).max(1),
             seed,
-            evicted_early: AtomicU64::new(0),
+            evicted_early: IntCounter::new(
+                "eventbus_dedup_evicted_early_total",
+                "Ids forgotten before the dedup window ended because it was full.",
+            )
+            .expect("valid metric"),
         }
     }
 
@@ -83,7 +88,7 @@ impl DedupWindow {
             if let Some((_, oldest)) = shard.order.pop_front() {
                 shard.keys.remove(&oldest);
             }
-            self.evicted_early.fetch_add(1, Ordering::Relaxed);
+            self.evicted_early.inc();
         }
         shard.order.push_back((now_ms, key));
         shard.keys.insert(key);
@@ -92,7 +97,12 @@ impl DedupWindow {
 
     /// Ids forgotten before their window ended because a shard was full.
     pub fn evicted_early(&self) -> u64 {
-        self.evicted_early.load(Ordering::Relaxed)
+        self.evicted_early.get()
+    }
+
+    /// The counter behind [`Self::evicted_early`], for registration.
+    pub fn evicted_early_counter(&self) -> &IntCounter {
+        &self.evicted_early
     }
 
     /// Ids currently remembered (some may have outlived the window but not yet been dropped).

@@ -16,6 +16,7 @@ pub mod event;
 pub mod grpc;
 pub mod index;
 pub mod log;
+pub mod metrics;
 pub mod peers;
 pub mod priority;
 pub mod redis_backplane;

@@ -22,13 +22,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use agentmesh_proto::eventbus::v1 as pb;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
+use prometheus::{IntCounter, IntCounterVec};
 use prost::Message;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -60,6 +61,8 @@ pub struct RedisBackplane {
     adverts: watch::Sender<Vec<Interest>>,
     outbox: Arc<Lane<(String, Vec<u8>)>>,
     inbox: Arc<Inbox>,
+    /// The receiving side's shed counters (the family of `inbox.shed`).
+    shed_family: IntCounterVec,
 }
 
 /// A queue between two tasks that sheds by priority ([`ShedQueue`]): forwards waiting for
@@ -120,8 +123,9 @@ struct Inbox {
     /// replaces an older one, so this holds one entry per instance at most).
     interests: Mutex<HashMap<String, Vec<Interest>>>,
     interests_ready: Notify,
-    /// Forwards dropped to stay within the bound, by priority (lowest first).
-    shed: [AtomicU64; 4],
+    /// Forwards dropped to stay within the bound, by priority (lowest first): the receiving
+    /// side of `eventbus_cluster_forwards_shed_total`, counted in place.
+    shed: [IntCounter; 4],
 }
 
 impl Inbox {
@@ -156,12 +160,13 @@ impl RedisBackplane {
         instance: &str,
     ) -> (Arc<Self>, mpsc::Receiver<Inbound>) {
         let (adverts, adverts_rx) = watch::channel(Vec::new());
+        let shed_family = crate::metrics::forward_shed_family("receiving");
         let outbox = Arc::new(Lane::new(OUTBOX));
         let inbox = Arc::new(Inbox {
             forwards: Lane::new(INBOUND_QUEUE),
             interests: Mutex::new(HashMap::new()),
             interests_ready: Notify::new(),
-            shed: Default::default(),
+            shed: crate::metrics::forward_shed_counters(&shed_family),
         });
         let (inbound_tx, inbound_rx) = mpsc::channel(HANDOVER);
         let keys = Keys::new(prefix, instance);
@@ -182,8 +187,21 @@ impl RedisBackplane {
             adverts,
             outbox,
             inbox,
+            shed_family,
         });
         (plane, inbound_rx)
+    }
+
+    /// Registers the receiving side of `eventbus_cluster_forwards_shed_total` (the bus
+    /// registers the sending side; the registry shows both as one family).
+    ///
+    /// # Errors
+    /// When it is already registered.
+    pub fn register_metrics(
+        &self,
+        registry: &prometheus::Registry,
+    ) -> Result<(), prometheus::Error> {
+        registry.register(Box::new(self.shed_family.clone()))
     }
 }
 
@@ -206,10 +224,7 @@ impl Backplane for RedisBackplane {
     }
 
     fn shed_on_arrival(&self) -> [u64; 4] {
-        self.inbox
-            .shed
-            .each_ref()
-            .map(|n| n.load(Ordering::Relaxed))
+        self.inbox.shed.each_ref().map(IntCounter::get)
     }
 
     fn claims_ids(&self) -> bool {
@@ -418,7 +433,7 @@ fn receive(forward: pb::ClusterForward, inbox: &Inbox) {
         Handed::QueuedShedding(lower) => lower,
         Handed::Dropped => priority,
     };
-    inbox.shed[shed.index()].fetch_add(1, Ordering::Relaxed);
+    inbox.shed[shed.index()].inc();
 }
 
 /// Hands interests and received forwards (in the order they came) to the bus, until the bus

@@ -4,16 +4,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use agentmesh_proto::eventbus::v1::event_bus_server::SERVICE_NAME;
-use agentmesh_runtime::Metrics;
 use agentmesh_runtime::config::{parse_duration, parse_socket_addr};
 use agentmesh_runtime::server::{ServiceSpec, new_instance_id};
 use agentmesh_runtime::service::{BuildError, HostDeps, Service};
 use futures::future::BoxFuture;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use tonic::service::Routes;
 
 use crate::bus::{Bus, BusConfig};
@@ -190,13 +187,26 @@ impl EventBusArgs {
             },
             ..BusConfig::new(instance_id.clone())
         };
-        let bus = match backplane {
-            Some((plane, inbound)) => Bus::with_cluster(config, log, plane, inbound),
-            None => Bus::new(config, log),
+        let registry = deps.metrics.registry();
+        let registered = match backplane {
+            Some((plane, inbound)) => plane
+                .register_metrics(registry)
+                .map(|()| Bus::with_cluster(config, log, plane, inbound)),
+            None => {
+                // No backplane, nothing received: the receiving side is exported as zeros,
+                // as with one.
+                let receiving = crate::metrics::forward_shed_family("receiving");
+                let _ = crate::metrics::forward_shed_counters(&receiving);
+                registry
+                    .register(Box::new(receiving))
+                    .map(|()| Bus::new(config, log))
+            }
         };
-        spawn_metrics(&deps.metrics, &bus).map_err(|e| {
-            EventBusError::Unavailable(format!("registering event bus metrics: {e}"))
-        })?;
+        let bus = registered
+            .and_then(|bus| bus.register_metrics(registry).map(|()| bus))
+            .map_err(|e| {
+                EventBusError::Unavailable(format!("registering event bus metrics: {e}"))
+            })?;
         let peers = Peers::new(
             &instance_id,
             NAME,
@@ -237,151 +247,6 @@ impl Service for EventBusArgs {
                 .map_err(|e| BuildError::from_service_error(&e))
         })
     }
-}
-
-/// Registers the bus's metrics and copies its counters into them every second while the bus
-/// lives. Labels are bounded (durability, priority, kind); never a subject.
-fn spawn_metrics(metrics: &Metrics, bus: &Bus) -> Result<(), prometheus::Error> {
-    let registry = metrics.registry();
-    let published = IntCounterVec::new(
-        Opts::new(
-            "eventbus_published_total",
-            "Events accepted, by durability (ephemeral, durable).",
-        ),
-        &["durability"],
-    )?;
-    let shed = IntCounterVec::new(
-        Opts::new(
-            "eventbus_shed_total",
-            "Pending events dropped to stay within a subscription's bound, by priority.",
-        ),
-        &["priority"],
-    )?;
-    let counter = |name: &str, help: &str| IntCounter::new(name, help);
-    let duplicates = counter(
-        "eventbus_duplicates_total",
-        "Publishes answered as duplicates (id seen within the dedup window).",
-    )?;
-    let expired = counter(
-        "eventbus_expired_total",
-        "Events that expired before they could be delivered.",
-    )?;
-    let dead = counter(
-        "eventbus_dead_lettered_total",
-        "Events sent to a dead-letter subject.",
-    )?;
-    let no_interest = counter(
-        "eventbus_no_interest_total",
-        "Ephemeral events published with no subscriber interested.",
-    )?;
-    let log_errors = counter(
-        "eventbus_log_errors_total",
-        "Durable log failures in background work (reads, acks, dead letters).",
-    )?;
-    let cluster_dedup_errors = counter(
-        "eventbus_dedup_cluster_errors_total",
-        "Client event ids the cluster could not be asked about (Redis down or slow): \
-         deduplicated on this instance only.",
-    )?;
-    let dedup_evicted = counter(
-        "eventbus_dedup_evicted_early_total",
-        "Ids forgotten before the dedup window ended because it was full.",
-    )?;
-    let forwarded = IntCounterVec::new(
-        Opts::new(
-            "eventbus_cluster_forwards_total",
-            "Ephemeral events handed between instances, by direction (out, in, dropped).",
-        ),
-        &["direction"],
-    )?;
-    let forward_shed = IntCounterVec::new(
-        Opts::new(
-            "eventbus_cluster_forwards_shed_total",
-            "Forwards dropped because the backplane was full, by priority and side (sending: \
-             the queue to Redis; receiving: this bus fell behind the forwards sent to it).",
-        ),
-        &["priority", "side"],
-    )?;
-    let subscriptions = IntGauge::new("eventbus_subscriptions", "Open subscriptions.")?;
-    registry.register(Box::new(forwarded.clone()))?;
-    registry.register(Box::new(forward_shed.clone()))?;
-    registry.register(Box::new(published.clone()))?;
-    registry.register(Box::new(shed.clone()))?;
-    for c in [
-        &duplicates,
-        &expired,
-        &dead,
-        &no_interest,
-        &log_errors,
-        &dedup_evicted,
-        &cluster_dedup_errors,
-    ] {
-        registry.register(Box::new(c.clone()))?;
-    }
-    registry.register(Box::new(subscriptions.clone()))?;
-    registry.register(Box::new(bus.queue_wait_histogram().clone()))?;
-    let weak = bus.downgrade();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let Some(bus) = Bus::upgrade(&weak) else {
-                return;
-            };
-            let c = bus.counters();
-            let on_arrival = bus.forwards_shed_on_arrival();
-            let sync = |counter: &IntCounter, value: u64| {
-                let have = counter.get();
-                if value > have {
-                    counter.inc_by(value - have);
-                }
-            };
-            sync(
-                &published.with_label_values(&["ephemeral"]),
-                c.published_ephemeral.load(Ordering::Relaxed),
-            );
-            sync(
-                &published.with_label_values(&["durable"]),
-                c.published_durable.load(Ordering::Relaxed),
-            );
-            for p in crate::event::Priority::ALL {
-                sync(
-                    &shed.with_label_values(&[p.as_str()]),
-                    c.shed[p.index()].load(Ordering::Relaxed),
-                );
-                sync(
-                    &forward_shed.with_label_values(&[p.as_str(), "sending"]),
-                    c.forward_shed[p.index()].load(Ordering::Relaxed),
-                );
-                sync(
-                    &forward_shed.with_label_values(&[p.as_str(), "receiving"]),
-                    on_arrival[p.index()],
-                );
-            }
-            sync(&duplicates, c.duplicates.load(Ordering::Relaxed));
-            sync(&expired, c.expired.load(Ordering::Relaxed));
-            sync(&dead, c.dead_lettered.load(Ordering::Relaxed));
-            sync(&no_interest, c.no_interest.load(Ordering::Relaxed));
-            sync(&log_errors, c.log_errors.load(Ordering::Relaxed));
-            sync(&dedup_evicted, bus.dedup_evicted_early());
-            sync(
-                &cluster_dedup_errors,
-                c.cluster_dedup_errors.load(Ordering::Relaxed),
-            );
-            for (direction, value) in [
-                ("out", &c.forwarded_out),
-                ("in", &c.forwarded_in),
-                ("dropped", &c.forward_dropped),
-            ] {
-                sync(
-                    &forwarded.with_label_values(&[direction]),
-                    value.load(Ordering::Relaxed),
-                );
-            }
-            subscriptions.set(i64::try_from(bus.subscription_count()).unwrap_or(i64::MAX));
-        }
-    });
-    Ok(())
 }
 
 #[cfg(test)]

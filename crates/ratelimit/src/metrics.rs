@@ -1,11 +1,9 @@
 //! Domain metrics of the rate limiter. Labels are bounded: never a key; namespaces and policy
 //! names only up to a fixed number of distinct values (later ones share the label `_other`).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::limiter::{CheckOutcome, Limiter};
@@ -15,38 +13,10 @@ use crate::spec::Consistency;
 pub const MAX_LABELLED_NAMESPACES: usize = 64;
 /// Distinct policy names that get their own `policy` label; later ones are `_other`.
 pub const MAX_LABELLED_POLICIES: usize = 256;
-/// The label value shared by namespaces or policies beyond the bound.
-pub const OTHER_LABEL: &str = "_other";
+use agentmesh_runtime::metrics::BoundedLabel;
+pub use agentmesh_runtime::metrics::OTHER_LABEL;
 /// The `policy` label of inline limits.
 pub const INLINE_LABEL: &str = "_inline";
-
-/// A label whose distinct values are capped: the first `max` values seen keep their name.
-struct BoundedLabel {
-    max: usize,
-    seen: Mutex<HashSet<String>>,
-}
-
-impl BoundedLabel {
-    fn new(max: usize) -> Self {
-        Self {
-            max,
-            seen: Mutex::new(HashSet::new()),
-        }
-    }
-
-    /// `value` when it is (or can become) one of the labelled values, `_other` otherwise.
-    fn label<'a>(&self, value: &'a str) -> &'a str {
-        let mut seen = self.seen.lock();
-        if seen.contains(value) {
-            return value;
-        }
-        if seen.len() < self.max {
-            seen.insert(value.to_owned());
-            return value;
-        }
-        OTHER_LABEL
-    }
-}
 
 /// The namespaces of one request's items, without a string per item: usually a request has
 /// one namespace.
@@ -352,15 +322,6 @@ mod tests {
         ] {
             assert!(counts.contains(&(path.to_owned(), n)), "{path}: {counts:?}");
         }
-    }
-
-    #[test]
-    fn test_bounded_label_shares_other_beyond_the_bound() {
-        let label = BoundedLabel::new(2);
-        assert_eq!(label.label("a"), "a");
-        assert_eq!(label.label("b"), "b");
-        assert_eq!(label.label("c"), OTHER_LABEL);
-        assert_eq!(label.label("a"), "a");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! - [`client`]: client channels through that stack.
 //! - [`server`]: runs a service with health, reflection, admin HTTP, membership and ordered
 //!   graceful shutdown.
+//! - [`scrape`]: `GET` of a service's admin endpoints and Prometheus text parsing, for tools
+//!   and tests.
 //! - [`service`]: the `Service` trait the binary's list of services is made of, and the
 //!   `HostDeps` every service is built from.
 //! - [`executor`]: the tokio runtime a binary runs on (`TOKIO_WORKER_THREADS=1`: current-thread).
@@ -27,6 +29,7 @@ pub mod message_trace;
 pub mod metrics;
 pub mod observe;
 pub mod propagation;
+pub mod scrape;
 pub mod server;
 pub mod service;
 pub mod shutdown;

@@ -1,6 +1,9 @@
 //! Prometheus metrics: one registry per process, passed down (no global registry), served as
 //! text on the admin port's `/metrics`.
 
+use std::collections::HashSet;
+
+use parking_lot::Mutex;
 use prometheus::{Encoder, HistogramOpts, HistogramVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// Latency buckets in seconds, from 50 µs to 10 s. The 2 ms bucket is there so that a 2 ms
@@ -9,6 +12,42 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
     0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// The label value shared by the values of a [`BoundedLabel`] beyond its bound.
+pub const OTHER_LABEL: &str = "_other";
+
+/// A label whose distinct values are capped: the first `max` values seen keep their name, later
+/// ones share [`OTHER_LABEL`]. For labels taken from requests (namespaces, policy names, agent
+/// types), so a client cannot grow the registry without bound.
+#[derive(Debug)]
+pub struct BoundedLabel {
+    max: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl BoundedLabel {
+    /// A label of at most `max` distinct values besides [`OTHER_LABEL`].
+    #[must_use]
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// `value` when it is (or can become) one of the labelled values, `_other` otherwise.
+    pub fn label<'a>(&self, value: &'a str) -> &'a str {
+        let mut seen = self.seen.lock();
+        if seen.contains(value) {
+            return value;
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_owned());
+            return value;
+        }
+        OTHER_LABEL
+    }
+}
 
 /// The process's metric registry and the metrics every service shares.
 #[derive(Clone)]
@@ -137,6 +176,15 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_bounded_label_shares_other_beyond_the_bound() {
+        let label = BoundedLabel::new(2);
+        assert_eq!(label.label("a"), "a");
+        assert_eq!(label.label("b"), "b");
+        assert_eq!(label.label("c"), OTHER_LABEL);
+        assert_eq!(label.label("a"), "a");
+    }
 
     #[test]
     fn test_encode_contains_rpc_histogram_and_process_metrics() {

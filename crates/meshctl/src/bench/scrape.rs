@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use agentmesh_runtime::scrape::Value;
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Cumulative bucket counts by label value of one histogram, keyed by upper bound.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -137,37 +137,23 @@ pub(super) struct Report<'a> {
     pub(super) unit: &'a str,
 }
 
-/// Parses `<name>_bucket{<label>="v",le="x"} n` lines of a Prometheus text exposition.
+/// The buckets of histogram `name` in a Prometheus text exposition, keyed by the value of
+/// `label` (parsed by `prometheus-parse` through the runtime; a family without `# TYPE
+/// histogram` has no buckets).
 pub(super) fn parse(text: &str, name: &str, label: &str) -> Buckets {
-    let prefix = format!("{name}_bucket{{");
     let mut out: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(&prefix) else {
+    let Ok(scrape) = agentmesh_runtime::scrape::parse(text) else {
+        return Buckets(out);
+    };
+    for sample in scrape.samples.iter().filter(|s| s.metric == name) {
+        let (Some(key), Value::Histogram(counts)) = (sample.labels.get(label), &sample.value)
+        else {
             continue;
         };
-        let Some((labels, value)) = rest.split_once("} ") else {
-            continue;
-        };
-        let mut key = None;
-        let mut le = None;
-        for pair in labels.split(',') {
-            let Some((k, v)) = pair.split_once('=') else {
-                continue;
-            };
-            let v = v.trim_matches('"');
-            if k == label {
-                key = Some(v.to_owned());
-            } else if k == "le" {
-                le = if v == "+Inf" {
-                    Some(f64::INFINITY)
-                } else {
-                    v.parse().ok()
-                };
-            }
-        }
-        if let (Some(key), Some(le), Ok(n)) = (key, le, value.trim().parse::<u64>()) {
-            out.entry(key).or_default().push((le, n));
-        }
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        out.entry(key.to_owned())
+            .or_default()
+            .extend(counts.iter().map(|c| (c.less_than, c.count as u64)));
     }
     for buckets in out.values_mut() {
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -175,32 +161,13 @@ pub(super) fn parse(text: &str, name: &str, label: &str) -> Buckets {
     Buckets(out)
 }
 
-/// `GET` of an `http://host:port/path` URL over plain HTTP/1.0; the body.
+/// The body of `GET url` (`http://host:port/path`); an error unless the status is 200.
 pub(super) async fn fetch(url: &str) -> anyhow::Result<String> {
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("{url}: only http:// URLs are scraped"))?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, "metrics"));
-    let request = format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\nAccept: text/plain\r\n\r\n");
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(host).await?;
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
+    let (code, body) = agentmesh_runtime::scrape::get(url, Duration::from_secs(5))
         .await
-        .with_context(|| format!("{url}: no answer within 5 s"))?
         .with_context(|| format!("scraping {url}"))?;
-    let response = String::from_utf8_lossy(&response);
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("{url}: not an HTTP response"))?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        anyhow::bail!("{url}: {}", head.lines().next().unwrap_or("no status line"));
-    }
-    Ok(body.to_owned())
+    anyhow::ensure!(code == 200, "{url}: HTTP {code}");
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -210,12 +177,12 @@ mod tests {
     #[test]
     fn test_histograms_of_several_servers_add_up_bucket_by_bucket() {
         let a = parse(
-            "x_bucket{path=\"f\",le=\"0.001\"} 3\nx_bucket{path=\"f\",le=\"+Inf\"} 4\n",
+            "# TYPE x histogram\nx_bucket{path=\"f\",le=\"0.001\"} 3\nx_bucket{path=\"f\",le=\"+Inf\"} 4\n",
             "x",
             "path",
         );
         let b = parse(
-            "x_bucket{path=\"f\",le=\"0.001\"} 1\nx_bucket{path=\"f\",le=\"+Inf\"} 6\nx_bucket{path=\"l\",le=\"+Inf\"} 2\n",
+            "# TYPE x histogram\nx_bucket{path=\"f\",le=\"0.001\"} 1\nx_bucket{path=\"f\",le=\"+Inf\"} 6\nx_bucket{path=\"l\",le=\"+Inf\"} 2\n",
             "x",
             "path",
         );
@@ -225,12 +192,14 @@ mod tests {
     }
 
     const BEFORE: &str = r#"# HELP eventbus_queue_wait_seconds x
+# TYPE eventbus_queue_wait_seconds histogram
 eventbus_queue_wait_seconds_bucket{priority="critical",le="0.0005"} 10
 eventbus_queue_wait_seconds_bucket{priority="critical",le="0.001"} 10
 eventbus_queue_wait_seconds_bucket{priority="critical",le="+Inf"} 10
 eventbus_queue_wait_seconds_count{priority="critical"} 10
 "#;
-    const AFTER: &str = r#"eventbus_queue_wait_seconds_bucket{priority="critical",le="0.0005"} 60
+    const AFTER: &str = r#"# TYPE eventbus_queue_wait_seconds histogram
+eventbus_queue_wait_seconds_bucket{priority="critical",le="0.0005"} 60
 eventbus_queue_wait_seconds_bucket{priority="critical",le="0.001"} 109
 eventbus_queue_wait_seconds_bucket{priority="critical",le="+Inf"} 110
 eventbus_queue_wait_seconds_bucket{priority="low",le="0.0005"} 0

@@ -3,15 +3,22 @@
 # a bare tonic echo server (`meshctl bench echo-server`) and `agentmesh dev`, both on loopback,
 # one tokio worker per process (the 2-core machine is shared by client and servers), driven by
 # the same `meshctl bench` loop. Prints a Markdown table for BENCHMARKS.md.
+# One event bus row follows each run's rate-limiter rows (ephemeral publish -> deliver through
+# `agentmesh dev`'s event bus at saturation, one publisher with 256 in flight).
 #   scripts/bench.sh [seconds-per-run] [runs]
+#   AGENTMESH_BENCH_BIN=dir scripts/bench.sh ...   # prebuilt agentmesh + meshctl (e.g. an older
+#                                                  # commit's, for a before/after in one sitting)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
 runs=${2:-3}
 
-scripts/install-deps.sh --build >/dev/null
-cargo build --release --quiet --bins
-bin=target/release
+bin=${AGENTMESH_BENCH_BIN:-}
+if [[ -z "$bin" ]]; then
+  scripts/install-deps.sh --build >/dev/null
+  cargo build --release --quiet --bins
+  bin=target/release
+fi
 export TOKIO_WORKER_THREADS=1
 
 "$bin/meshctl" bench echo-server --listen 127.0.0.1:7199 2>/dev/null &
@@ -48,4 +55,10 @@ kind = "StreamCheck" if "stream" in label else "Check batch 100"
 print(f"| {r} | {kind} ({label}) | – | {m['calls_per_sec']:.0f} | – | {m['items_per_sec']:.0f} | {m['p50_us']} / {m['p99_us']} | – |")
 PY
   done
+  e=$("$bin/meshctl" bench eventbus --addr http://127.0.0.1:7101 --duration "${secs}s" --warmup 1s -o json | head -1)
+  python3 - "$r" "$e" <<'PY'
+import json, sys
+r, d = sys.argv[1], json.loads(sys.argv[2])
+print(f"| {r} | eventbus ephemeral publish -> deliver, 1 publisher / 256 in flight | – | {d['published_per_sec']:.0f} | – | {d['delivered_per_sec']:.0f} delivered | {d['p50_us']} / {d['p99_us']} | – |")
+PY
 done

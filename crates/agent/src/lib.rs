@@ -369,6 +369,10 @@ impl Agent {
                         drain_deadline = Some(tokio::time::Instant::now() + Duration::from_millis(left));
                     }
                     Some(Ok(_)) => {}
+                    // Once drained, the scheduler ends the stream at the deadline; its clock
+                    // can fire before ours. That is the drain completing, not a reason to
+                    // register again.
+                    None | Some(Err(_)) if drain_deadline.is_some() => return Ok(SessionEnd::Drained),
                     Some(Err(s)) if s.code() == Code::FailedPrecondition => {
                         return Err(Failure::Fatal(AgentError::Fenced(self.config.agent_id.clone())));
                     }

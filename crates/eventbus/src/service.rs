@@ -207,12 +207,14 @@ impl EventBusArgs {
             .map_err(|e| {
                 EventBusError::Unavailable(format!("registering event bus metrics: {e}"))
             })?;
-        let peers = Peers::new(
+        let peers = Peers::watch(
             &instance_id,
             NAME,
             deps.membership.clone(),
             deps.metrics.clone(),
-        );
+        )
+        .await
+        .map_err(|e| EventBusError::Unavailable(format!("watching event bus members: {e}")))?;
         let server = EventBusGrpc::new(bus)
             .with_peers(Arc::new(peers))
             .into_server();

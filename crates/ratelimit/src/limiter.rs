@@ -135,20 +135,26 @@ pub struct Limiter {
     clock: Arc<dyn Clock>,
 }
 
-/// An item with its limit resolved; borrows only the item.
-struct Resolved<'a> {
+/// An item's limit resolved against a policy set (see [`resolve`]): everything deciding the
+/// item needs besides the item itself. The router resolves each item once, when it plans a
+/// check, and hands this down with the item.
+#[derive(Clone, Copy)]
+pub(crate) struct Resolved {
+    /// The limit: the inline one, or the policy's.
+    pub(crate) spec: LimitSpec,
     params: Params,
     fingerprint: u64,
     version: u64,
-    /// Reported name, and the store identity unless `inline`.
-    policy: &'a str,
+    /// The store identity is the parameters (else the item's policy name).
     inline: bool,
-    mode: Mode,
+    /// The item's mode, else the policy's (inline limits: enforce).
+    pub(crate) mode: Mode,
 }
 
-/// A batch item with its key hash and shard.
+/// A batch item with its resolved limit, key hash and shard.
 struct Pending<'a> {
-    resolved: Resolved<'a>,
+    item: &'a CheckItem,
+    resolved: Resolved,
     hash: u64,
     shard: usize,
 }
@@ -156,24 +162,37 @@ struct Pending<'a> {
 /// A batch's tentative states by key hash, each with the item that wrote it last.
 type Overlay<'a> = HashMap<u64, (State, &'a Pending<'a>), BuildHasherDefault<PrehashedKey>>;
 
-impl Resolved<'_> {
+impl Resolved {
+    /// An inline limit, in `mode` (default: enforce); no policy is involved.
+    pub(crate) fn inline(spec: LimitSpec, mode: Option<Mode>) -> Self {
+        let params = Params::from_spec(&spec);
+        Self {
+            spec,
+            params,
+            fingerprint: params.fingerprint(),
+            version: 0,
+            inline: true,
+            mode: mode.unwrap_or_default(),
+        }
+    }
+
     fn key_hash(&self, store: &Store, item: &CheckItem) -> u64 {
         let identity = if self.inline {
             LimitIdentity::Inline(&self.params)
         } else {
-            LimitIdentity::Policy(self.policy)
+            LimitIdentity::Policy(policy_name(&item.limit))
         };
         store.key_hash(&item.namespace, &item.key, identity)
     }
 
-    fn outcome(&self, decision: &Decision) -> CheckOutcome {
+    fn outcome(&self, item: &CheckItem, decision: &Decision) -> CheckOutcome {
         let allowed = decision.allowed || self.mode == Mode::Shadow;
         CheckOutcome {
             allowed,
             over_limit: !decision.allowed,
             batch_rejected: false,
             mode: self.mode,
-            policy: self.policy.to_owned(),
+            policy: policy_name(&item.limit).to_owned(),
             limit: self.params.limit(),
             remaining: decision.remaining,
             retry_after: if allowed {
@@ -200,29 +219,19 @@ fn policy_name(limit: &LimitRef) -> &str {
     }
 }
 
-/// `None` if the item names a policy `policies` does not have.
-fn resolve<'a>(policies: &PolicySet, item: &'a CheckItem) -> Option<Resolved<'a>> {
-    let policy = policy_name(&item.limit);
+/// The item's limit and mode under `policies`; `None` if the item names a policy `policies`
+/// does not have (see [`policy_not_found`]).
+pub(crate) fn resolve(policies: &PolicySet, item: &CheckItem) -> Option<Resolved> {
     let compiled = match &item.limit {
-        LimitRef::Inline(spec) => {
-            let params = Params::from_spec(spec);
-            return Some(Resolved {
-                params,
-                fingerprint: params.fingerprint(),
-                version: 0,
-                policy,
-                inline: true,
-                mode: item.mode.unwrap_or_default(),
-            });
-        }
+        LimitRef::Inline(spec) => return Some(Resolved::inline(*spec, item.mode)),
         LimitRef::Default => policies.default_compiled(),
         LimitRef::Policy(name) => policies.get_compiled_in(&item.namespace, name)?,
     };
     Some(Resolved {
+        spec: compiled.policy.spec,
         params: compiled.params,
         fingerprint: compiled.fingerprint,
         version: compiled.version,
-        policy,
         inline: false,
         mode: item.mode.unwrap_or(compiled.policy.mode),
     })
@@ -230,7 +239,11 @@ fn resolve<'a>(policies: &PolicySet, item: &'a CheckItem) -> Option<Resolved<'a>
 
 /// `PolicyNotFound` for an item naming an unknown policy, `InvalidArgument` when it names a
 /// budget policy.
-fn policy_not_found(policies: &PolicySet, index: usize, item: &CheckItem) -> RateLimitError {
+pub(crate) fn policy_not_found(
+    policies: &PolicySet,
+    index: usize,
+    item: &CheckItem,
+) -> RateLimitError {
     policies.not_a_rate_limit(
         &item.namespace,
         policy_name(&item.limit),
@@ -342,8 +355,41 @@ impl Limiter {
         let policies = self.policies();
         let resolved =
             resolve(&policies, item).ok_or_else(|| policy_not_found(&policies, 0, item))?;
+        Ok(self.reset_resolved(item, &resolved))
+    }
+
+    /// As [`Limiter::reset`], for an item validated (with [`validate_items`]) and resolved
+    /// (with [`resolve`]) by the caller.
+    pub(crate) fn reset_resolved(&self, item: &CheckItem, resolved: &Resolved) -> bool {
         let hash = resolved.key_hash(&self.store, item);
-        Ok(self.store.lock(self.store.shard_of(hash)).remove(hash))
+        self.store.lock(self.store.shard_of(hash)).remove(hash)
+    }
+
+    /// As [`Limiter::check`], for items validated (with [`validate_items`]) and resolved (with
+    /// [`resolve`]) by the caller, as the router does when it plans a check: nothing is
+    /// validated or looked up again.
+    pub(crate) fn check_resolved(
+        &self,
+        items: &[(&CheckItem, Resolved)],
+        all_or_nothing: bool,
+    ) -> Vec<CheckOutcome> {
+        let now = self.clock.now_nanos();
+        if let [(item, resolved)] = items {
+            // A single item is trivially all-or-nothing.
+            return vec![self.decide_one(item, resolved, now)];
+        }
+        if all_or_nothing {
+            let pending: Vec<Pending<'_>> = items
+                .iter()
+                .map(|(item, resolved)| self.pending(item, *resolved))
+                .collect();
+            self.decide_batch(&pending, now)
+        } else {
+            items
+                .iter()
+                .map(|(item, resolved)| self.decide_one(item, resolved, now))
+                .collect()
+        }
     }
 
     /// The hot path: one lock (the shard's, which also holds the policies), one lookup.
@@ -365,11 +411,15 @@ impl Limiter {
             resolve(policies, item).ok_or_else(|| policy_not_found(policies, 0, item))?;
         let decision = shard.decide(hash, resolved.fingerprint, &resolved.params, now, item.cost);
         drop(shard);
-        Ok(resolved.outcome(&decision))
+        Ok(resolved.outcome(item, &decision))
     }
 
     fn check_one(&self, policies: &PolicySet, item: &CheckItem, now: u64) -> CheckOutcome {
         let resolved = resolve(policies, item).expect("policies were checked to exist");
+        self.decide_one(item, &resolved, now)
+    }
+
+    fn decide_one(&self, item: &CheckItem, resolved: &Resolved, now: u64) -> CheckOutcome {
         let hash = resolved.key_hash(&self.store, item);
         let decision = self.store.lock(self.store.shard_of(hash)).decide(
             hash,
@@ -378,7 +428,7 @@ impl Limiter {
             now,
             item.cost,
         );
-        resolved.outcome(&decision)
+        resolved.outcome(item, &decision)
     }
 
     fn check_batch(
@@ -391,15 +441,25 @@ impl Limiter {
             .iter()
             .map(|item| {
                 let resolved = resolve(policies, item).expect("policies were checked to exist");
-                let hash = resolved.key_hash(&self.store, item);
-                Pending {
-                    shard: self.store.shard_of(hash),
-                    resolved,
-                    hash,
-                }
+                self.pending(item, resolved)
             })
             .collect();
+        self.decide_batch(&pending, now)
+    }
 
+    /// A batch item with its key hash and shard.
+    fn pending<'a>(&self, item: &'a CheckItem, resolved: Resolved) -> Pending<'a> {
+        let hash = resolved.key_hash(&self.store, item);
+        Pending {
+            item,
+            shard: self.store.shard_of(hash),
+            resolved,
+            hash,
+        }
+    }
+
+    /// Decides a batch all or nothing; see the module docs.
+    fn decide_batch(&self, pending: &[Pending<'_>], now: u64) -> Vec<CheckOutcome> {
         let mut shard_ids: Vec<usize> = pending.iter().map(|p| p.shard).collect();
         shard_ids.sort_unstable();
         shard_ids.dedup();
@@ -417,13 +477,13 @@ impl Limiter {
             Overlay::with_capacity_and_hasher(pending.len(), BuildHasherDefault::default());
         let mut decisions = Vec::with_capacity(pending.len());
         let mut failed = false;
-        for (p, item) in pending.iter().zip(items) {
+        for p in pending {
             let guard = guard_of(p.shard);
             let state = match overlay.get(&p.hash) {
                 Some((state, _)) => Some(*state),
                 None => guards[guard].get(p.hash, p.resolved.fingerprint),
             };
-            let decision = decide(&p.resolved.params, state.as_ref(), now, item.cost);
+            let decision = decide(&p.resolved.params, state.as_ref(), now, p.item.cost);
             if let Some(next) = decision.next {
                 overlay.insert(p.hash, (next, p));
             }
@@ -442,7 +502,7 @@ impl Limiter {
             .iter()
             .zip(&decisions)
             .map(|(p, decision)| {
-                let mut outcome = p.resolved.outcome(decision);
+                let mut outcome = p.resolved.outcome(p.item, decision);
                 if failed {
                     outcome.allowed = false;
                     outcome.batch_rejected = !(outcome.over_limit && outcome.mode == Mode::Enforce);
@@ -916,6 +976,56 @@ mod tests {
         assert!(!out[0].allowed && out[0].batch_rejected && !out[0].over_limit);
         assert!(!out[1].allowed && !out[1].batch_rejected && out[1].over_limit);
         assert_eq!(one(&limiter, item("s", 0, gcra_10_per_sec())).remaining, 10);
+    }
+
+    #[test]
+    fn test_pre_resolved_items_are_decided_exactly_as_check_decides_them() {
+        let (checked, clock) = new_limiter();
+        let resolved_here = Limiter::new(&LimiterConfig::default(), policies(), clock.clone());
+        let batches: [(Vec<CheckItem>, bool); 5] = [
+            (vec![item("k", 4, LimitRef::Policy("llm".into()))], false),
+            (
+                vec![
+                    item("k", 1, LimitRef::Default),
+                    shadow(item("s", 11, gcra_10_per_sec())),
+                    item("o", 2, LimitRef::Policy("observe".into())),
+                ],
+                false,
+            ),
+            (
+                vec![
+                    item("k", 1, LimitRef::Policy("llm".into())),
+                    item("e", 3, gcra_10_per_sec()),
+                ],
+                true,
+            ),
+            (
+                vec![
+                    shadow(item("s", 1, gcra_10_per_sec())),
+                    item("k", 5, LimitRef::Policy("llm".into())),
+                ],
+                true,
+            ),
+            (vec![item("k", 0, LimitRef::Policy("llm".into()))], true),
+        ];
+        for (items, all_or_nothing) in &batches {
+            let policies = resolved_here.policies();
+            let pairs: Vec<(&CheckItem, Resolved)> = items
+                .iter()
+                .map(|item| (item, resolve(&policies, item).unwrap()))
+                .collect();
+            assert_eq!(
+                resolved_here.check_resolved(&pairs, *all_or_nothing),
+                checked.check(items, *all_or_nothing).unwrap()
+            );
+            clock.advance(100 * MS);
+        }
+        let item = item("k", 0, LimitRef::Policy("llm".into()));
+        let resolved = resolve(&resolved_here.policies(), &item).unwrap();
+        assert_eq!(
+            resolved_here.reset_resolved(&item, &resolved),
+            checked.reset(&item).unwrap()
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`observe`]: tower layers for server and client spans, trace propagation and metrics.
 //! - [`breaker`]: a circuit breaker layer for client channels.
 //! - [`client`]: client channels through that stack.
+//! - [`peers`]: the other members of a service: a channel per member, the ring, gather within
+//!   a budget.
 //! - [`server`]: runs a service with health, reflection, admin HTTP, membership and ordered
 //!   graceful shutdown.
 //! - [`scrape`]: `GET` of a service's admin endpoints and Prometheus text parsing, for tools
@@ -28,6 +30,7 @@ pub mod executor;
 pub mod message_trace;
 pub mod metrics;
 pub mod observe;
+pub mod peers;
 pub mod propagation;
 pub mod scrape;
 pub mod server;

@@ -33,10 +33,35 @@
 //! # }
 //! ```
 //!
-//! Tasks pushed by the scheduler (submit → assign → run → complete) come with the scheduler's
-//! task API, which is not built yet.
+//! Tasks the scheduler assigns run through handlers you register per task type; the agent
+//! registers those types, starts each assignment in its own tokio task (counted in its load),
+//! sends STARTED, then SUCCEEDED with your output or FAILED with your [`TaskFailure`], and
+//! stops a handler the scheduler cancels:
+//!
+//! ```no_run
+//! use agentmesh_agent::{Agent, AgentConfig, TaskFailure};
+//!
+//! # async fn example() -> Result<(), agentmesh_agent::AgentError> {
+//! let agent = Agent::new(AgentConfig {
+//!     agent_id: "summarizer-1".into(),
+//!     agent_type: "summarizer".into(),
+//!     capacity: 4,
+//!     ..AgentConfig::default()
+//! })
+//! .handle("summarize", |task| async move {
+//!     task.progress(Some(0.5), "reading");
+//!     let text = String::from_utf8(task.payload.clone())
+//!         .map_err(|_| TaskFailure::fatal("payload is not UTF-8"))?;
+//!     Ok(text.split_whitespace().take(10).collect::<Vec<_>>().join(" ").into_bytes())
+//! });
+//! agent.run(tokio_util::sync::CancellationToken::new()).await
+//! # }
+//! ```
 
 pub mod process;
+mod tasks;
+
+pub use tasks::{Task, TaskFailure, TaskResult};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -187,6 +212,7 @@ pub struct Agent {
     config: AgentConfig,
     load: Arc<Load>,
     status_tx: watch::Sender<AgentStatus>,
+    runner: Arc<tasks::Runner>,
 }
 
 /// How one connected session ended.
@@ -204,7 +230,33 @@ impl Agent {
             config,
             load: Arc::new(Load::default()),
             status_tx: watch::channel(AgentStatus::Connecting).0,
+            runner: Arc::new(tasks::Runner::default()),
         }
+    }
+
+    /// Runs tasks of `task_type` with `handler` (register every type before [`Agent::run`];
+    /// the agent tells the scheduler the types it has handlers for).
+    ///
+    /// # Panics
+    /// When called after [`Agent::run`] started.
+    #[must_use]
+    pub fn handle<F, Fut>(mut self, task_type: &str, handler: F) -> Self
+    where
+        F: Fn(Task) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = TaskResult> + Send + 'static,
+    {
+        let runner = Arc::get_mut(&mut self.runner).expect("handlers are added before run");
+        runner.handlers.insert(
+            task_type.to_owned(),
+            Arc::new(move |task| Box::pin(handler(task))),
+        );
+        self
+    }
+
+    /// Task attempts running now.
+    #[must_use]
+    pub fn running_tasks(&self) -> usize {
+        self.runner.running()
     }
 
     /// The load counter heartbeats report.
@@ -285,6 +337,7 @@ impl Agent {
             version: c.version.clone(),
             labels: c.labels.clone(),
             epoch,
+            task_types: self.runner.handlers.keys().cloned().collect(),
         }
     }
 
@@ -335,9 +388,19 @@ impl Agent {
         let mut sampler = ProcessSampler::new();
         let mut sequence = 0u64;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
+        // Task updates go out on this session's stream; one session holds them at a time.
+        let mut updates = self.runner.updates_rx.lock().await;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+                Some(update) = updates.recv() => {
+                    let message = pb::HeartbeatRequest {
+                        kind: Some(pb::heartbeat_request::Kind::Task(update)),
+                    };
+                    if tx.send(message).await.is_err() {
+                        return Err(Failure::Retry("the heartbeat stream closed".to_owned()));
+                    }
+                }
                 () = sleep_until(drain_deadline) => return Ok(SessionEnd::Drained),
                 _ = ticks.tick() => {
                     sequence += 1;
@@ -367,6 +430,14 @@ impl Agent {
                         self.status_tx.send_replace(AgentStatus::Draining { deadline_ms });
                         let left = deadline_ms.saturating_sub(wall_ms());
                         drain_deadline = Some(tokio::time::Instant::now() + Duration::from_millis(left));
+                    }
+                    Some(Ok(pb::HeartbeatResponse { kind: Some(pb::heartbeat_response::Kind::Assign(a)) })) => {
+                        tracing::debug!(agent = %self.config.agent_id, task = %a.task_id, attempt = a.attempt, "task assigned");
+                        self.runner.start(a, self.load.clone());
+                    }
+                    Some(Ok(pb::HeartbeatResponse { kind: Some(pb::heartbeat_response::Kind::Cancel(c)) })) => {
+                        tracing::info!(agent = %self.config.agent_id, task = %c.task_id, attempt = c.attempt, reason = %c.reason, "task cancelled");
+                        self.runner.cancel(&c.task_id, c.attempt);
                     }
                     Some(Ok(_)) => {}
                     // Once drained, the scheduler ends the stream at the deadline; its clock

@@ -71,3 +71,20 @@ impl Default for PoolConfig {
         }
     }
 }
+
+/// Largest task payload and result, bytes.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Longest progress or error message from an agent, bytes.
+pub const MAX_MESSAGE: usize = 1024;
+/// Longest idempotency key, bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Highest task priority.
+pub const MAX_PRIORITY: u32 = 9;
+/// Attempt duration when the submitter gives none.
+pub const DEFAULT_START_TO_CLOSE: Duration = Duration::from_secs(300);
+/// Bounds of a task's deadlines.
+pub const MAX_TASK_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Most attempts of one task.
+pub const MAX_ATTEMPTS: u32 = 100;
+/// Longest retry back-off.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);

@@ -28,6 +28,12 @@ pub enum SchedulerError {
         /// The epoch registered.
         current: u64,
     },
+    /// No such task (never submitted, or forgotten after its retention).
+    #[error("task {0:?} does not exist (or was forgotten after its retention)")]
+    UnknownTask(String),
+    /// A dependency (the task store) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
     /// No matching agent has a free slot now.
     #[error("{0}")]
     NoAgent(String),
@@ -53,7 +59,10 @@ impl ServiceError for SchedulerError {
     fn code(&self) -> ErrorCode {
         match self {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            Self::UnknownAgent(_) | Self::UnknownReservation(_) => ErrorCode::NotFound,
+            Self::UnknownAgent(_) | Self::UnknownReservation(_) | Self::UnknownTask(_) => {
+                ErrorCode::NotFound
+            }
+            Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::StaleEpoch { .. } => ErrorCode::FailedPrecondition,
             Self::NoAgent(_) | Self::Full(_) => ErrorCode::ResourceExhausted,
             Self::Unimplemented(_) => ErrorCode::Unimplemented,

@@ -1,5 +1,5 @@
 //! The gRPC adapter of `agentmesh.scheduler.v1.Scheduler`: decode ([`crate::wire`]), call the
-//! [`Pool`], encode. No scheduling logic lives here.
+//! [`Pool`] or the [`Tasks`] manager, encode. No scheduling logic lives here.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,13 +9,16 @@ use agentmesh_runtime::error::to_status;
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use tonic::{Request, Response, Status, Streaming};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::SchedulerError;
 use crate::metrics::SchedulerMetrics;
 use crate::pool::Pool;
+use crate::tasks::Tasks;
 use crate::wire::{
-    decode_acquire, decode_agent_id, decode_drain, decode_list, decode_register, decode_release,
-    decode_report, encode_agent, encode_reservation, encode_stats, encode_stream_message,
+    decode_acquire, decode_agent_id, decode_drain, decode_list, decode_list_tasks, decode_register,
+    decode_release, decode_report, decode_submit, decode_task_id, decode_task_update, encode_agent,
+    encode_reservation, encode_stats, encode_stream_message, encode_task,
 };
 
 fn status(e: &SchedulerError) -> Status {
@@ -26,16 +29,19 @@ fn status(e: &SchedulerError) -> Status {
 #[derive(Clone)]
 pub struct SchedulerGrpc {
     pool: Arc<Pool>,
+    tasks: Arc<Tasks>,
     metrics: Option<SchedulerMetrics>,
     instance_id: Arc<str>,
 }
 
 impl SchedulerGrpc {
-    /// An adapter over `pool` that names `instance_id` in its answers.
+    /// An adapter over `pool` and the task manager `tasks` that names `instance_id` in its
+    /// answers.
     #[must_use]
-    pub fn new(pool: Arc<Pool>, instance_id: &str) -> Self {
+    pub fn new(pool: Arc<Pool>, tasks: Arc<Tasks>, instance_id: &str) -> Self {
         Self {
             pool,
+            tasks,
             metrics: None,
             instance_id: instance_id.into(),
         }
@@ -114,6 +120,7 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
             .map_err(|e| status(&e))?;
         let failure: Arc<Mutex<Option<Status>>> = Arc::default();
         let pool = self.pool.clone();
+        let tasks = self.tasks.clone();
         let reader_failure = failure.clone();
         tokio::spawn(async move {
             let (agent_id, epoch) = (hello.agent_id, hello.epoch);
@@ -129,6 +136,12 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
                         }
                     }
                     Some(Ok(pb::HeartbeatRequest {
+                        kind: Some(Kind::Task(update)),
+                    })) => match decode_task_update(update) {
+                        Ok(update) => tasks.agent_update(&agent_id, epoch, update),
+                        Err(e) => break Some(status(&e)),
+                    },
+                    Some(Ok(pb::HeartbeatRequest {
                         kind: Some(Kind::Hello(_)),
                     })) => {
                         break Some(status(&SchedulerError::invalid(
@@ -139,7 +152,7 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
                     Some(Ok(pb::HeartbeatRequest { kind: None })) => {
                         break Some(status(&SchedulerError::invalid(
                             "kind",
-                            "empty message: set hello or report",
+                            "empty message: set hello, report or task",
                         )));
                     }
                     Some(Err(s)) => break Some(s),
@@ -258,22 +271,98 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
 
     async fn submit_task(
         &self,
-        _request: Request<pb::SubmitTaskRequest>,
+        request: Request<pb::SubmitTaskRequest>,
     ) -> Result<Response<pb::SubmitTaskResponse>, Status> {
-        Err(status(&SchedulerError::Unimplemented("SubmitTask")))
+        let mut trace_context = std::collections::BTreeMap::new();
+        agentmesh_runtime::propagation::inject_into_map(
+            &tracing::Span::current().context(),
+            &mut trace_context,
+        );
+        let spec = decode_submit(request.into_inner(), trace_context).map_err(|e| status(&e))?;
+        let (task, existing) = self.tasks.submit(spec).await.map_err(|e| status(&e))?;
+        Ok(Response::new(pb::SubmitTaskResponse {
+            task_id: task.id.clone(),
+            existing,
+            task: Some(encode_task(&task)),
+        }))
     }
 
     async fn get_task(
         &self,
-        _request: Request<pb::GetTaskRequest>,
+        request: Request<pb::GetTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
-        Err(status(&SchedulerError::Unimplemented("GetTask")))
+        let r = request.into_inner();
+        decode_task_id(&r.task_id, "task_id").map_err(|e| status(&e))?;
+        let task = self.tasks.get(&r.task_id).await.map_err(|e| status(&e))?;
+        Ok(Response::new(encode_task(&task)))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let (state, task_type, limit, before) =
+            decode_list_tasks(request.into_inner()).map_err(|e| status(&e))?;
+        let (tasks, more) = self.tasks.list(state, task_type.as_deref(), &before, limit);
+        let next_page_token = if more {
+            tasks.last().map(|t| t.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: tasks.iter().map(encode_task).collect(),
+            next_page_token,
+        }))
     }
 
     async fn cancel_task(
         &self,
-        _request: Request<pb::CancelTaskRequest>,
+        request: Request<pb::CancelTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
-        Err(status(&SchedulerError::Unimplemented("CancelTask")))
+        let r = request.into_inner();
+        let mut violations = Vec::new();
+        if let Err(SchedulerError::InvalidArgument(v)) = decode_task_id(&r.task_id, "task_id") {
+            violations.extend(v);
+        }
+        if r.reason.len() > 256 {
+            violations.push(crate::error::FieldViolation::new(
+                "reason",
+                "must be at most 256 bytes",
+            ));
+        }
+        if !violations.is_empty() {
+            return Err(status(&SchedulerError::InvalidArgument(violations)));
+        }
+        let task = self
+            .tasks
+            .cancel(&r.task_id, &r.reason)
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(encode_task(&task)))
+    }
+
+    type WatchTaskStream = BoxStream<pb::Task>;
+
+    async fn watch_task(
+        &self,
+        request: Request<pb::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let r = request.into_inner();
+        decode_task_id(&r.task_id, "task_id").map_err(|e| status(&e))?;
+        let rx = self.tasks.watch(&r.task_id).map_err(|e| status(&e))?;
+        // The current state first, then each change; the stream ends after a terminal state
+        // (or when the task is forgotten).
+        let stream =
+            futures::stream::unfold((rx, true, false), |(mut rx, first, done)| async move {
+                if done {
+                    return None;
+                }
+                if !first && rx.changed().await.is_err() {
+                    return None;
+                }
+                let task = rx.borrow_and_update().clone();
+                let terminal = task.state.is_terminal();
+                Some((Ok(encode_task(&task)), (rx, false, terminal)))
+            });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -5,7 +5,9 @@
 //! ([`detector`]), drains and reservations of slots, and picks agents by strategy
 //! ([`select`]). [`wire`] converts to and from the protos, [`grpc`] is the thin adapter that
 //! serves `agentmesh.scheduler.v1.Scheduler`, and [`service`] assembles it for the host.
-//! Tasks (submit, assign, retry) are not built yet: their RPCs answer UNIMPLEMENTED.
+//! [`tasks::Tasks`] is the task manager over the pool: submit, late-binding assignment over
+//! the agents' heartbeat streams, attempts, retries, deadlines, cancellation and watching,
+//! with tasks kept in a [`tasks::TaskStore`] (Redis, or in memory without `--redis`).
 
 pub mod config;
 pub mod detector;
@@ -15,6 +17,7 @@ pub mod metrics;
 pub mod pool;
 pub mod select;
 pub mod service;
+pub mod tasks;
 pub mod wire;
 
 pub use error::SchedulerError;

@@ -1,10 +1,17 @@
 //! The pool's Prometheus metrics: agents by state and type, acquisitions by result, and
 //! failure detections. Labels are bounded (states, results, kinds, and types up to a cap).
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentmesh_runtime::metrics::BoundedLabel;
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 use crate::error::SchedulerError;
 use crate::pool::{PoolStats, Reservation, TickReport};
+use crate::tasks::TaskState;
 
 /// Most agent types given their own label; the rest are counted under `_other`.
 pub const MAX_LABELLED_TYPES: usize = 64;
@@ -117,5 +124,99 @@ impl SchedulerMetrics {
         gauge("capacity", stats.capacity);
         gauge("in_flight", stats.in_flight);
         gauge("reserved", stats.reservations);
+    }
+}
+
+/// The task manager's metrics (cheap to clone). Task types are labelled up to
+/// [`MAX_LABELLED_TYPES`] (then `_other`).
+#[derive(Clone)]
+pub struct TaskMetrics {
+    tasks: IntGaugeVec,
+    submitted: IntCounterVec,
+    ended: IntCounterVec,
+    stale_updates: IntCounter,
+    assign_wait: Histogram,
+    types: Arc<BoundedLabel>,
+}
+
+impl TaskMetrics {
+    /// Registers the metrics in `registry`.
+    ///
+    /// # Errors
+    /// When they are registered twice.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let tasks = IntGaugeVec::new(
+            Opts::new("scheduler_tasks", "Tasks held in memory, by state."),
+            &["state"],
+        )?;
+        let submitted = IntCounterVec::new(
+            Opts::new(
+                "scheduler_tasks_submitted_total",
+                "Tasks submitted, by type.",
+            ),
+            &["type"],
+        )?;
+        let ended = IntCounterVec::new(
+            Opts::new(
+                "scheduler_tasks_ended_total",
+                "Tasks that reached a terminal state, by type and state.",
+            ),
+            &["type", "state"],
+        )?;
+        let stale_updates = IntCounter::new(
+            "scheduler_task_stale_updates_total",
+            "Agent updates refused because they were about an attempt that is not current \
+             (a zombie agent, a timed-out attempt).",
+        )?;
+        let assign_wait = Histogram::with_opts(
+            HistogramOpts::new(
+                "scheduler_task_assign_seconds",
+                "Time from a task becoming PENDING (submit, or a retry's back-off ending) to \
+                 its assignment.",
+            )
+            .buckets(agentmesh_runtime::metrics::LATENCY_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(tasks.clone()))?;
+        registry.register(Box::new(submitted.clone()))?;
+        registry.register(Box::new(ended.clone()))?;
+        registry.register(Box::new(stale_updates.clone()))?;
+        registry.register(Box::new(assign_wait.clone()))?;
+        Ok(Self {
+            tasks,
+            submitted,
+            ended,
+            stale_updates,
+            assign_wait,
+            types: Arc::new(BoundedLabel::new(MAX_LABELLED_TYPES)),
+        })
+    }
+
+    pub(crate) fn submitted(&self, task_type: &str) {
+        self.submitted
+            .with_label_values(&[self.types.label(task_type)])
+            .inc();
+    }
+
+    pub(crate) fn ended(&self, task_type: &str, state: TaskState) {
+        self.ended
+            .with_label_values(&[self.types.label(task_type), state.as_str()])
+            .inc();
+    }
+
+    pub(crate) fn stale_update(&self) {
+        self.stale_updates.inc();
+    }
+
+    pub(crate) fn assigned(&self, waited: Duration) {
+        self.assign_wait.observe(waited.as_secs_f64());
+    }
+
+    /// Sets the tasks-by-state gauge.
+    pub fn observe(&self, counts: &std::collections::BTreeMap<TaskState, u64>) {
+        for (s, n) in counts {
+            self.tasks
+                .with_label_values(&[s.as_str()])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
     }
 }

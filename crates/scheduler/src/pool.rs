@@ -99,6 +99,8 @@ pub struct AgentSpec {
     pub version: String,
     /// Other labels.
     pub labels: BTreeMap<String, String>,
+    /// Task types it runs (empty: it takes no tasks).
+    pub task_types: BTreeSet<String>,
 }
 
 /// An agent's state in the pool.
@@ -204,8 +206,38 @@ pub enum StreamMessage {
         /// Why.
         reason: String,
     },
+    /// Run one attempt of a task.
+    Assign(Assignment),
+    /// Stop running an attempt.
+    Cancel {
+        /// The task.
+        task_id: String,
+        /// The attempt.
+        attempt: u32,
+        /// Why.
+        reason: String,
+    },
     /// The stream is over (fenced by a newer registration, deregistered, declared dead).
     Close(SchedulerError),
+}
+
+/// One attempt of a task, as sent to its agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    /// The task.
+    pub task_id: String,
+    /// The attempt's number (1 for the first).
+    pub attempt: u32,
+    /// The task type.
+    pub task_type: String,
+    /// Its input.
+    pub payload: Vec<u8>,
+    /// Wall ms by which the attempt must end.
+    pub deadline_wall_ms: u64,
+    /// Longest silence while running, if required.
+    pub heartbeat_timeout: Option<Duration>,
+    /// W3C trace context of the submit.
+    pub trace_context: BTreeMap<String, String>,
 }
 
 /// Which agents qualify.
@@ -219,6 +251,8 @@ pub struct Selector {
     pub tags: Vec<String>,
     /// Zone, if given.
     pub zone: Option<String>,
+    /// A task type the agent must run (set by the task manager, not by callers).
+    pub task_type: Option<String>,
 }
 
 impl Selector {
@@ -226,6 +260,10 @@ impl Selector {
         self.agent_type
             .as_ref()
             .is_none_or(|t| *t == spec.agent_type)
+            && self
+                .task_type
+                .as_ref()
+                .is_none_or(|t| spec.task_types.contains(t))
             && self.zone.as_ref().is_none_or(|z| *z == spec.zone)
             && self.tags.iter().all(|t| spec.tags.contains(t))
             && self
@@ -932,6 +970,48 @@ impl Pool {
             }
         }
         Ok(())
+    }
+
+    /// Sends `message` down the heartbeat stream of registration (`agent_id`, `epoch`);
+    /// false when it has no stream or the stream's buffer is full (the message is dropped).
+    pub fn send(&self, agent_id: &str, epoch: u64, message: StreamMessage) -> bool {
+        let state = self.state.lock();
+        match state.agents.get(agent_id) {
+            Some(entry) if entry.epoch == epoch => match &entry.stream {
+                Some((_, tx)) => tx.try_send(message).is_ok(),
+                None => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// For each (agent, epoch): whether that registration is still alive (registered, not
+    /// dead). One lock for the whole list.
+    #[must_use]
+    pub fn alive(&self, agents: &[(&str, u64)]) -> Vec<bool> {
+        let state = self.state.lock();
+        agents
+            .iter()
+            .map(|(id, epoch)| {
+                state
+                    .agents
+                    .get(*id)
+                    .is_some_and(|e| e.epoch == *epoch && e.state != AgentState::Dead)
+            })
+            .collect()
+    }
+
+    /// The task types of live agents with a free slot now (to know which pending tasks can be
+    /// placed).
+    #[must_use]
+    pub fn task_types_with_free_slots(&self) -> BTreeSet<String> {
+        let state = self.state.lock();
+        state
+            .agents
+            .values()
+            .filter(|e| e.state == AgentState::Ready && e.free() > 0)
+            .flat_map(|e| e.spec.task_types.iter().cloned())
+            .collect()
     }
 
     /// Moves time on: suspicion and death by silence, drain deadlines, removal of the long

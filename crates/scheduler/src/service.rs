@@ -1,5 +1,6 @@
-//! Assembles the pool for the host: its settings (flags with environment fallbacks), the pool,
-//! its clock tick, metrics and gRPC routes.
+//! Assembles the pool and the task manager for the host: settings (flags with environment
+//! fallbacks), the pool, the task store (Redis with `--redis`, else in memory), the clock
+//! tick, metrics and gRPC routes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,8 +16,10 @@ use tonic::service::Routes;
 pub use crate::config::NAME;
 use crate::config::PoolConfig;
 use crate::grpc::SchedulerGrpc;
-use crate::metrics::SchedulerMetrics;
-use crate::pool::{Pool, SystemClock};
+use crate::metrics::{SchedulerMetrics, TaskMetrics};
+use crate::pool::{Clock, Pool, SystemClock};
+use crate::tasks::redis_store::RedisTaskStore;
+use crate::tasks::{InMemoryTaskStore, TaskConfig, TaskStore, Tasks};
 
 /// How often the pool's clock ticks (failure detection, drains, lapsed reservations).
 const TICK: Duration = Duration::from_millis(100);
@@ -43,6 +46,17 @@ pub struct SchedulerArgs {
         default_value_t = 100_000
     )]
     pub max_agents: usize,
+    /// Most tasks held in memory (ended ones are forgotten first, oldest first).
+    #[arg(
+        long = "scheduler-max-tasks",
+        env = "AGENTMESH_SCHEDULER_MAX_TASKS",
+        default_value_t = 200_000
+    )]
+    pub max_tasks: usize,
+    /// How long an ended task stays readable (GetTask, ListTasks, WatchTask) in memory; the
+    /// Redis store keeps it 24 h.
+    #[arg(long = "scheduler-task-retention", env = "AGENTMESH_SCHEDULER_TASK_RETENTION", default_value = "1h", value_parser = parse_duration)]
+    pub task_retention: Duration,
 }
 
 impl SchedulerArgs {
@@ -66,6 +80,11 @@ impl SchedulerArgs {
         if self.max_agents == 0 {
             return Err(BuildError::Config(
                 "--scheduler-max-agents must be at least 1".to_owned(),
+            ));
+        }
+        if self.max_tasks == 0 {
+            return Err(BuildError::Config(
+                "--scheduler-max-tasks must be at least 1".to_owned(),
             ));
         }
         Ok(PoolConfig {
@@ -92,15 +111,35 @@ impl Service for SchedulerArgs {
 
     fn build<'a>(&'a self, deps: &'a HostDeps) -> BoxFuture<'a, Result<ServiceSpec, BuildError>> {
         Box::pin(async move {
-            let pool = Arc::new(Pool::new(
-                self.pool_config()?,
-                Arc::new(SystemClock::default()),
-            ));
+            let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+            let pool = Arc::new(Pool::new(self.pool_config()?, clock.clone()));
             let metrics = SchedulerMetrics::register(deps.metrics.registry())
                 .map_err(|e| BuildError::Config(format!("registering metrics: {e}")))?;
-            spawn_ticks(&pool, metrics.clone());
+            let task_metrics = TaskMetrics::register(deps.metrics.registry())
+                .map_err(|e| BuildError::Config(format!("registering metrics: {e}")))?;
+            let store = task_store(deps.redis_url.as_deref()).await?;
+            let tasks = Arc::new(
+                Tasks::new(
+                    pool.clone(),
+                    clock,
+                    TaskConfig {
+                        max_tasks: self.max_tasks,
+                        retention: self.task_retention,
+                        ..TaskConfig::default()
+                    },
+                    store,
+                )
+                .with_metrics(task_metrics.clone()),
+            );
+            let recovered = tasks.recover().await.map_err(|e| {
+                BuildError::Unavailable(format!("loading open tasks from the store: {e}"))
+            })?;
+            if recovered > 0 {
+                tracing::info!(tasks = recovered, "open tasks loaded from the store");
+            }
+            spawn_ticks(&pool, &tasks, metrics.clone(), task_metrics);
             let instance_id = new_instance_id(NAME);
-            let server = SchedulerGrpc::new(pool, &instance_id)
+            let server = SchedulerGrpc::new(pool, tasks, &instance_id)
                 .with_metrics(metrics)
                 .into_server();
             Ok(ServiceSpec {
@@ -115,16 +154,40 @@ impl Service for SchedulerArgs {
     }
 }
 
-/// Moves the pool's clock every [`TICK`] while the pool lives, logging and counting what the
-/// failure detector found.
-fn spawn_ticks(pool: &Arc<Pool>, metrics: SchedulerMetrics) {
+/// The task store: Redis when the host has it, else in memory.
+async fn task_store(redis_url: Option<&str>) -> Result<Arc<dyn TaskStore>, BuildError> {
+    let Some(url) = redis_url else {
+        return Ok(Arc::new(InMemoryTaskStore::default()));
+    };
+    let client = redis::Client::open(url)
+        .map_err(|e| BuildError::Config(format!("--redis: invalid Redis URL: {e}")))?;
+    let manager = tokio::time::timeout(
+        Duration::from_secs(3),
+        redis::aio::ConnectionManager::new(client),
+    )
+    .await
+    .map_err(|_| BuildError::Unavailable(format!("cannot reach Redis at {url}: timed out")))?
+    .map_err(|e| BuildError::Unavailable(format!("cannot reach Redis at {url}: {e}")))?;
+    Ok(Arc::new(RedisTaskStore::new(manager)))
+}
+
+/// Moves the pool's and the task manager's clocks every [`TICK`] while the pool lives,
+/// logging and counting what they found.
+fn spawn_ticks(
+    pool: &Arc<Pool>,
+    tasks: &Arc<Tasks>,
+    metrics: SchedulerMetrics,
+    task_metrics: TaskMetrics,
+) {
     let pool = Arc::downgrade(pool);
+    let tasks = Arc::downgrade(tasks);
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n = 0u64;
         loop {
             ticks.tick().await;
-            let Some(pool) = pool.upgrade() else {
+            let (Some(pool), Some(tasks)) = (pool.upgrade(), tasks.upgrade()) else {
                 return;
             };
             let report = pool.tick();
@@ -138,6 +201,18 @@ fn spawn_ticks(pool: &Arc<Pool>, metrics: SchedulerMetrics) {
                 tracing::info!(%agent, "agent removed");
             }
             metrics.observe(&report, &pool.stats());
+            let done = tasks.tick();
+            if done.timed_out + done.not_started > 0 {
+                tracing::info!(
+                    timed_out = done.timed_out,
+                    not_started = done.not_started,
+                    "task deadlines passed"
+                );
+            }
+            n += 1;
+            if n.is_multiple_of(10) {
+                task_metrics.observe(&tasks.counts());
+            }
         }
     });
 }

@@ -5,12 +5,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use agentmesh_proto::scheduler::v1 as pb;
-use agentmesh_runtime::wire::{duration_from_proto, duration_to_proto, timestamp_from_ms};
+use agentmesh_runtime::wire::{
+    duration_from_proto, duration_to_proto, timestamp_from_ms, timestamp_to_ms,
+};
 
 use crate::config::{
-    DEFAULT_DRAIN, DEFAULT_PAGE, DEFAULT_RESERVATION_TTL, MAX_AFFINITY_KEY_LEN, MAX_CAPACITY,
-    MAX_DRAIN, MAX_ENTRIES, MAX_ID_LEN, MAX_PAGE, MAX_RESERVATION_TTL, MAX_VALUE_LEN, MAX_WEIGHT,
-    MIN_RESERVATION_TTL,
+    DEFAULT_DRAIN, DEFAULT_PAGE, DEFAULT_RESERVATION_TTL, DEFAULT_START_TO_CLOSE,
+    MAX_AFFINITY_KEY_LEN, MAX_ATTEMPTS, MAX_BACKOFF, MAX_CAPACITY, MAX_DRAIN, MAX_ENTRIES,
+    MAX_ID_LEN, MAX_IDEMPOTENCY_KEY, MAX_MESSAGE, MAX_PAGE, MAX_PAYLOAD, MAX_PRIORITY,
+    MAX_RESERVATION_TTL, MAX_TASK_DEADLINE, MAX_VALUE_LEN, MAX_WEIGHT, MIN_RESERVATION_TTL,
 };
 use crate::error::{FieldViolation, SchedulerError};
 use crate::pool::{
@@ -18,6 +21,7 @@ use crate::pool::{
     Selector, StreamMessage,
 };
 use crate::select::Strategy;
+use crate::tasks::{AgentUpdate, Attempt, RetryPolicy, Task, TaskSpec, TaskState, UpdateKind};
 
 /// Appends a violation unless `value` is an identifier: 1–128 bytes of visible ASCII.
 fn identifier(value: &str, field: &str, out: &mut Vec<FieldViolation>) {
@@ -141,6 +145,7 @@ pub fn decode_register(r: pb::RegisterAgentRequest) -> Result<(AgentSpec, u64), 
     let capabilities = map(&r.capabilities, "capabilities", &mut v);
     list(&r.tags, "tags", &mut v);
     let labels = map(&r.labels, "labels", &mut v);
+    list(&r.task_types, "task_types", &mut v);
     let capacity = bounded(r.capacity, 1, MAX_CAPACITY, "capacity", &mut v);
     let weight = bounded(r.weight, 1, MAX_WEIGHT, "weight", &mut v);
     text(&r.zone, 64, "zone", &mut v);
@@ -157,6 +162,7 @@ pub fn decode_register(r: pb::RegisterAgentRequest) -> Result<(AgentSpec, u64), 
         endpoint: r.endpoint,
         version: r.version,
         labels,
+        task_types: r.task_types.into_iter().collect(),
     };
     done((spec, r.epoch), v)
 }
@@ -185,6 +191,7 @@ fn decode_selector(s: Option<pb::Selector>, field: &str, v: &mut Vec<FieldViolat
         capabilities,
         tags: s.tags,
         zone: Some(s.zone).filter(|z| !z.is_empty()),
+        task_type: None,
     }
 }
 
@@ -445,6 +452,7 @@ pub fn encode_agent(a: &AgentView) -> pb::Agent {
         registered_at: Some(timestamp_from_ms(a.registered_wall_ms)),
         last_seen: Some(timestamp_from_ms(a.last_seen_wall_ms)),
         drain_deadline: a.drain_deadline_wall_ms.map(timestamp_from_ms),
+        task_types: a.spec.task_types.iter().cloned().collect(),
     }
 }
 
@@ -493,7 +501,437 @@ pub fn encode_stream_message(m: StreamMessage) -> Result<pb::HeartbeatResponse, 
             deadline: Some(timestamp_from_ms(deadline_wall_ms)),
             reason,
         }),
+        StreamMessage::Assign(a) => Kind::Assign(pb::TaskAssignment {
+            task_id: a.task_id,
+            attempt: a.attempt,
+            r#type: a.task_type,
+            payload: a.payload,
+            deadline: Some(timestamp_from_ms(a.deadline_wall_ms)),
+            heartbeat_timeout: a.heartbeat_timeout.map(duration_to_proto),
+            trace_context: a.trace_context.into_iter().collect(),
+        }),
+        StreamMessage::Cancel {
+            task_id,
+            attempt,
+            reason,
+        } => Kind::Cancel(pb::TaskCancel {
+            task_id,
+            attempt,
+            reason,
+        }),
         StreamMessage::Close(e) => return Err(e),
     };
     Ok(pb::HeartbeatResponse { kind: Some(kind) })
+}
+
+/// A task id field: the 32 hex digits SubmitTask returned.
+///
+/// # Errors
+/// `InvalidArgument`.
+pub fn decode_task_id(id: &str, field: &str) -> Result<(), SchedulerError> {
+    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(SchedulerError::invalid(
+            field,
+            "must be the 32 hex digits SubmitTask returned",
+        ))
+    }
+}
+
+fn decode_retry(r: Option<&pb::RetryPolicy>, v: &mut Vec<FieldViolation>) -> RetryPolicy {
+    let d = RetryPolicy::default();
+    let Some(r) = r else {
+        return d;
+    };
+    let max_attempts = bounded(
+        r.max_attempts,
+        d.max_attempts,
+        MAX_ATTEMPTS,
+        "retry.max_attempts",
+        v,
+    );
+    let initial_backoff = duration(
+        r.initial_backoff.as_ref(),
+        d.initial_backoff,
+        (Duration::ZERO, MAX_BACKOFF),
+        "retry.initial_backoff",
+        v,
+    );
+    let max_backoff = duration(
+        r.max_backoff.as_ref(),
+        d.max_backoff,
+        (Duration::ZERO, MAX_BACKOFF),
+        "retry.max_backoff",
+        v,
+    );
+    let multiplier = if r.backoff_multiplier == 0.0 {
+        d.multiplier
+    } else if (1.0..=10.0).contains(&r.backoff_multiplier) {
+        r.backoff_multiplier
+    } else {
+        v.push(FieldViolation::new(
+            "retry.backoff_multiplier",
+            "must be between 1 and 10 (0 = 2)",
+        ));
+        d.multiplier
+    };
+    RetryPolicy {
+        max_attempts,
+        initial_backoff,
+        multiplier,
+        max_backoff,
+    }
+}
+
+fn optional_duration(
+    value: Option<&prost_types::Duration>,
+    max: Duration,
+    field: &str,
+    v: &mut Vec<FieldViolation>,
+) -> Option<Duration> {
+    let d = duration(value, Duration::ZERO, (Duration::ZERO, max), field, v);
+    (!d.is_zero()).then_some(d)
+}
+
+/// A submit; `trace_context` is the caller's (W3C), kept with the task.
+///
+/// # Errors
+/// `InvalidArgument` naming every bad field.
+pub fn decode_submit(
+    r: pb::SubmitTaskRequest,
+    trace_context: BTreeMap<String, String>,
+) -> Result<TaskSpec, SchedulerError> {
+    let mut v = Vec::new();
+    identifier(&r.r#type, "type", &mut v);
+    if r.payload.len() > MAX_PAYLOAD {
+        v.push(FieldViolation::new(
+            "payload",
+            format!(
+                "must be at most {MAX_PAYLOAD} bytes, got {}",
+                r.payload.len()
+            ),
+        ));
+    }
+    let selector = decode_selector(r.selector, "selector", &mut v);
+    if !r.idempotency_key.is_empty() {
+        text(
+            &r.idempotency_key,
+            MAX_IDEMPOTENCY_KEY,
+            "idempotency_key",
+            &mut v,
+        );
+    }
+    if r.priority > MAX_PRIORITY {
+        v.push(FieldViolation::new(
+            "priority",
+            format!("must be 0 to {MAX_PRIORITY}, got {}", r.priority),
+        ));
+    }
+    let schedule_to_start = optional_duration(
+        r.schedule_to_start.as_ref(),
+        MAX_TASK_DEADLINE,
+        "schedule_to_start",
+        &mut v,
+    );
+    let start_to_close = duration(
+        r.start_to_close.as_ref(),
+        DEFAULT_START_TO_CLOSE,
+        (Duration::from_secs(1), MAX_TASK_DEADLINE),
+        "start_to_close",
+        &mut v,
+    );
+    let heartbeat_timeout = optional_duration(
+        r.heartbeat_timeout.as_ref(),
+        MAX_TASK_DEADLINE,
+        "heartbeat_timeout",
+        &mut v,
+    );
+    if heartbeat_timeout.is_some_and(|hb| hb > start_to_close) {
+        v.push(FieldViolation::new(
+            "heartbeat_timeout",
+            "must not be longer than start_to_close",
+        ));
+    }
+    let retry = decode_retry(r.retry.as_ref(), &mut v);
+    let labels = map(&r.labels, "labels", &mut v);
+    done(
+        TaskSpec {
+            task_type: r.r#type,
+            payload: r.payload.into(),
+            selector,
+            idempotency_key: r.idempotency_key,
+            priority: r.priority.min(MAX_PRIORITY),
+            schedule_to_start,
+            start_to_close,
+            heartbeat_timeout,
+            retry,
+            labels,
+            trace_context,
+        },
+        v,
+    )
+}
+
+/// A ListTasks request: state, type, page size, the id to list before.
+///
+/// # Errors
+/// `InvalidArgument` naming every bad field.
+pub fn decode_list_tasks(
+    r: pb::ListTasksRequest,
+) -> Result<(Option<TaskState>, Option<String>, usize, String), SchedulerError> {
+    let mut v = Vec::new();
+    let state = match pb::TaskState::try_from(r.state) {
+        Ok(s) => decode_task_state(s),
+        Err(_) => {
+            v.push(FieldViolation::new(
+                "state",
+                format!("unknown state {}", r.state),
+            ));
+            None
+        }
+    };
+    if !r.r#type.is_empty() {
+        identifier(&r.r#type, "type", &mut v);
+    }
+    let limit = match usize::try_from(r.limit) {
+        Ok(0) => DEFAULT_PAGE,
+        Ok(n) if n <= MAX_PAGE => n,
+        _ => {
+            v.push(FieldViolation::new(
+                "limit",
+                format!("must be 1 to {MAX_PAGE} (0 = {DEFAULT_PAGE})"),
+            ));
+            DEFAULT_PAGE
+        }
+    };
+    if !r.page_token.is_empty() && decode_task_id(&r.page_token, "page_token").is_err() {
+        v.push(FieldViolation::new(
+            "page_token",
+            "must be the next_page_token of the previous page",
+        ));
+    }
+    done(
+        (
+            state,
+            Some(r.r#type).filter(|t| !t.is_empty()),
+            limit,
+            r.page_token,
+        ),
+        v,
+    )
+}
+
+/// An agent's task update.
+///
+/// # Errors
+/// `InvalidArgument` naming every bad field (the stream is ended with it).
+pub fn decode_task_update(u: pb::TaskUpdate) -> Result<AgentUpdate, SchedulerError> {
+    let mut v = Vec::new();
+    if decode_task_id(&u.task_id, "task.task_id").is_err() {
+        v.push(FieldViolation::new(
+            "task.task_id",
+            "must be the task_id of an assignment",
+        ));
+    }
+    if u.attempt == 0 {
+        v.push(FieldViolation::new(
+            "task.attempt",
+            "must be the attempt of the assignment (≥ 1)",
+        ));
+    }
+    if u.message.len() > MAX_MESSAGE {
+        v.push(FieldViolation::new(
+            "task.message",
+            format!("must be at most {MAX_MESSAGE} bytes"),
+        ));
+    }
+    if u.output.len() > MAX_PAYLOAD {
+        v.push(FieldViolation::new(
+            "task.output",
+            format!("must be at most {MAX_PAYLOAD} bytes"),
+        ));
+    }
+    let kind = match pb::TaskUpdateKind::try_from(u.kind) {
+        Ok(pb::TaskUpdateKind::Started) => UpdateKind::Started,
+        Ok(pb::TaskUpdateKind::Progress) => UpdateKind::Progress {
+            progress: (u.progress.is_finite() && u.progress > 0.0).then_some(u.progress.min(1.0)),
+            message: u.message,
+        },
+        Ok(pb::TaskUpdateKind::Succeeded) => UpdateKind::Succeeded {
+            output: u.output.into(),
+        },
+        Ok(pb::TaskUpdateKind::Failed) => UpdateKind::Failed {
+            message: u.message,
+            retryable: u.retryable,
+        },
+        Ok(pb::TaskUpdateKind::Unspecified) | Err(_) => {
+            v.push(FieldViolation::new(
+                "task.kind",
+                "must be STARTED, PROGRESS, SUCCEEDED or FAILED",
+            ));
+            UpdateKind::Started
+        }
+    };
+    done(
+        AgentUpdate {
+            task_id: u.task_id,
+            attempt: u.attempt,
+            kind,
+        },
+        v,
+    )
+}
+
+fn decode_task_state(s: pb::TaskState) -> Option<TaskState> {
+    match s {
+        pb::TaskState::Unspecified => None,
+        pb::TaskState::Pending => Some(TaskState::Pending),
+        pb::TaskState::Assigned => Some(TaskState::Assigned),
+        pb::TaskState::Running => Some(TaskState::Running),
+        pb::TaskState::Succeeded => Some(TaskState::Succeeded),
+        pb::TaskState::Failed => Some(TaskState::Failed),
+        pb::TaskState::TimedOut => Some(TaskState::TimedOut),
+        pb::TaskState::Cancelled => Some(TaskState::Cancelled),
+    }
+}
+
+/// The wire task state.
+#[must_use]
+pub fn encode_task_state(s: TaskState) -> pb::TaskState {
+    match s {
+        TaskState::Pending => pb::TaskState::Pending,
+        TaskState::Assigned => pb::TaskState::Assigned,
+        TaskState::Running => pb::TaskState::Running,
+        TaskState::Succeeded => pb::TaskState::Succeeded,
+        TaskState::Failed => pb::TaskState::Failed,
+        TaskState::TimedOut => pb::TaskState::TimedOut,
+        TaskState::Cancelled => pb::TaskState::Cancelled,
+    }
+}
+
+fn encode_selector(s: &Selector) -> pb::Selector {
+    pb::Selector {
+        r#type: s.agent_type.clone().unwrap_or_default(),
+        capabilities: s.capabilities.clone().into_iter().collect(),
+        tags: s.tags.clone(),
+        zone: s.zone.clone().unwrap_or_default(),
+    }
+}
+
+/// A task on the wire (and in the Redis store).
+#[must_use]
+pub fn encode_task(t: &Task) -> pb::Task {
+    let spec = &t.spec;
+    pb::Task {
+        task_id: t.id.clone(),
+        r#type: spec.task_type.clone(),
+        state: encode_task_state(t.state) as i32,
+        attempt: t.attempt(),
+        agent_id: t.agent_id().unwrap_or_default().to_owned(),
+        priority: spec.priority,
+        payload: spec.payload.to_vec(),
+        selector: Some(encode_selector(&spec.selector)),
+        idempotency_key: spec.idempotency_key.clone(),
+        created_at: Some(timestamp_from_ms(t.created_wall_ms)),
+        updated_at: Some(timestamp_from_ms(t.updated_wall_ms)),
+        progress: t.progress,
+        message: t.message.clone(),
+        output: t.output.to_vec(),
+        error: t.error.clone(),
+        attempts: t
+            .attempts
+            .iter()
+            .map(|a| pb::TaskAttempt {
+                number: a.number,
+                agent_id: a.agent_id.clone(),
+                assigned_at: Some(timestamp_from_ms(a.assigned_wall_ms)),
+                started_at: a.started_wall_ms.map(timestamp_from_ms),
+                ended_at: a.ended_wall_ms.map(timestamp_from_ms),
+                outcome: a.outcome.clone(),
+            })
+            .collect(),
+        not_before: t.not_before_wall_ms.map(timestamp_from_ms),
+        schedule_to_start: spec.schedule_to_start.map(duration_to_proto),
+        start_to_close: Some(duration_to_proto(spec.start_to_close)),
+        heartbeat_timeout: spec.heartbeat_timeout.map(duration_to_proto),
+        retry: Some(pb::RetryPolicy {
+            max_attempts: spec.retry.max_attempts,
+            initial_backoff: Some(duration_to_proto(spec.retry.initial_backoff)),
+            backoff_multiplier: spec.retry.multiplier,
+            max_backoff: Some(duration_to_proto(spec.retry.max_backoff)),
+        }),
+        labels: spec.labels.clone().into_iter().collect(),
+        trace_context: spec.trace_context.clone().into_iter().collect(),
+    }
+}
+
+/// A task as the store keeps it (an encoded [`pb::Task`]); `None` when it does not make sense.
+#[must_use]
+pub fn decode_stored_task(t: pb::Task) -> Option<Task> {
+    let state = decode_task_state(pb::TaskState::try_from(t.state).ok()?)?;
+    let ms = |ts: Option<&prost_types::Timestamp>| ts.and_then(timestamp_to_ms);
+    let retry = t
+        .retry
+        .as_ref()
+        .map_or_else(RetryPolicy::default, |r| RetryPolicy {
+            max_attempts: r.max_attempts.max(1),
+            initial_backoff: r
+                .initial_backoff
+                .as_ref()
+                .and_then(duration_from_proto)
+                .unwrap_or_default(),
+            multiplier: if r.backoff_multiplier >= 1.0 {
+                r.backoff_multiplier
+            } else {
+                1.0
+            },
+            max_backoff: r
+                .max_backoff
+                .as_ref()
+                .and_then(duration_from_proto)
+                .unwrap_or_default(),
+        });
+    let mut v = Vec::new();
+    let selector = decode_selector(t.selector, "selector", &mut v);
+    Some(Task {
+        spec: TaskSpec {
+            task_type: t.r#type,
+            payload: t.payload.into(),
+            selector,
+            idempotency_key: t.idempotency_key,
+            priority: t.priority.min(MAX_PRIORITY),
+            schedule_to_start: t.schedule_to_start.as_ref().and_then(duration_from_proto),
+            start_to_close: t
+                .start_to_close
+                .as_ref()
+                .and_then(duration_from_proto)
+                .unwrap_or(DEFAULT_START_TO_CLOSE),
+            heartbeat_timeout: t.heartbeat_timeout.as_ref().and_then(duration_from_proto),
+            retry,
+            labels: t.labels.into_iter().collect(),
+            trace_context: t.trace_context.into_iter().collect(),
+        },
+        id: t.task_id,
+        state,
+        attempts: t
+            .attempts
+            .into_iter()
+            .map(|a| Attempt {
+                number: a.number,
+                agent_id: a.agent_id,
+                assigned_wall_ms: ms(a.assigned_at.as_ref()).unwrap_or(0),
+                started_wall_ms: ms(a.started_at.as_ref()),
+                ended_wall_ms: ms(a.ended_at.as_ref()),
+                outcome: a.outcome,
+            })
+            .collect(),
+        created_wall_ms: ms(t.created_at.as_ref()).unwrap_or(0),
+        updated_wall_ms: ms(t.updated_at.as_ref()).unwrap_or(0),
+        progress: t.progress,
+        message: t.message,
+        output: t.output.into(),
+        error: t.error,
+        not_before_wall_ms: ms(t.not_before.as_ref()),
+    })
 }

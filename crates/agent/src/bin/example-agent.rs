@@ -1,9 +1,16 @@
-//! `example-agent`: an agent that joins the pool and keeps heartbeating until Ctrl-C or
-//! SIGTERM, then deregisters. The way to write an agent: see the agentmesh-agent crate docs.
+//! `example-agent`: an agent that joins the pool, runs three demo task types, and keeps
+//! heartbeating until Ctrl-C or SIGTERM, then deregisters. The way to write an agent: see the
+//! agentmesh-agent crate docs.
+//!
+//! Task types: `echo` (the output is the payload), `sleep` (the payload is a number of
+//! milliseconds, default 1000; progress is reported every 100 ms and a cancel stops it),
+//! `fail` (fails, retryable, with the payload as the message).
 
 use std::process::ExitCode;
 
-use agentmesh_agent::{Agent, AgentConfig, AgentStatus};
+use std::time::Duration;
+
+use agentmesh_agent::{Agent, AgentConfig, AgentStatus, Task, TaskFailure, TaskResult};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +62,13 @@ fn main() -> ExitCode {
             tags: args.tags,
             endpoint: args.endpoint,
             ..AgentConfig::default()
+        })
+        .handle("echo", |task| async move { Ok(task.payload) })
+        .handle("sleep", sleep)
+        .handle("fail", |task| async move {
+            Err(TaskFailure::retryable(String::from_utf8_lossy(
+                &task.payload,
+            )))
         });
         let shutdown: CancellationToken = agentmesh_runtime::shutdown::on_signal();
         let mut status = agent.status();
@@ -74,6 +88,26 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Sleeps the payload's milliseconds (default 1000), reporting progress every 100 ms.
+async fn sleep(task: Task) -> TaskResult {
+    let total: u64 = std::str::from_utf8(&task.payload)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1000);
+    let mut slept = 0;
+    while slept < total {
+        let step = (total - slept).min(100);
+        tokio::time::sleep(Duration::from_millis(step)).await;
+        slept += step;
+        #[allow(clippy::cast_precision_loss, reason = "ms counts are small")]
+        task.progress(
+            Some(slept as f64 / total as f64),
+            &format!("{slept} of {total} ms"),
+        );
+    }
+    Ok(format!("slept {total} ms").into_bytes())
 }
 
 fn tracing_init() {

@@ -41,3 +41,25 @@ print(f"| {c} | {e['calls_per_sec']:.0f} | {s['calls_per_sec']:.0f} | {rpcs:.0f}
       f"{s['p50_us']:.0f} / {s['p99_us']:.0f} | {e['p50_us']:.0f} / {e['p99_us']:.0f} |")
 PY
 done
+
+# Tasks: submit -> assigned -> completed through 16 SDK agents run by the load generator (each
+# in-flight slot submits a task and watches it to the end), at saturation and at half of it,
+# with the scheduler's own submit -> assign histogram over the measured window.
+echo
+echo "| tasks load | tasks/s | submit -> completed p50 / p99 (µs) | submit -> assigned in the scheduler p50 / p99 (µs) |"
+echo "| --- | ---: | --- | --- |"
+tasks_row() {
+  out=$("$bin/meshctl" bench tasks --agents 16 --concurrency 64 --connections 4 --duration "${secs}s" --warmup 1s \
+    --metrics-url http://127.0.0.1:9102/metrics -o json "$@")
+  python3 - "$out" "$*" <<'PY'
+import json, sys
+lines = sys.argv[1].splitlines()
+d = json.loads(lines[0]); h = json.loads(lines[1])["at_the_scheduler"][0]
+label = "saturation" if not sys.argv[2] else sys.argv[2]
+print(f"| {label} | {d['calls_per_sec']:.0f} | {d['p50_us']:.0f} / {d['p99_us']:.0f} | {h['p50_us']:.0f} / {h['p99_us']:.0f} |")
+PY
+  python3 -c "import json,sys; print(json.loads(sys.argv[1].splitlines()[0])['calls_per_sec'])" "$out" > "${TMPDIR:-/tmp}/tasks_peak"
+}
+tasks_row
+half=$(python3 -c "import sys; print(int(float(open(sys.argv[1]).read()) / 2))" "${TMPDIR:-/tmp}/tasks_peak")
+tasks_row --rate "$half"

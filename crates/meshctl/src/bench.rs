@@ -30,6 +30,7 @@ mod eventbus;
 mod pubsub;
 mod scheduler;
 mod scrape;
+mod tasks;
 
 #[derive(clap::Subcommand)]
 pub(crate) enum BenchCommand {
@@ -52,6 +53,9 @@ pub(crate) enum BenchCommand {
     /// Scheduler load: AcquireAgent + ReleaseAgent pairs over `--agents` heartbeating agents
     /// this process registers (compare with `bench echo` at the same concurrency).
     Scheduler(scheduler::SchedulerBench),
+    /// Tasks submitted, assigned and completed end to end through SDK agents this process runs
+    /// (each in-flight slot submits a task and watches it to the end).
+    Tasks(tasks::TasksBench),
     /// Serve the bare tonic echo anchor (no agentmesh layers) until interrupted.
     EchoServer {
         /// Listen address.
@@ -280,6 +284,7 @@ pub(crate) async fn run(cmd: BenchCommand, redis: Option<&str>) -> anyhow::Resul
         BenchCommand::RedisScript(args) => redis_script(args, &redis).await,
         BenchCommand::Eventbus(args) => eventbus::run(args).await,
         BenchCommand::Scheduler(args) => scheduler::run(args).await,
+        BenchCommand::Tasks(args) => tasks::run(args).await,
         BenchCommand::Nats(args) => anchors::nats(args).await,
         BenchCommand::RedisStreams(args) => anchors::redis_streams(args, &redis).await,
     }

@@ -240,6 +240,7 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
     ) -> Result<Response<pb::PoolStats>, Status> {
         Ok(Response::new(encode_stats(
             &self.pool.stats(),
+            &self.tasks.signals(),
             &self.instance_id,
         )))
     }

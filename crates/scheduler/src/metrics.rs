@@ -11,7 +11,7 @@ use prometheus::{
 
 use crate::error::SchedulerError;
 use crate::pool::{PoolStats, Reservation, TickReport};
-use crate::tasks::TaskState;
+use crate::tasks::{TaskState, TypeSignals};
 
 /// Most agent types given their own label; the rest are counted under `_other`.
 pub const MAX_LABELLED_TYPES: usize = 64;
@@ -132,6 +132,9 @@ impl SchedulerMetrics {
 #[derive(Clone)]
 pub struct TaskMetrics {
     tasks: IntGaugeVec,
+    queued: IntGaugeVec,
+    oldest_wait: prometheus::GaugeVec,
+    desired_agents: IntGaugeVec,
     submitted: IntCounterVec,
     ended: IntCounterVec,
     stale_updates: IntCounter,
@@ -148,6 +151,28 @@ impl TaskMetrics {
         let tasks = IntGaugeVec::new(
             Opts::new("scheduler_tasks", "Tasks held in memory, by state."),
             &["state"],
+        )?;
+        let queued = IntGaugeVec::new(
+            Opts::new(
+                "scheduler_task_queue_depth",
+                "Tasks waiting for an agent (retry back-offs included), by type.",
+            ),
+            &["type"],
+        )?;
+        let oldest_wait = prometheus::GaugeVec::new(
+            Opts::new(
+                "scheduler_task_queue_oldest_wait_seconds",
+                "How long the oldest queued task of each type has waited.",
+            ),
+            &["type"],
+        )?;
+        let desired_agents = IntGaugeVec::new(
+            Opts::new(
+                "scheduler_desired_agents",
+                "Agents of each task type an autoscaler should run: slots for the running and \
+                 queued tasks at the type's mean slots per agent.",
+            ),
+            &["type"],
         )?;
         let submitted = IntCounterVec::new(
             Opts::new(
@@ -177,12 +202,18 @@ impl TaskMetrics {
             .buckets(agentmesh_runtime::metrics::LATENCY_BUCKETS.to_vec()),
         )?;
         registry.register(Box::new(tasks.clone()))?;
+        registry.register(Box::new(queued.clone()))?;
+        registry.register(Box::new(oldest_wait.clone()))?;
+        registry.register(Box::new(desired_agents.clone()))?;
         registry.register(Box::new(submitted.clone()))?;
         registry.register(Box::new(ended.clone()))?;
         registry.register(Box::new(stale_updates.clone()))?;
         registry.register(Box::new(assign_wait.clone()))?;
         Ok(Self {
             tasks,
+            queued,
+            oldest_wait,
+            desired_agents,
             submitted,
             ended,
             stale_updates,
@@ -209,6 +240,25 @@ impl TaskMetrics {
 
     pub(crate) fn assigned(&self, waited: Duration) {
         self.assign_wait.observe(waited.as_secs_f64());
+    }
+
+    /// Sets the per-type scaling gauges (types beyond the label bound are added up under
+    /// `_other`).
+    pub fn observe_signals(&self, signals: &std::collections::BTreeMap<String, TypeSignals>) {
+        self.queued.reset();
+        self.oldest_wait.reset();
+        self.desired_agents.reset();
+        for (t, s) in signals {
+            let label = self.types.label(t);
+            let add = |g: &IntGaugeVec, v: u64| {
+                g.with_label_values(&[label])
+                    .add(i64::try_from(v).unwrap_or(i64::MAX));
+            };
+            add(&self.queued, s.queued);
+            add(&self.desired_agents, u64::from(s.desired_agents));
+            let wait = self.oldest_wait.with_label_values(&[label]);
+            wait.set(wait.get().max(s.oldest_wait.as_secs_f64()));
+        }
     }
 
     /// Sets the tasks-by-state gauge.

@@ -1001,6 +1001,23 @@ impl Pool {
             .collect()
     }
 
+    /// Per task type: live agents (READY or SUSPECT) that run it, and their slots.
+    #[must_use]
+    pub fn task_type_capacity(&self) -> BTreeMap<String, (u32, u64)> {
+        let state = self.state.lock();
+        let mut out: BTreeMap<String, (u32, u64)> = BTreeMap::new();
+        for e in state.agents.values() {
+            if matches!(e.state, AgentState::Ready | AgentState::Suspect) {
+                for t in &e.spec.task_types {
+                    let entry = out.entry(t.clone()).or_default();
+                    entry.0 += 1;
+                    entry.1 += u64::from(e.spec.capacity);
+                }
+            }
+        }
+        out
+    }
+
     /// The task types of live agents with a free slot now (to know which pending tasks can be
     /// placed).
     #[must_use]

@@ -212,6 +212,7 @@ fn spawn_ticks(
             n += 1;
             if n.is_multiple_of(10) {
                 task_metrics.observe(&tasks.counts());
+                task_metrics.observe_signals(&tasks.signals());
             }
         }
     });

@@ -21,7 +21,9 @@ use crate::pool::{
     Selector, StreamMessage,
 };
 use crate::select::Strategy;
-use crate::tasks::{AgentUpdate, Attempt, RetryPolicy, Task, TaskSpec, TaskState, UpdateKind};
+use crate::tasks::{
+    AgentUpdate, Attempt, RetryPolicy, Task, TaskSpec, TaskState, TypeSignals, UpdateKind,
+};
 
 /// Appends a violation unless `value` is an identifier: 1–128 bytes of visible ASCII.
 fn identifier(value: &str, field: &str, out: &mut Vec<FieldViolation>) {
@@ -468,8 +470,24 @@ pub fn encode_reservation(r: &Reservation) -> pb::AcquireAgentResponse {
 
 /// Pool counts on the wire.
 #[must_use]
-pub fn encode_stats(s: &PoolStats, instance: &str) -> pb::PoolStats {
+pub fn encode_stats(
+    s: &PoolStats,
+    signals: &BTreeMap<String, TypeSignals>,
+    instance: &str,
+) -> pb::PoolStats {
     pb::PoolStats {
+        task_types: signals
+            .iter()
+            .map(|(t, x)| pb::TaskTypeStats {
+                r#type: t.clone(),
+                queued: x.queued,
+                running: x.running,
+                oldest_wait: Some(duration_to_proto(x.oldest_wait)),
+                agents: x.agents,
+                slots: x.slots,
+                desired_agents: x.desired_agents,
+            })
+            .collect(),
         agents_by_state: s
             .by_state
             .iter()

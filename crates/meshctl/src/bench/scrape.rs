@@ -138,16 +138,20 @@ pub(super) struct Report<'a> {
 }
 
 /// The buckets of histogram `name` in a Prometheus text exposition, keyed by the value of
-/// `label` (parsed by `prometheus-parse` through the runtime; a family without `# TYPE
-/// histogram` has no buckets).
+/// `label` (an empty `label`: one key, `all`, for a histogram without labels). Parsed by
+/// `prometheus-parse` through the runtime; a family without `# TYPE histogram` has no buckets.
 pub(super) fn parse(text: &str, name: &str, label: &str) -> Buckets {
     let mut out: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
     let Ok(scrape) = agentmesh_runtime::scrape::parse(text) else {
         return Buckets(out);
     };
     for sample in scrape.samples.iter().filter(|s| s.metric == name) {
-        let (Some(key), Value::Histogram(counts)) = (sample.labels.get(label), &sample.value)
-        else {
+        let key = if label.is_empty() {
+            Some("all")
+        } else {
+            sample.labels.get(label)
+        };
+        let (Some(key), Value::Histogram(counts)) = (key, &sample.value) else {
             continue;
         };
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]

@@ -144,6 +144,23 @@ pub struct TaskTickReport {
     pub evicted: usize,
 }
 
+/// Scaling signals of one task type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TypeSignals {
+    /// Waiting for an agent (back-offs included).
+    pub queued: u64,
+    /// Assigned or running.
+    pub running: u64,
+    /// The oldest queued task's wait.
+    pub oldest_wait: Duration,
+    /// Live agents that run the type.
+    pub agents: u32,
+    /// Their slots.
+    pub slots: u64,
+    /// Agents an autoscaler should run for it.
+    pub desired_agents: u32,
+}
+
 /// The task manager; share it in an `Arc`.
 pub struct Tasks {
     pool: Arc<Pool>,
@@ -352,6 +369,45 @@ impl Tasks {
             out.push(entry.task.clone());
         }
         (out, false)
+    }
+
+    /// Per task type (with tasks or agents): the queue, the work running, the agents and the
+    /// agents it would take — slots for everything running and queued, at the type's mean
+    /// slots per agent (1 slot per agent when none runs it).
+    #[must_use]
+    pub fn signals(&self) -> BTreeMap<String, TypeSignals> {
+        let now = self.clock.now_ms();
+        let capacity = self.pool.task_type_capacity();
+        let inner = self.inner.lock();
+        let mut out: BTreeMap<String, TypeSignals> = BTreeMap::new();
+        for entry in inner.tasks.values() {
+            let t = &entry.task;
+            let signals = out.entry(t.spec.task_type.clone()).or_default();
+            match t.state {
+                TaskState::Pending => {
+                    signals.queued += 1;
+                    let waited = Duration::from_millis(now.saturating_sub(entry.pending_since_ms));
+                    signals.oldest_wait = signals.oldest_wait.max(waited);
+                }
+                TaskState::Assigned | TaskState::Running => signals.running += 1,
+                _ => {}
+            }
+        }
+        for (t, (agents, slots)) in capacity {
+            let signals = out.entry(t).or_default();
+            signals.agents = agents;
+            signals.slots = slots;
+        }
+        for signals in out.values_mut() {
+            let work = signals.queued + signals.running;
+            let per_agent = if signals.agents == 0 {
+                1
+            } else {
+                (signals.slots / u64::from(signals.agents)).max(1)
+            };
+            signals.desired_agents = u32::try_from(work.div_ceil(per_agent)).unwrap_or(u32::MAX);
+        }
+        out
     }
 
     /// Counts of tasks in memory by state.

@@ -385,3 +385,19 @@ async fn test_a_new_scheduler_queues_the_open_tasks_of_the_store_again() {
         TaskState::Pending
     );
 }
+
+#[tokio::test]
+async fn test_scaling_signals_count_the_queue_and_the_agents_it_would_take() {
+    let w = world();
+    let _a = agent(&w, "a", 2);
+    let _b = agent(&w, "b", 2);
+    for _ in 0..5 {
+        w.tasks.submit(spec()).await.unwrap();
+    }
+    w.clock.advance(Duration::from_secs(3));
+    let signals = w.tasks.signals();
+    let t = &signals["t"];
+    assert_eq!((t.queued, t.running, t.agents, t.slots), (1, 4, 2, 4));
+    assert_eq!(t.desired_agents, 3, "5 tasks at 2 slots per agent");
+    assert_eq!(t.oldest_wait, Duration::from_secs(3));
+}

@@ -13,6 +13,7 @@ pub mod config;
 pub mod detector;
 pub mod error;
 pub mod grpc;
+pub mod leader;
 pub mod metrics;
 pub mod pool;
 pub mod select;

@@ -16,10 +16,12 @@ use tonic::service::Routes;
 pub use crate::config::NAME;
 use crate::config::PoolConfig;
 use crate::grpc::SchedulerGrpc;
+use crate::leader::{self, LeaderRouted, Leadership};
 use crate::metrics::{SchedulerMetrics, TaskMetrics};
 use crate::pool::{Clock, Pool, SystemClock};
 use crate::tasks::redis_store::RedisTaskStore;
 use crate::tasks::{InMemoryTaskStore, TaskConfig, TaskStore, Tasks};
+use agentmesh_runtime::peers::PeerSet;
 
 /// How often the pool's clock ticks (failure detection, drains, lapsed reservations).
 const TICK: Duration = Duration::from_millis(100);
@@ -131,17 +133,57 @@ impl Service for SchedulerArgs {
                 )
                 .with_metrics(task_metrics.clone()),
             );
-            let recovered = tasks.recover().await.map_err(|e| {
-                BuildError::Unavailable(format!("loading open tasks from the store: {e}"))
-            })?;
-            if recovered > 0 {
-                tracing::info!(tasks = recovered, "open tasks loaded from the store");
-            }
             spawn_ticks(&pool, &tasks, metrics.clone(), task_metrics);
             let instance_id = new_instance_id(NAME);
-            let server = SchedulerGrpc::new(pool, tasks, &instance_id)
-                .with_metrics(metrics)
-                .into_server();
+            let leadership = match &deps.etcd {
+                None => {
+                    recover(&tasks).await?;
+                    Arc::new(Leadership::alone())
+                }
+                Some(etcd) => {
+                    let config = agentmesh_runtime::ClientConfig {
+                        // Forwarded calls carry the caller's own deadline; this only bounds
+                        // the wait for the leader's answer headers.
+                        timeout: Duration::from_secs(30),
+                        connect_timeout: Duration::from_secs(1),
+                        ..agentmesh_runtime::ClientConfig::default()
+                    };
+                    let peers = PeerSet::watch(
+                        deps.membership.as_ref(),
+                        NAME,
+                        &instance_id,
+                        config,
+                        deps.metrics.clone(),
+                    )
+                    .await
+                    .map_err(|e| {
+                        BuildError::Unavailable(format!("watching scheduler members: {e}"))
+                    })?;
+                    let loading = tasks.clone();
+                    let role = leader::campaign(
+                        etcd.client.clone(),
+                        format!("{}/scheduler/leader", etcd.prefix),
+                        instance_id.clone(),
+                        async move {
+                            if let Err(e) = recover(&loading).await {
+                                tracing::error!(error = %e, "elected, but the open tasks cannot be loaded: exiting");
+                                std::process::exit(69);
+                            }
+                        },
+                    )
+                    .await
+                    .map_err(|e| {
+                        BuildError::Unavailable(format!("joining the scheduler election: {e}"))
+                    })?;
+                    Arc::new(Leadership::elected(role, peers))
+                }
+            };
+            let server = LeaderRouted::new(
+                SchedulerGrpc::new(pool, tasks, &instance_id)
+                    .with_metrics(metrics)
+                    .into_server(),
+                leadership,
+            );
             Ok(ServiceSpec {
                 name: NAME,
                 instance_id,
@@ -152,6 +194,18 @@ impl Service for SchedulerArgs {
             })
         })
     }
+}
+
+/// Loads the open tasks a previous leader left in the store.
+async fn recover(tasks: &Tasks) -> Result<(), BuildError> {
+    let recovered = tasks
+        .recover()
+        .await
+        .map_err(|e| BuildError::Unavailable(format!("loading open tasks from the store: {e}")))?;
+    if recovered > 0 {
+        tracing::info!(tasks = recovered, "open tasks loaded from the store");
+    }
+    Ok(())
 }
 
 /// The task store: Redis when the host has it, else in memory.

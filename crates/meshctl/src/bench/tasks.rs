@@ -137,7 +137,11 @@ pub(crate) async fn run(args: TasksBench) -> anyhow::Result<ExitCode> {
         }
     })
     .await;
-    summary.print("scheduler tasks, submit -> completed (watched)", &args.load, 1);
+    summary.print(
+        "scheduler tasks, submit -> completed (watched)",
+        &args.load,
+        1,
+    );
     if let (Some(before), Some(url)) = (before, &args.metrics_url) {
         let before = before.await.context("metrics scrape task failed")??;
         let after = assign_histogram(url).await?;

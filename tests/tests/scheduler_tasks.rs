@@ -383,3 +383,91 @@ async fn test_bad_input_on_every_task_rpc_names_the_field() -> anyhow::Result<()
     assert_eq!(e.code(), Code::NotFound);
     Ok(())
 }
+
+#[tokio::test]
+async fn test_agent_and_task_changes_are_published_on_the_event_bus_with_the_submit_trace()
+-> anyhow::Result<()> {
+    use agentmesh_proto::eventbus::v1 as bus;
+    let dev = AgentmeshProcess::dev().await?;
+    let (bus_addr, _) = dev.eventbus.expect("dev runs the event bus");
+    let (sched_addr, _) = dev.addrs["scheduler"];
+    let mut events =
+        bus::event_bus_client::EventBusClient::connect(format!("http://{bus_addr}")).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(bus::SubscribeRequest {
+        kind: Some(bus::subscribe_request::Kind::Open(bus::SubscribeOpen {
+            subject: "sys.scheduler.>".into(),
+            max_in_flight: 1000,
+            ack_policy: bus::AckPolicy::None as i32,
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut stream = events
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // The scheduler finds the event bus through membership; give it a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let scheduler_url = format!("http://{sched_addr}");
+    let agent = Agent::new(AgentConfig {
+        scheduler: scheduler_url.clone(),
+        agent_id: "evented".into(),
+        agent_type: "sdk".into(),
+        ..AgentConfig::default()
+    })
+    .handle("echo", |t| async move { Ok(t.payload) });
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move { agent.run(stop).await }
+    });
+    let mut c = Client::connect(scheduler_url).await?;
+    wait_ready(&c, &["evented"]).await?;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let mut request = tonic::Request::new(submit("echo", b"e"));
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse()?);
+    let submitted = c.submit_task(request).await?.into_inner();
+    let mut seen: Vec<(String, std::collections::HashMap<String, String>)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen
+        .iter()
+        .any(|(s, _)| s == "sys.scheduler.task.succeeded")
+        && Instant::now() < deadline
+    {
+        let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await
+        else {
+            break;
+        };
+        if let Some(bus::subscribe_response::Kind::Deliveries(d)) = message?.kind {
+            for delivery in d.deliveries {
+                let e = delivery.event.unwrap_or_default();
+                seen.push((e.subject, e.headers));
+            }
+        }
+    }
+    let subjects: Vec<&str> = seen.iter().map(|(s, _)| s.as_str()).collect();
+    for expected in [
+        "sys.scheduler.agent.joined",
+        "sys.scheduler.task.pending",
+        "sys.scheduler.task.assigned",
+        "sys.scheduler.task.succeeded",
+    ] {
+        assert!(subjects.contains(&expected), "{expected} in {subjects:?}");
+    }
+    let (_, headers) = seen
+        .iter()
+        .find(|(s, _)| s == "sys.scheduler.task.succeeded")
+        .expect("checked above");
+    assert!(
+        headers
+            .get("traceparent")
+            .is_some_and(|t| t.starts_with("00-0af7651916cd43dd8448eb211c80319c-")),
+        "the submit's trace: {headers:?}"
+    );
+    let _ = submitted;
+    stop.cancel();
+    Ok(())
+}

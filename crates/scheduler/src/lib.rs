@@ -12,6 +12,7 @@
 pub mod config;
 pub mod detector;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod leader;
 pub mod metrics;

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use crate::config::PoolConfig;
 use crate::detector::PhiDetector;
 use crate::error::SchedulerError;
+use crate::events::{EventSink, NoEvents, agent_event};
 use crate::select::{Candidate, Picker, Strategy};
 
 /// Monotonic and wall time, in milliseconds.
@@ -440,6 +441,7 @@ pub const STREAM_BUFFER: usize = 64;
 
 /// The pool; share it in an `Arc`.
 pub struct Pool {
+    events: Arc<dyn EventSink>,
     config: PoolConfig,
     clock: Arc<dyn Clock>,
     origin: Instant,
@@ -460,6 +462,7 @@ impl Pool {
         let picker = Picker::new(config.slow_start);
         let last_epoch = clock.wall_ms().saturating_mul(1000);
         Self {
+            events: Arc::new(NoEvents),
             config,
             clock,
             origin: Instant::now(),
@@ -479,6 +482,23 @@ impl Pool {
                 next_stream: 1,
             }),
         }
+    }
+
+    /// Tells `events` about agents joining, becoming suspect, dying and leaving.
+    #[must_use]
+    pub fn with_events(mut self, events: Arc<dyn EventSink>) -> Self {
+        self.events = events;
+        self
+    }
+
+    fn agent_event(&self, kind: &str, spec: &AgentSpec, epoch: u64, reason: &str) {
+        self.events.emit(agent_event(
+            kind,
+            &spec.agent_id,
+            &spec.agent_type,
+            epoch,
+            reason,
+        ));
     }
 
     /// The pool's settings.
@@ -580,6 +600,7 @@ impl Pool {
             drain: None,
             dead_since_ms: 0,
         };
+        self.agent_event("joined", &entry.spec, epoch, "registered");
         state.agents.insert(id, entry);
         Ok(self.registered(epoch))
     }
@@ -601,6 +622,7 @@ impl Pool {
                 current: entry.epoch,
             });
         }
+        self.agent_event("left", &entry.spec, entry.epoch, "deregistered");
         remove(&mut state, agent_id, "deregistered");
         Ok(())
     }
@@ -704,11 +726,13 @@ impl Pool {
         entry.stream = None;
         if entry.state == AgentState::Draining {
             // A drained agent that stopped is done.
+            self.agent_event("left", &entry.spec, epoch, "drained and stopped");
             remove(&mut state, agent_id, "drained and stopped");
             return true;
         }
         entry.state = AgentState::Dead;
         entry.dead_since_ms = now;
+        self.agent_event("dead", &entry.spec, epoch, "heartbeat stream ended");
         true
     }
 
@@ -1081,7 +1105,22 @@ impl Pool {
                 }
             }
         }
+        for id in &report.suspected {
+            if let Some(e) = state.agents.get(id) {
+                self.agent_event("suspect", &e.spec, e.epoch, "heartbeats overdue");
+            }
+        }
+        for id in &report.died {
+            if let Some(e) = state.agents.get(id) {
+                self.agent_event("dead", &e.spec, e.epoch, "heartbeats stopped");
+            }
+        }
         for id in gone {
+            if let Some(e) = state.agents.get(&id)
+                && e.state == AgentState::Draining
+            {
+                self.agent_event("left", &e.spec, e.epoch, "drain deadline passed");
+            }
             remove(state, &id, "removed");
             report.removed.push(id);
         }

@@ -15,6 +15,7 @@ use tonic::service::Routes;
 
 pub use crate::config::NAME;
 use crate::config::PoolConfig;
+use crate::events::{BusEvents, EventSink};
 use crate::grpc::SchedulerGrpc;
 use crate::leader::{self, LeaderRouted, Leadership};
 use crate::metrics::{SchedulerMetrics, TaskMetrics};
@@ -114,7 +115,10 @@ impl Service for SchedulerArgs {
     fn build<'a>(&'a self, deps: &'a HostDeps) -> BoxFuture<'a, Result<ServiceSpec, BuildError>> {
         Box::pin(async move {
             let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
-            let pool = Arc::new(Pool::new(self.pool_config()?, clock.clone()));
+            let instance_id = new_instance_id(NAME);
+            let events = bus_events(deps, &instance_id).await?;
+            let pool =
+                Arc::new(Pool::new(self.pool_config()?, clock.clone()).with_events(events.clone()));
             let metrics = SchedulerMetrics::register(deps.metrics.registry())
                 .map_err(|e| BuildError::Config(format!("registering metrics: {e}")))?;
             let task_metrics = TaskMetrics::register(deps.metrics.registry())
@@ -131,10 +135,10 @@ impl Service for SchedulerArgs {
                     },
                     store,
                 )
-                .with_metrics(task_metrics.clone()),
+                .with_metrics(task_metrics.clone())
+                .with_events(events),
             );
             spawn_ticks(&pool, &tasks, metrics.clone(), task_metrics);
-            let instance_id = new_instance_id(NAME);
             let leadership = match &deps.etcd {
                 None => {
                     recover(&tasks).await?;
@@ -194,6 +198,37 @@ impl Service for SchedulerArgs {
             })
         })
     }
+}
+
+/// The event bus publisher of agent and task events (`sys.scheduler.…`), over the event bus
+/// members in membership (none: the events are dropped and counted).
+async fn bus_events(deps: &HostDeps, instance_id: &str) -> Result<Arc<dyn EventSink>, BuildError> {
+    let dropped = prometheus::IntCounter::new(
+        "scheduler_events_dropped_total",
+        "Agent and task events not published (no event bus reachable, or the queue of 10,000 \
+         was full).",
+    )
+    .and_then(|c| {
+        deps.metrics
+            .registry()
+            .register(Box::new(c.clone()))
+            .map(|()| c)
+    })
+    .map_err(|e| BuildError::Config(format!("registering metrics: {e}")))?;
+    let buses = PeerSet::watch(
+        deps.membership.as_ref(),
+        "eventbus",
+        instance_id,
+        agentmesh_runtime::ClientConfig::default(),
+        deps.metrics.clone(),
+    )
+    .await
+    .map_err(|e| BuildError::Unavailable(format!("watching event bus members: {e}")))?;
+    Ok(Arc::new(BusEvents::start(
+        buses,
+        format!("agentmesh/scheduler/{instance_id}"),
+        dropped,
+    )))
 }
 
 /// Loads the open tasks a previous leader left in the store.

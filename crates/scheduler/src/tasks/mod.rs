@@ -34,6 +34,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::error::SchedulerError;
+use crate::events::EventSink;
 use crate::metrics::TaskMetrics;
 use crate::pool::{AcquireRequest, Assignment, Clock, Outcome, Pool, StreamMessage};
 use crate::select::Strategy;
@@ -94,6 +95,8 @@ struct Entry {
     /// Its schedule-to-start deadline while PENDING.
     start_by_ms: Option<u64>,
     watch: Option<watch::Sender<Task>>,
+    /// The state last announced on the event bus.
+    announced: TaskState,
 }
 
 impl Entry {
@@ -170,6 +173,7 @@ pub struct Tasks {
     writer: Arc<Writer>,
     inner: Mutex<Inner>,
     metrics: Option<TaskMetrics>,
+    events: Arc<dyn EventSink>,
 }
 
 impl std::fmt::Debug for Tasks {
@@ -206,7 +210,15 @@ impl Tasks {
             writer,
             inner: Mutex::new(Inner::default()),
             metrics: None,
+            events: Arc::new(crate::events::NoEvents),
         }
+    }
+
+    /// Announces task state changes on `events`.
+    #[must_use]
+    pub fn with_events(mut self, events: Arc<dyn EventSink>) -> Self {
+        self.events = events;
+        self
     }
 
     /// Counts into `metrics`.
@@ -295,8 +307,10 @@ impl Tasks {
             not_before_ms: 0,
             start_by_ms: start_by,
             watch: None,
+            announced: TaskState::Pending,
             task,
         };
+        self.events.emit(crate::events::task_event(&entry.task));
         inner.next_seq += 1;
         inner.bytes += entry.bytes();
         if !entry.task.spec.idempotency_key.is_empty() {
@@ -693,6 +707,7 @@ impl Tasks {
                 not_before_ms,
                 start_by_ms: None,
                 watch: None,
+                announced: task.state,
                 task,
             };
             inner.next_seq += 1;
@@ -938,6 +953,10 @@ impl Tasks {
     /// A task changed: stamp it, write it behind, tell its watchers.
     fn changed(&self, entry: &mut Entry) {
         entry.task.updated_wall_ms = self.clock.wall_ms();
+        if entry.task.state != entry.announced {
+            entry.announced = entry.task.state;
+            self.events.emit(crate::events::task_event(&entry.task));
+        }
         self.writer.mark(&entry.task);
         if let Some(tx) = &entry.watch {
             tx.send_replace(entry.task.clone());

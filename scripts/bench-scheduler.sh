@@ -63,3 +63,20 @@ PY
 tasks_row
 half=$(python3 -c "import sys; print(int(float(open(sys.argv[1]).read()) / 2))" "${TMPDIR:-/tmp}/tasks_peak")
 tasks_row --rate "$half"
+
+# 10,000 agents heartbeating at 1 Hz (registered and kept by the load generator over 100
+# connections, with a trickle of 10 AcquireAgent pairs/s): the scheduler's CPU over 10 s and
+# its resident memory, read from /proc. Target: < 0.5 core, < 512 MiB.
+echo
+echo "| agents | scheduler CPU (cores) over 10 s | scheduler RSS (MiB) |"
+echo "| ---: | ---: | ---: |"
+"$bin/meshctl" bench scheduler --agents 10000 --capacity 1 --concurrency 1 --rate 10 --duration 25s --warmup 1s >/dev/null 2>&1 &
+load_pid=$!
+sleep 12
+ticks() { awk '{print $14 + $15}' "/proc/$sched_pid/stat"; }
+hz=$(getconf CLK_TCK)
+t0=$(ticks); sleep 10; t1=$(ticks)
+rss=$(awk '/VmRSS/ {print $2}' "/proc/$sched_pid/status")
+agents=$("$bin/meshctl" agents stats -o json 2>/dev/null | grep -o '"ready":[0-9]*' | head -1 | cut -d: -f2)
+echo "| ${agents:-?} ready | $(awk -v d=$((t1 - t0)) -v hz="$hz" 'BEGIN {printf "%.2f", d / hz / 10}') | $((rss / 1024)) |"
+wait $load_pid || true

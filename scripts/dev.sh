@@ -2,9 +2,10 @@
 # Runs agentmesh standalone (no etcd, no Redis) and shows every built service working: builds,
 # starts `agentmesh dev`, waits until each service is SERVING, makes a few `meshctl` calls on
 # each (rate limiter: allowed, denied, shadow, default policy; event bus: subscribe, publish,
-# request/reply; scheduler: two example agents join, one is acquired and released, one is
-# killed and seen dead), prints the counters from `/metrics`, then keeps the cluster running until
-# Ctrl-C. `scripts/dev.sh --demo` stops after the demonstration.
+# request/reply; scheduler: two example agents join, one is acquired and released, a task is
+# submitted and completed, then the agent running a second task is killed with `kill -9` and
+# the task is retried and completed on the other), prints the counters from `/metrics`, then
+# keeps the cluster running until Ctrl-C. `scripts/dev.sh --demo` stops after the demonstration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -100,6 +101,7 @@ echo "\$ example-agent --id summarizer-1 --type summarizer --capacity 2 &   # tw
 "$bin/example-agent" --id summarizer-1 --type summarizer --capacity 2 --endpoint 127.0.0.1:8001 >"$scratch/a1.log" 2>&1 &
 agent1=$!
 "$bin/example-agent" --id summarizer-2 --type summarizer --capacity 2 --endpoint 127.0.0.1:8002 >"$scratch/a2.log" 2>&1 &
+agent2=$!
 for _ in $(seq 1 50); do
   [ "$("$bin/meshctl" agents list --state ready -o json 2>/dev/null | grep -o '"agent_id"' | wc -l)" -ge 2 ] && break
   sleep 0.1
@@ -112,10 +114,31 @@ echo "$reservation"
 id=$(sed -E 's/.*"reservation_id":"([0-9a-f]+)".*/\1/' <<<"$reservation")
 echo "\$ meshctl agents release $id --latency 120ms"
 "$bin/meshctl" agents release "$id" --latency 120ms
-echo "\$ kill -9 <summarizer-1>; meshctl agents list   # a killed agent is dead at once"
-kill -9 "$agent1"
-wait "$agent1" 2>/dev/null || true
-sleep 0.3
+echo "\$ meshctl tasks submit echo --payload hello --wait   # submitted, assigned, completed"
+"$bin/meshctl" tasks submit echo --payload hello --wait
+echo "\$ meshctl tasks submit sleep --payload 3000   # a task that runs 3 s"
+task=$("$bin/meshctl" tasks submit sleep --payload 3000 -o json | grep -o '"task_id": *"[0-9a-f]*"' | head -1 | cut -d'"' -f4)
+echo "$task"
+runner=""
+for _ in $(seq 1 50); do
+  json=$("$bin/meshctl" tasks get "$task" -o json)
+  if grep -q '"state": *"running"' <<<"$json"; then
+    # Keys are sorted: the task's own agent_id comes before those of its attempts.
+    runner=$(grep -o '"agent_id": *"[^"]*"' <<<"$json" | head -1 | cut -d'"' -f4)
+    break
+  fi
+  sleep 0.1
+done
+victim=$agent1
+[ "$runner" = "summarizer-2" ] && victim=$agent2
+echo "\$ kill -9 <$runner>   # the agent running it dies; the task is retried on the other"
+kill -9 "$victim"
+wait "$victim" 2>/dev/null || true
+echo "\$ meshctl tasks watch $task"
+"$bin/meshctl" tasks watch "$task" || true
+echo "\$ meshctl tasks get $task"
+"$bin/meshctl" tasks get "$task"
+echo "\$ meshctl agents list   # the killed agent is dead"
 "$bin/meshctl" agents list
 echo "\$ meshctl agents stats"
 "$bin/meshctl" agents stats
@@ -130,7 +153,7 @@ agentmesh dev is running (Ctrl-C stops it):
   service      gRPC             admin (/metrics /livez /readyz)
   ratelimit    127.0.0.1:7104   http://127.0.0.1:9104
   eventbus     127.0.0.1:7101   http://127.0.0.1:9101
-  scheduler    127.0.0.1:7102   http://127.0.0.1:9102   (agent summarizer-2 is still running)
+  scheduler    127.0.0.1:7102   http://127.0.0.1:9102   (one example agent is still running)
 
 Try next:
   target/debug/meshctl ratelimit check -n demo -k me --limit 5 --period 10s
@@ -140,6 +163,8 @@ Try next:
   target/debug/meshctl events stats
   target/debug/example-agent --id my-agent --type demo &    # join the pool
   target/debug/meshctl agents list; target/debug/meshctl agents drain my-agent --deadline 10s
+  target/debug/meshctl tasks submit sleep --payload 5000 --wait   # run a task, watch it
+  target/debug/meshctl tasks list
   target/debug/meshctl --help                               # every command
 Each gRPC port serves reflection (grpcurl -plaintext 127.0.0.1:7104 list) and grpc.health.v1.
 EOT

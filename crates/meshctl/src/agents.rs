@@ -42,11 +42,11 @@ pub(crate) struct Common {
     addr: String,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
-    output: Output,
+    pub(crate) output: Output,
 }
 
 impl Common {
-    async fn client(&self) -> anyhow::Result<SchedulerClient<Channel>> {
+    pub(crate) async fn client(&self) -> anyhow::Result<SchedulerClient<Channel>> {
         let config = agentmesh_runtime::ClientConfig {
             timeout: CALL_TIMEOUT,
             ..agentmesh_runtime::ClientConfig::default()
@@ -206,7 +206,7 @@ fn state_name(state: i32) -> String {
     )
 }
 
-fn millis(d: Option<&prost_types::Duration>) -> f64 {
+pub(crate) fn millis(d: Option<&prost_types::Duration>) -> f64 {
     d.map_or(0.0, |d| {
         i32::try_from(d.seconds).map_or(0.0, f64::from) * 1000.0 + f64::from(d.nanos) / 1e6
     })

@@ -138,7 +138,7 @@ pub(crate) fn priority_name(p: i32) -> &'static str {
 }
 
 /// Parses `key=value`.
-fn parse_header(text: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_header(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(format!("expected key=value, got {text:?}")),
@@ -146,14 +146,14 @@ fn parse_header(text: &str) -> Result<(String, String), String> {
 }
 
 /// `data` as text when it is printable UTF-8, else `None`.
-fn as_text(data: &[u8]) -> Option<&str> {
+pub(crate) fn as_text(data: &[u8]) -> Option<&str> {
     std::str::from_utf8(data).ok().filter(|s| {
         !s.chars()
             .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
     })
 }
 
-fn hex(data: &[u8]) -> String {
+pub(crate) fn hex(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len() * 2);
     for b in data {
         let _ = write!(out, "{b:02x}");
@@ -184,7 +184,7 @@ fn to_timestamp(t: SystemTime) -> prost_types::Timestamp {
 }
 
 /// RFC 3339 (UTC, milliseconds), or `-`.
-fn render_time(t: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn render_time(t: Option<&prost_types::Timestamp>) -> String {
     t.and_then(to_system_time).map_or_else(
         || "-".to_owned(),
         |t| humantime::format_rfc3339_millis(t).to_string(),
@@ -257,7 +257,7 @@ pub(crate) struct PublishArgs {
 }
 
 /// The payload the publish flags name.
-fn read_data(data: Option<&str>, file: Option<&PathBuf>) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_data(data: Option<&str>, file: Option<&PathBuf>) -> anyhow::Result<Vec<u8>> {
     match (data, file) {
         (Some(text), _) => Ok(text.as_bytes().to_vec()),
         (None, Some(path)) if path.as_os_str() == "-" => {

@@ -5,6 +5,7 @@ mod bench;
 mod events;
 mod members;
 mod ratelimit;
+mod tasks;
 
 use std::process::ExitCode;
 
@@ -33,6 +34,9 @@ enum Command {
     /// The agent pool: list, show, drain, stats; acquire and release an agent by hand.
     #[command(subcommand)]
     Agents(agents::AgentsCommand),
+    /// Tasks: submit (and wait), watch, get, list, cancel.
+    #[command(subcommand)]
+    Tasks(tasks::TasksCommand),
     /// Closed-loop load against a service, with a progress bar and a latency summary.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
             Command::Ratelimit(cmd) => ratelimit::run(cmd).await,
             Command::Events(cmd) => events::run(cmd).await,
             Command::Agents(cmd) => agents::run(cmd).await,
+            Command::Tasks(cmd) => tasks::run(cmd).await,
             Command::Bench(cmd) => bench::run(cmd, cli.cluster.redis_url()).await,
         }
     });

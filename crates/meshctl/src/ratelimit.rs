@@ -95,7 +95,7 @@ impl From<AlgorithmArg> for pb::Algorithm {
 
 pub(crate) use agentmesh_runtime::wire::duration_to_proto as proto_duration;
 
-fn format_duration(d: Option<&prost_types::Duration>) -> String {
+pub(crate) fn format_duration(d: Option<&prost_types::Duration>) -> String {
     match d {
         None => "never".to_owned(),
         Some(d) => {

@@ -40,9 +40,6 @@ pub enum SchedulerError {
     /// A bound was reached.
     #[error("{0}")]
     Full(String),
-    /// Not built yet.
-    #[error("{0} is not built yet")]
-    Unimplemented(&'static str),
 }
 
 impl SchedulerError {
@@ -65,7 +62,6 @@ impl ServiceError for SchedulerError {
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::StaleEpoch { .. } => ErrorCode::FailedPrecondition,
             Self::NoAgent(_) | Self::Full(_) => ErrorCode::ResourceExhausted,
-            Self::Unimplemented(_) => ErrorCode::Unimplemented,
         }
     }
 

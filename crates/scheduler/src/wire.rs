@@ -846,7 +846,17 @@ pub fn encode_task(t: &Task) -> pb::Task {
         r#type: spec.task_type.clone(),
         state: encode_task_state(t.state) as i32,
         attempt: t.attempt(),
-        agent_id: t.agent_id().unwrap_or_default().to_owned(),
+        // The current attempt's agent; for an ended task, its last attempt's.
+        agent_id: t
+            .agent_id()
+            .or_else(|| {
+                t.state
+                    .is_terminal()
+                    .then(|| t.attempts.last().map(|a| a.agent_id.as_str()))
+                    .flatten()
+            })
+            .unwrap_or_default()
+            .to_owned(),
         priority: spec.priority,
         payload: spec.payload.to_vec(),
         selector: Some(encode_selector(&spec.selector)),

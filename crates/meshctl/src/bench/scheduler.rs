@@ -26,13 +26,18 @@ pub(crate) struct SchedulerBench {
     strategy: crate::agents::StrategyArg,
 }
 
-/// Registers the agents and keeps their heartbeat streams alive until the process ends.
+/// Registers the agents and keeps their heartbeat streams alive until the process ends; the
+/// agents are spread over `channels` (one connection per agent in real life; HTTP/2 servers
+/// cap the streams of one connection).
 async fn join_agents(
-    client: &mut pb::scheduler_client::SchedulerClient<tonic::transport::Channel>,
+    channels: &[tonic::transport::Channel],
     agents: u32,
     capacity: u32,
 ) -> anyhow::Result<()> {
     for i in 0..agents {
+        let mut client = pb::scheduler_client::SchedulerClient::new(
+            channels[i as usize % channels.len()].clone(),
+        );
         let id = format!("bench-agent-{i:05}");
         let epoch = client
             .register_agent(pb::RegisterAgentRequest {
@@ -94,8 +99,9 @@ pub(crate) async fn run(args: SchedulerBench) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| "127.0.0.1:7102".to_owned());
     let channels = connect(&addr, args.load.connections).await?;
-    let mut client = pb::scheduler_client::SchedulerClient::new(channels[0].clone());
-    join_agents(&mut client, args.agents, args.capacity).await?;
+    // At most 100 agents' streams per connection.
+    let agent_channels = connect(&addr, (args.agents as usize).div_ceil(100).max(1)).await?;
+    join_agents(&agent_channels, args.agents, args.capacity).await?;
     let strategy = pb::Strategy::from(args.strategy) as i32;
     let summary = run_load(&args.load, 1, move |worker, _seq| {
         let mut client =

@@ -247,7 +247,13 @@ impl Tasks {
                 .await
                 .map_err(|e| SchedulerError::Unavailable(e.to_string()))?;
             if let Some(existing) = claimed {
-                return Ok((self.get(&existing).await?, true));
+                match self.get(&existing).await {
+                    Err(SchedulerError::UnknownTask(_)) => {
+                        self.take_over_key(&spec.idempotency_key, &existing, &id, wall)
+                            .await?;
+                    }
+                    found => return found.map(|task| (task, true)),
+                }
             }
         }
         {
@@ -332,6 +338,42 @@ impl Tasks {
         let task = inner.tasks.get(&id).map(|e| e.task.clone());
         task.map(|t| (t, false))
             .ok_or(SchedulerError::UnknownTask(id))
+    }
+
+    /// The key names task `holder`, which exists nowhere. A submitter that claimed a key either
+    /// writes its task within [`SUBMIT_WRITE_TIMEOUT`] or fails; a holder older than that
+    /// (ids start with their submit's wall ms) died in between (a leader killed mid-submit), and
+    /// the key moves to task `id`. A younger one may still be written: retry later.
+    async fn take_over_key(
+        &self,
+        key: &str,
+        holder: &str,
+        id: &str,
+        wall: u64,
+    ) -> Result<(), SchedulerError> {
+        let submitted = holder
+            .get(..12)
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+        let in_progress = || {
+            SchedulerError::Unavailable(format!(
+                "a submit with idempotency key {key:?} is in progress (task {holder}); retry"
+            ))
+        };
+        if wall.saturating_sub(submitted) <= ms(SUBMIT_WRITE_TIMEOUT) {
+            return Err(in_progress());
+        }
+        let moved = self
+            .store
+            .replace_key(key, holder, id, self.config.idempotency_ttl)
+            .await
+            .map_err(|e| SchedulerError::Unavailable(e.to_string()))?;
+        if moved {
+            tracing::info!(%key, ghost = %holder, task = %id, "idempotency key of a task never written taken over");
+            Ok(())
+        } else {
+            Err(in_progress())
+        }
     }
 
     /// One task: from memory, else from the store.
@@ -544,6 +586,7 @@ impl Tasks {
                 let entry = inner.tasks.get_mut(&id).expect("checked above");
                 entry.task.output = output;
                 entry.task.progress = 1.0;
+                entry.task.error.clear();
                 let task_type = entry.task.spec.task_type.clone();
                 self.finish(&mut inner, &id, TaskState::Succeeded, now);
                 self.dispatch(&mut inner, Some(&task_type), now);

@@ -20,6 +20,14 @@ use crate::wire::{decode_stored_task, encode_task};
 
 /// Key prefix of every scheduler key.
 pub const PREFIX: &str = "agentmesh:scheduler:";
+/// Compare-and-set of an idempotency key: KEYS[1] = the key; ARGV = old id, new id, TTL ms.
+const REPLACE_KEY: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
 /// Tasks written per pipeline.
 const CHUNK: usize = 512;
 
@@ -92,6 +100,27 @@ impl TaskStore for RedisTaskStore {
                 (None, Some(holder)) if holder != id => Some(holder),
                 (None, _) => None,
             })
+        })
+    }
+
+    fn replace_key<'a>(
+        &'a self,
+        key: &'a str,
+        old: &'a str,
+        new: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let moved: i64 = redis::Script::new(REPLACE_KEY)
+                .key(format!("{PREFIX}idem:{key}"))
+                .arg(old)
+                .arg(new)
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| failed(&e))?;
+            Ok(moved == 1)
         })
     }
 

@@ -26,6 +26,17 @@ pub trait TaskStore: Send + Sync {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Option<String>, StoreError>>;
 
+    /// Moves idempotency `key` from task `old` to task `new` (for `ttl`) if `old` still holds
+    /// it; whether it moved. For a key whose holder was never written (its submitter died
+    /// between claiming the key and writing the task).
+    fn replace_key<'a>(
+        &'a self,
+        key: &'a str,
+        old: &'a str,
+        new: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
     /// Writes the tasks (their latest state). A task that has ended is kept for `retention`
     /// and no longer listed by [`TaskStore::open`].
     fn put<'a>(
@@ -78,6 +89,26 @@ impl TaskStore for InMemoryTaskStore {
             }
         };
         Box::pin(async move { Ok(existing) })
+    }
+
+    fn replace_key<'a>(
+        &'a self,
+        key: &'a str,
+        old: &'a str,
+        new: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let mut inner = self.inner.lock();
+        let moved = match inner.keys.get(key) {
+            Some((holder, _)) if holder == old => {
+                inner
+                    .keys
+                    .insert(key.to_owned(), (new.to_owned(), Instant::now() + ttl));
+                true
+            }
+            _ => false,
+        };
+        Box::pin(async move { Ok(moved) })
     }
 
     fn put<'a>(

@@ -401,3 +401,26 @@ async fn test_scaling_signals_count_the_queue_and_the_agents_it_would_take() {
     assert_eq!(t.desired_agents, 3, "5 tasks at 2 slots per agent");
     assert_eq!(t.oldest_wait, Duration::from_secs(3));
 }
+
+#[tokio::test]
+async fn test_a_key_claimed_by_a_submit_that_never_wrote_its_task_is_taken_over() {
+    let w = world();
+    let now = w.clock.wall_ms();
+    let young = format!("{:012x}{:020x}", now, 1);
+    let old = format!("{:012x}{:020x}", now - 60_000, 2);
+    let ttl = Duration::from_secs(60);
+    w.store.claim_key("fresh", &young, ttl).await.unwrap();
+    w.store.claim_key("ghost", &old, ttl).await.unwrap();
+    let mut s = spec();
+    s.idempotency_key = "fresh".into();
+    assert!(matches!(
+        w.tasks.submit(s.clone()).await,
+        Err(SchedulerError::Unavailable(_))
+    ));
+    s.idempotency_key = "ghost".into();
+    let (task, existing) = w.tasks.submit(s.clone()).await.unwrap();
+    assert!(!existing);
+    let (again, existing) = w.tasks.submit(s).await.unwrap();
+    assert!(existing);
+    assert_eq!(again.id, task.id);
+}

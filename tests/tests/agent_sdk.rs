@@ -95,6 +95,7 @@ async fn test_a_drained_sdk_agent_stops_at_the_deadline() -> anyhow::Result<()> 
             nanos: 0,
         }),
         reason: "test".into(),
+        on_expiry: 0,
     })
     .await?;
     let mut status = agent.status();

@@ -192,6 +192,7 @@ async fn test_a_new_epoch_fences_the_old_stream_and_drain_tells_the_agent() -> a
                 nanos: 0,
             }),
             reason: "maintenance".into(),
+            on_expiry: 0,
         })
         .await?
         .into_inner();

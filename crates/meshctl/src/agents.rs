@@ -121,6 +121,17 @@ pub(crate) struct DrainArgs {
     /// Shown to the agent.
     #[arg(long, default_value = "operator")]
     reason: String,
+    /// What happens to its unfinished tasks when it leaves.
+    #[arg(long, value_enum, default_value_t = OnExpiryArg::Requeue)]
+    on_expiry: OnExpiryArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum OnExpiryArg {
+    /// Back to their queues, run by other agents (the lost attempt not counted).
+    Requeue,
+    /// Cancelled.
+    Cancel,
 }
 
 #[derive(clap::Args)]
@@ -319,6 +330,10 @@ async fn drain(args: DrainArgs) -> anyhow::Result<ExitCode> {
             agent_id: args.agent_id,
             deadline: Some(proto_duration(args.deadline)),
             reason: args.reason,
+            on_expiry: match args.on_expiry {
+                OnExpiryArg::Requeue => pb::DrainExpiry::Requeue,
+                OnExpiryArg::Cancel => pb::DrainExpiry::Cancel,
+            } as i32,
         })
         .await
         .map_err(|s| status_error(&s))?

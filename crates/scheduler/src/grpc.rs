@@ -192,11 +192,11 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::DrainAgentRequest>,
     ) -> Result<Response<pb::DrainAgentResponse>, Status> {
-        let (agent_id, deadline, reason) =
+        let (agent_id, deadline, reason, on_expiry) =
             decode_drain(request.into_inner()).map_err(|e| status(&e))?;
         let agent = self
             .pool
-            .drain(&agent_id, deadline, &reason)
+            .drain(&agent_id, deadline, &reason, on_expiry)
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::DrainAgentResponse {
             agent: Some(encode_agent(&agent)),

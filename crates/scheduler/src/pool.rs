@@ -222,6 +222,16 @@ pub enum StreamMessage {
     Close(SchedulerError),
 }
 
+/// What happens to a drained agent's unfinished tasks when it leaves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnExpiry {
+    /// Back to their queues, the lost attempt not counted.
+    #[default]
+    Requeue,
+    /// Cancelled.
+    Cancel,
+}
+
 /// One attempt of a task, as sent to its agent.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Assignment {
@@ -395,6 +405,7 @@ struct AgentEntry {
     breaker: Arc<CircuitBreaker>,
     /// (deadline ms, deadline wall ms).
     drain: Option<(u64, u64)>,
+    on_expiry: OnExpiry,
     dead_since_ms: u64,
 }
 
@@ -433,6 +444,8 @@ struct State {
     picker: Picker,
     last_epoch: u64,
     next_stream: u64,
+    /// Drained agents that left, for the task manager: (agent, epoch, what to do).
+    drained_out: Vec<(String, u64, OnExpiry)>,
 }
 
 /// Messages buffered per heartbeat stream (acks and orders); a stream that falls behind has
@@ -480,6 +493,7 @@ impl Pool {
                 picker,
                 last_epoch,
                 next_stream: 1,
+                drained_out: Vec::new(),
             }),
         }
     }
@@ -598,6 +612,7 @@ impl Pool {
             latency: PeakEwma::default(),
             breaker: Arc::new(CircuitBreaker::new(self.breaker.clone(), None)),
             drain: None,
+            on_expiry: OnExpiry::Requeue,
             dead_since_ms: 0,
         };
         self.agent_event("joined", &entry.spec, epoch, "registered");
@@ -727,6 +742,8 @@ impl Pool {
         if entry.state == AgentState::Draining {
             // A drained agent that stopped is done.
             self.agent_event("left", &entry.spec, epoch, "drained and stopped");
+            let out = (agent_id.to_owned(), epoch, entry.on_expiry);
+            state.drained_out.push(out);
             remove(&mut state, agent_id, "drained and stopped");
             return true;
         }
@@ -746,6 +763,7 @@ impl Pool {
         agent_id: &str,
         deadline: Duration,
         reason: &str,
+        on_expiry: OnExpiry,
     ) -> Result<AgentView, SchedulerError> {
         let now = self.clock.now_ms();
         let wall = self.clock.wall_ms();
@@ -761,6 +779,7 @@ impl Pool {
             _ => (until, until_wall),
         };
         entry.drain = Some(drain);
+        entry.on_expiry = on_expiry;
         if entry.state != AgentState::Dead {
             entry.state = AgentState::Draining;
         }
@@ -1025,6 +1044,12 @@ impl Pool {
             .collect()
     }
 
+    /// Drained agents that left since the last call: (agent, epoch, what to do with their
+    /// unfinished tasks).
+    pub fn take_drained(&self) -> Vec<(String, u64, OnExpiry)> {
+        std::mem::take(&mut self.state.lock().drained_out)
+    }
+
     /// Per task type: live agents (READY or SUSPECT) that run it, and their slots.
     #[must_use]
     pub fn task_type_capacity(&self) -> BTreeMap<String, (u32, u64)> {
@@ -1120,6 +1145,8 @@ impl Pool {
                 && e.state == AgentState::Draining
             {
                 self.agent_event("left", &e.spec, e.epoch, "drain deadline passed");
+                let out = (id.clone(), e.epoch, e.on_expiry);
+                state.drained_out.push(out);
             }
             remove(state, &id, "removed");
             report.removed.push(id);
@@ -1321,8 +1348,13 @@ mod tests {
         let (pool, clock) = pool();
         let epoch = pool.register(spec("a", 4), 0).unwrap().epoch;
         let (_, mut rx) = pool.attach("a", epoch).unwrap();
-        pool.drain("a", Duration::from_secs(5), "maintenance")
-            .unwrap();
+        pool.drain(
+            "a",
+            Duration::from_secs(5),
+            "maintenance",
+            OnExpiry::Requeue,
+        )
+        .unwrap();
         assert!(matches!(rx.try_recv(), Ok(StreamMessage::Drain { .. })));
         assert!(pool.acquire(&any()).is_err());
         clock.advance(Duration::from_secs(5));

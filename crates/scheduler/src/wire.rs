@@ -17,8 +17,8 @@ use crate::config::{
 };
 use crate::error::{FieldViolation, SchedulerError};
 use crate::pool::{
-    AcquireRequest, AgentSpec, AgentState, AgentView, LoadReport, Outcome, PoolStats, Reservation,
-    Selector, StreamMessage,
+    AcquireRequest, AgentSpec, AgentState, AgentView, LoadReport, OnExpiry, Outcome, PoolStats,
+    Reservation, Selector, StreamMessage,
 };
 use crate::select::Strategy;
 use crate::tasks::{
@@ -233,7 +233,7 @@ fn encode_report(r: &LoadReport) -> pb::LoadReport {
 /// `InvalidArgument` naming every bad field.
 pub fn decode_drain(
     r: pb::DrainAgentRequest,
-) -> Result<(String, Duration, String), SchedulerError> {
+) -> Result<(String, Duration, String, OnExpiry), SchedulerError> {
     let mut v = Vec::new();
     identifier(&r.agent_id, "agent_id", &mut v);
     let deadline = duration(
@@ -249,7 +249,18 @@ pub fn decode_drain(
     } else {
         r.reason
     };
-    done((r.agent_id, deadline, reason), v)
+    let on_expiry = match pb::DrainExpiry::try_from(r.on_expiry) {
+        Ok(pb::DrainExpiry::Unspecified | pb::DrainExpiry::Requeue) => OnExpiry::Requeue,
+        Ok(pb::DrainExpiry::Cancel) => OnExpiry::Cancel,
+        Err(_) => {
+            v.push(FieldViolation::new(
+                "on_expiry",
+                format!("unknown value {}", r.on_expiry),
+            ));
+            OnExpiry::Requeue
+        }
+    };
+    done((r.agent_id, deadline, reason, on_expiry), v)
 }
 
 /// A listing: selector, state, page size, the id to start after.

@@ -36,7 +36,7 @@ use tokio::sync::watch;
 use crate::error::SchedulerError;
 use crate::events::EventSink;
 use crate::metrics::TaskMetrics;
-use crate::pool::{AcquireRequest, Assignment, Clock, Outcome, Pool, StreamMessage};
+use crate::pool::{AcquireRequest, Assignment, Clock, OnExpiry, Outcome, Pool, StreamMessage};
 use crate::select::Strategy;
 pub use model::{AgentUpdate, Attempt, RetryPolicy, Task, TaskSpec, TaskState, UpdateKind};
 pub use store::{InMemoryTaskStore, StoreError, TaskStore};
@@ -145,6 +145,8 @@ pub struct TaskTickReport {
     pub assigned: usize,
     /// Ended tasks evicted from memory.
     pub evicted: usize,
+    /// Tasks of drained agents requeued or cancelled as their agent left.
+    pub drained: usize,
 }
 
 /// Scaling signals of one task type.
@@ -610,6 +612,10 @@ impl Tasks {
         let now = self.clock.now_ms();
         let mut report = TaskTickReport::default();
         let mut inner = self.inner.lock();
+        // Drained agents that left: their unfinished tasks are requeued or cancelled.
+        for (agent, epoch, on_expiry) in self.pool.take_drained() {
+            report.drained += self.drained_out(&mut inner, &agent, epoch, on_expiry, now);
+        }
         // Attempts whose agent died, or whose time ran out.
         let active: Vec<(String, String, u64)> = inner
             .active
@@ -772,6 +778,62 @@ impl Tasks {
             loaded += 1;
         }
         Ok(loaded)
+    }
+
+    /// The unfinished tasks of a drained agent that left: back to their queues (the lost
+    /// attempt not counted against `max_attempts`) or cancelled.
+    fn drained_out(
+        &self,
+        inner: &mut Inner,
+        agent: &str,
+        epoch: u64,
+        on_expiry: OnExpiry,
+        now: u64,
+    ) -> usize {
+        let ids: Vec<String> = inner
+            .active
+            .iter()
+            .filter(|id| {
+                inner
+                    .tasks
+                    .get(*id)
+                    .is_some_and(|e| e.task.agent_id() == Some(agent) && e.agent_epoch == epoch)
+            })
+            .cloned()
+            .collect();
+        for id in &ids {
+            let entry = inner.tasks.get_mut(id).expect("active tasks are held");
+            match on_expiry {
+                OnExpiry::Requeue => {
+                    self.give_up_attempt(
+                        entry,
+                        Outcome::Cancelled,
+                        "requeued: its agent's drain deadline passed",
+                        None,
+                    );
+                    // One more attempt than the policy: the agent was taken away, not failed.
+                    entry.task.spec.retry.max_attempts =
+                        entry.task.spec.retry.max_attempts.saturating_add(1);
+                    entry.task.state = TaskState::Pending;
+                    entry.pending_since_ms = now;
+                    let (task_type, key) = (entry.task.spec.task_type.clone(), entry.queue_key());
+                    self.changed(entry);
+                    inner.active.remove(id);
+                    inner.queues.entry(task_type).or_default().insert(key);
+                }
+                OnExpiry::Cancel => {
+                    self.give_up_attempt(
+                        entry,
+                        Outcome::Cancelled,
+                        "cancelled: its agent's drain deadline passed",
+                        None,
+                    );
+                    entry.task.error = "cancelled: its agent's drain deadline passed".to_owned();
+                    self.finish(inner, id, TaskState::Cancelled, now);
+                }
+            }
+        }
+        ids.len()
     }
 
     /// Tries to place up to [`SCAN`] queued tasks of `task_type` (every type when `None`).

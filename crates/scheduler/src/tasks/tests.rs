@@ -424,3 +424,44 @@ async fn test_a_key_claimed_by_a_submit_that_never_wrote_its_task_is_taken_over(
     assert!(existing);
     assert_eq!(again.id, task.id);
 }
+
+#[tokio::test]
+async fn test_a_drained_agents_unfinished_tasks_are_requeued_or_cancelled_as_it_leaves() {
+    use crate::pool::OnExpiry;
+    let w = world();
+    let (_, mut ra) = agent(&w, "a", 2);
+    let mut one_try = spec();
+    one_try.retry.max_attempts = 1;
+    let (kept, _) = w.tasks.submit(one_try).await.unwrap();
+    let _ = assignment(&mut ra).unwrap();
+    w.pool
+        .drain(
+            "a",
+            Duration::from_secs(1),
+            "maintenance",
+            OnExpiry::Requeue,
+        )
+        .unwrap();
+    let (_, mut rb) = agent(&w, "b", 1);
+    w.clock.advance(Duration::from_secs(1));
+    w.pool.tick();
+    assert_eq!(w.tasks.tick().drained, 1);
+    let again = assignment(&mut rb).expect("requeued onto b");
+    assert_eq!(again.attempt, 2, "a second attempt despite max_attempts 1");
+    let t = w.tasks.get(&kept.id).await.unwrap();
+    assert_eq!(
+        t.attempts[0].outcome,
+        "requeued: its agent's drain deadline passed"
+    );
+
+    let (_, mut rc) = agent(&w, "c", 1);
+    let (dropped, _) = w.tasks.submit(spec()).await.unwrap();
+    let _ = assignment(&mut rc).unwrap();
+    w.pool
+        .drain("c", Duration::from_secs(1), "retire", OnExpiry::Cancel)
+        .unwrap();
+    w.clock.advance(Duration::from_secs(1));
+    w.pool.tick();
+    w.tasks.tick();
+    assert_eq!(state(&w, &dropped.id).await, TaskState::Cancelled);
+}

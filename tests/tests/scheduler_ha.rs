@@ -170,3 +170,37 @@ async fn test_the_follower_forwards_and_takes_over_a_killed_leader_losing_no_tas
 fn leader_ttl_plus_one() -> Duration {
     agentmesh_scheduler::leader::LEADER_TTL + Duration::from_secs(1)
 }
+
+#[tokio::test]
+async fn test_an_sdk_agent_finds_the_scheduler_through_etcd() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let endpoint = etcd.endpoint();
+    let scheduler = AgentmeshProcess::serve("scheduler", None, Some(&endpoint), &[]).await?;
+    let mut c = Client::connect(format!("http://{}", scheduler.grpc_addr)).await?;
+    let hosts = endpoint.trim_start_matches("http://").to_owned();
+    let agent = Agent::new(AgentConfig {
+        scheduler: format!("etcd://{hosts}"),
+        agent_id: "discovered".into(),
+        agent_type: "ha".into(),
+        ..AgentConfig::default()
+    });
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move { agent.run(stop).await }
+    });
+    wait_until(Duration::from_secs(15), "registered through etcd", || {
+        let mut c = c.clone();
+        async move {
+            c.get_agent(pb::GetAgentRequest {
+                agent_id: "discovered".into(),
+            })
+            .await
+            .is_ok_and(|a| a.into_inner().state == pb::AgentState::Ready as i32)
+        }
+    })
+    .await?;
+    let _ = answering(&mut c).await;
+    stop.cancel();
+    Ok(())
+}

@@ -471,3 +471,50 @@ async fn test_agent_and_task_changes_are_published_on_the_event_bus_with_the_sub
     stop.cancel();
     Ok(())
 }
+
+#[tokio::test]
+async fn test_an_sdk_agent_shut_down_finishes_its_running_task_before_it_leaves()
+-> anyhow::Result<()> {
+    let scheduler = AgentmeshProcess::serve("scheduler", None, None, &[]).await?;
+    let mut c = client(&scheduler).await?;
+    let agent = Agent::new(AgentConfig {
+        scheduler: format!("http://{}", scheduler.grpc_addr),
+        agent_id: "graceful".into(),
+        agent_type: "sdk".into(),
+        ..AgentConfig::default()
+    })
+    .handle("slow", |t| async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        Ok(t.payload)
+    });
+    let stop = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { agent.run(stop).await }
+    });
+    wait_ready(&c, &["graceful"]).await?;
+    let submitted = c.submit_task(submit("slow", b"done")).await?.into_inner();
+    wait_until(Duration::from_secs(5), "running", || {
+        let mut c = c.clone();
+        let id = submitted.task_id.clone();
+        async move {
+            task(&mut c, &id)
+                .await
+                .is_ok_and(|t| t.state == pb::TaskState::Running as i32)
+        }
+    })
+    .await?;
+    stop.cancel(); // SIGTERM in a real agent
+    tokio::time::timeout(Duration::from_secs(10), running).await???;
+    let done = task(&mut c, &submitted.task_id).await?;
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32);
+    assert_eq!((done.attempt, done.output.as_slice()), (1, &b"done"[..]));
+    let gone = c
+        .get_agent(pb::GetAgentRequest {
+            agent_id: "graceful".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "deregistered after the task");
+    Ok(())
+}

@@ -81,7 +81,10 @@ use crate::process::ProcessSampler;
 /// Who the agent is and where the scheduler is.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Scheduler address, `http://host:port`.
+    /// Where the scheduler is: `http://host:port` (any scheduler instance: followers forward
+    /// to the leader), or `etcd://host:port[,host:port…][/prefix]` to find the scheduler
+    /// instances in the cluster's membership (prefix `/agentmesh` by default; an instance is
+    /// picked at random on every connect, so a dead one is skipped on reconnect).
     pub scheduler: String,
     /// Stable id (keep it across restarts).
     pub agent_id: String,
@@ -107,6 +110,10 @@ pub struct AgentConfig {
     pub reconnect_min: Duration,
     /// Longest wait before reconnecting.
     pub reconnect_max: Duration,
+    /// On shutdown, how long running tasks get to finish: the agent drains itself (no new
+    /// work), sends their results, then deregisters. Tasks still running after it are
+    /// requeued by the scheduler.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for AgentConfig {
@@ -125,6 +132,7 @@ impl Default for AgentConfig {
             labels: HashMap::new(),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -315,12 +323,48 @@ impl Agent {
             timeout: Duration::from_secs(5),
             ..agentmesh_runtime::ClientConfig::default()
         };
-        let channel = agentmesh_runtime::client::endpoint(&self.config.scheduler, &config)
+        let address = self.scheduler_address().await?;
+        let channel = agentmesh_runtime::client::endpoint(&address, &config)
             .map_err(|e| Failure::Fatal(AgentError::Refused(e.to_string())))?
             .connect()
             .await
             .map_err(|e| Failure::Retry(format!("connecting: {e}")))?;
         Ok(SchedulerClient::new(channel))
+    }
+
+    /// The scheduler's address: as configured, or a live instance found through etcd.
+    async fn scheduler_address(&self) -> Result<String, Failure> {
+        let Some(rest) = self.config.scheduler.strip_prefix("etcd://") else {
+            return Ok(self.config.scheduler.clone());
+        };
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((hosts, prefix)) => (hosts, format!("/{prefix}")),
+            None => (rest, "/agentmesh".to_owned()),
+        };
+        let membership = agentmesh_membership::EtcdMembership::connect(
+            agentmesh_membership::EtcdMembershipConfig {
+                endpoints: hosts.split(',').map(|h| format!("http://{h}")).collect(),
+                prefix,
+                ..agentmesh_membership::EtcdMembershipConfig::default()
+            },
+        )
+        .await
+        .map_err(|e| Failure::Retry(format!("reaching etcd: {e}")))?;
+        let members = agentmesh_membership::Membership::list(&membership, "scheduler")
+            .await
+            .map_err(|e| Failure::Retry(format!("listing schedulers in etcd: {e}")))?
+            .members;
+        if members.is_empty() {
+            return Err(Failure::Retry(
+                "no scheduler is registered in etcd".to_owned(),
+            ));
+        }
+        let pick = rand::random_range(0..members.len());
+        let member = members
+            .values()
+            .nth(pick)
+            .expect("index within the members");
+        Ok(format!("http://{}", member.grpc_addr))
     }
 
     fn registration(&self, epoch: u64) -> pb::RegisterAgentRequest {
@@ -390,9 +434,41 @@ impl Agent {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         // Task updates go out on this session's stream; one session holds them at a time.
         let mut updates = self.runner.updates_rx.lock().await;
+        // Set once shutdown is asked while tasks run: finish them (drained) until then.
+        let mut stopping: Option<tokio::time::Instant> = None;
+        let mut check = tokio::time::interval(Duration::from_millis(50));
         loop {
+            if let Some(until) = stopping
+                && ((self.runner.running() == 0 && updates.is_empty())
+                    || tokio::time::Instant::now() >= until)
+            {
+                // Close our side and let the scheduler read everything sent (the last
+                // results) before it ends the stream; dropping the response would cancel it.
+                drop(tx);
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Some(Ok(_)) = inbound.next().await {}
+                })
+                .await;
+                return Ok(SessionEnd::Shutdown);
+            }
             tokio::select! {
-                () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+                () = shutdown.cancelled(), if stopping.is_none() => {
+                    if self.runner.running() == 0 {
+                        return Ok(SessionEnd::Shutdown);
+                    }
+                    let grace = self.config.shutdown_grace;
+                    tracing::info!(agent = %self.config.agent_id, running = self.runner.running(), grace_ms = grace.as_millis(), "shutting down: draining, finishing running tasks");
+                    stopping = Some(tokio::time::Instant::now() + grace);
+                    let _ = client
+                        .drain_agent(pb::DrainAgentRequest {
+                            agent_id: self.config.agent_id.clone(),
+                            deadline: Some(duration_to_proto(grace + Duration::from_secs(1))),
+                            reason: "agent shutting down".to_owned(),
+                            on_expiry: pb::DrainExpiry::Requeue as i32,
+                        })
+                        .await;
+                }
+                _ = check.tick(), if stopping.is_some() => {}
                 Some(update) = updates.recv() => {
                     let message = pb::HeartbeatRequest {
                         kind: Some(pb::heartbeat_request::Kind::Task(update)),

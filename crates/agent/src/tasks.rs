@@ -177,10 +177,12 @@ impl Runner {
                 () = token.cancelled() => None,
                 result = handler(task) => Some(result),
             };
-            runner.running.lock().remove(&key);
             let message = match outcome {
                 // Cancelled: the scheduler has moved on and takes no result.
-                None => return,
+                None => {
+                    runner.running.lock().remove(&key);
+                    return;
+                }
                 Some(Ok(output)) => {
                     let mut done = update(&id, attempt, pb::TaskUpdateKind::Succeeded);
                     done.output = output;
@@ -195,6 +197,8 @@ impl Runner {
                 }
             };
             let _ = updates.send(message).await;
+            // Counted as running until its result is queued, so a shutdown waits for it.
+            runner.running.lock().remove(&key);
         });
     }
 

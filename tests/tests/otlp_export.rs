@@ -229,3 +229,91 @@ async fn test_an_events_trace_continues_from_publish_to_delivery_across_processe
     receiver.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn test_a_tasks_scheduler_steps_are_spans_of_the_submits_trace() -> anyhow::Result<()> {
+    use agentmesh_proto::scheduler::v1 as sc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let (spans_tx, mut spans_rx) = mpsc::unbounded_channel();
+    let receiver = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Receiver { spans_tx }))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let mut process = AgentmeshProcess::dev_with_env(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_SERVICE_NAME", "agentmesh-otlp-test"),
+    ])
+    .await?;
+    let (scheduler, _) = process.addrs["scheduler"];
+    let agent = agentmesh_agent::Agent::new(agentmesh_agent::AgentConfig {
+        scheduler: format!("http://{scheduler}"),
+        agent_id: "traced-agent".into(),
+        agent_type: "t".into(),
+        ..Default::default()
+    })
+    .handle("traced", |t| async move { Ok(t.payload) });
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move { agent.run(stop).await }
+    });
+    let mut c =
+        sc::scheduler_client::SchedulerClient::connect(format!("http://{scheduler}")).await?;
+    wait_until(Duration::from_secs(10), "agent ready", || {
+        let mut c = c.clone();
+        async move {
+            c.get_agent(sc::GetAgentRequest {
+                agent_id: "traced-agent".into(),
+            })
+            .await
+            .is_ok_and(|a| a.into_inner().state == sc::AgentState::Ready as i32)
+        }
+    })
+    .await?;
+    let mut request = Request::new(sc::SubmitTaskRequest {
+        r#type: "traced".into(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01").parse()?,
+    );
+    let id = c.submit_task(request).await?.into_inner().task_id;
+    wait_until(Duration::from_secs(10), "the task ended", || {
+        let mut c = c.clone();
+        let id = id.clone();
+        async move {
+            c.get_task(sc::GetTaskRequest { task_id: id })
+                .await
+                .is_ok_and(|t| t.into_inner().state == sc::TaskState::Succeeded as i32)
+        }
+    })
+    .await?;
+    stop.cancel();
+    process.sigterm();
+    process.wait_exit(Duration::from_secs(15)).await?;
+    let mut spans = Vec::new();
+    wait_until(Duration::from_secs(10), "the task's spans", || {
+        while let Ok(span) = spans_rx.try_recv() {
+            spans.push(span);
+        }
+        let found = ["task assigned", "task ended"]
+            .iter()
+            .all(|name| spans.iter().any(|s| s.name == *name));
+        async move { found }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", process.logs()))?;
+    for name in ["task assigned", "task ended"] {
+        let span = spans.iter().find(|s| s.name == name).expect("found");
+        assert_eq!(
+            hex(&span.trace_id),
+            TRACE_ID,
+            "{name} is in the submit's trace"
+        );
+    }
+    receiver.abort();
+    Ok(())
+}

@@ -167,39 +167,58 @@ impl Runner {
             updates: updates.clone(),
         };
         let runner = self.clone();
-        tokio::spawn(async move {
-            let _working = load.start();
-            let (id, attempt) = key.clone();
-            let _ = updates
-                .send(update(&id, attempt, pb::TaskUpdateKind::Started))
-                .await;
-            let outcome = tokio::select! {
-                () = token.cancelled() => None,
-                result = handler(task) => Some(result),
-            };
-            let message = match outcome {
-                // Cancelled: the scheduler has moved on and takes no result.
-                None => {
-                    runner.running.lock().remove(&key);
-                    return;
-                }
-                Some(Ok(output)) => {
-                    let mut done = update(&id, attempt, pb::TaskUpdateKind::Succeeded);
-                    done.output = output;
-                    done
-                }
-                Some(Err(failure)) => {
-                    load.record_error();
-                    let mut failed = update(&id, attempt, pb::TaskUpdateKind::Failed);
-                    failed.message = failure.message.chars().take(1024).collect();
-                    failed.retryable = failure.retryable;
-                    failed
-                }
-            };
-            let _ = updates.send(message).await;
-            // Counted as running until its result is queued, so a shutdown waits for it.
-            runner.running.lock().remove(&key);
-        });
+        let span = tracing::info_span!(
+            "agent.task",
+            otel.name = "task run",
+            task.id = %task.id,
+            task.r#type = %task.task_type,
+            task.attempt = task.attempt,
+        );
+        {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let parent: std::collections::BTreeMap<String, String> = task
+                .trace_context
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let _ = span.set_parent(agentmesh_runtime::propagation::extract_from_map(&parent));
+        }
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let _working = load.start();
+                let (id, attempt) = key.clone();
+                let _ = updates
+                    .send(update(&id, attempt, pb::TaskUpdateKind::Started))
+                    .await;
+                let outcome = tokio::select! {
+                    () = token.cancelled() => None,
+                    result = handler(task) => Some(result),
+                };
+                let message = match outcome {
+                    // Cancelled: the scheduler has moved on and takes no result.
+                    None => {
+                        runner.running.lock().remove(&key);
+                        return;
+                    }
+                    Some(Ok(output)) => {
+                        let mut done = update(&id, attempt, pb::TaskUpdateKind::Succeeded);
+                        done.output = output;
+                        done
+                    }
+                    Some(Err(failure)) => {
+                        load.record_error();
+                        let mut failed = update(&id, attempt, pb::TaskUpdateKind::Failed);
+                        failed.message = failure.message.chars().take(1024).collect();
+                        failed.retryable = failure.retryable;
+                        failed
+                    }
+                };
+                let _ = updates.send(message).await;
+                // Counted as running until its result is queued, so a shutdown waits for it.
+                runner.running.lock().remove(&key);
+            },
+            span,
+        ));
     }
 
     /// Cancels a running attempt (the scheduler said so).

@@ -43,16 +43,26 @@ struct Args {
     /// Where callers reach it.
     #[arg(long, default_value = "")]
     endpoint: String,
+    /// Logs and traces (OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set: each task attempt is a
+    /// `task run` span in the submit's trace).
+    #[command(flatten)]
+    telemetry: agentmesh_runtime::config::TelemetryArgs,
 }
 
 fn main() -> ExitCode {
     let args: Args = agentmesh_runtime::config::parse_args_or_exit();
-    tracing_init();
     let Ok(runtime) = tokio::runtime::Runtime::new() else {
         eprintln!("error: cannot start the tokio runtime");
         return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
+        let telemetry = match agentmesh_runtime::telemetry::init(&args.telemetry) {
+            Ok(guard) => Some(guard),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(64);
+            }
+        };
         let agent = Agent::new(AgentConfig {
             scheduler: args.scheduler,
             agent_id: args.id,
@@ -80,13 +90,17 @@ fn main() -> ExitCode {
                 }
             }
         });
-        match agent.run(shutdown).await {
+        let code = match agent.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE
             }
+        };
+        if let Some(guard) = telemetry {
+            guard.shutdown().await;
         }
+        code
     })
 }
 
@@ -108,14 +122,4 @@ async fn sleep(task: Task) -> TaskResult {
         );
     }
     Ok(format!("slept {total} ms").into_bytes())
-}
-
-fn tracing_init() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
 }

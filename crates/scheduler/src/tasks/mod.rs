@@ -1061,6 +1061,11 @@ impl Tasks {
         if entry.task.state != entry.announced {
             entry.announced = entry.task.state;
             self.events.emit(crate::events::task_event(&entry.task));
+            match entry.task.state {
+                TaskState::Assigned => trace_step(&entry.task, "task assigned"),
+                s if s.is_terminal() => trace_step(&entry.task, "task ended"),
+                _ => {}
+            }
         }
         self.writer.mark(&entry.task);
         if let Some(tx) = &entry.watch {
@@ -1106,6 +1111,27 @@ fn drop_ended(inner: &mut Inner, id: &str) -> bool {
         inner.keys.remove(key);
     }
     true
+}
+
+/// A span of the task's trace (parented on the submit's context), recorded at once: the
+/// scheduler's steps of a task (assigned, ended) appear in the submit's trace.
+fn trace_step(task: &Task, name: &'static str) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if task.spec.trace_context.is_empty() {
+        return;
+    }
+    let span = tracing::info_span!(
+        "scheduler.task",
+        otel.name = name,
+        task.id = %task.id,
+        task.r#type = %task.spec.task_type,
+        task.attempt = task.attempt(),
+        task.state = task.state.as_str(),
+        agent.id = task.attempts.last().map_or("", |a| a.agent_id.as_str()),
+    );
+    let _ = span.set_parent(agentmesh_runtime::propagation::extract_from_map(
+        &task.spec.trace_context,
+    ));
 }
 
 /// How placing a task went.

@@ -1,0 +1,40 @@
+//! The cache's name, bounds and defaults.
+
+use std::time::Duration;
+
+/// Short service name in membership.
+pub const NAME: &str = "cache";
+/// Longest namespace, bytes (an identifier).
+pub const MAX_NAMESPACE_LEN: usize = 128;
+/// Longest key, bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+/// Largest value, bytes (before compression).
+pub const MAX_VALUE_LEN: usize = 4 << 20;
+/// Values at least this long are stored compressed.
+pub const COMPRESS_FROM: usize = 1024;
+/// Longest TTL.
+pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// TTLs are spread by up to this fraction (±), so entries written together do not expire
+/// together.
+pub const TTL_JITTER: f64 = 0.1;
+
+/// How the cache behaves.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Most entries in L1.
+    pub l1_max_entries: u64,
+    /// Most bytes of values in L1.
+    pub l1_max_bytes: u64,
+    /// TTL when a write gives none.
+    pub default_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            l1_max_entries: 100_000,
+            l1_max_bytes: 256 << 20,
+            default_ttl: Duration::from_secs(3600),
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! The crate's one error enum; it reaches callers through the runtime's error mapping.
+
+pub use agentmesh_runtime::error::FieldViolation;
+use agentmesh_runtime::error::{ErrorCode, ServiceError, join_violations};
+
+/// Everything that can go wrong in the cache.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CacheError {
+    /// The caller sent something invalid; every violation is listed.
+    #[error("invalid argument: {}", join_violations(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    /// `if_version` did not match the stored version (0: the key is absent).
+    #[error("version mismatch: expected {expected}, the key is at {current}")]
+    VersionMismatch {
+        /// The version the caller expected.
+        expected: u64,
+        /// The version stored (0 when absent).
+        current: u64,
+    },
+    /// L2 (Redis) cannot be reached or answered wrongly.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ServiceError for CacheError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::VersionMismatch { .. } => ErrorCode::FailedPrecondition,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+        }
+    }
+
+    fn violations(&self) -> &[FieldViolation] {
+        match self {
+            Self::InvalidArgument(v) => v,
+            _ => &[],
+        }
+    }
+}

@@ -4,7 +4,8 @@
 # each (rate limiter: allowed, denied, shadow, default policy; event bus: subscribe, publish,
 # request/reply; scheduler: two example agents join, one is acquired and released, a task is
 # submitted and completed, then the agent running a second task is killed with `kill -9` and
-# the task is retried and completed on the other), prints the counters from `/metrics`, then
+# the task is retried and completed on the other; cache: a miss, a write, a hit from L1, a
+# refused compare-and-set), prints the counters from `/metrics`, then
 # keeps the cluster running until Ctrl-C. `scripts/dev.sh --demo` stops after the demonstration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,7 @@ await_subscribed() {
   return 1
 }
 
-for port in 7104 7101 7102; do
+for port in 7104 7101 7102 7103; do
   for _ in $(seq 1 100); do
     "$bin/agentmesh" probe "127.0.0.1:$port" >/dev/null 2>&1 && break
     sleep 0.2
@@ -50,6 +51,8 @@ echo "\$ agentmesh probe 127.0.0.1:7101   # the event bus"
 "$bin/agentmesh" probe 127.0.0.1:7101
 echo "\$ agentmesh probe 127.0.0.1:7102   # the scheduler (agent pool)"
 "$bin/agentmesh" probe 127.0.0.1:7102
+echo "\$ agentmesh probe 127.0.0.1:7103   # the cache coordinator"
+"$bin/agentmesh" probe 127.0.0.1:7103
 
 echo
 echo "\$ meshctl ratelimit check -n demo -k agent-1 --limit 3 --period 1m   # four times"
@@ -143,6 +146,16 @@ echo "\$ meshctl agents list   # the killed agent is dead"
 echo "\$ meshctl agents stats"
 "$bin/meshctl" agents stats
 
+echo
+echo "\$ meshctl cache get answers 'capital of France'   # a miss"
+"$bin/meshctl" cache get answers 'capital of France' || true
+echo "\$ meshctl cache set answers 'capital of France' Paris --ttl 10m"
+"$bin/meshctl" cache set answers 'capital of France' Paris --ttl 10m
+echo "\$ meshctl cache get answers 'capital of France'   # a hit, from L1"
+"$bin/meshctl" cache get answers 'capital of France'
+echo "\$ meshctl cache set answers 'capital of France' Lyon --if-version 0   # refused: it exists"
+"$bin/meshctl" cache set answers 'capital of France' Lyon --if-version 0 || true
+
 if [ "${1:-}" = "--demo" ]; then
   exit 0
 fi
@@ -154,6 +167,7 @@ agentmesh dev is running (Ctrl-C stops it):
   ratelimit    127.0.0.1:7104   http://127.0.0.1:9104
   eventbus     127.0.0.1:7101   http://127.0.0.1:9101
   scheduler    127.0.0.1:7102   http://127.0.0.1:9102   (one example agent is still running)
+  cache        127.0.0.1:7103   http://127.0.0.1:9103
 
 Try next:
   target/debug/meshctl ratelimit check -n demo -k me --limit 5 --period 10s
@@ -165,6 +179,7 @@ Try next:
   target/debug/meshctl agents list; target/debug/meshctl agents drain my-agent --deadline 10s
   target/debug/meshctl tasks submit sleep --payload 5000 --wait   # run a task, watch it
   target/debug/meshctl tasks list
+  target/debug/meshctl cache set ns key value; target/debug/meshctl cache get ns key
   target/debug/meshctl --help                               # every command
 Each gRPC port serves reflection (grpcurl -plaintext 127.0.0.1:7104 list) and grpc.health.v1.
 EOT

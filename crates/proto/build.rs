@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "agentmesh/ratelimit/v1/ratelimit.proto",
         "agentmesh/eventbus/v1/eventbus.proto",
         "agentmesh/scheduler/v1/scheduler.proto",
+        "agentmesh/cache/v1/cache.proto",
         "agentmesh/bench/v1/echo.proto",
         "envoy/service/ratelimit/v3/rls.proto",
         "envoy/extensions/common/ratelimit/v3/ratelimit.proto",

@@ -1,4 +1,4 @@
-//! agentmesh cache coordinator — the domain core, not served yet.
+//! agentmesh cache coordinator: `agentmesh.cache.v1.CacheCoordinator` (Get, Set, Delete).
 //!
 //! [`cache::Cache`] is a two-tier key/value cache per namespace: L1 in this process (moka:
 //! TinyLFU admission, weighted by bytes, bounded by entries and a byte budget) in front of an
@@ -7,14 +7,20 @@
 //! at once), and are compressed with zstd above 1 KiB. Reads say which tier answered, the
 //! version and the age; a FRESH read skips L1.
 //!
-//! Not built yet (issue 17): the gRPC service and its registration, cross-node invalidation
-//! of L1, leases against stampedes, tags and generations, the semantic cache.
+//! [`wire`] converts, [`grpc`] is the thin adapter, [`service`] assembles it for the host.
+//!
+//! Not built yet (issue 17): batch forms, cross-node invalidation of L1, leases against
+//! stampedes, tags and generations, the semantic cache.
 
 pub mod cache;
 pub mod config;
 pub mod entry;
 pub mod error;
+pub mod grpc;
 pub mod l2;
+pub mod metrics;
+pub mod service;
+pub mod wire;
 
 pub use cache::{Cache, Consistency, Hit, Tier};
 pub use error::CacheError;

@@ -2,6 +2,7 @@
 
 mod agents;
 mod bench;
+mod cache;
 mod events;
 mod members;
 mod ratelimit;
@@ -37,6 +38,9 @@ enum Command {
     /// Tasks: submit (and wait), watch, get, list, cancel.
     #[command(subcommand)]
     Tasks(tasks::TasksCommand),
+    /// The cache coordinator: get, set, delete.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Closed-loop load against a service, with a progress bar and a latency summary.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
             Command::Events(cmd) => events::run(cmd).await,
             Command::Agents(cmd) => agents::run(cmd).await,
             Command::Tasks(cmd) => tasks::run(cmd).await,
+            Command::Cache(cmd) => cache::run(cmd).await,
             Command::Bench(cmd) => bench::run(cmd, cli.cluster.redis_url()).await,
         }
     });

@@ -32,6 +32,12 @@ pub mod scheduler {
     }
 }
 
+pub mod cache {
+    pub mod v1 {
+        tonic::include_proto!("agentmesh.cache.v1");
+    }
+}
+
 pub mod bench {
     pub mod v1 {
         tonic::include_proto!("agentmesh.bench.v1");

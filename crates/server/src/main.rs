@@ -48,6 +48,7 @@ macro_rules! services {
 
 // The services this binary runs: a new service is its crate plus one line here.
 services! {
+    cache: agentmesh_cache::service::CacheArgs,
     eventbus: agentmesh_eventbus::service::EventBusArgs,
     ratelimit: agentmesh_ratelimit::service::RateLimitArgs,
     scheduler: agentmesh_scheduler::service::SchedulerArgs,

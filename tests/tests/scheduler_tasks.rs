@@ -82,6 +82,26 @@ fn example_agent(scheduler: &AgentmeshProcess, id: &str) -> anyhow::Result<Child
         .spawn()?)
 }
 
+/// Waits up to `secs` for task `id` to reach `state`.
+async fn wait_state(
+    c: &Client,
+    id: &str,
+    state: pb::TaskState,
+    secs: u64,
+    what: &str,
+) -> anyhow::Result<()> {
+    wait_until(Duration::from_secs(secs), what, || {
+        let mut c = c.clone();
+        let id = id.to_owned();
+        async move {
+            task(&mut c, &id)
+                .await
+                .is_ok_and(|t| t.state == state as i32)
+        }
+    })
+    .await
+}
+
 async fn wait_ready(c: &Client, ids: &[&str]) -> anyhow::Result<()> {
     for id in ids {
         wait_until(Duration::from_secs(10), "agent ready", || {
@@ -133,15 +153,13 @@ async fn test_a_submitted_task_is_run_by_an_sdk_agent_and_watched_to_the_end() -
         .submit_task(submit("upper", &[0xff, 0xfe]))
         .await?
         .into_inner();
-    wait_until(Duration::from_secs(10), "the bad task failed", || {
-        let mut c = c.clone();
-        let id = bad.task_id.clone();
-        async move {
-            task(&mut c, &id)
-                .await
-                .is_ok_and(|t| t.state == pb::TaskState::Failed as i32)
-        }
-    })
+    wait_state(
+        &c,
+        &bad.task_id,
+        pb::TaskState::Failed,
+        10,
+        "the bad task failed",
+    )
     .await?;
     let failed = task(&mut c, &bad.task_id).await?;
     assert_eq!(failed.attempts.len(), 1, "not retried");
@@ -167,15 +185,13 @@ async fn test_a_killed_agents_task_is_retried_and_completed_elsewhere() -> anyho
     let mut first = example_agent(&scheduler, "proc-a")?;
     wait_ready(&c, &["proc-a"]).await?;
     let submitted = c.submit_task(submit("sleep", b"1500")).await?.into_inner();
-    wait_until(Duration::from_secs(5), "running on proc-a", || {
-        let mut c = c.clone();
-        let id = submitted.task_id.clone();
-        async move {
-            task(&mut c, &id)
-                .await
-                .is_ok_and(|t| t.state == pb::TaskState::Running as i32)
-        }
-    })
+    wait_state(
+        &c,
+        &submitted.task_id,
+        pb::TaskState::Running,
+        5,
+        "running on proc-a",
+    )
     .await?;
     let mut second = example_agent(&scheduler, "proc-b")?;
     wait_ready(&c, &["proc-b"]).await?;
@@ -190,15 +206,13 @@ async fn test_a_killed_agents_task_is_retried_and_completed_elsewhere() -> anyho
     .await?;
     let reassigned = killed.elapsed();
     eprintln!("kill -9 of the agent running a task: attempt 2 assigned after {reassigned:?}");
-    wait_until(Duration::from_secs(10), "succeeded on proc-b", || {
-        let mut c = c.clone();
-        let id = submitted.task_id.clone();
-        async move {
-            task(&mut c, &id)
-                .await
-                .is_ok_and(|t| t.state == pb::TaskState::Succeeded as i32)
-        }
-    })
+    wait_state(
+        &c,
+        &submitted.task_id,
+        pb::TaskState::Succeeded,
+        10,
+        "succeeded on proc-b",
+    )
     .await?;
     let done = task(&mut c, &submitted.task_id).await?;
     assert_eq!(done.attempts[0].outcome, "agent dead");
@@ -218,16 +232,7 @@ async fn test_a_hung_agents_late_result_is_refused() -> anyhow::Result<()> {
     let mut hung = example_agent(&scheduler, "hung-a")?;
     wait_ready(&c, &["hung-a"]).await?;
     let submitted = c.submit_task(submit("sleep", b"3000")).await?.into_inner();
-    wait_until(Duration::from_secs(5), "running", || {
-        let mut c = c.clone();
-        let id = submitted.task_id.clone();
-        async move {
-            task(&mut c, &id)
-                .await
-                .is_ok_and(|t| t.state == pb::TaskState::Running as i32)
-        }
-    })
-    .await?;
+    wait_state(&c, &submitted.task_id, pb::TaskState::Running, 5, "running").await?;
     let pid = Pid::from_raw(i32::try_from(hung.id())?);
     kill(pid, Signal::SIGSTOP)?;
     let mut healthy = example_agent(&scheduler, "healthy-b")?;
@@ -494,16 +499,7 @@ async fn test_an_sdk_agent_shut_down_finishes_its_running_task_before_it_leaves(
     });
     wait_ready(&c, &["graceful"]).await?;
     let submitted = c.submit_task(submit("slow", b"done")).await?.into_inner();
-    wait_until(Duration::from_secs(5), "running", || {
-        let mut c = c.clone();
-        let id = submitted.task_id.clone();
-        async move {
-            task(&mut c, &id)
-                .await
-                .is_ok_and(|t| t.state == pb::TaskState::Running as i32)
-        }
-    })
-    .await?;
+    wait_state(&c, &submitted.task_id, pb::TaskState::Running, 5, "running").await?;
     stop.cancel(); // SIGTERM in a real agent
     tokio::time::timeout(Duration::from_secs(10), running).await???;
     let done = task(&mut c, &submitted.task_id).await?;

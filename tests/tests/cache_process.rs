@@ -1,5 +1,7 @@
 //! The cache coordinator as a real process: Get/Set/Delete with tiers, versions and
-//! compare-and-set, two instances over one Redis, and bad input naming the field.
+//! compare-and-set, two instances over one Redis (a write on one dropping the other's L1 copy),
+//! leases, tags, batches, the invalidation stream, stats, warm, and bad input on every RPC
+//! naming the field.
 
 use agentmesh_proto::cache::v1 as pb;
 use agentmesh_tests::RedisServer;
@@ -19,6 +21,8 @@ fn set(key: &str, value: &[u8], if_version: Option<u64>) -> pb::SetRequest {
         value: value.to_vec(),
         ttl: None,
         if_version,
+        tags: vec![],
+        stale_for: None,
     }
 }
 
@@ -27,6 +31,7 @@ fn get(key: &str, consistency: pb::Consistency) -> pb::GetRequest {
         namespace: "agents".into(),
         key: key.into(),
         consistency: consistency as i32,
+        allow_stale: false,
     }
 }
 
@@ -125,6 +130,8 @@ async fn test_bad_input_names_every_field() -> anyhow::Result<()> {
                 nanos: 0,
             }),
             if_version: None,
+            tags: vec![],
+            stale_for: None,
         })
         .await
         .unwrap_err();
@@ -141,6 +148,8 @@ async fn test_bad_input_names_every_field() -> anyhow::Result<()> {
             value: vec![0; (4 << 20) + 1],
             ttl: None,
             if_version: None,
+            tags: vec!["a tag".into()],
+            stale_for: None,
         })
         .await
         .unwrap_err();
@@ -148,15 +157,233 @@ async fn test_bad_input_names_every_field() -> anyhow::Result<()> {
         .get_details_bad_request()
         .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
         .unwrap_or_default();
-    assert_eq!(fields, ["namespace", "key", "value"]);
+    assert_eq!(fields, ["namespace", "key", "value", "tags[0]"]);
     let e = c
         .get(pb::GetRequest {
             namespace: "ns".into(),
             key: "k".into(),
             consistency: 9,
+            allow_stale: false,
         })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(fields_of(&e), ["consistency"]);
+    let e = c.delete(pb::DeleteRequest::default()).await.unwrap_err();
+    assert_eq!(fields_of(&e), ["namespace", "key"]);
+    let e = c
+        .get_many(pb::GetManyRequest {
+            items: vec![
+                get("ok", pb::Consistency::Default),
+                get("", pb::Consistency::Default),
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields_of(&e), ["items[1].key"]);
+    let e = c.set_many(pb::SetManyRequest::default()).await.unwrap_err();
+    assert_eq!(fields_of(&e), ["items"]);
+    let e = c
+        .delete_many(pb::DeleteManyRequest {
+            items: vec![pb::DeleteRequest::default()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields_of(&e), ["items[0].namespace", "items[0].key"]);
+    let e = c
+        .get_or_lease(pb::GetOrLeaseRequest {
+            namespace: "ns".into(),
+            key: "k".into(),
+            lease_ttl: None,
+            wait: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields_of(&e), ["lease_ttl"]);
+    let e = c
+        .get_or_lease(pb::GetOrLeaseRequest {
+            namespace: "ns".into(),
+            key: "k".into(),
+            lease_ttl: Some(secs(3600)),
+            wait: Some(secs(3600)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields_of(&e), ["lease_ttl", "wait"]);
+    let e = c
+        .fill_lease(pb::FillLeaseRequest {
+            namespace: "ns".into(),
+            key: String::new(),
+            token: 1,
+            ..pb::FillLeaseRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields_of(&e), ["key"]);
+    let e = c
+        .abandon_lease(pb::AbandonLeaseRequest {
+            namespace: "ns".into(),
+            key: "k".into(),
+            token: 1,
+            negative_ttl: Some(prost_types::Duration::default()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields_of(&e), ["negative_ttl"]);
+    let e = c
+        .invalidate_tags(pb::InvalidateTagsRequest {
+            namespace: "ns".into(),
+            tags: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields_of(&e), ["tags"]);
+    let e = c
+        .invalidate_namespace(pb::InvalidateNamespaceRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(fields_of(&e), ["namespace"]);
+    let e = c
+        .watch_invalidations(pb::WatchInvalidationsRequest {
+            namespace: "bad ns".into(),
+            after_seq: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields_of(&e), ["namespace"]);
+    let warm = c
+        .warm(futures::stream::iter(vec![
+            set("ok", b"v", None),
+            set("", b"v", None),
+        ]))
+        .await?
+        .into_inner();
+    assert_eq!((warm.stored, warm.refused), (1, 1), "{:?}", warm.errors);
+    Ok(())
+}
+
+fn fields_of(e: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    e.get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+fn secs(s: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: s,
+        nanos: 0,
+    }
+}
+
+#[tokio::test]
+async fn test_leases_tags_batches_the_invalidation_stream_and_stats_over_the_wire()
+-> anyhow::Result<()> {
+    use futures::StreamExt;
+    use pb::get_or_lease_response::Outcome;
+    let redis = RedisServer::start().await?;
+    let a = AgentmeshProcess::serve("cache", Some(&redis.url()), None, &[]).await?;
+    let b = AgentmeshProcess::serve("cache", Some(&redis.url()), None, &[]).await?;
+    let (mut ca, mut cb) = (client(&a).await?, client(&b).await?);
+    let mut watch = cb
+        .watch_invalidations(pb::WatchInvalidationsRequest {
+            namespace: "agents".into(),
+            after_seq: None,
+        })
+        .await?
+        .into_inner();
+    // A lease on a's side; b's caller waits and gets the fill.
+    let lease = |wait| pb::GetOrLeaseRequest {
+        namespace: "agents".into(),
+        key: "answer".into(),
+        lease_ttl: Some(secs(10)),
+        wait: Some(secs(wait)),
+    };
+    let first = ca.get_or_lease(lease(0)).await?.into_inner();
+    assert_eq!(first.outcome, Outcome::Lease as i32);
+    let token = first.lease.expect("a lease").token;
+    let waiter = tokio::spawn(async move { cb.get_or_lease(lease(10)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    ca.fill_lease(pb::FillLeaseRequest {
+        namespace: "agents".into(),
+        key: "answer".into(),
+        token,
+        value: b"42".to_vec(),
+        tags: vec!["model:small".into()],
+        ..pb::FillLeaseRequest::default()
+    })
+    .await?;
+    let waited = waiter.await??.into_inner();
+    assert_eq!(waited.outcome, Outcome::Hit as i32);
+    assert_eq!(waited.value.expect("the value").value, b"42");
+    let e = ca
+        .fill_lease(pb::FillLeaseRequest {
+            namespace: "agents".into(),
+            key: "answer".into(),
+            token,
+            value: b"again".to_vec(),
+            ..pb::FillLeaseRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    // The watcher saw the fill.
+    let change = watch.next().await.expect("a change")?;
+    assert_eq!(
+        (change.kind, change.key.as_str()),
+        (pb::invalidation::Kind::Written as i32, "answer")
+    );
+    // Batches.
+    let stored = ca
+        .set_many(pb::SetManyRequest {
+            items: vec![set("m1", b"1", None), set("m2", b"2", Some(5))],
+        })
+        .await?
+        .into_inner();
+    assert_eq!(stored.items[0].version, 1);
+    assert_eq!(stored.items[1].code, Code::FailedPrecondition as i32);
+    let got = ca
+        .get_many(pb::GetManyRequest {
+            items: vec![
+                get("m1", pb::Consistency::Default),
+                get("m2", pb::Consistency::Default),
+                get("answer", pb::Consistency::Default),
+            ],
+        })
+        .await?
+        .into_inner();
+    let found: Vec<bool> = got.items.iter().map(|g| g.found).collect();
+    assert_eq!(found, [true, false, true]);
+    // Tags.
+    let inv = ca
+        .invalidate_tags(pb::InvalidateTagsRequest {
+            namespace: "agents".into(),
+            tags: vec!["model:small".into()],
+        })
+        .await?
+        .into_inner();
+    loop {
+        let change = watch.next().await.expect("a change")?;
+        if change.seq >= inv.seq {
+            assert_eq!(change.kind, pb::invalidation::Kind::Tags as i32);
+            break;
+        }
+    }
+    let mut cb = client(&b).await?;
+    assert!(
+        !cb.get(get("answer", pb::Consistency::Default))
+            .await?
+            .into_inner()
+            .found
+    );
+    let stats = ca
+        .stats(pb::StatsRequest {
+            namespace: "agents".into(),
+        })
+        .await?
+        .into_inner();
+    assert!(stats.feed_synced && stats.l2_shared);
+    assert_eq!(stats.namespaces.len(), 1);
+    assert_eq!(stats.namespaces[0].leases_granted, 1);
     Ok(())
 }

@@ -12,6 +12,16 @@ pub const MAX_KEY_LEN: usize = 1024;
 pub const MAX_VALUE_LEN: usize = 4 << 20;
 /// Values at least this long are stored compressed.
 pub const COMPRESS_FROM: usize = 1024;
+/// Most tags on one entry.
+pub const MAX_TAGS: usize = 16;
+/// Longest tag, bytes.
+pub const MAX_TAG_LEN: usize = 128;
+/// Longest lease.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(600);
+/// Longest a `GetOrLease` waits for another caller's fill.
+pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(60);
+/// Most items in one batch call.
+pub const MAX_BATCH: usize = 1000;
 /// Longest TTL.
 pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// TTLs are spread by up to this fraction (±), so entries written together do not expire
@@ -27,6 +37,10 @@ pub struct CacheConfig {
     pub l1_max_bytes: u64,
     /// TTL when a write gives none.
     pub default_ttl: Duration,
+    /// Longest an entry stays in L1 (a safety net: the change feed drops changed entries).
+    pub l1_max_age: Duration,
+    /// XFetch's beta: 0 turns early refresh off, above 1 refreshes earlier.
+    pub xfetch_beta: f64,
 }
 
 impl Default for CacheConfig {
@@ -35,6 +49,8 @@ impl Default for CacheConfig {
             l1_max_entries: 100_000,
             l1_max_bytes: 256 << 20,
             default_ttl: Duration::from_secs(3600),
+            l1_max_age: Duration::from_secs(60),
+            xfetch_beta: 1.0,
         }
     }
 }

@@ -17,6 +17,13 @@ pub enum CacheError {
         /// The version stored (0 when absent).
         current: u64,
     },
+    /// A lease's fill named a lease that is no longer held (it expired and another caller may
+    /// hold it now).
+    #[error("lease {token} is no longer held: it expired or was taken over")]
+    LeaseLost {
+        /// The token named.
+        token: u64,
+    },
     /// L2 (Redis) cannot be reached or answered wrongly.
     #[error("{0}")]
     Unavailable(String),
@@ -26,7 +33,7 @@ impl ServiceError for CacheError {
     fn code(&self) -> ErrorCode {
         match self {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            Self::VersionMismatch { .. } => ErrorCode::FailedPrecondition,
+            Self::VersionMismatch { .. } | Self::LeaseLost { .. } => ErrorCode::FailedPrecondition,
             Self::Unavailable(_) => ErrorCode::Unavailable,
         }
     }

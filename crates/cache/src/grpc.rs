@@ -1,31 +1,37 @@
 //! The gRPC adapter of `agentmesh.cache.v1.CacheCoordinator`: decode ([`crate::wire`]), call
-//! the [`Cache`], encode, count.
+//! the [`Cache`], encode.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use agentmesh_proto::cache::v1 as pb;
-use agentmesh_runtime::error::to_status;
-use tonic::{Request, Response, Status};
+use agentmesh_runtime::error::{ServiceError, to_status};
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
 
-use crate::cache::{Cache, Tier};
-use crate::metrics::CacheMetrics;
-use crate::wire::{decode_get, decode_ttl, encode_get};
+use crate::cache::{Cache, GetItem, Notice, SetItem, SetOptions};
+use crate::error::{CacheError, FieldViolation};
+use crate::wire::{
+    decode_duration, decode_read, decode_set, encode_get, encode_lease_answer, encode_notice,
+};
 
-/// Largest request accepted (a 4 MiB value and its envelope).
+/// Largest request accepted (a 4 MiB value and its envelope; a batch of small ones).
 const MAX_REQUEST: usize = 5 << 20;
+/// Reasons a Warm answer lists at most.
+const WARM_ERRORS: usize = 10;
 
 /// Serves `agentmesh.cache.v1.CacheCoordinator` over a [`Cache`].
 #[derive(Clone)]
 pub struct CacheGrpc {
     cache: Arc<Cache>,
-    metrics: CacheMetrics,
 }
 
 impl CacheGrpc {
-    /// An adapter over `cache` counting into `metrics`.
+    /// An adapter over `cache`.
     #[must_use]
-    pub fn new(cache: Arc<Cache>, metrics: CacheMetrics) -> Self {
-        Self { cache, metrics }
+    pub fn new(cache: Arc<Cache>) -> Self {
+        Self { cache }
     }
 
     /// The tonic server for this adapter.
@@ -37,28 +43,56 @@ impl CacheGrpc {
     }
 }
 
+fn status(e: &CacheError) -> Status {
+    to_status(e)
+}
+
+fn set_item(r: pb::SetRequest, prefix: &str) -> Result<SetItem, CacheError> {
+    let options = decode_set(&r, prefix)?;
+    Ok(SetItem {
+        namespace: r.namespace,
+        key: r.key,
+        value: r.value,
+        options,
+    })
+}
+
+fn lease_options(
+    ttl: Option<&prost_types::Duration>,
+    stale_for: Option<&prost_types::Duration>,
+    tags: Vec<String>,
+) -> Result<SetOptions, CacheError> {
+    Ok(SetOptions {
+        ttl: decode_duration(ttl, "ttl")?,
+        grace: decode_duration(stale_for, "stale_for")?.unwrap_or_default(),
+        tags,
+        if_version: None,
+    })
+}
+
+fn matches(notice: &Notice, namespace: &str) -> bool {
+    match notice {
+        Notice::Flush { .. } => true,
+        Notice::Change(c) => namespace.is_empty() || c.namespace == namespace,
+    }
+}
+
+type InvalidationStream = Pin<Box<dyn Stream<Item = Result<pb::Invalidation, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
     async fn get(
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let (namespace, key, consistency) =
-            decode_get(request.into_inner()).map_err(|e| to_status(&e))?;
-        let hit = self
+        let r = request.into_inner();
+        let options = decode_read(&r, "").map_err(|e| status(&e))?;
+        let found = self
             .cache
-            .get(&namespace, &key, consistency)
+            .get(&r.namespace, &r.key, options)
             .await
-            .map_err(|e| to_status(&e))?;
-        self.metrics.read(
-            &namespace,
-            match &hit {
-                Some(h) if h.tier == Tier::L1 => "l1",
-                Some(_) => "l2",
-                None => "miss",
-            },
-        );
-        Ok(Response::new(encode_get(hit)))
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(encode_get(found)))
     }
 
     async fn set(
@@ -66,16 +100,12 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         request: Request<pb::SetRequest>,
     ) -> Result<Response<pb::SetResponse>, Status> {
         let r = request.into_inner();
-        let ttl = decode_ttl(r.ttl.as_ref()).map_err(|e| to_status(&e))?;
-        let result = self
+        let options = decode_set(&r, "").map_err(|e| status(&e))?;
+        let version = self
             .cache
-            .set(&r.namespace, &r.key, &r.value, ttl, r.if_version)
-            .await;
-        self.metrics.write(
-            &r.namespace,
-            if result.is_ok() { "stored" } else { "refused" },
-        );
-        let version = result.map_err(|e| to_status(&e))?;
+            .set(&r.namespace, &r.key, &r.value, &options)
+            .await
+            .map_err(|e| status(&e))?;
         Ok(Response::new(pb::SetResponse { version }))
     }
 
@@ -88,7 +118,259 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
             .cache
             .delete(&r.namespace, &r.key)
             .await
-            .map_err(|e| to_status(&e))?;
+            .map_err(|e| status(&e))?;
         Ok(Response::new(pb::DeleteResponse { existed }))
+    }
+
+    async fn get_many(
+        &self,
+        request: Request<pb::GetManyRequest>,
+    ) -> Result<Response<pb::GetManyResponse>, Status> {
+        let items = request
+            .into_inner()
+            .items
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                Ok(GetItem {
+                    options: decode_read(&r, &format!("items[{i}]."))?,
+                    namespace: r.namespace,
+                    key: r.key,
+                })
+            })
+            .collect::<Result<Vec<_>, CacheError>>()
+            .map_err(|e| status(&e))?;
+        let found = self.cache.get_many(&items).await.map_err(|e| status(&e))?;
+        Ok(Response::new(pb::GetManyResponse {
+            items: found.into_iter().map(encode_get).collect(),
+        }))
+    }
+
+    async fn set_many(
+        &self,
+        request: Request<pb::SetManyRequest>,
+    ) -> Result<Response<pb::SetManyResponse>, Status> {
+        let items = request
+            .into_inner()
+            .items
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| set_item(r, &format!("items[{i}].")))
+            .collect::<Result<Vec<_>, CacheError>>()
+            .map_err(|e| status(&e))?;
+        let results = self.cache.set_many(&items).await.map_err(|e| status(&e))?;
+        Ok(Response::new(pb::SetManyResponse {
+            items: results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(version) => pb::SetResult {
+                        version,
+                        ..pb::SetResult::default()
+                    },
+                    Err(e) => pb::SetResult {
+                        version: 0,
+                        error: e.to_string(),
+                        code: status(&e).code() as i32,
+                    },
+                })
+                .collect(),
+        }))
+    }
+
+    async fn delete_many(
+        &self,
+        request: Request<pb::DeleteManyRequest>,
+    ) -> Result<Response<pb::DeleteManyResponse>, Status> {
+        let items: Vec<_> = request
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|r| (r.namespace, r.key))
+            .collect();
+        let existed = self
+            .cache
+            .delete_many(&items)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DeleteManyResponse { existed }))
+    }
+
+    async fn get_or_lease(
+        &self,
+        request: Request<pb::GetOrLeaseRequest>,
+    ) -> Result<Response<pb::GetOrLeaseResponse>, Status> {
+        let r = request.into_inner();
+        let ttl = decode_duration(r.lease_ttl.as_ref(), "lease_ttl").map_err(|e| status(&e))?;
+        let Some(ttl) = ttl else {
+            return Err(status(&CacheError::InvalidArgument(vec![
+                FieldViolation::new("lease_ttl", "required: how long a lease granted is held"),
+            ])));
+        };
+        let wait = decode_duration(r.wait.as_ref(), "wait")
+            .map_err(|e| status(&e))?
+            .unwrap_or(Duration::ZERO);
+        let answer = self
+            .cache
+            .get_or_lease(&r.namespace, &r.key, ttl, wait)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(encode_lease_answer(answer)))
+    }
+
+    async fn fill_lease(
+        &self,
+        request: Request<pb::FillLeaseRequest>,
+    ) -> Result<Response<pb::FillLeaseResponse>, Status> {
+        let r = request.into_inner();
+        let options =
+            lease_options(r.ttl.as_ref(), r.stale_for.as_ref(), r.tags).map_err(|e| status(&e))?;
+        let version = self
+            .cache
+            .fill_lease(&r.namespace, &r.key, r.token, &r.value, &options)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::FillLeaseResponse { version }))
+    }
+
+    async fn abandon_lease(
+        &self,
+        request: Request<pb::AbandonLeaseRequest>,
+    ) -> Result<Response<pb::AbandonLeaseResponse>, Status> {
+        let r = request.into_inner();
+        let negative =
+            decode_duration(r.negative_ttl.as_ref(), "negative_ttl").map_err(|e| status(&e))?;
+        let held = self
+            .cache
+            .abandon_lease(&r.namespace, &r.key, r.token, negative)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::AbandonLeaseResponse { held }))
+    }
+
+    async fn invalidate_tags(
+        &self,
+        request: Request<pb::InvalidateTagsRequest>,
+    ) -> Result<Response<pb::InvalidateResponse>, Status> {
+        let r = request.into_inner();
+        let seq = self
+            .cache
+            .invalidate_tags(&r.namespace, &r.tags)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::InvalidateResponse { seq }))
+    }
+
+    async fn invalidate_namespace(
+        &self,
+        request: Request<pb::InvalidateNamespaceRequest>,
+    ) -> Result<Response<pb::InvalidateResponse>, Status> {
+        let r = request.into_inner();
+        let seq = self
+            .cache
+            .invalidate_namespace(&r.namespace)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::InvalidateResponse { seq }))
+    }
+
+    type WatchInvalidationsStream = InvalidationStream;
+
+    async fn watch_invalidations(
+        &self,
+        request: Request<pb::WatchInvalidationsRequest>,
+    ) -> Result<Response<Self::WatchInvalidationsStream>, Status> {
+        let r = request.into_inner();
+        if !r.namespace.is_empty() {
+            let mut v = Vec::new();
+            crate::cache::check_key(&r.namespace, "-", "", &mut v);
+            crate::cache::done(v).map_err(|e| status(&e))?;
+        }
+        let namespace = r.namespace;
+        let stream = self
+            .cache
+            .watch(r.after_seq)
+            .filter(move |n| std::future::ready(matches(n, &namespace)))
+            .map(|n| Ok(encode_notice(&n)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn stats(
+        &self,
+        request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let r = request.into_inner();
+        let s = self
+            .cache
+            .stats((!r.namespace.is_empty()).then_some(r.namespace.as_str()));
+        let config = self.cache.config();
+        let get =
+            |m: &std::collections::BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+        Ok(Response::new(pb::StatsResponse {
+            namespaces: s
+                .namespaces
+                .iter()
+                .map(|n| pb::NamespaceStats {
+                    namespace: n.namespace.clone(),
+                    l1_hits: get(&n.reads, "l1"),
+                    l2_hits: get(&n.reads, "l2"),
+                    misses: get(&n.reads, "miss"),
+                    stale_hits: get(&n.reads, "stale"),
+                    negative_hits: get(&n.reads, "negative"),
+                    hit_rate: n.hit_rate(),
+                    writes: get(&n.writes, "stored"),
+                    writes_refused: get(&n.writes, "refused"),
+                    leases_granted: get(&n.leases, "granted") + get(&n.leases, "hit_refresh"),
+                    leases_coalesced: get(&n.leases, "coalesced"),
+                    guard_refusals: get(&n.semantic, "guard_refused"),
+                })
+                .collect(),
+            l1_entries: s.l1_entries,
+            l1_bytes: s.l1_bytes,
+            l1_evictions: s.l1_evictions,
+            l1_max_bytes: config.l1_max_bytes,
+            l1_max_entries: config.l1_max_entries,
+            feed_synced: s.feed_synced,
+            feed_synced_count: get(&s.feed_events, "synced"),
+            feed_lost_count: get(&s.feed_events, "lost"),
+            feed_gap_count: get(&s.feed_events, "gap"),
+            last_seq: s.last_seq,
+            l2_shared: self.cache.shared(),
+        }))
+    }
+
+    async fn warm(
+        &self,
+        request: Request<Streaming<pb::SetRequest>>,
+    ) -> Result<Response<pb::WarmResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut out = pb::WarmResponse::default();
+        let refuse = |out: &mut pb::WarmResponse, e: String| {
+            out.refused += 1;
+            if out.errors.len() < WARM_ERRORS {
+                out.errors.push(e);
+            }
+        };
+        let mut n = 0u64;
+        while let Some(r) = stream.next().await {
+            let r = r?;
+            n += 1;
+            let key = r.key.clone();
+            let result = match set_item(r, "") {
+                Ok(item) => {
+                    self.cache
+                        .set(&item.namespace, &item.key, &item.value, &item.options)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(_) => out.stored += 1,
+                Err(e) if e.code() == agentmesh_runtime::error::ErrorCode::Unavailable => {
+                    return Err(status(&e));
+                }
+                Err(e) => refuse(&mut out, format!("item {n} ({key}): {e}")),
+            }
+        }
+        Ok(Response::new(out))
     }
 }

@@ -20,7 +20,8 @@ pub mod grpc;
 pub mod l2;
 pub mod metrics;
 pub mod service;
+pub mod sync;
 pub mod wire;
 
-pub use cache::{Cache, Consistency, Hit, Tier};
+pub use cache::{Cache, Consistency, Found, Hit, LeaseAnswer, ReadOptions, SetOptions, Tier};
 pub use error::CacheError;

@@ -35,6 +35,13 @@ pub struct CacheArgs {
         default_value_t = 256 << 20
     )]
     pub max_bytes: u64,
+    /// Most entries in L1 (this process).
+    #[arg(
+        long = "cache-max-entries",
+        env = "AGENTMESH_CACHE_MAX_ENTRIES",
+        default_value_t = 100_000
+    )]
+    pub max_entries: u64,
     /// TTL of a value written without one.
     #[arg(long = "cache-default-ttl", env = "AGENTMESH_CACHE_DEFAULT_TTL", default_value = "1h", value_parser = parse_duration)]
     pub default_ttl: Duration,
@@ -56,8 +63,14 @@ impl CacheArgs {
                 "--cache-default-ttl must be between 1ms and 30 days".to_owned(),
             ));
         }
+        if self.max_entries == 0 {
+            return Err(BuildError::Config(
+                "--cache-max-entries must be at least 1".to_owned(),
+            ));
+        }
         Ok(CacheConfig {
             l1_max_bytes: self.max_bytes,
+            l1_max_entries: self.max_entries,
             default_ttl: self.default_ttl,
             ..CacheConfig::default()
         })
@@ -72,12 +85,12 @@ async fn l2(redis_url: Option<&str>) -> Result<Arc<dyn L2Store>, BuildError> {
         .map_err(|e| BuildError::Config(format!("--redis: invalid Redis URL: {e}")))?;
     let manager = tokio::time::timeout(
         Duration::from_secs(3),
-        redis::aio::ConnectionManager::new(client),
+        redis::aio::ConnectionManager::new(client.clone()),
     )
     .await
     .map_err(|_| BuildError::Unavailable(format!("cannot reach Redis at {url}: timed out")))?
     .map_err(|e| BuildError::Unavailable(format!("cannot reach Redis at {url}: {e}")))?;
-    Ok(Arc::new(RedisL2::new(manager)))
+    Ok(Arc::new(RedisL2::new(client, manager)))
 }
 
 impl Service for CacheArgs {
@@ -95,14 +108,15 @@ impl Service for CacheArgs {
 
     fn build<'a>(&'a self, deps: &'a HostDeps) -> BoxFuture<'a, Result<ServiceSpec, BuildError>> {
         Box::pin(async move {
-            let cache = Arc::new(Cache::new(
+            let metrics = CacheMetrics::register(deps.metrics.registry())
+                .map_err(|e| BuildError::Config(format!("registering metrics: {e}")))?;
+            let cache = Cache::start(
                 self.cache_config()?,
                 l2(deps.redis_url.as_deref()).await?,
                 Arc::new(SystemClock),
-            ));
-            let metrics = CacheMetrics::register(deps.metrics.registry())
-                .map_err(|e| BuildError::Config(format!("registering metrics: {e}")))?;
-            let server = CacheGrpc::new(cache, metrics).into_server();
+                metrics,
+            );
+            let server = CacheGrpc::new(cache).into_server();
             Ok(ServiceSpec {
                 name: NAME,
                 instance_id: new_instance_id(NAME),

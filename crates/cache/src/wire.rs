@@ -5,46 +5,76 @@ use std::time::Duration;
 use agentmesh_proto::cache::v1 as pb;
 use agentmesh_runtime::wire::{duration_from_proto, duration_to_proto};
 
-use crate::cache::{Consistency, Hit, Tier};
+use crate::cache::{Consistency, Found, Lease, LeaseAnswer, Notice, ReadOptions, SetOptions, Tier};
 use crate::error::{CacheError, FieldViolation};
+use crate::sync::What;
 
-/// A Get: namespace, key, consistency.
+/// A read's options (`prefix` before field names, e.g. `items[2].`).
 ///
 /// # Errors
 /// `InvalidArgument` for an unknown consistency (the key bounds are checked by the cache).
-pub fn decode_get(r: pb::GetRequest) -> Result<(String, String, Consistency), CacheError> {
+pub fn decode_read(r: &pb::GetRequest, prefix: &str) -> Result<ReadOptions, CacheError> {
     let consistency = match pb::Consistency::try_from(r.consistency) {
         Ok(pb::Consistency::Unspecified | pb::Consistency::Default) => Consistency::Default,
         Ok(pb::Consistency::Fresh) => Consistency::Fresh,
         Err(_) => {
             return Err(CacheError::InvalidArgument(vec![FieldViolation::new(
-                "consistency",
+                format!("{prefix}consistency"),
                 format!("unknown consistency {}", r.consistency),
             )]));
         }
     };
-    Ok((r.namespace, r.key, consistency))
+    Ok(ReadOptions {
+        consistency,
+        allow_stale: r.allow_stale,
+    })
 }
 
-/// A Set's TTL: unset = the default; negative or out of range is refused.
+/// An optional duration: unset = `None`; negative is refused naming `field`.
 ///
 /// # Errors
-/// `InvalidArgument` naming `ttl`.
-pub fn decode_ttl(ttl: Option<&prost_types::Duration>) -> Result<Option<Duration>, CacheError> {
-    match ttl {
+/// `InvalidArgument` naming `field`.
+pub fn decode_duration(
+    d: Option<&prost_types::Duration>,
+    field: &str,
+) -> Result<Option<Duration>, CacheError> {
+    match d {
         None => Ok(None),
         Some(d) => duration_from_proto(d).map(Some).ok_or_else(|| {
-            CacheError::InvalidArgument(vec![FieldViolation::new("ttl", "must not be negative")])
+            CacheError::InvalidArgument(vec![FieldViolation::new(field, "must not be negative")])
         }),
     }
 }
 
-/// A Get's answer.
+/// A write's options (`prefix` before field names).
+///
+/// # Errors
+/// `InvalidArgument` for a negative duration.
+pub fn decode_set(r: &pb::SetRequest, prefix: &str) -> Result<SetOptions, CacheError> {
+    Ok(SetOptions {
+        ttl: decode_duration(r.ttl.as_ref(), &format!("{prefix}ttl"))?,
+        grace: decode_duration(r.stale_for.as_ref(), &format!("{prefix}stale_for"))?
+            .unwrap_or_default(),
+        tags: r.tags.clone(),
+        if_version: r.if_version,
+    })
+}
+
+fn ms_to_proto(ms: u64) -> prost_types::Duration {
+    duration_to_proto(Duration::from_millis(ms))
+}
+
+/// A read's answer.
 #[must_use]
-pub fn encode_get(hit: Option<Hit>) -> pb::GetResponse {
-    match hit {
-        None => pb::GetResponse::default(),
-        Some(h) => pb::GetResponse {
+pub fn encode_get(found: Found) -> pb::GetResponse {
+    match found {
+        Found::Miss => pb::GetResponse::default(),
+        Found::Negative(left) => pb::GetResponse {
+            negative: true,
+            ttl_left: Some(ms_to_proto(left)),
+            ..pb::GetResponse::default()
+        },
+        Found::Hit(h) => pb::GetResponse {
             found: true,
             value: h.value.to_vec(),
             version: h.version,
@@ -52,8 +82,89 @@ pub fn encode_get(hit: Option<Hit>) -> pb::GetResponse {
                 Tier::L1 => pb::Tier::L1,
                 Tier::L2 => pb::Tier::L2,
             } as i32,
-            age: Some(duration_to_proto(Duration::from_millis(h.age_ms))),
-            ttl_left: Some(duration_to_proto(Duration::from_millis(h.ttl_left_ms))),
+            age: Some(ms_to_proto(h.age_ms)),
+            ttl_left: Some(ms_to_proto(h.ttl_left_ms)),
+            stale: h.stale,
+            negative: false,
+            tags: h.tags,
         },
+    }
+}
+
+fn encode_lease(lease: Lease) -> pb::LeaseGrant {
+    pb::LeaseGrant {
+        token: lease.token,
+        ttl: Some(ms_to_proto(lease.ttl_ms)),
+    }
+}
+
+/// GetOrLease's answer.
+#[must_use]
+pub fn encode_lease_answer(answer: LeaseAnswer) -> pb::GetOrLeaseResponse {
+    use pb::get_or_lease_response::Outcome;
+    match answer {
+        LeaseAnswer::Hit { hit, refresh } => pb::GetOrLeaseResponse {
+            outcome: Outcome::Hit as i32,
+            value: Some(encode_get(Found::Hit(hit))),
+            lease: refresh.map(encode_lease),
+            ttl_left: None,
+        },
+        LeaseAnswer::Lease(lease) => pb::GetOrLeaseResponse {
+            outcome: Outcome::Lease as i32,
+            lease: Some(encode_lease(lease)),
+            ..pb::GetOrLeaseResponse::default()
+        },
+        LeaseAnswer::Pending { lease_left_ms } => pb::GetOrLeaseResponse {
+            outcome: Outcome::Pending as i32,
+            ttl_left: Some(ms_to_proto(lease_left_ms)),
+            ..pb::GetOrLeaseResponse::default()
+        },
+        LeaseAnswer::Negative(left) => pb::GetOrLeaseResponse {
+            outcome: Outcome::Negative as i32,
+            ttl_left: Some(ms_to_proto(left)),
+            ..pb::GetOrLeaseResponse::default()
+        },
+    }
+}
+
+/// A notice for a watcher.
+#[must_use]
+pub fn encode_notice(notice: &Notice) -> pb::Invalidation {
+    use pb::invalidation::Kind;
+    match notice {
+        Notice::Flush { seq, reason } => pb::Invalidation {
+            kind: Kind::Flush as i32,
+            seq: *seq,
+            reason: reason.clone(),
+            ..pb::Invalidation::default()
+        },
+        Notice::Change(c) => {
+            let mut out = pb::Invalidation {
+                seq: c.seq,
+                namespace: c.namespace.clone(),
+                ..pb::Invalidation::default()
+            };
+            match &c.what {
+                What::Written { key, version } => {
+                    out.kind = Kind::Written as i32;
+                    out.key.clone_from(key);
+                    out.version = *version;
+                }
+                What::Deleted { key } => {
+                    out.kind = Kind::Deleted as i32;
+                    out.key.clone_from(key);
+                }
+                What::LeaseEnded { key } => {
+                    out.kind = Kind::LeaseEnded as i32;
+                    out.key.clone_from(key);
+                }
+                What::Tags(tags) => {
+                    out.kind = Kind::Tags as i32;
+                    out.tags = tags.iter().map(|(t, _)| t.clone()).collect();
+                }
+                What::Namespace { .. } => out.kind = Kind::Namespace as i32,
+            }
+            out
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! `meshctl cache get|set|delete`: the cache coordinator by hand.
+//! `meshctl cache get|set|delete|invalidate|stats|warm`: the cache coordinator by hand.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -23,6 +23,40 @@ pub(crate) enum CacheCommand {
     Set(SetArgs),
     /// Remove a key.
     Delete(KeyArgs),
+    /// Invalidate every entry of a namespace carrying any of the tags, or the whole namespace.
+    Invalidate(InvalidateArgs),
+    /// Counters per namespace and the state of the instance's L1 and change feed.
+    Stats(StatsArgs),
+    /// Bulk load from a file of JSON lines: {"namespace","key","value", optional "ttl" ("10m"),
+    /// "tags" [..], "stale_for"}; `-` reads standard input.
+    Warm(WarmArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct InvalidateArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Namespace.
+    namespace: String,
+    /// Tags to invalidate (repeat or comma-separate); without tags, the whole namespace.
+    #[arg(long, value_delimiter = ',')]
+    tags: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct StatsArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Only this namespace.
+    namespace: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct WarmArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The file of JSON lines (`-`: standard input).
+    file: String,
 }
 
 #[derive(clap::Args)]
@@ -66,6 +100,9 @@ pub(crate) struct GetArgs {
     /// Skip L1: read from L2.
     #[arg(long)]
     fresh: bool,
+    /// Also answer a value past its TTL inside its stale window.
+    #[arg(long)]
+    stale: bool,
 }
 
 #[derive(clap::Args)]
@@ -80,6 +117,12 @@ pub(crate) struct SetArgs {
     /// Only if the key is at this version (0: only if absent).
     #[arg(long)]
     if_version: Option<u64>,
+    /// Tags (repeat or comma-separate), for `invalidate --tags`.
+    #[arg(long, value_delimiter = ',')]
+    tags: Vec<String>,
+    /// Serve it stale this long after its TTL while one caller refreshes it.
+    #[arg(long, value_parser = parse_duration)]
+    stale_for: Option<Duration>,
 }
 
 pub(crate) async fn run(cmd: CacheCommand) -> anyhow::Result<ExitCode> {
@@ -87,6 +130,9 @@ pub(crate) async fn run(cmd: CacheCommand) -> anyhow::Result<ExitCode> {
         CacheCommand::Get(args) => get(args).await,
         CacheCommand::Set(args) => set(args).await,
         CacheCommand::Delete(args) => delete(args).await,
+        CacheCommand::Invalidate(args) => invalidate(args).await,
+        CacheCommand::Stats(args) => stats(args).await,
+        CacheCommand::Warm(args) => warm(args).await,
     }
 }
 
@@ -112,6 +158,7 @@ async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
             } else {
                 pb::Consistency::Default
             } as i32,
+            allow_stale: args.stale,
         })
         .await
         .map_err(|s| status_error(&s))?
@@ -127,6 +174,7 @@ async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
             serde_json::json!({
                 "found": r.found, "value": text, "bytes": r.value.len(), "version": r.version,
                 "tier": tier(r.tier), "age_ms": ms(r.age), "ttl_left_ms": ms(r.ttl_left),
+                "stale": r.stale, "negative": r.negative, "tags": r.tags,
             })
         );
     } else if r.found {
@@ -135,10 +183,16 @@ async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
             None => println!("({} bytes, not UTF-8)", r.value.len()),
         }
         eprintln!(
-            "version {}  from {}  age {} ms  expires in {} ms",
+            "version {}  from {}  age {} ms  expires in {} ms{}",
             r.version,
             tier(r.tier),
             ms(r.age),
+            ms(r.ttl_left),
+            if r.stale { "  (stale)" } else { "" }
+        );
+    } else if r.negative {
+        eprintln!(
+            "not found (a remembered miss, for {} ms more)",
             ms(r.ttl_left)
         );
     } else {
@@ -163,6 +217,10 @@ async fn set(args: SetArgs) -> anyhow::Result<ExitCode> {
             value: args.value.clone().into_bytes(),
             ttl: args.ttl.map(agentmesh_runtime::wire::duration_to_proto),
             if_version: args.if_version,
+            tags: args.tags.clone(),
+            stale_for: args
+                .stale_for
+                .map(agentmesh_runtime::wire::duration_to_proto),
         })
         .await
         .map_err(|s| status_error(&s))?
@@ -193,4 +251,202 @@ async fn delete(args: KeyArgs) -> anyhow::Result<ExitCode> {
         println!("{}", if r.existed { "deleted" } else { "not found" });
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn invalidate(args: InvalidateArgs) -> anyhow::Result<ExitCode> {
+    let mut client = args.common.client().await?;
+    let r = if args.tags.is_empty() {
+        client
+            .invalidate_namespace(pb::InvalidateNamespaceRequest {
+                namespace: args.namespace.clone(),
+            })
+            .await
+    } else {
+        client
+            .invalidate_tags(pb::InvalidateTagsRequest {
+                namespace: args.namespace.clone(),
+                tags: args.tags.clone(),
+            })
+            .await
+    }
+    .map_err(|s| status_error(&s))?
+    .into_inner();
+    if args.common.output == Output::Json {
+        println!("{}", serde_json::json!({ "seq": r.seq }));
+    } else if args.tags.is_empty() {
+        println!(
+            "namespace {} invalidated (change {})",
+            args.namespace, r.seq
+        );
+    } else {
+        println!(
+            "tags {} of {} invalidated (change {})",
+            args.tags.join(","),
+            args.namespace,
+            r.seq
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
+    let r = args
+        .common
+        .client()
+        .await?
+        .stats(pb::StatsRequest {
+            namespace: args.namespace.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| status_error(&s))?
+        .into_inner();
+    if args.common.output == Output::Json {
+        let namespaces: Vec<_> = r
+            .namespaces
+            .iter()
+            .map(|n| {
+                serde_json::json!({
+                    "namespace": n.namespace, "l1_hits": n.l1_hits, "l2_hits": n.l2_hits,
+                    "misses": n.misses, "stale_hits": n.stale_hits,
+                    "negative_hits": n.negative_hits, "hit_rate": n.hit_rate,
+                    "writes": n.writes, "writes_refused": n.writes_refused,
+                    "leases_granted": n.leases_granted, "leases_coalesced": n.leases_coalesced,
+                    "guard_refusals": n.guard_refusals,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "namespaces": namespaces, "l1_entries": r.l1_entries, "l1_bytes": r.l1_bytes,
+                "l1_evictions": r.l1_evictions, "l1_max_bytes": r.l1_max_bytes,
+                "l1_max_entries": r.l1_max_entries, "feed_synced": r.feed_synced,
+                "feed_synced_count": r.feed_synced_count, "feed_lost_count": r.feed_lost_count,
+                "feed_gap_count": r.feed_gap_count, "last_seq": r.last_seq,
+                "l2_shared": r.l2_shared,
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9} {:>7}",
+        "NAMESPACE",
+        "L1 HITS",
+        "L2 HITS",
+        "MISSES",
+        "STALE",
+        "HIT RATE",
+        "WRITES",
+        "LEASES",
+        "COALESCED",
+        "GUARD"
+    );
+    for n in &r.namespaces {
+        println!(
+            "{:<24} {:>8} {:>8} {:>8} {:>7} {:>7.1}% {:>8} {:>8} {:>9} {:>7}",
+            n.namespace,
+            n.l1_hits,
+            n.l2_hits,
+            n.misses,
+            n.stale_hits,
+            n.hit_rate * 100.0,
+            n.writes,
+            n.leases_granted,
+            n.leases_coalesced,
+            n.guard_refusals
+        );
+    }
+    println!(
+        "L1: {} entries, {} of {} bytes, {} evicted; feed {} (synced {}×, lost {}×, gaps {}), \
+         last change {}; L2 {}",
+        r.l1_entries,
+        r.l1_bytes,
+        r.l1_max_bytes,
+        r.l1_evictions,
+        if r.feed_synced { "in sync" } else { "LOST" },
+        r.feed_synced_count,
+        r.feed_lost_count,
+        r.feed_gap_count,
+        r.last_seq,
+        if r.l2_shared {
+            "Redis (shared)"
+        } else {
+            "in memory (this instance only)"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line of a warm file.
+#[derive(serde::Deserialize)]
+struct WarmLine {
+    namespace: String,
+    key: String,
+    value: String,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    stale_for: Option<String>,
+}
+
+fn warm_request(n: usize, line: &str) -> anyhow::Result<pb::SetRequest> {
+    let l: WarmLine =
+        serde_json::from_str(line).with_context(|| format!("line {n}: not a warm entry"))?;
+    let duration = |d: Option<String>| -> anyhow::Result<Option<prost_types::Duration>> {
+        d.map(|d| {
+            parse_duration(&d)
+                .map(agentmesh_runtime::wire::duration_to_proto)
+                .map_err(|e| anyhow::anyhow!("line {n}: {e}"))
+        })
+        .transpose()
+    };
+    Ok(pb::SetRequest {
+        namespace: l.namespace,
+        key: l.key,
+        value: l.value.into_bytes(),
+        ttl: duration(l.ttl)?,
+        if_version: None,
+        tags: l.tags,
+        stale_for: duration(l.stale_for)?,
+    })
+}
+
+async fn warm(args: WarmArgs) -> anyhow::Result<ExitCode> {
+    let text = if args.file == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file))?
+    };
+    let requests = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| warm_request(i + 1, l))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let r = args
+        .common
+        .client()
+        .await?
+        .warm(futures::stream::iter(requests))
+        .await
+        .map_err(|s| status_error(&s))?
+        .into_inner();
+    if args.common.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::json!({ "stored": r.stored, "refused": r.refused, "errors": r.errors })
+        );
+    } else {
+        println!("{} stored, {} refused", r.stored, r.refused);
+        for e in &r.errors {
+            println!("  {e}");
+        }
+    }
+    Ok(if r.refused == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

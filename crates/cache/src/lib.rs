@@ -19,6 +19,7 @@ pub mod error;
 pub mod grpc;
 pub mod l2;
 pub mod metrics;
+pub mod semantic;
 pub mod service;
 pub mod sync;
 pub mod wire;

@@ -162,6 +162,12 @@ impl CacheMetrics {
             .inc();
     }
 
+    pub(crate) fn semantic(&self, namespace: &str, result: &str) {
+        self.semantic
+            .with_label_values(&[self.label(namespace), result])
+            .inc();
+    }
+
     pub(crate) fn resync(&self, event: &str) {
         self.resyncs.with_label_values(&[event]).inc();
     }

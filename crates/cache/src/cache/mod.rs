@@ -583,6 +583,21 @@ impl Cache {
         Ok(change.seq)
     }
 
+    /// Up to `limit` (namespace, key) pairs whose key starts with `key_prefix` (a scan of L2).
+    ///
+    /// # Errors
+    /// `Unavailable`.
+    pub async fn scan_keys(
+        &self,
+        key_prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, CacheError> {
+        self.l2
+            .scan(key_prefix, limit)
+            .await
+            .map_err(|e| unavailable(&e))
+    }
+
     /// Changes from now on, after replaying those after `after_seq` that are still held (a
     /// [`Notice::Flush`] first when some of them are not). `None` for `after_seq`: from now.
     #[must_use]

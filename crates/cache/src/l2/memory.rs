@@ -262,6 +262,23 @@ impl L2Store for InMemoryL2 {
         ok(true)
     }
 
+    fn scan<'a>(
+        &'a self,
+        key_prefix: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(String, String)>, L2Error>> {
+        let keys = self
+            .state
+            .lock()
+            .entries
+            .keys()
+            .filter(|(_, k)| k.starts_with(key_prefix))
+            .take(limit)
+            .cloned()
+            .collect();
+        ok(keys)
+    }
+
     fn watch(&self) -> BoxStream<'static, SyncEvent> {
         // Subscribe and read the sequence under the lock: nothing is numbered in between.
         let state = self.state.lock();

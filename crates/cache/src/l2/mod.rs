@@ -159,6 +159,14 @@ pub trait L2Store: Send + Sync {
         now_ms: u64,
     ) -> BoxFuture<'a, Result<bool, L2Error>>;
 
+    /// Up to `limit` (namespace, key) pairs of entries whose key starts with `key_prefix`, in
+    /// every namespace (a scan: for rebuilding in-process indexes, not for requests).
+    fn scan<'a>(
+        &'a self,
+        key_prefix: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(String, String)>, L2Error>>;
+
     /// Every change from now on, in sequence order, with the resynchronisations and losses of
     /// the feed (see [`SyncEvent`]). Ends when L2 is dropped.
     fn watch(&self) -> BoxStream<'static, SyncEvent>;

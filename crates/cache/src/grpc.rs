@@ -12,8 +12,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::cache::{Cache, GetItem, Notice, SetItem, SetOptions};
 use crate::error::{CacheError, FieldViolation};
+use crate::semantic::SemanticCache;
 use crate::wire::{
-    decode_duration, decode_read, decode_set, encode_get, encode_lease_answer, encode_notice,
+    decode_duration, decode_partition, decode_read, decode_set, encode_get, encode_lease_answer,
+    encode_notice, encode_semantic,
 };
 
 /// Largest request accepted (a 4 MiB value and its envelope; a batch of small ones).
@@ -21,17 +23,18 @@ const MAX_REQUEST: usize = 5 << 20;
 /// Reasons a Warm answer lists at most.
 const WARM_ERRORS: usize = 10;
 
-/// Serves `agentmesh.cache.v1.CacheCoordinator` over a [`Cache`].
+/// Serves `agentmesh.cache.v1.CacheCoordinator` over a [`Cache`] and its [`SemanticCache`].
 #[derive(Clone)]
 pub struct CacheGrpc {
     cache: Arc<Cache>,
+    semantic: Arc<SemanticCache>,
 }
 
 impl CacheGrpc {
-    /// An adapter over `cache`.
+    /// An adapter over `cache` and `semantic`.
     #[must_use]
-    pub fn new(cache: Arc<Cache>) -> Self {
-        Self { cache }
+    pub fn new(cache: Arc<Cache>, semantic: Arc<SemanticCache>) -> Self {
+        Self { cache, semantic }
     }
 
     /// The tonic server for this adapter.
@@ -322,6 +325,10 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
                     leases_granted: get(&n.leases, "granted") + get(&n.leases, "hit_refresh"),
                     leases_coalesced: get(&n.leases, "coalesced"),
                     guard_refusals: get(&n.semantic, "guard_refused"),
+                    semantic_exact: get(&n.semantic, "exact"),
+                    semantic_normalized: get(&n.semantic, "normalized"),
+                    semantic_similar: get(&n.semantic, "semantic"),
+                    semantic_misses: get(&n.semantic, "miss"),
                 })
                 .collect(),
             l1_entries: s.l1_entries,
@@ -335,6 +342,14 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
             feed_gap_count: get(&s.feed_events, "gap"),
             last_seq: s.last_seq,
             l2_shared: self.cache.shared(),
+            embedder: self.semantic.embedder().to_owned(),
+            embedder_fallback_reason: self
+                .semantic
+                .fallback_reason()
+                .unwrap_or_default()
+                .to_owned(),
+            semantic_entries: self.semantic.entries() as u64,
+            similarity_threshold: self.semantic.threshold(),
         }))
     }
 
@@ -372,5 +387,64 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
             }
         }
         Ok(Response::new(out))
+    }
+
+    async fn semantic_get(
+        &self,
+        request: Request<pb::SemanticGetRequest>,
+    ) -> Result<Response<pb::SemanticGetResponse>, Status> {
+        let r = request.into_inner();
+        let partition = decode_partition(r.partition.as_ref());
+        let answer = self
+            .semantic
+            .get(
+                &r.namespace,
+                &r.prompt,
+                &r.embedding,
+                r.threshold,
+                &partition,
+            )
+            .await
+            .map_err(|e| status(&e))?;
+        let embedder = if r.embedding.is_empty() {
+            self.semantic.embedder()
+        } else {
+            "caller"
+        };
+        Ok(Response::new(encode_semantic(answer, embedder)))
+    }
+
+    async fn semantic_put(
+        &self,
+        request: Request<pb::SemanticPutRequest>,
+    ) -> Result<Response<pb::SemanticPutResponse>, Status> {
+        let r = request.into_inner();
+        let partition = decode_partition(r.partition.as_ref());
+        let options = SetOptions {
+            ttl: decode_duration(r.ttl.as_ref(), "ttl").map_err(|e| status(&e))?,
+            tags: r.tags,
+            ..SetOptions::default()
+        };
+        let version = self
+            .semantic
+            .put(
+                &r.namespace,
+                &r.prompt,
+                &r.embedding,
+                &partition,
+                &r.answer,
+                &options,
+            )
+            .await
+            .map_err(|e| status(&e))?;
+        let embedder = if r.embedding.is_empty() {
+            self.semantic.embedder()
+        } else {
+            "caller"
+        };
+        Ok(Response::new(pb::SemanticPutResponse {
+            version,
+            embedder: embedder.to_owned(),
+        }))
     }
 }

@@ -25,6 +25,7 @@ pub struct CacheMetrics {
     pub(crate) l1_entries: IntGauge,
     pub(crate) l1_bytes: IntGauge,
     pub(crate) l1_evictions: IntGauge,
+    embedder_info: prometheus::IntGaugeVec,
     namespaces: Arc<BoundedLabel>,
 }
 
@@ -122,8 +123,27 @@ impl CacheMetrics {
                 "cache_l1_evictions",
                 "Entries evicted from L1 for room since start.",
             )?,
+            embedder_info: {
+                let g = prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "cache_embedder_info",
+                        "The semantic cache's embedder (1 for the one in use); fallback=true \
+                         when no model is loaded (lexical fallback).",
+                    ),
+                    &["embedder", "fallback"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             namespaces: Arc::new(BoundedLabel::new(MAX_LABELLED_NAMESPACES)),
         })
+    }
+
+    /// Says which embedder the semantic cache uses (`cache_embedder_info`, value 1).
+    pub fn embedder(&self, id: &str, fallback: bool) {
+        self.embedder_info
+            .with_label_values(&[id, if fallback { "true" } else { "false" }])
+            .set(1);
     }
 
     /// Metrics in a registry of their own (tests, benches).

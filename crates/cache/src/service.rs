@@ -18,6 +18,7 @@ use crate::config::{CacheConfig, MAX_TTL};
 use crate::grpc::CacheGrpc;
 use crate::l2::{InMemoryL2, L2Store, RedisL2};
 use crate::metrics::CacheMetrics;
+use crate::semantic::{SemanticCache, SemanticConfig};
 
 /// Cache settings.
 #[derive(Clone, Debug, clap::Args)]
@@ -42,6 +43,26 @@ pub struct CacheArgs {
         default_value_t = 100_000
     )]
     pub max_entries: u64,
+    /// Directory of the sentence-embedding model for the semantic cache (all-MiniLM-L6-v2:
+    /// `model.safetensors`, `tokenizer.json`, `config.json`; see the README). Without it, a
+    /// lexical fallback is used (and said so in Stats and at start).
+    #[arg(long = "cache-embedder-model", env = "AGENTMESH_CACHE_EMBEDDER_MODEL")]
+    pub embedder_model: Option<std::path::PathBuf>,
+    /// Similarity from which the semantic cache serves a similar prompt's answer (0–1;
+    /// requests may raise it, never lower it).
+    #[arg(
+        long = "cache-similarity-threshold",
+        env = "AGENTMESH_CACHE_SIMILARITY_THRESHOLD",
+        default_value_t = 0.85
+    )]
+    pub similarity_threshold: f32,
+    /// Most semantic entries this instance indexes (the oldest of an index go first).
+    #[arg(
+        long = "cache-semantic-max-entries",
+        env = "AGENTMESH_CACHE_SEMANTIC_MAX_ENTRIES",
+        default_value_t = 200_000
+    )]
+    pub semantic_max_entries: usize,
     /// TTL of a value written without one.
     #[arg(long = "cache-default-ttl", env = "AGENTMESH_CACHE_DEFAULT_TTL", default_value = "1h", value_parser = parse_duration)]
     pub default_ttl: Duration,
@@ -116,7 +137,34 @@ impl Service for CacheArgs {
                 Arc::new(SystemClock),
                 metrics,
             );
-            let server = CacheGrpc::new(cache).into_server();
+            if !(0.0..=1.0).contains(&self.similarity_threshold) {
+                return Err(BuildError::Config(
+                    "--cache-similarity-threshold must be between 0 and 1".to_owned(),
+                ));
+            }
+            let semantic = SemanticCache::start(
+                cache.clone(),
+                SemanticConfig {
+                    threshold: self.similarity_threshold,
+                    max_entries: self.semantic_max_entries.max(1),
+                    model_dir: self.embedder_model.clone(),
+                },
+            );
+            cache
+                .metrics()
+                .embedder(semantic.embedder(), semantic.fallback_reason().is_some());
+            let sampled = Arc::downgrade(&cache);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    let Some(cache) = sampled.upgrade() else {
+                        return;
+                    };
+                    cache.sample();
+                }
+            });
+            let server = CacheGrpc::new(cache, semantic).into_server();
             Ok(ServiceSpec {
                 name: NAME,
                 instance_id: new_instance_id(NAME),

@@ -7,6 +7,7 @@ use agentmesh_runtime::wire::{duration_from_proto, duration_to_proto};
 
 use crate::cache::{Consistency, Found, Lease, LeaseAnswer, Notice, ReadOptions, SetOptions, Tier};
 use crate::error::{CacheError, FieldViolation};
+use crate::semantic::{Partition, SemanticAnswer, SemanticTier};
 use crate::sync::What;
 
 /// A read's options (`prefix` before field names, e.g. `items[2].`).
@@ -167,4 +168,49 @@ pub fn encode_notice(notice: &Notice) -> pb::Invalidation {
             out
         }
     }
+}
+
+/// A partition (unset = every field empty).
+#[must_use]
+pub fn decode_partition(p: Option<&pb::Partition>) -> Partition {
+    p.map(|p| Partition {
+        model: p.model.clone(),
+        parameters: p.parameters.clone(),
+        system_prompt_hash: p.system_prompt_hash.clone(),
+    })
+    .unwrap_or_default()
+}
+
+/// A semantic lookup's answer.
+#[must_use]
+pub fn encode_semantic(answer: SemanticAnswer, embedder: &str) -> pb::SemanticGetResponse {
+    let refused = answer
+        .refused
+        .into_iter()
+        .map(|r| pb::GuardRefusal {
+            prompt: r.prompt,
+            similarity: r.similarity,
+            reason: r.reason.to_string(),
+        })
+        .collect();
+    let mut out = pb::SemanticGetResponse {
+        refused,
+        best_similarity: answer.best_similarity,
+        embedder: embedder.to_owned(),
+        ..pb::SemanticGetResponse::default()
+    };
+    if let Some(hit) = answer.hit {
+        out.found = true;
+        out.answer = hit.answer.to_vec();
+        out.tier = match hit.tier {
+            SemanticTier::Exact => pb::SemanticTier::Exact,
+            SemanticTier::Normalized => pb::SemanticTier::Normalized,
+            SemanticTier::Semantic => pb::SemanticTier::Semantic,
+        } as i32;
+        out.similarity = hit.similarity;
+        out.matched_prompt = hit.matched_prompt;
+        out.version = hit.version;
+        out.age = Some(ms_to_proto(hit.age_ms));
+    }
+    out
 }

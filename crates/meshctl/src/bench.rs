@@ -26,6 +26,7 @@ use crate::Output;
 use crate::ratelimit::proto_duration;
 
 mod anchors;
+mod cache;
 mod eventbus;
 mod pubsub;
 mod scheduler;
@@ -56,6 +57,12 @@ pub(crate) enum BenchCommand {
     /// Tasks submitted, assigned and completed end to end through SDK agents this process runs
     /// (each in-flight slot submits a task and watches it to the end).
     Tasks(tasks::TasksBench),
+    /// Cache coordinator load: L1 or L2 Gets, Sets, SemanticGets (caller vectors or embedded
+    /// by the service), or a stampede of GetOrLease misses.
+    Cache(cache::CacheBench),
+    /// Anchor for `bench cache --mode l2`: raw Redis GETs from this process. Redis: `--redis`
+    /// (default redis://127.0.0.1:6379).
+    RedisGet(cache::RedisGetBench),
     /// Serve the bare tonic echo anchor (no agentmesh layers) until interrupted.
     EchoServer {
         /// Listen address.
@@ -285,6 +292,8 @@ pub(crate) async fn run(cmd: BenchCommand, redis: Option<&str>) -> anyhow::Resul
         BenchCommand::Eventbus(args) => eventbus::run(args).await,
         BenchCommand::Scheduler(args) => scheduler::run(args).await,
         BenchCommand::Tasks(args) => tasks::run(args).await,
+        BenchCommand::Cache(args) => cache::run(args).await,
+        BenchCommand::RedisGet(args) => cache::redis_get(args, &redis).await,
         BenchCommand::Nats(args) => anchors::nats(args).await,
         BenchCommand::RedisStreams(args) => anchors::redis_streams(args, &redis).await,
     }

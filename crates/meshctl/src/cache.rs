@@ -27,9 +27,69 @@ pub(crate) enum CacheCommand {
     Invalidate(InvalidateArgs),
     /// Counters per namespace and the state of the instance's L1 and change feed.
     Stats(StatsArgs),
+    /// Semantic lookup of a prompt: the answer (EXACT, NORMALIZED or SEMANTIC with its
+    /// similarity), and the similar prompts the guard refused.
+    SemanticGet(SemanticGetArgs),
+    /// Store an answer for a prompt in the semantic cache.
+    SemanticPut(SemanticPutArgs),
     /// Bulk load from a file of JSON lines: {"namespace","key","value", optional "ttl" ("10m"),
     /// "tags" [..], "stale_for"}; `-` reads standard input.
     Warm(WarmArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct PartitionArgs {
+    /// The model the answer came from (part of the key).
+    #[arg(long, default_value = "")]
+    model: String,
+    /// The model's parameters (part of the key).
+    #[arg(long, default_value = "")]
+    parameters: String,
+    /// A hash of the system prompt (part of the key).
+    #[arg(long, default_value = "")]
+    system_prompt_hash: String,
+}
+
+impl PartitionArgs {
+    fn proto(&self) -> pb::Partition {
+        pb::Partition {
+            model: self.model.clone(),
+            parameters: self.parameters.clone(),
+            system_prompt_hash: self.system_prompt_hash.clone(),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct SemanticGetArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    partition: PartitionArgs,
+    /// Namespace.
+    namespace: String,
+    /// The prompt.
+    prompt: String,
+    /// A higher similarity threshold for this lookup.
+    #[arg(long)]
+    threshold: Option<f32>,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct SemanticPutArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    partition: PartitionArgs,
+    /// Namespace.
+    namespace: String,
+    /// The prompt.
+    prompt: String,
+    /// The answer (UTF-8 text).
+    answer: String,
+    /// How long it lives (default: the service's).
+    #[arg(long, value_parser = parse_duration)]
+    ttl: Option<Duration>,
 }
 
 #[derive(clap::Args)]
@@ -133,6 +193,8 @@ pub(crate) async fn run(cmd: CacheCommand) -> anyhow::Result<ExitCode> {
         CacheCommand::Invalidate(args) => invalidate(args).await,
         CacheCommand::Stats(args) => stats(args).await,
         CacheCommand::Warm(args) => warm(args).await,
+        CacheCommand::SemanticGet(args) => semantic_get(args).await,
+        CacheCommand::SemanticPut(args) => semantic_put(args).await,
     }
 }
 
@@ -449,4 +511,101 @@ async fn warm(args: WarmArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn semantic_tier(t: i32) -> &'static str {
+    match pb::SemanticTier::try_from(t) {
+        Ok(pb::SemanticTier::Exact) => "EXACT",
+        Ok(pb::SemanticTier::Normalized) => "NORMALIZED",
+        Ok(pb::SemanticTier::Semantic) => "SEMANTIC",
+        _ => "-",
+    }
+}
+
+async fn semantic_get(args: SemanticGetArgs) -> anyhow::Result<ExitCode> {
+    let r = args
+        .common
+        .client()
+        .await?
+        .semantic_get(pb::SemanticGetRequest {
+            namespace: args.namespace.clone(),
+            prompt: args.prompt.clone(),
+            embedding: vec![],
+            threshold: args.threshold,
+            partition: Some(args.partition.proto()),
+        })
+        .await
+        .map_err(|s| status_error(&s))?
+        .into_inner();
+    if args.common.output == Output::Json {
+        let refused: Vec<_> = r
+            .refused
+            .iter()
+            .map(|g| serde_json::json!({"prompt": g.prompt, "similarity": g.similarity, "reason": g.reason}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "found": r.found, "answer": String::from_utf8_lossy(&r.answer),
+                "tier": semantic_tier(r.tier), "similarity": r.similarity,
+                "matched_prompt": r.matched_prompt, "best_similarity": r.best_similarity,
+                "refused": refused, "embedder": r.embedder,
+            })
+        );
+    } else if r.found {
+        println!("{}", String::from_utf8_lossy(&r.answer));
+        eprintln!(
+            "{} hit (similarity {:.3}) for {:?}  [embedder {}]",
+            semantic_tier(r.tier),
+            r.similarity,
+            r.matched_prompt,
+            r.embedder
+        );
+    } else {
+        eprintln!(
+            "miss (best similarity {:.3})  [embedder {}]",
+            r.best_similarity, r.embedder
+        );
+    }
+    if args.common.output != Output::Json {
+        for g in &r.refused {
+            eprintln!(
+                "  refused {:?} (similarity {:.3}): {}",
+                g.prompt, g.similarity, g.reason
+            );
+        }
+    }
+    Ok(if r.found {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn semantic_put(args: SemanticPutArgs) -> anyhow::Result<ExitCode> {
+    let r = args
+        .common
+        .client()
+        .await?
+        .semantic_put(pb::SemanticPutRequest {
+            namespace: args.namespace.clone(),
+            prompt: args.prompt.clone(),
+            embedding: vec![],
+            partition: Some(args.partition.proto()),
+            answer: args.answer.clone().into_bytes(),
+            ttl: args.ttl.map(agentmesh_runtime::wire::duration_to_proto),
+            tags: vec![],
+        })
+        .await
+        .map_err(|s| status_error(&s))?
+        .into_inner();
+    if args.common.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::json!({ "version": r.version, "embedder": r.embedder })
+        );
+    } else {
+        println!("version {}  [embedder {}]", r.version, r.embedder);
+    }
+    Ok(ExitCode::SUCCESS)
 }

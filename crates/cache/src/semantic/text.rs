@@ -111,10 +111,13 @@ impl std::fmt::Display for Refusal {
         match self {
             Self::Negation => write!(f, "negation differs"),
             Self::Numbers => write!(f, "numbers differ"),
-            Self::Entity(e) => write!(f, "name {e:?} not in both"),
-            Self::Contrast(w) => write!(f, "{w:?} not in both"),
+            Self::Entity(e) => write!(f, "name {e:?} in one prompt only"),
+            Self::Contrast(w) => match w.split_once('/') {
+                Some((a, b)) => write!(f, "{a:?} against {b:?}"),
+                None => write!(f, "{w:?} in one prompt only"),
+            },
             Self::Order => write!(f, "same names or units in another order"),
-            Self::Content(w) => write!(f, "content word {w:?} not in both"),
+            Self::Content(w) => write!(f, "content word {w:?} in one prompt only"),
         }
     }
 }

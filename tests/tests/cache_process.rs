@@ -387,3 +387,107 @@ async fn test_leases_tags_batches_the_invalidation_stream_and_stats_over_the_wir
     assert_eq!(stats.namespaces[0].leases_granted, 1);
     Ok(())
 }
+
+/// The semantic cache across two instances over one Redis, with the real model when
+/// `scripts/install-deps.sh` fetched it (else the lexical fallback, said in Stats).
+#[tokio::test]
+async fn test_semantic_answers_cross_instances_never_partitions_and_bad_input_is_named()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let model = agentmesh_cache::semantic::model_dir_for_tests();
+    let dir = model.as_ref().map(|d| d.display().to_string());
+    let extra: Vec<&str> = match &dir {
+        Some(d) => vec!["--cache-embedder-model", d.as_str()],
+        None => vec![],
+    };
+    let a = AgentmeshProcess::serve("cache", Some(&redis.url()), None, &extra).await?;
+    let b = AgentmeshProcess::serve("cache", Some(&redis.url()), None, &extra).await?;
+    let (mut ca, mut cb) = (client(&a).await?, client(&b).await?);
+    let partition = |model: &str| pb::Partition {
+        model: model.into(),
+        parameters: "temperature=0".into(),
+        system_prompt_hash: "sys1".into(),
+    };
+    let put = ca
+        .semantic_put(pb::SemanticPutRequest {
+            namespace: "llm".into(),
+            prompt: "What is the capital of France?".into(),
+            partition: Some(partition("m1")),
+            answer: b"Paris".to_vec(),
+            ..pb::SemanticPutRequest::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(put.version, 1);
+    let ask = |prompt: &str, model: &str| pb::SemanticGetRequest {
+        namespace: "llm".into(),
+        prompt: prompt.into(),
+        partition: Some(partition(model)),
+        ..pb::SemanticGetRequest::default()
+    };
+    // NORMALIZED on the other instance at once (one key read in L2).
+    let r = cb
+        .semantic_get(ask("what is the capital of france", "m1"))
+        .await?
+        .into_inner();
+    assert_eq!(
+        (r.found, r.tier),
+        (true, pb::SemanticTier::Normalized as i32)
+    );
+    // Never across partitions.
+    let r = cb
+        .semantic_get(ask("What is the capital of France?", "m2"))
+        .await?
+        .into_inner();
+    assert!(!r.found);
+    let stats = cb.stats(pb::StatsRequest::default()).await?.into_inner();
+    if model.is_some() {
+        assert_eq!(stats.embedder, "all-MiniLM-L6-v2");
+        // A paraphrase, on the other instance once its index has the entry.
+        let mut found = None;
+        for _ in 0..100 {
+            let r = cb
+                .semantic_get(ask("Which city is the capital of France?", "m1"))
+                .await?
+                .into_inner();
+            if r.found {
+                found = Some(r);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let r = found.expect("a semantic hit on b");
+        assert_eq!(r.tier, pb::SemanticTier::Semantic as i32);
+        assert!(r.similarity >= 0.85, "{}", r.similarity);
+        assert_eq!(r.answer, b"Paris");
+    } else {
+        eprintln!("no model installed: the paraphrase part is skipped");
+        assert_eq!(stats.embedder, "lexical-v1");
+        assert!(!stats.embedder_fallback_reason.is_empty());
+    }
+    let e = ca
+        .semantic_get(pb::SemanticGetRequest {
+            namespace: "llm".into(),
+            prompt: String::new(),
+            embedding: vec![0.0, 0.0],
+            threshold: Some(1.5),
+            partition: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields_of(&e), ["prompt", "embedding"]);
+    let e = ca
+        .semantic_put(pb::SemanticPutRequest {
+            namespace: "bad ns".into(),
+            prompt: "p".into(),
+            partition: Some(pb::Partition {
+                model: "m".repeat(300),
+                ..pb::Partition::default()
+            }),
+            ..pb::SemanticPutRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields_of(&e), ["namespace", "partition.model"]);
+    Ok(())
+}

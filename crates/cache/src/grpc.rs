@@ -395,6 +395,7 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
     ) -> Result<Response<pb::SemanticGetResponse>, Status> {
         let r = request.into_inner();
         let partition = decode_partition(r.partition.as_ref());
+        let started = std::time::Instant::now();
         let answer = self
             .semantic
             .get(
@@ -406,6 +407,9 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
             )
             .await
             .map_err(|e| status(&e))?;
+        self.cache
+            .metrics()
+            .semantic_took(!r.embedding.is_empty(), started);
         let embedder = if r.embedding.is_empty() {
             self.semantic.embedder()
         } else {

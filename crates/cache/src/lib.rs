@@ -1,16 +1,15 @@
-//! agentmesh cache coordinator: `agentmesh.cache.v1.CacheCoordinator` (Get, Set, Delete).
+//! agentmesh cache coordinator: `agentmesh.cache.v1.CacheCoordinator`.
 //!
 //! [`cache::Cache`] is a two-tier key/value cache per namespace: L1 in this process (moka:
 //! TinyLFU admission, weighted by bytes, bounded by entries and a byte budget) in front of an
-//! L2 shared by every instance ([`l2::L2Store`]: Redis, or in memory). Values carry a version
-//! (compare-and-set with `if_version`), a TTL (jittered so a burst of writes does not expire
-//! at once), and are compressed with zstd above 1 KiB. Reads say which tier answered, the
-//! version and the age; a FRESH read skips L1.
+//! L2 shared by every instance ([`l2::L2Store`]: Redis, or in memory). Every change L2 makes is
+//! numbered and reaches every instance's L1 ([`sync`]); a gap or a lost feed flushes L1.
+//! Values carry a version (compare-and-set), a TTL (jittered) with an optional stale window,
+//! tags (invalidated in O(1) by generation counters), and are compressed with zstd above
+//! 1 KiB. Leases ([`cache::lease`]) make a missing value computed once across the fleet.
+//! [`semantic`] is the semantic cache for LLM prompts on top of it.
 //!
 //! [`wire`] converts, [`grpc`] is the thin adapter, [`service`] assembles it for the host.
-//!
-//! Not built yet (issue 17): batch forms, cross-node invalidation of L1, leases against
-//! stampedes, tags and generations, the semantic cache.
 
 pub mod cache;
 pub mod config;

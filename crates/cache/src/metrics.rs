@@ -19,6 +19,7 @@ pub struct CacheMetrics {
     semantic: IntCounterVec,
     resyncs: IntCounterVec,
     lag: Histogram,
+    semantic_seconds: prometheus::HistogramVec,
     raw_bytes: IntCounter,
     stored_bytes: IntCounter,
     compression_ratio: prometheus::Gauge,
@@ -88,6 +89,18 @@ impl CacheMetrics {
             ]),
         )?;
         registry.register(Box::new(lag.clone()))?;
+        let semantic_seconds = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "cache_semantic_get_seconds",
+                "SemanticGet inside the instance, by who embedded the prompt (caller: a vector \
+                 sent; service: embedded here).",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
+            ]),
+            &["embedder"],
+        )?;
+        registry.register(Box::new(semantic_seconds.clone()))?;
         let raw_bytes = IntCounter::new(
             "cache_value_bytes_total",
             "Bytes of values written, before compression.",
@@ -111,6 +124,7 @@ impl CacheMetrics {
             semantic,
             resyncs,
             lag,
+            semantic_seconds,
             raw_bytes,
             stored_bytes,
             compression_ratio,
@@ -186,6 +200,12 @@ impl CacheMetrics {
         self.semantic
             .with_label_values(&[self.label(namespace), result])
             .inc();
+    }
+
+    pub(crate) fn semantic_took(&self, caller_vector: bool, started: std::time::Instant) {
+        self.semantic_seconds
+            .with_label_values(&[if caller_vector { "caller" } else { "service" }])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     pub(crate) fn resync(&self, event: &str) {

@@ -4,7 +4,8 @@
 #  1. L1-hit Get vs the bare tonic echo at the same concurrency;
 #  2. L2-hit Get (FRESH) vs raw Redis GET from the load generator at the same concurrency;
 #  3. SemanticGet with caller vectors over 10k and 100k entries: at the client and inside the
-#     instance (`cache_semantic_get_seconds`);
+#     instance (`cache_semantic_get_seconds`) — on a fourth, standalone instance (in-memory
+#     L2), so that one process alone builds the indexes;
 #  4. SemanticGet that the instance embeds itself (all-MiniLM-L6-v2): embeddings per second;
 #  5. cross-node invalidation: Sets on instance A, the lag until B and C applied each change
 #     (`cache_invalidation_lag_seconds` on B and C);
@@ -34,7 +35,10 @@ for i in 0 1 2; do
     --cache-admin-listen "127.0.0.1:91${i}3" --cache-embedder-model "$model" --log-format json 2>/dev/null &
   pids+=($!)
 done
-for i in 0 1 2; do
+"$bin/agentmesh" serve cache --cache-listen 127.0.0.1:7133 --cache-admin-listen 127.0.0.1:9133 \
+  --cache-embedder-model "$model" --log-format json 2>/dev/null &
+pids+=($!)
+for i in 0 1 2 3; do
   for _ in $(seq 1 100); do
     "$bin/agentmesh" probe "127.0.0.1:71${i}3" >/dev/null 2>&1 && break
     sleep 0.2
@@ -84,14 +88,14 @@ echo "| raw Redis GET from the client (anchor) | $r_cps | $r_p50 | $r_p99 | |"
 read -r l2_cps l2_p50 l2_p99 <<<"$(summary "$("$bin/meshctl" bench cache --mode l2 --addr 127.0.0.1:7103 "${load[@]}")")"
 echo "| cache Get FRESH, L2 hits | $l2_cps | $l2_p50 | $l2_p99 | $(python3 -c "print(f'{$l2_cps/$r_cps:.2f}')") |"
 for n in 10000 100000; do
-  before=$(scrape 9103 cache_semantic_get_seconds 'embedder="caller"')
-  read -r s_cps s_p50 s_p99 <<<"$(summary "$("$bin/meshctl" bench cache --mode semantic --entries "$n" --namespace "sem$n" --addr 127.0.0.1:7103 "${load[@]}")")"
-  after=$(scrape 9103 cache_semantic_get_seconds 'embedder="caller"')
+  before=$(scrape 9133 cache_semantic_get_seconds 'embedder="caller"')
+  read -r s_cps s_p50 s_p99 <<<"$(summary "$("$bin/meshctl" bench cache --mode semantic --entries "$n" --namespace "sem$n" --addr 127.0.0.1:7133 "${load[@]}")")"
+  after=$(scrape 9133 cache_semantic_get_seconds 'embedder="caller"')
   echo "| SemanticGet, caller vectors, $n entries | $s_cps | $s_p50 | $s_p99 | inside the instance: $(quantiles "$before" "$after") |"
 done
-before=$(scrape 9103 cache_semantic_get_seconds 'embedder="service"')
-read -r m_cps m_p50 m_p99 <<<"$(summary "$("$bin/meshctl" bench cache --mode embed --addr 127.0.0.1:7103 --concurrency 4 --connections 1 --duration "${secs}s" --warmup 1s -o json)")"
-after=$(scrape 9103 cache_semantic_get_seconds 'embedder="service"')
+before=$(scrape 9133 cache_semantic_get_seconds 'embedder="service"')
+read -r m_cps m_p50 m_p99 <<<"$(summary "$("$bin/meshctl" bench cache --mode embed --addr 127.0.0.1:7133 --concurrency 4 --connections 1 --duration "${secs}s" --warmup 1s -o json)")"
+after=$(scrape 9133 cache_semantic_get_seconds 'embedder="service"')
 echo "| SemanticGet, embedded by the instance (MiniLM; $(nproc) cores) | $m_cps | $m_p50 | $m_p99 | inside: $(quantiles "$before" "$after"); ≈ $m_cps embeddings/s |"
 
 echo
@@ -102,4 +106,4 @@ b2=$(scrape 9113 cache_invalidation_lag_seconds '')
 c2=$(scrape 9123 cache_invalidation_lag_seconds '')
 echo "cross-node invalidation while A takes $w_cps Sets/s: B $(quantiles "$b1" "$b2"); C $(quantiles "$c1" "$c2")"
 echo
-"$bin/../release/examples/semantic_index"
+target/release/examples/semantic_index

@@ -45,7 +45,7 @@ fn main() {
         let started = Instant::now();
         let mut hnsw = VectorIndex::new(DIM);
         let mut exact = VectorIndex::exact(DIM);
-        let stored: Vec<Vec<f32>> = (0..n).map(|i| vector(&centres, i, 0.6, &mut rng)).collect();
+        let stored: Vec<Vec<f32>> = (0..n).map(|i| vector(&centres, i, 0.1, &mut rng)).collect();
         for (i, v) in stored.iter().enumerate() {
             let slot = Slot {
                 key: format!("k{i}"),

@@ -190,10 +190,24 @@ pub fn unit(v: &mut [f32]) {
     }
 }
 
-/// Cosine of two unit vectors.
+/// Cosine of two unit vectors. Eight running sums, so the compiler vectorises it (one sum
+/// in order cannot be reordered for SIMD).
 #[must_use]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// The embedder configured: the model in `dir`, or the lexical fallback (with the reason).

@@ -9,11 +9,13 @@ use hnsw_rs::prelude::{Distance, Hnsw, Neighbour};
 use super::embed::dot;
 
 /// Entries from which an index searches with HNSW instead of scanning.
-pub const HNSW_FROM: usize = 4096;
+pub const HNSW_FROM: usize = 20_000;
 /// HNSW: links per node, and candidates kept while building and searching.
 const M: usize = 16;
-const EF_CONSTRUCTION: usize = 200;
-const EF_SEARCH: usize = 96;
+const EF_CONSTRUCTION: usize = 100;
+const EF_SEARCH: usize = 64;
+/// Elements an HNSW is sized for (its layer probabilities depend on it).
+const HNSW_CAPACITY: usize = 1_000_000;
 
 /// `1 - cosine` of unit vectors (never negative: rounding can put a dot above 1).
 #[derive(Debug, Default, Clone, Copy)]
@@ -43,6 +45,7 @@ pub struct VectorIndex {
     hnsw: Option<Hnsw<'static, f32, UnitCosine>>,
     live: usize,
     force_exact: bool,
+    hnsw_from: usize,
 }
 
 impl std::fmt::Debug for VectorIndex {
@@ -67,6 +70,16 @@ impl VectorIndex {
             hnsw: None,
             live: 0,
             force_exact: false,
+            hnsw_from: HNSW_FROM,
+        }
+    }
+
+    /// An index that switches to HNSW at `n` entries (tests, benches).
+    #[must_use]
+    pub fn with_hnsw_from(dim: usize, n: usize) -> Self {
+        Self {
+            hnsw_from: n.max(1),
+            ..Self::new(dim)
         }
     }
 
@@ -114,7 +127,7 @@ impl VectorIndex {
         self.live += 1;
         if let Some(h) = &self.hnsw {
             h.insert_slice((vector, id));
-        } else if self.live >= HNSW_FROM && !self.force_exact {
+        } else if self.live >= self.hnsw_from && !self.force_exact {
             self.build();
         }
     }
@@ -145,10 +158,9 @@ impl VectorIndex {
 
     /// Rebuilds without the dead slots.
     fn compact(&mut self) {
-        let mut fresh = if self.force_exact {
-            Self::exact(self.dim)
-        } else {
-            Self::new(self.dim)
+        let mut fresh = Self {
+            force_exact: self.force_exact,
+            ..Self::with_hnsw_from(self.dim, self.hnsw_from)
         };
         for (id, slot) in self.slots.iter().enumerate() {
             if let Some(slot) = slot {
@@ -159,13 +171,7 @@ impl VectorIndex {
     }
 
     fn build(&mut self) {
-        let h = Hnsw::new(
-            M,
-            self.slots.len().max(HNSW_FROM) * 2,
-            16,
-            EF_CONSTRUCTION,
-            UnitCosine,
-        );
+        let h = Hnsw::new(M, HNSW_CAPACITY, 16, EF_CONSTRUCTION, UnitCosine);
         for (id, slot) in self.slots.iter().enumerate() {
             if slot.is_some() {
                 h.insert_slice((self.vector(id), id));
@@ -179,8 +185,12 @@ impl VectorIndex {
     pub fn search(&self, query: &[f32], k: usize) -> Vec<(&Slot, f32)> {
         let mut found: Vec<(usize, f32)> = match &self.hnsw {
             Some(h) => {
-                let dead = |id: &usize| self.slots.get(*id).is_some_and(Option::is_some);
-                let hits: Vec<Neighbour> = h.search_filter(query, k, EF_SEARCH.max(k), Some(&dead));
+                let hits: Vec<Neighbour> = if self.live == self.slots.len() {
+                    h.search(query, k, EF_SEARCH.max(k))
+                } else {
+                    let live = |id: &usize| self.slots.get(*id).is_some_and(Option::is_some);
+                    h.search_filter(query, k, EF_SEARCH.max(k), Some(&live))
+                };
                 hits.into_iter()
                     .map(|n| (n.d_id, 1.0 - n.distance))
                     .collect()
@@ -266,7 +276,18 @@ mod tests {
             exact.insert(slot(i), v);
         }
         assert!(index.approximate() && !exact.approximate());
-        let queries: Vec<_> = (0..200).map(|_| random(48, &mut seed)).collect();
+        let queries: Vec<_> = (0..200)
+            .map(|i| {
+                let noise = random(48, &mut seed);
+                let mut v: Vec<f32> = vs[i * 7]
+                    .iter()
+                    .zip(&noise)
+                    .map(|(c, n)| c + 0.05 * n)
+                    .collect();
+                unit(&mut v);
+                v
+            })
+            .collect();
         let agree = queries
             .iter()
             .filter(|q| index.search(q, 1)[0].0 == exact.search(q, 1)[0].0)

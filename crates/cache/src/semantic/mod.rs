@@ -213,14 +213,105 @@ impl Record {
 
 type IndexKey = (String, String, String);
 
+/// This instance's vector indexes, shared with the blocking threads that search and fill
+/// them (a search over 100k vectors, or an HNSW build, must not hold an async worker).
+struct Indexes {
+    map: RwLock<HashMap<IndexKey, Arc<RwLock<VectorIndex>>>>,
+    total: AtomicUsize,
+    max_entries: usize,
+}
+
+impl Indexes {
+    fn get(&self, id: &IndexKey) -> Option<Arc<RwLock<VectorIndex>>> {
+        self.map.read().get(id).cloned()
+    }
+
+    /// Puts a record in its index (the oldest entries go when over the bound).
+    fn insert(&self, namespace: &str, key: &str, record: &Record) {
+        let Some(phash) = key
+            .strip_prefix(KEY_PREFIX)
+            .and_then(|k| k.split('/').next())
+        else {
+            return;
+        };
+        let id = (namespace.to_owned(), phash.to_owned(), record.space.clone());
+        let index = self
+            .map
+            .write()
+            .entry(id)
+            .or_insert_with(|| Arc::new(RwLock::new(VectorIndex::new(record.vector.len()))))
+            .clone();
+        let mut index = index.write();
+        if index.dim() != record.vector.len() {
+            return;
+        }
+        let before = index.len();
+        index.insert(
+            Slot {
+                key: key.to_owned(),
+                prompt: record.prompt.clone(),
+            },
+            &record.vector,
+        );
+        if index.len() > before {
+            self.total.fetch_add(1, Ordering::Relaxed);
+        }
+        while self.total.load(Ordering::Relaxed) > self.max_entries && index.pop_oldest().is_some()
+        {
+            self.total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remove_from(&self, index: &RwLock<VectorIndex>, key: &str) {
+        if index.write().remove(key) {
+            self.total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remove(&self, namespace: &str, key: &str) {
+        let indexes: Vec<_> = self
+            .map
+            .read()
+            .iter()
+            .filter(|((ns, _, _), _)| ns == namespace)
+            .map(|(_, i)| i.clone())
+            .collect();
+        for index in indexes {
+            self.remove_from(&index, key);
+        }
+    }
+
+    fn drop_namespace(&self, namespace: &str) {
+        self.map.write().retain(|(ns, _, _), index| {
+            if ns == namespace {
+                self.total.fetch_sub(index.read().len(), Ordering::Relaxed);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn clear(&self) {
+        self.map.write().clear();
+        self.total.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Runs index work on a blocking thread.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work)
+        .await
+        .expect("index work does not panic")
+}
+
 /// The semantic cache; made with [`SemanticCache::start`].
 pub struct SemanticCache {
     cache: Arc<Cache>,
     embedder: Arc<dyn Embedder>,
     fallback: Option<String>,
     config: SemanticConfig,
-    indexes: RwLock<HashMap<IndexKey, Arc<RwLock<VectorIndex>>>>,
-    total: AtomicUsize,
+    indexes: Arc<Indexes>,
 }
 
 impl std::fmt::Debug for SemanticCache {
@@ -291,13 +382,17 @@ impl SemanticCache {
         fallback: Option<String>,
     ) -> Arc<Self> {
         let changes = cache.watch(None);
+        let indexes = Arc::new(Indexes {
+            map: RwLock::default(),
+            total: AtomicUsize::new(0),
+            max_entries: config.max_entries,
+        });
         let s = Arc::new(Self {
             cache,
             embedder,
             fallback,
             config,
-            indexes: RwLock::default(),
-            total: AtomicUsize::new(0),
+            indexes,
         });
         tokio::spawn(follow(Arc::downgrade(&s), changes));
         s
@@ -318,7 +413,7 @@ impl SemanticCache {
     /// Entries indexed by this instance.
     #[must_use]
     pub fn entries(&self) -> usize {
-        self.total.load(Ordering::Relaxed)
+        self.indexes.total.load(Ordering::Relaxed)
     }
 
     /// The configured threshold.
@@ -411,7 +506,7 @@ impl SemanticCache {
             .cache
             .set(namespace, &key, &record.encode(), options)
             .await?;
-        self.index(namespace, &key, &record);
+        self.index(namespace, key, record).await;
         Ok(version)
     }
 
@@ -468,11 +563,7 @@ impl SemanticCache {
         }
         let strict = given.is_empty() && self.embedder.lexical();
         let (space, vector) = self.vector(prompt, given).await?;
-        let index = self
-            .indexes
-            .read()
-            .get(&(namespace.to_owned(), phash, space))
-            .cloned();
+        let index = self.indexes.get(&(namespace.to_owned(), phash, space));
         let mut answer = SemanticAnswer {
             hit: None,
             refused: Vec::new(),
@@ -482,12 +573,16 @@ impl SemanticCache {
             self.cache.metrics().semantic(namespace, "miss");
             return Ok(answer);
         };
-        let candidates: Vec<(Slot, f32)> = index
-            .read()
-            .search(&vector, CANDIDATES)
-            .into_iter()
-            .map(|(s, sim)| (s.clone(), sim))
-            .collect();
+        let searched = index.clone();
+        let candidates: Vec<(Slot, f32)> = blocking(move || {
+            searched
+                .read()
+                .search(&vector, CANDIDATES)
+                .into_iter()
+                .map(|(s, sim)| (s.clone(), sim))
+                .collect()
+        })
+        .await;
         answer.best_similarity = candidates.first().map_or(0.0, |c| c.1);
         for (slot, similarity) in candidates {
             if similarity < threshold {
@@ -522,9 +617,8 @@ impl SemanticCache {
                 }
                 _ => {
                     // Expired, deleted or invalidated: out of the index.
-                    if index.write().remove(&slot.key) {
-                        self.total.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    let (indexes, index) = (self.indexes.clone(), index.clone());
+                    blocking(move || indexes.remove_from(&index, &slot.key)).await;
                 }
             }
         }
@@ -560,68 +654,10 @@ impl SemanticCache {
         )
     }
 
-    /// Puts a record in its index.
-    fn index(&self, namespace: &str, key: &str, record: &Record) {
-        let Some(phash) = key
-            .strip_prefix(KEY_PREFIX)
-            .and_then(|k| k.split('/').next())
-        else {
-            return;
-        };
-        let id = (namespace.to_owned(), phash.to_owned(), record.space.clone());
-        let index = self
-            .indexes
-            .write()
-            .entry(id)
-            .or_insert_with(|| Arc::new(RwLock::new(VectorIndex::new(record.vector.len()))))
-            .clone();
-        let mut index = index.write();
-        if index.dim() != record.vector.len() {
-            return;
-        }
-        let before = index.len();
-        index.insert(
-            Slot {
-                key: key.to_owned(),
-                prompt: record.prompt.clone(),
-            },
-            &record.vector,
-        );
-        if index.len() > before {
-            self.total.fetch_add(1, Ordering::Relaxed);
-        }
-        while self.total.load(Ordering::Relaxed) > self.config.max_entries
-            && index.pop_oldest().is_some()
-        {
-            self.total.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-
-    fn unindex(&self, namespace: &str, key: &str) {
-        let indexes: Vec<_> = self
-            .indexes
-            .read()
-            .iter()
-            .filter(|((ns, _, _), _)| ns == namespace)
-            .map(|(_, i)| i.clone())
-            .collect();
-        for index in indexes {
-            if index.write().remove(key) {
-                self.total.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn drop_namespace(&self, namespace: &str) {
-        let mut indexes = self.indexes.write();
-        indexes.retain(|(ns, _, _), index| {
-            if ns == namespace {
-                self.total.fetch_sub(index.read().len(), Ordering::Relaxed);
-                false
-            } else {
-                true
-            }
-        });
+    /// Puts a record in its index (on a blocking thread).
+    async fn index(&self, namespace: &str, key: String, record: Record) {
+        let (indexes, namespace) = (self.indexes.clone(), namespace.to_owned());
+        blocking(move || indexes.insert(&namespace, &key, &record)).await;
     }
 
     /// Forgets every index and loads them again from L2.
@@ -633,20 +669,23 @@ impl SemanticCache {
             .cache
             .scan_keys(KEY_PREFIX, self.config.max_entries)
             .await?;
-        self.indexes.write().clear();
-        self.total.store(0, Ordering::Relaxed);
+        self.indexes.clear();
         for chunk in keys.chunks(256) {
-            let reads = futures::future::join_all(
-                chunk
-                    .iter()
-                    .map(|(ns, key)| async move { (ns, key, self.read(ns, key).await) }),
-            )
+            let reads = futures::future::join_all(chunk.iter().map(|(ns, key)| async move {
+                (ns.clone(), key.clone(), self.read(ns, key).await)
+            }))
             .await;
-            for (ns, key, read) in reads {
-                if let Ok(Some((record, _, _))) = read {
-                    self.index(ns, key, &record);
+            let records: Vec<_> = reads
+                .into_iter()
+                .filter_map(|(ns, key, read)| Some((ns, key, read.ok()??.0)))
+                .collect();
+            let indexes = self.indexes.clone();
+            blocking(move || {
+                for (ns, key, record) in &records {
+                    indexes.insert(ns, key, record);
                 }
-            }
+            })
+            .await;
         }
         Ok(self.entries())
     }
@@ -667,13 +706,18 @@ impl SemanticCache {
                     if let Ok(Found::Hit(h)) = self.cache.get(&change.namespace, key, fresh).await
                         && let Some(record) = Record::decode(h.value)
                     {
-                        self.index(&change.namespace, key, &record);
+                        self.index(&change.namespace, key.clone(), record).await;
                     }
                 }
                 What::Deleted { key } if key.starts_with(KEY_PREFIX) => {
-                    self.unindex(&change.namespace, key);
+                    let (indexes, key) = (self.indexes.clone(), key.clone());
+                    let ns = change.namespace.clone();
+                    blocking(move || indexes.remove(&ns, &key)).await;
                 }
-                What::Namespace { .. } => self.drop_namespace(&change.namespace),
+                What::Namespace { .. } => {
+                    let (indexes, ns) = (self.indexes.clone(), change.namespace.clone());
+                    blocking(move || indexes.drop_namespace(&ns)).await;
+                }
                 _ => {}
             },
         }

@@ -50,6 +50,7 @@ fn main() {
             let slot = Slot {
                 key: format!("k{i}"),
                 prompt: String::new(),
+                version: 1,
             };
             hnsw.insert(slot.clone(), v);
             exact.insert(slot, v);

@@ -32,6 +32,8 @@ pub use lease::{Lease, LeaseAnswer};
 
 /// Changes kept for `WatchInvalidations` callers that resume.
 pub const REPLAY: usize = 4096;
+/// Changes a watcher may fall behind by before it is told to flush.
+const NOTICES: usize = 65_536;
 
 /// Wall time in milliseconds (a trait so tests drive it).
 pub trait WallClock: Send + Sync {
@@ -279,7 +281,7 @@ impl Cache {
             config,
             metrics,
             waiters: Mutex::default(),
-            notices: broadcast::channel(REPLAY).0,
+            notices: broadcast::channel(NOTICES).0,
             replay: Mutex::new(VecDeque::with_capacity(REPLAY)),
             follower: Mutex::new(None),
         });

@@ -1,6 +1,8 @@
 //! Vector search in process, one index per (namespace, partition, vector space): exact (a
 //! scan) while small, HNSW (hnsw_rs) from [`HNSW_FROM`] entries on, over unit vectors with
-//! cosine similarity. Removal marks a slot dead; the index is rebuilt when half its slots are.
+//! cosine similarity. The graph is grown with every insert from the first one (about 1 ms per
+//! insert at 100k entries), so crossing the threshold costs nothing; it keeps its own copy of
+//! the vectors. Removal marks a slot dead; the index is rebuilt when half its slots are.
 
 use std::collections::HashMap;
 
@@ -34,6 +36,8 @@ pub struct Slot {
     pub key: String,
     /// The prompt it was stored for (for the guard).
     pub prompt: String,
+    /// The entry's version (a change already indexed is not indexed again).
+    pub version: u64,
 }
 
 /// One index.
@@ -113,7 +117,14 @@ impl VectorIndex {
     /// Whether it searches with HNSW.
     #[must_use]
     pub fn approximate(&self) -> bool {
-        self.hnsw.is_some()
+        self.hnsw.is_some() && self.live >= self.hnsw_from
+    }
+
+    /// The version indexed under `key`.
+    #[must_use]
+    pub fn version(&self, key: &str) -> Option<u64> {
+        let id = *self.by_key.get(key)?;
+        self.slots.get(id)?.as_ref().map(|s| s.version)
     }
 
     /// Adds (or replaces) the entry under `slot.key`.
@@ -125,10 +136,11 @@ impl VectorIndex {
         self.slots.push(Some(slot));
         self.vectors.extend_from_slice(vector);
         self.live += 1;
+        if self.hnsw.is_none() && !self.force_exact {
+            self.hnsw = Some(Hnsw::new(M, HNSW_CAPACITY, 16, EF_CONSTRUCTION, UnitCosine));
+        }
         if let Some(h) = &self.hnsw {
             h.insert_slice((vector, id));
-        } else if self.live >= self.hnsw_from && !self.force_exact {
-            self.build();
         }
     }
 
@@ -170,20 +182,11 @@ impl VectorIndex {
         *self = fresh;
     }
 
-    fn build(&mut self) {
-        let h = Hnsw::new(M, HNSW_CAPACITY, 16, EF_CONSTRUCTION, UnitCosine);
-        for (id, slot) in self.slots.iter().enumerate() {
-            if slot.is_some() {
-                h.insert_slice((self.vector(id), id));
-            }
-        }
-        self.hnsw = Some(h);
-    }
-
     /// The `k` most similar live entries: (slot, cosine similarity), most similar first.
     #[must_use]
     pub fn search(&self, query: &[f32], k: usize) -> Vec<(&Slot, f32)> {
-        let mut found: Vec<(usize, f32)> = match &self.hnsw {
+        let graph = self.hnsw.as_ref().filter(|_| self.live >= self.hnsw_from);
+        let mut found: Vec<(usize, f32)> = match graph {
             Some(h) => {
                 let hits: Vec<Neighbour> = if self.live == self.slots.len() {
                     h.search(query, k, EF_SEARCH.max(k))
@@ -243,6 +246,7 @@ mod tests {
         Slot {
             key: format!("k{i}"),
             prompt: format!("p{i}"),
+            version: 1,
         }
     }
 

@@ -226,8 +226,17 @@ impl Indexes {
         self.map.read().get(id).cloned()
     }
 
+    /// Whether `key` is indexed at `version` or later already (any vector space).
+    fn has(&self, namespace: &str, key: &str, version: u64) -> bool {
+        self.map
+            .read()
+            .iter()
+            .filter(|((ns, _, _), _)| ns == namespace)
+            .any(|(_, i)| i.read().version(key).is_some_and(|v| v >= version))
+    }
+
     /// Puts a record in its index (the oldest entries go when over the bound).
-    fn insert(&self, namespace: &str, key: &str, record: &Record) {
+    fn insert(&self, namespace: &str, key: &str, record: &Record, version: u64) {
         let Some(phash) = key
             .strip_prefix(KEY_PREFIX)
             .and_then(|k| k.split('/').next())
@@ -242,7 +251,7 @@ impl Indexes {
             .or_insert_with(|| Arc::new(RwLock::new(VectorIndex::new(record.vector.len()))))
             .clone();
         let mut index = index.write();
-        if index.dim() != record.vector.len() {
+        if index.dim() != record.vector.len() || index.version(key).is_some_and(|v| v >= version) {
             return;
         }
         let before = index.len();
@@ -250,6 +259,7 @@ impl Indexes {
             Slot {
                 key: key.to_owned(),
                 prompt: record.prompt.clone(),
+                version,
             },
             &record.vector,
         );
@@ -506,7 +516,7 @@ impl SemanticCache {
             .cache
             .set(namespace, &key, &record.encode(), options)
             .await?;
-        self.index(namespace, key, record).await;
+        self.index(namespace, key, record, version).await;
         Ok(version)
     }
 
@@ -655,9 +665,9 @@ impl SemanticCache {
     }
 
     /// Puts a record in its index (on a blocking thread).
-    async fn index(&self, namespace: &str, key: String, record: Record) {
+    async fn index(&self, namespace: &str, key: String, record: Record, version: u64) {
         let (indexes, namespace) = (self.indexes.clone(), namespace.to_owned());
-        blocking(move || indexes.insert(&namespace, &key, &record)).await;
+        blocking(move || indexes.insert(&namespace, &key, &record, version)).await;
     }
 
     /// Forgets every index and loads them again from L2.
@@ -677,12 +687,15 @@ impl SemanticCache {
             .await;
             let records: Vec<_> = reads
                 .into_iter()
-                .filter_map(|(ns, key, read)| Some((ns, key, read.ok()??.0)))
+                .filter_map(|(ns, key, read)| {
+                    let (record, version, _) = read.ok()??;
+                    Some((ns, key, record, version))
+                })
                 .collect();
             let indexes = self.indexes.clone();
             blocking(move || {
-                for (ns, key, record) in &records {
-                    indexes.insert(ns, key, record);
+                for (ns, key, record, version) in &records {
+                    indexes.insert(ns, key, record, *version);
                 }
             })
             .await;
@@ -698,7 +711,11 @@ impl SemanticCache {
                 }
             }
             Notice::Change(change) => match &change.what {
-                What::Written { key, .. } if key.starts_with(KEY_PREFIX) => {
+                What::Written { key, version } if key.starts_with(KEY_PREFIX) => {
+                    // This instance's own puts are indexed already: skip them unread.
+                    if self.indexes.has(&change.namespace, key, *version) {
+                        return;
+                    }
                     let fresh = ReadOptions {
                         consistency: Consistency::Fresh,
                         allow_stale: false,
@@ -706,7 +723,8 @@ impl SemanticCache {
                     if let Ok(Found::Hit(h)) = self.cache.get(&change.namespace, key, fresh).await
                         && let Some(record) = Record::decode(h.value)
                     {
-                        self.index(&change.namespace, key.clone(), record).await;
+                        self.index(&change.namespace, key.clone(), record, h.version)
+                            .await;
                     }
                 }
                 What::Deleted { key } if key.starts_with(KEY_PREFIX) => {

@@ -52,6 +52,9 @@ pub(crate) struct CacheBench {
     /// Callers of the stampede.
     #[arg(long, default_value_t = 1000)]
     callers: usize,
+    /// Do not load the keys or semantic entries first (a previous run did).
+    #[arg(long)]
+    no_load: bool,
 }
 
 #[derive(clap::Args)]
@@ -70,17 +73,18 @@ type Client = pb::cache_coordinator_client::CacheCoordinatorClient<tonic::transp
 
 const DIM: usize = 384;
 
-/// A pseudo-random unit vector for entry `i` (clustered: 1000 centres, so the index sees
-/// neighbourhoods as real embeddings have).
+/// The unit vector of entry `i`, plus `noise`: 1,000 random centres (seeded, so every run and
+/// every process agrees), each entry around one (cosine about 0.5 to its centre), as embeddings
+/// cluster by topic.
 fn vector(i: usize, noise: f32, rng: &mut impl Rng) -> Vec<f32> {
-    let centre = i % 1000;
+    use rand::SeedableRng;
+    let mut centre = rand::rngs::StdRng::seed_from_u64((i % 1000) as u64);
+    let mut own = rand::rngs::StdRng::seed_from_u64(1_000_000 + i as u64);
     let mut v: Vec<f32> = (0..DIM)
-        .map(|d| {
-            #[allow(clippy::cast_precision_loss, reason = "small integers")]
-            let base = ((centre * 7919 + d * 104_729) % 1000) as f32 / 500.0 - 1.0;
-            #[allow(clippy::cast_precision_loss, reason = "small integers")]
-            let own = ((i * 31 + d * 17) % 997) as f32 / 997.0 - 0.5;
-            base + 0.5 * own + noise * (rng.random::<f32>() - 0.5)
+        .map(|_| {
+            centre.random::<f32>() - 0.5
+                + (own.random::<f32>() - 0.5)
+                + noise * (rng.random::<f32>() - 0.5)
         })
         .collect();
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -100,6 +104,7 @@ pub(crate) async fn run(args: CacheBench) -> anyhow::Result<ExitCode> {
     let mut first = Client::new(channels[0].clone()).max_decoding_message_size(8 << 20);
     match args.mode {
         Mode::Stampede => return stampede(&addr, &args).await,
+        _ if args.no_load => {}
         Mode::L1 | Mode::L2 => {
             for chunk in (0..args.entries).collect::<Vec<_>>().chunks(500) {
                 first

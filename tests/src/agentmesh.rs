@@ -212,6 +212,15 @@ impl AgentmeshProcess {
             let (grpc, admin) = addrs[&first.name];
             match Self::spawn(&args, envs, grpc, admin).await {
                 Ok(mut process) => {
+                    // Every service's port, not only the first one's: the services start one
+                    // after another, and a test may call any of them at once.
+                    for (name, (grpc, _)) in &addrs {
+                        let grpc = *grpc;
+                        wait_until(Duration::from_secs(15), name, || async move {
+                            tokio::net::TcpStream::connect(grpc).await.is_ok()
+                        })
+                        .await?;
+                    }
                     process.eventbus = addrs.get("eventbus").copied();
                     process.addrs = addrs;
                     return Ok(process);

@@ -37,6 +37,15 @@ impl CacheGrpc {
         Self { cache, semantic }
     }
 
+    /// Who embedded a request's prompt: the caller (it sent a vector) or this instance.
+    fn embedder_used(&self, embedding: &[f32]) -> &str {
+        if embedding.is_empty() {
+            self.semantic.embedder()
+        } else {
+            "caller"
+        }
+    }
+
     /// The tonic server for this adapter.
     #[must_use]
     pub fn into_server(self) -> pb::cache_coordinator_server::CacheCoordinatorServer<Self> {
@@ -410,11 +419,7 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         self.cache
             .metrics()
             .semantic_took(!r.embedding.is_empty(), started);
-        let embedder = if r.embedding.is_empty() {
-            self.semantic.embedder()
-        } else {
-            "caller"
-        };
+        let embedder = self.embedder_used(&r.embedding);
         Ok(Response::new(encode_semantic(answer, embedder)))
     }
 
@@ -441,11 +446,7 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
             )
             .await
             .map_err(|e| status(&e))?;
-        let embedder = if r.embedding.is_empty() {
-            self.semantic.embedder()
-        } else {
-            "caller"
-        };
+        let embedder = self.embedder_used(&r.embedding);
         Ok(Response::new(pb::SemanticPutResponse {
             version,
             embedder: embedder.to_owned(),

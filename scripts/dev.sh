@@ -6,7 +6,8 @@
 # submitted and completed, then the agent running a second task is killed with `kill -9` and
 # the task is retried and completed on the other; cache: a miss, a write, a hit from L1, a
 # refused compare-and-set, a stampede of 300 callers computed once, a semantic hit for a
-# paraphrase and a refused negation), prints the counters from `/metrics`, then
+# paraphrase and a refused negation; health: `meshctl status`, a maintenance window on the
+# cache, the history of transitions, `/health` and the status page's URL), prints the counters from `/metrics`, then
 # keeps the cluster running until Ctrl-C. `scripts/dev.sh --demo` stops after the demonstration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +44,7 @@ await_subscribed() {
   return 1
 }
 
-for port in 7104 7101 7102 7103; do
+for port in 7104 7101 7102 7103 7105; do
   for _ in $(seq 1 100); do
     "$bin/agentmesh" probe "127.0.0.1:$port" >/dev/null 2>&1 && break
     sleep 0.2
@@ -173,6 +174,24 @@ echo "\$ meshctl cache semantic-get answers 'How do I disable TLS in nginx?' --m
 echo "\$ meshctl cache stats"
 "$bin/meshctl" cache stats
 
+echo
+echo "\$ agentmesh probe 127.0.0.1:7105   # the health aggregator"
+"$bin/agentmesh" probe 127.0.0.1:7105
+echo "\$ meshctl status   # every service and instance, from the health aggregator"
+"$bin/meshctl" status --no-instances || true
+echo "\$ meshctl health maintenance service/cache --for 1m --reason 'demo'; meshctl status --no-instances"
+"$bin/meshctl" health maintenance service/cache --for 1m --reason 'demo: maintenance window'
+"$bin/meshctl" status --no-instances || true
+"$bin/meshctl" health maintenance service/cache --for 0s >/dev/null
+echo "\$ meshctl health history"
+"$bin/meshctl" health history --limit 5
+echo "\$ curl -s 127.0.0.1:9105/health"
+exec 3<>/dev/tcp/127.0.0.1/9105
+printf 'GET /health HTTP/1.0\r\n\r\n' >&3
+tail -n 1 <&3; echo
+exec 3>&-
+echo "status page: http://127.0.0.1:9105/"
+
 if [ "${1:-}" = "--demo" ]; then
   exit 0
 fi
@@ -185,6 +204,7 @@ agentmesh dev is running (Ctrl-C stops it):
   eventbus     127.0.0.1:7101   http://127.0.0.1:9101
   scheduler    127.0.0.1:7102   http://127.0.0.1:9102   (one example agent is still running)
   cache        127.0.0.1:7103   http://127.0.0.1:9103
+  health       127.0.0.1:7105   http://127.0.0.1:9105   (status page: http://127.0.0.1:9105/)
 
 Try next:
   target/debug/meshctl ratelimit check -n demo -k me --limit 5 --period 10s
@@ -198,6 +218,8 @@ Try next:
   target/debug/meshctl tasks list
   target/debug/meshctl cache set ns key value; target/debug/meshctl cache get ns key
   target/debug/meshctl cache semantic-get answers 'capital city of France?' --model demo-llm
+  target/debug/meshctl status --watch                      # the cluster, redrawn on change
+  target/debug/meshctl health history                       # transitions with causes
   target/debug/meshctl --help                               # every command
 Each gRPC port serves reflection (grpcurl -plaintext 127.0.0.1:7104 list) and grpc.health.v1.
 EOT

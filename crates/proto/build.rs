@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "agentmesh/eventbus/v1/eventbus.proto",
         "agentmesh/scheduler/v1/scheduler.proto",
         "agentmesh/cache/v1/cache.proto",
+        "agentmesh/health/v1/health.proto",
+        "grpc/health/v1/health.proto",
         "agentmesh/bench/v1/echo.proto",
         "envoy/service/ratelimit/v3/rls.proto",
         "envoy/extensions/common/ratelimit/v3/ratelimit.proto",

@@ -73,6 +73,7 @@ async fn start(policy_file: &str) -> Rls {
         routes: Routes::new(envoy.into_server()),
         grpc_listen: loopback(),
         admin_listen: loopback(),
+        admin_routes: None,
     };
     let ctx = HostContext {
         metrics: metrics.clone(),

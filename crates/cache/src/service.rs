@@ -172,6 +172,7 @@ impl Service for CacheArgs {
                 routes: Routes::new(server),
                 grpc_listen: self.listen,
                 admin_listen: self.admin_listen,
+                admin_routes: None,
             })
         })
     }

@@ -225,6 +225,7 @@ impl EventBusArgs {
             routes: Routes::new(server),
             grpc_listen: self.listen,
             admin_listen: self.admin_listen,
+            admin_routes: None,
         })
     }
 }

@@ -4,6 +4,7 @@ mod agents;
 mod bench;
 mod cache;
 mod events;
+mod health;
 mod members;
 mod ratelimit;
 mod tasks;
@@ -41,6 +42,11 @@ enum Command {
     /// The cache coordinator: get, set, delete, invalidate, stats, warm.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
+    /// The cluster at a glance from the health aggregator (exit 2 when it is DOWN).
+    Status(health::StatusArgs),
+    /// The health aggregator: history, maintenance, dependency graph.
+    #[command(subcommand)]
+    Health(health::HealthCommand),
     /// Closed-loop load against a service, with a progress bar and a latency summary.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -78,6 +84,8 @@ fn main() -> ExitCode {
             Command::Agents(cmd) => agents::run(cmd).await,
             Command::Tasks(cmd) => tasks::run(cmd).await,
             Command::Cache(cmd) => cache::run(cmd).await,
+            Command::Status(args) => health::status(args).await,
+            Command::Health(cmd) => health::run(cmd).await,
             Command::Bench(cmd) => bench::run(cmd, cli.cluster.redis_url()).await,
         }
     });

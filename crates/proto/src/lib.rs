@@ -38,6 +38,21 @@ pub mod cache {
     }
 }
 
+pub mod health {
+    pub mod v1 {
+        tonic::include_proto!("agentmesh.health.v1");
+    }
+}
+
+/// gRPC's standard health service (`grpc.health.v1`), with `List` (gRFC A90).
+pub mod grpc {
+    pub mod health {
+        pub mod v1 {
+            tonic::include_proto!("grpc.health.v1");
+        }
+    }
+}
+
 pub mod bench {
     pub mod v1 {
         tonic::include_proto!("agentmesh.bench.v1");

@@ -184,6 +184,7 @@ impl RateLimitArgs {
             routes: Routes::new(server).add_service(envoy.into_server()),
             grpc_listen: self.listen,
             admin_listen: self.admin_listen,
+            admin_routes: None,
         })
     }
 }

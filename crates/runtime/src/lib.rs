@@ -10,6 +10,7 @@
 //! - [`client`]: client channels through that stack.
 //! - [`peers`]: the other members of a service: a channel per member, the ring, gather within
 //!   a budget.
+//! - [`health`]: `grpc.health.v1` with `List` (gRFC A90), served on every gRPC port.
 //! - [`server`]: runs a service with health, reflection, admin HTTP, membership and ordered
 //!   graceful shutdown.
 //! - [`scrape`]: `GET` of a service's admin endpoints and Prometheus text parsing, for tools
@@ -27,6 +28,7 @@ pub mod config;
 pub mod deadline;
 pub mod error;
 pub mod executor;
+pub mod health;
 pub mod message_trace;
 pub mod metrics;
 pub mod observe;

@@ -61,6 +61,9 @@ pub struct Metrics {
     pub breaker_state: IntGaugeVec,
     /// 1 while a service's membership entry is registered, 0 while its lease is lost.
     pub membership_registered: IntGaugeVec,
+    /// Optional features this process runs with (`agentmesh_feature_enabled{feature}`): the
+    /// health aggregator's `/optimizations` reads them from every instance.
+    pub features: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -116,6 +119,15 @@ impl Metrics {
             &["service"],
         )
         .expect("valid metric");
+        let features = IntGaugeVec::new(
+            Opts::new(
+                "agentmesh_feature_enabled",
+                "1 for each optional feature this process runs with (etcd, redis, otlp_export, \
+                 and those a service declares), 0 for one it runs without.",
+            ),
+            &["feature"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "agentmesh_build_info",
@@ -130,6 +142,7 @@ impl Metrics {
         for collector in [
             Box::new(rpc_server_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(rpc_client_duration.clone()),
+            Box::new(features.clone()),
             Box::new(breaker_state.clone()),
             Box::new(membership_registered.clone()),
             Box::new(build_info),
@@ -150,7 +163,15 @@ impl Metrics {
             rpc_client_duration,
             breaker_state,
             membership_registered,
+            features,
         }
+    }
+
+    /// Says whether an optional feature is on in this process.
+    pub fn set_feature(&self, feature: &str, enabled: bool) {
+        self.features
+            .with_label_values(&[feature])
+            .set(i64::from(enabled));
     }
 
     /// The registry, for domain metrics to register into.

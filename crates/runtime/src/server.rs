@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentmesh_membership::{Member, Membership, Registration};
+use agentmesh_proto::grpc::health::v1::health_check_response::ServingStatus;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
@@ -22,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+
+use crate::health::HealthRegistry;
 
 use crate::metrics::{METRICS_CONTENT_TYPE, Metrics};
 use crate::observe::ServerTelemetryLayer;
@@ -70,6 +71,9 @@ pub struct ServiceSpec {
     pub grpc_listen: SocketAddr,
     /// Admin HTTP listen address (port 0 picks a free port).
     pub admin_listen: SocketAddr,
+    /// Extra routes on the admin HTTP port, beside `/metrics`, `/livez` and `/readyz` (the
+    /// health aggregator's status page and JSON endpoints).
+    pub admin_routes: Option<axum::Router>,
 }
 
 /// What every service on a host shares.
@@ -192,17 +196,21 @@ async fn readyz_handler(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-fn admin_router(state: AdminState) -> axum::Router {
-    axum::Router::new()
+fn admin_router(state: AdminState, extra: Option<axum::Router>) -> axum::Router {
+    let router = axum::Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz_handler))
-        .with_state(state)
+        .with_state(state);
+    match extra {
+        Some(extra) => router.merge(extra),
+        None => router,
+    }
 }
 
-async fn set_all(reporter: &HealthReporter, names: &[String], status: ServingStatus) {
+fn set_all(health: &HealthRegistry, names: &[String], status: ServingStatus) {
     for name in names {
-        reporter.set_service_status(name, status).await;
+        health.set(name, status);
     }
 }
 
@@ -220,13 +228,11 @@ pub async fn start(
     let (grpc_listener, grpc_addr) = bind(name, "gRPC", spec.grpc_listen).await?;
     let (admin_listener, admin_addr) = bind(name, "admin HTTP", spec.admin_listen).await?;
 
-    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = HealthRegistry::new();
     let mut serving_names: Vec<String> = vec![String::new(), "readiness".to_owned()];
     serving_names.extend(spec.grpc_services.iter().cloned());
-    set_all(&reporter, &serving_names, ServingStatus::Serving).await;
-    reporter
-        .set_service_status("liveness", ServingStatus::Serving)
-        .await;
+    set_all(&health, &serving_names, ServingStatus::Serving);
+    health.set("liveness", ServingStatus::Serving);
 
     let mut known: Vec<String> = spec.grpc_services.clone();
     known.extend(
@@ -242,8 +248,7 @@ pub async fn start(
     let reflection = || {
         known.iter().fold(
             tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(agentmesh_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                .register_encoded_file_descriptor_set(agentmesh_proto::FILE_DESCRIPTOR_SET),
             |builder, service| builder.with_service_name(service.clone()),
         )
     };
@@ -284,7 +289,7 @@ pub async fn start(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(ServerTelemetryLayer::new(&ctx.metrics, known))
         .add_routes(spec.routes)
-        .add_service(health_service)
+        .add_service(health.service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
@@ -297,10 +302,13 @@ pub async fn start(
 
     let ready = Arc::new(AtomicBool::new(true));
     let admin_stop = CancellationToken::new();
-    let admin_app = admin_router(AdminState {
-        metrics: ctx.metrics.clone(),
-        ready: ready.clone(),
-    });
+    let admin_app = admin_router(
+        AdminState {
+            metrics: ctx.metrics.clone(),
+            ready: ready.clone(),
+        },
+        spec.admin_routes,
+    );
     let admin_signal = admin_stop.clone();
     let admin_task = tokio::spawn(async move {
         axum::serve(admin_listener, admin_app)
@@ -318,7 +326,7 @@ pub async fn start(
         let grpc_failed = tokio::select! {
             () = stop_signal.cancelled() => None,
             result = &mut grpc_task => Some(result),
-            () = report_membership(&registration, &reporter, &ctx_metrics) => None,
+            () = report_membership(&registration, &health, &ctx_metrics) => None,
         };
         if let Some(result) = grpc_failed {
             admin_stop.cancel();
@@ -334,10 +342,10 @@ pub async fn start(
         }
         tracing::info!(service = name, "shutting down: readiness off");
         ready.store(false, Ordering::Relaxed);
-        set_all(&reporter, &serving_names, ServingStatus::NotServing).await;
-        reporter
-            .set_service_status(MEMBERSHIP_HEALTH, ServingStatus::NotServing)
-            .await;
+        set_all(&health, &serving_names, ServingStatus::NotServing);
+        health.set(MEMBERSHIP_HEALTH, ServingStatus::NotServing);
+        health.set("liveness", ServingStatus::NotServing);
+        health.close();
         match tokio::time::timeout(DEREGISTER_TIMEOUT, registration.deregister()).await {
             Ok(Ok(())) => tracing::info!(service = name, "membership lease revoked"),
             Ok(Err(e)) => {
@@ -390,7 +398,7 @@ pub async fn start(
 /// again (new lease) as soon as etcd answers. Never returns.
 async fn report_membership(
     registration: &Registration,
-    reporter: &HealthReporter,
+    health: &HealthRegistry,
     metrics: &Metrics,
 ) {
     let service = registration.member().service.clone();
@@ -407,7 +415,7 @@ async fn report_membership(
             } else {
                 ServingStatus::NotServing
             };
-            reporter.set_service_status(MEMBERSHIP_HEALTH, status).await;
+            health.set(MEMBERSHIP_HEALTH, status);
             let instance = &registration.member().instance_id;
             if !now {
                 tracing::warn!(%instance, "membership lease lost: serving on the last known membership, re-registering");

@@ -195,6 +195,7 @@ impl Service for SchedulerArgs {
                 routes: Routes::new(server),
                 grpc_listen: self.listen,
                 admin_listen: self.admin_listen,
+                admin_routes: None,
             })
         })
     }

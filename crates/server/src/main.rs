@@ -50,6 +50,7 @@ macro_rules! services {
 services! {
     cache: agentmesh_cache::service::CacheArgs,
     eventbus: agentmesh_eventbus::service::EventBusArgs,
+    health: agentmesh_health::service::HealthArgs,
     ratelimit: agentmesh_ratelimit::service::RateLimitArgs,
     scheduler: agentmesh_scheduler::service::SchedulerArgs,
 }
@@ -234,6 +235,15 @@ async fn serve(
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    metrics.set_feature("etcd", etcd.is_some());
+    metrics.set_feature("redis", cluster.redis_url().is_some());
+    metrics.set_feature(
+        "otlp_export",
+        telemetry_args
+            .otlp_endpoint
+            .as_deref()
+            .is_some_and(|e| !e.is_empty()),
+    );
     let deps = HostDeps {
         metrics: metrics.clone(),
         membership: membership.clone(),

@@ -1,0 +1,216 @@
+//! The gRPC adapter of `agentmesh.health.v1.HealthAggregator`: decode ([`crate::wire`]), call
+//! the [`Aggregator`], encode.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use agentmesh_proto::health::v1 as pb;
+use agentmesh_runtime::error::to_status;
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use crate::aggregator::{Aggregator, WatchStart};
+use crate::checks::now_ms;
+use crate::metrics::HealthMetrics;
+use crate::wire::{
+    decode_history, decode_maintenance, encode_cluster, encode_component, encode_delta,
+    encode_snapshot, encode_state, encode_transition,
+};
+
+/// Serves `agentmesh.health.v1.HealthAggregator` over an [`Aggregator`].
+#[derive(Clone)]
+pub struct HealthGrpc {
+    aggregator: Arc<Aggregator>,
+    metrics: HealthMetrics,
+    /// Stops the checks when the server drops its last copy of the adapter.
+    _checks: Arc<tokio_util::sync::DropGuard>,
+}
+
+impl HealthGrpc {
+    /// An adapter over `aggregator`.
+    #[must_use]
+    pub fn new(
+        aggregator: Arc<Aggregator>,
+        metrics: HealthMetrics,
+        checks: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        Self {
+            aggregator,
+            metrics,
+            _checks: Arc::new(checks.drop_guard()),
+        }
+    }
+
+    /// The tonic server for this adapter.
+    #[must_use]
+    pub fn into_server(self) -> pb::health_aggregator_server::HealthAggregatorServer<Self> {
+        pb::health_aggregator_server::HealthAggregatorServer::new(self)
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ClusterHealthUpdate, Status>> + Send>>;
+
+/// Counts an open watch for as long as it lives.
+struct WatcherGuard(prometheus::IntGauge);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn alerting_unimplemented() -> Status {
+    Status::unimplemented("alerting is not built yet (issue 18 stays open until it is)")
+}
+
+#[tonic::async_trait]
+impl pb::health_aggregator_server::HealthAggregator for HealthGrpc {
+    async fn get_cluster_health(
+        &self,
+        request: Request<pb::GetClusterHealthRequest>,
+    ) -> Result<Response<pb::ClusterHealth>, Status> {
+        let now = now_ms();
+        let view = self
+            .aggregator
+            .snapshot(request.get_ref().omit_instances, now);
+        Ok(Response::new(encode_cluster(&view, now)))
+    }
+
+    type WatchClusterHealthStream = UpdateStream;
+
+    async fn watch_cluster_health(
+        &self,
+        request: Request<pb::WatchClusterHealthRequest>,
+    ) -> Result<Response<Self::WatchClusterHealthStream>, Status> {
+        let r = request.into_inner();
+        let omit = r.omit_instances;
+        let (start, updates_rx) = self.aggregator.watch(r.after_revision, omit, now_ms());
+        let first: Vec<pb::ClusterHealthUpdate> = match start {
+            WatchStart::Snapshot(view) => vec![encode_snapshot(&view)],
+            WatchStart::Replay(deltas) => deltas.iter().map(|d| encode_delta(d, omit)).collect(),
+        };
+        self.metrics.watchers.inc();
+        let guard = WatcherGuard(self.metrics.watchers.clone());
+        let aggregator = self.aggregator.clone();
+        let first = futures::stream::iter(first.into_iter().map(Ok));
+        let rest = futures::stream::unfold(
+            (updates_rx, aggregator, guard),
+            move |(mut updates_rx, aggregator, guard)| async move {
+                let update = match updates_rx.recv().await {
+                    Ok(delta) => encode_delta(&delta, omit),
+                    // Fell behind: start over from a snapshot at the current revision.
+                    Err(RecvError::Lagged(_)) => {
+                        updates_rx = updates_rx.resubscribe();
+                        encode_snapshot(&aggregator.snapshot(omit, now_ms()))
+                    }
+                    Err(RecvError::Closed) => return None,
+                };
+                Some((Ok(update), (updates_rx, aggregator, guard)))
+            },
+        );
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            first, rest,
+        ))))
+    }
+
+    async fn get_history(
+        &self,
+        request: Request<pb::GetHistoryRequest>,
+    ) -> Result<Response<pb::GetHistoryResponse>, Status> {
+        let (filter, limit) = decode_history(request.get_ref()).map_err(|e| to_status(&e))?;
+        let transitions = self.aggregator.history(&filter, limit);
+        Ok(Response::new(pb::GetHistoryResponse {
+            transitions: transitions.iter().map(encode_transition).collect(),
+        }))
+    }
+
+    async fn get_dependency_graph(
+        &self,
+        _request: Request<pb::GetDependencyGraphRequest>,
+    ) -> Result<Response<pb::DependencyGraph>, Status> {
+        let (nodes, edges) = self.aggregator.graph();
+        Ok(Response::new(pb::DependencyGraph {
+            nodes: nodes
+                .into_iter()
+                .map(|(id, state)| pb::GraphNode {
+                    id,
+                    state: encode_state(state).into(),
+                })
+                .collect(),
+            edges: edges
+                .into_iter()
+                .map(|(from, to)| pb::GraphEdge { from, to })
+                .collect(),
+        }))
+    }
+
+    async fn set_maintenance(
+        &self,
+        request: Request<pb::SetMaintenanceRequest>,
+    ) -> Result<Response<pb::Component>, Status> {
+        let (component, duration, reason) =
+            decode_maintenance(request.get_ref()).map_err(|e| to_status(&e))?;
+        let now = now_ms();
+        let until = (!duration.is_zero()).then(|| {
+            (
+                now + u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+                reason,
+            )
+        });
+        let view = self
+            .aggregator
+            .set_maintenance(&component, until, now)
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(encode_component(&view)))
+    }
+
+    async fn put_alert_rule(
+        &self,
+        _request: Request<pb::PutAlertRuleRequest>,
+    ) -> Result<Response<pb::AlertRule>, Status> {
+        Err(alerting_unimplemented())
+    }
+
+    async fn delete_alert_rule(
+        &self,
+        _request: Request<pb::DeleteAlertRuleRequest>,
+    ) -> Result<Response<pb::DeleteAlertRuleResponse>, Status> {
+        Err(alerting_unimplemented())
+    }
+
+    async fn list_alert_rules(
+        &self,
+        _request: Request<pb::ListAlertRulesRequest>,
+    ) -> Result<Response<pb::ListAlertRulesResponse>, Status> {
+        Err(alerting_unimplemented())
+    }
+
+    async fn list_alerts(
+        &self,
+        _request: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        Err(alerting_unimplemented())
+    }
+
+    async fn put_silence(
+        &self,
+        _request: Request<pb::PutSilenceRequest>,
+    ) -> Result<Response<pb::Silence>, Status> {
+        Err(alerting_unimplemented())
+    }
+
+    async fn delete_silence(
+        &self,
+        _request: Request<pb::DeleteSilenceRequest>,
+    ) -> Result<Response<pb::DeleteSilenceResponse>, Status> {
+        Err(alerting_unimplemented())
+    }
+
+    async fn list_silences(
+        &self,
+        _request: Request<pb::ListSilencesRequest>,
+    ) -> Result<Response<pb::ListSilencesResponse>, Status> {
+        Err(alerting_unimplemented())
+    }
+}

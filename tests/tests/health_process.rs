@@ -357,8 +357,29 @@ async fn test_maintenance_endpoints_and_bad_input() -> anyhow::Result<()> {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    let e = c.list_alerts(pb::ListAlertsRequest {}).await.unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
+    let e = c
+        .put_silence(pb::PutSilenceRequest {
+            rule: "no spaces".into(),
+            duration: None,
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let details = tonic_types::StatusExt::get_details_bad_request(&e).expect("field violations");
+    let fields: Vec<&str> = details
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert_eq!(fields, ["rule", "duration"]);
+    let e = c
+        .delete_alert_rule(pb::DeleteAlertRuleRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
 
     // The HTTP side: /health, /health/components, /optimizations, the page.
     let (code, body) = http_get(admin, "/health").await?;

@@ -186,9 +186,12 @@ async fn test_invalid_configuration_exits_64_with_one_line() -> anyhow::Result<(
     assert_eq!(code, 64);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("--lease-ttl"), "{err}");
-    let (code, _, err) = run_binary("agentmesh", &["serve", "health"])?;
+    let (code, _, err) = run_binary("agentmesh", &["serve", "gateway"])?;
     assert_eq!(code, 64);
     assert!(err.contains("not built yet"), "{err}");
+    let (code, _, err) = run_binary("agentmesh", &["serve", "health", "--health-fall", "0"])?;
+    assert_eq!(code, 64);
+    assert!(err.contains("--health-fall"), "{err}");
     let (code, _, err) = run_binary(
         "agentmesh",
         &["serve", "ratelimit", "--ratelimit-default-capacity", "0"],

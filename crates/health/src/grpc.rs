@@ -11,17 +11,20 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use crate::aggregator::{Aggregator, WatchStart};
+use crate::alerts::Alerting;
 use crate::checks::now_ms;
 use crate::metrics::HealthMetrics;
 use crate::wire::{
-    decode_history, decode_maintenance, encode_cluster, encode_component, encode_delta,
-    encode_snapshot, encode_state, encode_transition,
+    decode_history, decode_maintenance, decode_rule, decode_silence, encode_alert, encode_cluster,
+    encode_component, encode_delta, encode_rule, encode_silence, encode_snapshot, encode_state,
+    encode_transition,
 };
 
 /// Serves `agentmesh.health.v1.HealthAggregator` over an [`Aggregator`].
 #[derive(Clone)]
 pub struct HealthGrpc {
     aggregator: Arc<Aggregator>,
+    alerting: Arc<Alerting>,
     metrics: HealthMetrics,
     /// Stops the checks when the server drops its last copy of the adapter.
     _checks: Arc<tokio_util::sync::DropGuard>,
@@ -32,11 +35,13 @@ impl HealthGrpc {
     #[must_use]
     pub fn new(
         aggregator: Arc<Aggregator>,
+        alerting: Arc<Alerting>,
         metrics: HealthMetrics,
         checks: tokio_util::sync::CancellationToken,
     ) -> Self {
         Self {
             aggregator,
+            alerting,
             metrics,
             _checks: Arc::new(checks.drop_guard()),
         }
@@ -58,10 +63,6 @@ impl Drop for WatcherGuard {
     fn drop(&mut self) {
         self.0.dec();
     }
-}
-
-fn alerting_unimplemented() -> Status {
-    Status::unimplemented("alerting is not built yet (issue 18 stays open until it is)")
 }
 
 #[tonic::async_trait]
@@ -167,50 +168,86 @@ impl pb::health_aggregator_server::HealthAggregator for HealthGrpc {
 
     async fn put_alert_rule(
         &self,
-        _request: Request<pb::PutAlertRuleRequest>,
+        request: Request<pb::PutAlertRuleRequest>,
     ) -> Result<Response<pb::AlertRule>, Status> {
-        Err(alerting_unimplemented())
+        let rule = decode_rule(request.get_ref()).map_err(|e| to_status(&e))?;
+        let answer = encode_rule(&rule);
+        self.alerting
+            .put_rule(rule)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(answer))
     }
 
     async fn delete_alert_rule(
         &self,
-        _request: Request<pb::DeleteAlertRuleRequest>,
+        request: Request<pb::DeleteAlertRuleRequest>,
     ) -> Result<Response<pb::DeleteAlertRuleResponse>, Status> {
-        Err(alerting_unimplemented())
+        self.alerting
+            .delete_rule(&request.get_ref().name)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::DeleteAlertRuleResponse {}))
     }
 
     async fn list_alert_rules(
         &self,
         _request: Request<pb::ListAlertRulesRequest>,
     ) -> Result<Response<pb::ListAlertRulesResponse>, Status> {
-        Err(alerting_unimplemented())
+        let rules = self.alerting.rules().iter().map(encode_rule).collect();
+        Ok(Response::new(pb::ListAlertRulesResponse { rules }))
     }
 
     async fn list_alerts(
         &self,
         _request: Request<pb::ListAlertsRequest>,
     ) -> Result<Response<pb::ListAlertsResponse>, Status> {
-        Err(alerting_unimplemented())
+        let alerts = self
+            .alerting
+            .alerts(now_ms())
+            .iter()
+            .map(encode_alert)
+            .collect();
+        Ok(Response::new(pb::ListAlertsResponse { alerts }))
     }
 
     async fn put_silence(
         &self,
-        _request: Request<pb::PutSilenceRequest>,
+        request: Request<pb::PutSilenceRequest>,
     ) -> Result<Response<pb::Silence>, Status> {
-        Err(alerting_unimplemented())
+        let (rule, duration, reason) =
+            decode_silence(request.get_ref()).map_err(|e| to_status(&e))?;
+        let now = now_ms();
+        let until = now + u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        let silence = self
+            .alerting
+            .put_silence(&rule, until, &reason, now)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(encode_silence(&silence)))
     }
 
     async fn delete_silence(
         &self,
-        _request: Request<pb::DeleteSilenceRequest>,
+        request: Request<pb::DeleteSilenceRequest>,
     ) -> Result<Response<pb::DeleteSilenceResponse>, Status> {
-        Err(alerting_unimplemented())
+        self.alerting
+            .delete_silence(&request.get_ref().id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::DeleteSilenceResponse {}))
     }
 
     async fn list_silences(
         &self,
         _request: Request<pb::ListSilencesRequest>,
     ) -> Result<Response<pb::ListSilencesResponse>, Status> {
-        Err(alerting_unimplemented())
+        let silences = self
+            .alerting
+            .silences(now_ms())
+            .iter()
+            .map(encode_silence)
+            .collect();
+        Ok(Response::new(pb::ListSilencesResponse { silences }))
     }
 }

@@ -9,6 +9,7 @@
 //! [`service`] assembles it for the host.
 
 pub mod aggregator;
+pub mod alerts;
 pub mod checks;
 pub mod config;
 pub mod error;

@@ -18,6 +18,8 @@ pub struct HealthMetrics {
     instances: IntGaugeVec,
     transitions: IntCounterVec,
     checks: HistogramVec,
+    notifications: IntCounterVec,
+    pub(crate) alerts: IntGaugeVec,
     pub(crate) revision: IntGauge,
     pub(crate) watchers: IntGauge,
 }
@@ -55,12 +57,29 @@ impl HealthMetrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["target", "result"],
         )?;
+        let notifications = IntCounterVec::new(
+            Opts::new(
+                "health_notifications_total",
+                "Alert notifications by channel (webhook, eventbus) and result (sent, failed; a \
+                 webhook counts once after its retries).",
+            ),
+            &["channel", "result"],
+        )?;
+        let alerts = IntGaugeVec::new(
+            Opts::new(
+                "health_alerts",
+                "Alerts by status (pending, firing, resolved).",
+            ),
+            &["status"],
+        )?;
         let revision = IntGauge::new("health_revision", "The aggregator's current revision.")?;
         let watchers = IntGauge::new("health_watchers", "Open WatchClusterHealth streams.")?;
         registry.register(Box::new(status.clone()))?;
         registry.register(Box::new(instances.clone()))?;
         registry.register(Box::new(transitions.clone()))?;
         registry.register(Box::new(checks.clone()))?;
+        registry.register(Box::new(notifications.clone()))?;
+        registry.register(Box::new(alerts.clone()))?;
         registry.register(Box::new(revision.clone()))?;
         registry.register(Box::new(watchers.clone()))?;
         Ok(Self {
@@ -68,6 +87,8 @@ impl HealthMetrics {
             instances,
             transitions,
             checks,
+            notifications,
+            alerts,
             revision,
             watchers,
         })
@@ -83,6 +104,26 @@ impl HealthMetrics {
         self.transitions
             .with_label_values(&[kind.as_str(), to.as_str()])
             .inc();
+    }
+
+    /// Counts one notification.
+    pub fn notification(&self, channel: &str, sent: bool) {
+        self.notifications
+            .with_label_values(&[channel, if sent { "sent" } else { "failed" }])
+            .inc();
+    }
+
+    /// Sets the alert gauges.
+    pub fn set_alerts(&self, alerts: &[crate::alerts::AlertView]) {
+        for status in ["pending", "firing", "resolved"] {
+            let n = alerts
+                .iter()
+                .filter(|a| a.record.status.as_str() == status)
+                .count();
+            self.alerts
+                .with_label_values(&[status])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     /// Records one check.

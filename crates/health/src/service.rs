@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 use crate::aggregator::Aggregator;
+use crate::alerts::notify::{Notifier, Webhook};
+use crate::alerts::store::{AlertStore, InMemoryAlertStore, RedisAlertStore};
+use crate::alerts::{Alerting, parse_rules_file};
 use crate::checks::instance::ProbeContext;
 use crate::checks::optimizations::Optimizations;
 use crate::checks::{deps, discovery, now_ms, spawn_tick};
@@ -75,9 +78,28 @@ pub struct HealthArgs {
     /// DOWN (a clean shutdown leaves within milliseconds).
     #[arg(long = "health-leave-grace", env = "AGENTMESH_HEALTH_LEAVE_GRACE", default_value = "2s", value_parser = parse_duration)]
     pub leave_grace: Duration,
-    /// Time between scrapes of every instance's `/metrics` for `/optimizations`.
-    #[arg(long = "health-scrape-interval", env = "AGENTMESH_HEALTH_SCRAPE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    /// Time between scrapes of every instance's `/metrics` (alert rules over metrics,
+    /// `/optimizations`).
+    #[arg(long = "health-scrape-interval", env = "AGENTMESH_HEALTH_SCRAPE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub scrape_interval: Duration,
+    /// Alert rules file (TOML, `[[rule]]` tables; see the README). Rules are also managed
+    /// through the API.
+    #[arg(long = "health-rules", env = "AGENTMESH_HEALTH_RULES")]
+    pub rules: Option<std::path::PathBuf>,
+    /// Webhooks notified of alerts (`http://host:port/path`, comma-separated).
+    #[arg(
+        long = "health-webhook",
+        env = "AGENTMESH_HEALTH_WEBHOOKS",
+        value_delimiter = ','
+    )]
+    pub webhooks: Vec<String>,
+    /// Shared secret signing webhook bodies (`X-Agentmesh-Signature: sha256=<HMAC>`).
+    #[arg(
+        long = "health-webhook-secret",
+        env = "AGENTMESH_HEALTH_WEBHOOK_SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_secret: Option<String>,
 }
 
 impl HealthArgs {
@@ -120,6 +142,13 @@ impl HealthArgs {
                         "--health-expect: {item:?} is not service=count (e.g. ratelimit=3)"
                     )));
                 }
+            }
+        }
+        for url in self.webhooks.iter().filter(|u| !u.is_empty()) {
+            if !url.starts_with("http://") || url.len() <= "http://".len() {
+                return Err(BuildError::Config(format!(
+                    "--health-webhook {url:?}: write http://host:port/path"
+                )));
             }
         }
         Ok(HealthConfig {
@@ -183,10 +212,53 @@ impl Service for HealthArgs {
                 config.scrape_interval,
                 stop.clone(),
             ));
-            let server = HealthGrpc::new(aggregator.clone(), metrics, stop).into_server();
+            let file_rules = match &self.rules {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        BuildError::Config(format!("--health-rules {}: {e}", path.display()))
+                    })?;
+                    parse_rules_file(&text).map_err(|e| {
+                        BuildError::Config(format!("--health-rules {}: {e}", path.display()))
+                    })?
+                }
+                None => Vec::new(),
+            };
+            let store: Arc<dyn AlertStore> = match &deps.redis_url {
+                Some(url) => Arc::new(RedisAlertStore::new(
+                    redis::Client::open(url.as_str()).map_err(|e| {
+                        BuildError::Config(format!("--redis: invalid Redis URL: {e}"))
+                    })?,
+                )),
+                None => Arc::new(InMemoryAlertStore::default()),
+            };
+            let webhooks = self
+                .webhooks
+                .iter()
+                .filter(|u| !u.is_empty())
+                .map(|url| Webhook {
+                    url: url.clone(),
+                    secret: self.webhook_secret.clone().filter(|s| !s.is_empty()),
+                })
+                .collect();
+            let notifier = Arc::new(Notifier::new(
+                webhooks,
+                aggregator.clone(),
+                metrics.clone(),
+                deps.metrics.clone(),
+            ));
+            let instance_id = new_instance_id(NAME);
+            let alerting = Alerting::start(store, notifier, file_rules, instance_id.clone()).await;
+            tokio::spawn(evaluate_alerts(
+                alerting.clone(),
+                aggregator.clone(),
+                optimizations.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+            let server = HealthGrpc::new(aggregator.clone(), alerting, metrics, stop).into_server();
             Ok(ServiceSpec {
                 name: NAME,
-                instance_id: new_instance_id(NAME),
+                instance_id,
                 grpc_services: vec![SERVICE_NAME.to_owned()],
                 routes: Routes::new(server),
                 grpc_listen: self.listen,
@@ -194,5 +266,29 @@ impl Service for HealthArgs {
                 admin_routes: Some(crate::http::routes(aggregator, optimizations)),
             })
         })
+    }
+}
+
+/// How often alert rules are evaluated.
+const EVALUATE_EVERY: Duration = Duration::from_secs(1);
+
+async fn evaluate_alerts(
+    alerting: Arc<Alerting>,
+    aggregator: Arc<Aggregator>,
+    optimizations: Arc<Optimizations>,
+    metrics: HealthMetrics,
+    stop: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(EVALUATE_EVERY);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = now_ms();
+        alerting
+            .evaluate(&aggregator, &optimizations.scrapes(), now)
+            .await;
+        metrics.set_alerts(&alerting.alerts(now));
     }
 }

@@ -236,6 +236,116 @@ pub fn decode_maintenance(
     Ok((r.component.clone(), duration, r.reason.clone()))
 }
 
+/// The proto severity.
+#[must_use]
+pub fn encode_severity(s: crate::alerts::rule::Severity) -> pb::Severity {
+    use crate::alerts::rule::Severity;
+    match s {
+        Severity::Info => pb::Severity::Info,
+        Severity::Warning => pb::Severity::Warning,
+        Severity::Critical => pb::Severity::Critical,
+    }
+}
+
+/// A rule from a PutAlertRule request.
+///
+/// # Errors
+/// `InvalidArgument` naming each bad field (`rule.expr`, …).
+pub fn decode_rule(r: &pb::PutAlertRuleRequest) -> Result<crate::alerts::rule::Rule, HealthError> {
+    use crate::alerts::rule::{Rule, Severity};
+    let Some(rule) = r.rule.as_ref() else {
+        return Err(HealthError::invalid("rule", "required"));
+    };
+    let severity = match rule.severity() {
+        pb::Severity::Info => Severity::Info,
+        pb::Severity::Unspecified | pb::Severity::Warning => Severity::Warning,
+        pb::Severity::Critical => Severity::Critical,
+    };
+    let for_ = match rule.r#for.as_ref().map(duration_from_proto) {
+        None => Duration::ZERO,
+        Some(Some(d)) => d,
+        Some(None) => return Err(HealthError::invalid("rule.for", "a duration of at least 0")),
+    };
+    Rule::new(
+        "rule.",
+        &rule.name,
+        severity,
+        &rule.expr,
+        for_,
+        &rule.summary,
+    )
+}
+
+/// A rule.
+#[must_use]
+pub fn encode_rule(r: &crate::alerts::rule::Rule) -> pb::AlertRule {
+    pb::AlertRule {
+        name: r.name.clone(),
+        severity: encode_severity(r.severity).into(),
+        expr: r.expr.clone(),
+        r#for: Some(duration_to_proto(r.for_)),
+        summary: r.summary.clone(),
+    }
+}
+
+/// An alert.
+#[must_use]
+pub fn encode_alert(a: &crate::alerts::AlertView) -> pb::Alert {
+    pb::Alert {
+        rule: a.rule.name.clone(),
+        severity: encode_severity(a.rule.severity).into(),
+        status: a.record.status.as_str().to_owned(),
+        since: Some(timestamp_from_ms(a.record.since_ms)),
+        summary: a.rule.summary.clone(),
+        silenced: a.silenced,
+        value: a.record.value,
+        fired_at: (a.record.fired_at_ms > 0).then(|| timestamp_from_ms(a.record.fired_at_ms)),
+        expr: a.rule.expr.clone(),
+    }
+}
+
+/// A silence.
+#[must_use]
+pub fn encode_silence(s: &crate::alerts::store::Silence) -> pb::Silence {
+    pb::Silence {
+        id: s.id.clone(),
+        rule: s.rule.clone(),
+        until: Some(timestamp_from_ms(s.until_ms)),
+        reason: s.reason.clone(),
+    }
+}
+
+/// A PutSilence request: (rule, duration, reason).
+///
+/// # Errors
+/// `InvalidArgument` naming each bad field.
+pub fn decode_silence(
+    r: &pb::PutSilenceRequest,
+) -> Result<(String, Duration, String), HealthError> {
+    let mut v = Vec::new();
+    if r.rule != "*" && !crate::alerts::rule::valid_name(&r.rule) {
+        v.push(FieldViolation::new(
+            "rule",
+            "a rule name (1–64 bytes of letters, digits, '-', '_') or \"*\"",
+        ));
+    }
+    let duration = match r.duration.as_ref().and_then(duration_from_proto) {
+        Some(d) if !d.is_zero() && d <= crate::alerts::MAX_SILENCE => d,
+        _ => {
+            v.push(FieldViolation::new("duration", "above 0, at most 30 days"));
+            Duration::ZERO
+        }
+    };
+    if r.reason.len() > MAX_REASON_LEN {
+        v.push(FieldViolation::new(
+            "reason",
+            format!("at most {MAX_REASON_LEN} bytes"),
+        ));
+    }
+    done(v)?;
+    Ok((r.rule.clone(), duration, r.reason.clone()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

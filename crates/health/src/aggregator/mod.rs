@@ -284,6 +284,10 @@ struct Model {
     changed: BTreeSet<String>,
     removed: Vec<String>,
     cluster_summary: String,
+    /// Per service, instances that left membership while DOWN (killed, crashed, partitioned
+    /// longer than the lease) since it last had a new one: a service whose last instances were
+    /// lost stays DOWN instead of vanishing from view.
+    lost: BTreeMap<String, u32>,
 }
 
 /// The health aggregator's state.
@@ -327,6 +331,9 @@ impl Aggregator {
     pub fn upsert_instance(&self, member: &Member, now_ms: u64) {
         let id = model::instance_id(&member.service, &member.instance_id);
         self.change(now_ms, |model| {
+            if !model.records.contains_key(&id) {
+                model.lost.remove(&member.service);
+            }
             let record = model.records.entry(id.clone()).or_insert_with(|| {
                 Record::new(Kind::Instance, &member.instance_id, &member.service, now_ms)
             });
@@ -341,7 +348,10 @@ impl Aggregator {
     pub fn remove_instance(&self, service: &str, instance: &str, now_ms: u64) {
         let id = model::instance_id(service, instance);
         self.change(now_ms, |model| {
-            if model.records.remove(&id).is_some() {
+            if let Some(record) = model.records.remove(&id) {
+                if record.computed == State::Down && record.maintenance.is_none() {
+                    *model.lost.entry(service.to_owned()).or_default() += 1;
+                }
                 model.changed.remove(&id);
                 model.removed.push(id);
             }
@@ -698,6 +708,7 @@ fn roll_up(model: &mut Model, config: &HealthConfig, metrics: &HealthMetrics, no
     let mut services: BTreeMap<String, Counts> = config
         .expected
         .keys()
+        .chain(model.lost.keys())
         .map(|s| (s.clone(), Counts::default()))
         .collect();
     let mut states: BTreeMap<String, Vec<(State, bool)>> = BTreeMap::new();
@@ -745,9 +756,15 @@ fn roll_up(model: &mut Model, config: &HealthConfig, metrics: &HealthMetrics, no
                 })
                 .map(|need| (*need).to_owned())
                 .collect();
+            let lost = model.lost.get(service).copied().unwrap_or(0);
+            let expected = config.expected.get(service).copied();
             let rules = RollupRules {
                 min_serving: config.min_serving,
-                expected: config.expected.get(service).copied(),
+                expected: if lost > 0 {
+                    Some(expected.unwrap_or(0).max(lost.min(counts.total.max(1))))
+                } else {
+                    expected
+                },
             };
             let (state, cause) = rollup::service_state(*counts, rules, &down_needs);
             set_computed(model, metrics, &id, state, cause, now_ms);

@@ -247,3 +247,29 @@ fn test_expected_instances_make_a_missing_service_down() {
         (State::Degraded, "1 of 2 instances DOWN")
     );
 }
+
+#[test]
+fn test_a_service_whose_last_instance_was_lost_stays_down_until_one_returns() {
+    let agg = aggregator();
+    agg.upsert_instance(&member("cache", "c1"), T0);
+    agg.observe("instance/cache/c1", passed(), T0);
+    agg.observe(
+        "instance/cache/c1",
+        Observation::WatchBroken {
+            detail: "reset".into(),
+        },
+        T0 + 1,
+    );
+    agg.remove_instance("cache", "c1", T0 + 2_000);
+    let service = agg
+        .component("service/cache", T0 + 2_000)
+        .expect("still shown");
+    assert_eq!(service.state, State::Down);
+    assert_eq!(service.cause, "no instance registered (1 expected)");
+    agg.upsert_instance(&member("cache", "c2"), T0 + 3_000);
+    agg.observe("instance/cache/c2", passed(), T0 + 3_000);
+    assert_eq!(state(&agg, "service/cache"), State::Up);
+    // A clean leave takes the service away.
+    agg.remove_instance("cache", "c2", T0 + 4_000);
+    assert!(agg.component("service/cache", T0 + 4_000).is_none());
+}

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::now_ms;
 use crate::aggregator::Aggregator;
+use crate::alerts::eval::InstanceScrapes;
 
 /// Scrapes in flight at once.
 const CONCURRENT_SCRAPES: usize = 16;
@@ -78,6 +79,8 @@ pub struct Optimizations {
     by_instance: Mutex<BTreeMap<String, InstanceFeatures>>,
     unreachable: Mutex<BTreeMap<String, String>>,
     scraped_at_ms: Mutex<u64>,
+    /// The last two scrapes of each instance, for alert rules over metrics.
+    windows: Mutex<BTreeMap<String, InstanceScrapes>>,
 }
 
 impl Optimizations {
@@ -119,20 +122,39 @@ impl Optimizations {
             .await;
         let mut by_instance = BTreeMap::new();
         let mut unreachable = BTreeMap::new();
+        let now = now_ms();
+        let mut windows = self.windows.lock();
+        let previous = std::mem::take(&mut *windows);
         for (member, result) in results {
             let id = crate::model::instance_id(&member.service, &member.instance_id);
             match result {
                 Ok(scrape) => {
-                    by_instance.insert(id, read_features(&member.service, &scrape));
+                    by_instance.insert(id.clone(), read_features(&member.service, &scrape));
+                    let prev = previous.get(&id).map(|w| w.cur.clone());
+                    windows.insert(
+                        id,
+                        InstanceScrapes {
+                            service: member.service.clone(),
+                            prev,
+                            cur: (now, Arc::new(scrape)),
+                        },
+                    );
                 }
                 Err(e) => {
                     unreachable.insert(id, e);
                 }
             }
         }
+        drop(windows);
         *self.by_instance.lock() = by_instance;
         *self.unreachable.lock() = unreachable;
-        *self.scraped_at_ms.lock() = now_ms();
+        *self.scraped_at_ms.lock() = now;
+    }
+
+    /// The last two scrapes of every instance that answered the last scrape.
+    #[must_use]
+    pub fn scrapes(&self) -> Vec<InstanceScrapes> {
+        self.windows.lock().values().cloned().collect()
     }
 
     /// Versions reported, with how many instances run each.

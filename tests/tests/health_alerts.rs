@@ -372,6 +372,15 @@ async fn test_alerts_fire_and_resolve_once_across_replicas_with_silences_and_mai
         u64::try_from(fired_at).unwrap_or(u64::MAX) <= restarted_at,
         "{remembered:?}"
     );
+    let (code, table, err) = agentmesh_tests::agentmesh::run_binary(
+        "meshctl",
+        &["health", "rules", "--addr", &health_b.grpc_addr.to_string()],
+    )?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("bus-errors") && table.contains("error_rate"),
+        "{table}"
+    );
     drop(health_a);
     Ok(())
 }

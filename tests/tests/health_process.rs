@@ -424,6 +424,42 @@ async fn test_maintenance_endpoints_and_bad_input() -> anyhow::Result<()> {
     assert_eq!(code, 0, "{json}");
     let status: serde_json::Value = serde_json::from_str(&json)?;
     assert_eq!(status["state"], "UP", "{json}");
+    // `meshctl doctor` on a well cluster: every check passes (etcd, Redis and the trace check
+    // are skipped standalone).
+    let (code, json, err) = run_binary(
+        "meshctl",
+        &[
+            "doctor",
+            "--addr",
+            &grpc.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 0, "{json}{err}");
+    let doctor: serde_json::Value = serde_json::from_str(&json)?;
+    assert_eq!(doctor["passed"], doctor["checked"], "{json}");
+    let names: Vec<&str> = doctor["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter_map(|c| c["check"].as_str())
+        .collect();
+    for want in [
+        "service scheduler UP",
+        "one version across instances",
+        "one trace across three services",
+    ] {
+        assert!(names.contains(&want), "{names:?}");
+    }
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with("cache/") && n.ends_with("clock")),
+        "{names:?}"
+    );
     Ok(())
 }
 
@@ -487,6 +523,34 @@ async fn test_the_status_page_shows_a_killed_instance_in_headless_chromium() -> 
         "{dom}"
     );
     assert!(dom.contains("Recent incidents"));
+    // `meshctl doctor` fails on the DOWN instance and says what to do.
+    let (code, json, _) = run_binary(
+        "meshctl",
+        &[
+            "doctor",
+            "--addr",
+            &health.grpc_addr.to_string(),
+            "--admin-addr",
+            &health.admin_addr.to_string(),
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 1, "{json}");
+    let doctor: serde_json::Value = serde_json::from_str(&json)?;
+    let failed: Vec<&serde_json::Value> = doctor["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["result"] == "fail")
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|c| c["check"] == "service ratelimit UP"
+                && !c["fix"].as_str().unwrap_or("").is_empty()),
+        "{json}"
+    );
     let screenshot = run(&[format!("--screenshot={}", shot.display())])?;
     assert!(
         shot.exists(),

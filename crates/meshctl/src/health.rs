@@ -65,6 +65,62 @@ pub(crate) enum HealthCommand {
     Maintenance(MaintenanceArgs),
     /// Which component needs which.
     Graph(GraphArgs),
+    /// Alert rules: list them.
+    Rules(GraphArgs),
+    /// Store an alert rule (replacing one of the same name).
+    RulePut(RulePutArgs),
+    /// Remove an alert rule.
+    RuleDelete(NameArgs),
+    /// Alerts: pending, firing, resolved; silenced or not.
+    Alerts(GraphArgs),
+    /// Hold a rule's notifications (or every rule's: `*`) for a while.
+    Silence(SilenceArgs),
+    /// Silences in force.
+    Silences(GraphArgs),
+    /// End a silence.
+    Unsilence(NameArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct RulePutArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Rule name (letters, digits, '-', '_').
+    name: String,
+    /// Condition, e.g. 'state("service/ratelimit") == DOWN' or 'error_rate("eventbus") > 5%'.
+    #[arg(long)]
+    expr: String,
+    /// info, warning or critical.
+    #[arg(long, default_value = "warning")]
+    severity: String,
+    /// How long the condition must hold before the alert fires.
+    #[arg(long = "for", default_value = "0s", value_parser = parse_duration)]
+    for_: Duration,
+    /// Sent with notifications.
+    #[arg(long, default_value = "")]
+    summary: String,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct NameArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The rule's name or the silence's id.
+    name: String,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct SilenceArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Rule name, or '*' for every rule.
+    rule: String,
+    /// How long.
+    #[arg(long = "for", value_parser = parse_duration)]
+    duration: Duration,
+    /// Why.
+    #[arg(long, default_value = "")]
+    reason: String,
 }
 
 #[derive(clap::Args)]
@@ -341,6 +397,167 @@ pub(crate) async fn run(command: HealthCommand) -> anyhow::Result<ExitCode> {
                 .collect();
             print_table(&["COMPONENT", "", "NEEDS"], &rows);
         }
+        other => return alerting(other).await,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn severity_name(s: i32) -> &'static str {
+    pb::Severity::try_from(s)
+        .map(|s| s.as_str_name().trim_start_matches("SEVERITY_"))
+        .unwrap_or("?")
+}
+
+async fn alerting(command: HealthCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        HealthCommand::Rules(args) => {
+            let rules = args
+                .common
+                .client()
+                .await?
+                .list_alert_rules(pb::ListAlertRulesRequest {})
+                .await
+                .map_err(|s| status_error(&s))?
+                .into_inner()
+                .rules;
+            let rows: Vec<Vec<String>> = rules
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.name.clone(),
+                        severity_name(r.severity).to_owned(),
+                        r.expr.clone(),
+                        format!("{:.0}s", millis(r.r#for.as_ref()) / 1000.0),
+                        r.summary.clone(),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "SEVERITY", "CONDITION", "FOR", "SUMMARY"], &rows);
+        }
+        HealthCommand::RulePut(args) => {
+            let severity = match args.severity.to_ascii_lowercase().as_str() {
+                "info" => pb::Severity::Info,
+                "warning" => pb::Severity::Warning,
+                "critical" => pb::Severity::Critical,
+                other => anyhow::bail!("--severity {other:?}: info, warning or critical"),
+            };
+            let rule = args
+                .common
+                .client()
+                .await?
+                .put_alert_rule(pb::PutAlertRuleRequest {
+                    rule: Some(pb::AlertRule {
+                        name: args.name,
+                        severity: severity as i32,
+                        expr: args.expr,
+                        r#for: Some(duration_to_proto(args.for_)),
+                        summary: args.summary,
+                    }),
+                })
+                .await
+                .map_err(|s| status_error(&s))?
+                .into_inner();
+            println!("stored rule {}", rule.name);
+        }
+        HealthCommand::RuleDelete(args) => {
+            args.common
+                .client()
+                .await?
+                .delete_alert_rule(pb::DeleteAlertRuleRequest {
+                    name: args.name.clone(),
+                })
+                .await
+                .map_err(|s| status_error(&s))?;
+            println!("deleted rule {}", args.name);
+        }
+        HealthCommand::Alerts(args) => {
+            let alerts = args
+                .common
+                .client()
+                .await?
+                .list_alerts(pb::ListAlertsRequest {})
+                .await
+                .map_err(|s| status_error(&s))?
+                .into_inner()
+                .alerts;
+            let rows: Vec<Vec<String>> = alerts
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.rule.clone(),
+                        severity_name(a.severity).to_owned(),
+                        format!(
+                            "{}{}",
+                            a.status,
+                            if a.silenced { " (silenced)" } else { "" }
+                        ),
+                        since(a.since.as_ref()),
+                        format!("{:.4}", a.value),
+                        a.summary.clone(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &["RULE", "SEVERITY", "STATUS", "SINCE", "VALUE", "SUMMARY"],
+                &rows,
+            );
+        }
+        HealthCommand::Silence(args) => {
+            let silence = args
+                .common
+                .client()
+                .await?
+                .put_silence(pb::PutSilenceRequest {
+                    rule: args.rule,
+                    duration: Some(duration_to_proto(args.duration)),
+                    reason: args.reason,
+                })
+                .await
+                .map_err(|s| status_error(&s))?
+                .into_inner();
+            println!("silence {} holds {}", silence.id, silence.rule);
+        }
+        HealthCommand::Silences(args) => {
+            let silences = args
+                .common
+                .client()
+                .await?
+                .list_silences(pb::ListSilencesRequest {})
+                .await
+                .map_err(|s| status_error(&s))?
+                .into_inner()
+                .silences;
+            let rows: Vec<Vec<String>> = silences
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.rule.clone(),
+                        render_until(s.until.as_ref()),
+                        s.reason.clone(),
+                    ]
+                })
+                .collect();
+            print_table(&["ID", "RULE", "UNTIL", "REASON"], &rows);
+        }
+        HealthCommand::Unsilence(args) => {
+            args.common
+                .client()
+                .await?
+                .delete_silence(pb::DeleteSilenceRequest {
+                    id: args.name.clone(),
+                })
+                .await
+                .map_err(|s| status_error(&s))?;
+            println!("silence {} ended", args.name);
+        }
+        HealthCommand::History(_) | HealthCommand::Maintenance(_) | HealthCommand::Graph(_) => {
+            unreachable!("handled in run")
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render_until(t: Option<&prost_types::Timestamp>) -> String {
+    crate::events::render_time(t)
 }

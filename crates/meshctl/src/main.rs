@@ -3,6 +3,7 @@
 mod agents;
 mod bench;
 mod cache;
+mod doctor;
 mod events;
 mod health;
 mod members;
@@ -44,7 +45,10 @@ enum Command {
     Cache(cache::CacheCommand),
     /// The cluster at a glance from the health aggregator (exit 2 when it is DOWN).
     Status(health::StatusArgs),
-    /// The health aggregator: history, maintenance, dependency graph.
+    /// Check the live cluster end to end: a pass/fail table with a fix per failure.
+    Doctor(doctor::DoctorArgs),
+    /// The health aggregator: history, maintenance, dependency graph, alert rules, alerts,
+    /// silences.
     #[command(subcommand)]
     Health(health::HealthCommand),
     /// Closed-loop load against a service, with a progress bar and a latency summary.
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
             Command::Cache(cmd) => cache::run(cmd).await,
             Command::Status(args) => health::status(args).await,
             Command::Health(cmd) => health::run(cmd).await,
+            Command::Doctor(args) => doctor::run(args).await,
             Command::Bench(cmd) => bench::run(cmd, cli.cluster.redis_url()).await,
         }
     });

@@ -28,6 +28,7 @@ use crate::ratelimit::proto_duration;
 mod anchors;
 mod cache;
 mod eventbus;
+mod health;
 mod pubsub;
 mod scheduler;
 mod scrape;
@@ -63,6 +64,13 @@ pub(crate) enum BenchCommand {
     /// Anchor for `bench cache --mode l2`: raw Redis GETs from this process. Redis: `--redis`
     /// (default redis://127.0.0.1:6379).
     RedisGet(cache::RedisGetBench),
+    /// Serve grpc.health.v1 on many ports, registered in etcd, for the health aggregator to
+    /// watch; optionally report the aggregator's CPU once it sees them all.
+    HealthTargets(health::TargetsBench),
+    /// WatchClusterHealth to many clients: change → every stream latency.
+    HealthWatch(health::WatchBench),
+    /// kill -9 of an instance → the aggregator's DOWN, repeated.
+    HealthDetect(health::DetectBench),
     /// Serve the bare tonic echo anchor (no agentmesh layers) until interrupted.
     EchoServer {
         /// Listen address.
@@ -195,6 +203,9 @@ pub(crate) async fn run(cmd: BenchCommand, redis: Option<&str>) -> anyhow::Resul
     let redis = redis.unwrap_or(DEFAULT_REDIS).to_owned();
     match cmd {
         BenchCommand::EchoServer { listen } => echo_server(listen).await,
+        BenchCommand::HealthTargets(args) => health::targets(args).await,
+        BenchCommand::HealthWatch(args) => health::watch(args).await,
+        BenchCommand::HealthDetect(args) => health::detect(args).await,
         BenchCommand::Echo(args) => {
             let addr = args
                 .load

@@ -57,8 +57,12 @@ async fn follow(
             () = stop.cancelled() => break,
             watch = membership.watch(&service) => watch,
         };
-        let mut snapshots_rx = match watch {
-            Ok(watch) => watch.snapshots(),
+        // The watch lives as long as its snapshots are read (dropping it ends them).
+        let (_watch, mut snapshots_rx) = match watch {
+            Ok(watch) => {
+                let snapshots_rx = watch.snapshots();
+                (watch, snapshots_rx)
+            }
             Err(e) => {
                 tracing::warn!(%service, error = %e, "cannot watch membership; retrying");
                 tokio::select! {

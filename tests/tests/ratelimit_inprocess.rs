@@ -715,6 +715,22 @@ async fn test_budgets_reserve_then_commit_refunds_and_cancel_releases() {
         .usage
         .unwrap();
     assert_eq!(usage.spent, 2_500);
+    // The burn the health aggregator's budget_burn() reads, and the refusal.
+    let text = metrics.encode();
+    let scrape = agentmesh_runtime::scrape::parse(&text).unwrap();
+    let ns = budget_target("agent-7", 10_000).unwrap().namespace;
+    let spent = agentmesh_runtime::scrape::sum(
+        &scrape,
+        "ratelimit_budget_spent_total",
+        &[("namespace", &ns)],
+    );
+    assert!((spent - 2_500.0).abs() < 0.5, "{spent}");
+    let denied = agentmesh_runtime::scrape::sum(
+        &scrape,
+        "ratelimit_budget_denied_total",
+        &[("namespace", &ns)],
+    );
+    assert!((denied - 1.0).abs() < 0.5, "{denied}");
     running.shutdown().await.unwrap();
 }
 

@@ -245,6 +245,14 @@ pub fn measure(query: &Query, all: &[InstanceScrapes]) -> Option<f64> {
             })
             .filter_map(|s| scalar(&s.value))
             .reduce(f64::max),
+        Query::BudgetBurn(namespace) => {
+            let (spent, seconds) = increase(&everyone, "ratelimit_budget_spent_total", &|s| {
+                namespace
+                    .as_deref()
+                    .is_none_or(|n| s.labels.get("namespace") == Some(n))
+            })?;
+            (seconds > 0.0).then(|| spent / seconds)
+        }
         Query::Rate(name, filter) => {
             let (total, seconds) = increase(&everyone, name, &|s| has_labels(s, filter))?;
             (seconds > 0.0).then(|| total / seconds)

@@ -9,6 +9,8 @@
 //! cache_hit_rate() < 0.5                        (l1 + l2 + stale) / all cache reads
 //! deny_rate("tenant-a") > 0.2                   denied / all rate-limit decisions (namespace optional)
 //! queue_wait("summarize") > 30s                 the oldest PENDING task's wait (type optional)
+//! budget_burn("tenant-a") > 1000                cost units committed per second against cost
+//!                                               budgets (namespace optional)
 //! rate("eventbus_dead_lettered_total") > 1      per-second increase of a counter, summed
 //! metric("scheduler_agents", "state=dead") > 0  current value of a gauge or counter, summed
 //! ```
@@ -111,6 +113,8 @@ pub enum Query {
     DenyRate(Option<String>),
     /// The scheduler's oldest pending task's wait, optionally one task type.
     QueueWait(Option<String>),
+    /// Cost units committed per second against budgets, optionally one namespace.
+    BudgetBurn(Option<String>),
     /// Per-second increase of a counter.
     Rate(String, Vec<(String, String)>),
     /// Current value of a gauge or counter.
@@ -125,7 +129,7 @@ impl Query {
             Self::State(id) => Some(id.clone()),
             Self::ErrorRate(s) | Self::Latency { service: s, .. } => Some(format!("service/{s}")),
             Self::CacheHitRate => Some("service/cache".to_owned()),
-            Self::DenyRate(_) => Some("service/ratelimit".to_owned()),
+            Self::DenyRate(_) | Self::BudgetBurn(_) => Some("service/ratelimit".to_owned()),
             Self::QueueWait(_) => Some("service/scheduler".to_owned()),
             Self::Rate(..) | Self::Metric(..) => None,
         }
@@ -408,6 +412,10 @@ pub fn parse(text: &str) -> Result<Condition, String> {
             arity(0, 1)?;
             Query::QueueWait(args.first().cloned())
         }
+        "budget_burn" => {
+            arity(0, 1)?;
+            Query::BudgetBurn(args.first().cloned())
+        }
         "rate" | "metric" => {
             arity(1, 2)?;
             let filter = labels(args.get(1).map_or("", String::as_str))?;
@@ -419,7 +427,7 @@ pub fn parse(text: &str) -> Result<Condition, String> {
         }
         other => {
             return Err(format!(
-                "at position 1: unknown function {other:?} (state, error_rate, latency_p50|p90|p99, cache_hit_rate, deny_rate, queue_wait, rate, metric)"
+                "at position 1: unknown function {other:?} (state, error_rate, latency_p50|p90|p99, cache_hit_rate, deny_rate, queue_wait, budget_burn, rate, metric)"
             ));
         }
     };

@@ -87,10 +87,11 @@ pub(crate) struct DetectBench {
 }
 
 async fn client(addr: &str) -> anyhow::Result<Client> {
-    let channel = agentmesh_runtime::client::endpoint(addr, &agentmesh_runtime::ClientConfig::default())?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to the aggregator at {addr}"))?;
+    let channel =
+        agentmesh_runtime::client::endpoint(addr, &agentmesh_runtime::ClientConfig::default())?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to the aggregator at {addr}"))?;
     Ok(Client::new(channel).max_decoding_message_size(256 << 20))
 }
 
@@ -133,7 +134,8 @@ pub(crate) async fn targets(args: TargetsBench) -> anyhow::Result<ExitCode> {
         let addr = listener.local_addr()?;
         let registry = HealthRegistry::new();
         registry.set("", ServingStatus::Serving);
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(registry.service())
@@ -150,7 +152,11 @@ pub(crate) async fn targets(args: TargetsBench) -> anyhow::Result<ExitCode> {
         };
         registrations.push(membership.register(member).await?);
     }
-    eprintln!("{} targets serving and registered in {:.1?}", args.count, started.elapsed());
+    eprintln!(
+        "{} targets serving and registered in {:.1?}",
+        args.count,
+        started.elapsed()
+    );
     let Some(metrics) = args.aggregator_metrics else {
         tokio::signal::ctrl_c().await?;
         return Ok(ExitCode::SUCCESS);
@@ -159,7 +165,9 @@ pub(crate) async fn targets(args: TargetsBench) -> anyhow::Result<ExitCode> {
     let wait = Instant::now();
     loop {
         let health = aggregator
-            .get_cluster_health(pb::GetClusterHealthRequest { omit_instances: true })
+            .get_cluster_health(pb::GetClusterHealthRequest {
+                omit_instances: true,
+            })
             .await?
             .into_inner();
         let up = health
@@ -170,10 +178,18 @@ pub(crate) async fn targets(args: TargetsBench) -> anyhow::Result<ExitCode> {
         if up as usize >= args.count {
             break;
         }
-        anyhow::ensure!(wait.elapsed() < Duration::from_secs(120), "only {up} targets UP after 2 min");
+        anyhow::ensure!(
+            wait.elapsed() < Duration::from_secs(120),
+            "only {up} targets UP after 2 min"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    eprintln!("the aggregator sees all {} UP after {:.1?}; measuring {:?}", args.count, wait.elapsed(), args.duration);
+    eprintln!(
+        "the aggregator sees all {} UP after {:.1?}; measuring {:?}",
+        args.count,
+        wait.elapsed(),
+        args.duration
+    );
     let url = format!("http://{metrics}/metrics");
     let (_, before) = scrape::get(&url, Duration::from_secs(5)).await?;
     let t0 = Instant::now();
@@ -205,10 +221,18 @@ pub(crate) async fn watch(args: WatchBench) -> anyhow::Result<ExitCode> {
     let ready = Arc::new(AtomicU64::new(0));
     for i in 0..args.clients {
         let mut c = channels[i % channels.len()].clone();
-        let (sent_at, received, latencies, ready) = (sent_at.clone(), received.clone(), latencies.clone(), ready.clone());
+        let (sent_at, received, latencies, ready) = (
+            sent_at.clone(),
+            received.clone(),
+            latencies.clone(),
+            ready.clone(),
+        );
         tokio::spawn(async move {
             let Ok(response) = c
-                .watch_cluster_health(pb::WatchClusterHealthRequest { after_revision: 0, omit_instances: true })
+                .watch_cluster_health(pb::WatchClusterHealthRequest {
+                    after_revision: 0,
+                    omit_instances: true,
+                })
                 .await
             else {
                 return;
@@ -226,25 +250,42 @@ pub(crate) async fn watch(args: WatchBench) -> anyhow::Result<ExitCode> {
     }
     let wait = Instant::now();
     while (ready.load(Ordering::Relaxed) as usize) < args.clients {
-        anyhow::ensure!(wait.elapsed() < Duration::from_secs(60), "streams did not open within 60 s");
+        anyhow::ensure!(
+            wait.elapsed() < Duration::from_secs(60),
+            "streams did not open within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!("{} watch streams open in {:.1?}", args.clients, wait.elapsed());
+    eprintln!(
+        "{} watch streams open in {:.1?}",
+        args.clients,
+        wait.elapsed()
+    );
     let clients = args.clients as u64;
     for i in 0..args.changes {
         let expected = clients * (i as u64 + 1);
-        sent_at.store(u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        sent_at.store(
+            u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let duration = if i % 2 == 0 { 3600 } else { 0 };
         control
             .set_maintenance(pb::SetMaintenanceRequest {
                 component: args.component.clone(),
-                duration: Some(prost_types::Duration { seconds: duration, nanos: 0 }),
+                duration: Some(prost_types::Duration {
+                    seconds: duration,
+                    nanos: 0,
+                }),
                 reason: "bench".to_owned(),
             })
             .await?;
         let t = Instant::now();
         while received.load(Ordering::Relaxed) < expected {
-            anyhow::ensure!(t.elapsed() < Duration::from_secs(10), "change {i} reached {} of {clients} streams", received.load(Ordering::Relaxed) - clients * i as u64);
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "change {i} reached {} of {clients} streams",
+                received.load(Ordering::Relaxed) - clients * i as u64
+            );
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
     }
@@ -275,7 +316,16 @@ pub(crate) async fn detect(args: DetectBench) -> anyhow::Result<ExitCode> {
             .await?
             .into_inner();
         let mut child = std::process::Command::new(&args.agentmesh)
-            .args(["serve", "ratelimit", "--etcd", &args.etcd, "--ratelimit-listen", "127.0.0.1:0", "--ratelimit-admin-listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "ratelimit",
+                "--etcd",
+                &args.etcd,
+                "--ratelimit-listen",
+                "127.0.0.1:0",
+                "--ratelimit-admin-listen",
+                "127.0.0.1:0",
+            ])
             .env("AGENTMESH_LEASE_TTL", "2s")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -288,7 +338,9 @@ pub(crate) async fn detect(args: DetectBench) -> anyhow::Result<ExitCode> {
                 .context("the new instance was not seen UP within 15 s")??
                 .context("watch ended")?;
             if let Some(c) = update.changed.iter().find(|c| {
-                c.id.starts_with("instance/ratelimit/") && !known.contains(&c.id) && c.state == pb::State::Up as i32
+                c.id.starts_with("instance/ratelimit/")
+                    && !known.contains(&c.id)
+                    && c.state == pb::State::Up as i32
             }) {
                 break c.id.clone();
             }
@@ -300,7 +352,11 @@ pub(crate) async fn detect(args: DetectBench) -> anyhow::Result<ExitCode> {
                 .await
                 .context("the kill was not seen within 15 s")??
                 .context("watch ended")?;
-            if update.changed.iter().any(|c| c.id == victim && c.state == pb::State::Down as i32) {
+            if update
+                .changed
+                .iter()
+                .any(|c| c.id == victim && c.state == pb::State::Down as i32)
+            {
                 let took = u64::try_from(killed.elapsed().as_micros()).unwrap_or(u64::MAX);
                 latencies.record(took.max(1))?;
                 eprintln!("run {}: {}", run + 1, ms(took));
@@ -309,6 +365,10 @@ pub(crate) async fn detect(args: DetectBench) -> anyhow::Result<ExitCode> {
         }
         let _ = child.wait();
     }
-    println!("kill -9 → aggregated state DOWN ({} runs): {}", args.runs, summary(&latencies));
+    println!(
+        "kill -9 → aggregated state DOWN ({} runs): {}",
+        args.runs,
+        summary(&latencies)
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -83,17 +83,23 @@ impl ClusterRouter {
                     .budgets
                     .reserve(key, spec, estimate, ttl, now)
                     .map_err(budget_error)?;
+                if !r.granted {
+                    self.metrics.budget_denied(&target.namespace);
+                }
                 BudgetAnswer {
                     granted: r.granted,
                     reservation_id: r.reservation.map(|res| res.id),
                     usage: r.usage,
                 }
             }
-            BudgetCall::Commit { id, actual } => BudgetAnswer::usage(
-                self.budgets
+            BudgetCall::Commit { id, actual } => {
+                let usage = self
+                    .budgets
                     .commit(key, spec, id, actual, now)
-                    .map_err(budget_error)?,
-            ),
+                    .map_err(budget_error)?;
+                self.metrics.budget_spent(&target.namespace, actual);
+                BudgetAnswer::usage(usage)
+            }
             BudgetCall::Cancel { id } => BudgetAnswer::usage(
                 self.budgets
                     .cancel(key, spec, id, now)

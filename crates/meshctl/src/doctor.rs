@@ -425,11 +425,16 @@ async fn trace_check(cluster: &pb::ClusterHealth, jaeger: Option<&str>, otlp: bo
         tokio::time::sleep(Duration::from_millis(500)).await;
         if let Ok((200, body)) = scrape::get(&url, CHECK_TIMEOUT).await {
             let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            services = value["data"][0]["processes"]
-                .as_object()
-                .map(|p| {
-                    p.values()
-                        .filter_map(|p| p["serviceName"].as_str().map(str::to_owned))
+            // The services the trace's spans served (`rpc.service`), however the processes
+            // are named (one `agentmesh dev` process serves them all).
+            services = value["data"][0]["spans"]
+                .as_array()
+                .map(|spans| {
+                    spans
+                        .iter()
+                        .flat_map(|span| span["tags"].as_array().cloned().unwrap_or_default())
+                        .filter(|tag| tag["key"] == "rpc.service")
+                        .filter_map(|tag| tag["value"].as_str().map(str::to_owned))
                         .collect()
                 })
                 .unwrap_or_default();

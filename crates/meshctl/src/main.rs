@@ -9,6 +9,7 @@ mod health;
 mod members;
 mod ratelimit;
 mod tasks;
+mod token;
 
 use std::process::ExitCode;
 
@@ -51,6 +52,9 @@ enum Command {
     /// silences.
     #[command(subcommand)]
     Health(health::HealthCommand),
+    /// Development tokens (HS256 from a local secret file).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Closed-loop load against a service, with a progress bar and a latency summary.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
             Command::Status(args) => health::status(args).await,
             Command::Health(cmd) => health::run(cmd).await,
             Command::Doctor(args) => doctor::run(args).await,
+            Command::Token(cmd) => token::run(cmd),
             Command::Bench(cmd) => bench::run(cmd, cli.cluster.redis_url()).await,
         }
     });

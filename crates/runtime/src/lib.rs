@@ -6,6 +6,7 @@
 //! - [`message_trace`]: producer/consumer spans and trace context carried in message headers.
 //! - [`propagation`]: W3C trace context in gRPC metadata and in event headers.
 //! - [`observe`]: tower layers for server and client spans, trace propagation and metrics.
+//! - [`auth`]: bearer-token (JWT) verification, identities and roles.
 //! - [`breaker`]: a circuit breaker layer for client channels.
 //! - [`client`]: client channels through that stack.
 //! - [`peers`]: the other members of a service: a channel per member, the ring, gather within
@@ -22,6 +23,7 @@
 //! - [`error`]: `FieldViolation`, the `ErrorCode` set and the one `ServiceError` → `Status`
 //!   mapping every service uses.
 
+pub mod auth;
 pub mod breaker;
 pub mod client;
 pub mod config;

@@ -17,6 +17,27 @@ use crate::wire::{
     decode_duration, decode_partition, decode_read, decode_set, encode_get, encode_lease_answer,
     encode_notice, encode_semantic,
 };
+use agentmesh_runtime::auth::{AccessRule, Role};
+
+/// Who may call each RPC (admin may call everything); see the README's roles table.
+pub const ACCESS: &[AccessRule] = &[
+    ("Get", &[Role::Service, Role::Agent]),
+    ("Set", &[Role::Service, Role::Agent]),
+    ("Delete", &[Role::Service, Role::Agent]),
+    ("GetMany", &[Role::Service, Role::Agent]),
+    ("SetMany", &[Role::Service, Role::Agent]),
+    ("DeleteMany", &[Role::Service, Role::Agent]),
+    ("GetOrLease", &[Role::Service, Role::Agent]),
+    ("FillLease", &[Role::Service, Role::Agent]),
+    ("AbandonLease", &[Role::Service, Role::Agent]),
+    ("InvalidateTags", &[Role::Service, Role::Operator]),
+    ("InvalidateNamespace", &[Role::Service, Role::Operator]),
+    ("WatchInvalidations", &[Role::Service, Role::Agent]),
+    ("Stats", &[Role::Service, Role::Operator]),
+    ("Warm", &[Role::Operator]),
+    ("SemanticGet", &[Role::Service, Role::Agent]),
+    ("SemanticPut", &[Role::Service, Role::Agent]),
+];
 
 /// Largest request accepted (a 4 MiB value and its envelope; a batch of small ones).
 const MAX_REQUEST: usize = 5 << 20;
@@ -451,5 +472,22 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
             version,
             embedder: embedder.to_owned(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    #[test]
+    fn test_every_rpc_has_an_access_rule() {
+        let (missing, stray) = agentmesh_runtime::auth::uncovered(
+            agentmesh_proto::FILE_DESCRIPTOR_SET,
+            "agentmesh.cache.v1.CacheCoordinator",
+            super::ACCESS,
+        );
+        assert!(
+            missing.is_empty(),
+            "RPCs without an access rule: {missing:?}"
+        );
+        assert!(stray.is_empty(), "rules naming no RPC: {stray:?}");
     }
 }

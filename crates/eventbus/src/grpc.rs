@@ -33,6 +33,20 @@ use crate::peers::{Gathered, PEER_BUDGET, PeerClient, Peers};
 use crate::subject::{SubjectFilter, validate_subject};
 use crate::wire::{decode_event_lenient, decode_priority, decode_publish};
 pub use crate::wire::{encode_event, encode_priority};
+use agentmesh_runtime::auth::{AccessRule, Role};
+
+/// Who may call each RPC (admin may call everything); see the README's roles table.
+pub const ACCESS: &[AccessRule] = &[
+    ("Publish", &[Role::Service, Role::Agent]),
+    ("PublishStream", &[Role::Service, Role::Agent]),
+    ("Subscribe", &[Role::Service, Role::Agent]),
+    ("Request", &[Role::Service, Role::Agent]),
+    ("ListSubscriptions", &[Role::Service, Role::Operator]),
+    ("GetStats", &[Role::Service, Role::Operator]),
+    ("ListDeadLetters", &[Role::Operator]),
+    ("RedriveDeadLetters", &[Role::Operator]),
+    ("PurgeDeadLetters", &[Role::Operator]),
+];
 
 /// Most credit a subscription may ask for.
 pub const MAX_IN_FLIGHT: u32 = 10_000;
@@ -1126,5 +1140,22 @@ mod tests {
         );
         assert_eq!(a.instances, ["eventbus-a", "eventbus-b"]);
         assert_eq!(a.instance, "eventbus-a");
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    #[test]
+    fn test_every_rpc_has_an_access_rule() {
+        let (missing, stray) = agentmesh_runtime::auth::uncovered(
+            agentmesh_proto::FILE_DESCRIPTOR_SET,
+            "agentmesh.eventbus.v1.EventBus",
+            super::ACCESS,
+        );
+        assert!(
+            missing.is_empty(),
+            "RPCs without an access rule: {missing:?}"
+        );
+        assert!(stray.is_empty(), "rules naming no RPC: {stray:?}");
     }
 }

@@ -19,6 +19,26 @@ use crate::wire::{
     encode_component, encode_delta, encode_rule, encode_silence, encode_snapshot, encode_state,
     encode_transition,
 };
+use agentmesh_runtime::auth::{AccessRule, Role};
+
+/// Who may call each RPC (admin may call everything); see the README's roles table.
+pub const ACCESS: &[AccessRule] = &[
+    (
+        "GetClusterHealth",
+        &[Role::Service, Role::Operator, Role::Agent],
+    ),
+    ("WatchClusterHealth", &[Role::Service, Role::Operator]),
+    ("GetHistory", &[Role::Service, Role::Operator]),
+    ("GetDependencyGraph", &[Role::Service, Role::Operator]),
+    ("SetMaintenance", &[Role::Operator]),
+    ("PutAlertRule", &[Role::Operator]),
+    ("DeleteAlertRule", &[Role::Operator]),
+    ("ListAlertRules", &[Role::Service, Role::Operator]),
+    ("ListAlerts", &[Role::Service, Role::Operator]),
+    ("PutSilence", &[Role::Operator]),
+    ("DeleteSilence", &[Role::Operator]),
+    ("ListSilences", &[Role::Service, Role::Operator]),
+];
 
 /// Serves `agentmesh.health.v1.HealthAggregator` over an [`Aggregator`].
 #[derive(Clone)]
@@ -249,5 +269,22 @@ impl pb::health_aggregator_server::HealthAggregator for HealthGrpc {
             .map(encode_silence)
             .collect();
         Ok(Response::new(pb::ListSilencesResponse { silences }))
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    #[test]
+    fn test_every_rpc_has_an_access_rule() {
+        let (missing, stray) = agentmesh_runtime::auth::uncovered(
+            agentmesh_proto::FILE_DESCRIPTOR_SET,
+            "agentmesh.health.v1.HealthAggregator",
+            super::ACCESS,
+        );
+        assert!(
+            missing.is_empty(),
+            "RPCs without an access rule: {missing:?}"
+        );
+        assert!(stray.is_empty(), "rules naming no RPC: {stray:?}");
     }
 }

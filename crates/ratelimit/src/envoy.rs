@@ -47,6 +47,10 @@ use crate::spec::{
     Algorithm, LimitSpec, MAX_ITEMS, MAX_KEY_LEN, MAX_NAMESPACE_LEN, MAX_POLICY_NAME_LEN,
     is_valid_identifier, validate_identifier,
 };
+use agentmesh_runtime::auth::{AccessRule, Role};
+
+/// Who may call Envoy's RLS (admin may call everything): the proxies, as services.
+pub const ACCESS: &[AccessRule] = &[("ShouldRateLimit", &[Role::Service])];
 
 /// Most entries in one descriptor. Matching probes up to 2^entries policy names.
 pub const MAX_DESCRIPTOR_ENTRIES: usize = 8;
@@ -549,5 +553,21 @@ fn for_descriptors(err: RateLimitError, item_descriptors: &[usize]) -> RateLimit
             name,
         },
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    #[test]
+    fn test_every_rpc_has_an_access_rule() {
+        let (missing, stray) = agentmesh_runtime::auth::uncovered(
+            agentmesh_proto::FILE_DESCRIPTOR_SET,
+            "envoy.service.ratelimit.v3.RateLimitService",
+            super::ACCESS,
+        );
+        assert!(
+            missing.is_empty() && stray.is_empty(),
+            "{missing:?} {stray:?}"
+        );
     }
 }

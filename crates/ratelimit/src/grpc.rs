@@ -28,6 +28,26 @@ use crate::wire::{
     duration_from_proto, duration_to_proto, encode_namespace_usage, encode_outcome, encode_policy,
     encode_response, encode_usage, stream_error, validate_policy_ref,
 };
+use agentmesh_runtime::auth::{AccessRule, Role};
+
+/// Who may call each RPC (admin may call everything); see the README's roles table.
+pub const ACCESS: &[AccessRule] = &[
+    ("Check", &[Role::Service, Role::Agent]),
+    ("StreamCheck", &[Role::Service, Role::Agent]),
+    ("PutPolicy", &[Role::Operator]),
+    ("GetPolicy", &[Role::Service, Role::Operator]),
+    ("ListPolicies", &[Role::Service, Role::Operator]),
+    ("DeletePolicy", &[Role::Operator]),
+    ("Acquire", &[Role::Service, Role::Agent]),
+    ("RenewLease", &[Role::Service, Role::Agent]),
+    ("Release", &[Role::Service, Role::Agent]),
+    ("Reserve", &[Role::Service, Role::Agent]),
+    ("Commit", &[Role::Service, Role::Agent]),
+    ("Cancel", &[Role::Service, Role::Agent]),
+    ("GetUsage", &[Role::Service, Role::Operator, Role::Agent]),
+    ("Inspect", &[Role::Service, Role::Operator]),
+    ("Reset", &[Role::Operator]),
+];
 
 /// Responses buffered per StreamCheck stream before the server stops reading requests.
 const STREAM_BUFFER: usize = 256;
@@ -536,5 +556,22 @@ impl RateLimiterGrpc {
                 error: Some(stream_error(err)),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    #[test]
+    fn test_every_rpc_has_an_access_rule() {
+        let (missing, stray) = agentmesh_runtime::auth::uncovered(
+            agentmesh_proto::FILE_DESCRIPTOR_SET,
+            "agentmesh.ratelimit.v1.RateLimiter",
+            super::ACCESS,
+        );
+        assert!(
+            missing.is_empty(),
+            "RPCs without an access rule: {missing:?}"
+        );
+        assert!(stray.is_empty(), "rules naming no RPC: {stray:?}");
     }
 }

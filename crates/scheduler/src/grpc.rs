@@ -20,6 +20,25 @@ use crate::wire::{
     decode_release, decode_report, decode_submit, decode_task_id, decode_task_update, encode_agent,
     encode_reservation, encode_stats, encode_stream_message, encode_task,
 };
+use agentmesh_runtime::auth::{AccessRule, Role};
+
+/// Who may call each RPC (admin may call everything); see the README's roles table.
+pub const ACCESS: &[AccessRule] = &[
+    ("RegisterAgent", &[Role::Agent]),
+    ("DeregisterAgent", &[Role::Agent, Role::Operator]),
+    ("Heartbeat", &[Role::Agent]),
+    ("DrainAgent", &[Role::Operator]),
+    ("ListAgents", &[Role::Service, Role::Operator]),
+    ("GetAgent", &[Role::Service, Role::Operator]),
+    ("GetPoolStats", &[Role::Service, Role::Operator]),
+    ("AcquireAgent", &[Role::Service]),
+    ("ReleaseAgent", &[Role::Service]),
+    ("SubmitTask", &[Role::Service, Role::Operator]),
+    ("GetTask", &[Role::Service, Role::Operator]),
+    ("ListTasks", &[Role::Service, Role::Operator]),
+    ("CancelTask", &[Role::Service, Role::Operator]),
+    ("WatchTask", &[Role::Service, Role::Operator]),
+];
 
 fn status(e: &SchedulerError) -> Status {
     to_status(e)
@@ -365,5 +384,22 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
                 Some((Ok(encode_task(&task)), (rx, false, terminal)))
             });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    #[test]
+    fn test_every_rpc_has_an_access_rule() {
+        let (missing, stray) = agentmesh_runtime::auth::uncovered(
+            agentmesh_proto::FILE_DESCRIPTOR_SET,
+            "agentmesh.scheduler.v1.Scheduler",
+            super::ACCESS,
+        );
+        assert!(
+            missing.is_empty(),
+            "RPCs without an access rule: {missing:?}"
+        );
+        assert!(stray.is_empty(), "rules naming no RPC: {stray:?}");
     }
 }

@@ -1,7 +1,9 @@
 //! Authentication and roles: who a caller is (a verified bearer JWT, [`verify`]) and what a
-//! role may call. The first piece of issue 19: verification, identities and development
-//! tokens; the server layer that enforces them on every RPC comes next.
+//! role may call ([`access`]: each service's rules, declared next to its RPCs). The first
+//! pieces of issue 19: verification, identities, development tokens and the rules; the server
+//! layer that enforces them on every RPC comes next.
 
+pub mod access;
 pub mod verify;
 
 #[cfg(test)]
@@ -9,6 +11,7 @@ mod tests;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use access::{AccessRule, allowed, uncovered};
 pub use verify::{Identity, TokenError, Verifier, VerifierConfig};
 
 /// What a caller may be. An identity may hold several roles; `Admin` may call everything.

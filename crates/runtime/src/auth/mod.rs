@@ -4,6 +4,7 @@
 //! layer that enforces them on every RPC comes next.
 
 pub mod access;
+pub mod layer;
 pub mod verify;
 
 #[cfg(test)]
@@ -12,6 +13,7 @@ mod tests;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use access::{AccessRule, allowed, uncovered};
+pub use layer::AuthLayer;
 pub use verify::{Identity, TokenError, Verifier, VerifierConfig};
 
 /// What a caller may be. An identity may hold several roles; `Admin` may call everything.

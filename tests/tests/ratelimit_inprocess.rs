@@ -49,6 +49,7 @@ async fn start_with(
         membership: membership.clone(),
         etcd: None,
         redis_url: None,
+        client_token: None,
     };
     let spec = args.build(&deps).await.expect("valid settings");
     let ctx = HostContext {
@@ -57,6 +58,7 @@ async fn start_with(
         advertise_host: None,
         zone: String::new(),
         shutdown_grace: Duration::from_secs(2),
+        auth: None,
     };
     server::start(spec, &ctx, &CancellationToken::new())
         .await

@@ -173,6 +173,7 @@ impl Service for CacheArgs {
                 grpc_listen: self.listen,
                 admin_listen: self.admin_listen,
                 admin_routes: None,
+                access: vec![(SERVICE_NAME.to_owned(), crate::grpc::ACCESS)],
             })
         })
     }

@@ -43,10 +43,12 @@ impl Peers {
         service: &str,
         membership: Arc<dyn Membership>,
         metrics: Metrics,
+        bearer: Option<Arc<str>>,
     ) -> Result<Self, agentmesh_membership::MembershipError> {
         let config = ClientConfig {
             timeout: PEER_BUDGET,
             connect_timeout: PEER_BUDGET,
+            bearer,
             ..ClientConfig::default()
         };
         let set =

@@ -212,6 +212,7 @@ impl EventBusArgs {
             NAME,
             deps.membership.clone(),
             deps.metrics.clone(),
+            deps.client_token.clone(),
         )
         .await
         .map_err(|e| EventBusError::Unavailable(format!("watching event bus members: {e}")))?;
@@ -226,6 +227,7 @@ impl EventBusArgs {
             grpc_listen: self.listen,
             admin_listen: self.admin_listen,
             admin_routes: None,
+            access: vec![(SERVICE_NAME.to_owned(), crate::grpc::ACCESS)],
         })
     }
 }

@@ -245,6 +245,7 @@ impl Service for HealthArgs {
                 aggregator.clone(),
                 metrics.clone(),
                 deps.metrics.clone(),
+                deps.client_token.clone(),
             ));
             let instance_id = new_instance_id(NAME);
             let alerting = Alerting::start(store, notifier, file_rules, instance_id.clone()).await;
@@ -264,6 +265,7 @@ impl Service for HealthArgs {
                 grpc_listen: self.listen,
                 admin_listen: self.admin_listen,
                 admin_routes: Some(crate::http::routes(aggregator, optimizations)),
+                access: vec![(SERVICE_NAME.to_owned(), crate::grpc::ACCESS)],
             })
         })
     }

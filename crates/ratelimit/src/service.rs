@@ -158,6 +158,7 @@ impl RateLimitArgs {
             },
             budget: self.budget,
             max_leases: self.max_keys,
+            bearer: deps.client_token.clone(),
         };
         let router: Arc<ClusterRouter> = Arc::new(
             ClusterRouter::new(
@@ -185,6 +186,10 @@ impl RateLimitArgs {
             grpc_listen: self.listen,
             admin_listen: self.admin_listen,
             admin_routes: None,
+            access: vec![
+                (SERVICE_NAME.to_owned(), crate::grpc::ACCESS),
+                (crate::envoy::SERVICE_NAME.to_owned(), crate::envoy::ACCESS),
+            ],
         })
     }
 }

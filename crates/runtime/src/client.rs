@@ -23,6 +23,8 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Circuit breaker settings; `None` disables the breaker.
     pub breaker: Option<BreakerConfig>,
+    /// Bearer token sent on every call (the process's `--auth-token-file`); `None`: none.
+    pub bearer: Option<std::sync::Arc<str>>,
 }
 
 impl Default for ClientConfig {
@@ -31,6 +33,7 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             breaker: Some(BreakerConfig::default()),
+            bearer: None,
         }
     }
 }
@@ -68,7 +71,7 @@ pub fn connect_lazy(
         metrics,
     );
     Ok(ServiceBuilder::new()
-        .layer(ClientTelemetryLayer::new(metrics))
+        .layer(ClientTelemetryLayer::new(metrics).with_bearer(config.bearer.as_deref()))
         .layer(breaker)
         .service(endpoint.connect_lazy()))
 }

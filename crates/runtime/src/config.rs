@@ -162,6 +162,108 @@ impl ClusterArgs {
     }
 }
 
+/// Whether calls must carry a valid token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Every call is accepted as the anonymous admin (development; said loudly at start).
+    #[default]
+    Off,
+    /// Every call but `grpc.health.v1` needs a valid bearer token with a role its method allows.
+    Required,
+}
+
+/// Authentication settings (README "Security").
+#[derive(Clone, Debug, clap::Args)]
+pub struct AuthArgs {
+    /// `off` (default: every caller is an admin) or `required`.
+    #[arg(long = "auth", env = "AGENTMESH_AUTH", value_enum, default_value_t = AuthMode::Off, global = true)]
+    pub mode: AuthMode,
+    /// File holding the HS256 secret tokens are signed with (at least 32 bytes).
+    #[arg(
+        long = "auth-hs256-secret-file",
+        env = "AGENTMESH_AUTH_HS256_SECRET_FILE",
+        global = true
+    )]
+    pub hs256_secret_file: Option<std::path::PathBuf>,
+    /// JWKS file with the RS256/ES256 public keys tokens are signed with (re-read when it
+    /// changes).
+    #[arg(
+        long = "auth-jwks-file",
+        env = "AGENTMESH_AUTH_JWKS_FILE",
+        global = true
+    )]
+    pub jwks_file: Option<std::path::PathBuf>,
+    /// Required `iss`.
+    #[arg(long = "auth-issuer", env = "AGENTMESH_AUTH_ISSUER", global = true)]
+    pub issuer: Option<String>,
+    /// Required member of `aud`.
+    #[arg(long = "auth-audience", env = "AGENTMESH_AUTH_AUDIENCE", global = true)]
+    pub audience: Option<String>,
+    /// Clock tolerance for `exp` and `nbf`.
+    #[arg(long = "auth-leeway", env = "AGENTMESH_AUTH_LEEWAY", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub leeway: Duration,
+    /// File holding the token this process presents when it calls other services (a token
+    /// with the `service` role; re-read on every new connection is not needed: restart to
+    /// rotate).
+    #[arg(
+        long = "auth-token-file",
+        env = "AGENTMESH_AUTH_TOKEN_FILE",
+        global = true
+    )]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+impl AuthArgs {
+    /// The verifier (None with `--auth off`).
+    ///
+    /// # Errors
+    /// One line naming the setting and the fix.
+    pub fn verifier(&self) -> Result<Option<std::sync::Arc<crate::auth::Verifier>>, String> {
+        if self.mode == AuthMode::Off {
+            return Ok(None);
+        }
+        let hs256_secret = match &self.hs256_secret_file {
+            Some(path) => {
+                let secret = std::fs::read(path)
+                    .map_err(|e| format!("--auth-hs256-secret-file {}: {e}", path.display()))?;
+                let secret = secret.trim_ascii().to_vec();
+                if secret.len() < 32 {
+                    return Err(format!(
+                        "--auth-hs256-secret-file {}: the secret must be at least 32 bytes",
+                        path.display()
+                    ));
+                }
+                Some(secret)
+            }
+            None => None,
+        };
+        crate::auth::Verifier::new(crate::auth::VerifierConfig {
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            hs256_secret,
+            jwks_file: self.jwks_file.clone(),
+            leeway: self.leeway,
+        })
+        .map(|v| Some(std::sync::Arc::new(v)))
+        .map_err(|e| format!("--auth required: {e}"))
+    }
+
+    /// The token this process sends to other services, if given.
+    ///
+    /// # Errors
+    /// The file cannot be read.
+    pub fn client_token(&self) -> Result<Option<std::sync::Arc<str>>, String> {
+        match &self.token_file {
+            Some(path) => {
+                let token = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--auth-token-file {}: {e}", path.display()))?;
+                Ok(Some(std::sync::Arc::from(token.trim())))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
 /// Logging and tracing settings.
 #[derive(Clone, Debug, clap::Args)]
 pub struct TelemetryArgs {

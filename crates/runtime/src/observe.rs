@@ -334,6 +334,7 @@ where
 #[derive(Clone)]
 pub struct ClientTelemetryLayer {
     histogram: HistogramVec,
+    authorization: Option<http::HeaderValue>,
 }
 
 impl ClientTelemetryLayer {
@@ -342,7 +343,22 @@ impl ClientTelemetryLayer {
     pub fn new(metrics: &Metrics) -> Self {
         Self {
             histogram: metrics.rpc_client_duration.clone(),
+            authorization: None,
         }
+    }
+
+    /// Also sends `authorization: Bearer <token>` on every call (the process's own
+    /// credentials, for clusters run with `--auth required`). A token that is not a valid
+    /// header value is not sent.
+    #[must_use]
+    pub fn with_bearer(mut self, token: Option<&str>) -> Self {
+        self.authorization = token
+            .and_then(|t| http::HeaderValue::try_from(format!("Bearer {t}")).ok())
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
+        self
     }
 }
 
@@ -353,6 +369,7 @@ impl<S> Layer<S> for ClientTelemetryLayer {
         ClientTelemetry {
             inner,
             histogram: self.histogram.clone(),
+            authorization: self.authorization.clone(),
         }
     }
 }
@@ -362,6 +379,7 @@ impl<S> Layer<S> for ClientTelemetryLayer {
 pub struct ClientTelemetry<S> {
     inner: S,
     histogram: HistogramVec,
+    authorization: Option<http::HeaderValue>,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for ClientTelemetry<S> {
@@ -386,6 +404,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        if let Some(authorization) = &self.authorization
+            && !req.headers().contains_key(http::header::AUTHORIZATION)
+        {
+            req.headers_mut()
+                .insert(http::header::AUTHORIZATION, authorization.clone());
+        }
         let (service, method) = split_path(req.uri().path());
         let (service, method) = (service.to_owned(), method.to_owned());
         let span = if is_untraced(&service) {

@@ -74,6 +74,8 @@ pub struct ServiceSpec {
     /// Extra routes on the admin HTTP port, beside `/metrics`, `/livez` and `/readyz` (the
     /// health aggregator's status page and JSON endpoints).
     pub admin_routes: Option<axum::Router>,
+    /// Who may call each RPC, per fully-qualified gRPC service (each service's `ACCESS`).
+    pub access: Vec<(String, &'static [crate::auth::AccessRule])>,
 }
 
 /// What every service on a host shares.
@@ -89,6 +91,8 @@ pub struct HostContext {
     pub zone: String,
     /// Time in-flight RPCs get to finish at shutdown.
     pub shutdown_grace: Duration,
+    /// Token verification (`--auth required`); `None`: every caller is the anonymous admin.
+    pub auth: Option<Arc<crate::auth::Verifier>>,
 }
 
 /// A started service.
@@ -288,6 +292,7 @@ pub async fn start(
     let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(ServerTelemetryLayer::new(&ctx.metrics, known))
+        .layer(crate::auth::AuthLayer::new(ctx.auth.clone(), spec.access))
         .add_routes(spec.routes)
         .add_service(health.service())
         .add_service(reflection_v1)

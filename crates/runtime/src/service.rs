@@ -33,6 +33,8 @@ pub struct HostDeps {
     pub etcd: Option<EtcdHandle>,
     /// Redis URL, when configured; `None` keeps state in memory.
     pub redis_url: Option<String>,
+    /// The token this process presents to other services (`--auth-token-file`).
+    pub client_token: Option<Arc<str>>,
 }
 
 /// Why a service could not be built; it decides the process's exit code.

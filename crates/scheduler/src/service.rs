@@ -150,6 +150,7 @@ impl Service for SchedulerArgs {
                         // the wait for the leader's answer headers.
                         timeout: Duration::from_secs(30),
                         connect_timeout: Duration::from_secs(1),
+                        bearer: deps.client_token.clone(),
                         ..agentmesh_runtime::ClientConfig::default()
                     };
                     let peers = PeerSet::watch(
@@ -196,6 +197,7 @@ impl Service for SchedulerArgs {
                 grpc_listen: self.listen,
                 admin_listen: self.admin_listen,
                 admin_routes: None,
+                access: vec![(SERVICE_NAME.to_owned(), crate::grpc::ACCESS)],
             })
         })
     }
@@ -220,7 +222,10 @@ async fn bus_events(deps: &HostDeps, instance_id: &str) -> Result<Arc<dyn EventS
         deps.membership.as_ref(),
         "eventbus",
         instance_id,
-        agentmesh_runtime::ClientConfig::default(),
+        agentmesh_runtime::ClientConfig {
+            bearer: deps.client_token.clone(),
+            ..agentmesh_runtime::ClientConfig::default()
+        },
         deps.metrics.clone(),
     )
     .await

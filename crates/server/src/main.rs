@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use agentmesh_membership::{EtcdMembership, EtcdMembershipConfig, InMemoryMembership, Membership};
 use agentmesh_runtime::config::{
-    ClusterArgs, TelemetryArgs, exit_config_error, parse_args_or_exit, parse_duration,
+    AuthArgs, ClusterArgs, TelemetryArgs, exit_config_error, parse_args_or_exit, parse_duration,
 };
 use agentmesh_runtime::server::{self, HostContext, RunningService, ServiceSpec};
 use agentmesh_runtime::service::{BuildError, EtcdHandle, HostDeps, Service};
@@ -74,6 +74,8 @@ struct Cli {
     cluster: ClusterArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    #[command(flatten)]
+    auth: AuthArgs,
 }
 
 #[derive(Subcommand)]
@@ -137,7 +139,7 @@ fn main() -> ExitCode {
                     .into_iter()
                     .filter(|s| services.iter().any(|name| name == s.name()))
                     .collect();
-                serve(&cli.cluster, &cli.telemetry, &chosen, None).await
+                serve(&cli.cluster, &cli.telemetry, &cli.auth, &chosen, None).await
             }
             Command::Dev {
                 bind_host,
@@ -146,6 +148,7 @@ fn main() -> ExitCode {
                 serve(
                     &cli.cluster,
                     &cli.telemetry,
+                    &cli.auth,
                     &settings.all(),
                     Some(bind_host),
                 )
@@ -157,6 +160,26 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// How often the JWKS file is checked for new keys.
+const JWKS_REFRESH: Duration = Duration::from_secs(10);
+
+/// Re-reads the JWKS file when it changes, so keys rotate without a restart.
+fn spawn_jwks_refresh(verifier: Arc<agentmesh_runtime::auth::Verifier>) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(JWKS_REFRESH);
+        loop {
+            ticks.tick().await;
+            match verifier.refresh() {
+                Ok(true) => tracing::info!("JWKS file changed: keys reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "JWKS file unusable; keeping the previous keys");
+                }
+            }
+        }
+    });
 }
 
 /// A service name of [`ServiceSettings::NAMES`].
@@ -219,6 +242,7 @@ async fn membership(
 async fn serve(
     cluster: &ClusterArgs,
     telemetry_args: &TelemetryArgs,
+    auth_args: &AuthArgs,
     services: &[&dyn Service],
     bind_host: Option<IpAddr>,
 ) -> ExitCode {
@@ -226,6 +250,19 @@ async fn serve(
         Ok(guard) => guard,
         Err(e) => exit_config_error(&e.to_string()),
     };
+    let (verifier, client_token) = match (auth_args.verifier(), auth_args.client_token()) {
+        (Ok(v), Ok(t)) => (v, t),
+        (Err(e), _) | (_, Err(e)) => exit_config_error(&e),
+    };
+    match &verifier {
+        None => tracing::warn!(
+            "AUTH IS OFF: every caller can do everything on every port (development only; run production with --auth required)"
+        ),
+        Some(verifier) => {
+            tracing::info!("auth required: every call but grpc.health.v1 needs a bearer token");
+            spawn_jwks_refresh(verifier.clone());
+        }
+    }
     let metrics = Metrics::new();
     let (membership, etcd) = match membership(cluster).await {
         Ok(m) => m,
@@ -249,6 +286,7 @@ async fn serve(
         membership: membership.clone(),
         etcd,
         redis_url: cluster.redis_url().map(str::to_owned),
+        client_token,
     };
     let mut specs: Vec<ServiceSpec> = Vec::new();
     for service in services {
@@ -274,6 +312,7 @@ async fn serve(
         advertise_host: cluster.advertise_host.clone(),
         zone: cluster.zone.clone(),
         shutdown_grace: cluster.shutdown_grace,
+        auth: verifier,
     };
     let stop = shutdown::on_signal();
     let mut running: Vec<RunningService> = Vec::new();

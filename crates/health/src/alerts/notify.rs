@@ -104,6 +104,7 @@ pub struct Notifier {
     aggregator: Arc<Aggregator>,
     metrics: HealthMetrics,
     client_metrics: Metrics,
+    bearer: Option<Arc<str>>,
     channels: Mutex<BTreeMap<String, agentmesh_runtime::ClientChannel>>,
 }
 
@@ -115,12 +116,14 @@ impl Notifier {
         aggregator: Arc<Aggregator>,
         metrics: HealthMetrics,
         client_metrics: Metrics,
+        bearer: Option<Arc<str>>,
     ) -> Self {
         Self {
             webhooks,
             aggregator,
             metrics,
             client_metrics,
+            bearer,
             channels: Mutex::new(BTreeMap::new()),
         }
     }
@@ -161,9 +164,12 @@ impl Notifier {
             if let Some(channel) = channels.get(&bus_addr) {
                 channel.clone()
             } else {
-                let channel =
-                    connect_lazy(&bus_addr, &ClientConfig::default(), &self.client_metrics)
-                        .map_err(|e| e.to_string())?;
+                let config = ClientConfig {
+                    bearer: self.bearer.clone(),
+                    ..ClientConfig::default()
+                };
+                let channel = connect_lazy(&bus_addr, &config, &self.client_metrics)
+                    .map_err(|e| e.to_string())?;
                 channels.insert(bus_addr.clone(), channel.clone());
                 channel
             }

@@ -45,6 +45,8 @@ pub async fn probe(ctx: ProbeContext, member: Member, stop: CancellationToken) {
         timeout: config.check_timeout.max(Duration::from_secs(2)),
         connect_timeout: config.check_timeout,
         breaker: None,
+        // Probes call grpc.health.v1 only, which stays open under `--auth required`.
+        bearer: None,
     };
     let channel = match endpoint(&member.grpc_addr, &client_config) {
         Ok(endpoint) => endpoint.connect_lazy(),

@@ -71,6 +71,8 @@ pub struct RouterConfig {
     pub budget: Duration,
     /// Most concurrency leases this instance holds.
     pub max_leases: usize,
+    /// The token sent with forwards to owners (`--auth-token-file`).
+    pub bearer: Option<Arc<str>>,
 }
 
 /// Decides items across the cluster; see the module docs.
@@ -110,6 +112,7 @@ impl ClusterRouter {
                 metrics.clone(),
                 config.budget,
                 Arc::new(Suspects::new(router_metrics.suspect_peers.clone())),
+                config.bearer.clone(),
             ),
             leases: LeaseTable::new(config.max_leases),
             budgets: BudgetLedger::new(config.max_leases, config.max_leases),

@@ -50,10 +50,12 @@ impl Owners {
         metrics: Metrics,
         budget: Duration,
         suspects: Arc<Suspects>,
+        bearer: Option<Arc<str>>,
     ) -> Self {
         let config = ClientConfig {
             timeout: Duration::from_secs(1),
             connect_timeout: budget.max(Duration::from_millis(100)),
+            bearer,
             ..ClientConfig::default()
         };
         Self {

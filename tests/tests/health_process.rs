@@ -79,6 +79,72 @@ async fn wait_state(
     .await
 }
 
+/// Waits until `id` has left the aggregator's view.
+async fn wait_gone(c: &Client, id: &str, what: &str) -> anyhow::Result<()> {
+    wait_until(Duration::from_secs(10), what, || {
+        let mut c = c.clone();
+        async move { find(&mut c, id).await.is_none() }
+    })
+    .await
+}
+
+/// Two rate limiters and an aggregator (checking every 500 ms) on one etcd, the service UP;
+/// the instances' component ids in the order of the processes.
+struct Watched {
+    _etcd: EtcdServer,
+    limiters: [AgentmeshProcess; 2],
+    health: AgentmeshProcess,
+    client: Client,
+    ids: [String; 2],
+}
+
+async fn two_limiters_watched() -> anyhow::Result<Watched> {
+    let etcd = EtcdServer::start().await?;
+    let endpoint = etcd.endpoint();
+    let limiters = [
+        AgentmeshProcess::serve("ratelimit", None, Some(&endpoint), &[]).await?,
+        AgentmeshProcess::serve("ratelimit", None, Some(&endpoint), &[]).await?,
+    ];
+    let health = AgentmeshProcess::serve("health", None, Some(&endpoint), FAST).await?;
+    let mut client = client(&health).await?;
+    let ids = [
+        instance_id(&mut client, &limiters[0]).await?,
+        instance_id(&mut client, &limiters[1]).await?,
+    ];
+    wait_state(
+        &client,
+        "service/ratelimit",
+        pb::State::Up,
+        Duration::from_secs(10),
+    )
+    .await?;
+    Ok(Watched {
+        _etcd: etcd,
+        limiters,
+        health,
+        client,
+        ids,
+    })
+}
+
+/// `meshctl doctor -o json` against an aggregator: its exit code and report.
+fn doctor(grpc: &str, admin: &str) -> anyhow::Result<(i32, serde_json::Value)> {
+    let (code, json, err) = run_binary(
+        "meshctl",
+        &[
+            "doctor",
+            "--addr",
+            grpc,
+            "--admin-addr",
+            admin,
+            "-o",
+            "json",
+        ],
+    )?;
+    let report = serde_json::from_str(&json).map_err(|e| anyhow::anyhow!("{e}: {json}{err}"))?;
+    Ok((code, report))
+}
+
 fn signal(p: &AgentmeshProcess, signal: Signal) {
     let _ = kill(p.pid(), signal);
 }
@@ -86,21 +152,13 @@ fn signal(p: &AgentmeshProcess, signal: Signal) {
 #[tokio::test]
 async fn test_kill9_sigstop_sigcont_and_clean_leave_are_seen_through_the_aggregator()
 -> anyhow::Result<()> {
-    let etcd = EtcdServer::start().await?;
-    let endpoint = etcd.endpoint();
-    let mut r1 = AgentmeshProcess::serve("ratelimit", None, Some(&endpoint), &[]).await?;
-    let r2 = AgentmeshProcess::serve("ratelimit", None, Some(&endpoint), &[]).await?;
-    let health = AgentmeshProcess::serve("health", None, Some(&endpoint), FAST).await?;
-    let mut c = client(&health).await?;
-    let id1 = instance_id(&mut c, &r1).await?;
-    let id2 = instance_id(&mut c, &r2).await?;
-    wait_state(
-        &c,
-        "service/ratelimit",
-        pb::State::Up,
-        Duration::from_secs(10),
-    )
-    .await?;
+    let Watched {
+        _etcd,
+        limiters: [mut r1, r2],
+        health,
+        client: mut c,
+        ids: [id1, id2],
+    } = two_limiters_watched().await?;
 
     // Every service answers grpc.health.v1 List (gRFC A90).
     let mut hc =
@@ -150,16 +208,7 @@ async fn test_kill9_sigstop_sigcont_and_clean_leave_are_seen_through_the_aggrega
         .expect("the service");
     assert_eq!(service.state(), pb::State::Degraded, "{service:?}");
     // Its lease expires (TTL 2 s): it leaves the view.
-    wait_until(
-        Duration::from_secs(10),
-        "the killed instance removed",
-        || {
-            let mut c = c.clone();
-            let id1 = id1.clone();
-            async move { find(&mut c, &id1).await.is_none() }
-        },
-    )
-    .await?;
+    wait_gone(&c, &id1, "the killed instance removed").await?;
     wait_state(
         &c,
         "service/ratelimit",
@@ -210,16 +259,7 @@ async fn test_kill9_sigstop_sigcont_and_clean_leave_are_seen_through_the_aggrega
     // A clean shutdown: removed, never reported DOWN.
     let before = history.len();
     r2.sigterm();
-    wait_until(
-        Duration::from_secs(10),
-        "the stopped instance removed",
-        || {
-            let mut c = c.clone();
-            let id2 = id2.clone();
-            async move { find(&mut c, &id2).await.is_none() }
-        },
-    )
-    .await?;
+    wait_gone(&c, &id2, "the stopped instance removed").await?;
     let after = c
         .get_history(pb::GetHistoryRequest {
             component: id2.clone(),
@@ -233,7 +273,6 @@ async fn test_kill9_sigstop_sigcont_and_clean_leave_are_seen_through_the_aggrega
         before,
         "a clean leave is not a transition: {after:?}"
     );
-    drop(etcd);
     Ok(())
 }
 
@@ -426,21 +465,9 @@ async fn test_maintenance_endpoints_and_bad_input() -> anyhow::Result<()> {
     assert_eq!(status["state"], "UP", "{json}");
     // `meshctl doctor` on a well cluster: every check passes (etcd, Redis and the trace check
     // are skipped standalone).
-    let (code, json, err) = run_binary(
-        "meshctl",
-        &[
-            "doctor",
-            "--addr",
-            &grpc.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-            "-o",
-            "json",
-        ],
-    )?;
-    assert_eq!(code, 0, "{json}{err}");
-    let doctor: serde_json::Value = serde_json::from_str(&json)?;
-    assert_eq!(doctor["passed"], doctor["checked"], "{json}");
+    let (code, doctor) = doctor(&grpc.to_string(), &admin.to_string())?;
+    assert_eq!(code, 0, "{doctor}");
+    assert_eq!(doctor["passed"], doctor["checked"], "{doctor}");
     let names: Vec<&str> = doctor["checks"]
         .as_array()
         .expect("checks")
@@ -478,20 +505,13 @@ async fn test_the_status_page_shows_a_killed_instance_in_headless_chromium() -> 
     let Some(browser) = chromium() else {
         anyhow::bail!("chromium is not installed: run scripts/install-deps.sh");
     };
-    let etcd = EtcdServer::start().await?;
-    let endpoint = etcd.endpoint();
-    let mut victim = AgentmeshProcess::serve("ratelimit", None, Some(&endpoint), &[]).await?;
-    let _other = AgentmeshProcess::serve("ratelimit", None, Some(&endpoint), &[]).await?;
-    let health = AgentmeshProcess::serve("health", None, Some(&endpoint), FAST).await?;
-    let mut c = client(&health).await?;
-    let victim_id = instance_id(&mut c, &victim).await?;
-    wait_state(
-        &c,
-        "service/ratelimit",
-        pb::State::Up,
-        Duration::from_secs(10),
-    )
-    .await?;
+    let Watched {
+        _etcd,
+        limiters: [mut victim, _other],
+        health,
+        client: c,
+        ids: [victim_id, _],
+    } = two_limiters_watched().await?;
     victim.kill9();
     wait_state(&c, &victim_id, pb::State::Down, Duration::from_secs(5)).await?;
 
@@ -524,20 +544,11 @@ async fn test_the_status_page_shows_a_killed_instance_in_headless_chromium() -> 
     );
     assert!(dom.contains("Recent incidents"));
     // `meshctl doctor` fails on the DOWN instance and says what to do.
-    let (code, json, _) = run_binary(
-        "meshctl",
-        &[
-            "doctor",
-            "--addr",
-            &health.grpc_addr.to_string(),
-            "--admin-addr",
-            &health.admin_addr.to_string(),
-            "-o",
-            "json",
-        ],
+    let (code, doctor) = doctor(
+        &health.grpc_addr.to_string(),
+        &health.admin_addr.to_string(),
     )?;
-    assert_eq!(code, 1, "{json}");
-    let doctor: serde_json::Value = serde_json::from_str(&json)?;
+    assert_eq!(code, 1, "{doctor}");
     let failed: Vec<&serde_json::Value> = doctor["checks"]
         .as_array()
         .expect("checks")
@@ -549,7 +560,7 @@ async fn test_the_status_page_shows_a_killed_instance_in_headless_chromium() -> 
             .iter()
             .any(|c| c["check"] == "service ratelimit UP"
                 && !c["fix"].as_str().unwrap_or("").is_empty()),
-        "{json}"
+        "{doctor}"
     );
     let screenshot = run(&[format!("--screenshot={}", shot.display())])?;
     assert!(

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use agentmesh_proto::scheduler::v1 as pb;
 use agentmesh_runtime::config::parse_duration;
-use anyhow::Context;
 use pb::scheduler_client::SchedulerClient;
 use tonic::transport::Channel;
 
@@ -47,14 +46,7 @@ pub(crate) struct Common {
 
 impl Common {
     pub(crate) async fn client(&self) -> anyhow::Result<SchedulerClient<Channel>> {
-        let config = agentmesh_runtime::ClientConfig {
-            timeout: CALL_TIMEOUT,
-            ..agentmesh_runtime::ClientConfig::default()
-        };
-        let channel = agentmesh_runtime::client::endpoint(&self.addr, &config)?
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to the scheduler at {}", self.addr))?;
+        let channel = crate::connect(&self.addr, CALL_TIMEOUT, "the scheduler").await?;
         Ok(SchedulerClient::new(channel))
     }
 }

@@ -131,14 +131,7 @@ pub(crate) struct Common {
 
 impl Common {
     async fn client(&self) -> anyhow::Result<CacheCoordinatorClient<Channel>> {
-        let config = agentmesh_runtime::ClientConfig {
-            timeout: Duration::from_secs(10),
-            ..agentmesh_runtime::ClientConfig::default()
-        };
-        let channel = agentmesh_runtime::client::endpoint(&self.addr, &config)?
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to the cache at {}", self.addr))?;
+        let channel = crate::connect(&self.addr, Duration::from_secs(10), "the cache").await?;
         Ok(CacheCoordinatorClient::new(channel).max_decoding_message_size(8 << 20))
     }
 }

@@ -235,15 +235,9 @@ pub(crate) async fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn connect_and_read(addr: &str) -> Result<pb::ClusterHealth, String> {
-    let config = agentmesh_runtime::ClientConfig {
-        timeout: CHECK_TIMEOUT,
-        ..agentmesh_runtime::ClientConfig::default()
-    };
-    let endpoint = agentmesh_runtime::client::endpoint(addr, &config).map_err(|e| e.to_string())?;
-    let channel = tokio::time::timeout(CHECK_TIMEOUT, endpoint.connect())
+    let channel = crate::connect(addr, CHECK_TIMEOUT, "the health aggregator")
         .await
-        .map_err(|_| format!("{addr}: no connection within {CHECK_TIMEOUT:?}"))?
-        .map_err(|e| format!("{addr}: {e}"))?;
+        .map_err(|e| format!("{e:#}"))?;
     let mut client = pb::health_aggregator_client::HealthAggregatorClient::new(channel)
         .max_decoding_message_size(64 << 20);
     client
@@ -254,15 +248,9 @@ async fn connect_and_read(addr: &str) -> Result<pb::ClusterHealth, String> {
 }
 
 async fn grpc_serving(addr: &str) -> Result<String, String> {
-    let config = agentmesh_runtime::ClientConfig {
-        timeout: CHECK_TIMEOUT,
-        ..agentmesh_runtime::ClientConfig::default()
-    };
-    let endpoint = agentmesh_runtime::client::endpoint(addr, &config).map_err(|e| e.to_string())?;
-    let channel = tokio::time::timeout(CHECK_TIMEOUT, endpoint.connect())
+    let channel = crate::connect(addr, CHECK_TIMEOUT, "the instance")
         .await
-        .map_err(|_| format!("{addr}: no connection within {CHECK_TIMEOUT:?}"))?
-        .map_err(|e| format!("{addr}: {e}"))?;
+        .map_err(|e| format!("{e:#}"))?;
     let status = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: String::new(),

@@ -80,14 +80,7 @@ pub(crate) async fn client_for(
     addr: &str,
     timeout: Duration,
 ) -> anyhow::Result<EventBusClient<Channel>> {
-    let config = agentmesh_runtime::ClientConfig {
-        timeout,
-        ..agentmesh_runtime::ClientConfig::default()
-    };
-    let channel = agentmesh_runtime::client::endpoint(addr, &config)?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to the event bus at {addr}"))?;
+    let channel = crate::connect(addr, timeout, "the event bus").await?;
     Ok(EventBusClient::new(channel).max_decoding_message_size(MAX_DECODE))
 }
 

@@ -7,7 +7,6 @@ use std::time::Duration;
 use agentmesh_proto::health::v1 as pb;
 use agentmesh_runtime::config::parse_duration;
 use agentmesh_runtime::wire::{duration_to_proto, timestamp_to_ms};
-use anyhow::Context;
 use clap::Subcommand;
 use pb::health_aggregator_client::HealthAggregatorClient;
 use serde_json::json;
@@ -33,14 +32,8 @@ pub(crate) struct Common {
 
 impl Common {
     async fn client(&self) -> anyhow::Result<HealthAggregatorClient<Channel>> {
-        let config = agentmesh_runtime::ClientConfig {
-            timeout: Duration::from_secs(10),
-            ..agentmesh_runtime::ClientConfig::default()
-        };
-        let channel = agentmesh_runtime::client::endpoint(&self.addr, &config)?
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to the health aggregator at {}", self.addr))?;
+        let channel =
+            crate::connect(&self.addr, Duration::from_secs(10), "the health aggregator").await?;
         Ok(HealthAggregatorClient::new(channel).max_decoding_message_size(64 << 20))
     }
 }

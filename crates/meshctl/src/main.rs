@@ -12,8 +12,10 @@ mod tasks;
 mod token;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use agentmesh_runtime::config::{ClusterArgs, parse_args_or_exit};
+use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -106,4 +108,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A channel to `addr` (`host:port` or `http://host:port`) through the runtime's endpoint
+/// settings, each call bounded by `timeout`; `what` names the service in the error.
+pub(crate) async fn connect(
+    addr: &str,
+    timeout: Duration,
+    what: &str,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let config = agentmesh_runtime::ClientConfig {
+        timeout,
+        ..agentmesh_runtime::ClientConfig::default()
+    };
+    agentmesh_runtime::client::endpoint(addr, &config)?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {what} at {addr}"))
 }

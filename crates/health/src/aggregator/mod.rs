@@ -491,6 +491,19 @@ impl Aggregator {
                 .is_some_and(|r| r.kind == Kind::Instance && held(&model::service_id(&r.service)))
     }
 
+    /// Every component's id and shown state, and the cluster's summary: the cheap read for
+    /// alert evaluation (no uptime or latency is computed).
+    #[must_use]
+    pub fn states(&self) -> (Vec<(String, State)>, String) {
+        let model = self.model.lock();
+        let states = model
+            .records
+            .iter()
+            .map(|(id, r)| (id.clone(), r.shown))
+            .collect();
+        (states, model.cluster_summary.clone())
+    }
+
     /// Every component at the current revision.
     #[must_use]
     pub fn snapshot(&self, omit_instances: bool, now_ms: u64) -> ClusterView {

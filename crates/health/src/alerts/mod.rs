@@ -276,18 +276,17 @@ impl Alerting {
     ) {
         let leads = self.lead().await;
         let rules = self.rules();
-        let view = aggregator.snapshot(false, now_ms);
+        // Component states only (no views with uptime and latency): this runs every second.
+        let (states, summary) = aggregator.states();
         let mut changed = Vec::new();
         let mut to_send = Vec::new();
         for rule in rules {
             let (holds, value) = match &rule.condition.query {
                 Query::State(pattern) => {
-                    let count = view
-                        .components
+                    let count = states
                         .iter()
-                        .filter(|c| {
-                            matches_pattern(pattern, &c.id)
-                                && rule.condition.holds_for_state(c.state)
+                        .filter(|(id, state)| {
+                            matches_pattern(pattern, id) && rule.condition.holds_for_state(*state)
                         })
                         .count();
                     #[allow(clippy::cast_precision_loss, reason = "a count of components")]
@@ -331,7 +330,7 @@ impl Alerting {
                     value,
                     fired_at_ms: next.fired_at_ms,
                     at_ms: now_ms,
-                    cluster: view.summary.clone(),
+                    cluster: summary.clone(),
                 });
             }
             let key = |r: &AlertRecord| (r.status, r.notified, r.since_ms);

@@ -87,11 +87,7 @@ pub(crate) struct DetectBench {
 }
 
 async fn client(addr: &str) -> anyhow::Result<Client> {
-    let channel =
-        agentmesh_runtime::client::endpoint(addr, &agentmesh_runtime::ClientConfig::default())?
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to the aggregator at {addr}"))?;
+    let channel = crate::connect(addr, Duration::from_secs(5), "the health aggregator").await?;
     Ok(Client::new(channel).max_decoding_message_size(256 << 20))
 }
 

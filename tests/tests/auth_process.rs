@@ -2,7 +2,9 @@
 //! the descriptor set, so none is missed) refuses a call without a token with UNAUTHENTICATED;
 //! a role the method does not allow gets PERMISSION_DENIED naming the role it needs; health
 //! stays open; a service token works, and the process's own calls between services (the
-//! scheduler publishing its events on the bus) carry its `--auth-token-file`.
+//! scheduler publishing its events on the bus) carry its `--auth-token-file`. Tenants cannot
+//! read, change or subscribe to each other's names; an agent acts only as its own agent id;
+//! state-changing calls land in the audit trail (`sys.audit.>`, read by `meshctl audit tail`).
 
 use std::time::Duration;
 
@@ -51,6 +53,83 @@ fn token(roles: &[Role], agent_id: Option<&str>) -> String {
     issue_hs256(SECRET.as_bytes(), &claims).expect("signed")
 }
 
+/// Asserts `result` is PERMISSION_DENIED.
+#[track_caller]
+fn denied<T>(result: Result<T, tonic::Status>, what: &str) {
+    match result {
+        Ok(_) => panic!("{what}: allowed"),
+        Err(e) => assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e:?}"),
+    }
+}
+
+fn tenant_token(sub: &str, tenant: &str, roles: &[Role]) -> String {
+    let mut claims = TokenClaims::new(sub, roles, Duration::from_secs(600));
+    claims.tenant = Some(tenant.to_owned());
+    issue_hs256(SECRET.as_bytes(), &claims).expect("signed")
+}
+
+/// `agentmesh dev` with auth required, its own token a service and operator's (it publishes
+/// the cluster's `sys.` events and the audit trail).
+async fn secured_dev(dir: &std::path::Path) -> anyhow::Result<AgentmeshProcess> {
+    let secret_file = dir.join("secret");
+    std::fs::write(&secret_file, SECRET)?;
+    let own_token = dir.join("token");
+    std::fs::write(&own_token, token(&[Role::Service, Role::Operator], None))?;
+    let (secret, own) = (
+        secret_file.to_string_lossy().into_owned(),
+        own_token.to_string_lossy().into_owned(),
+    );
+    AgentmeshProcess::dev_with_env(&[
+        ("AGENTMESH_AUTH", "required"),
+        ("AGENTMESH_AUTH_HS256_SECRET_FILE", &secret),
+        ("AGENTMESH_AUTH_TOKEN_FILE", &own),
+    ])
+    .await
+}
+
+/// Opens a subscription to `filter` (from the start of a durable stream) with `token`.
+async fn subscribe(
+    addr: std::net::SocketAddr,
+    filter: &str,
+    token: &str,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<bus::SubscribeRequest>,
+        tonic::Streaming<bus::SubscribeResponse>,
+    ),
+    tonic::Status,
+> {
+    let mut events = bus::event_bus_client::EventBusClient::connect(format!("http://{addr}"))
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(bus::SubscribeRequest {
+        kind: Some(bus::subscribe_request::Kind::Open(bus::SubscribeOpen {
+            subject: filter.into(),
+            ack_policy: bus::AckPolicy::None as i32,
+            max_in_flight: 1000,
+            start: Some(bus::StartPosition {
+                position: Some(bus::start_position::Position::All(true)),
+            }),
+            ..bus::SubscribeOpen::default()
+        })),
+    })
+    .await
+    .map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let mut stream = events
+        .subscribe(with_token(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            token,
+        ))
+        .await?
+        .into_inner();
+    match stream.next().await {
+        Some(Ok(_subscribed)) => Ok((tx, stream)),
+        Some(Err(status)) => Err(status),
+        None => Err(tonic::Status::cancelled("no answer")),
+    }
+}
+
 fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(
@@ -64,20 +143,7 @@ fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
 async fn test_auth_required_refuses_every_rpc_without_a_token_and_checks_roles()
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let secret_file = dir.path().join("secret");
-    std::fs::write(&secret_file, SECRET)?;
-    let own_token = dir.path().join("token");
-    std::fs::write(&own_token, token(&[Role::Service], None))?;
-    let (secret, own) = (
-        secret_file.to_string_lossy().into_owned(),
-        own_token.to_string_lossy().into_owned(),
-    );
-    let dev = AgentmeshProcess::dev_with_env(&[
-        ("AGENTMESH_AUTH", "required"),
-        ("AGENTMESH_AUTH_HS256_SECRET_FILE", &secret),
-        ("AGENTMESH_AUTH_TOKEN_FILE", &own),
-    ])
-    .await?;
+    let dev = secured_dev(dir.path()).await?;
     let addr_of = |path: &str| {
         let service = if path.contains("cache.v1") {
             "cache"
@@ -140,8 +206,9 @@ async fn test_auth_required_refuses_every_rpc_without_a_token_and_checks_roles()
     assert_eq!(e.code(), Code::Unauthenticated);
 
     // A service token works, and the scheduler's own publish to the bus carries the process's
-    // token: a submitted task's event arrives.
+    // token: a submitted task's event arrives (on a `sys.` subject: an operator reads it).
     let service = token(&[Role::Service], None);
+    let operator = token(&[Role::Operator], None);
     let mut events = bus::event_bus_client::EventBusClient::connect(format!(
         "http://{}",
         dev.addrs["eventbus"].0
@@ -160,7 +227,7 @@ async fn test_auth_required_refuses_every_rpc_without_a_token_and_checks_roles()
     let mut stream = events
         .subscribe(with_token(
             tokio_stream::wrappers::ReceiverStream::new(rx),
-            &service,
+            &operator,
         ))
         .await?
         .into_inner();
@@ -192,5 +259,336 @@ async fn test_auth_required_refuses_every_rpc_without_a_token_and_checks_roles()
         event.subject
     );
     drop(tx);
+    Ok(())
+}
+
+#[tokio::test]
+async fn test_tenants_are_isolated_agents_act_as_themselves_and_changes_are_audited()
+-> anyhow::Result<()> {
+    use agentmesh_proto::cache::v1 as cache;
+    use agentmesh_proto::ratelimit::v1 as rl;
+    let dir = tempfile::tempdir()?;
+    let dev = secured_dev(dir.path()).await?;
+    let acme_op = tenant_token("acme-admin", "acme", &[Role::Operator, Role::Service]);
+    let beta_op = tenant_token("beta-admin", "beta", &[Role::Operator, Role::Service]);
+    let acme = tenant_token("acme-svc", "acme", &[Role::Service]);
+    let beta = tenant_token("beta-svc", "beta", &[Role::Service]);
+    let operator = token(&[Role::Operator], None);
+
+    // Rate limiter: acme's policy and keys are acme's.
+    let mut limiter =
+        rl::rate_limiter_client::RateLimiterClient::connect(format!("http://{}", dev.grpc_addr))
+            .await?;
+    let policy = |namespace: &str| rl::PutPolicyRequest {
+        policy: Some(rl::Policy {
+            namespace: namespace.into(),
+            name: "per-user".into(),
+            limit: Some(rl::LimitSpec {
+                limit: 10,
+                period: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                ..rl::LimitSpec::default()
+            }),
+            ..rl::Policy::default()
+        }),
+        expected_version: 0,
+    };
+    let put = limiter
+        .put_policy(with_token(policy("acme"), &acme_op))
+        .await;
+    assert!(
+        !matches!(&put, Err(e) if e.code() == Code::PermissionDenied),
+        "{put:?}"
+    );
+    denied(
+        limiter
+            .put_policy(with_token(policy("acme"), &beta_op))
+            .await,
+        "beta overwrites acme's policy",
+    );
+    denied(
+        limiter
+            .get_policy(with_token(
+                rl::GetPolicyRequest {
+                    namespace: "acme".into(),
+                    name: "per-user".into(),
+                },
+                &beta_op,
+            ))
+            .await,
+        "beta reads acme's policy",
+    );
+    let item = |namespace: &str| rl::CheckItem {
+        namespace: namespace.into(),
+        key: "user-1".into(),
+        cost: 1,
+        limit_ref: Some(rl::check_item::LimitRef::Limit(rl::LimitSpec {
+            limit: 5,
+            period: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            ..rl::LimitSpec::default()
+        })),
+        ..rl::CheckItem::default()
+    };
+    limiter
+        .check(with_token(
+            rl::CheckRequest {
+                items: vec![item("acme.api")],
+                all_or_nothing: false,
+            },
+            &acme,
+        ))
+        .await?;
+    denied(
+        limiter
+            .check(with_token(
+                rl::CheckRequest {
+                    items: vec![item("beta"), item("acme.api")],
+                    all_or_nothing: false,
+                },
+                &beta,
+            ))
+            .await,
+        "beta spends acme's keys",
+    );
+    denied(
+        limiter
+            .reset(with_token(
+                rl::ResetRequest {
+                    item: Some(item("acme.api")),
+                },
+                &beta_op,
+            ))
+            .await,
+        "beta resets acme's key",
+    );
+
+    // Cache: acme's namespace is acme's.
+    let mut cache = cache::cache_coordinator_client::CacheCoordinatorClient::connect(format!(
+        "http://{}",
+        dev.addrs["cache"].0
+    ))
+    .await?;
+    cache
+        .set(with_token(
+            cache::SetRequest {
+                namespace: "acme.answers".into(),
+                key: "q1".into(),
+                value: b"secret answer".to_vec(),
+                ..cache::SetRequest::default()
+            },
+            &acme,
+        ))
+        .await?;
+    denied(
+        cache
+            .get(with_token(
+                cache::GetRequest {
+                    namespace: "acme.answers".into(),
+                    key: "q1".into(),
+                    ..cache::GetRequest::default()
+                },
+                &beta,
+            ))
+            .await,
+        "beta reads acme's cache",
+    );
+    denied(
+        cache
+            .invalidate_namespace(with_token(
+                cache::InvalidateNamespaceRequest {
+                    namespace: "acme.answers".into(),
+                },
+                &beta_op,
+            ))
+            .await,
+        "beta flushes acme's cache",
+    );
+
+    // Event bus: no subscribing across tenants, no forged events in another tenant's space or
+    // the cluster's.
+    let bus_addr = dev.addrs["eventbus"].0;
+    for filter in [">", "acme.>", "*.orders", "sys.>"] {
+        denied(
+            subscribe(bus_addr, filter, &beta).await,
+            &format!("beta subscribes to {filter}"),
+        );
+    }
+    denied(
+        subscribe(bus_addr, "sys.>", &token(&[Role::Service], None)).await,
+        "a service without the operator role reads sys.>",
+    );
+    let (_keep, mut acme_stream) = subscribe(bus_addr, "acme.orders.>", &acme).await?;
+    let mut publisher =
+        bus::event_bus_client::EventBusClient::connect(format!("http://{bus_addr}")).await?;
+    let event = |subject: &str| bus::PublishRequest {
+        event: Some(bus::Event {
+            subject: subject.into(),
+            data: b"{}".to_vec(),
+            ..bus::Event::default()
+        }),
+    };
+    denied(
+        publisher
+            .publish(with_token(event("acme.orders.new"), &beta))
+            .await,
+        "beta publishes into acme's subjects",
+    );
+    denied(
+        publisher
+            .publish(with_token(event("sys.audit.ratelimit.PutPolicy"), &beta))
+            .await,
+        "beta forges an audit event",
+    );
+    publisher
+        .publish(with_token(event("acme.orders.new"), &acme))
+        .await?;
+    let delivered = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(m)) = acme_stream.next().await {
+            if let Some(bus::subscribe_response::Kind::Deliveries(d)) = m.kind {
+                return d.deliveries.into_iter().find_map(|d| d.event);
+            }
+        }
+        None
+    })
+    .await?
+    .expect("acme's own event");
+    assert_eq!(delivered.subject, "acme.orders.new");
+
+    // Agents act only as the agent id their token names.
+    let mut scheduler = sched::scheduler_client::SchedulerClient::connect(format!(
+        "http://{}",
+        dev.addrs["scheduler"].0
+    ))
+    .await?;
+    let agent_a = token(&[Role::Agent], Some("agent-a"));
+    let register = |agent_id: &str| sched::RegisterAgentRequest {
+        agent_id: agent_id.into(),
+        r#type: "worker".into(),
+        capacity: 1,
+        ..sched::RegisterAgentRequest::default()
+    };
+    denied(
+        scheduler
+            .register_agent(with_token(register("agent-b"), &agent_a))
+            .await,
+        "agent-a registers as agent-b",
+    );
+    let epoch = scheduler
+        .register_agent(with_token(register("agent-a"), &agent_a))
+        .await?
+        .into_inner()
+        .epoch;
+    let hello = |agent_id: &str| sched::HeartbeatRequest {
+        kind: Some(sched::heartbeat_request::Kind::Hello(sched::Hello {
+            agent_id: agent_id.into(),
+            epoch,
+        })),
+    };
+    denied(
+        scheduler
+            .heartbeat(with_token(
+                tokio_stream::iter(vec![hello("agent-b")]),
+                &agent_a,
+            ))
+            .await,
+        "agent-a takes agent-b's tasks",
+    );
+    denied(
+        scheduler
+            .deregister_agent(with_token(
+                sched::DeregisterAgentRequest {
+                    agent_id: "agent-b".into(),
+                    epoch: 0,
+                },
+                &agent_a,
+            ))
+            .await,
+        "agent-a deregisters agent-b",
+    );
+
+    // The audit trail: the allowed and the refused policy writes, with who, what and outcome.
+    let (_keep_audit, mut audit) = subscribe(bus_addr, "sys.audit.>", &operator).await?;
+    let records = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut records: Vec<serde_json::Value> = Vec::new();
+        while let Some(Ok(m)) = audit.next().await {
+            if let Some(bus::subscribe_response::Kind::Deliveries(d)) = m.kind {
+                for e in d.deliveries.into_iter().filter_map(|d| d.event) {
+                    records.push(serde_json::from_slice(&e.data).expect("JSON record"));
+                }
+            }
+            let puts = records
+                .iter()
+                .filter(|r| r["method"] == "PutPolicy")
+                .count();
+            if puts >= 2 && records.iter().any(|r| r["method"] == "InvalidateNamespace") {
+                return records;
+            }
+        }
+        records
+    })
+    .await?;
+    let find = |subject: &str, method: &str| {
+        records
+            .iter()
+            .find(|r| r["subject"] == subject && r["method"] == method)
+            .unwrap_or_else(|| panic!("no {method} record of {subject}: {records:#?}"))
+    };
+    let allowed = find("acme-admin", "PutPolicy");
+    assert_eq!(allowed["tenant"], "acme");
+    assert_eq!(allowed["target"], "acme/per-user");
+    assert_eq!(allowed["service"], "agentmesh.ratelimit.v1.RateLimiter");
+    assert_ne!(allowed["outcome"], "PERMISSION_DENIED");
+    assert_eq!(
+        allowed["trace_id"].as_str().map(str::len),
+        Some(32),
+        "{allowed}"
+    );
+    let refused = find("beta-admin", "PutPolicy");
+    assert_eq!(refused["outcome"], "PERMISSION_DENIED");
+    assert_eq!(refused["target"], "acme/per-user");
+    assert_eq!(
+        find("beta-admin", "InvalidateNamespace")["outcome"],
+        "PERMISSION_DENIED"
+    );
+
+    // `meshctl audit tail` reads the same records with an operator's token.
+    let out = std::process::Command::new(agentmesh_tests::agentmesh::binary("meshctl")?)
+        .args([
+            "audit",
+            "tail",
+            "--addr",
+            &bus_addr.to_string(),
+            "--since",
+            "10m",
+            "--method",
+            "PutPolicy",
+        ])
+        .env("AGENTMESH_TOKEN", &operator)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ratelimit/PutPolicy"), "{stdout}");
+    assert!(stdout.contains("acme-admin (acme)"), "{stdout}");
+    assert!(stdout.contains("PERMISSION_DENIED"), "{stdout}");
+    // Without a token, meshctl is refused like any caller.
+    let out = std::process::Command::new(agentmesh_tests::agentmesh::binary("meshctl")?)
+        .args(["audit", "tail", "--addr", &bus_addr.to_string()])
+        .env_remove("AGENTMESH_TOKEN")
+        .output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }

@@ -74,6 +74,7 @@ async fn start(policy_file: &str) -> Rls {
         grpc_listen: loopback(),
         admin_listen: loopback(),
         admin_routes: None,
+        audited: Vec::new(),
         access: Vec::new(),
     };
     let ctx = HostContext {
@@ -82,6 +83,7 @@ async fn start(policy_file: &str) -> Rls {
         advertise_host: None,
         zone: String::new(),
         shutdown_grace: Duration::from_secs(2),
+        audit: None,
         auth: None,
     };
     let running = server::start(spec, &ctx, &CancellationToken::new())

@@ -58,6 +58,7 @@ async fn start_with(
         advertise_host: None,
         zone: String::new(),
         shutdown_grace: Duration::from_secs(2),
+        audit: None,
         auth: None,
     };
     server::start(spec, &ctx, &CancellationToken::new())

@@ -27,6 +27,9 @@ pub enum CacheError {
     /// L2 (Redis) cannot be reached or answered wrongly.
     #[error("{0}")]
     Unavailable(String),
+    /// The caller's token may not use a namespace it named (another tenant's).
+    #[error(transparent)]
+    Denied(#[from] agentmesh_runtime::auth::scope::Denied),
 }
 
 impl ServiceError for CacheError {
@@ -35,6 +38,7 @@ impl ServiceError for CacheError {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::VersionMismatch { .. } | Self::LeaseLost { .. } => ErrorCode::FailedPrecondition,
             Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Denied(_) => ErrorCode::PermissionDenied,
         }
     }
 

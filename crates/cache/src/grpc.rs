@@ -17,7 +17,8 @@ use crate::wire::{
     decode_duration, decode_partition, decode_read, decode_set, encode_get, encode_lease_answer,
     encode_notice, encode_semantic,
 };
-use agentmesh_runtime::auth::{AccessRule, Role};
+use agentmesh_runtime::audit;
+use agentmesh_runtime::auth::{AccessRule, Identity, Role, caller};
 
 /// Who may call each RPC (admin may call everything); see the README's roles table.
 pub const ACCESS: &[AccessRule] = &[
@@ -38,6 +39,9 @@ pub const ACCESS: &[AccessRule] = &[
     ("SemanticGet", &[Role::Service, Role::Agent]),
     ("SemanticPut", &[Role::Service, Role::Agent]),
 ];
+
+/// The state-changing RPCs recorded in the audit trail (README "Audit trail").
+pub const AUDITED: &[&str] = &["InvalidateTags", "InvalidateNamespace", "Warm"];
 
 /// Largest request accepted (a 4 MiB value and its envelope; a batch of small ones).
 const MAX_REQUEST: usize = 5 << 20;
@@ -103,10 +107,11 @@ fn lease_options(
     })
 }
 
-fn matches(notice: &Notice, namespace: &str) -> bool {
+fn matches(notice: &Notice, namespace: &str, caller: &Identity) -> bool {
     match notice {
         Notice::Flush { .. } => true,
-        Notice::Change(c) => namespace.is_empty() || c.namespace == namespace,
+        Notice::Change(c) if namespace.is_empty() => caller.owns(&c.namespace),
+        Notice::Change(c) => c.namespace == namespace,
     }
 }
 
@@ -118,7 +123,10 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
+        caller.check_owns("namespace", "namespace", &r.namespace)?;
+
         let options = decode_read(&r, "").map_err(|e| status(&e))?;
         let found = self
             .cache
@@ -132,7 +140,10 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::SetRequest>,
     ) -> Result<Response<pb::SetResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
+        caller.check_owns("namespace", "namespace", &r.namespace)?;
+
         let options = decode_set(&r, "").map_err(|e| status(&e))?;
         let version = self
             .cache
@@ -146,7 +157,10 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
+        caller.check_owns("namespace", "namespace", &r.namespace)?;
+
         let existed = self
             .cache
             .delete(&r.namespace, &r.key)
@@ -159,12 +173,14 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::GetManyRequest>,
     ) -> Result<Response<pb::GetManyResponse>, Status> {
+        let caller = caller(&request);
         let items = request
             .into_inner()
             .items
             .into_iter()
             .enumerate()
             .map(|(i, r)| {
+                caller.check_owns(&format!("items[{i}].namespace"), "namespace", &r.namespace)?;
                 Ok(GetItem {
                     options: decode_read(&r, &format!("items[{i}]."))?,
                     namespace: r.namespace,
@@ -183,12 +199,16 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::SetManyRequest>,
     ) -> Result<Response<pb::SetManyResponse>, Status> {
+        let caller = caller(&request);
         let items = request
             .into_inner()
             .items
             .into_iter()
             .enumerate()
-            .map(|(i, r)| set_item(r, &format!("items[{i}].")))
+            .map(|(i, r)| {
+                caller.check_owns(&format!("items[{i}].namespace"), "namespace", &r.namespace)?;
+                set_item(r, &format!("items[{i}]."))
+            })
             .collect::<Result<Vec<_>, CacheError>>()
             .map_err(|e| status(&e))?;
         let results = self.cache.set_many(&items).await.map_err(|e| status(&e))?;
@@ -214,12 +234,16 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::DeleteManyRequest>,
     ) -> Result<Response<pb::DeleteManyResponse>, Status> {
+        let caller = caller(&request);
         let items: Vec<_> = request
             .into_inner()
             .items
             .into_iter()
             .map(|r| (r.namespace, r.key))
             .collect();
+        for (i, (namespace, _)) in items.iter().enumerate() {
+            caller.check_owns(&format!("items[{i}].namespace"), "namespace", namespace)?;
+        }
         let existed = self
             .cache
             .delete_many(&items)
@@ -232,7 +256,10 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::GetOrLeaseRequest>,
     ) -> Result<Response<pb::GetOrLeaseResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
+        caller.check_owns("namespace", "namespace", &r.namespace)?;
+
         let ttl = decode_duration(r.lease_ttl.as_ref(), "lease_ttl").map_err(|e| status(&e))?;
         let Some(ttl) = ttl else {
             return Err(status(&CacheError::InvalidArgument(vec![
@@ -254,7 +281,10 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::FillLeaseRequest>,
     ) -> Result<Response<pb::FillLeaseResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
+        caller.check_owns("namespace", "namespace", &r.namespace)?;
+
         let options =
             lease_options(r.ttl.as_ref(), r.stale_for.as_ref(), r.tags).map_err(|e| status(&e))?;
         let version = self
@@ -269,7 +299,10 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::AbandonLeaseRequest>,
     ) -> Result<Response<pb::AbandonLeaseResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
+        caller.check_owns("namespace", "namespace", &r.namespace)?;
+
         let negative =
             decode_duration(r.negative_ttl.as_ref(), "negative_ttl").map_err(|e| status(&e))?;
         let held = self
@@ -284,7 +317,12 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::InvalidateTagsRequest>,
     ) -> Result<Response<pb::InvalidateResponse>, Status> {
+        let audit = audit::target(&request);
+        let caller = caller(&request);
         let r = request.into_inner();
+        audit.set(|| format!("{} tags {}", r.namespace, r.tags.join(",")));
+        caller.check_owns("namespace", "namespace", &r.namespace)?;
+
         let seq = self
             .cache
             .invalidate_tags(&r.namespace, &r.tags)
@@ -297,7 +335,12 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::InvalidateNamespaceRequest>,
     ) -> Result<Response<pb::InvalidateResponse>, Status> {
+        let audit = audit::target(&request);
+        let caller = caller(&request);
         let r = request.into_inner();
+        audit.set(|| r.namespace.clone());
+        caller.check_owns("namespace", "namespace", &r.namespace)?;
+
         let seq = self
             .cache
             .invalidate_namespace(&r.namespace)
@@ -312,17 +355,19 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::WatchInvalidationsRequest>,
     ) -> Result<Response<Self::WatchInvalidationsStream>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
         if !r.namespace.is_empty() {
             let mut v = Vec::new();
             crate::cache::check_key(&r.namespace, "-", "", &mut v);
             crate::cache::done(v).map_err(|e| status(&e))?;
+            caller.check_owns("namespace", "namespace", &r.namespace)?;
         }
         let namespace = r.namespace;
         let stream = self
             .cache
             .watch(r.after_seq)
-            .filter(move |n| std::future::ready(matches(n, &namespace)))
+            .filter(move |n| std::future::ready(matches(n, &namespace, &caller)))
             .map(|n| Ok(encode_notice(&n)));
         Ok(Response::new(Box::pin(stream)))
     }
@@ -331,10 +376,16 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
-        let s = self
+        if !r.namespace.is_empty() {
+            caller.check_owns("namespace", "namespace", &r.namespace)?;
+        }
+        let mut s = self
             .cache
             .stats((!r.namespace.is_empty()).then_some(r.namespace.as_str()));
+        // A tenant sees its own namespaces only.
+        s.namespaces.retain(|n| caller.owns(&n.namespace));
         let config = self.cache.config();
         let get =
             |m: &std::collections::BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
@@ -387,6 +438,8 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<Streaming<pb::SetRequest>>,
     ) -> Result<Response<pb::WarmResponse>, Status> {
+        let caller = caller(&request);
+        let audit = audit::target(&request);
         let mut stream = request.into_inner();
         let mut out = pb::WarmResponse::default();
         let refuse = |out: &mut pb::WarmResponse, e: String| {
@@ -400,7 +453,10 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
             let r = r?;
             n += 1;
             let key = r.key.clone();
-            let result = match set_item(r, "") {
+            let owned = caller
+                .check_owns("namespace", "namespace", &r.namespace)
+                .map_err(CacheError::from);
+            let result = match owned.and_then(|()| set_item(r, "")) {
                 Ok(item) => {
                     self.cache
                         .set(&item.namespace, &item.key, &item.value, &item.options)
@@ -416,6 +472,7 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
                 Err(e) => refuse(&mut out, format!("item {n} ({key}): {e}")),
             }
         }
+        audit.set(|| format!("{} stored, {} refused", out.stored, out.refused));
         Ok(Response::new(out))
     }
 
@@ -423,7 +480,10 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::SemanticGetRequest>,
     ) -> Result<Response<pb::SemanticGetResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
+        caller.check_owns("namespace", "namespace", &r.namespace)?;
+
         let partition = decode_partition(r.partition.as_ref());
         let started = std::time::Instant::now();
         let answer = self
@@ -448,7 +508,10 @@ impl pb::cache_coordinator_server::CacheCoordinator for CacheGrpc {
         &self,
         request: Request<pb::SemanticPutRequest>,
     ) -> Result<Response<pb::SemanticPutResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
+        caller.check_owns("namespace", "namespace", &r.namespace)?;
+
         let partition = decode_partition(r.partition.as_ref());
         let options = SetOptions {
             ttl: decode_duration(r.ttl.as_ref(), "ttl").map_err(|e| status(&e))?,

@@ -28,6 +28,9 @@ pub enum EventBusError {
     /// The bus is shutting down.
     #[error("event bus is shutting down")]
     ShuttingDown,
+    /// The caller's token may not use a subject it named (another tenant's, or `sys.`).
+    #[error(transparent)]
+    Denied(#[from] agentmesh_runtime::auth::scope::Denied),
 }
 
 impl EventBusError {
@@ -47,6 +50,7 @@ impl ServiceError for EventBusError {
             Self::Timeout(_) => ErrorCode::DeadlineExceeded,
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+            Self::Denied(_) => ErrorCode::PermissionDenied,
         }
     }
 

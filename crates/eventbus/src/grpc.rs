@@ -33,13 +33,14 @@ use crate::peers::{Gathered, PEER_BUDGET, PeerClient, Peers};
 use crate::subject::{SubjectFilter, validate_subject};
 use crate::wire::{decode_event_lenient, decode_priority, decode_publish};
 pub use crate::wire::{encode_event, encode_priority};
-use agentmesh_runtime::auth::{AccessRule, Role};
+use agentmesh_runtime::audit;
+use agentmesh_runtime::auth::{AccessRule, Identity, Role, caller};
 
 /// Who may call each RPC (admin may call everything); see the README's roles table.
 pub const ACCESS: &[AccessRule] = &[
     ("Publish", &[Role::Service, Role::Agent]),
     ("PublishStream", &[Role::Service, Role::Agent]),
-    ("Subscribe", &[Role::Service, Role::Agent]),
+    ("Subscribe", &[Role::Service, Role::Agent, Role::Operator]),
     ("Request", &[Role::Service, Role::Agent]),
     ("ListSubscriptions", &[Role::Service, Role::Operator]),
     ("GetStats", &[Role::Service, Role::Operator]),
@@ -47,6 +48,9 @@ pub const ACCESS: &[AccessRule] = &[
     ("RedriveDeadLetters", &[Role::Operator]),
     ("PurgeDeadLetters", &[Role::Operator]),
 ];
+
+/// The state-changing RPCs recorded in the audit trail (README "Audit trail").
+pub const AUDITED: &[&str] = &["RedriveDeadLetters", "PurgeDeadLetters"];
 
 /// Most credit a subscription may ask for.
 pub const MAX_IN_FLIGHT: u32 = 10_000;
@@ -225,7 +229,9 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let caller = caller(&request);
         let mut event = decode_publish(request.into_inner().event, "event").map_err(to_status)?;
+        check_event(&caller, &event).map_err(to_status)?;
         let _span = producer_span(&mut event, true);
         let outcome = self.bus.publish(event).await.map_err(to_status)?;
         Ok(Response::new(encode_outcome(outcome)))
@@ -242,6 +248,7 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         // PUBLISH_DEPTH in flight, stored in publish order: see `Bus::start_batch`) and the
         // oldest one's answers are handed out.
         let state = PublishState {
+            caller: caller(&request),
             inbound: request.into_inner(),
             inbound_done: false,
             bus: self.bus.clone(),
@@ -292,6 +299,7 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = caller(&request);
         let mut inbound = request.into_inner();
         let open = match inbound.next().await {
             Some(Ok(pb::SubscribeRequest {
@@ -306,7 +314,13 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
             Some(Err(status)) => return Err(status),
             None => return Err(Status::cancelled("the stream ended before `open`")),
         };
-        let (options, start) = decode_open(&open).map_err(to_status)?;
+        let (mut options, start) = decode_open(&open).map_err(to_status)?;
+        caller.check_filter("open.subject", options.filter.as_str())?;
+        if open.dead_letter_subject.is_empty() {
+            options.dead_letter_subject = default_dead_letters(&caller);
+        } else {
+            caller.check_subject("open.dead_letter_subject", &options.dead_letter_subject)?;
+        }
         let subscription = self
             .bus
             .subscribe(options, start)
@@ -358,6 +372,7 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
             request.metadata(),
             std::time::Instant::now(),
         );
+        let caller = caller(&request);
         let r = request.into_inner();
         let mut violations = Vec::new();
         let timeout = match r.timeout.as_ref().map(duration_from_proto) {
@@ -401,6 +416,7 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
             }
             None => timeout,
         };
+        check_event(&caller, &event).map_err(to_status)?;
         let mut event = event;
         let _span = producer_span(&mut event, true);
         let (reply, responder) = self.bus.request(event, timeout).await.map_err(to_status)?;
@@ -414,6 +430,7 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         &self,
         request: Request<pb::ListSubscriptionsRequest>,
     ) -> Result<Response<pb::ListSubscriptionsResponse>, Status> {
+        let caller = caller(&request);
         let (metadata, _, r) = request.into_parts();
         if !r.subject.is_empty() {
             // Listings match filters exactly, so anything else would match nothing.
@@ -436,6 +453,8 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
             subscriptions.extend(answer.subscriptions);
             instances.push(instance);
         }
+        // A tenant sees its own subscriptions only.
+        subscriptions.retain(|s| caller.owns(&s.subject));
         Ok(Response::new(pb::ListSubscriptionsResponse {
             subscriptions,
             unreachable: peers.unreachable,
@@ -447,6 +466,7 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         &self,
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        let caller = caller(&request);
         let (metadata, _, r) = request.into_parts();
         let filter = if r.subject.is_empty() {
             None
@@ -472,6 +492,10 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
             merge_stats(&mut stats, answer);
         }
         stats.unreachable = peers.unreachable;
+        // A tenant sees its own subjects, groups and streams only.
+        stats.subjects.retain(|s| caller.owns(&s.subject));
+        stats.groups.retain(|g| caller.owns(&g.subject));
+        stats.streams.retain(|s| caller.owns(&s.stream));
         Ok(Response::new(stats))
     }
 
@@ -479,8 +503,9 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
-        let subject = dead_letter_subject(&r.subject)?;
+        let subject = dead_letter_subject(&r.subject, &caller)?;
         let limit = page(r.limit, "limit")?;
         let dead = self
             .bus
@@ -506,8 +531,11 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         &self,
         request: Request<pb::RedriveDeadLettersRequest>,
     ) -> Result<Response<pb::RedriveDeadLettersResponse>, Status> {
+        let caller = caller(&request);
+        let audit = audit::target(&request);
         let r = request.into_inner();
-        let subject = dead_letter_subject(&r.subject)?;
+        let subject = dead_letter_subject(&r.subject, &caller)?;
+        audit.set(|| redrive_target(&subject, &r.sequences, &r.to_subject));
         let limit = page(r.limit, "limit")?;
         if r.sequences.len() > MAX_PAGE {
             return Err(to_status(EventBusError::invalid(
@@ -520,6 +548,7 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         } else {
             validate_subject("to_subject", &r.to_subject)
                 .map_err(|v| to_status(EventBusError::InvalidArgument(vec![v])))?;
+            caller.check_subject("to_subject", &r.to_subject)?;
             Some(r.to_subject.as_str())
         };
         let redriven = self
@@ -534,8 +563,11 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
         &self,
         request: Request<pb::PurgeDeadLettersRequest>,
     ) -> Result<Response<pb::PurgeDeadLettersResponse>, Status> {
+        let caller = caller(&request);
+        let audit = audit::target(&request);
         let r = request.into_inner();
-        let subject = dead_letter_subject(&r.subject)?;
+        let subject = dead_letter_subject(&r.subject, &caller)?;
+        audit.set(|| redrive_target(&subject, &r.sequences, ""));
         if r.sequences.len() > MAX_PAGE {
             return Err(to_status(EventBusError::invalid(
                 "sequences",
@@ -553,6 +585,8 @@ impl pb::event_bus_server::EventBus for EventBusGrpc {
 
 /// A PublishStream's state between answers.
 struct PublishState {
+    /// Who publishes: every event's subject is checked against its token.
+    caller: Arc<Identity>,
     inbound: Streaming<pb::PublishRequest>,
     /// The client closed its side (or it failed): no batch is started any more.
     inbound_done: bool,
@@ -593,7 +627,11 @@ impl PublishState {
         let mut answers: Vec<Option<pb::PublishResponse>> = Vec::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
         for m in batch {
-            match decode_publish(m.event, "event") {
+            let decoded = decode_publish(m.event, "event").and_then(|event| {
+                check_event(&self.caller, &event)?;
+                Ok(event)
+            });
+            match decoded {
                 Ok(mut event) => {
                     drop(producer_span(&mut event, false));
                     events.push(event);
@@ -970,12 +1008,49 @@ fn decode_open(
     ))
 }
 
-fn dead_letter_subject(subject: &str) -> Result<String, Status> {
+/// What a redrive or purge acts on, for the audit trail: the dead-letter subject, the
+/// sequences (or "all") and where they go.
+fn redrive_target(subject: &str, sequences: &[u64], to: &str) -> String {
+    let which = if sequences.is_empty() {
+        "all".to_owned()
+    } else {
+        format!("{} sequence(s) from {}", sequences.len(), sequences[0])
+    };
+    if to.is_empty() {
+        format!("{subject} ({which})")
+    } else {
+        format!("{subject} ({which}) -> {to}")
+    }
+}
+
+/// Whether the caller may publish `event`: its subject, and the reply subject it names (a
+/// reply is published there).
+fn check_event(caller: &Identity, event: &Event) -> Result<(), EventBusError> {
+    caller.check_subject("event.subject", &event.subject)?;
+    if !event.reply_to.is_empty() {
+        caller.check_subject("event.reply_to", &event.reply_to)?;
+    }
+    Ok(())
+}
+
+/// Where a subscription's dead letters go by default: `sys.deadletter`, or for a tenant's
+/// token `<tenant>.deadletter` (so the tenant can read and redrive them).
+fn default_dead_letters(caller: &Identity) -> String {
+    caller.tenant.as_deref().map_or_else(
+        || DEFAULT_DEAD_LETTER_SUBJECT.to_owned(),
+        |t| format!("{t}.deadletter"),
+    )
+}
+
+/// The dead-letter subject a listing, redrive or purge names (empty: the caller's default),
+/// if the caller may use it.
+fn dead_letter_subject(subject: &str, caller: &Identity) -> Result<String, Status> {
     if subject.is_empty() {
-        return Ok(DEFAULT_DEAD_LETTER_SUBJECT.to_owned());
+        return Ok(default_dead_letters(caller));
     }
     validate_subject("subject", subject)
         .map_err(|v| to_status(EventBusError::InvalidArgument(vec![v])))?;
+    caller.check_subject("subject", subject)?;
     Ok(subject.to_owned())
 }
 

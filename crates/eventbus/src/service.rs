@@ -122,6 +122,9 @@ pub fn parse_weights(text: &str) -> Result<Weights, String> {
     Ok(Weights(weights))
 }
 
+/// The audit trail's subjects ([`agentmesh_runtime::audit`]): always a durable stream.
+pub const AUDIT_STREAM: &str = "sys.audit.>";
+
 impl EventBusArgs {
     /// Builds the bus, its log, metrics and gRPC routes.
     ///
@@ -135,6 +138,12 @@ impl EventBusArgs {
                 SubjectFilter::parse("--eventbus-durable", pattern.trim())
                     .map_err(|v| EventBusError::InvalidArgument(vec![v]))?,
             );
+        }
+        // The audit trail is always durable, unless a configured pattern already holds it.
+        let audit = SubjectFilter::parse("audit", AUDIT_STREAM)
+            .map_err(|v| EventBusError::InvalidArgument(vec![v]))?;
+        if !durable.iter().any(|p| p.overlaps(&audit)) {
+            durable.push(audit);
         }
         if self.max_pending == 0 || self.max_subscriptions == 0 {
             return Err(EventBusError::invalid(
@@ -228,6 +237,7 @@ impl EventBusArgs {
             admin_listen: self.admin_listen,
             admin_routes: None,
             access: vec![(SERVICE_NAME.to_owned(), crate::grpc::ACCESS)],
+            audited: vec![(SERVICE_NAME.to_owned(), crate::grpc::AUDITED)],
         })
     }
 }

@@ -19,7 +19,18 @@ use crate::wire::{
     encode_component, encode_delta, encode_rule, encode_silence, encode_snapshot, encode_state,
     encode_transition,
 };
-use agentmesh_runtime::auth::{AccessRule, Role};
+use agentmesh_runtime::audit;
+use agentmesh_runtime::auth::{AccessRule, Role, caller};
+
+/// The state-changing RPCs recorded in the audit trail (README "Audit trail"). They act on
+/// the whole cluster, so a tenant's token may not call them.
+pub const AUDITED: &[&str] = &[
+    "SetMaintenance",
+    "PutAlertRule",
+    "DeleteAlertRule",
+    "PutSilence",
+    "DeleteSilence",
+];
 
 /// Who may call each RPC (admin may call everything); see the README's roles table.
 pub const ACCESS: &[AccessRule] = &[
@@ -170,6 +181,8 @@ impl pb::health_aggregator_server::HealthAggregator for HealthGrpc {
         &self,
         request: Request<pb::SetMaintenanceRequest>,
     ) -> Result<Response<pb::Component>, Status> {
+        caller(&request).check_cluster_wide("SetMaintenance")?;
+        audit::target(&request).set(|| request.get_ref().component.clone());
         let (component, duration, reason) =
             decode_maintenance(request.get_ref()).map_err(|e| to_status(&e))?;
         let now = now_ms();
@@ -190,6 +203,15 @@ impl pb::health_aggregator_server::HealthAggregator for HealthGrpc {
         &self,
         request: Request<pb::PutAlertRuleRequest>,
     ) -> Result<Response<pb::AlertRule>, Status> {
+        caller(&request).check_cluster_wide("PutAlertRule")?;
+        audit::target(&request).set(|| {
+            request
+                .get_ref()
+                .rule
+                .as_ref()
+                .map(|r| r.name.clone())
+                .unwrap_or_default()
+        });
         let rule = decode_rule(request.get_ref()).map_err(|e| to_status(&e))?;
         let answer = encode_rule(&rule);
         self.alerting
@@ -203,6 +225,8 @@ impl pb::health_aggregator_server::HealthAggregator for HealthGrpc {
         &self,
         request: Request<pb::DeleteAlertRuleRequest>,
     ) -> Result<Response<pb::DeleteAlertRuleResponse>, Status> {
+        caller(&request).check_cluster_wide("DeleteAlertRule")?;
+        audit::target(&request).set(|| request.get_ref().name.clone());
         self.alerting
             .delete_rule(&request.get_ref().name)
             .await
@@ -235,6 +259,8 @@ impl pb::health_aggregator_server::HealthAggregator for HealthGrpc {
         &self,
         request: Request<pb::PutSilenceRequest>,
     ) -> Result<Response<pb::Silence>, Status> {
+        caller(&request).check_cluster_wide("PutSilence")?;
+        audit::target(&request).set(|| request.get_ref().rule.clone());
         let (rule, duration, reason) =
             decode_silence(request.get_ref()).map_err(|e| to_status(&e))?;
         let now = now_ms();
@@ -251,6 +277,8 @@ impl pb::health_aggregator_server::HealthAggregator for HealthGrpc {
         &self,
         request: Request<pb::DeleteSilenceRequest>,
     ) -> Result<Response<pb::DeleteSilenceResponse>, Status> {
+        caller(&request).check_cluster_wide("DeleteSilence")?;
+        audit::target(&request).set(|| request.get_ref().id.clone());
         self.alerting
             .delete_silence(&request.get_ref().id)
             .await

@@ -266,6 +266,7 @@ impl Service for HealthArgs {
                 admin_listen: self.admin_listen,
                 admin_routes: Some(crate::http::routes(aggregator, optimizations)),
                 access: vec![(SERVICE_NAME.to_owned(), crate::grpc::ACCESS)],
+                audited: vec![(SERVICE_NAME.to_owned(), crate::grpc::AUDITED)],
             })
         })
     }

@@ -4,10 +4,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::Chan;
 use agentmesh_proto::scheduler::v1 as pb;
 use agentmesh_runtime::config::parse_duration;
 use pb::scheduler_client::SchedulerClient;
-use tonic::transport::Channel;
 
 use crate::Output;
 use crate::events::{print_table, status_error};
@@ -45,7 +45,7 @@ pub(crate) struct Common {
 }
 
 impl Common {
-    pub(crate) async fn client(&self) -> anyhow::Result<SchedulerClient<Channel>> {
+    pub(crate) async fn client(&self) -> anyhow::Result<SchedulerClient<Chan>> {
         let channel = crate::connect(&self.addr, CALL_TIMEOUT, "the scheduler").await?;
         Ok(SchedulerClient::new(channel))
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::Chan as Channel;
 use agentmesh_proto::bench::v1 as echo_pb;
 use agentmesh_proto::ratelimit::v1 as pb;
 use agentmesh_runtime::config::parse_duration;
@@ -20,7 +21,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::Output;
 use crate::ratelimit::proto_duration;
@@ -444,12 +444,12 @@ async fn connect_one(
     let mut channels = Vec::new();
     for _ in 0..connections.max(1) {
         let endpoint = agentmesh_runtime::client::endpoint(addr, config)?;
-        channels.push(
+        channels.push(crate::with_token(
             endpoint
                 .connect()
                 .await
                 .with_context(|| format!("cannot connect to {addr}"))?,
-        );
+        ));
     }
     Ok(channels)
 }

@@ -3,12 +3,12 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::Chan;
 use agentmesh_proto::cache::v1 as pb;
 use agentmesh_runtime::config::parse_duration;
 use anyhow::Context;
 use clap::Subcommand;
 use pb::cache_coordinator_client::CacheCoordinatorClient;
-use tonic::transport::Channel;
 
 use crate::Output;
 use crate::events::status_error;
@@ -130,7 +130,7 @@ pub(crate) struct Common {
 }
 
 impl Common {
-    async fn client(&self) -> anyhow::Result<CacheCoordinatorClient<Channel>> {
+    async fn client(&self) -> anyhow::Result<CacheCoordinatorClient<Chan>> {
         let channel = crate::connect(&self.addr, Duration::from_secs(10), "the cache").await?;
         Ok(CacheCoordinatorClient::new(channel).max_decoding_message_size(8 << 20))
     }

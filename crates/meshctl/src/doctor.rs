@@ -354,7 +354,7 @@ async fn trace_check(cluster: &pb::ClusterHealth, jaeger: Option<&str>, otlp: bo
     let result = async {
         let channel = |addr: &str| {
             agentmesh_runtime::client::endpoint(addr, &agentmesh_runtime::ClientConfig::default())
-                .map(|e| e.connect_lazy())
+                .map(|e| crate::with_token(e.connect_lazy()))
                 .map_err(|e| e.to_string())
         };
         use agentmesh_proto::{cache::v1 as cache, eventbus::v1 as bus, ratelimit::v1 as rl};

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::Chan;
 use agentmesh_proto::eventbus::v1 as pb;
 use agentmesh_runtime::config::parse_duration;
 use anyhow::Context;
@@ -14,7 +15,6 @@ use pb::event_bus_client::EventBusClient;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 use crate::Output;
@@ -70,7 +70,7 @@ pub(crate) struct BusAddr {
 }
 
 impl BusAddr {
-    async fn client(&self) -> anyhow::Result<EventBusClient<Channel>> {
+    async fn client(&self) -> anyhow::Result<EventBusClient<Chan>> {
         client_for(&self.addr, CALL_TIMEOUT).await
     }
 }
@@ -79,7 +79,7 @@ impl BusAddr {
 pub(crate) async fn client_for(
     addr: &str,
     timeout: Duration,
-) -> anyhow::Result<EventBusClient<Channel>> {
+) -> anyhow::Result<EventBusClient<Chan>> {
     let channel = crate::connect(addr, timeout, "the event bus").await?;
     Ok(EventBusClient::new(channel).max_decoding_message_size(MAX_DECODE))
 }

@@ -4,13 +4,13 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::Chan;
 use agentmesh_proto::health::v1 as pb;
 use agentmesh_runtime::config::parse_duration;
 use agentmesh_runtime::wire::{duration_to_proto, timestamp_to_ms};
 use clap::Subcommand;
 use pb::health_aggregator_client::HealthAggregatorClient;
 use serde_json::json;
-use tonic::transport::Channel;
 
 use crate::Output;
 use crate::agents::millis;
@@ -31,7 +31,7 @@ pub(crate) struct Common {
 }
 
 impl Common {
-    async fn client(&self) -> anyhow::Result<HealthAggregatorClient<Channel>> {
+    async fn client(&self) -> anyhow::Result<HealthAggregatorClient<Chan>> {
         let channel =
             crate::connect(&self.addr, Duration::from_secs(10), "the health aggregator").await?;
         Ok(HealthAggregatorClient::new(channel).max_decoding_message_size(64 << 20))

@@ -1,6 +1,7 @@
 //! `meshctl`: the agentmesh operator CLI.
 
 mod agents;
+mod audit;
 mod bench;
 mod cache;
 mod doctor;
@@ -12,6 +13,7 @@ mod tasks;
 mod token;
 
 use std::process::ExitCode;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use agentmesh_runtime::config::{ClusterArgs, parse_args_or_exit};
@@ -25,6 +27,17 @@ struct Cli {
     command: Command,
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Bearer token (a JWT) sent on every call, for clusters running `--auth required`.
+    #[arg(long, env = "AGENTMESH_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token (read once; surrounding whitespace ignored).
+    #[arg(
+        long,
+        env = "AGENTMESH_TOKEN_FILE",
+        global = true,
+        conflicts_with = "token"
+    )]
+    token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -54,6 +67,9 @@ enum Command {
     /// silences.
     #[command(subcommand)]
     Health(health::HealthCommand),
+    /// The audit trail: who changed what, when, and how it ended.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Development tokens (HS256 from a local secret file).
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -74,6 +90,10 @@ pub(crate) enum Output {
 
 fn main() -> ExitCode {
     let cli: Cli = parse_args_or_exit();
+    if let Err(e) = set_token(cli.token.as_deref(), cli.token_file.as_deref()) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     // Always multi-thread: the load generators run their bookkeeping in the `block_on` future
     // beside the worker, and the baselines they measure must not lose that thread.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -97,6 +117,7 @@ fn main() -> ExitCode {
             Command::Status(args) => health::status(args).await,
             Command::Health(cmd) => health::run(cmd).await,
             Command::Doctor(args) => doctor::run(args).await,
+            Command::Audit(cmd) => audit::run(cmd).await,
             Command::Token(cmd) => token::run(cmd),
             Command::Bench(cmd) => bench::run(cmd, cli.cluster.redis_url()).await,
         }
@@ -110,19 +131,71 @@ fn main() -> ExitCode {
     }
 }
 
+/// The `authorization` value every call carries, set once at start from `--token` or
+/// `--token-file`.
+static BEARER: OnceLock<Option<tonic::metadata::AsciiMetadataValue>> = OnceLock::new();
+
+fn set_token(token: Option<&str>, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let token = match (token, file) {
+        (Some(token), _) => Some(token.trim().to_owned()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--token-file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let value = token
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            format!("Bearer {t}")
+                .parse()
+                .context("--token: not a valid header value (a JWT is ASCII)")
+        })
+        .transpose()?;
+    let _ = BEARER.set(value);
+    Ok(())
+}
+
+/// Adds the bearer token (if any) to every call.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Bearer;
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(Some(value)) = BEARER.get() {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the bearer token: what every meshctl client is built on.
+pub(crate) type Chan =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// `channel` with the bearer token on every call.
+pub(crate) fn with_token(channel: tonic::transport::Channel) -> Chan {
+    tonic::service::interceptor::InterceptedService::new(channel, Bearer)
+}
+
 /// A channel to `addr` (`host:port` or `http://host:port`) through the runtime's endpoint
-/// settings, each call bounded by `timeout`; `what` names the service in the error.
-pub(crate) async fn connect(
-    addr: &str,
-    timeout: Duration,
-    what: &str,
-) -> anyhow::Result<tonic::transport::Channel> {
+/// settings, each call bounded by `timeout` and carrying the bearer token; `what` names the
+/// service in the error.
+pub(crate) async fn connect(addr: &str, timeout: Duration, what: &str) -> anyhow::Result<Chan> {
     let config = agentmesh_runtime::ClientConfig {
         timeout,
         ..agentmesh_runtime::ClientConfig::default()
     };
-    agentmesh_runtime::client::endpoint(addr, &config)?
+    let channel = agentmesh_runtime::client::endpoint(addr, &config)?
         .connect()
         .await
-        .with_context(|| format!("cannot connect to {what} at {addr}"))
+        .with_context(|| format!("cannot connect to {what} at {addr}"))?;
+    Ok(with_token(channel))
 }

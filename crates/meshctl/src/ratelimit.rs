@@ -151,13 +151,8 @@ fn item_of(args: &CheckArgs) -> pb::CheckItem {
 
 pub(crate) async fn client_for(
     addr: &str,
-) -> anyhow::Result<pb::rate_limiter_client::RateLimiterClient<tonic::transport::Channel>> {
-    let endpoint =
-        agentmesh_runtime::client::endpoint(addr, &agentmesh_runtime::ClientConfig::default())?;
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {addr}"))?;
+) -> anyhow::Result<pb::rate_limiter_client::RateLimiterClient<crate::Chan>> {
+    let channel = crate::connect(addr, Duration::from_secs(5), "the rate limiter").await?;
     Ok(pb::rate_limiter_client::RateLimiterClient::new(channel))
 }
 

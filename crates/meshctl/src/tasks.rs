@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::Chan;
 use agentmesh_proto::scheduler::v1 as pb;
 use agentmesh_runtime::config::parse_duration;
 use agentmesh_runtime::wire::timestamp_to_ms;
 use indicatif::{ProgressBar, ProgressStyle};
 use pb::scheduler_client::SchedulerClient;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 use crate::Output;
 use crate::agents::{Common, millis};
@@ -174,7 +174,7 @@ pub(crate) async fn run(cmd: TasksCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// A scheduler client that takes whole ListTasks pages.
-async fn client(common: &Common) -> anyhow::Result<SchedulerClient<Channel>> {
+async fn client(common: &Common) -> anyhow::Result<SchedulerClient<Chan>> {
     Ok(common.client().await?.max_decoding_message_size(MAX_DECODE))
 }
 
@@ -437,7 +437,7 @@ fn progress_bar() -> ProgressBar {
 /// changes — then the output (or the error, on standard error). SUCCESS only when the task
 /// succeeded.
 async fn follow(
-    client: &mut SchedulerClient<Channel>,
+    client: &mut SchedulerClient<Chan>,
     task_id: &str,
     output: Output,
 ) -> anyhow::Result<ExitCode> {

@@ -63,6 +63,11 @@ pub(crate) fn run(command: TokenCommand) -> anyhow::Result<ExitCode> {
                     format!("--roles: {name:?} is not agent, service, operator or admin")
                 })?);
             }
+            if let Some(tenant) = &args.tenant
+                && !agentmesh_runtime::auth::verify::valid_tenant(tenant)
+            {
+                bail!("--tenant {tenant:?}: 1 to 64 bytes of [A-Za-z0-9_-], and not \"sys\"");
+            }
             let mut claims = TokenClaims::new(&args.sub, &roles, args.ttl);
             claims.iss = args.issuer;
             claims.aud = args.audience;

@@ -421,8 +421,12 @@ impl rls::rate_limit_service_server::RateLimitService for EnvoyRlsGrpc {
     ) -> Result<Response<rls::RateLimitResponse>, Status> {
         let deadline =
             agentmesh_runtime::deadline::from_metadata(request.metadata(), Instant::now());
-        let response =
-            EnvoyRlsGrpc::should_rate_limit(self, request.into_inner(), deadline).await?;
+        let caller = agentmesh_runtime::auth::caller(&request);
+        let request = request.into_inner();
+        caller
+            .check_owns("domain", "namespace", &request.domain)
+            .map_err(RateLimitError::from)?;
+        let response = EnvoyRlsGrpc::should_rate_limit(self, request, deadline).await?;
         Ok(Response::new(response))
     }
 }

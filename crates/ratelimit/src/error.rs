@@ -2,6 +2,7 @@
 //! message through the runtime's [`ServiceError`], whose one mapping makes the gRPC status.
 //! `PolicyFile` only ever happens at startup or reload.
 
+use agentmesh_runtime::auth::scope::Denied;
 pub use agentmesh_runtime::error::FieldViolation;
 use agentmesh_runtime::error::{ErrorCode, ServiceError, join_violations};
 
@@ -61,6 +62,9 @@ pub enum RateLimitError {
     /// This instance holds its maximum of something (leases).
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The caller's token may not use a namespace it named (another tenant's).
+    #[error(transparent)]
+    Denied(#[from] Denied),
 }
 
 impl RateLimitError {
@@ -81,6 +85,7 @@ impl ServiceError for RateLimitError {
             Self::VersionMismatch { .. } => ErrorCode::Aborted,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+            Self::Denied(_) => ErrorCode::PermissionDenied,
         }
     }
 

@@ -28,7 +28,8 @@ use crate::wire::{
     duration_from_proto, duration_to_proto, encode_namespace_usage, encode_outcome, encode_policy,
     encode_response, encode_usage, stream_error, validate_policy_ref,
 };
-use agentmesh_runtime::auth::{AccessRule, Role};
+use agentmesh_runtime::audit;
+use agentmesh_runtime::auth::{AccessRule, Identity, Role, caller};
 
 /// Who may call each RPC (admin may call everything); see the README's roles table.
 pub const ACCESS: &[AccessRule] = &[
@@ -48,6 +49,9 @@ pub const ACCESS: &[AccessRule] = &[
     ("Inspect", &[Role::Service, Role::Operator]),
     ("Reset", &[Role::Operator]),
 ];
+
+/// The state-changing RPCs recorded in the audit trail (README "Audit trail").
+pub const AUDITED: &[&str] = &["PutPolicy", "DeletePolicy", "Reset", "Release"];
 
 /// Responses buffered per StreamCheck stream before the server stops reading requests.
 const STREAM_BUFFER: usize = 256;
@@ -152,11 +156,21 @@ impl RateLimiterGrpc {
     async fn check(
         &self,
         request: pb::CheckRequest,
+        caller: &Identity,
         deadline: Option<Instant>,
         count: bool,
     ) -> Result<pb::CheckResponse, RateLimitError> {
         let started = Instant::now();
         let items = decode_items(request.items)?;
+        if caller.tenant.is_some() {
+            for (i, item) in items.iter().enumerate() {
+                caller.check_owns(
+                    &format!("items[{i}].namespace"),
+                    "namespace",
+                    &item.namespace,
+                )?;
+            }
+        }
         let namespaces =
             count.then(|| ItemNamespaces::of(items.iter().map(|i| i.namespace.as_str())));
         let outcomes = self
@@ -179,7 +193,9 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let deadline = deadline_of(&request);
         let count = !request.metadata().contains_key(FORWARDED_HEADER);
-        let response = RateLimiterGrpc::check(self, request.into_inner(), deadline, count).await?;
+        let caller = caller(&request);
+        let response =
+            RateLimiterGrpc::check(self, request.into_inner(), &caller, deadline, count).await?;
         Ok(Response::new(response))
     }
 
@@ -197,11 +213,13 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         } else {
             None
         };
+        let caller = caller(&request);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let this = self.clone();
         tokio::spawn(async move {
-            this.serve_stream(inbound, tx, deadline, count).await;
+            this.serve_stream(inbound, tx, caller, deadline, count)
+                .await;
             drop(slot);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -211,8 +229,12 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::PutPolicyRequest>,
     ) -> Result<Response<pb::Policy>, Status> {
+        let caller = caller(&request);
+        let audit = audit::target(&request);
         let request = request.into_inner();
         let policy = decode_policy(request.policy)?;
+        audit.set(|| format!("{}/{}", policy.namespace, policy.name));
+        caller.check_owns("policy.namespace", "namespace", &policy.namespace)?;
         let stored = self.policies.put(policy, request.expected_version).await?;
         Ok(Response::new(encode_policy(&stored)))
     }
@@ -221,8 +243,10 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::Policy>, Status> {
+        let caller = caller(&request);
         let request = request.into_inner();
         validate_policy_ref(&request.namespace, &request.name)?;
+        caller.check_owns("namespace", "namespace", &request.namespace)?;
         let stored = self.policies.get(&request.namespace, &request.name).await?;
         Ok(Response::new(encode_policy(&stored)))
     }
@@ -231,6 +255,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        let caller = caller(&request);
         let namespace = request.into_inner().namespace;
         if !namespace.is_empty() {
             let mut violations = Vec::new();
@@ -238,11 +263,14 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
             if !violations.is_empty() {
                 return Err(RateLimitError::InvalidArgument(violations).into());
             }
+            caller.check_owns("namespace", "namespace", &namespace)?;
         }
-        let listed = self
+        let mut listed = self
             .policies
             .list(Some(namespace.as_str()).filter(|ns| !ns.is_empty()))
             .await?;
+        // A tenant listing every namespace sees its own.
+        listed.retain(|p| caller.owns(&p.namespace));
         Ok(Response::new(pb::ListPoliciesResponse {
             policies: listed.iter().map(encode_policy).collect(),
         }))
@@ -252,8 +280,12 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         &self,
         request: Request<pb::DeletePolicyRequest>,
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        let caller = caller(&request);
+        let audit = audit::target(&request);
         let request = request.into_inner();
+        audit.set(|| format!("{}/{}", request.namespace, request.name));
         validate_policy_ref(&request.namespace, &request.name)?;
+        caller.check_owns("namespace", "namespace", &request.namespace)?;
         self.policies
             .delete(&request.namespace, &request.name, request.expected_version)
             .await?;
@@ -265,6 +297,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         request: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller(&request);
         let r = request.into_inner();
         let mut violations = Vec::new();
         if r.limit == 0 || r.limit > MAX_CONCURRENCY {
@@ -280,6 +313,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
             r.ttl.as_ref(),
             violations,
         )?;
+        caller.check_owns("namespace", "namespace", &target.namespace)?;
         let (outcome, decided_by) = self.router.acquire(&target, r.limit, ttl, deadline).await?;
         Ok(Response::new(pb::AcquireResponse {
             acquired: outcome.lease_id.is_some(),
@@ -296,6 +330,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller(&request);
         let r = request.into_inner();
         let mut violations = Vec::new();
         let lease_id = decode_id("lease_id", &r.lease_id, &mut violations);
@@ -306,6 +341,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
             r.ttl.as_ref(),
             violations,
         )?;
+        caller.check_owns("namespace", "namespace", &target.namespace)?;
         self.router.renew(&target, lease_id, ttl, deadline).await?;
         Ok(Response::new(pb::RenewLeaseResponse {}))
     }
@@ -315,10 +351,14 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller(&request);
+        let audit = audit::target(&request);
         let r = request.into_inner();
+        audit.set(|| format!("{}/{} lease {}", r.namespace, r.key, r.lease_id));
         let mut violations = Vec::new();
         let lease_id = decode_id("lease_id", &r.lease_id, &mut violations);
         let (target, _) = decode_lease(&r.namespace, &r.key, r.consistency, None, violations)?;
+        caller.check_owns("namespace", "namespace", &target.namespace)?;
         let in_use = self.router.release(&target, lease_id, deadline).await?;
         Ok(Response::new(pb::ReleaseResponse { in_use }))
     }
@@ -328,7 +368,9 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         request: Request<pb::InspectRequest>,
     ) -> Result<Response<pb::InspectResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller(&request);
         let mut item = decode_single_item(request.into_inner().item)?;
+        caller.check_owns("item.namespace", "namespace", &item.namespace)?;
         item.cost = 0;
         let outcome = self
             .decider
@@ -346,7 +388,11 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         request: Request<pb::ResetRequest>,
     ) -> Result<Response<pb::ResetResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller(&request);
+        let audit = audit::target(&request);
         let item = decode_single_item(request.into_inner().item)?;
+        audit.set(|| format!("{}/{}", item.namespace, item.key));
+        caller.check_owns("item.namespace", "namespace", &item.namespace)?;
         let (existed, decided_by) = self
             .router
             .reset(item, deadline)
@@ -363,6 +409,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         request: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller(&request);
         let r = request.into_inner();
         let mut violations = Vec::new();
         let ttl = match r.ttl.as_ref() {
@@ -376,6 +423,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
             },
         };
         let target = decode_budget_target(r.target, violations)?;
+        caller.check_owns("target.namespace", "namespace", &target.namespace)?;
         let call = BudgetCall::Reserve {
             estimate: r.estimate,
             ttl,
@@ -394,10 +442,12 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::BudgetUsageResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller(&request);
         let r = request.into_inner();
         let mut violations = Vec::new();
         let id = decode_id("reservation_id", &r.reservation_id, &mut violations);
         let target = decode_budget_target(r.target, violations)?;
+        caller.check_owns("target.namespace", "namespace", &target.namespace)?;
         let (answer, _) = self
             .router
             .budget(
@@ -419,10 +469,12 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::BudgetUsageResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller(&request);
         let r = request.into_inner();
         let mut violations = Vec::new();
         let id = decode_id("reservation_id", &r.reservation_id, &mut violations);
         let target = decode_budget_target(r.target, violations)?;
+        caller.check_owns("target.namespace", "namespace", &target.namespace)?;
         let (answer, _) = self
             .router
             .budget(&target, BudgetCall::Cancel { id }, deadline)
@@ -437,8 +489,10 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller(&request);
         let response = match decode_usage_request(request.into_inner())? {
             UsageQuery::One(target) => {
+                caller.check_owns("target.namespace", "namespace", &target.namespace)?;
                 let call = BudgetCall::Usage;
                 let (answer, _) = self.router.budget(&target, call, deadline).await?;
                 pb::GetUsageResponse {
@@ -447,6 +501,7 @@ impl pb::rate_limiter_server::RateLimiter for RateLimiterGrpc {
                 }
             }
             UsageQuery::Namespace(query) => {
+                caller.check_owns("namespace", "namespace", &query.namespace)?;
                 encode_namespace_usage(self.router.list_budgets(&query, deadline).await)
             }
         };
@@ -502,6 +557,7 @@ impl RateLimiterGrpc {
         self,
         mut inbound: Streaming<pb::StreamCheckRequest>,
         tx: mpsc::Sender<Result<pb::StreamCheckResponse, Status>>,
+        caller: Arc<Identity>,
         deadline: Option<Instant>,
         count: bool,
     ) {
@@ -513,7 +569,7 @@ impl RateLimiterGrpc {
         while open || !in_flight.is_empty() {
             tokio::select! {
                 message = inbound.next(), if open && in_flight.len() < STREAM_IN_FLIGHT => match message {
-                    Some(Ok(message)) => in_flight.push(self.answer(message, deadline, count)),
+                    Some(Ok(message)) => in_flight.push(self.answer(message, &caller, deadline, count)),
                     Some(Err(status)) => {
                         failure = Some(status);
                         open = false;
@@ -536,12 +592,13 @@ impl RateLimiterGrpc {
     async fn answer(
         &self,
         message: pb::StreamCheckRequest,
+        caller: &Identity,
         deadline: Option<Instant>,
         count: bool,
     ) -> pb::StreamCheckResponse {
         let id = message.id;
         let result = match message.request {
-            Some(request) => self.check(request, deadline, count).await,
+            Some(request) => self.check(request, caller, deadline, count).await,
             None => Err(RateLimitError::invalid("request", "required")),
         };
         match result {

@@ -190,6 +190,7 @@ impl RateLimitArgs {
                 (SERVICE_NAME.to_owned(), crate::grpc::ACCESS),
                 (crate::envoy::SERVICE_NAME.to_owned(), crate::envoy::ACCESS),
             ],
+            audited: vec![(SERVICE_NAME.to_owned(), crate::grpc::AUDITED)],
         })
     }
 }

@@ -23,8 +23,10 @@
 //! - [`error`]: `FieldViolation`, the `ErrorCode` set and the one `ServiceError` → `Status`
 //!   mapping every service uses.
 
+pub mod audit;
 pub mod auth;
 pub mod breaker;
+pub mod bus_out;
 pub mod client;
 pub mod config;
 pub mod deadline;

@@ -76,6 +76,9 @@ pub struct ServiceSpec {
     pub admin_routes: Option<axum::Router>,
     /// Who may call each RPC, per fully-qualified gRPC service (each service's `ACCESS`).
     pub access: Vec<(String, &'static [crate::auth::AccessRule])>,
+    /// The state-changing methods recorded in the audit trail, per fully-qualified gRPC
+    /// service (each service's `AUDITED`).
+    pub audited: Vec<(String, &'static [&'static str])>,
 }
 
 /// What every service on a host shares.
@@ -93,6 +96,8 @@ pub struct HostContext {
     pub shutdown_grace: Duration,
     /// Token verification (`--auth required`); `None`: every caller is the anonymous admin.
     pub auth: Option<Arc<crate::auth::Verifier>>,
+    /// Where audited calls are recorded; `None`: not recorded (in-process tests).
+    pub audit: Option<Arc<crate::audit::Auditor>>,
 }
 
 /// A started service.
@@ -292,7 +297,10 @@ pub async fn start(
     let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(ServerTelemetryLayer::new(&ctx.metrics, known))
-        .layer(crate::auth::AuthLayer::new(ctx.auth.clone(), spec.access))
+        .layer(
+            crate::auth::AuthLayer::new(ctx.auth.clone(), spec.access)
+                .with_audit(ctx.audit.clone(), spec.audited),
+        )
         .add_routes(spec.routes)
         .add_service(health.service())
         .add_service(reflection_v1)

@@ -9,23 +9,17 @@
 //!   the submit's W3C trace context (`traceparent`), so a tracing UI shows the task's events in
 //!   the submit's trace.
 //!
-//! Emitting never waits: events go to a bounded queue ([`QUEUE`]) that one task publishes on a
-//! `PublishStream` to a live event bus instance (found in membership); when the queue is full
-//! or no event bus is reachable, events are dropped and counted
+//! Emitting never waits: events go to the runtime's bounded publisher
+//! ([`agentmesh_runtime::bus_out`]) on a live event bus instance (found in membership); when
+//! its queue is full or no event bus is reachable, events are dropped and counted
 //! (`scheduler_events_dropped_total`). Delivery is at most once: these are notifications, the
 //! source of truth stays `GetTask` / `ListAgents`.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use agentmesh_proto::eventbus::v1 as bus;
+use agentmesh_runtime::bus_out::{BusPublisher, OutEvent, Unreachable};
 use agentmesh_runtime::peers::PeerSet;
 use prometheus::IntCounter;
-use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-
-/// Events waiting to be published.
-pub const QUEUE: usize = 10_000;
 
 /// One change to tell the cluster about.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,106 +115,35 @@ pub fn task_event(task: &crate::tasks::Task) -> SchedulerEvent {
     }
 }
 
-/// Publishes on the event bus found in membership.
-pub struct BusEvents {
-    tx: mpsc::Sender<SchedulerEvent>,
-    dropped: IntCounter,
-}
-
-impl std::fmt::Debug for BusEvents {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BusEvents").finish_non_exhaustive()
-    }
-}
+/// Publishes on the event bus found in membership (the runtime's [`BusPublisher`]; events
+/// are dropped while no event bus is reachable).
+#[derive(Debug)]
+pub struct BusEvents(BusPublisher);
 
 impl BusEvents {
     /// Starts the publisher over `buses` (the event bus members); `source` names this
     /// instance in the events; `dropped` counts what could not be published.
     #[must_use]
     pub fn start(buses: PeerSet, source: String, dropped: IntCounter) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(publish(buses, source, rx, dropped.clone()));
-        Self { tx, dropped }
+        Self(BusPublisher::start(
+            buses,
+            source,
+            dropped,
+            Unreachable::Drop,
+        ))
     }
 }
 
 impl EventSink for BusEvents {
     fn emit(&self, event: SchedulerEvent) {
-        if self.tx.try_send(event).is_err() {
-            self.dropped.inc();
-        }
-    }
-}
-
-fn encode(e: SchedulerEvent, source: &str) -> bus::PublishRequest {
-    bus::PublishRequest {
-        event: Some(bus::Event {
-            id: e.id,
-            subject: e.subject,
-            r#type: "agentmesh.scheduler".into(),
-            source: source.to_owned(),
-            ordering_key: e.ordering_key,
-            headers: e.trace_context.into_iter().collect(),
-            content_type: "application/json".into(),
-            data: e.data.into_bytes(),
-            ..bus::Event::default()
-        }),
-    }
-}
-
-async fn publish(
-    buses: PeerSet,
-    source: String,
-    mut rx: mpsc::Receiver<SchedulerEvent>,
-    dropped: IntCounter,
-) {
-    loop {
-        // An event bus to publish to: the first live member.
-        let member = buses.snapshot().members.keys().next().cloned();
-        let Some(channel) = member.and_then(|m| buses.channel(&m).ok().map(|(_, c)| c)) else {
-            // None: drop what waits (notifications are not kept) and look again.
-            while rx.try_recv().is_ok() {
-                dropped.inc();
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if rx.is_closed() && rx.is_empty() {
-                return;
-            }
-            continue;
-        };
-        let (out_tx, out_rx) = mpsc::channel::<bus::PublishRequest>(256);
-        let mut client = bus::event_bus_client::EventBusClient::new(channel);
-        let answers = client
-            .publish_stream(tokio_stream::wrappers::ReceiverStream::new(out_rx))
-            .await;
-        let mut answers = match answers {
-            Ok(a) => a.into_inner(),
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot open a publish stream to the event bus");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        loop {
-            tokio::select! {
-                event = rx.recv() => {
-                    let Some(event) = event else { return };
-                    if out_tx.send(encode(event, &source)).await.is_err() {
-                        dropped.inc();
-                        break;
-                    }
-                }
-                answer = answers.next() => match answer {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "the event bus ended the publish stream");
-                        break;
-                    }
-                    None => break,
-                },
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.0.emit(OutEvent {
+            subject: event.subject,
+            id: event.id,
+            event_type: "agentmesh.scheduler".into(),
+            data: event.data,
+            ordering_key: event.ordering_key,
+            headers: event.trace_context,
+        });
     }
 }
 

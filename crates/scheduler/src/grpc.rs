@@ -20,7 +20,8 @@ use crate::wire::{
     decode_release, decode_report, decode_submit, decode_task_id, decode_task_update, encode_agent,
     encode_reservation, encode_stats, encode_stream_message, encode_task,
 };
-use agentmesh_runtime::auth::{AccessRule, Role};
+use agentmesh_runtime::audit;
+use agentmesh_runtime::auth::{AccessRule, Role, caller};
 
 /// Who may call each RPC (admin may call everything); see the README's roles table.
 pub const ACCESS: &[AccessRule] = &[
@@ -38,6 +39,14 @@ pub const ACCESS: &[AccessRule] = &[
     ("ListTasks", &[Role::Service, Role::Operator]),
     ("CancelTask", &[Role::Service, Role::Operator]),
     ("WatchTask", &[Role::Service, Role::Operator]),
+];
+
+/// The state-changing RPCs recorded in the audit trail (README "Audit trail").
+pub const AUDITED: &[&str] = &[
+    "DeregisterAgent",
+    "DrainAgent",
+    "ReleaseAgent",
+    "CancelTask",
 ];
 
 fn status(e: &SchedulerError) -> Status {
@@ -88,7 +97,9 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
+        let caller = caller(&request);
         let (spec, epoch) = decode_register(request.into_inner()).map_err(|e| status(&e))?;
+        caller.check_agent("agent_id", &spec.agent_id)?;
         let registered = self.pool.register(spec, epoch).map_err(|e| status(&e))?;
         Ok(Response::new(pb::RegisterAgentResponse {
             epoch: registered.epoch,
@@ -103,8 +114,12 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::DeregisterAgentRequest>,
     ) -> Result<Response<pb::DeregisterAgentResponse>, Status> {
+        let caller = caller(&request);
+        let audit = audit::target(&request);
         let r = request.into_inner();
+        audit.set(|| r.agent_id.clone());
         decode_agent_id(&r.agent_id, "agent_id").map_err(|e| status(&e))?;
+        caller.check_agent("agent_id", &r.agent_id)?;
         self.pool
             .deregister(&r.agent_id, r.epoch)
             .map_err(|e| status(&e))?;
@@ -118,6 +133,7 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         request: Request<Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         use pb::heartbeat_request::Kind;
+        let caller = caller(&request);
         let mut inbound = request.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(pb::HeartbeatRequest {
@@ -133,6 +149,8 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
             None => return Err(Status::cancelled("the stream ended before hello")),
         };
         decode_agent_id(&hello.agent_id, "hello.agent_id").map_err(|e| status(&e))?;
+        // Tasks are taken and results reported on this stream, as this agent only.
+        caller.check_agent("hello.agent_id", &hello.agent_id)?;
         let (generation, rx) = self
             .pool
             .attach(&hello.agent_id, hello.epoch)
@@ -211,8 +229,10 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::DrainAgentRequest>,
     ) -> Result<Response<pb::DrainAgentResponse>, Status> {
+        let audit = audit::target(&request);
         let (agent_id, deadline, reason, on_expiry) =
             decode_drain(request.into_inner()).map_err(|e| status(&e))?;
+        audit.set(|| agent_id.clone());
         let agent = self
             .pool
             .drain(&agent_id, deadline, &reason, on_expiry)
@@ -281,8 +301,10 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::ReleaseAgentRequest>,
     ) -> Result<Response<pb::ReleaseAgentResponse>, Status> {
-        let (id, outcome, latency) =
-            decode_release(&request.into_inner()).map_err(|e| status(&e))?;
+        let audit = audit::target(&request);
+        let r = request.into_inner();
+        audit.set(|| r.reservation_id.clone());
+        let (id, outcome, latency) = decode_release(&r).map_err(|e| status(&e))?;
         self.pool
             .release(id, outcome, latency)
             .map_err(|e| status(&e))?;
@@ -339,7 +361,9 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::CancelTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
+        let audit = audit::target(&request);
         let r = request.into_inner();
+        audit.set(|| r.task_id.clone());
         let mut violations = Vec::new();
         if let Err(SchedulerError::InvalidArgument(v)) = decode_task_id(&r.task_id, "task_id") {
             violations.extend(v);

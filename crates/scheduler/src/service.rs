@@ -198,6 +198,7 @@ impl Service for SchedulerArgs {
                 admin_listen: self.admin_listen,
                 admin_routes: None,
                 access: vec![(SERVICE_NAME.to_owned(), crate::grpc::ACCESS)],
+                audited: vec![(SERVICE_NAME.to_owned(), crate::grpc::AUDITED)],
             })
         })
     }

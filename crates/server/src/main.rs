@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentmesh_membership::{EtcdMembership, EtcdMembershipConfig, InMemoryMembership, Membership};
+use agentmesh_runtime::audit::Auditor;
+use agentmesh_runtime::bus_out::{BusPublisher, Unreachable};
 use agentmesh_runtime::config::{
     AuthArgs, ClusterArgs, TelemetryArgs, exit_config_error, parse_args_or_exit, parse_duration,
 };
@@ -306,6 +308,7 @@ async fn serve(
             }
         }
     }
+    let audit = start_audit(&deps, cluster.advertise_host.as_deref()).await;
     let ctx = HostContext {
         metrics,
         membership,
@@ -313,6 +316,7 @@ async fn serve(
         zone: cluster.zone.clone(),
         shutdown_grace: cluster.shutdown_grace,
         auth: verifier,
+        audit: Some(audit),
     };
     let stop = shutdown::on_signal();
     let mut running: Vec<RunningService> = Vec::new();
@@ -337,6 +341,55 @@ async fn serve(
     }
     guard.shutdown().await;
     code
+}
+
+/// The audit trail of this process: log lines, and events on `sys.audit.>` through the event
+/// bus members (kept in a bounded queue while none is reachable).
+async fn start_audit(deps: &HostDeps, advertise_host: Option<&str>) -> Arc<Auditor> {
+    let source = format!(
+        "agentmesh/{}/{}",
+        advertise_host.unwrap_or("local"),
+        std::process::id()
+    );
+    let dropped = prometheus::IntCounter::new(
+        "agentmesh_audit_events_dropped_total",
+        "Audit events not published on sys.audit.> (the queue of 10,000 was full, or the \
+         event bus refused them); the audit log lines are written regardless.",
+    )
+    .and_then(|c| {
+        deps.metrics
+            .registry()
+            .register(Box::new(c.clone()))
+            .map(|()| c)
+    });
+    let buses = agentmesh_runtime::peers::PeerSet::watch(
+        deps.membership.as_ref(),
+        "eventbus",
+        &source,
+        agentmesh_runtime::ClientConfig {
+            bearer: deps.client_token.clone(),
+            ..agentmesh_runtime::ClientConfig::default()
+        },
+        deps.metrics.clone(),
+    )
+    .await;
+    let publisher = match (buses, dropped) {
+        (Ok(buses), Ok(dropped)) => Some(BusPublisher::start(
+            buses,
+            source.clone(),
+            dropped,
+            Unreachable::Keep,
+        )),
+        (Err(e), _) => {
+            tracing::warn!(error = %e, "audit events will not be published (cannot watch event bus members); audit log lines only");
+            None
+        }
+        (_, Err(e)) => {
+            tracing::warn!(error = %e, "audit events will not be published (metrics); audit log lines only");
+            None
+        }
+    };
+    Arc::new(Auditor::new(source, publisher))
 }
 
 async fn probe(addr: &str, service: &str, timeout: Duration) -> ExitCode {

@@ -69,7 +69,7 @@ pub(crate) struct RedisGetBench {
     entries: usize,
 }
 
-type Client = pb::cache_coordinator_client::CacheCoordinatorClient<tonic::transport::Channel>;
+type Client = pb::cache_coordinator_client::CacheCoordinatorClient<crate::Chan>;
 
 const DIM: usize = 384;
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::Chan as Channel;
 use agentmesh_proto::eventbus::v1 as pb;
 use anyhow::Context;
 use pb::event_bus_client::EventBusClient;
@@ -14,7 +15,6 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use super::pubsub::{self, NORMAL, PRIORITIES, Plan, PubSubArgs, Recorder, Shared, Sink};
 use super::scrape;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::Chan as Channel;
 use agentmesh_membership::{EtcdMembership, EtcdMembershipConfig, Member, Membership};
 use agentmesh_proto::grpc::health::v1::health_check_response::ServingStatus;
 use agentmesh_proto::health::v1 as pb;
@@ -24,7 +25,6 @@ use agentmesh_runtime::scrape;
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-use tonic::transport::Channel;
 
 type Client = pb::health_aggregator_client::HealthAggregatorClient<Channel>;
 

@@ -29,11 +29,7 @@ pub(crate) struct SchedulerBench {
 /// Registers the agents and keeps their heartbeat streams alive until the process ends; the
 /// agents are spread over `channels` (one connection per agent in real life; HTTP/2 servers
 /// cap the streams of one connection).
-async fn join_agents(
-    channels: &[tonic::transport::Channel],
-    agents: u32,
-    capacity: u32,
-) -> anyhow::Result<()> {
+async fn join_agents(channels: &[crate::Chan], agents: u32, capacity: u32) -> anyhow::Result<()> {
     for i in 0..agents {
         let mut client = pb::scheduler_client::SchedulerClient::new(
             channels[i as usize % channels.len()].clone(),

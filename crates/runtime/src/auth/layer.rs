@@ -4,23 +4,27 @@
 //! identity). `grpc.health.v1` stays open (probes carry no token); reflection needs any valid
 //! token. Without a verifier (`--auth off`) every call is the anonymous admin.
 //!
-//! Not yet in the runtime's server stack: service-to-service calls need credentials first
-//! (issue 19).
+//! Calls to audited methods (each service's `AUDITED`) are recorded by the [`Auditor`] when
+//! they end — refused ones too — with the target the handler noted ([`crate::audit::target`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::future::{Either, Ready, ready};
+use futures::future::{BoxFuture, Either, Ready, ready};
 use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{AccessRule, Identity, TokenError, Verifier, allowed};
+use crate::audit::{AuditNote, Auditor};
 
 struct Shared {
     verifier: Option<Arc<Verifier>>,
     rules: HashMap<String, &'static [AccessRule]>,
+    /// Audited methods, as paths without the leading slash (`svc/Method`).
+    audited: HashSet<String>,
+    auditor: Option<Arc<Auditor>>,
 }
 
 /// Authenticates and authorises calls; see the module docs.
@@ -41,7 +45,30 @@ impl AuthLayer {
             shared: Arc::new(Shared {
                 verifier,
                 rules: rules.into_iter().collect(),
+                audited: HashSet::new(),
+                auditor: None,
             }),
+        }
+    }
+
+    /// Records calls to `audited` methods (per fully qualified service, each service's
+    /// `AUDITED`) with `auditor`.
+    #[must_use]
+    pub fn with_audit(
+        self,
+        auditor: Option<Arc<Auditor>>,
+        audited: impl IntoIterator<Item = (String, &'static [&'static str])>,
+    ) -> Self {
+        let Ok(mut shared) = Arc::try_unwrap(self.shared) else {
+            unreachable!("with_audit is called before the layer is shared")
+        };
+        shared.audited = audited
+            .into_iter()
+            .flat_map(|(service, methods)| methods.iter().map(move |m| format!("{service}/{m}")))
+            .collect();
+        shared.auditor = auditor;
+        Self {
+            shared: Arc::new(shared),
         }
     }
 }
@@ -68,7 +95,17 @@ pub struct Auth<S> {
 #[derive(Debug)]
 enum Refusal {
     Unauthenticated(TokenError),
-    PermissionDenied(String),
+    /// The caller and the missing permission.
+    PermissionDenied(Arc<Identity>, String),
+}
+
+impl Refusal {
+    fn status(&self) -> tonic::Status {
+        match self {
+            Self::Unauthenticated(e) => tonic::Status::unauthenticated(e.to_string()),
+            Self::PermissionDenied(_, e) => tonic::Status::permission_denied(e.clone()),
+        }
+    }
 }
 
 impl Shared {
@@ -97,7 +134,9 @@ impl Shared {
             return Ok(Some(identity));
         }
         let rules = self.rules.get(service).copied().unwrap_or(&[]);
-        allowed(rules, method, &identity).map_err(Refusal::PermissionDenied)?;
+        if let Err(e) = allowed(rules, method, &identity) {
+            return Err(Refusal::PermissionDenied(identity, e));
+        }
         Ok(Some(identity))
     }
 }
@@ -105,33 +144,153 @@ impl Shared {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Auth<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: Default,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Default + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Either<S::Future, Ready<Result<Response<ResBody>, S::Error>>>;
+    type Future = Either<
+        S::Future,
+        Either<
+            BoxFuture<'static, Result<Response<ResBody>, S::Error>>,
+            Ready<Result<Response<ResBody>, S::Error>>,
+        >,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        match self.shared.decide(&request) {
-            Ok(identity) => {
-                if let Some(identity) = identity {
-                    request.extensions_mut().insert(identity);
+        let path = request.uri().path().trim_start_matches('/');
+        let auditor = self
+            .shared
+            .auditor
+            .as_ref()
+            .filter(|_| self.shared.audited.contains(path))
+            .cloned();
+        let decision = self.shared.decide(&request);
+        let Some(auditor) = auditor else {
+            return match decision {
+                Ok(identity) => {
+                    if let Some(identity) = identity {
+                        request.extensions_mut().insert(identity);
+                    }
+                    Either::Left(self.inner.call(request))
                 }
-                Either::Left(self.inner.call(request))
+                Err(refusal) => {
+                    Either::Right(Either::Right(ready(Ok(refusal.status().into_http()))))
+                }
+            };
+        };
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        let (service, method) = (service.to_owned(), method.to_owned());
+        let trace_id = trace_id(request.headers());
+        match decision {
+            Ok(identity) => {
+                let note = AuditNote::default();
+                request.extensions_mut().insert(note.clone());
+                if let Some(identity) = &identity {
+                    request.extensions_mut().insert(identity.clone());
+                }
+                let call = self.inner.call(request);
+                Either::Right(Either::Left(Box::pin(async move {
+                    let response = call.await;
+                    if let Ok(response) = &response {
+                        let (code, message) = outcome(response);
+                        auditor.record(
+                            &service,
+                            &method,
+                            identity.as_deref(),
+                            note.take(),
+                            code,
+                            message,
+                            trace_id,
+                        );
+                    }
+                    response
+                })))
             }
             Err(refusal) => {
-                let status = match refusal {
-                    Refusal::Unauthenticated(e) => tonic::Status::unauthenticated(e.to_string()),
-                    Refusal::PermissionDenied(e) => tonic::Status::permission_denied(e),
+                let status = refusal.status();
+                let identity = match &refusal {
+                    Refusal::PermissionDenied(identity, _) => Some(identity.as_ref()),
+                    Refusal::Unauthenticated(_) => None,
                 };
-                Either::Right(ready(Ok(status.into_http())))
+                auditor.record(
+                    &service,
+                    &method,
+                    identity,
+                    String::new(),
+                    status.code(),
+                    status.message().to_owned(),
+                    trace_id,
+                );
+                Either::Right(Either::Right(ready(Ok(status.into_http()))))
             }
         }
     }
+}
+
+/// The outcome of a call as its response headers tell it: a trailers-only error carries
+/// `grpc-status` there; otherwise the call succeeded (audited methods are unary).
+fn outcome<B>(response: &Response<B>) -> (tonic::Code, String) {
+    let headers = response.headers();
+    let Some(code) = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return (tonic::Code::Ok, String::new());
+    };
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(percent_decode)
+        .unwrap_or_default();
+    (tonic::Code::from_i32(code), message)
+}
+
+/// `grpc-message` is percent-encoded.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && text.is_char_boundary(i + 1)
+            && text.is_char_boundary(i + 3)
+            && let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The call's trace id: the server span's (the telemetry layer enters it around this call),
+/// else the caller's `traceparent`; empty when neither.
+fn trace_id(headers: &http::HeaderMap) -> String {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let context = tracing::Span::current().context();
+    let id = context.span().span_context().trace_id();
+    if id != opentelemetry::trace::TraceId::INVALID {
+        return id.to_string();
+    }
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split('-').nth(1))
+        .filter(|id| id.len() == 32)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

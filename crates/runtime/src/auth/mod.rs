@@ -1,10 +1,11 @@
-//! Authentication and roles: who a caller is (a verified bearer JWT, [`verify`]) and what a
-//! role may call ([`access`]: each service's rules, declared next to its RPCs). The first
-//! pieces of issue 19: verification, identities, development tokens and the rules; the server
-//! layer that enforces them on every RPC comes next.
+//! Authentication and authorisation: who a caller is (a verified bearer JWT, [`verify`]), what
+//! a role may call ([`access`]: each service's rules, declared next to its RPCs, enforced on
+//! every call by the server stack's [`AuthLayer`]), and what names a caller may use
+//! ([`scope`]: tenants, `sys.` subjects, agent identity, checked by the handlers).
 
 pub mod access;
 pub mod layer;
+pub mod scope;
 pub mod verify;
 
 #[cfg(test)]
@@ -14,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use access::{AccessRule, allowed, uncovered};
 pub use layer::AuthLayer;
+pub use scope::caller;
 pub use verify::{Identity, TokenError, Verifier, VerifierConfig};
 
 /// What a caller may be. An identity may hold several roles; `Admin` may call everything.

@@ -127,6 +127,17 @@ fn now_secs() -> u64 {
         .as_secs()
 }
 
+/// Whether `tenant` can name a tenant: one subject token (so `<tenant>.>` is its own subject
+/// space), and never `sys` (the cluster's own subjects).
+#[must_use]
+pub fn valid_tenant(tenant: &str) -> bool {
+    (1..=64).contains(&tenant.len())
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+        && tenant != "sys"
+}
+
 fn read_jwks(path: &PathBuf) -> Result<KeysRead, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
@@ -286,6 +297,13 @@ impl Verifier {
             }
         })?;
         let claims = data.claims;
+        if let Some(tenant) = claims.tenant.as_deref().filter(|t| !t.is_empty())
+            && !valid_tenant(tenant)
+        {
+            return Err(TokenError::Invalid(format!(
+                "tenant {tenant:?}: a tenant is 1 to 64 bytes of [A-Za-z0-9_-] and not \"sys\""
+            )));
+        }
         Ok(Identity {
             subject: claims.sub,
             tenant: claims.tenant.filter(|t| !t.is_empty()),

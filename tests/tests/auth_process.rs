@@ -511,6 +511,82 @@ async fn test_tenants_are_isolated_agents_act_as_themselves_and_changes_are_audi
         "agent-a deregisters agent-b",
     );
 
+    // Scheduler: a tenant's tasks and agents are invisible to another tenant.
+    let task_id = scheduler
+        .submit_task(with_token(
+            sched::SubmitTaskRequest {
+                r#type: "acme-job".into(),
+                payload: b"acme's payload".to_vec(),
+                ..sched::SubmitTaskRequest::default()
+            },
+            &acme,
+        ))
+        .await?
+        .into_inner()
+        .task_id;
+    let seen = scheduler
+        .get_task(with_token(
+            sched::GetTaskRequest {
+                task_id: task_id.clone(),
+            },
+            &acme,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(
+        seen.labels.get("agentmesh.tenant").map(String::as_str),
+        Some("acme")
+    );
+    let e = scheduler
+        .get_task(with_token(
+            sched::GetTaskRequest {
+                task_id: task_id.clone(),
+            },
+            &beta,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "beta reads acme's task: {e:?}");
+    let e = scheduler
+        .cancel_task(with_token(
+            sched::CancelTaskRequest {
+                task_id: task_id.clone(),
+                reason: "sabotage".into(),
+            },
+            &beta,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "beta cancels acme's task: {e:?}");
+    let listed = scheduler
+        .list_tasks(with_token(sched::ListTasksRequest::default(), &beta))
+        .await?
+        .into_inner();
+    assert!(
+        listed.tasks.iter().all(|t| t.task_id != task_id),
+        "beta lists acme's task"
+    );
+    let mut claims = TokenClaims::new("acme-agent", &[Role::Agent], Duration::from_secs(600));
+    claims.tenant = Some("acme".into());
+    claims.agent_id = Some("acme-agent".into());
+    let acme_agent = issue_hs256(SECRET.as_bytes(), &claims).expect("signed");
+    scheduler
+        .register_agent(with_token(register("acme-agent"), &acme_agent))
+        .await?;
+    let agents = scheduler
+        .list_agents(with_token(sched::ListAgentsRequest::default(), &beta))
+        .await?
+        .into_inner();
+    assert!(
+        agents.agents.iter().all(|a| a.agent_id != "acme-agent"),
+        "beta sees acme's agent"
+    );
+    let agents = scheduler
+        .list_agents(with_token(sched::ListAgentsRequest::default(), &operator))
+        .await?
+        .into_inner();
+    assert!(agents.agents.iter().any(|a| a.agent_id == "acme-agent"));
+
     // The audit trail: the allowed and the refused policy writes, with who, what and outcome.
     let (_keep_audit, mut audit) = subscribe(bus_addr, "sys.audit.>", &operator).await?;
     let records = tokio::time::timeout(Duration::from_secs(15), async {

@@ -13,15 +13,15 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::SchedulerError;
 use crate::metrics::SchedulerMetrics;
-use crate::pool::Pool;
-use crate::tasks::Tasks;
+use crate::pool::{Pool, TENANT_LABEL, TenantScope};
+use crate::tasks::{Task, Tasks};
 use crate::wire::{
     decode_acquire, decode_agent_id, decode_drain, decode_list, decode_list_tasks, decode_register,
     decode_release, decode_report, decode_submit, decode_task_id, decode_task_update, encode_agent,
     encode_reservation, encode_stats, encode_stream_message, encode_task,
 };
 use agentmesh_runtime::audit;
-use agentmesh_runtime::auth::{AccessRule, Role, caller};
+use agentmesh_runtime::auth::{AccessRule, Identity, Role, caller};
 
 /// Who may call each RPC (admin may call everything); see the README's roles table.
 pub const ACCESS: &[AccessRule] = &[
@@ -51,6 +51,42 @@ pub const AUDITED: &[&str] = &[
 
 fn status(e: &SchedulerError) -> Status {
     to_status(e)
+}
+
+/// Whether `caller` sees an agent or task of tenant `owner` (a cluster-wide caller sees all; a
+/// tenant's caller its own, and others' as if they did not exist).
+fn sees(caller: &Identity, owner: Option<&String>) -> bool {
+    caller.tenant.is_none() || caller.tenant.as_ref() == owner
+}
+
+/// The agents `caller` may pick or list.
+fn scope(caller: &Identity) -> TenantScope {
+    match &caller.tenant {
+        None => TenantScope::Any,
+        Some(t) => TenantScope::Only(Some(t.clone())),
+    }
+}
+
+impl SchedulerGrpc {
+    /// Agent `agent_id` if `caller` sees it (else `UnknownAgent`).
+    fn visible_agent(&self, caller: &Identity, agent_id: &str) -> Result<(), Status> {
+        let agent = self.pool.get(agent_id).map_err(|e| status(&e))?;
+        if sees(caller, agent.spec.labels.get(TENANT_LABEL)) {
+            Ok(())
+        } else {
+            Err(status(&SchedulerError::UnknownAgent(agent_id.to_owned())))
+        }
+    }
+
+    /// Task `task_id` if `caller` sees it (else `UnknownTask`).
+    async fn visible_task(&self, caller: &Identity, task_id: &str) -> Result<Task, Status> {
+        let task = self.tasks.get(task_id).await.map_err(|e| status(&e))?;
+        if sees(caller, task.spec.labels.get(TENANT_LABEL)) {
+            Ok(task)
+        } else {
+            Err(status(&SchedulerError::UnknownTask(task_id.to_owned())))
+        }
+    }
 }
 
 /// Serves `agentmesh.scheduler.v1.Scheduler` over a [`Pool`].
@@ -98,8 +134,11 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         request: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
         let caller = caller(&request);
-        let (spec, epoch) = decode_register(request.into_inner()).map_err(|e| status(&e))?;
+        let (mut spec, epoch) = decode_register(request.into_inner()).map_err(|e| status(&e))?;
         caller.check_agent("agent_id", &spec.agent_id)?;
+        if let Some(tenant) = &caller.tenant {
+            spec.labels.insert(TENANT_LABEL.to_owned(), tenant.clone());
+        }
         let registered = self.pool.register(spec, epoch).map_err(|e| status(&e))?;
         Ok(Response::new(pb::RegisterAgentResponse {
             epoch: registered.epoch,
@@ -120,6 +159,7 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         audit.set(|| r.agent_id.clone());
         decode_agent_id(&r.agent_id, "agent_id").map_err(|e| status(&e))?;
         caller.check_agent("agent_id", &r.agent_id)?;
+        self.visible_agent(&caller, &r.agent_id)?;
         self.pool
             .deregister(&r.agent_id, r.epoch)
             .map_err(|e| status(&e))?;
@@ -229,10 +269,12 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::DrainAgentRequest>,
     ) -> Result<Response<pb::DrainAgentResponse>, Status> {
+        let caller = caller(&request);
         let audit = audit::target(&request);
         let (agent_id, deadline, reason, on_expiry) =
             decode_drain(request.into_inner()).map_err(|e| status(&e))?;
         audit.set(|| agent_id.clone());
+        self.visible_agent(&caller, &agent_id)?;
         let agent = self
             .pool
             .drain(&agent_id, deadline, &reason, on_expiry)
@@ -246,8 +288,10 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        let (selector, state, limit, after) =
+        let caller = caller(&request);
+        let (mut selector, state, limit, after) =
             decode_list(request.into_inner()).map_err(|e| status(&e))?;
+        selector.tenant = scope(&caller);
         let (agents, more) = self.pool.list(&selector, state, &after, limit);
         let next_page_token = if more {
             agents
@@ -267,8 +311,10 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::GetAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
         decode_agent_id(&r.agent_id, "agent_id").map_err(|e| status(&e))?;
+        self.visible_agent(&caller, &r.agent_id)?;
         let agent = self.pool.get(&r.agent_id).map_err(|e| status(&e))?;
         Ok(Response::new(encode_agent(&agent)))
     }
@@ -288,7 +334,9 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::AcquireAgentRequest>,
     ) -> Result<Response<pb::AcquireAgentResponse>, Status> {
-        let acquire = decode_acquire(request.into_inner()).map_err(|e| status(&e))?;
+        let caller = caller(&request);
+        let mut acquire = decode_acquire(request.into_inner()).map_err(|e| status(&e))?;
+        acquire.selector.tenant = scope(&caller);
         let result = self.pool.acquire(&acquire);
         if let Some(m) = &self.metrics {
             m.acquired(&result);
@@ -320,7 +368,17 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
             &tracing::Span::current().context(),
             &mut trace_context,
         );
-        let spec = decode_submit(request.into_inner(), trace_context).map_err(|e| status(&e))?;
+        let caller = caller(&request);
+        let mut spec =
+            decode_submit(request.into_inner(), trace_context).map_err(|e| status(&e))?;
+        if let Some(tenant) = &caller.tenant {
+            // The task runs on the tenant's agents and is seen by the tenant only; its
+            // idempotency keys cannot collide with another tenant's.
+            spec.labels.insert(TENANT_LABEL.to_owned(), tenant.clone());
+            if !spec.idempotency_key.is_empty() {
+                spec.idempotency_key = format!("{tenant}/{}", spec.idempotency_key);
+            }
+        }
         let (task, existing) = self.tasks.submit(spec).await.map_err(|e| status(&e))?;
         Ok(Response::new(pb::SubmitTaskResponse {
             task_id: task.id.clone(),
@@ -333,9 +391,10 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::GetTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
         decode_task_id(&r.task_id, "task_id").map_err(|e| status(&e))?;
-        let task = self.tasks.get(&r.task_id).await.map_err(|e| status(&e))?;
+        let task = self.visible_task(&caller, &r.task_id).await?;
         Ok(Response::new(encode_task(&task)))
     }
 
@@ -343,9 +402,12 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let caller = caller(&request);
         let (state, task_type, limit, before) =
             decode_list_tasks(request.into_inner()).map_err(|e| status(&e))?;
-        let (tasks, more) = self.tasks.list(state, task_type.as_deref(), &before, limit);
+        let (mut tasks, more) = self.tasks.list(state, task_type.as_deref(), &before, limit);
+        // A tenant lists its own tasks (a page may then hold fewer than `limit`).
+        tasks.retain(|t| sees(&caller, t.spec.labels.get(TENANT_LABEL)));
         let next_page_token = if more {
             tasks.last().map(|t| t.id.clone()).unwrap_or_default()
         } else {
@@ -361,6 +423,7 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::CancelTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
+        let caller = caller(&request);
         let audit = audit::target(&request);
         let r = request.into_inner();
         audit.set(|| r.task_id.clone());
@@ -377,6 +440,7 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         if !violations.is_empty() {
             return Err(status(&SchedulerError::InvalidArgument(violations)));
         }
+        self.visible_task(&caller, &r.task_id).await?;
         let task = self
             .tasks
             .cancel(&r.task_id, &r.reason)
@@ -390,8 +454,10 @@ impl pb::scheduler_server::Scheduler for SchedulerGrpc {
         &self,
         request: Request<pb::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
         decode_task_id(&r.task_id, "task_id").map_err(|e| status(&e))?;
+        self.visible_task(&caller, &r.task_id).await?;
         let rx = self.tasks.watch(&r.task_id).map_err(|e| status(&e))?;
         // The current state first, then each change; the stream ends after a terminal state
         // (or when the task is forgotten).

@@ -251,6 +251,20 @@ pub struct Assignment {
     pub trace_context: BTreeMap<String, String>,
 }
 
+/// The label naming the tenant an agent or a task belongs to: set by the scheduler from the
+/// caller's token (README "Tenants"), never trusted from a tenant's request.
+pub const TENANT_LABEL: &str = "agentmesh.tenant";
+
+/// Which tenants' agents qualify.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TenantScope {
+    /// Any agent (a cluster-wide caller).
+    #[default]
+    Any,
+    /// Only agents of this tenant (`None`: agents of no tenant).
+    Only(Option<String>),
+}
+
 /// Which agents qualify.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selector {
@@ -264,13 +278,21 @@ pub struct Selector {
     pub zone: Option<String>,
     /// A task type the agent must run (set by the task manager, not by callers).
     pub task_type: Option<String>,
+    /// Whose agents (set from the caller's token or the task's tenant, not by callers).
+    pub tenant: TenantScope,
 }
 
 impl Selector {
     fn matches(&self, spec: &AgentSpec) -> bool {
-        self.agent_type
-            .as_ref()
-            .is_none_or(|t| *t == spec.agent_type)
+        let tenant_ok = match &self.tenant {
+            TenantScope::Any => true,
+            TenantScope::Only(tenant) => spec.labels.get(TENANT_LABEL) == tenant.as_ref(),
+        };
+        tenant_ok
+            && self
+                .agent_type
+                .as_ref()
+                .is_none_or(|t| *t == spec.agent_type)
             && self
                 .task_type
                 .as_ref()
@@ -460,6 +482,9 @@ pub struct Pool {
     origin: Instant,
     breaker: BreakerConfig,
     state: Mutex<State>,
+    /// Set once an agent of a tenant registered (never reset): placement then cannot conclude
+    /// from one task that no agent of its type is free for any task.
+    tenants_seen: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -487,6 +512,7 @@ impl Pool {
                 open_max: Duration::from_secs(30),
                 half_open_probes: 1,
             },
+            tenants_seen: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State {
                 agents: BTreeMap::new(),
                 reservations: HashMap::new(),
@@ -562,6 +588,10 @@ impl Pool {
     /// # Errors
     /// `StaleEpoch` when another epoch is registered; `Full` at `max_agents`.
     pub fn register(&self, spec: AgentSpec, epoch: u64) -> Result<Registered, SchedulerError> {
+        if spec.labels.contains_key(TENANT_LABEL) {
+            self.tenants_seen
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let now = self.clock.now_ms();
         let wall = self.clock.wall_ms();
         let mut state = self.state.lock();
@@ -802,6 +832,12 @@ impl Pool {
             .get(agent_id)
             .map(|e| self.view(e, now))
             .ok_or_else(|| SchedulerError::UnknownAgent(agent_id.to_owned()))
+    }
+
+    /// Whether an agent of a tenant has registered here.
+    #[must_use]
+    pub fn tenants_seen(&self) -> bool {
+        self.tenants_seen.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Agents matching `selector` (and `only` state), ordered by id, after `after`, at most

@@ -194,6 +194,7 @@ fn decode_selector(s: Option<pb::Selector>, field: &str, v: &mut Vec<FieldViolat
         tags: s.tags,
         zone: Some(s.zone).filter(|z| !z.is_empty()),
         task_type: None,
+        tenant: crate::pool::TenantScope::Any,
     }
 }
 

@@ -878,10 +878,15 @@ impl Tasks {
         let spec = &entry.task.spec;
         let mut selector = spec.selector.clone();
         selector.task_type = Some(spec.task_type.clone());
+        // A tenant's task runs on its tenant's agents; a task of no tenant on agents of none.
+        selector.tenant =
+            crate::pool::TenantScope::Only(spec.labels.get(crate::pool::TENANT_LABEL).cloned());
         let plain = selector.agent_type.is_none()
             && selector.capabilities.is_empty()
             && selector.tags.is_empty()
-            && selector.zone.is_none();
+            && selector.zone.is_none()
+            && selector.tenant == crate::pool::TenantScope::Only(None)
+            && !self.pool.tenants_seen();
         let mut exclude: Vec<String> = entry
             .task
             .attempts

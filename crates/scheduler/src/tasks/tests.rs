@@ -465,3 +465,37 @@ async fn test_a_drained_agents_unfinished_tasks_are_requeued_or_cancelled_as_it_
     w.tasks.tick();
     assert_eq!(state(&w, &dropped.id).await, TaskState::Cancelled);
 }
+
+#[tokio::test]
+async fn test_a_tenants_task_runs_on_its_tenants_agents_only_and_others_not_on_them() {
+    let w = world();
+    let (_, mut plain_rx) = agent(&w, "plain", 1);
+    let tenant_agent = AgentSpec {
+        agent_id: "acme-1".into(),
+        agent_type: "worker".into(),
+        capacity: 1,
+        weight: 1,
+        task_types: ["t".to_owned()].into(),
+        labels: [(crate::pool::TENANT_LABEL.to_owned(), "acme".to_owned())].into(),
+        ..AgentSpec::default()
+    };
+    let epoch = w.pool.register(tenant_agent, 0).unwrap().epoch;
+    let (_, mut acme_rx) = w.pool.attach("acme-1", epoch).unwrap();
+    // Fill the plain agent: a second task of no tenant must wait, not take acme's agent.
+    w.tasks.submit(spec()).await.unwrap();
+    assert!(assignment(&mut plain_rx).is_some());
+    let (waiting, _) = w.tasks.submit(spec()).await.unwrap();
+    assert_eq!(waiting.state, TaskState::Pending);
+    assert!(
+        assignment(&mut acme_rx).is_none(),
+        "a task of no tenant on acme's agent"
+    );
+    // Acme's task, queued behind it, still reaches acme's agent.
+    let mut acme_task = spec();
+    acme_task
+        .labels
+        .insert(crate::pool::TENANT_LABEL.to_owned(), "acme".to_owned());
+    let (placed, _) = w.tasks.submit(acme_task).await.unwrap();
+    assert_eq!(placed.state, TaskState::Assigned);
+    assert_eq!(assignment(&mut acme_rx).map(|a| a.task_id), Some(placed.id));
+}

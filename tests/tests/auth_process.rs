@@ -71,6 +71,14 @@ fn tenant_token(sub: &str, tenant: &str, roles: &[Role]) -> String {
 /// `agentmesh dev` with auth required, its own token a service and operator's (it publishes
 /// the cluster's `sys.` events and the audit trail).
 async fn secured_dev(dir: &std::path::Path) -> anyhow::Result<AgentmeshProcess> {
+    secured_dev_with(dir, &[]).await
+}
+
+/// [`secured_dev`] with more environment.
+async fn secured_dev_with(
+    dir: &std::path::Path,
+    more: &[(&str, &str)],
+) -> anyhow::Result<AgentmeshProcess> {
     let secret_file = dir.join("secret");
     std::fs::write(&secret_file, SECRET)?;
     let own_token = dir.join("token");
@@ -79,12 +87,13 @@ async fn secured_dev(dir: &std::path::Path) -> anyhow::Result<AgentmeshProcess> 
         secret_file.to_string_lossy().into_owned(),
         own_token.to_string_lossy().into_owned(),
     );
-    AgentmeshProcess::dev_with_env(&[
+    let mut envs = vec![
         ("AGENTMESH_AUTH", "required"),
-        ("AGENTMESH_AUTH_HS256_SECRET_FILE", &secret),
-        ("AGENTMESH_AUTH_TOKEN_FILE", &own),
-    ])
-    .await
+        ("AGENTMESH_AUTH_HS256_SECRET_FILE", secret.as_str()),
+        ("AGENTMESH_AUTH_TOKEN_FILE", own.as_str()),
+    ];
+    envs.extend_from_slice(more);
+    AgentmeshProcess::dev_with_env(&envs).await
 }
 
 /// Opens a subscription to `filter` (from the start of a durable stream) with `token`.
@@ -259,6 +268,99 @@ async fn test_auth_required_refuses_every_rpc_without_a_token_and_checks_roles()
         event.subject
     );
     drop(tx);
+
+    // The admin port: /livez and /readyz open, /metrics needs a token (--auth-metrics token).
+    let admin = dev.addrs["ratelimit"].1;
+    let get = |path: &'static str, token: Option<String>| async move {
+        agentmesh_runtime::scrape::get_with(
+            &format!("http://{admin}{path}"),
+            Duration::from_secs(5),
+            token.as_deref(),
+        )
+        .await
+    };
+    assert_eq!(get("/livez", None).await?.0, 200);
+    assert_eq!(get("/readyz", None).await?.0, 200);
+    assert_eq!(get("/metrics", None).await?.0, 401);
+    assert_eq!(get("/metrics", Some(foreign)).await?.0, 401);
+    let (code, body) = get("/metrics", Some(service.clone())).await?;
+    assert_eq!(code, 200);
+    assert!(body.contains("rpc_server_call_duration_seconds"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn test_open_metrics_redact_tenants_and_a_roles_file_overrides_the_rules()
+-> anyhow::Result<()> {
+    use agentmesh_proto::cache::v1 as cache;
+    let dir = tempfile::tempdir()?;
+    let roles = dir.path().join("roles.toml");
+    std::fs::write(
+        &roles,
+        "# only operators read pool stats here\n\
+         \"agentmesh.scheduler.v1.Scheduler/GetPoolStats\" = [\"operator\"]\n",
+    )?;
+    let roles = roles.to_string_lossy().into_owned();
+    let dev = secured_dev_with(
+        dir.path(),
+        &[
+            ("AGENTMESH_AUTH_METRICS", "open"),
+            ("AGENTMESH_AUTH_ROLES_FILE", &roles),
+        ],
+    )
+    .await?;
+    let mut scheduler = sched::scheduler_client::SchedulerClient::connect(format!(
+        "http://{}",
+        dev.addrs["scheduler"].0
+    ))
+    .await?;
+    denied(
+        scheduler
+            .get_pool_stats(with_token(
+                sched::GetPoolStatsRequest::default(),
+                &token(&[Role::Service], None),
+            ))
+            .await,
+        "the roles file took GetPoolStats from service",
+    );
+    scheduler
+        .get_pool_stats(with_token(
+            sched::GetPoolStatsRequest::default(),
+            &token(&[Role::Operator], None),
+        ))
+        .await?;
+
+    // A tenant's namespace shows in a scrape with a token, never in one without.
+    let mut cache = cache::cache_coordinator_client::CacheCoordinatorClient::connect(format!(
+        "http://{}",
+        dev.addrs["cache"].0
+    ))
+    .await?;
+    cache
+        .get(with_token(
+            cache::GetRequest {
+                namespace: "acme.private".into(),
+                key: "k".into(),
+                ..cache::GetRequest::default()
+            },
+            &tenant_token("acme-svc", "acme", &[Role::Service]),
+        ))
+        .await?;
+    let url = format!("http://{}/metrics", dev.addrs["cache"].1);
+    let (code, anonymous) =
+        agentmesh_runtime::scrape::get_with(&url, Duration::from_secs(5), None).await?;
+    assert_eq!(code, 200);
+    assert!(!anonymous.contains("acme"), "a tenant leaked: {anonymous}");
+    assert!(anonymous.contains("namespace=\"_redacted\""));
+    assert!(
+        agentmesh_tests::agentmesh::prometheus_text_problems(&anonymous).is_empty(),
+        "{:?}",
+        agentmesh_tests::agentmesh::prometheus_text_problems(&anonymous)
+    );
+    let operator = token(&[Role::Operator], None);
+    let (_, full) =
+        agentmesh_runtime::scrape::get_with(&url, Duration::from_secs(5), Some(&operator)).await?;
+    assert!(full.contains("namespace=\"acme.private\""), "{full}");
     Ok(())
 }
 

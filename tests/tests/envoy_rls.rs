@@ -84,6 +84,8 @@ async fn start(policy_file: &str) -> Rls {
         zone: String::new(),
         shutdown_grace: Duration::from_secs(2),
         audit: None,
+        role_overrides: Default::default(),
+        admin_access: Default::default(),
         auth: None,
     };
     let running = server::start(spec, &ctx, &CancellationToken::new())

@@ -59,6 +59,8 @@ async fn start_with(
         zone: String::new(),
         shutdown_grace: Duration::from_secs(2),
         audit: None,
+        role_overrides: Default::default(),
+        admin_access: Default::default(),
         auth: None,
     };
     server::start(spec, &ctx, &CancellationToken::new())

@@ -206,7 +206,7 @@ impl Service for HealthArgs {
                 stop.clone(),
             ));
             spawn_tick(aggregator.clone(), stop.clone());
-            let optimizations = Arc::new(Optimizations::default());
+            let optimizations = Arc::new(Optimizations::with_bearer(deps.client_token.clone()));
             tokio::spawn(optimizations.clone().run(
                 aggregator.clone(),
                 config.scrape_interval,

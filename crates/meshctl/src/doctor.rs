@@ -16,7 +16,6 @@ use std::time::{Duration, SystemTime};
 use agentmesh_proto::grpc::health::v1::health_check_response::ServingStatus;
 use agentmesh_proto::grpc::health::v1::{HealthCheckRequest, health_client::HealthClient};
 use agentmesh_proto::health::v1 as pb;
-use agentmesh_runtime::scrape;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -206,7 +205,8 @@ pub(crate) async fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
             .to_owned();
         format!("{host}:9105")
     });
-    let optimizations = scrape::get(&format!("http://{admin}/optimizations"), CHECK_TIMEOUT).await;
+    let optimizations =
+        crate::admin_get(&format!("http://{admin}/optimizations"), CHECK_TIMEOUT).await;
     let otlp = match &optimizations {
         Ok((200, body)) => {
             let value: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
@@ -411,7 +411,7 @@ async fn trace_check(cluster: &pb::ClusterHealth, jaeger: Option<&str>, otlp: bo
     let mut services = std::collections::BTreeSet::new();
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if let Ok((200, body)) = scrape::get(&url, CHECK_TIMEOUT).await {
+        if let Ok((200, body)) = crate::admin_get(&url, CHECK_TIMEOUT).await {
             let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
             // The services the trace's spans served (`rpc.service`), however the processes
             // are named (one `agentmesh dev` process serves them all).

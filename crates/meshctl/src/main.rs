@@ -158,6 +158,24 @@ fn set_token(token: Option<&str>, file: Option<&std::path::Path>) -> anyhow::Res
     Ok(())
 }
 
+/// The bearer token given (`--token`, `--token-file`), for HTTP reads of `/metrics`.
+pub(crate) fn token() -> Option<String> {
+    BEARER
+        .get()
+        .and_then(Option::as_ref)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+}
+
+/// A `GET` of an admin endpoint carrying the bearer token (if any).
+pub(crate) async fn admin_get(
+    url: &str,
+    timeout: Duration,
+) -> Result<(u16, String), agentmesh_runtime::scrape::GetError> {
+    agentmesh_runtime::scrape::get_with(url, timeout, token().as_deref()).await
+}
+
 /// Adds the bearer token (if any) to every call.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Bearer;

@@ -172,6 +172,18 @@ pub enum AuthMode {
     Required,
 }
 
+/// Who may scrape `/metrics` with `--auth required`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricsAccess {
+    /// A valid bearer token (any role) is needed: Prometheus sends one
+    /// (`authorization.credentials_file`).
+    #[default]
+    Token,
+    /// Anyone may scrape; without a token, tenant-identifying label values are redacted
+    /// (unless `--auth-metrics-show-tenants`).
+    Open,
+}
+
 /// Authentication settings (README "Security").
 #[derive(Clone, Debug, clap::Args)]
 pub struct AuthArgs {
@@ -211,9 +223,62 @@ pub struct AuthArgs {
         global = true
     )]
     pub token_file: Option<std::path::PathBuf>,
+    /// With `--auth required`, who may scrape the admin port's `/metrics`: `token` (default)
+    /// or `open`. `/livez` and `/readyz` are always open.
+    #[arg(long = "auth-metrics", env = "AGENTMESH_AUTH_METRICS", value_enum, default_value_t = MetricsAccess::Token, global = true)]
+    pub metrics: MetricsAccess,
+    /// With `--auth-metrics open`, show tenant-identifying label values (namespaces,
+    /// policies) to scrapes without a token too.
+    #[arg(
+        long = "auth-metrics-show-tenants",
+        env = "AGENTMESH_AUTH_METRICS_SHOW_TENANTS",
+        global = true
+    )]
+    pub metrics_show_tenants: bool,
+    /// TOML file overriding who may call which RPC: `"<package.Service>/<Method>" =
+    /// ["operator", …]` (README "Security"); read at start.
+    #[arg(
+        long = "auth-roles-file",
+        env = "AGENTMESH_AUTH_ROLES_FILE",
+        global = true
+    )]
+    pub roles_file: Option<std::path::PathBuf>,
 }
 
 impl AuthArgs {
+    /// How the admin port's `/metrics` is guarded.
+    #[must_use]
+    pub fn admin_access(&self) -> crate::server::AdminAccess {
+        match (self.mode, self.metrics) {
+            (AuthMode::Off, _) => crate::server::AdminAccess::default(),
+            (AuthMode::Required, MetricsAccess::Token) => crate::server::AdminAccess {
+                require_token: true,
+                redact_anonymous: true,
+            },
+            (AuthMode::Required, MetricsAccess::Open) => crate::server::AdminAccess {
+                require_token: false,
+                redact_anonymous: !self.metrics_show_tenants,
+            },
+        }
+    }
+
+    /// The roles file's overrides, checked against the RPCs served (`known`).
+    ///
+    /// # Errors
+    /// One line naming the file and what is wrong.
+    pub fn role_overrides(
+        &self,
+        known: &[(String, &'static [crate::auth::AccessRule])],
+    ) -> Result<Vec<(String, Vec<crate::auth::Role>)>, String> {
+        let Some(path) = &self.roles_file else {
+            return Ok(Vec::new());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--auth-roles-file {}: {e}", path.display()))?;
+        crate::auth::parse_overrides(&text, known)
+            .map_err(|e| format!("--auth-roles-file {}: {e}", path.display()))
+    }
+
     /// The verifier (None with `--auth off`).
     ///
     /// # Errors

@@ -191,6 +191,86 @@ impl Metrics {
     }
 }
 
+/// Label names whose values can name a tenant's resources (rate-limit and cache namespaces,
+/// policies, subjects, tenants): redacted in a scrape that carries no token (README
+/// "Security", `--auth-metrics`).
+pub const TENANT_LABELS: &[&str] = &["namespace", "policy", "subject", "tenant"];
+
+/// What a redacted label value reads.
+pub const REDACTED: &str = "_redacted";
+
+impl Metrics {
+    /// [`Self::encode`] with the values of [`TENANT_LABELS`] replaced by [`REDACTED`]; series
+    /// that become equal are summed (counters, gauges, histogram buckets), so totals stay
+    /// right and no series repeats.
+    #[must_use]
+    pub fn encode_redacted(&self) -> String {
+        let families = redact(self.registry.gather());
+        let mut buf = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&families, &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is utf-8")
+    }
+}
+
+fn redact(
+    mut families: Vec<prometheus::proto::MetricFamily>,
+) -> Vec<prometheus::proto::MetricFamily> {
+    use std::collections::HashMap;
+    for family in &mut families {
+        let metrics = family.take_metric();
+        let mut merged: Vec<prometheus::proto::Metric> = Vec::with_capacity(metrics.len());
+        let mut index: HashMap<Vec<(String, String)>, usize> = HashMap::new();
+        for mut metric in metrics {
+            for pair in &mut metric.label {
+                if TENANT_LABELS.contains(&pair.name()) {
+                    pair.set_value(REDACTED.to_owned());
+                }
+            }
+            let key: Vec<(String, String)> = metric
+                .label
+                .iter()
+                .map(|p| (p.name().to_owned(), p.value().to_owned()))
+                .collect();
+            match index.get(&key) {
+                Some(&i) => add_into(&mut merged[i], &metric),
+                None => {
+                    index.insert(key, merged.len());
+                    merged.push(metric);
+                }
+            }
+        }
+        family.set_metric(merged);
+    }
+    families
+}
+
+/// Adds `from`'s values to `into` (same family, same labels after redaction).
+fn add_into(into: &mut prometheus::proto::Metric, from: &prometheus::proto::Metric) {
+    if let Some(c) = from.counter.as_ref() {
+        let total = into.counter.as_ref().map_or(0.0, |c| c.value()) + c.value();
+        into.counter.mut_or_insert_default().set_value(total);
+    }
+    if let Some(g) = from.gauge.as_ref() {
+        let total = into.gauge.as_ref().map_or(0.0, |g| g.value()) + g.value();
+        into.gauge.mut_or_insert_default().set_value(total);
+    }
+    if let Some(u) = from.untyped.as_ref() {
+        let total = into.untyped.as_ref().map_or(0.0, |u| u.value()) + u.value();
+        into.untyped.mut_or_insert_default().set_value(total);
+    }
+    if let Some(h) = from.histogram.as_ref() {
+        let target = into.histogram.mut_or_insert_default();
+        target.set_sample_count(target.sample_count() + h.sample_count());
+        target.set_sample_sum(target.sample_sum() + h.sample_sum());
+        for (mine, theirs) in target.bucket.iter_mut().zip(&h.bucket) {
+            mine.set_cumulative_count(mine.cumulative_count() + theirs.cumulative_count());
+        }
+    }
+    // Summaries' quantiles cannot be added; agentmesh exports none.
+}
+
 /// The `Content-Type` of [`Metrics::encode`]'s output.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -205,6 +285,54 @@ mod tests {
         assert_eq!(label.label("b"), "b");
         assert_eq!(label.label("c"), OTHER_LABEL);
         assert_eq!(label.label("a"), "a");
+    }
+
+    #[test]
+    fn test_redacted_scrapes_hide_tenant_labels_and_keep_the_totals() {
+        let metrics = Metrics::new();
+        let counter = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("decisions_total", "d"),
+            &["namespace", "result"],
+        )
+        .unwrap();
+        metrics
+            .registry()
+            .register(Box::new(counter.clone()))
+            .unwrap();
+        counter.with_label_values(&["acme", "allow"]).inc_by(3);
+        counter.with_label_values(&["beta", "allow"]).inc_by(4);
+        counter.with_label_values(&["beta", "deny"]).inc();
+        let histogram = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new("took_seconds", "t").buckets(vec![0.1, 1.0]),
+            &["namespace"],
+        )
+        .unwrap();
+        metrics
+            .registry()
+            .register(Box::new(histogram.clone()))
+            .unwrap();
+        histogram.with_label_values(&["acme"]).observe(0.05);
+        histogram.with_label_values(&["beta"]).observe(0.5);
+        let full = metrics.encode();
+        assert!(full.contains("namespace=\"acme\""));
+        let text = metrics.encode_redacted();
+        assert!(!text.contains("acme") && !text.contains("beta"), "{text}");
+        assert!(
+            text.contains("decisions_total{namespace=\"_redacted\",result=\"allow\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("decisions_total{namespace=\"_redacted\",result=\"deny\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("took_seconds_bucket{namespace=\"_redacted\",le=\"0.1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("took_seconds_count{namespace=\"_redacted\"} 2"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -39,6 +39,19 @@ pub enum GetError {
 /// [`GetError`] when the URL is not plain HTTP, the server cannot be reached or the answer
 /// does not arrive within `timeout`.
 pub async fn get(url: &str, timeout: Duration) -> Result<(u16, String), GetError> {
+    get_with(url, timeout, None).await
+}
+
+/// [`get`] sending `authorization: Bearer <bearer>` when given (a cluster run with
+/// `--auth-metrics token`).
+///
+/// # Errors
+/// As [`get`].
+pub async fn get_with(
+    url: &str,
+    timeout: Duration,
+    bearer: Option<&str>,
+) -> Result<(u16, String), GetError> {
     let rest = url.strip_prefix("http://").unwrap_or(url);
     if rest.contains("://") || rest.is_empty() {
         return Err(GetError::Url(url.to_owned()));
@@ -57,9 +70,13 @@ pub async fn get(url: &str, timeout: Duration) -> Result<(u16, String), GetError
             .await
             .map_err(|e| io_error(e.into()))?;
         let driver = tokio::spawn(connection);
-        let request = http::Request::get(uri.as_str())
+        let mut request = http::Request::get(uri.as_str())
             .header(http::header::HOST, host)
-            .header(http::header::ACCEPT, "text/plain")
+            .header(http::header::ACCEPT, "text/plain");
+        if let Some(token) = bearer {
+            request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
             .body(Empty::<bytes::Bytes>::new())
             .map_err(|e| io_error(e.into()))?;
         let response = sender

@@ -98,6 +98,21 @@ pub struct HostContext {
     pub auth: Option<Arc<crate::auth::Verifier>>,
     /// Where audited calls are recorded; `None`: not recorded (in-process tests).
     pub audit: Option<Arc<crate::audit::Auditor>>,
+    /// Who may call which RPC instead of the services' own rules (`--auth-roles-file`), by
+    /// `svc/Method`.
+    pub role_overrides: Arc<Vec<(String, Vec<crate::auth::Role>)>>,
+    /// How the admin port's `/metrics` is guarded.
+    pub admin_access: AdminAccess,
+}
+
+/// How the admin port's `/metrics` is guarded (`--auth-metrics`); the default (auth off)
+/// serves everything to anyone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdminAccess {
+    /// A scrape without a valid bearer token is refused (401).
+    pub require_token: bool,
+    /// A scrape without a valid token gets tenant-identifying label values redacted.
+    pub redact_anonymous: bool,
 }
 
 /// A started service.
@@ -188,13 +203,42 @@ async fn bind(
 struct AdminState {
     metrics: Metrics,
     ready: Arc<AtomicBool>,
+    access: AdminAccess,
+    verifier: Option<Arc<crate::auth::Verifier>>,
 }
 
-async fn metrics_handler(State(state): State<AdminState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        state.metrics.encode(),
-    )
+async fn metrics_handler(
+    State(state): State<AdminState>,
+    headers: http::HeaderMap,
+) -> axum::response::Response {
+    let token_ok = || {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            });
+        match (&state.verifier, token) {
+            (Some(verifier), Some(token)) => verifier.verify(token.trim()).is_ok(),
+            _ => false,
+        }
+    };
+    let authenticated = (state.access.require_token || state.access.redact_anonymous) && token_ok();
+    if state.access.require_token && !authenticated {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "a bearer token is needed to scrape /metrics (--auth-metrics token)\n",
+        )
+            .into_response();
+    }
+    let body = if state.access.redact_anonymous && !authenticated {
+        state.metrics.encode_redacted()
+    } else {
+        state.metrics.encode()
+    };
+    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], body).into_response()
 }
 
 async fn readyz_handler(State(state): State<AdminState>) -> impl IntoResponse {
@@ -299,6 +343,7 @@ pub async fn start(
         .layer(ServerTelemetryLayer::new(&ctx.metrics, known))
         .layer(
             crate::auth::AuthLayer::new(ctx.auth.clone(), spec.access)
+                .with_overrides(&ctx.role_overrides)
                 .with_audit(ctx.audit.clone(), spec.audited),
         )
         .add_routes(spec.routes)
@@ -319,6 +364,8 @@ pub async fn start(
         AdminState {
             metrics: ctx.metrics.clone(),
             ready: ready.clone(),
+            access: ctx.admin_access,
+            verifier: ctx.auth.clone(),
         },
         spec.admin_routes,
     );

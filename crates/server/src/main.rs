@@ -308,6 +308,14 @@ async fn serve(
             }
         }
     }
+    let served: Vec<_> = specs
+        .iter()
+        .flat_map(|s| s.access.iter().cloned())
+        .collect();
+    let role_overrides = match auth_args.role_overrides(&served) {
+        Ok(overrides) => overrides,
+        Err(e) => exit_config_error(&e),
+    };
     let audit = start_audit(&deps, cluster.advertise_host.as_deref()).await;
     let ctx = HostContext {
         metrics,
@@ -317,6 +325,8 @@ async fn serve(
         shutdown_grace: cluster.shutdown_grace,
         auth: verifier,
         audit: Some(audit),
+        role_overrides: Arc::new(role_overrides),
+        admin_access: auth_args.admin_access(),
     };
     let stop = shutdown::on_signal();
     let mut running: Vec<RunningService> = Vec::new();

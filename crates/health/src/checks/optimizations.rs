@@ -81,9 +81,20 @@ pub struct Optimizations {
     scraped_at_ms: Mutex<u64>,
     /// The last two scrapes of each instance, for alert rules over metrics.
     windows: Mutex<BTreeMap<String, InstanceScrapes>>,
+    /// The process's token, sent with each scrape (`--auth-metrics token`).
+    bearer: Option<Arc<str>>,
 }
 
 impl Optimizations {
+    /// A scraper presenting `bearer` (the process's `--auth-token-file`) to each `/metrics`.
+    #[must_use]
+    pub fn with_bearer(bearer: Option<Arc<str>>) -> Self {
+        Self {
+            bearer,
+            ..Self::default()
+        }
+    }
+
     /// Scrapes every known instance, every `interval`, until `stop`.
     pub async fn run(
         self: Arc<Self>,
@@ -110,11 +121,12 @@ impl Optimizations {
         let results: Vec<(Member, Result<Scrape, String>)> = futures::stream::iter(members)
             .map(|member| async move {
                 let url = format!("http://{}/metrics", member.admin_addr);
-                let result = match scrape::get(&url, SCRAPE_TIMEOUT).await {
-                    Ok((200, body)) => scrape::parse(&body).map_err(|e| e.to_string()),
-                    Ok((code, _)) => Err(format!("{url} answered {code}")),
-                    Err(e) => Err(e.to_string()),
-                };
+                let result =
+                    match scrape::get_with(&url, SCRAPE_TIMEOUT, self.bearer.as_deref()).await {
+                        Ok((200, body)) => scrape::parse(&body).map_err(|e| e.to_string()),
+                        Ok((code, _)) => Err(format!("{url} answered {code}")),
+                        Err(e) => Err(e.to_string()),
+                    };
                 (member, result)
             })
             .buffer_unordered(CONCURRENT_SCRAPES)

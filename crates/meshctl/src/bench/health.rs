@@ -187,10 +187,10 @@ pub(crate) async fn targets(args: TargetsBench) -> anyhow::Result<ExitCode> {
         args.duration
     );
     let url = format!("http://{metrics}/metrics");
-    let (_, before) = scrape::get(&url, Duration::from_secs(5)).await?;
+    let (_, before) = crate::admin_get(&url, Duration::from_secs(5)).await?;
     let t0 = Instant::now();
     tokio::time::sleep(args.duration).await;
-    let (_, after) = scrape::get(&url, Duration::from_secs(5)).await?;
+    let (_, after) = crate::admin_get(&url, Duration::from_secs(5)).await?;
     let used = cpu_seconds(&after).unwrap_or(0.0) - cpu_seconds(&before).unwrap_or(0.0);
     let cores = used / t0.elapsed().as_secs_f64();
     println!(

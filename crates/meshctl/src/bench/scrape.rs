@@ -167,7 +167,7 @@ pub(super) fn parse(text: &str, name: &str, label: &str) -> Buckets {
 
 /// The body of `GET url` (`http://host:port/path`); an error unless the status is 200.
 pub(super) async fn fetch(url: &str) -> anyhow::Result<String> {
-    let (code, body) = agentmesh_runtime::scrape::get(url, Duration::from_secs(5))
+    let (code, body) = crate::admin_get(url, Duration::from_secs(5))
         .await
         .with_context(|| format!("scraping {url}"))?;
     anyhow::ensure!(code == 200, "{url}: HTTP {code}");

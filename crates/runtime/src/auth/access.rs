@@ -22,6 +22,17 @@ pub fn allowed(rules: &[AccessRule], method: &str, identity: &Identity) -> Resul
             "{method} has no access rule: only admin may call it"
         ));
     };
+    allowed_roles(roles, method, identity)
+}
+
+/// Whether `identity` holds one of `roles` (or admin); the missing permission otherwise.
+///
+/// # Errors
+/// `"<method> needs role a or b"`.
+pub fn allowed_roles(roles: &[Role], method: &str, identity: &Identity) -> Result<(), String> {
+    if identity.roles.contains(&Role::Admin) {
+        return Ok(());
+    }
     if roles.iter().any(|r| identity.roles.contains(r)) {
         return Ok(());
     }
@@ -30,6 +41,44 @@ pub fn allowed(rules: &[AccessRule], method: &str, identity: &Identity) -> Resul
         "{method} needs role {} (or admin)",
         names.join(" or ")
     ))
+}
+
+/// Role overrides from a roles file (`--auth-roles-file`): TOML mapping
+/// `"<package.Service>/<Method>"` to a list of role names, e.g.
+/// `"agentmesh.ratelimit.v1.RateLimiter/Reset" = ["operator", "service"]`. Every key must name
+/// an RPC of `known` (each served service's rules), so a typo cannot silently do nothing.
+///
+/// # Errors
+/// One line naming the key or role that is wrong.
+pub fn parse_overrides(
+    text: &str,
+    known: &[(String, &'static [AccessRule])],
+) -> Result<Vec<(String, Vec<Role>)>, String> {
+    let table: toml::Table = text.parse().map_err(|e| format!("not TOML: {e}"))?;
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let (service, method) = key
+            .split_once('/')
+            .ok_or_else(|| format!("{key:?}: write \"<package.Service>/<Method>\""))?;
+        let exists = known
+            .iter()
+            .any(|(s, rules)| s == service && rules.iter().any(|(m, _)| *m == method));
+        if !exists {
+            return Err(format!("{key:?}: no such RPC is served here"));
+        }
+        let names = value
+            .as_array()
+            .ok_or_else(|| format!("{key:?}: give a list of roles, e.g. [\"operator\"]"))?;
+        let mut roles = Vec::new();
+        for name in names {
+            let role = name.as_str().and_then(Role::parse).ok_or_else(|| {
+                format!("{key:?}: {name} is not agent, service, operator or admin")
+            })?;
+            roles.push(role);
+        }
+        out.push((key, roles));
+    }
+    Ok(out)
 }
 
 /// The methods of `service` (fully qualified, e.g. `agentmesh.cache.v1.CacheCoordinator`) in
@@ -101,6 +150,38 @@ mod tests {
                 .unwrap_err()
                 .contains("no access rule")
         );
+    }
+
+    #[test]
+    fn test_a_roles_file_overrides_known_rpcs_and_names_mistakes() {
+        let known = vec![("agentmesh.cache.v1.CacheCoordinator".to_owned(), RULES)];
+        let parsed = parse_overrides(
+            "\"agentmesh.cache.v1.CacheCoordinator/Warm\" = [\"service\", \"Operator\"]",
+            &known,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed,
+            [(
+                "agentmesh.cache.v1.CacheCoordinator/Warm".to_owned(),
+                vec![Role::Service, Role::Operator]
+            )]
+        );
+        for (text, says) in [
+            (
+                "\"agentmesh.cache.v1.CacheCoordinator/Nope\" = [\"service\"]",
+                "no such RPC",
+            ),
+            ("\"Warm\" = [\"service\"]", "<package.Service>/<Method>"),
+            (
+                "\"agentmesh.cache.v1.CacheCoordinator/Warm\" = [\"root\"]",
+                "not agent, service",
+            ),
+            ("x = ", "not TOML"),
+        ] {
+            let e = parse_overrides(text, &known).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -16,12 +16,14 @@ use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{AccessRule, Identity, TokenError, Verifier, allowed};
+use super::{AccessRule, Identity, Role, TokenError, Verifier, allowed, allowed_roles};
 use crate::audit::{AuditNote, Auditor};
 
 struct Shared {
     verifier: Option<Arc<Verifier>>,
     rules: HashMap<String, &'static [AccessRule]>,
+    /// Rules of the roles file, by path without the leading slash (`svc/Method`); they win.
+    overrides: HashMap<String, Vec<Role>>,
     /// Audited methods, as paths without the leading slash (`svc/Method`).
     audited: HashSet<String>,
     auditor: Option<Arc<Auditor>>,
@@ -45,9 +47,22 @@ impl AuthLayer {
             shared: Arc::new(Shared {
                 verifier,
                 rules: rules.into_iter().collect(),
+                overrides: HashMap::new(),
                 audited: HashSet::new(),
                 auditor: None,
             }),
+        }
+    }
+
+    /// Replaces the rules of the RPCs in `overrides` (`svc/Method` → roles; the roles file).
+    #[must_use]
+    pub fn with_overrides(self, overrides: &[(String, Vec<Role>)]) -> Self {
+        let Ok(mut shared) = Arc::try_unwrap(self.shared) else {
+            unreachable!("with_overrides is called before the layer is shared")
+        };
+        shared.overrides = overrides.iter().cloned().collect();
+        Self {
+            shared: Arc::new(shared),
         }
     }
 
@@ -116,7 +131,7 @@ impl Shared {
             return Ok(None);
         }
         let Some(verifier) = &self.verifier else {
-            return Ok(Some(Arc::new(Identity::anonymous_admin())));
+            return Ok(Some(super::scope::anonymous()));
         };
         let token = request
             .headers()
@@ -133,8 +148,15 @@ impl Shared {
         if service.starts_with("grpc.reflection.") {
             return Ok(Some(identity));
         }
-        let rules = self.rules.get(service).copied().unwrap_or(&[]);
-        if let Err(e) = allowed(rules, method, &identity) {
+        let decision = match self.overrides.get(path) {
+            Some(roles) => allowed_roles(roles, method, &identity),
+            None => allowed(
+                self.rules.get(service).copied().unwrap_or(&[]),
+                method,
+                &identity,
+            ),
+        };
+        if let Err(e) = decision {
             return Err(Refusal::PermissionDenied(identity, e));
         }
         Ok(Some(identity))

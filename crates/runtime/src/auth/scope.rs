@@ -38,6 +38,12 @@ impl From<Denied> for tonic::Status {
 
 static ANONYMOUS: LazyLock<Arc<Identity>> = LazyLock::new(|| Arc::new(Identity::anonymous_admin()));
 
+/// The anonymous admin every call is with `--auth off` (one shared value).
+#[must_use]
+pub fn anonymous() -> Arc<Identity> {
+    ANONYMOUS.clone()
+}
+
 /// The caller of `request`, as the server's auth layer verified it. A request that did not
 /// pass through the layer (the layer is in every server stack; this is for in-process tests)
 /// is the anonymous admin, as with `--auth off`.

@@ -86,6 +86,8 @@ async fn start(policy_file: &str) -> Rls {
         audit: None,
         role_overrides: Default::default(),
         admin_access: Default::default(),
+        tls: None,
+        certificates: None,
         auth: None,
     };
     let running = server::start(spec, &ctx, &CancellationToken::new())

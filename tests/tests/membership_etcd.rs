@@ -20,6 +20,7 @@ async fn connect(etcd: &EtcdServer) -> EtcdMembership {
         prefix: "/agentmesh".to_owned(),
         lease_ttl: TTL,
         connect_timeout: Duration::from_secs(1),
+        tls: None,
     })
     .await
     .expect("connect to etcd")

@@ -61,6 +61,8 @@ async fn start_with(
         audit: None,
         role_overrides: Default::default(),
         admin_access: Default::default(),
+        tls: None,
+        certificates: None,
         auth: None,
     };
     server::start(spec, &ctx, &CancellationToken::new())

@@ -48,6 +48,9 @@ pub struct EtcdMembershipConfig {
     pub lease_ttl: Duration,
     /// Time limit for connecting and for every single etcd call. Default 3 s.
     pub connect_timeout: Duration,
+    /// TLS to etcd (`https://` endpoints): the CA and, for client-certificate auth, this
+    /// process's certificate. `None`: plaintext.
+    pub tls: Option<etcd_client::TlsOptions>,
 }
 
 impl Default for EtcdMembershipConfig {
@@ -57,6 +60,7 @@ impl Default for EtcdMembershipConfig {
             prefix: "/agentmesh".to_owned(),
             lease_ttl: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
+            tls: None,
         }
     }
 }
@@ -105,11 +109,14 @@ impl EtcdMembership {
     pub async fn connect(config: EtcdMembershipConfig) -> Result<Self, MembershipError> {
         config.validate()?;
         let timeout = config.connect_timeout;
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_keep_alive(HTTP2_KEEPALIVE_INTERVAL, timeout)
             // etcd answers idle pings with GOAWAY "too_many_pings".
             .with_keep_alive_while_idle(false);
+        if let Some(tls) = config.tls.clone() {
+            options = options.with_tls(tls);
+        }
         let client = call(
             timeout,
             "connect",

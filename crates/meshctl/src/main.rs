@@ -38,6 +38,8 @@ struct Cli {
         conflicts_with = "token"
     )]
     token_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: agentmesh_runtime::tls::TlsArgs,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +95,15 @@ fn main() -> ExitCode {
     if let Err(e) = set_token(cli.token.as_deref(), cli.token_file.as_deref()) {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;
+    }
+    agentmesh_runtime::tls::install_crypto_provider();
+    match cli.tls.client() {
+        Ok(Some(tls)) => agentmesh_runtime::tls::set_client_tls(tls),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     // Always multi-thread: the load generators run their bookkeeping in the `block_on` future
     // beside the worker, and the baselines they measure must not lose that thread.

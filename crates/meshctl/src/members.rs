@@ -28,6 +28,7 @@ pub(crate) async fn run(cluster: &ClusterArgs, args: &MembersArgs) -> anyhow::Re
         prefix: cluster.etcd_prefix.clone(),
         lease_ttl: cluster.lease_ttl,
         connect_timeout: Duration::from_secs(3),
+        tls: cluster.etcd_tls().map_err(anyhow::Error::msg)?,
     })
     .await
     .with_context(|| format!("cannot reach etcd at {}", cluster.etcd_endpoints.join(",")))?;

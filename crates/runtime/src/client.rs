@@ -80,17 +80,37 @@ pub fn connect_lazy(
 ///
 /// # Errors
 /// Fails when `addr` is not a valid URI.
+///
+/// When the process has client TLS ([`crate::tls::set_client_tls`]), `host:port` and
+/// `http://` addresses are dialed with TLS.
 pub fn endpoint(addr: &str, config: &ClientConfig) -> Result<Endpoint, ClientError> {
-    Ok(Endpoint::from_shared(uri_for(addr))
-        .map_err(|e| ClientError {
-            addr: addr.to_owned(),
-            reason: e.to_string(),
-        })?
+    let tls = crate::tls::client_tls();
+    let uri = match tls {
+        Some(_) => {
+            let bare = addr.strip_prefix("http://").unwrap_or(addr);
+            if bare.contains("://") {
+                bare.to_owned()
+            } else {
+                format!("https://{bare}")
+            }
+        }
+        None => uri_for(addr),
+    };
+    let error = |e: &dyn std::fmt::Display| ClientError {
+        addr: addr.to_owned(),
+        reason: e.to_string(),
+    };
+    let mut endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| error(&e))?
         .tcp_nodelay(true)
         .timeout(config.timeout)
         .connect_timeout(config.connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone()).map_err(|e| error(&e))?;
+    }
+    Ok(endpoint)
 }
 
 /// A breaker that never opens, for callers that disable it.

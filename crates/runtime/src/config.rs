@@ -96,6 +96,25 @@ pub struct ClusterArgs {
         global = true
     )]
     pub etcd_prefix: String,
+    /// PEM CA bundle etcd's certificate is signed by (`https://` endpoints).
+    #[arg(long = "etcd-ca-file", env = "AGENTMESH_ETCD_CA_FILE", global = true)]
+    pub etcd_ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate for etcd (`--client-cert-auth`); needs `--etcd-key-file`.
+    #[arg(
+        long = "etcd-cert-file",
+        env = "AGENTMESH_ETCD_CERT_FILE",
+        global = true,
+        requires = "etcd_key_file"
+    )]
+    pub etcd_cert_file: Option<std::path::PathBuf>,
+    /// PEM key of `--etcd-cert-file`.
+    #[arg(
+        long = "etcd-key-file",
+        env = "AGENTMESH_ETCD_KEY_FILE",
+        global = true,
+        requires = "etcd_cert_file"
+    )]
+    pub etcd_key_file: Option<std::path::PathBuf>,
     /// Redis URL (`redis://127.0.0.1:6379`) for shared state; unset = in-memory state.
     /// `RATE_LIMIT_REDIS_URL` is honoured as an alias.
     #[arg(long = "redis", env = "AGENTMESH_REDIS_URL", global = true)]
@@ -245,6 +264,35 @@ pub struct AuthArgs {
     pub roles_file: Option<std::path::PathBuf>,
 }
 
+impl ClusterArgs {
+    /// TLS to etcd, when a CA or client certificate is given.
+    ///
+    /// # Errors
+    /// A file cannot be read.
+    pub fn etcd_tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+        if self.etcd_ca_file.is_none() && self.etcd_cert_file.is_none() {
+            return Ok(None);
+        }
+        let read = |path: &std::path::Path, flag: &str| {
+            std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &self.etcd_ca_file {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(
+                ca,
+                "--etcd-ca-file",
+            )?));
+        }
+        if let (Some(cert), Some(key)) = (&self.etcd_cert_file, &self.etcd_key_file) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert, "--etcd-cert-file")?,
+                read(key, "--etcd-key-file")?,
+            ));
+        }
+        Ok(Some(tls))
+    }
+}
+
 impl AuthArgs {
     /// How the admin port's `/metrics` is guarded.
     #[must_use]
@@ -283,7 +331,10 @@ impl AuthArgs {
     ///
     /// # Errors
     /// One line naming the setting and the fix.
-    pub fn verifier(&self) -> Result<Option<std::sync::Arc<crate::auth::Verifier>>, String> {
+    pub fn verifier(
+        &self,
+        client_certificates: bool,
+    ) -> Result<Option<std::sync::Arc<crate::auth::Verifier>>, String> {
         if self.mode == AuthMode::Off {
             return Ok(None);
         }
@@ -308,6 +359,7 @@ impl AuthArgs {
             hs256_secret,
             jwks_file: self.jwks_file.clone(),
             leeway: self.leeway,
+            certificates_only: client_certificates,
         })
         .map(|v| Some(std::sync::Arc::new(v)))
         .map_err(|e| format!("--auth required: {e}"))

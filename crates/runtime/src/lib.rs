@@ -44,6 +44,7 @@ pub mod service;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 pub mod wire;
 
 pub use client::{ClientChannel, ClientConfig, connect_lazy};

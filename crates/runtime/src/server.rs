@@ -103,6 +103,10 @@ pub struct HostContext {
     pub role_overrides: Arc<Vec<(String, Vec<crate::auth::Role>)>>,
     /// How the admin port's `/metrics` is guarded.
     pub admin_access: AdminAccess,
+    /// TLS on the gRPC ports (`--tls-cert-file`); `None`: plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Identities of client certificates (`--tls-client-auth`), standing in for tokens.
+    pub certificates: Option<Arc<crate::tls::CertificateIdentities>>,
 }
 
 /// How the admin port's `/metrics` is guarded (`--auth-metrics`); the default (auth off)
@@ -338,12 +342,22 @@ pub async fn start(
             })?;
 
     let grpc_stop = CancellationToken::new();
-    let router = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &ctx.tls {
+        builder = builder
+            .tls_config(tls.clone())
+            .map_err(|e| ServerError::Serve {
+                service: name.to_owned(),
+                reason: format!("TLS: {e}"),
+            })?;
+    }
+    let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(ServerTelemetryLayer::new(&ctx.metrics, known))
         .layer(
             crate::auth::AuthLayer::new(ctx.auth.clone(), spec.access)
                 .with_overrides(&ctx.role_overrides)
+                .with_certificates(ctx.certificates.clone())
                 .with_audit(ctx.audit.clone(), spec.audited),
         )
         .add_routes(spec.routes)

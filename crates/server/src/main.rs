@@ -20,6 +20,7 @@ use agentmesh_runtime::config::{
 };
 use agentmesh_runtime::server::{self, HostContext, RunningService, ServiceSpec};
 use agentmesh_runtime::service::{BuildError, EtcdHandle, HostDeps, Service};
+use agentmesh_runtime::tls::TlsArgs;
 use agentmesh_runtime::{Metrics, shutdown, telemetry};
 use clap::{Parser, Subcommand};
 
@@ -78,6 +79,8 @@ struct Cli {
     telemetry: TelemetryArgs,
     #[command(flatten)]
     auth: AuthArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Subcommand)]
@@ -128,6 +131,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    agentmesh_runtime::tls::install_crypto_provider();
+    match cli.tls.client() {
+        Ok(Some(tls)) => agentmesh_runtime::tls::set_client_tls(tls),
+        Ok(None) => {}
+        Err(e) => exit_config_error(&e),
+    }
     runtime.block_on(async move {
         match cli.command {
             Command::Probe {
@@ -141,7 +150,15 @@ fn main() -> ExitCode {
                     .into_iter()
                     .filter(|s| services.iter().any(|name| name == s.name()))
                     .collect();
-                serve(&cli.cluster, &cli.telemetry, &cli.auth, &chosen, None).await
+                serve(
+                    &cli.cluster,
+                    &cli.telemetry,
+                    &cli.auth,
+                    &cli.tls,
+                    &chosen,
+                    None,
+                )
+                .await
             }
             Command::Dev {
                 bind_host,
@@ -151,6 +168,7 @@ fn main() -> ExitCode {
                     &cli.cluster,
                     &cli.telemetry,
                     &cli.auth,
+                    &cli.tls,
                     &settings.all(),
                     Some(bind_host),
                 )
@@ -227,6 +245,7 @@ async fn membership(
         prefix: cluster.etcd_prefix.clone(),
         lease_ttl: cluster.lease_ttl,
         connect_timeout: Duration::from_secs(3),
+        tls: cluster.etcd_tls()?,
     };
     let membership = EtcdMembership::connect(config).await.map_err(|e| {
         format!(
@@ -245,6 +264,7 @@ async fn serve(
     cluster: &ClusterArgs,
     telemetry_args: &TelemetryArgs,
     auth_args: &AuthArgs,
+    tls_args: &TlsArgs,
     services: &[&dyn Service],
     bind_host: Option<IpAddr>,
 ) -> ExitCode {
@@ -252,10 +272,20 @@ async fn serve(
         Ok(guard) => guard,
         Err(e) => exit_config_error(&e.to_string()),
     };
-    let (verifier, client_token) = match (auth_args.verifier(), auth_args.client_token()) {
+    let (verifier, client_token) = match (
+        auth_args.verifier(tls_args.client_certificates()),
+        auth_args.client_token(),
+    ) {
         (Ok(v), Ok(t)) => (v, t),
         (Err(e), _) | (_, Err(e)) => exit_config_error(&e),
     };
+    let server_tls = match tls_args.server() {
+        Ok(tls) => tls,
+        Err(e) => exit_config_error(&e),
+    };
+    if server_tls.is_some() {
+        tracing::info!(client_certificates = ?tls_args.client_auth, "TLS on every gRPC port");
+    }
     match &verifier {
         None => tracing::warn!(
             "AUTH IS OFF: every caller can do everything on every port (development only; run production with --auth required)"
@@ -327,6 +357,12 @@ async fn serve(
         audit: Some(audit),
         role_overrides: Arc::new(role_overrides),
         admin_access: auth_args.admin_access(),
+        tls: server_tls,
+        certificates: tls_args.client_certificates().then(|| {
+            Arc::new(agentmesh_runtime::tls::CertificateIdentities::new(
+                &tls_args.trust_domain,
+            ))
+        }),
     };
     let stop = shutdown::on_signal();
     let mut running: Vec<RunningService> = Vec::new();

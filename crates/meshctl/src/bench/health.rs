@@ -120,6 +120,7 @@ pub(crate) async fn targets(args: TargetsBench) -> anyhow::Result<ExitCode> {
         prefix: "/agentmesh".to_owned(),
         lease_ttl: args.lease_ttl,
         connect_timeout: Duration::from_secs(3),
+        tls: None,
     })
     .await
     .with_context(|| format!("cannot reach etcd at {}", args.etcd))?;

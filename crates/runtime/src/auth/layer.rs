@@ -22,6 +22,8 @@ use crate::audit::{AuditNote, Auditor};
 struct Shared {
     verifier: Option<Arc<Verifier>>,
     rules: HashMap<String, &'static [AccessRule]>,
+    /// Client-certificate identities (mutual TLS), standing in for a missing token.
+    certificates: Option<Arc<crate::tls::CertificateIdentities>>,
     /// Rules of the roles file, by path without the leading slash (`svc/Method`); they win.
     overrides: HashMap<String, Vec<Role>>,
     /// Audited methods, as paths without the leading slash (`svc/Method`).
@@ -48,6 +50,7 @@ impl AuthLayer {
                 verifier,
                 rules: rules.into_iter().collect(),
                 overrides: HashMap::new(),
+                certificates: None,
                 audited: HashSet::new(),
                 auditor: None,
             }),
@@ -61,6 +64,21 @@ impl AuthLayer {
             unreachable!("with_overrides is called before the layer is shared")
         };
         shared.overrides = overrides.iter().cloned().collect();
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Lets a verified client certificate (mutual TLS) stand in for a token.
+    #[must_use]
+    pub fn with_certificates(
+        self,
+        certificates: Option<Arc<crate::tls::CertificateIdentities>>,
+    ) -> Self {
+        let Ok(mut shared) = Arc::try_unwrap(self.shared) else {
+            unreachable!("with_certificates is called before the layer is shared")
+        };
+        shared.certificates = certificates;
         Self {
             shared: Arc::new(shared),
         }
@@ -124,6 +142,22 @@ impl Refusal {
 }
 
 impl Shared {
+    /// The identity of the client certificate the call came with, if certificates count here
+    /// and there is one.
+    fn certificate_identity<B>(
+        &self,
+        request: &Request<B>,
+    ) -> Option<Result<Arc<Identity>, String>> {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let certificates = self.certificates.as_ref()?;
+        let chain = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()?
+            .peer_certs()?;
+        let leaf = chain.first()?;
+        Some(certificates.identity(leaf.as_ref()))
+    }
+
     fn decide<B>(&self, request: &Request<B>) -> Result<Option<Arc<Identity>>, Refusal> {
         let path = request.uri().path().trim_start_matches('/');
         let (service, method) = path.split_once('/').unwrap_or((path, ""));
@@ -140,11 +174,16 @@ impl Shared {
             .and_then(|v| {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
-            })
-            .ok_or(Refusal::Unauthenticated(TokenError::Missing))?;
-        let identity = verifier
-            .verify(token.trim())
-            .map_err(Refusal::Unauthenticated)?;
+            });
+        let identity = match token {
+            Some(token) => verifier
+                .verify(token.trim())
+                .map_err(Refusal::Unauthenticated)?,
+            None => self
+                .certificate_identity(request)
+                .ok_or(Refusal::Unauthenticated(TokenError::Missing))?
+                .map_err(|e| Refusal::Unauthenticated(TokenError::Invalid(e)))?,
+        };
         if service.starts_with("grpc.reflection.") {
             return Ok(Some(identity));
         }

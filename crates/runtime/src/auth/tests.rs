@@ -16,6 +16,7 @@ fn verifier(issuer: Option<&str>, audience: Option<&str>) -> Verifier {
         hs256_secret: Some(SECRET.to_vec()),
         jwks_file: None,
         leeway: Duration::from_secs(5),
+        certificates_only: false,
     })
     .unwrap()
 }

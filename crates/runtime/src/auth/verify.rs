@@ -98,6 +98,9 @@ pub struct VerifierConfig {
     pub jwks_file: Option<PathBuf>,
     /// Clock tolerance for `exp` and `nbf`.
     pub leeway: Duration,
+    /// No key source is needed: callers authenticate with client certificates (mutual TLS)
+    /// and every token is refused.
+    pub certificates_only: bool,
 }
 
 /// Keys by `kid`, and the file's modification time when read.
@@ -171,9 +174,12 @@ impl Verifier {
     /// # Errors
     /// The JWKS file cannot be read or parsed, or no key source is configured.
     pub fn new(config: VerifierConfig) -> Result<Self, String> {
-        if config.hs256_secret.is_none() && config.jwks_file.is_none() {
+        if config.hs256_secret.is_none() && config.jwks_file.is_none() && !config.certificates_only
+        {
             return Err(
-                "auth required: give --auth-hs256-secret-file or --auth-jwks-file".to_owned(),
+                "auth required: give --auth-hs256-secret-file or --auth-jwks-file (or client \
+                 certificates: --tls-client-auth required)"
+                    .to_owned(),
             );
         }
         let (by_kid, read_at) = match &config.jwks_file {

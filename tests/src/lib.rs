@@ -24,7 +24,7 @@ pub fn free_port() -> u16 {
 }
 
 /// `N` distinct free ports, all held until every one is chosen.
-pub(crate) fn free_ports<const N: usize>() -> [u16; N] {
+pub fn free_ports<const N: usize>() -> [u16; N] {
     let ports = free_port_list(N);
     std::array::from_fn(|i| ports[i])
 }

@@ -215,3 +215,147 @@ async fn test_mutual_tls_encrypts_every_port_and_certificates_name_the_caller() 
     );
     Ok(())
 }
+
+/// A child process killed (and reaped) on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_port(port: u16) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("nothing listens on 127.0.0.1:{port}")
+}
+
+#[tokio::test]
+async fn test_redis_and_etcd_are_reached_over_tls() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new("agentmesh test CA")?;
+    let write = |name: &str, text: &str| -> anyhow::Result<String> {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text)?;
+        Ok(path.to_string_lossy().into_owned())
+    };
+    let ca_file = write("ca.pem", &ca.cert.pem())?;
+    let (server_cert, server_key) = ca.leaf("spiffe://agentmesh/service/datastore")?;
+    let (cert_file, key_file) = (
+        write("server.pem", &server_cert)?,
+        write("server.key", &server_key)?,
+    );
+    let (client_cert, client_key) = ca.leaf("spiffe://agentmesh/service+operator/mesh")?;
+    let (client_cert_file, client_key_file) = (
+        write("client.pem", &client_cert)?,
+        write("client.key", &client_key)?,
+    );
+
+    // Redis with TLS only (no plaintext port).
+    let [redis_port, etcd_port, etcd_peer] = agentmesh_tests::free_ports();
+    let _redis = Killed(
+        std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &redis_port.to_string()])
+            .args(["--tls-cert-file", &cert_file, "--tls-key-file", &key_file])
+            .args(["--tls-ca-cert-file", &ca_file, "--tls-auth-clients", "no"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()?,
+    );
+    // etcd with TLS and client-certificate authentication.
+    let etcd_url = format!("https://127.0.0.1:{etcd_port}");
+    let _etcd = Killed(
+        std::process::Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.path().join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &etcd_url,
+                "--advertise-client-urls",
+                &etcd_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{etcd_peer}"),
+            ])
+            .args(["--cert-file", &cert_file, "--key-file", &key_file])
+            .args(["--client-cert-auth", "--trusted-ca-file", &ca_file])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    wait_port(redis_port).await?;
+    wait_port(etcd_port).await?;
+
+    let redis_url = format!("rediss://127.0.0.1:{redis_port}");
+    let dev = AgentmeshProcess::dev_with_env(&[
+        ("AGENTMESH_REDIS_URL", &redis_url),
+        ("SSL_CERT_FILE", &ca_file),
+        ("AGENTMESH_ETCD_ENDPOINTS", &etcd_url),
+        ("AGENTMESH_ETCD_CA_FILE", &ca_file),
+        ("AGENTMESH_ETCD_CERT_FILE", &client_cert_file),
+        ("AGENTMESH_ETCD_KEY_FILE", &client_key_file),
+    ])
+    .await?;
+
+    // The cache's shared tier is Redis over TLS: a value set lands there.
+    use agentmesh_proto::cache::v1 as cache;
+    let mut client = cache::cache_coordinator_client::CacheCoordinatorClient::connect(format!(
+        "http://{}",
+        dev.addrs["cache"].0
+    ))
+    .await?;
+    client
+        .set(cache::SetRequest {
+            namespace: "tls".into(),
+            key: "k".into(),
+            value: b"over tls".to_vec(),
+            ..cache::SetRequest::default()
+        })
+        .await?;
+    let keys = std::process::Command::new("redis-cli")
+        .args(["--tls", "--cacert", &ca_file, "-p", &redis_port.to_string()])
+        .args(["--scan", "--pattern", "*tls*"])
+        .output()?;
+    assert!(
+        !String::from_utf8_lossy(&keys.stdout).trim().is_empty(),
+        "no cache key in Redis: {}",
+        String::from_utf8_lossy(&keys.stderr)
+    );
+
+    // Membership is in etcd over TLS with a client certificate: meshctl reads it the same way.
+    let out = std::process::Command::new(binary("meshctl")?)
+        .args(["members", "--etcd", &etcd_url, "--etcd-ca-file", &ca_file])
+        .args(["--etcd-cert-file", &client_cert_file])
+        .args(["--etcd-key-file", &client_key_file])
+        .output()?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for service in ["ratelimit", "eventbus", "scheduler", "cache", "health"] {
+        assert!(listed.contains(service), "{service} not in {listed}");
+    }
+    // Without the client certificate etcd refuses the connection.
+    let out = std::process::Command::new(binary("meshctl")?)
+        .args(["members", "--etcd", &etcd_url, "--etcd-ca-file", &ca_file])
+        .output()?;
+    assert!(
+        !out.status.success(),
+        "etcd took a client without a certificate"
+    );
+    Ok(())
+}

@@ -88,6 +88,7 @@ async fn start(policy_file: &str) -> Rls {
         admin_access: Default::default(),
         tls: None,
         certificates: None,
+        admin_tls: None,
         auth: None,
     };
     let running = server::start(spec, &ctx, &CancellationToken::new())

@@ -63,6 +63,7 @@ async fn start_with(
         admin_access: Default::default(),
         tls: None,
         certificates: None,
+        admin_tls: None,
         auth: None,
     };
     server::start(spec, &ctx, &CancellationToken::new())

@@ -88,6 +88,8 @@ async fn test_mutual_tls_encrypts_every_port_and_certificates_name_the_caller() 
         ("AGENTMESH_TLS_KEY_FILE", &key_file),
         ("AGENTMESH_TLS_CA_FILE", &ca_file),
         ("AGENTMESH_TLS_CLIENT_AUTH", "required"),
+        // Certificates are the only credential: Prometheus scrapes without a token.
+        ("AGENTMESH_AUTH_METRICS", "open"),
     ])
     .await?;
     let ca_pem = ca.cert.pem();
@@ -186,6 +188,50 @@ async fn test_mutual_tls_encrypts_every_port_and_certificates_name_the_caller() 
     .expect("the scheduler's event over TLS");
     assert!(event.subject.starts_with("sys.scheduler.task."));
     drop(tx);
+
+    // The admin ports speak TLS too, and the health aggregator scrapes every one over it.
+    let curl = |url: String| {
+        std::process::Command::new("curl")
+            .args(["-s", "--max-time", "5", "--cacert", &ca_file, &url])
+            .output()
+    };
+    let admin = dev.addrs["ratelimit"].1;
+    let out = curl(format!("https://localhost:{}/livez", admin.port()))?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    let out = curl(format!("http://{admin}/livez"))?;
+    assert_ne!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok\n",
+        "plaintext admin"
+    );
+    let health_admin = dev.addrs["health"].1;
+    // Every instance scraped (its version counted), none unreachable.
+    let scraped_all = |body: &serde_json::Value| {
+        let versions: u64 = body["versions"]
+            .as_object()
+            .map(|v| v.values().filter_map(serde_json::Value::as_u64).sum())
+            .unwrap_or(0);
+        versions == 5
+            && body["unreachable"]
+                .as_object()
+                .is_some_and(|u| u.is_empty())
+    };
+    let mut scraped = serde_json::Value::Null;
+    for _ in 0..50 {
+        let out = curl(format!(
+            "https://localhost:{}/optimizations",
+            health_admin.port()
+        ))?;
+        scraped = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if scraped_all(&scraped) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        scraped_all(&scraped),
+        "the aggregator cannot scrape over TLS: {scraped}"
+    );
 
     // meshctl takes the same options (and the probe, for container health checks).
     let (op_cert, op_key) = (

@@ -97,13 +97,9 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     agentmesh_runtime::tls::install_crypto_provider();
-    match cli.tls.client() {
-        Ok(Some(tls)) => agentmesh_runtime::tls::set_client_tls(tls),
-        Ok(None) => {}
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+    if let Err(e) = cli.tls.install_client() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
     }
     // Always multi-thread: the load generators run their bookkeeping in the `block_on` future
     // beside the worker, and the baselines they measure must not lose that thread.

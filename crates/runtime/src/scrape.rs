@@ -52,7 +52,10 @@ pub async fn get_with(
     timeout: Duration,
     bearer: Option<&str>,
 ) -> Result<(u16, String), GetError> {
-    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or(url);
     if rest.contains("://") || rest.is_empty() {
         return Err(GetError::Url(url.to_owned()));
     }
@@ -66,10 +69,36 @@ pub async fn get_with(
         let tcp = tokio::net::TcpStream::connect(host)
             .await
             .map_err(|e| io_error(e.into()))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| io_error(e.into()))?;
-        let driver = tokio::spawn(connection);
+        // With the process's client TLS set, admin ports are read over TLS too.
+        let driver = if let Some(tls) = crate::tls::https_client() {
+            let name = host
+                .rsplit_once(':')
+                .map_or(host, |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let name = rustls::pki_types::ServerName::try_from(name.to_owned())
+                .map_err(|e| io_error(e.into()))?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| io_error(e.into()))?;
+            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| io_error(e.into()))?;
+            (
+                sender,
+                tokio::spawn(async move { connection.await.map(|_| ()) }),
+            )
+        } else {
+            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| io_error(e.into()))?;
+            (
+                sender,
+                tokio::spawn(async move { connection.await.map(|_| ()) }),
+            )
+        };
+        let (mut sender, driver) = driver;
         let mut request = http::Request::get(uri.as_str())
             .header(http::header::HOST, host)
             .header(http::header::ACCEPT, "text/plain");

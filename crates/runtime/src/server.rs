@@ -107,6 +107,8 @@ pub struct HostContext {
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Identities of client certificates (`--tls-client-auth`), standing in for tokens.
     pub certificates: Option<Arc<crate::tls::CertificateIdentities>>,
+    /// TLS on the admin port (`--tls-cert-file`); `None`: plaintext.
+    pub admin_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// How the admin port's `/metrics` is guarded (`--auth-metrics`); the default (auth off)
@@ -265,6 +267,42 @@ fn admin_router(state: AdminState, extra: Option<axum::Router>) -> axum::Router 
     }
 }
 
+/// Serves the admin routes over TLS (HTTP/1.1) until `stop`; a connection whose handshake
+/// fails is dropped.
+async fn serve_admin_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    tls: Arc<rustls::ServerConfig>,
+    stop: CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, _) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 fn set_all(health: &HealthRegistry, names: &[String], status: ServingStatus) {
     for name in names {
         health.set(name, status);
@@ -384,10 +422,19 @@ pub async fn start(
         spec.admin_routes,
     );
     let admin_signal = admin_stop.clone();
+    let admin_tls = ctx.admin_tls.clone();
     let admin_task = tokio::spawn(async move {
-        axum::serve(admin_listener, admin_app)
-            .with_graceful_shutdown(admin_signal.cancelled_owned())
-            .await
+        match admin_tls {
+            Some(tls) => {
+                serve_admin_tls(admin_listener, admin_app, tls, admin_signal).await;
+                Ok(())
+            }
+            None => {
+                axum::serve(admin_listener, admin_app)
+                    .with_graceful_shutdown(admin_signal.cancelled_owned())
+                    .await
+            }
+        }
     });
 
     tracing::info!(service = name, instance = %instance_id, grpc = %grpc_addr, admin = %admin_addr, "service started");

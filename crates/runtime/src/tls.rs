@@ -123,6 +123,35 @@ impl TlsArgs {
         Ok(Some(config))
     }
 
+    /// The admin port's TLS (the same certificate; no client certificates: `/metrics` takes a
+    /// token), when `--tls-cert-file` is given.
+    ///
+    /// # Errors
+    /// A file cannot be read or holds no certificate or key.
+    pub fn admin(&self) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) else {
+            return Ok(None);
+        };
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&read(cert, "--tls-cert-file")?)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("--tls-cert-file {}: {e}", cert.display()))?;
+        let key = PrivateKeyDer::from_pem_slice(&read(key, "--tls-key-file")?)
+            .map_err(|e| format!("--tls-key-file {}: {e}", key.display()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("--tls-cert-file/--tls-key-file: {e}"))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(Arc::new(config)))
+    }
+
     /// Whether client certificates can authenticate callers here.
     #[must_use]
     pub fn client_certificates(&self) -> bool {
@@ -137,10 +166,52 @@ pub fn install_crypto_provider() {
 }
 
 static CLIENT_TLS: OnceLock<ClientTlsConfig> = OnceLock::new();
+static HTTPS_CLIENT: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
 
 /// Sets the TLS every client of this process uses (once, at start; later calls are ignored).
 pub fn set_client_tls(config: ClientTlsConfig) {
     let _ = CLIENT_TLS.set(config);
+}
+
+/// The TLS of this process's HTTPS reads of admin ports (`/metrics`), if set.
+#[must_use]
+pub fn https_client() -> Option<Arc<rustls::ClientConfig>> {
+    HTTPS_CLIENT.get().cloned()
+}
+
+impl TlsArgs {
+    /// Sets this process's client TLS (gRPC and admin reads) from these settings, if a CA is
+    /// given; once, at start.
+    ///
+    /// # Errors
+    /// A file cannot be read or holds no certificate.
+    pub fn install_client(&self) -> Result<(), String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let Some(grpc) = self.client()? else {
+            return Ok(());
+        };
+        set_client_tls(grpc);
+        let Some(ca) = &self.ca_file else {
+            return Ok(());
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&read(ca, "--tls-ca-file")?) {
+            let cert = cert.map_err(|e| format!("--tls-ca-file {}: {e}", ca.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("--tls-ca-file {}: {e}", ca.display()))?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let _ = HTTPS_CLIENT.set(Arc::new(config));
+        Ok(())
+    }
 }
 
 /// The TLS every client of this process uses, if set.

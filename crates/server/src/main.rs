@@ -132,10 +132,8 @@ fn main() -> ExitCode {
         }
     };
     agentmesh_runtime::tls::install_crypto_provider();
-    match cli.tls.client() {
-        Ok(Some(tls)) => agentmesh_runtime::tls::set_client_tls(tls),
-        Ok(None) => {}
-        Err(e) => exit_config_error(&e),
+    if let Err(e) = cli.tls.install_client() {
+        exit_config_error(&e);
     }
     runtime.block_on(async move {
         match cli.command {
@@ -279,9 +277,9 @@ async fn serve(
         (Ok(v), Ok(t)) => (v, t),
         (Err(e), _) | (_, Err(e)) => exit_config_error(&e),
     };
-    let server_tls = match tls_args.server() {
-        Ok(tls) => tls,
-        Err(e) => exit_config_error(&e),
+    let (server_tls, admin_tls) = match (tls_args.server(), tls_args.admin()) {
+        (Ok(grpc), Ok(admin)) => (grpc, admin),
+        (Err(e), _) | (_, Err(e)) => exit_config_error(&e),
     };
     if server_tls.is_some() {
         tracing::info!(client_certificates = ?tls_args.client_auth, "TLS on every gRPC port");
@@ -358,6 +356,7 @@ async fn serve(
         role_overrides: Arc::new(role_overrides),
         admin_access: auth_args.admin_access(),
         tls: server_tls,
+        admin_tls,
         certificates: tls_args.client_certificates().then(|| {
             Arc::new(agentmesh_runtime::tls::CertificateIdentities::new(
                 &tls_args.trust_domain,

@@ -770,3 +770,77 @@ async fn test_tenants_are_isolated_agents_act_as_themselves_and_changes_are_audi
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn test_an_sdk_agent_joins_with_its_token_file_and_only_as_itself() -> anyhow::Result<()> {
+    use agentmesh_agent::{Agent, AgentConfig, AgentError, TokenSource};
+    let dir = tempfile::tempdir()?;
+    let dev = secured_dev(dir.path()).await?;
+    let scheduler = format!("http://{}", dev.addrs["scheduler"].0);
+    let token_file = dir.path().join("agent-1.token");
+    std::fs::write(&token_file, token(&[Role::Agent], Some("agent-1")))?;
+    let agent = |agent_id: &str, source: TokenSource| {
+        Agent::new(AgentConfig {
+            scheduler: scheduler.clone(),
+            agent_id: agent_id.into(),
+            agent_type: "sdk".into(),
+            token: Some(source),
+            ..AgentConfig::default()
+        })
+        .handle("echo", |t| async move { Ok(t.payload) })
+    };
+    // An agent whose token names another agent is refused for good, not retried forever.
+    let impostor = agent("agent-2", TokenSource::File(token_file.clone()));
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        impostor.run(tokio_util::sync::CancellationToken::new()),
+    )
+    .await?;
+    assert!(
+        matches!(refused, Err(AgentError::Refused(_))),
+        "{refused:?}"
+    );
+
+    // With its own token it registers, takes a task and reports the result.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let own = agent("agent-1", TokenSource::File(token_file));
+    tokio::spawn({
+        let stop = stop.clone();
+        async move { own.run(stop).await }
+    });
+    let service = token(&[Role::Service], None);
+    let mut client = sched::scheduler_client::SchedulerClient::connect(scheduler.clone()).await?;
+    let task_id = client
+        .submit_task(with_token(
+            sched::SubmitTaskRequest {
+                r#type: "echo".into(),
+                payload: b"ping".to_vec(),
+                ..sched::SubmitTaskRequest::default()
+            },
+            &service,
+        ))
+        .await?
+        .into_inner()
+        .task_id;
+    let done = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let task = client
+                .get_task(with_token(
+                    sched::GetTaskRequest {
+                        task_id: task_id.clone(),
+                    },
+                    &service,
+                ))
+                .await?
+                .into_inner();
+            if task.state == sched::TaskState::Succeeded as i32 {
+                return anyhow::Ok(task);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await??;
+    assert_eq!(done.output, b"ping");
+    stop.cancel();
+    Ok(())
+}

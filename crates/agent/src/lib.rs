@@ -114,7 +114,61 @@ pub struct AgentConfig {
     /// work), sends their results, then deregisters. Tasks still running after it are
     /// requeued by the scheduler.
     pub shutdown_grace: Duration,
+    /// The bearer token this agent presents, for clusters run with `--auth required` (a token
+    /// with the `agent` role whose `agent_id` claim is this agent's id). A file is read again
+    /// at every connect, so a token rotated by its issuer (or a sidecar) is picked up at the
+    /// next reconnect. Over TLS, set the process's client TLS once
+    /// (`agentmesh_runtime::tls::TlsArgs::install_client`); a client certificate can stand in
+    /// for the token.
+    pub token: Option<TokenSource>,
 }
+
+/// Where an agent's bearer token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// This token, as is.
+    Static(String),
+    /// The token in this file, read at every connect.
+    File(std::path::PathBuf),
+}
+
+impl TokenSource {
+    /// The `authorization` value for the current token.
+    fn header(&self) -> Result<tonic::metadata::AsciiMetadataValue, String> {
+        let token = match self {
+            Self::Static(token) => token.trim().to_owned(),
+            Self::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("token file {}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+        };
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "the token is not a valid header value".to_owned())
+    }
+}
+
+/// Adds the agent's token (if any) to every call.
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = SchedulerClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -133,6 +187,7 @@ impl Default for AgentConfig {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
+            token: None,
         }
     }
 }
@@ -318,7 +373,15 @@ impl Agent {
         result
     }
 
-    async fn client(&self) -> Result<SchedulerClient<tonic::transport::Channel>, Failure> {
+    async fn client(&self) -> Result<Client, Failure> {
+        let bearer = match &self.config.token {
+            None => Bearer(None),
+            Some(source) => {
+                Bearer(Some(source.header().map_err(|e| {
+                    Failure::Retry(format!("reading the token: {e}"))
+                })?))
+            }
+        };
         let config = agentmesh_runtime::ClientConfig {
             timeout: Duration::from_secs(5),
             ..agentmesh_runtime::ClientConfig::default()
@@ -329,7 +392,7 @@ impl Agent {
             .connect()
             .await
             .map_err(|e| Failure::Retry(format!("connecting: {e}")))?;
-        Ok(SchedulerClient::new(channel))
+        Ok(SchedulerClient::with_interceptor(channel, bearer))
     }
 
     /// The scheduler's address: as configured, or a live instance found through etcd.
@@ -400,7 +463,7 @@ impl Agent {
                     self.config.agent_id.clone(),
                 )));
             }
-            Err(s) if s.code() == Code::InvalidArgument => {
+            Err(s) if matches!(s.code(), Code::InvalidArgument | Code::PermissionDenied) => {
                 return Err(Failure::Fatal(AgentError::Refused(s.message().to_owned())));
             }
             Err(s) => return Err(Failure::Retry(format!("registering: {}", s.message()))),

@@ -844,3 +844,118 @@ async fn test_an_sdk_agent_joins_with_its_token_file_and_only_as_itself() -> any
     stop.cancel();
     Ok(())
 }
+
+/// base64url without padding.
+fn b64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// An ES256 key: its JWK (public, with `kid`) and a token signer.
+fn es256_key(kid: &str) -> anyhow::Result<(serde_json::Value, jsonwebtoken::EncodingKey)> {
+    let key = rcgen::KeyPair::generate()?;
+    let raw = key.public_key_raw();
+    anyhow::ensure!(
+        raw.len() == 65 && raw[0] == 4,
+        "an uncompressed P-256 point"
+    );
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+        "x": b64url(&raw[1..33]), "y": b64url(&raw[33..65]),
+    });
+    let signer = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes())?;
+    Ok((jwk, signer))
+}
+
+fn es256_token(kid: &str, signer: &jsonwebtoken::EncodingKey) -> anyhow::Result<String> {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid.to_owned());
+    Ok(jsonwebtoken::encode(
+        &header,
+        &TokenClaims::new("jwks-test", &[Role::Service], Duration::from_secs(600)),
+        signer,
+    )?)
+}
+
+#[tokio::test]
+async fn test_keys_come_from_a_jwks_url_and_rotate_without_a_restart() -> anyhow::Result<()> {
+    let (jwk1, key1) = es256_key("k1")?;
+    let (jwk2, key2) = es256_key("k2")?;
+    let document = std::sync::Arc::new(parking_lot::Mutex::new(
+        serde_json::json!({ "keys": [jwk1] }).to_string(),
+    ));
+    // The issuer's JWKS endpoint: plain HTTP on loopback, answering the current document.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/.well-known/jwks.json", listener.local_addr()?);
+    tokio::spawn({
+        let document = document.clone();
+        async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let body = document.lock().clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    let _ = socket.read(&mut buf).await;
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(reply.as_bytes()).await;
+                });
+            }
+        }
+    });
+    let dev = AgentmeshProcess::dev_with_env(&[
+        ("AGENTMESH_AUTH", "required"),
+        ("AGENTMESH_AUTH_JWKS_URL", &url),
+        ("AGENTMESH_AUTH_JWKS_REFRESH", "1s"),
+    ])
+    .await?;
+    let mut scheduler = sched::scheduler_client::SchedulerClient::connect(format!(
+        "http://{}",
+        dev.addrs["scheduler"].0
+    ))
+    .await?;
+    let (token1, token2) = (es256_token("k1", &key1)?, es256_token("k2", &key2)?);
+    let call = |token: String| {
+        let mut scheduler = scheduler.clone();
+        async move {
+            scheduler
+                .get_pool_stats(with_token(sched::GetPoolStatsRequest::default(), &token))
+                .await
+                .map(|_| ())
+        }
+    };
+    call(token1.clone()).await?;
+    let e = call(token2.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // The issuer rotates to k2: picked up at the next refresh, k1 then refused.
+    *document.lock() = serde_json::json!({ "keys": [jwk2] }).to_string();
+    let rotated = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if call(token2.clone()).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(rotated.is_ok(), "the rotated key was not picked up");
+    let e = call(token1).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let _ = scheduler
+        .get_pool_stats(with_token(sched::GetPoolStatsRequest::default(), &token2))
+        .await?;
+    Ok(())
+}

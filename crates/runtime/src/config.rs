@@ -224,6 +224,19 @@ pub struct AuthArgs {
         global = true
     )]
     pub jwks_file: Option<std::path::PathBuf>,
+    /// URL of the issuer's JWKS (`https://id.example.com/.well-known/jwks.json`): fetched
+    /// before serving, again every `--auth-jwks-refresh`, and early (at most every 30 s) when
+    /// a token names a key not in it.
+    #[arg(
+        long = "auth-jwks-url",
+        env = "AGENTMESH_AUTH_JWKS_URL",
+        global = true,
+        conflicts_with = "jwks_file"
+    )]
+    pub jwks_url: Option<String>,
+    /// How often the JWKS URL is fetched again.
+    #[arg(long = "auth-jwks-refresh", env = "AGENTMESH_AUTH_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration, global = true)]
+    pub jwks_refresh: Duration,
     /// Required `iss`.
     #[arg(long = "auth-issuer", env = "AGENTMESH_AUTH_ISSUER", global = true)]
     pub issuer: Option<String>,
@@ -358,6 +371,7 @@ impl AuthArgs {
             audience: self.audience.clone(),
             hs256_secret,
             jwks_file: self.jwks_file.clone(),
+            jwks_url: self.jwks_url.is_some(),
             leeway: self.leeway,
             certificates_only: client_certificates,
         })

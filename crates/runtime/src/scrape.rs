@@ -60,6 +60,17 @@ pub async fn get_with(
         return Err(GetError::Url(url.to_owned()));
     }
     let (host, path) = rest.split_once('/').unwrap_or((rest, "metrics"));
+    // A host without a port: the scheme's.
+    let host_port;
+    let host = if host.contains(':') && !host.ends_with(']') {
+        host
+    } else {
+        host_port = format!(
+            "{host}:{}",
+            if url.starts_with("https://") { 443 } else { 80 }
+        );
+        host_port.as_str()
+    };
     let uri = format!("http://{host}/{path}");
     let io_error = |e: Box<dyn std::error::Error + Send + Sync>| GetError::Io {
         url: url.to_owned(),
@@ -69,8 +80,14 @@ pub async fn get_with(
         let tcp = tokio::net::TcpStream::connect(host)
             .await
             .map_err(|e| io_error(e.into()))?;
-        // With the process's client TLS set, admin ports are read over TLS too.
-        let driver = if let Some(tls) = crate::tls::https_client() {
+        // `https://` reads (a JWKS URL) use TLS with the system's roots and the process's CA;
+        // with the process's client TLS set, admin ports are read over TLS too.
+        let tls = if url.starts_with("https://") {
+            Some(crate::tls::https_public())
+        } else {
+            crate::tls::https_client()
+        };
+        let driver = if let Some(tls) = tls {
             let name = host
                 .rsplit_once(':')
                 .map_or(host, |(h, _)| h)

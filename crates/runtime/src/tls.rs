@@ -179,6 +179,36 @@ pub fn https_client() -> Option<Arc<rustls::ClientConfig>> {
     HTTPS_CLIENT.get().cloned()
 }
 
+/// The TLS of an `https://` read (a JWKS URL): the system's roots (or `SSL_CERT_FILE`) and
+/// the process's CA.
+#[must_use]
+pub fn https_public() -> Arc<rustls::ClientConfig> {
+    static PUBLIC: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    PUBLIC
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            for cert in PROCESS_CA.get().into_iter().flatten() {
+                let _ = roots.add(cert.clone());
+            }
+            Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+            )
+        })
+        .clone()
+}
+
+/// The process's CA certificates (`--tls-ca-file`), once installed.
+static PROCESS_CA: OnceLock<Vec<rustls::pki_types::CertificateDer<'static>>> = OnceLock::new();
+
 impl TlsArgs {
     /// Sets this process's client TLS (gRPC and admin reads) from these settings, if a CA is
     /// given; once, at start.
@@ -196,12 +226,15 @@ impl TlsArgs {
             return Ok(());
         };
         let mut roots = rustls::RootCertStore::empty();
+        let mut certs = Vec::new();
         for cert in CertificateDer::pem_slice_iter(&read(ca, "--tls-ca-file")?) {
             let cert = cert.map_err(|e| format!("--tls-ca-file {}: {e}", ca.display()))?;
+            certs.push(cert.clone());
             roots
                 .add(cert)
                 .map_err(|e| format!("--tls-ca-file {}: {e}", ca.display()))?;
         }
+        let _ = PROCESS_CA.set(certs);
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

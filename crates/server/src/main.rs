@@ -180,6 +180,67 @@ fn main() -> ExitCode {
     })
 }
 
+/// Fetches a JWKS URL and installs its keys; the number of keys.
+async fn fetch_jwks(
+    verifier: &agentmesh_runtime::auth::Verifier,
+    url: &str,
+) -> Result<usize, String> {
+    let (code, body) = agentmesh_runtime::scrape::get(url, Duration::from_secs(5))
+        .await
+        .map_err(|e| e.to_string())?;
+    if code != 200 {
+        return Err(format!("HTTP {code}"));
+    }
+    verifier.set_jwks(&body)
+}
+
+/// The keys before serving: a few tries over about 10 s (the issuer may be starting too).
+async fn first_jwks(verifier: &agentmesh_runtime::auth::Verifier, url: &str) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..10 {
+        match fetch_jwks(verifier, url).await {
+            Ok(keys) => {
+                tracing::info!(url, keys, "JWKS fetched");
+                return Ok(());
+            }
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Err(last)
+}
+
+/// The shortest time between two fetches of a JWKS URL caused by unknown keys.
+const JWKS_EARLY_MIN: Duration = Duration::from_secs(30);
+
+/// Fetches the JWKS URL every `every`, and early when a token names an unknown key (at most
+/// every 30 s): keys rotated at the issuer are picked up without a restart.
+fn spawn_jwks_url_refresh(
+    verifier: Arc<agentmesh_runtime::auth::Verifier>,
+    url: String,
+    every: Duration,
+) {
+    tokio::spawn(async move {
+        let mut last = tokio::time::Instant::now();
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            ticks.tick().await;
+            let due = last.elapsed() >= every;
+            let early = last.elapsed() >= JWKS_EARLY_MIN.min(every) && verifier.take_unknown_key();
+            if !due && !early {
+                continue;
+            }
+            last = tokio::time::Instant::now();
+            match fetch_jwks(&verifier, &url).await {
+                Ok(keys) => tracing::debug!(url, keys, early, "JWKS fetched"),
+                Err(e) => {
+                    tracing::warn!(url, error = %e, "JWKS URL unusable; keeping the previous keys");
+                }
+            }
+        }
+    });
+}
+
 /// How often the JWKS file is checked for new keys.
 const JWKS_REFRESH: Duration = Duration::from_secs(10);
 
@@ -291,6 +352,14 @@ async fn serve(
         Some(verifier) => {
             tracing::info!("auth required: every call but grpc.health.v1 needs a bearer token");
             spawn_jwks_refresh(verifier.clone());
+            if let Some(url) = &auth_args.jwks_url {
+                if let Err(e) = first_jwks(verifier, url).await {
+                    eprintln!("error: --auth-jwks-url {url}: {e}");
+                    guard.shutdown().await;
+                    return ExitCode::from(EXIT_UNAVAILABLE);
+                }
+                spawn_jwks_url_refresh(verifier.clone(), url.clone(), auth_args.jwks_refresh);
+            }
         }
     }
     let metrics = Metrics::new();

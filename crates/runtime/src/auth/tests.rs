@@ -17,6 +17,7 @@ fn verifier(issuer: Option<&str>, audience: Option<&str>) -> Verifier {
         jwks_file: None,
         leeway: Duration::from_secs(5),
         certificates_only: false,
+        jwks_url: false,
     })
     .unwrap()
 }

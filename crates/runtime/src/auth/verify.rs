@@ -96,6 +96,9 @@ pub struct VerifierConfig {
     pub hs256_secret: Option<Vec<u8>>,
     /// JWKS file with RS256/ES256 public keys (by `kid`).
     pub jwks_file: Option<PathBuf>,
+    /// Keys come from a JWKS URL: the host fetches the document ([`Verifier::set_jwks`])
+    /// before serving and again on a schedule.
+    pub jwks_url: bool,
     /// Clock tolerance for `exp` and `nbf`.
     pub leeway: Duration,
     /// No key source is needed: callers authenticate with client certificates (mutual TLS)
@@ -121,6 +124,8 @@ pub struct Verifier {
     keys: RwLock<Keys>,
     cache: Mutex<HashMap<u64, Arc<Identity>>>,
     hasher: std::collections::hash_map::RandomState,
+    /// A token named an unknown `kid`.
+    unknown_key: std::sync::atomic::AtomicBool,
 }
 
 fn now_secs() -> u64 {
@@ -144,28 +149,31 @@ pub fn valid_tenant(tenant: &str) -> bool {
 fn read_jwks(path: &PathBuf) -> Result<KeysRead, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let set: JwkSet =
-        serde_json::from_str(&text).map_err(|e| format!("{}: not a JWKS: {e}", path.display()))?;
+    let by_kid = parse_jwks(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((by_kid, modified))
+}
+
+/// The RS256/ES256 keys of a JWKS document, by `kid`.
+fn parse_jwks(text: &str) -> Result<HashMap<String, (DecodingKey, Algorithm)>, String> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
     let mut by_kid = HashMap::new();
     for jwk in &set.keys {
         let Some(kid) = jwk.common.key_id.clone() else {
-            return Err(format!("{}: every key needs a \"kid\"", path.display()));
+            return Err("every key needs a \"kid\"".to_owned());
         };
-        let key = DecodingKey::from_jwk(jwk)
-            .map_err(|e| format!("{}: key {kid:?}: {e}", path.display()))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {kid:?}: {e}"))?;
         let algorithm = match &jwk.algorithm {
             jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
             jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
             _ => {
                 return Err(format!(
-                    "{}: key {kid:?}: only RSA (RS256) and EC P-256 (ES256) keys",
-                    path.display()
+                    "key {kid:?}: only RSA (RS256) and EC P-256 (ES256) keys"
                 ));
             }
         };
         by_kid.insert(kid, (key, algorithm));
     }
-    Ok((by_kid, modified))
+    Ok(by_kid)
 }
 
 impl Verifier {
@@ -174,7 +182,10 @@ impl Verifier {
     /// # Errors
     /// The JWKS file cannot be read or parsed, or no key source is configured.
     pub fn new(config: VerifierConfig) -> Result<Self, String> {
-        if config.hs256_secret.is_none() && config.jwks_file.is_none() && !config.certificates_only
+        if config.hs256_secret.is_none()
+            && config.jwks_file.is_none()
+            && !config.jwks_url
+            && !config.certificates_only
         {
             return Err(
                 "auth required: give --auth-hs256-secret-file or --auth-jwks-file (or client \
@@ -191,6 +202,7 @@ impl Verifier {
             keys: RwLock::new(Keys { by_kid, read_at }),
             cache: Mutex::new(HashMap::new()),
             hasher: std::collections::hash_map::RandomState::new(),
+            unknown_key: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -212,6 +224,31 @@ impl Verifier {
         // A removed key must stop working at once.
         self.cache.lock().clear();
         Ok(true)
+    }
+
+    /// Replaces the keys with those of a JWKS document (fetched from `--auth-jwks-url`);
+    /// keeps the old keys when it is unusable. Verified tokens are forgotten, so a removed
+    /// key stops working at once.
+    ///
+    /// # Errors
+    /// The document is not a usable JWKS.
+    pub fn set_jwks(&self, text: &str) -> Result<usize, String> {
+        let by_kid = parse_jwks(text)?;
+        let count = by_kid.len();
+        *self.keys.write() = Keys {
+            by_kid,
+            read_at: None,
+        };
+        self.cache.lock().clear();
+        Ok(count)
+    }
+
+    /// Whether a token named a key this verifier does not have since the last call (a JWKS
+    /// URL's host then fetches the document early: keys are rotated at the issuer).
+    #[must_use]
+    pub fn take_unknown_key(&self) -> bool {
+        self.unknown_key
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The identity a token names.
@@ -258,10 +295,11 @@ impl Verifier {
                 let kid = header.kid.as_ref().ok_or_else(|| {
                     TokenError::Invalid("the token names no key (kid)".to_owned())
                 })?;
-                let (key, algorithm) = keys
-                    .by_kid
-                    .get(kid)
-                    .ok_or_else(|| TokenError::Invalid(format!("unknown key {kid:?}")))?;
+                let Some((key, algorithm)) = keys.by_kid.get(kid) else {
+                    self.unknown_key
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(TokenError::Invalid(format!("unknown key {kid:?}")));
+                };
                 if *algorithm != header.alg {
                     return Err(TokenError::Invalid(format!(
                         "key {kid:?} is not for {:?}",

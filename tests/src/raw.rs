@@ -91,10 +91,28 @@ pub async fn streaming(
     path: &'static str,
     frames: Vec<Vec<u8>>,
 ) -> anyhow::Result<(Vec<Vec<u8>>, Status)> {
+    streaming_with(addr, path, frames, None).await
+}
+
+/// [`streaming`] with `authorization: Bearer <bearer>` when given.
+///
+/// # Errors
+/// Fails when the server cannot be reached.
+pub async fn streaming_with(
+    addr: SocketAddr,
+    path: &'static str,
+    frames: Vec<Vec<u8>>,
+    bearer: Option<&str>,
+) -> anyhow::Result<(Vec<Vec<u8>>, Status)> {
     let mut grpc = client(addr).await?;
     grpc.ready().await?;
     let path = http::uri::PathAndQuery::from_static(path);
-    let request = tonic::Request::new(tokio_stream::iter(frames));
+    let mut request = tonic::Request::new(tokio_stream::iter(frames));
+    if let Some(token) = bearer {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+    }
     let mut answers = Vec::new();
     let mut inbound = match grpc.streaming(request, path, RawCodec).await {
         Ok(response) => response.into_inner(),

@@ -734,6 +734,87 @@ async fn test_tenants_are_isolated_agents_act_as_themselves_and_changes_are_audi
         "PERMISSION_DENIED"
     );
 
+    // Every state-changing RPC of every service lands in the trail (each called once by an
+    // operator with an empty request: whatever the outcome, it is recorded).
+    let audited: [(&str, &str, &[&str]); 5] = [
+        (
+            "ratelimit",
+            "agentmesh.ratelimit.v1.RateLimiter",
+            agentmesh_ratelimit::grpc::AUDITED,
+        ),
+        (
+            "eventbus",
+            "agentmesh.eventbus.v1.EventBus",
+            agentmesh_eventbus::grpc::AUDITED,
+        ),
+        (
+            "scheduler",
+            "agentmesh.scheduler.v1.Scheduler",
+            agentmesh_scheduler::grpc::AUDITED,
+        ),
+        (
+            "cache",
+            "agentmesh.cache.v1.CacheCoordinator",
+            agentmesh_cache::grpc::AUDITED,
+        ),
+        (
+            "health",
+            "agentmesh.health.v1.HealthAggregator",
+            agentmesh_health::grpc::AUDITED,
+        ),
+    ];
+    let mut expected = Vec::new();
+    for (name, service, methods) in audited {
+        for method in methods {
+            let path: &'static str = Box::leak(format!("/{service}/{method}").into_boxed_str());
+            raw::streaming_with(dev.addrs[name].0, path, vec![Vec::new()], Some(&operator)).await?;
+            expected.push((service, *method));
+        }
+    }
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let all_seen = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if expected
+                .iter()
+                .all(|(s, m)| seen.iter().any(|(ss, mm)| ss == s && mm == m))
+            {
+                return;
+            }
+            let Some(Ok(m)) = audit.next().await else {
+                return;
+            };
+            if let Some(bus::subscribe_response::Kind::Deliveries(d)) = m.kind {
+                for e in d.deliveries.into_iter().filter_map(|d| d.event) {
+                    let r: serde_json::Value =
+                        serde_json::from_slice(&e.data).expect("JSON record");
+                    assert_eq!(
+                        e.subject,
+                        format!(
+                            "sys.audit.{}.{}",
+                            agentmesh_runtime::audit::subject_service(
+                                r["service"].as_str().unwrap_or_default()
+                            ),
+                            r["method"].as_str().unwrap_or_default()
+                        )
+                    );
+                    seen.push((
+                        r["service"].as_str().unwrap_or_default().to_owned(),
+                        r["method"].as_str().unwrap_or_default().to_owned(),
+                    ));
+                }
+            }
+        }
+    })
+    .await;
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|(s, m)| !seen.iter().any(|(ss, mm)| ss == s && mm == m))
+        .collect();
+    assert!(
+        all_seen.is_ok() && missing.is_empty(),
+        "no audit record of {missing:?}"
+    );
+
     // `meshctl audit tail` reads the same records with an operator's token.
     let out = std::process::Command::new(agentmesh_tests::agentmesh::binary("meshctl")?)
         .args([

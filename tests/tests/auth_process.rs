@@ -47,8 +47,19 @@ fn every_method() -> Vec<&'static str> {
     out
 }
 
+const ISSUER: &str = "https://id.agentmesh.test";
+const AUDIENCE: &str = "agentmesh";
+
+/// Claims of the test's issuer and audience, valid for 10 minutes.
+fn claims_of(sub: &str, roles: &[Role]) -> TokenClaims {
+    let mut claims = TokenClaims::new(sub, roles, Duration::from_secs(600));
+    claims.iss = Some(ISSUER.to_owned());
+    claims.aud = Some(AUDIENCE.to_owned());
+    claims
+}
+
 fn token(roles: &[Role], agent_id: Option<&str>) -> String {
-    let mut claims = TokenClaims::new("auth-test", roles, Duration::from_secs(600));
+    let mut claims = claims_of("auth-test", roles);
     claims.agent_id = agent_id.map(str::to_owned);
     issue_hs256(SECRET.as_bytes(), &claims).expect("signed")
 }
@@ -63,7 +74,7 @@ fn denied<T>(result: Result<T, tonic::Status>, what: &str) {
 }
 
 fn tenant_token(sub: &str, tenant: &str, roles: &[Role]) -> String {
-    let mut claims = TokenClaims::new(sub, roles, Duration::from_secs(600));
+    let mut claims = claims_of(sub, roles);
     claims.tenant = Some(tenant.to_owned());
     issue_hs256(SECRET.as_bytes(), &claims).expect("signed")
 }
@@ -91,6 +102,8 @@ async fn secured_dev_with(
         ("AGENTMESH_AUTH", "required"),
         ("AGENTMESH_AUTH_HS256_SECRET_FILE", secret.as_str()),
         ("AGENTMESH_AUTH_TOKEN_FILE", own.as_str()),
+        ("AGENTMESH_AUTH_ISSUER", ISSUER),
+        ("AGENTMESH_AUTH_AUDIENCE", AUDIENCE),
     ];
     envs.extend_from_slice(more);
     AgentmeshProcess::dev_with_env(&envs).await
@@ -213,6 +226,32 @@ async fn test_auth_required_refuses_every_rpc_without_a_token_and_checks_roles()
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
+    // Expired, not yet valid, another issuer's, another audience's: UNAUTHENTICATED, saying
+    // why (beyond the 30 s leeway).
+    let now = TokenClaims::new("x", &[], Duration::ZERO).iat;
+    let variants: [(&str, Box<dyn Fn(&mut TokenClaims)>); 4] = [
+        ("expired", Box::new(move |c| c.exp = now - 120)),
+        ("not valid yet", Box::new(move |c| c.nbf = Some(now + 120))),
+        (
+            "issuer",
+            Box::new(|c| c.iss = Some("https://evil.example".into())),
+        ),
+        (
+            "audience",
+            Box::new(|c| c.aud = Some("someone-else".into())),
+        ),
+    ];
+    for (says, change) in variants {
+        let mut claims = claims_of("svc", &[Role::Service]);
+        change(&mut claims);
+        let bad = issue_hs256(SECRET.as_bytes(), &claims).expect("signed");
+        let e = scheduler
+            .get_pool_stats(with_token(sched::GetPoolStatsRequest::default(), &bad))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{says}: {e:?}");
+        assert!(e.message().contains(says), "{says}: {}", e.message());
+    }
 
     // A service token works, and the scheduler's own publish to the bus carries the process's
     // token: a submitted task's event arrives (on a `sys.` subject: an operator reads it).
@@ -668,7 +707,7 @@ async fn test_tenants_are_isolated_agents_act_as_themselves_and_changes_are_audi
         listed.tasks.iter().all(|t| t.task_id != task_id),
         "beta lists acme's task"
     );
-    let mut claims = TokenClaims::new("acme-agent", &[Role::Agent], Duration::from_secs(600));
+    let mut claims = claims_of("acme-agent", &[Role::Agent]);
     claims.tenant = Some("acme".into());
     claims.agent_id = Some("acme-agent".into());
     let acme_agent = issue_hs256(SECRET.as_bytes(), &claims).expect("signed");

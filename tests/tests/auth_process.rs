@@ -47,6 +47,9 @@ fn every_method() -> Vec<&'static str> {
     out
 }
 
+/// A change that makes claims unacceptable.
+type ClaimsChange = Box<dyn Fn(&mut TokenClaims)>;
+
 const ISSUER: &str = "https://id.agentmesh.test";
 const AUDIENCE: &str = "agentmesh";
 
@@ -229,7 +232,7 @@ async fn test_auth_required_refuses_every_rpc_without_a_token_and_checks_roles()
     // Expired, not yet valid, another issuer's, another audience's: UNAUTHENTICATED, saying
     // why (beyond the 30 s leeway).
     let now = TokenClaims::new("x", &[], Duration::ZERO).iat;
-    let variants: [(&str, Box<dyn Fn(&mut TokenClaims)>); 4] = [
+    let variants: [(&str, ClaimsChange); 4] = [
         ("expired", Box::new(move |c| c.exp = now - 120)),
         ("not valid yet", Box::new(move |c| c.nbf = Some(now + 120))),
         (

@@ -15,8 +15,8 @@ pub use prometheus_parse::{HistogramCount, Sample, Scrape, Value};
 /// Why a `GET` did not give an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum GetError {
-    /// The URL is not `http://host:port[/path]`.
-    #[error("{0}: only http://host:port[/path] URLs are read")]
+    /// The URL is not `http[s]://host[:port][/path]`.
+    #[error("{0}: only http:// and https://host[:port][/path] URLs are read")]
     Url(String),
     /// Connecting, sending or reading failed.
     #[error("{url}: {source}")]
@@ -227,7 +227,7 @@ wait_seconds_count{priority="low"} 7
             .unwrap();
         assert_eq!(code, 404);
         assert!(matches!(
-            get("https://x/y", Duration::from_secs(1)).await,
+            get("ftp://x/y", Duration::from_secs(1)).await,
             Err(GetError::Url(_))
         ));
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

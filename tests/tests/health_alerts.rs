@@ -202,18 +202,9 @@ async fn test_alerts_fire_and_resolve_once_across_replicas_with_silences_and_mai
         "the signature is HMAC-SHA256 of the body"
     );
     assert_eq!(firing.headers["x-agentmesh-event"], "alert.firing");
-    let event = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(Ok(m)) = events.next().await {
-            if let Some(bus::subscribe_response::Kind::Deliveries(d)) = m.kind
-                && let Some(e) = d.deliveries.into_iter().find_map(|d| d.event)
-            {
-                return Some(e);
-            }
-        }
-        None
-    })
-    .await?
-    .expect("an alert event");
+    let event = agentmesh_tests::bus::first_event(&mut events, Duration::from_secs(10))
+        .await?
+        .expect("an alert event");
     assert_eq!(event.subject, "sys.alert.ratelimit-down.firing");
 
     // Resolved, when a rate limiter serves again.

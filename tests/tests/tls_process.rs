@@ -174,18 +174,9 @@ async fn test_mutual_tls_encrypts_every_port_and_certificates_name_the_caller() 
             ..sched::SubmitTaskRequest::default()
         })
         .await?;
-    let event = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(Ok(m)) = stream.next().await {
-            if let Some(bus::subscribe_response::Kind::Deliveries(d)) = m.kind
-                && let Some(e) = d.deliveries.into_iter().find_map(|d| d.event)
-            {
-                return Some(e);
-            }
-        }
-        None
-    })
-    .await?
-    .expect("the scheduler's event over TLS");
+    let event = agentmesh_tests::bus::first_event(&mut stream, Duration::from_secs(10))
+        .await?
+        .expect("the scheduler's event over TLS");
     assert!(event.subject.starts_with("sys.scheduler.task."));
     drop(tx);
 

@@ -43,6 +43,18 @@ pub fn allowed_roles(roles: &[Role], method: &str, identity: &Identity) -> Resul
     ))
 }
 
+/// Panics naming the RPCs of `service` without a rule in `rules`, and the rules naming no RPC
+/// (each service's test that no RPC ships without a rule).
+#[track_caller]
+pub fn assert_covered(service: &str, rules: &[AccessRule]) {
+    let (missing, stray) = uncovered(agentmesh_proto::FILE_DESCRIPTOR_SET, service, rules);
+    assert!(
+        missing.is_empty(),
+        "RPCs without an access rule: {missing:?}"
+    );
+    assert!(stray.is_empty(), "rules naming no RPC: {stray:?}");
+}
+
 /// Role overrides from a roles file (`--auth-roles-file`): TOML mapping
 /// `"<package.Service>/<Method>"` to a list of role names, e.g.
 /// `"agentmesh.ratelimit.v1.RateLimiter/Reset" = ["operator", "service"]`. Every key must name

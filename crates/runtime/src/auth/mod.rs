@@ -13,7 +13,7 @@ mod tests;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use access::{AccessRule, allowed, allowed_roles, parse_overrides, uncovered};
+pub use access::{AccessRule, allowed, allowed_roles, assert_covered, parse_overrides, uncovered};
 pub use layer::AuthLayer;
 pub use scope::caller;
 pub use verify::{Identity, TokenError, Verifier, VerifierConfig};

@@ -1,0 +1,27 @@
+//! Reading an event bus subscription in tests.
+
+use std::time::Duration;
+
+use agentmesh_proto::eventbus::v1 as pb;
+use tokio_stream::StreamExt as _;
+
+/// The first event delivered on `stream` within `within`; `None` when the stream ends first.
+///
+/// # Errors
+/// Nothing is delivered within `within`.
+pub async fn first_event(
+    stream: &mut tonic::Streaming<pb::SubscribeResponse>,
+    within: Duration,
+) -> anyhow::Result<Option<pb::Event>> {
+    Ok(tokio::time::timeout(within, async {
+        while let Some(Ok(m)) = stream.next().await {
+            if let Some(pb::subscribe_response::Kind::Deliveries(d)) = m.kind
+                && let Some(e) = d.deliveries.into_iter().find_map(|d| d.event)
+            {
+                return Some(e);
+            }
+        }
+        None
+    })
+    .await?)
+}

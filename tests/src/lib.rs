@@ -10,6 +10,7 @@ mod etcd;
 mod process;
 pub mod raw;
 mod redis;
+pub mod trace_sink;
 
 use std::future::Future;
 use std::net::TcpListener;

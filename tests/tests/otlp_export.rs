@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use agentmesh_proto::ratelimit::v1 as pb;
 use agentmesh_tests::agentmesh::AgentmeshProcess;
+use agentmesh_tests::trace_sink::{TraceSink, hex};
 use agentmesh_tests::wait_until;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -41,10 +42,6 @@ impl TraceService for Receiver {
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_SPAN_ID: &str = "00f067aa0ba902b7";
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 #[tokio::test]
 async fn test_server_spans_are_exported_over_otlp_and_continue_the_callers_trace()
@@ -318,80 +315,17 @@ async fn test_a_tasks_scheduler_steps_are_spans_of_the_submits_trace() -> anyhow
     Ok(())
 }
 
-/// A stand-in for Jaeger's query API (`GET /api/traces/<id>`), answering from the spans the
-/// OTLP receiver collected, in Jaeger's JSON shape (`data[0].spans[].tags[]`).
-async fn fake_jaeger(
-    spans: std::sync::Arc<parking_lot::Mutex<Vec<Span>>>,
-) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let mut buf = vec![0u8; 4096];
-            let n = socket.read(&mut buf).await.unwrap_or(0);
-            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let id = head
-                .split_whitespace()
-                .nth(1)
-                // Origin or absolute form (`http://host/api/traces/<id>`), as HTTP/1.1 allows.
-                .and_then(|target| target.split_once("/api/traces/").map(|(_, id)| id))
-                .unwrap_or("")
-                .to_owned();
-            let matching: Vec<serde_json::Value> = spans
-                .lock()
-                .iter()
-                .filter(|s| hex(&s.trace_id) == id)
-                .map(|s| {
-                    let tags: Vec<serde_json::Value> = s
-                        .attributes
-                        .iter()
-                        .filter_map(|kv| {
-                            use opentelemetry_proto::tonic::common::v1::any_value::Value;
-                            match kv.value.as_ref()?.value.as_ref()? {
-                                Value::StringValue(v) => {
-                                    Some(serde_json::json!({"key": kv.key, "value": v}))
-                                }
-                                _ => None,
-                            }
-                        })
-                        .collect();
-                    serde_json::json!({"traceID": id, "operationName": s.name, "tags": tags})
-                })
-                .collect();
-            let body =
-                serde_json::json!({"data": [{"traceID": id, "spans": matching, "processes": {}}]})
-                    .to_string();
-            let reply = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(reply.as_bytes()).await;
-        }
-    });
-    Ok(url)
-}
-
-// Multi-threaded: the receiver and the fake Jaeger must answer while meshctl runs (a blocking
+// Multi-threaded: the trace sink (OTLP receiver and Jaeger query API) must answer while meshctl runs (a blocking
 // wait on this thread).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_meshctl_doctor_finds_one_trace_across_three_services() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
-    let (spans_tx, mut spans_rx) = mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Receiver { spans_tx }))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    let collected = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let sink = collected.clone();
-    tokio::spawn(async move {
-        while let Some(span) = spans_rx.recv().await {
-            sink.lock().push(span);
-        }
-    });
-    let jaeger = fake_jaeger(collected.clone()).await?;
+    let sink = TraceSink::new(100_000);
+    tokio::spawn(sink.clone().serve_otlp(listener));
+    let query = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let jaeger = format!("http://{}", query.local_addr()?);
+    tokio::spawn(sink.clone().serve_query(query));
     let dev = AgentmeshProcess::dev_with_env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]).await?;
     let (grpc, admin) = dev.addrs["health"];
     // Wait until the aggregator sees every service UP and has scraped the features.
@@ -430,9 +364,10 @@ async fn test_meshctl_doctor_finds_one_trace_across_three_services() -> anyhow::
         .find(|c| c["check"] == "one trace across three services")
         .cloned()
         .expect("the trace check");
-    let seen: Vec<String> = collected
-        .lock()
+    let seen: Vec<String> = sink
+        .spans()
         .iter()
+        .map(|r| &r.span)
         .map(|s| {
             format!(
                 "{} {} {:?}",

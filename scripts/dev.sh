@@ -6,7 +6,8 @@
 # submitted and completed, then the agent running a second task is killed with `kill -9` and
 # the task is retried and completed on the other; cache: a miss, a write, a hit from L1, a
 # refused compare-and-set, a stampede of 300 callers computed once, a semantic hit for a
-# paraphrase and a refused negation; health: `meshctl status`, a maintenance window on the
+# paraphrase and a refused negation; rules: a rule file applied, an order publishes an alert
+# and submits a review task; health: `meshctl status`, a maintenance window on the
 # cache, the history of transitions, `/health` and the status page's URL), prints the counters from `/metrics`, then
 # keeps the cluster running until Ctrl-C. `scripts/dev.sh --demo` stops after the demonstration.
 set -euo pipefail
@@ -152,6 +153,33 @@ echo "\$ meshctl agents list   # the killed agent is dead"
 echo "\$ meshctl agents stats"
 "$bin/meshctl" agents stats
 
+echo
+echo "\$ meshctl rules apply deploy/rules/example.toml   # reactive rules: stimulus -> response"
+"$bin/meshctl" rules apply deploy/rules/example.toml
+echo "\$ meshctl rules list"
+"$bin/meshctl" rules list
+alerts=$(mktemp)
+"$bin/meshctl" events subscribe 'alerts.>' --count 1 >"$alerts" 2>&1 &
+sub=$!
+await_subscribed "$alerts"
+# The leader subscribes to the rule's stimulus a moment after it is stored: warm-up orders
+# (under the threshold: matched, not fired) until it counts one.
+for n in $(seq 1 50); do
+  "$bin/meshctl" events publish orders.created "{\"id\": \"warm-$n\", \"amount\": 1}" --type order.created >/dev/null
+  "$bin/meshctl" rules stats big-orders -o json | grep -q '"matched": *[1-9]' && break
+  sleep 0.1
+done
+echo "\$ meshctl events publish orders.created '{\"id\": \"o-42\", \"amount\": 9000}' --type order.created"
+"$bin/meshctl" events publish orders.created '{"id": "o-42", "amount": 9000}' --type order.created
+wait "$sub" 2>/dev/null || true
+echo "# the rule fired: an alert on alerts.orders ..."
+grep -v '^subscribed' "$alerts" || true
+rm -f "$alerts"
+echo "# ... and a review task for the example agents:"
+sleep 0.5
+"$bin/meshctl" tasks list --type echo --limit 1
+echo "\$ meshctl rules stats"
+"$bin/meshctl" rules stats
 echo
 echo "\$ meshctl cache get answers 'capital of France'   # a miss"
 "$bin/meshctl" cache get answers 'capital of France' || true

@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "agentmesh/ratelimit/v1/ratelimit.proto",
         "agentmesh/eventbus/v1/eventbus.proto",
         "agentmesh/scheduler/v1/scheduler.proto",
+        "agentmesh/rules/v1/rules.proto",
         "agentmesh/cache/v1/cache.proto",
         "agentmesh/health/v1/health.proto",
         "grpc/health/v1/health.proto",

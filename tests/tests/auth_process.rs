@@ -29,6 +29,7 @@ fn every_method() -> Vec<&'static str> {
         "agentmesh.health.v1.HealthAggregator",
         "agentmesh.ratelimit.v1.RateLimiter",
         "agentmesh.scheduler.v1.Scheduler",
+        "agentmesh.rules.v1.Rules",
         "envoy.service.ratelimit.v3.RateLimitService",
     ];
     let mut out = Vec::new();
@@ -176,7 +177,7 @@ async fn test_auth_required_refuses_every_rpc_without_a_token_and_checks_roles()
             "eventbus"
         } else if path.contains("health.v1") {
             "health"
-        } else if path.contains("scheduler.v1") {
+        } else if path.contains("scheduler.v1") || path.contains("rules.v1") {
             "scheduler"
         } else {
             "ratelimit"
@@ -762,7 +763,7 @@ async fn test_tenants_are_isolated_agents_act_as_themselves_and_changes_are_audi
 
     // Every state-changing RPC of every service lands in the trail (each called once by an
     // operator with an empty request: whatever the outcome, it is recorded).
-    let audited: [(&str, &str, &[&str]); 5] = [
+    let audited: [(&str, &str, &[&str]); 6] = [
         (
             "ratelimit",
             "agentmesh.ratelimit.v1.RateLimiter",
@@ -777,6 +778,11 @@ async fn test_tenants_are_isolated_agents_act_as_themselves_and_changes_are_audi
             "scheduler",
             "agentmesh.scheduler.v1.Scheduler",
             agentmesh_scheduler::grpc::AUDITED,
+        ),
+        (
+            "scheduler",
+            "agentmesh.rules.v1.Rules",
+            agentmesh_scheduler::rules::grpc::AUDITED,
         ),
         (
             "cache",

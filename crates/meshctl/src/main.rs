@@ -9,6 +9,7 @@ mod events;
 mod health;
 mod members;
 mod ratelimit;
+mod rules;
 mod tasks;
 mod token;
 
@@ -58,6 +59,10 @@ enum Command {
     /// Tasks: submit (and wait), watch, get, list, cancel.
     #[command(subcommand)]
     Tasks(tasks::TasksCommand),
+    /// Reactive rules (stimulus → response, run by the scheduler): list, get, apply, delete,
+    /// enable, disable, stats.
+    #[command(subcommand)]
+    Rules(rules::RulesCommand),
     /// The cache coordinator: get, set, delete, invalidate, stats, warm.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
@@ -122,6 +127,7 @@ fn main() -> ExitCode {
             Command::Tasks(cmd) => tasks::run(cmd).await,
             Command::Cache(cmd) => cache::run(cmd).await,
             Command::Status(args) => health::status(args).await,
+            Command::Rules(cmd) => rules::run(cmd).await,
             Command::Health(cmd) => health::run(cmd).await,
             Command::Doctor(args) => doctor::run(args).await,
             Command::Audit(cmd) => audit::run(cmd).await,

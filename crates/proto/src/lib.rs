@@ -32,6 +32,12 @@ pub mod scheduler {
     }
 }
 
+pub mod rules {
+    pub mod v1 {
+        tonic::include_proto!("agentmesh.rules.v1");
+    }
+}
+
 pub mod cache {
     pub mod v1 {
         tonic::include_proto!("agentmesh.cache.v1");

@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod leader;
 pub mod metrics;
 pub mod pool;
+pub mod rules;
 pub mod select;
 pub mod service;
 pub mod tasks;

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentmesh_proto::rules::v1::rules_server::SERVICE_NAME as RULES_SERVICE;
 use agentmesh_proto::scheduler::v1::scheduler_server::SERVICE_NAME;
 use agentmesh_runtime::config::{parse_duration, parse_socket_addr};
 use agentmesh_runtime::server::{ServiceSpec, new_instance_id};
@@ -20,6 +21,8 @@ use crate::grpc::SchedulerGrpc;
 use crate::leader::{self, LeaderRouted, Leadership};
 use crate::metrics::{SchedulerMetrics, TaskMetrics};
 use crate::pool::{Clock, Pool, SystemClock};
+use crate::rules::grpc::RulesGrpc;
+use crate::rules::{Engine, EtcdRuleStore, MemoryRuleStore, RuleMetrics, RuleStore};
 use crate::tasks::redis_store::RedisTaskStore;
 use crate::tasks::{InMemoryTaskStore, TaskConfig, TaskStore, Tasks};
 use agentmesh_runtime::peers::PeerSet;
@@ -139,9 +142,26 @@ impl Service for SchedulerArgs {
                 .with_events(events),
             );
             spawn_ticks(&pool, &tasks, metrics.clone(), task_metrics);
+            let rule_store: Arc<dyn RuleStore> = match &deps.etcd {
+                None => Arc::new(MemoryRuleStore::default()),
+                Some(etcd) => EtcdRuleStore::new(etcd.client.clone(), &etcd.prefix),
+            };
+            let rule_metrics = RuleMetrics::register(deps.metrics.registry())
+                .map_err(|e| BuildError::Config(format!("registering metrics: {e}")))?;
+            let engine = Engine::new(
+                rule_store.clone(),
+                tasks.clone(),
+                event_buses(deps, &instance_id).await?,
+                Some(rule_metrics),
+            );
             let leadership = match &deps.etcd {
                 None => {
                     recover(&tasks).await?;
+                    tokio::spawn(
+                        engine
+                            .clone()
+                            .run(tokio::sync::watch::channel(leader::Role::Leader).1),
+                    );
                     Arc::new(Leadership::alone())
                 }
                 Some(etcd) => {
@@ -180,6 +200,7 @@ impl Service for SchedulerArgs {
                     .map_err(|e| {
                         BuildError::Unavailable(format!("joining the scheduler election: {e}"))
                     })?;
+                    tokio::spawn(engine.clone().run(role.clone()));
                     Arc::new(Leadership::elected(role, peers))
                 }
             };
@@ -187,18 +208,30 @@ impl Service for SchedulerArgs {
                 SchedulerGrpc::new(pool, tasks, &instance_id)
                     .with_metrics(metrics)
                     .into_server(),
+                leadership.clone(),
+            );
+            // Rules: every call goes to the leader too (it holds the statistics; the rules
+            // themselves are in etcd).
+            let rules = LeaderRouted::new(
+                RulesGrpc::new(rule_store, Some(engine)).into_server(),
                 leadership,
             );
             Ok(ServiceSpec {
                 name: NAME,
                 instance_id,
-                grpc_services: vec![SERVICE_NAME.to_owned()],
-                routes: Routes::new(server),
+                grpc_services: vec![SERVICE_NAME.to_owned(), RULES_SERVICE.to_owned()],
+                routes: Routes::new(server).add_service(rules),
                 grpc_listen: self.listen,
                 admin_listen: self.admin_listen,
                 admin_routes: None,
-                access: vec![(SERVICE_NAME.to_owned(), crate::grpc::ACCESS)],
-                audited: vec![(SERVICE_NAME.to_owned(), crate::grpc::AUDITED)],
+                access: vec![
+                    (SERVICE_NAME.to_owned(), crate::grpc::ACCESS),
+                    (RULES_SERVICE.to_owned(), crate::rules::grpc::ACCESS),
+                ],
+                audited: vec![
+                    (SERVICE_NAME.to_owned(), crate::grpc::AUDITED),
+                    (RULES_SERVICE.to_owned(), crate::rules::grpc::AUDITED),
+                ],
             })
         })
     }
@@ -236,6 +269,24 @@ async fn bus_events(deps: &HostDeps, instance_id: &str) -> Result<Arc<dyn EventS
         format!("agentmesh/scheduler/{instance_id}"),
         dropped,
     )))
+}
+
+/// The event bus members, for the rule engine's subscriptions and publishes.
+async fn event_buses(deps: &HostDeps, instance_id: &str) -> Result<PeerSet, BuildError> {
+    PeerSet::watch(
+        deps.membership.as_ref(),
+        "eventbus",
+        instance_id,
+        agentmesh_runtime::ClientConfig {
+            bearer: deps.client_token.clone(),
+            // Subscriptions are long-lived streams: no per-call timeout.
+            timeout: Duration::from_secs(24 * 3600),
+            ..agentmesh_runtime::ClientConfig::default()
+        },
+        deps.metrics.clone(),
+    )
+    .await
+    .map_err(|e| BuildError::Unavailable(format!("watching event bus members: {e}")))
 }
 
 /// Loads the open tasks a previous leader left in the store.

@@ -1,0 +1,531 @@
+//! `meshctl rules …`: reactive rules (served by the scheduler): list, get, apply a TOML file
+//! (with `--dry-run` showing what would change), delete, enable, disable, stats.
+//!
+//! The file holds `[[rule]]` tables, each with `[rule.stimulus]` and `[[rule.response]]`
+//! entries holding one of `[rule.response.publish]` or `[rule.response.submit_task]`
+//! (README "Reactive rules").
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::Chan;
+use agentmesh_proto::rules::v1 as pb;
+use agentmesh_runtime::config::parse_duration;
+use pb::rules_client::RulesClient;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::Output;
+use crate::events::{print_table, status_error};
+use crate::ratelimit::proto_duration;
+
+const DEFAULT_ADDR: &str = "http://127.0.0.1:7102";
+
+#[derive(clap::Args)]
+pub(crate) struct Common {
+    /// Scheduler address (any instance).
+    #[arg(long, env = "AGENTMESH_SCHEDULER_ADDR", default_value = DEFAULT_ADDR, global = true)]
+    addr: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+}
+
+impl Common {
+    async fn client(&self) -> anyhow::Result<RulesClient<Chan>> {
+        let channel = crate::connect(&self.addr, Duration::from_secs(10), "the scheduler").await?;
+        Ok(RulesClient::new(channel))
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub(crate) enum RulesCommand {
+    /// Every rule: name, stimulus, responses, enabled.
+    List(ListArgs),
+    /// One rule, every field (JSON).
+    Get(NameArgs),
+    /// Store the rules of a TOML file (creating or replacing by name); `--dry-run` validates
+    /// them and shows what would change without storing anything.
+    Apply(ApplyArgs),
+    /// Delete a rule.
+    Delete(NameArgs),
+    /// Evaluate a disabled rule again.
+    Enable(NameArgs),
+    /// Stop evaluating a rule (it stays stored).
+    Disable(NameArgs),
+    /// Counters and latency per rule since the scheduler leader was elected.
+    Stats(StatsArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ListArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct NameArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The rule's name.
+    name: String,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct StatsArgs {
+    #[command(flatten)]
+    common: Common,
+    /// One rule (default: all).
+    name: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ApplyArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The TOML file of rules.
+    file: PathBuf,
+    /// Validate and show the changes; store nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// The file's shape.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    #[serde(default)]
+    rule: Vec<RuleToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleToml {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    disabled: bool,
+    stimulus: StimulusToml,
+    #[serde(default)]
+    condition: String,
+    #[serde(default)]
+    response: Vec<ResponseToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StimulusToml {
+    subject: String,
+    #[serde(default)]
+    types: Vec<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResponseToml {
+    name: String,
+    #[serde(default)]
+    when: String,
+    #[serde(default)]
+    delay: Option<String>,
+    #[serde(default)]
+    publish: Option<PublishToml>,
+    #[serde(default)]
+    submit_task: Option<SubmitToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishToml {
+    subject: String,
+    #[serde(default, rename = "type")]
+    event_type: String,
+    #[serde(default)]
+    data: String,
+    #[serde(default)]
+    content_type: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitToml {
+    #[serde(rename = "type")]
+    task_type: String,
+    #[serde(default)]
+    payload: String,
+    #[serde(default)]
+    priority: u32,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    max_attempts: u32,
+}
+
+fn duration(text: Option<&str>, what: &str) -> anyhow::Result<Option<prost_types::Duration>> {
+    text.map(|t| {
+        parse_duration(t)
+            .map(proto_duration)
+            .map_err(|e| anyhow::anyhow!("{what}: {e}"))
+    })
+    .transpose()
+}
+
+impl RuleToml {
+    fn into_proto(self) -> anyhow::Result<pb::Rule> {
+        let mut responses = Vec::new();
+        for r in self.response {
+            let at = format!("rule {}: response {}", self.name, r.name);
+            let action = match (r.publish, r.submit_task) {
+                (Some(p), None) => pb::response::Action::Publish(pb::PublishAction {
+                    subject: p.subject,
+                    r#type: p.event_type,
+                    data: p.data,
+                    content_type: p.content_type,
+                    headers: p.headers.into_iter().collect(),
+                }),
+                (None, Some(t)) => pb::response::Action::SubmitTask(pb::SubmitTaskAction {
+                    r#type: t.task_type,
+                    payload: t.payload,
+                    priority: t.priority,
+                    labels: t.labels.into_iter().collect(),
+                    timeout: duration(t.timeout.as_deref(), &format!("{at}: timeout"))?,
+                    max_attempts: t.max_attempts,
+                }),
+                _ => anyhow::bail!("{at}: give exactly one of [publish] or [submit_task]"),
+            };
+            responses.push(pb::Response {
+                name: r.name,
+                when: r.when,
+                delay: duration(r.delay.as_deref(), &format!("{at}: delay"))?,
+                action: Some(action),
+                ..pb::Response::default()
+            });
+        }
+        Ok(pb::Rule {
+            name: self.name,
+            description: self.description,
+            disabled: self.disabled,
+            stimulus: Some(pb::Stimulus {
+                subject: self.stimulus.subject,
+                types: self.stimulus.types,
+                headers: self.stimulus.headers.into_iter().collect(),
+            }),
+            condition: self.condition,
+            responses,
+            ..pb::Rule::default()
+        })
+    }
+}
+
+/// The rule as JSON (what `get` prints and `apply` compares).
+fn rule_json(rule: &pb::Rule, with_meta: bool) -> serde_json::Value {
+    let stimulus = rule.stimulus.clone().unwrap_or_default();
+    let responses: Vec<serde_json::Value> = rule
+        .responses
+        .iter()
+        .map(|r| {
+            let action = match &r.action {
+                Some(pb::response::Action::Publish(p)) => json!({"publish": {
+                    "subject": p.subject, "type": p.r#type, "data": p.data,
+                    "content_type": p.content_type,
+                    "headers": p.headers.iter().collect::<BTreeMap<_, _>>()}}),
+                Some(pb::response::Action::SubmitTask(t)) => json!({"submit_task": {
+                    "type": t.r#type, "payload": t.payload, "priority": t.priority,
+                    "labels": t.labels.iter().collect::<BTreeMap<_, _>>(),
+                    "timeout_ms": t.timeout.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000)),
+                    "max_attempts": t.max_attempts}}),
+                _ => json!({}),
+            };
+            json!({"name": r.name, "when": r.when, "action": action})
+        })
+        .collect();
+    let mut value = json!({
+        "name": rule.name,
+        "description": rule.description,
+        "disabled": rule.disabled,
+        "stimulus": {
+            "subject": stimulus.subject,
+            "types": stimulus.types,
+            "headers": stimulus.headers.iter().collect::<BTreeMap<_, _>>(),
+        },
+        "condition": rule.condition,
+        "responses": responses,
+    });
+    if with_meta {
+        value["version"] = json!(rule.version);
+        value["updated_at_ms"] = json!(
+            rule.updated_at
+                .as_ref()
+                .map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
+        );
+    }
+    value
+}
+
+fn action_names(rule: &pb::Rule) -> String {
+    rule.responses
+        .iter()
+        .map(|r| match &r.action {
+            Some(pb::response::Action::Publish(p)) => format!("{}: publish {}", r.name, p.subject),
+            Some(pb::response::Action::SubmitTask(t)) => format!("{}: task {}", r.name, t.r#type),
+            _ => format!("{}: ?", r.name),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn ms(d: Option<&prost_types::Duration>) -> String {
+    d.map_or_else(
+        || "-".to_owned(),
+        |d| {
+            format!(
+                "{:.1} ms",
+                d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6
+            )
+        },
+    )
+}
+
+pub(crate) async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        RulesCommand::List(args) => {
+            let rules = args
+                .common
+                .client()
+                .await?
+                .list_rules(pb::ListRulesRequest {})
+                .await
+                .map_err(|s| status_error(&s))?
+                .into_inner()
+                .rules;
+            if args.common.output == Output::Json {
+                let all: Vec<_> = rules.iter().map(|r| rule_json(r, true)).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                let rows: Vec<Vec<String>> = rules
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.name.clone(),
+                            if r.disabled { "disabled" } else { "enabled" }.to_owned(),
+                            r.stimulus
+                                .as_ref()
+                                .map(|s| s.subject.clone())
+                                .unwrap_or_default(),
+                            if r.condition.is_empty() {
+                                "-".to_owned()
+                            } else {
+                                r.condition.clone()
+                            },
+                            action_names(r),
+                            r.version.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "RULE",
+                        "STATE",
+                        "STIMULUS",
+                        "CONDITION",
+                        "RESPONSES",
+                        "VERSION",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        RulesCommand::Get(args) => {
+            let rule = args
+                .common
+                .client()
+                .await?
+                .get_rule(pb::GetRuleRequest { name: args.name })
+                .await
+                .map_err(|s| status_error(&s))?
+                .into_inner()
+                .rule
+                .unwrap_or_default();
+            println!("{}", serde_json::to_string_pretty(&rule_json(&rule, true))?);
+        }
+        RulesCommand::Apply(args) => return apply(args).await,
+        RulesCommand::Delete(args) => {
+            args.common
+                .client()
+                .await?
+                .delete_rule(pb::DeleteRuleRequest {
+                    name: args.name.clone(),
+                })
+                .await
+                .map_err(|s| status_error(&s))?;
+            println!("deleted rule {}", args.name);
+        }
+        RulesCommand::Enable(args) => {
+            args.common
+                .client()
+                .await?
+                .enable_rule(pb::EnableRuleRequest {
+                    name: args.name.clone(),
+                })
+                .await
+                .map_err(|s| status_error(&s))?;
+            println!("enabled rule {}", args.name);
+        }
+        RulesCommand::Disable(args) => {
+            args.common
+                .client()
+                .await?
+                .disable_rule(pb::DisableRuleRequest {
+                    name: args.name.clone(),
+                })
+                .await
+                .map_err(|s| status_error(&s))?;
+            println!("disabled rule {}", args.name);
+        }
+        RulesCommand::Stats(args) => {
+            let stats = args
+                .common
+                .client()
+                .await?
+                .get_rule_stats(pb::GetRuleStatsRequest {
+                    name: args.name.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_error(&s))?
+                .into_inner()
+                .stats;
+            if args.common.output == Output::Json {
+                let all: Vec<_> = stats
+                    .iter()
+                    .map(|s| json!({"name": s.name, "matched": s.matched, "fired": s.fired,
+                        "skipped": s.skipped, "failed": s.failed, "responses": s.responses,
+                        "fallbacks": s.fallbacks, "delayed_pending": s.delayed_pending,
+                        "latency_p50_ms": s.latency_p50.as_ref().map(|d| d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6),
+                        "latency_p99_ms": s.latency_p99.as_ref().map(|d| d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6)}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                let rows: Vec<Vec<String>> = stats
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.name.clone(),
+                            s.matched.to_string(),
+                            s.fired.to_string(),
+                            s.skipped.to_string(),
+                            s.failed.to_string(),
+                            s.responses.to_string(),
+                            ms(s.latency_p50.as_ref()),
+                            ms(s.latency_p99.as_ref()),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "RULE",
+                        "MATCHED",
+                        "FIRED",
+                        "SKIPPED",
+                        "FAILED",
+                        "RESPONSES",
+                        "P50",
+                        "P99",
+                    ],
+                    &rows,
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Validates every rule of the file on the server (a dry run each), shows the changes, then
+/// stores the changed ones unless `--dry-run`.
+async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.file)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.file.display()))?;
+    let file: RulesFile =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    if file.rule.is_empty() {
+        anyhow::bail!("{}: no [[rule]] tables", args.file.display());
+    }
+    let mut client = args.common.client().await?;
+    let mut plan = Vec::new();
+    for rule in file.rule {
+        let rule = rule.into_proto()?;
+        let name = rule.name.clone();
+        client
+            .put_rule(pb::PutRuleRequest {
+                rule: Some(rule.clone()),
+                expected_version: 0,
+                dry_run: true,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("rule {name}: {}", status_error(&s)))?;
+        let current = match client
+            .get_rule(pb::GetRuleRequest { name: name.clone() })
+            .await
+        {
+            Ok(r) => r.into_inner().rule,
+            Err(s) if s.code() == tonic::Code::NotFound => None,
+            Err(s) => return Err(status_error(&s)),
+        };
+        let change = match &current {
+            None => "create",
+            Some(c) if rule_json(c, false) == rule_json(&rule, false) => "unchanged",
+            Some(_) => "update",
+        };
+        plan.push((name, change, rule, current.map_or(0, |c| c.version)));
+    }
+    let mut rows = Vec::new();
+    for (name, change, rule, version) in &plan {
+        let stored = if args.dry_run || *change == "unchanged" {
+            String::new()
+        } else {
+            let stored = client
+                .put_rule(pb::PutRuleRequest {
+                    rule: Some(rule.clone()),
+                    expected_version: *version,
+                    dry_run: false,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("rule {name}: {}", status_error(&s)))?
+                .into_inner();
+            stored
+                .rule
+                .map(|r| r.version.to_string())
+                .unwrap_or_default()
+        };
+        rows.push(vec![
+            name.clone(),
+            (*change).to_owned(),
+            action_names(rule),
+            stored,
+        ]);
+    }
+    if args.common.output == Output::Json {
+        let all: Vec<_> = rows
+            .iter()
+            .map(|r| json!({"rule": r[0], "change": r[1], "version": r[3]}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"dry_run": args.dry_run, "rules": all}))?
+        );
+    } else {
+        print_table(&["RULE", "CHANGE", "RESPONSES", "VERSION"], &rows);
+        if args.dry_run {
+            println!("dry run: nothing stored");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

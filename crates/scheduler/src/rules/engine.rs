@@ -1,0 +1,641 @@
+//! The rule engine: runs on the scheduler leader only.
+//!
+//! Enabled rules are grouped by stimulus (subject filter, types, headers); each group is one
+//! subscription on the event bus in the queue group `sys-rules-<hash of the stimulus>` — the
+//! same name on every leader, so a new leader resumes a durable subject where the old one
+//! acknowledged. Each delivered event is evaluated against the group's rules; the responses
+//! run (publish: an event whose id is the response's idempotency key, which the bus
+//! deduplicates; submit task: the key is the task's idempotency key), and only then is the
+//! event acknowledged (fire, then ack). A redelivered event (a failover before its ack, or a
+//! response that failed) fires again, and the idempotency keys make every response happen
+//! once. A response that keeps failing is retried with back-off (1 s, 5 s, 30 s) and after
+//! five deliveries the bus dead-letters the stimulus on `sys.rules.deadletter`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentmesh_proto::eventbus::v1 as bus;
+use agentmesh_runtime::peers::PeerSet;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use prometheus::{HistogramVec, IntCounterVec};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+
+use super::eval::{Variables, holds, render};
+use super::model::{CompiledAction, CompiledRule, RuleError, Stimulus, compile};
+use super::store::RuleStore;
+use crate::leader::Role;
+use crate::tasks::{RetryPolicy, TaskSpec, Tasks};
+
+/// Subject that stimuli whose responses kept failing are dead-lettered on.
+pub const DEAD_LETTER_SUBJECT: &str = "sys.rules.deadletter";
+/// Firings kept for the latency percentiles, per rule.
+const LATENCY_WINDOW: usize = 4096;
+/// Distinct rule names given their own metric label (then `_other`).
+const MAX_RULE_LABELS: usize = 256;
+/// Longest wait for the event bus to accept a response's event.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deliveries unacknowledged at once, per stimulus group.
+const IN_FLIGHT: u32 = 64;
+
+/// Counters of one rule since this leader was elected.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub matched: u64,
+    pub fired: u64,
+    pub skipped: u64,
+    pub failed: u64,
+    pub responses: u64,
+    /// Stimulus accepted by the bus → responses done, most recent last.
+    latencies: VecDeque<Duration>,
+}
+
+impl Stats {
+    /// The `q` quantile (0–1) of the recent latencies.
+    #[must_use]
+    pub fn latency(&self, q: f64) -> Option<Duration> {
+        if self.latencies.is_empty() {
+            return None;
+        }
+        let mut sorted: Vec<Duration> = self.latencies.iter().copied().collect();
+        sorted.sort();
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let at = ((sorted.len() - 1) as f64 * q).round() as usize;
+        sorted.get(at).copied()
+    }
+}
+
+/// The engine's metrics.
+#[derive(Clone, Debug)]
+pub struct RuleMetrics {
+    stimuli: IntCounterVec,
+    responses: IntCounterVec,
+    latency: HistogramVec,
+    labelled: Arc<Mutex<std::collections::HashSet<String>>>,
+}
+
+impl RuleMetrics {
+    /// Registers `rules_stimuli_total{rule,outcome}`, `rules_responses_total{rule,action,result}`
+    /// and `rules_fire_seconds{rule}`.
+    ///
+    /// # Errors
+    /// When a metric is registered twice.
+    pub fn register(registry: &prometheus::Registry) -> Result<Self, prometheus::Error> {
+        let stimuli = IntCounterVec::new(
+            prometheus::Opts::new(
+                "rules_stimuli_total",
+                "Stimuli delivered to each rule, by outcome (fired, skipped: condition false, failed: condition or response failed).",
+            ),
+            &["rule", "outcome"],
+        )?;
+        let responses = IntCounterVec::new(
+            prometheus::Opts::new(
+                "rules_responses_total",
+                "Responses run, by action (publish, submit_task) and result (ok, duplicate, failed).",
+            ),
+            &["rule", "action", "result"],
+        )?;
+        let latency = HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "rules_fire_seconds",
+                "Stimulus accepted by the event bus → the rule's responses done.",
+            )
+            .buckets(vec![
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]),
+            &["rule"],
+        )?;
+        registry.register(Box::new(stimuli.clone()))?;
+        registry.register(Box::new(responses.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        Ok(Self {
+            stimuli,
+            responses,
+            latency,
+            labelled: Arc::default(),
+        })
+    }
+
+    fn label(&self, rule: &str) -> String {
+        let mut labelled = self.labelled.lock();
+        if labelled.contains(rule) || labelled.len() < MAX_RULE_LABELS {
+            labelled.insert(rule.to_owned());
+            rule.to_owned()
+        } else {
+            "_other".to_owned()
+        }
+    }
+}
+
+/// The rule engine of this scheduler instance.
+pub struct Engine {
+    store: Arc<dyn RuleStore>,
+    tasks: Arc<Tasks>,
+    buses: PeerSet,
+    metrics: Option<RuleMetrics>,
+    stats: Mutex<BTreeMap<String, Stats>>,
+    leading: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+/// A group's subscription task and the rules it evaluates.
+struct Group {
+    rules: watch::Sender<Arc<Vec<CompiledRule>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The idempotency key of one response of one firing (at most 128 bytes: longer ones are
+/// hashed).
+#[must_use]
+pub fn response_key(firing_id: &str, response: &str) -> String {
+    let key = format!("{firing_id}/{response}");
+    if key.len() <= 128 {
+        key
+    } else {
+        format!("rules-{:032x}", xxhash_rust::xxh3::xxh3_128(key.as_bytes()))
+    }
+}
+
+/// The queue group of a stimulus: the same on every leader.
+#[must_use]
+pub fn group_name(stimulus: &Stimulus) -> String {
+    let text = serde_json::to_string(stimulus).unwrap_or_default();
+    format!(
+        "sys-rules-{:016x}",
+        xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+    )
+}
+
+impl Engine {
+    /// An engine over `store`, submitting into `tasks` and publishing through `buses`.
+    #[must_use]
+    pub fn new(
+        store: Arc<dyn RuleStore>,
+        tasks: Arc<Tasks>,
+        buses: PeerSet,
+        metrics: Option<RuleMetrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            tasks,
+            buses,
+            metrics,
+            stats: Mutex::default(),
+            leading: watch::channel(false).0,
+        })
+    }
+
+    /// Whether this instance evaluates rules now.
+    #[must_use]
+    pub fn leading(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    /// Each rule's counters (`name` empty: all).
+    #[must_use]
+    pub fn stats(&self, name: &str) -> Vec<(String, Stats)> {
+        self.stats
+            .lock()
+            .iter()
+            .filter(|(n, _)| name.is_empty() || n.as_str() == name)
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect()
+    }
+
+    /// Waits until `role` says this instance leads, then evaluates rules until the process
+    /// ends (a leader that loses its lease exits).
+    pub async fn run(self: Arc<Self>, mut role: watch::Receiver<Role>) {
+        while *role.borrow_and_update() != Role::Leader {
+            if role.changed().await.is_err() {
+                return;
+            }
+        }
+        self.leading.send_replace(true);
+        tracing::info!("leading: evaluating reactive rules");
+        let mut changes = self.store.changes();
+        let mut groups: HashMap<Stimulus, Group> = HashMap::new();
+        loop {
+            changes.mark_unchanged();
+            match self.load().await {
+                Ok(by_stimulus) => self.apply(&mut groups, by_stimulus),
+                Err(e) => {
+                    tracing::warn!(error = %e, "loading rules failed; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Enabled rules, compiled, by stimulus.
+    async fn load(&self) -> Result<HashMap<Stimulus, Vec<CompiledRule>>, RuleError> {
+        let mut by_stimulus: HashMap<Stimulus, Vec<CompiledRule>> = HashMap::new();
+        for stored in self.store.list().await? {
+            if stored.def.disabled {
+                continue;
+            }
+            let name = stored.def.name.clone();
+            match compile(stored.def, stored.version) {
+                Ok(rule) => by_stimulus
+                    .entry(rule.def.stimulus.clone())
+                    .or_default()
+                    .push(rule),
+                Err(e) => {
+                    tracing::warn!(rule = %name, error = %e, "a stored rule does not compile: not evaluated");
+                }
+            }
+        }
+        Ok(by_stimulus)
+    }
+
+    /// Starts, updates and stops group subscriptions to match `by_stimulus`.
+    fn apply(
+        self: &Arc<Self>,
+        groups: &mut HashMap<Stimulus, Group>,
+        mut by_stimulus: HashMap<Stimulus, Vec<CompiledRule>>,
+    ) {
+        groups.retain(|stimulus, group| {
+            if let Some(rules) = by_stimulus.remove(stimulus) {
+                group.rules.send_replace(Arc::new(rules));
+                true
+            } else {
+                group.task.abort();
+                false
+            }
+        });
+        for (stimulus, rules) in by_stimulus {
+            let (tx, rx) = watch::channel(Arc::new(rules));
+            let engine = self.clone();
+            let task = tokio::spawn(engine.subscribe(stimulus.clone(), rx));
+            groups.insert(stimulus, Group { rules: tx, task });
+        }
+    }
+
+    /// One group's subscription, reopened (on any event bus member) whenever it breaks.
+    async fn subscribe(
+        self: Arc<Self>,
+        stimulus: Stimulus,
+        rules: watch::Receiver<Arc<Vec<CompiledRule>>>,
+    ) {
+        let group = group_name(&stimulus);
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let started = Instant::now();
+            if let Err(e) = self.subscribe_once(&stimulus, &group, &rules).await {
+                tracing::warn!(subject = %stimulus.subject, group = %group, error = %e, "rule subscription interrupted; reopening");
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                delay = Duration::from_millis(200);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn subscribe_once(
+        &self,
+        stimulus: &Stimulus,
+        group: &str,
+        rules: &watch::Receiver<Arc<Vec<CompiledRule>>>,
+    ) -> Result<(), String> {
+        let member = self
+            .buses
+            .snapshot()
+            .members
+            .keys()
+            .next()
+            .cloned()
+            .ok_or("no event bus member")?;
+        let (_, channel) = self.buses.channel(&member).map_err(|e| e.to_string())?;
+        let mut client = bus::event_bus_client::EventBusClient::new(channel.clone());
+        let (tx, rx) = mpsc::channel::<bus::SubscribeRequest>(256);
+        let open = bus::SubscribeOpen {
+            subject: stimulus.subject.clone(),
+            queue_group: group.to_owned(),
+            types: stimulus.types.clone(),
+            headers: stimulus.headers.clone().into_iter().collect(),
+            max_in_flight: IN_FLIGHT,
+            ack_wait: Some(prost_types::Duration {
+                seconds: 10,
+                nanos: 0,
+            }),
+            max_deliveries: 5,
+            backoff: [1, 5, 30]
+                .iter()
+                .map(|s| prost_types::Duration {
+                    seconds: *s,
+                    nanos: 0,
+                })
+                .collect(),
+            dead_letter_subject: DEAD_LETTER_SUBJECT.to_owned(),
+            ..bus::SubscribeOpen::default()
+        };
+        tx.send(bus::SubscribeRequest {
+            kind: Some(bus::subscribe_request::Kind::Open(open)),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut stream = client
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let publisher = bus::event_bus_client::EventBusClient::new(channel);
+        while let Some(message) = stream.next().await {
+            let message = message.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            let Some(bus::subscribe_response::Kind::Deliveries(batch)) = message.kind else {
+                continue;
+            };
+            for delivery in batch.deliveries {
+                let Some(event) = delivery.event else {
+                    continue;
+                };
+                let current = rules.borrow().clone();
+                let outcome = self.fire(&current, &event, &publisher).await;
+                let reply = match outcome {
+                    Ok(()) => bus::subscribe_request::Kind::Ack(bus::Ack {
+                        delivery_ids: vec![delivery.delivery_id],
+                    }),
+                    Err(e) => {
+                        tracing::warn!(event = %event.id, subject = %event.subject, attempt = delivery.delivery_count, error = %e, "a rule's response failed; the stimulus will be redelivered");
+                        bus::subscribe_request::Kind::Nak(bus::Nak {
+                            delivery_id: delivery.delivery_id,
+                            delay: None,
+                        })
+                    }
+                };
+                tx.send(bus::SubscribeRequest { kind: Some(reply) })
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Err("the event bus closed the subscription".to_owned())
+    }
+
+    /// Evaluates `rules` for one event and runs the responses of those that fire. `Err` when a
+    /// response failed (the event is then redelivered; responses already done are not repeated).
+    async fn fire(
+        &self,
+        rules: &[CompiledRule],
+        event: &bus::Event,
+        publisher: &bus::event_bus_client::EventBusClient<agentmesh_runtime::client::ClientChannel>,
+    ) -> Result<(), String> {
+        let vars = Variables::new(event);
+        let trace: BTreeMap<String, String> = event
+            .headers
+            .iter()
+            .filter(|(k, _)| *k == "traceparent" || *k == "tracestate")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut failure = None;
+        for rule in rules {
+            let name = &rule.def.name;
+            let firing_id = format!("{name}/{}", event.id);
+            let label = self
+                .metrics
+                .as_ref()
+                .map(|m| m.label(name))
+                .unwrap_or_default();
+            let scope = vars.for_rule(name, &firing_id, "");
+            let fires = match &rule.condition {
+                None => Ok(true),
+                Some(p) => holds(p, &scope),
+            };
+            let outcome = match fires {
+                Ok(false) => "skipped",
+                Err(e) => {
+                    tracing::warn!(rule = %name, event = %event.id, error = %e, "a rule's condition failed to evaluate");
+                    "failed"
+                }
+                Ok(true) => {
+                    let mut ran = 0u64;
+                    let mut failed = None;
+                    for response in &rule.responses {
+                        let scope = vars.for_rule(name, &firing_id, &response.name);
+                        if let Some(when) = &response.when {
+                            match holds(when, &scope) {
+                                Ok(true) => {}
+                                Ok(false) => continue,
+                                Err(e) => {
+                                    failed = Some(format!(
+                                        "{name}: response {}: guard: {e}",
+                                        response.name
+                                    ));
+                                    break;
+                                }
+                            }
+                        }
+                        let key = response_key(&firing_id, &response.name);
+                        let (action, result) = match self
+                            .respond(
+                                name,
+                                &response.action,
+                                &scope,
+                                event,
+                                &key,
+                                &trace,
+                                publisher,
+                            )
+                            .await
+                        {
+                            Ok((action, duplicate)) => {
+                                (action, if duplicate { "duplicate" } else { "ok" })
+                            }
+                            Err((action, e)) => {
+                                failed = Some(format!("{name}: response {}: {e}", response.name));
+                                (action, "failed")
+                            }
+                        };
+                        if let Some(m) = &self.metrics {
+                            m.responses
+                                .with_label_values(&[&label, action, result])
+                                .inc();
+                        }
+                        if result == "failed" {
+                            break;
+                        }
+                        ran += 1;
+                    }
+                    self.stats.lock().entry(name.clone()).or_default().responses += ran;
+                    match failed {
+                        Some(e) => {
+                            failure = Some(e);
+                            "failed"
+                        }
+                        None => "fired",
+                    }
+                }
+            };
+            let latency = event
+                .time
+                .as_ref()
+                .and_then(|t| {
+                    let at = std::time::UNIX_EPOCH
+                        + Duration::new(
+                            u64::try_from(t.seconds).ok()?,
+                            u32::try_from(t.nanos).ok()?,
+                        );
+                    std::time::SystemTime::now().duration_since(at).ok()
+                })
+                .unwrap_or_default();
+            {
+                let mut stats = self.stats.lock();
+                let s = stats.entry(name.clone()).or_default();
+                s.matched += 1;
+                match outcome {
+                    "fired" => {
+                        s.fired += 1;
+                        if s.latencies.len() == LATENCY_WINDOW {
+                            s.latencies.pop_front();
+                        }
+                        s.latencies.push_back(latency);
+                    }
+                    "skipped" => s.skipped += 1,
+                    _ => s.failed += 1,
+                }
+            }
+            if let Some(m) = &self.metrics {
+                m.stimuli.with_label_values(&[&label, outcome]).inc();
+                if outcome == "fired" {
+                    m.latency
+                        .with_label_values(&[&label])
+                        .observe(latency.as_secs_f64());
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Runs one response; the action's name and whether it was a duplicate (done before).
+    #[allow(clippy::too_many_arguments)]
+    async fn respond(
+        &self,
+        rule: &str,
+        action: &CompiledAction,
+        scope: &cel::Context<'_, '_>,
+        event: &bus::Event,
+        key: &str,
+        trace: &BTreeMap<String, String>,
+        publisher: &bus::event_bus_client::EventBusClient<agentmesh_runtime::client::ClientChannel>,
+    ) -> Result<(&'static str, bool), (&'static str, String)> {
+        match action {
+            CompiledAction::Publish {
+                subject,
+                event_type,
+                data,
+                content_type,
+                headers,
+            } => {
+                let fail = |e: String| ("publish", e);
+                let subject = render(subject, scope).map_err(fail)?;
+                let event_type = render(event_type, scope).map_err(fail)?;
+                let (data, content_type) = match data {
+                    None => (
+                        event.data.clone(),
+                        if content_type.is_empty() {
+                            event.content_type.clone()
+                        } else {
+                            content_type.clone()
+                        },
+                    ),
+                    Some(t) => (
+                        render(t, scope).map_err(fail)?.into_bytes(),
+                        if content_type.is_empty() {
+                            "application/json".to_owned()
+                        } else {
+                            content_type.clone()
+                        },
+                    ),
+                };
+                let mut all_headers: std::collections::HashMap<String, String> =
+                    trace.clone().into_iter().collect();
+                for (k, t) in headers {
+                    all_headers.insert(k.clone(), render(t, scope).map_err(fail)?);
+                }
+                all_headers.insert("agentmesh-rule-firing".to_owned(), key.to_owned());
+                let out = bus::Event {
+                    id: key.to_owned(),
+                    subject,
+                    r#type: if event_type.is_empty() {
+                        "agentmesh.rules.fired".to_owned()
+                    } else {
+                        event_type
+                    },
+                    source: "agentmesh/rules".to_owned(),
+                    correlation_id: event.id.clone(),
+                    headers: all_headers,
+                    content_type,
+                    data,
+                    ..bus::Event::default()
+                };
+                let response = tokio::time::timeout(
+                    PUBLISH_TIMEOUT,
+                    publisher
+                        .clone()
+                        .publish(bus::PublishRequest { event: Some(out) }),
+                )
+                .await
+                .map_err(|_| ("publish", "the event bus did not answer in time".to_owned()))?
+                .map_err(|s| ("publish", format!("{:?}: {}", s.code(), s.message())))?;
+                Ok(("publish", response.into_inner().duplicate))
+            }
+            CompiledAction::SubmitTask {
+                task_type,
+                payload,
+                priority,
+                labels,
+                timeout,
+                max_attempts,
+            } => {
+                let fail = |e: String| ("submit_task", e);
+                let payload = match payload {
+                    None => Bytes::from(event.data.clone()),
+                    Some(t) => Bytes::from(render(t, scope).map_err(fail)?),
+                };
+                let mut rendered = BTreeMap::new();
+                for (k, t) in labels {
+                    rendered.insert(k.clone(), render(t, scope).map_err(fail)?);
+                }
+                rendered.insert("agentmesh.rule".to_owned(), rule.to_owned());
+                let mut spec = TaskSpec {
+                    task_type: task_type.clone(),
+                    payload,
+                    idempotency_key: key.to_owned(),
+                    priority: *priority,
+                    labels: rendered,
+                    trace_context: trace.clone(),
+                    ..TaskSpec::default()
+                };
+                if let Some(timeout) = timeout {
+                    spec.start_to_close = *timeout;
+                }
+                if *max_attempts > 0 {
+                    spec.retry = RetryPolicy {
+                        max_attempts: *max_attempts,
+                        ..RetryPolicy::default()
+                    };
+                }
+                let (_, existing) = self
+                    .tasks
+                    .submit(spec)
+                    .await
+                    .map_err(|e| ("submit_task", e.to_string()))?;
+                Ok(("submit_task", existing))
+            }
+        }
+    }
+}

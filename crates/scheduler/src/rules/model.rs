@@ -1,0 +1,580 @@
+//! A rule as stored (plain data, JSON in etcd) and as evaluated (compiled once: the condition,
+//! every guard and every template are CEL programs made when the rule is stored).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentmesh_runtime::error::{ErrorCode, FieldViolation, ServiceError, join_violations};
+use serde::{Deserialize, Serialize};
+
+/// Most responses per rule.
+pub const MAX_RESPONSES: usize = 16;
+/// Most bytes of a condition, a guard or a template.
+pub const MAX_EXPRESSION: usize = 4096;
+/// Most entries of a header, type or label list.
+pub const MAX_ENTRIES: usize = 16;
+
+/// Everything that can go wrong with rules.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    /// The rule is invalid; every violation is listed.
+    #[error("invalid rule: {}", join_violations(.0))]
+    Invalid(Vec<FieldViolation>),
+    /// The rule uses something not built yet.
+    #[error("{0} is not built yet")]
+    Unimplemented(String),
+    /// No such rule.
+    #[error("rule {0:?} does not exist")]
+    NotFound(String),
+    /// `expected_version` did not match.
+    #[error("rule {name:?} is at version {current}, not {expected}: read it again")]
+    Conflict {
+        /// The rule.
+        name: String,
+        /// The version the caller expected.
+        expected: u64,
+        /// The version stored (0: none).
+        current: u64,
+    },
+    /// The store (etcd) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ServiceError for RuleError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Invalid(_) => ErrorCode::InvalidArgument,
+            Self::Unimplemented(_) => ErrorCode::Unimplemented,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Conflict { .. } => ErrorCode::FailedPrecondition,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+        }
+    }
+
+    fn violations(&self) -> &[FieldViolation] {
+        match self {
+            Self::Invalid(v) => v,
+            _ => &[],
+        }
+    }
+}
+
+/// A rule as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RuleDef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    #[serde(default)]
+    pub disabled: bool,
+    pub stimulus: Stimulus,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub condition: String,
+    pub responses: Vec<ResponseDef>,
+    /// When it was stored, milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub updated_at_ms: u64,
+}
+
+/// What triggers a rule.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+pub struct Stimulus {
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// One response.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ResponseDef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub when: String,
+    pub action: Action,
+}
+
+/// What a response does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Publish {
+        subject: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        event_type: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        data: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        content_type: String,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        headers: BTreeMap<String, String>,
+    },
+    SubmitTask {
+        task_type: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        payload: String,
+        #[serde(default)]
+        priority: u32,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        labels: BTreeMap<String, String>,
+        /// Per attempt, milliseconds; 0 = the scheduler's default.
+        #[serde(default)]
+        timeout_ms: u64,
+        #[serde(default)]
+        max_attempts: u32,
+    },
+}
+
+impl Default for Action {
+    fn default() -> Self {
+        Self::Publish {
+            subject: String::new(),
+            event_type: String::new(),
+            data: String::new(),
+            content_type: String::new(),
+            headers: BTreeMap::new(),
+        }
+    }
+}
+
+/// A rule ready to evaluate.
+#[derive(Debug, Clone)]
+pub struct CompiledRule {
+    pub def: RuleDef,
+    /// The stored version (etcd's mod revision).
+    pub version: u64,
+    pub condition: Option<Arc<cel::Program>>,
+    pub responses: Vec<CompiledResponse>,
+}
+
+/// A response ready to run.
+#[derive(Debug, Clone)]
+pub struct CompiledResponse {
+    pub name: String,
+    pub when: Option<Arc<cel::Program>>,
+    pub action: CompiledAction,
+}
+
+/// An action with its templates compiled.
+#[derive(Debug, Clone)]
+pub enum CompiledAction {
+    Publish {
+        subject: Template,
+        event_type: Template,
+        /// `None`: the stimulus's data.
+        data: Option<Template>,
+        content_type: String,
+        headers: Vec<(String, Template)>,
+    },
+    SubmitTask {
+        task_type: String,
+        /// `None`: the stimulus's data.
+        payload: Option<Template>,
+        priority: u32,
+        labels: Vec<(String, Template)>,
+        timeout: Option<Duration>,
+        max_attempts: u32,
+    },
+}
+
+/// A string with `${expr}` parts.
+#[derive(Debug, Clone)]
+pub struct Template(pub Vec<Part>);
+
+/// A piece of a template.
+#[derive(Debug, Clone)]
+pub enum Part {
+    Text(String),
+    Expr(Arc<cel::Program>),
+}
+
+fn name_ok(name: &str, max: usize, dots: bool) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (dots && b == b'.'))
+}
+
+/// A subject filter: dot-separated tokens of visible ASCII, `*` a whole token, `>` the last.
+fn filter_ok(subject: &str) -> bool {
+    if subject.is_empty() || subject.len() > 256 {
+        return false;
+    }
+    let tokens: Vec<&str> = subject.split('.').collect();
+    tokens.iter().enumerate().all(|(i, t)| {
+        !t.is_empty()
+            && t.bytes().all(|b| b.is_ascii_graphic())
+            && (!t.contains('*') || *t == "*")
+            && (!t.contains('>') || (*t == ">" && i == tokens.len() - 1))
+    })
+}
+
+/// Compiles a CEL expression, naming `field` and the position on error.
+fn program(
+    field: &str,
+    source: &str,
+    errors: &mut Vec<FieldViolation>,
+) -> Option<Arc<cel::Program>> {
+    if source.len() > MAX_EXPRESSION {
+        errors.push(FieldViolation::new(
+            field,
+            format!("at most {MAX_EXPRESSION} bytes"),
+        ));
+        return None;
+    }
+    match cel::Program::compile(source) {
+        Ok(p) => Some(Arc::new(p)),
+        Err(e) => {
+            let first = e.errors.first();
+            let message = first.map_or_else(
+                || e.to_string(),
+                |p| format!("line {} column {}: {}", p.pos.0, p.pos.1 + 1, p.msg),
+            );
+            errors.push(FieldViolation::new(
+                field,
+                format!("invalid CEL: {message}"),
+            ));
+            None
+        }
+    }
+}
+
+/// Parses a template: text with `${expr}` parts (`$${` writes `${`).
+pub fn template(field: &str, source: &str, errors: &mut Vec<FieldViolation>) -> Template {
+    let mut parts = Vec::new();
+    let mut text = String::new();
+    let mut rest = source;
+    if source.len() > MAX_EXPRESSION {
+        errors.push(FieldViolation::new(
+            field,
+            format!("at most {MAX_EXPRESSION} bytes"),
+        ));
+        return Template(parts);
+    }
+    while let Some(at) = rest.find("${") {
+        if rest[..at].ends_with('$') {
+            text.push_str(&rest[..at - 1]);
+            text.push_str("${");
+            rest = &rest[at + 2..];
+            continue;
+        }
+        text.push_str(&rest[..at]);
+        let body = &rest[at + 2..];
+        // The closing brace at depth zero, outside string literals.
+        let (mut depth, mut quote, mut end) = (0usize, None::<char>, None);
+        let mut escaped = false;
+        for (i, c) in body.char_indices() {
+            match quote {
+                Some(q) => {
+                    if escaped {
+                        escaped = false;
+                    } else if c == '\\' {
+                        escaped = true;
+                    } else if c == q {
+                        quote = None;
+                    }
+                }
+                None => match c {
+                    '"' | '\'' => quote = Some(c),
+                    '{' => depth += 1,
+                    '}' if depth == 0 => {
+                        end = Some(i);
+                        break;
+                    }
+                    '}' => depth -= 1,
+                    _ => {}
+                },
+            }
+        }
+        let Some(end) = end else {
+            errors.push(FieldViolation::new(field, "`${` without its closing `}`"));
+            return Template(parts);
+        };
+        if !text.is_empty() {
+            parts.push(Part::Text(std::mem::take(&mut text)));
+        }
+        if let Some(p) = program(field, &body[..end], errors) {
+            parts.push(Part::Expr(p));
+        }
+        rest = &body[end + 1..];
+    }
+    text.push_str(rest);
+    if !text.is_empty() {
+        parts.push(Part::Text(text));
+    }
+    Template(parts)
+}
+
+fn map_ok(field: &str, map: &BTreeMap<String, String>, errors: &mut Vec<FieldViolation>) {
+    if map.len() > MAX_ENTRIES {
+        errors.push(FieldViolation::new(
+            field,
+            format!("at most {MAX_ENTRIES} entries"),
+        ));
+    }
+    for key in map.keys() {
+        if key.is_empty() || key.len() > 128 {
+            errors.push(FieldViolation::new(field, "keys are 1–128 bytes"));
+        }
+    }
+}
+
+/// Validates `def` and compiles it.
+///
+/// # Errors
+/// `Invalid` listing every problem.
+pub fn compile(def: RuleDef, version: u64) -> Result<CompiledRule, RuleError> {
+    let mut errors = Vec::new();
+    if !name_ok(&def.name, 128, true) {
+        errors.push(FieldViolation::new(
+            "rule.name",
+            "1–128 bytes of [A-Za-z0-9._-]",
+        ));
+    }
+    if def.description.len() > 1024 {
+        errors.push(FieldViolation::new(
+            "rule.description",
+            "at most 1024 bytes",
+        ));
+    }
+    if !filter_ok(&def.stimulus.subject) {
+        errors.push(FieldViolation::new(
+            "rule.stimulus.subject",
+            "a subject filter: dot-separated tokens, `*` a whole token, `>` only last; at most 256 bytes",
+        ));
+    }
+    if def.stimulus.types.len() > MAX_ENTRIES {
+        errors.push(FieldViolation::new(
+            "rule.stimulus.types",
+            format!("at most {MAX_ENTRIES}"),
+        ));
+    }
+    map_ok("rule.stimulus.headers", &def.stimulus.headers, &mut errors);
+    let condition = if def.condition.trim().is_empty() {
+        None
+    } else {
+        program("rule.condition", &def.condition, &mut errors)
+    };
+    if def.responses.is_empty() || def.responses.len() > MAX_RESPONSES {
+        errors.push(FieldViolation::new(
+            "rule.responses",
+            format!("1–{MAX_RESPONSES} responses"),
+        ));
+    }
+    let mut responses = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for (i, r) in def.responses.iter().enumerate() {
+        let at = format!("rule.responses[{i}]");
+        if !name_ok(&r.name, 64, false) {
+            errors.push(FieldViolation::new(
+                format!("{at}.name"),
+                "1–64 bytes of [A-Za-z0-9_-]",
+            ));
+        } else if !names.insert(r.name.clone()) {
+            errors.push(FieldViolation::new(
+                format!("{at}.name"),
+                "repeats another response's name",
+            ));
+        }
+        let when = if r.when.trim().is_empty() {
+            None
+        } else {
+            program(&format!("{at}.when"), &r.when, &mut errors)
+        };
+        let action = match &r.action {
+            Action::Publish {
+                subject,
+                event_type,
+                data,
+                content_type,
+                headers,
+            } => {
+                let field = format!("{at}.publish");
+                if subject.is_empty() {
+                    errors.push(FieldViolation::new(format!("{field}.subject"), "required"));
+                }
+                map_ok(&format!("{field}.headers"), headers, &mut errors);
+                if content_type.len() > 128 {
+                    errors.push(FieldViolation::new(
+                        format!("{field}.content_type"),
+                        "at most 128 bytes",
+                    ));
+                }
+                CompiledAction::Publish {
+                    subject: template(&format!("{field}.subject"), subject, &mut errors),
+                    event_type: template(&format!("{field}.type"), event_type, &mut errors),
+                    data: (!data.is_empty())
+                        .then(|| template(&format!("{field}.data"), data, &mut errors)),
+                    content_type: content_type.clone(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.clone(),
+                                template(&format!("{field}.headers[{k}]"), v, &mut errors),
+                            )
+                        })
+                        .collect(),
+                }
+            }
+            Action::SubmitTask {
+                task_type,
+                payload,
+                priority,
+                labels,
+                timeout_ms,
+                max_attempts,
+            } => {
+                let field = format!("{at}.submit_task");
+                if !name_ok(task_type, 128, true) {
+                    errors.push(FieldViolation::new(
+                        format!("{field}.type"),
+                        "required: 1–128 bytes of [A-Za-z0-9._-]",
+                    ));
+                }
+                if *priority > 9 {
+                    errors.push(FieldViolation::new(format!("{field}.priority"), "0–9"));
+                }
+                map_ok(&format!("{field}.labels"), labels, &mut errors);
+                CompiledAction::SubmitTask {
+                    task_type: task_type.clone(),
+                    payload: (!payload.is_empty())
+                        .then(|| template(&format!("{field}.payload"), payload, &mut errors)),
+                    priority: *priority,
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.clone(),
+                                template(&format!("{field}.labels[{k}]"), v, &mut errors),
+                            )
+                        })
+                        .collect(),
+                    timeout: (*timeout_ms > 0).then(|| Duration::from_millis(*timeout_ms)),
+                    max_attempts: *max_attempts,
+                }
+            }
+        };
+        responses.push(CompiledResponse {
+            name: r.name.clone(),
+            when,
+            action,
+        });
+    }
+    if !errors.is_empty() {
+        return Err(RuleError::Invalid(errors));
+    }
+    Ok(CompiledRule {
+        def,
+        version,
+        condition,
+        responses,
+    })
+}
+
+/// Whether subject `subject` matches filter `filter` (`*` one token, `>` the rest).
+#[must_use]
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule() -> RuleDef {
+        RuleDef {
+            name: "r-1".into(),
+            stimulus: Stimulus {
+                subject: "orders.*.created".into(),
+                ..Stimulus::default()
+            },
+            condition: "data.amount > 10".into(),
+            responses: vec![ResponseDef {
+                name: "alert".into(),
+                when: String::new(),
+                action: Action::Publish {
+                    subject: "alerts.${data.region}".into(),
+                    event_type: String::new(),
+                    data: String::new(),
+                    content_type: String::new(),
+                    headers: BTreeMap::new(),
+                },
+            }],
+            ..RuleDef::default()
+        }
+    }
+
+    fn fields(e: RuleError) -> Vec<String> {
+        match e {
+            RuleError::Invalid(v) => v
+                .into_iter()
+                .map(|v| format!("{}: {}", v.field, v.description))
+                .collect(),
+            other => vec![other.to_string()],
+        }
+    }
+
+    #[test]
+    fn test_a_valid_rule_compiles_and_stores_as_json() {
+        let compiled = compile(rule(), 7).expect("compiles");
+        assert_eq!(compiled.version, 7);
+        assert!(compiled.condition.is_some());
+        let json = serde_json::to_string(&rule()).expect("json");
+        assert_eq!(
+            serde_json::from_str::<RuleDef>(&json).expect("back"),
+            rule()
+        );
+    }
+
+    #[test]
+    fn test_every_problem_is_named_with_its_position() {
+        let mut bad = rule();
+        bad.name = String::new();
+        bad.stimulus.subject = "a.>.b".into();
+        bad.condition = "data.amount >".into();
+        bad.responses.push(bad.responses[0].clone());
+        bad.responses[1].when = "(1".into();
+        let problems = fields(compile(bad, 0).expect_err("invalid"));
+        let all = problems.join("\n");
+        for needle in [
+            "rule.name",
+            "rule.stimulus.subject",
+            "rule.condition: invalid CEL: line 1 column",
+            "rule.responses[1].name: repeats",
+            "rule.responses[1].when: invalid CEL",
+        ] {
+            assert!(all.contains(needle), "{needle} in\n{all}");
+        }
+        let mut none = rule();
+        none.responses.clear();
+        assert!(
+            fields(compile(none, 0).expect_err("no responses"))
+                .join("")
+                .contains("rule.responses")
+        );
+    }
+
+    #[test]
+    fn test_subject_filters_match_as_the_event_bus_does() {
+        assert!(subject_matches("orders.>", "orders.eu.created"));
+        assert!(subject_matches("orders.*.created", "orders.eu.created"));
+        assert!(!subject_matches("orders.*", "orders.eu.created"));
+        assert!(!subject_matches("orders.>", "orders"));
+        assert!(subject_matches("a", "a"));
+    }
+}

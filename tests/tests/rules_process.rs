@@ -168,11 +168,12 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
         "{}",
         err.message()
     );
-    let err = r
-        .watch_firings(pb::WatchFiringsRequest::default())
-        .await
-        .expect_err("WatchFirings is not built");
-    assert_eq!(err.code(), Code::Unimplemented);
+    let mut firings = r
+        .watch_firings(pb::WatchFiringsRequest {
+            name: "big-orders".into(),
+        })
+        .await?
+        .into_inner();
 
     // A dry run stores nothing; a put stores it with a version.
     let dry = r
@@ -272,6 +273,29 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
         Some("o-huge")
     );
     assert_eq!(tasks[0].idempotency_key, "big-orders/o-huge/review");
+
+    // The watcher saw the firings: skipped, fired with its responses.
+    let mut watched = BTreeMap::new();
+    while watched.len() < 3 {
+        let f = tokio::time::timeout(Duration::from_secs(5), firings.next())
+            .await?
+            .expect("a firing")?;
+        if !f.event_id.starts_with("warm-") {
+            watched.insert(f.event_id.clone(), f);
+        }
+    }
+    assert_eq!(watched["o-small"].outcome, "SKIPPED");
+    assert_eq!(watched["o-big"].outcome, "FIRED");
+    assert_eq!(watched["o-huge"].id, "big-orders/o-huge");
+    let responses = watched["o-huge"].responses.join("\n");
+    assert!(
+        responses.contains("alert: publish ok: event big-orders/o-huge/alert"),
+        "{responses}"
+    );
+    assert!(
+        responses.contains("review: submit_task ok: task "),
+        "{responses}"
+    );
 
     let st = stats(&mut r, "big-orders").await;
     assert_eq!(

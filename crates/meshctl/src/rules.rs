@@ -1,5 +1,5 @@
 //! `meshctl rules …`: reactive rules (served by the scheduler): list, get, apply a TOML file
-//! (with `--dry-run` showing what would change), delete, enable, disable, stats.
+//! (with `--dry-run` showing what would change), delete, enable, disable, stats, watch.
 //!
 //! The file holds `[[rule]]` tables, each with `[rule.stimulus]` and `[[rule.response]]`
 //! entries holding one of `[rule.response.publish]` or `[rule.response.submit_task]`
@@ -18,8 +18,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::Output;
-use crate::events::{print_table, status_error};
+use crate::events::{print_table, render_time, status_error};
 use crate::ratelimit::proto_duration;
+use tokio_stream::StreamExt as _;
 
 const DEFAULT_ADDR: &str = "http://127.0.0.1:7102";
 
@@ -57,6 +58,8 @@ pub(crate) enum RulesCommand {
     Disable(NameArgs),
     /// Counters and latency per rule since the scheduler leader was elected.
     Stats(StatsArgs),
+    /// Firings as they happen (a line each, or JSON lines with `-o json`) until interrupted.
+    Watch(StatsArgs),
 }
 
 #[derive(clap::Args)]
@@ -358,6 +361,38 @@ pub(crate) async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&rule_json(&rule, true))?);
         }
         RulesCommand::Apply(args) => return apply(args).await,
+        RulesCommand::Watch(args) => {
+            let mut firings = args
+                .common
+                .client()
+                .await?
+                .watch_firings(pb::WatchFiringsRequest {
+                    name: args.name.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_error(&s))?
+                .into_inner();
+            while let Some(f) = firings.next().await {
+                let f = f.map_err(|s| status_error(&s))?;
+                if args.common.output == Output::Json {
+                    println!(
+                        "{}",
+                        json!({"id": f.id, "rule": f.rule, "event_id": f.event_id,
+                            "subject": f.subject, "outcome": f.outcome, "responses": f.responses,
+                            "at_ms": f.at.as_ref().map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))})
+                    );
+                } else {
+                    println!(
+                        "{} {} {} {}  {}",
+                        render_time(f.at.as_ref()),
+                        f.outcome,
+                        f.rule,
+                        f.subject,
+                        f.responses.join("; ")
+                    );
+                }
+            }
+        }
         RulesCommand::Delete(args) => {
             args.common
                 .client()

@@ -20,7 +20,7 @@ use agentmesh_runtime::peers::PeerSet;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use prometheus::{HistogramVec, IntCounterVec};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::StreamExt;
 
 use super::eval::{Variables, holds, render};
@@ -141,6 +141,33 @@ pub struct Engine {
     metrics: Option<RuleMetrics>,
     stats: Mutex<BTreeMap<String, Stats>>,
     leading: watch::Sender<bool>,
+    firings: broadcast::Sender<Firing>,
+}
+
+/// One firing, as `WatchFirings` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Firing {
+    /// `<rule>/<event id>`.
+    pub id: String,
+    pub rule: String,
+    pub event_id: String,
+    pub subject: String,
+    /// When it was evaluated, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// fired, skipped or failed.
+    pub outcome: &'static str,
+    /// What each response did, e.g. `alert: publish ok: event <id>`.
+    pub responses: Vec<String>,
+}
+
+/// Firings buffered for each watcher; a slower watcher misses the oldest (counted in
+/// `WatchFirings` as a gap it is told about).
+pub const WATCH_BUFFER: usize = 4096;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl std::fmt::Debug for Engine {
@@ -193,6 +220,7 @@ impl Engine {
             metrics,
             stats: Mutex::default(),
             leading: watch::channel(false).0,
+            firings: broadcast::channel(WATCH_BUFFER).0,
         })
     }
 
@@ -200,6 +228,12 @@ impl Engine {
     #[must_use]
     pub fn leading(&self) -> bool {
         *self.leading.borrow()
+    }
+
+    /// Firings from now on.
+    #[must_use]
+    pub fn watch(&self) -> broadcast::Receiver<Firing> {
+        self.firings.subscribe()
     }
 
     /// Each rule's counters (`name` empty: all).
@@ -411,6 +445,7 @@ impl Engine {
                 .map(|m| m.label(name))
                 .unwrap_or_default();
             let scope = vars.for_rule(name, &firing_id, "");
+            let mut notes = Vec::new();
             let fires = match &rule.condition {
                 None => Ok(true),
                 Some(p) => holds(p, &scope),
@@ -419,6 +454,7 @@ impl Engine {
                 Ok(false) => "skipped",
                 Err(e) => {
                     tracing::warn!(rule = %name, event = %event.id, error = %e, "a rule's condition failed to evaluate");
+                    notes.push(format!("condition: {e}"));
                     "failed"
                 }
                 Ok(true) => {
@@ -431,6 +467,7 @@ impl Engine {
                                 Ok(true) => {}
                                 Ok(false) => continue,
                                 Err(e) => {
+                                    notes.push(format!("{}: guard: {e}", response.name));
                                     failed = Some(format!(
                                         "{name}: response {}: guard: {e}",
                                         response.name
@@ -452,10 +489,16 @@ impl Engine {
                             )
                             .await
                         {
-                            Ok((action, duplicate)) => {
-                                (action, if duplicate { "duplicate" } else { "ok" })
+                            Ok((action, duplicate, detail)) => {
+                                let result = if duplicate { "duplicate" } else { "ok" };
+                                notes.push(format!(
+                                    "{}: {action} {result}: {detail}",
+                                    response.name
+                                ));
+                                (action, result)
                             }
                             Err((action, e)) => {
+                                notes.push(format!("{}: {action} failed: {e}", response.name));
                                 failed = Some(format!("{name}: response {}: {e}", response.name));
                                 (action, "failed")
                             }
@@ -508,6 +551,17 @@ impl Engine {
                     _ => s.failed += 1,
                 }
             }
+            if self.firings.receiver_count() > 0 {
+                let _ = self.firings.send(Firing {
+                    id: firing_id.clone(),
+                    rule: name.clone(),
+                    event_id: event.id.clone(),
+                    subject: event.subject.clone(),
+                    at_ms: now_ms(),
+                    outcome,
+                    responses: notes,
+                });
+            }
             if let Some(m) = &self.metrics {
                 m.stimuli.with_label_values(&[&label, outcome]).inc();
                 if outcome == "fired" {
@@ -531,7 +585,7 @@ impl Engine {
         key: &str,
         trace: &BTreeMap<String, String>,
         publisher: &bus::event_bus_client::EventBusClient<agentmesh_runtime::client::ClientChannel>,
-    ) -> Result<(&'static str, bool), (&'static str, String)> {
+    ) -> Result<(&'static str, bool, String), (&'static str, String)> {
         match action {
             CompiledAction::Publish {
                 subject,
@@ -591,7 +645,12 @@ impl Engine {
                 .await
                 .map_err(|_| ("publish", "the event bus did not answer in time".to_owned()))?
                 .map_err(|s| ("publish", format!("{:?}: {}", s.code(), s.message())))?;
-                Ok(("publish", response.into_inner().duplicate))
+                let response = response.into_inner();
+                Ok((
+                    "publish",
+                    response.duplicate,
+                    format!("event {}", response.id),
+                ))
             }
             CompiledAction::SubmitTask {
                 task_type,
@@ -629,12 +688,12 @@ impl Engine {
                         ..RetryPolicy::default()
                     };
                 }
-                let (_, existing) = self
+                let (task, existing) = self
                     .tasks
                     .submit(spec)
                     .await
                     .map_err(|e| ("submit_task", e.to_string()))?;
-                Ok(("submit_task", existing))
+                Ok(("submit_task", existing, format!("task {}", task.id)))
             }
         }
     }

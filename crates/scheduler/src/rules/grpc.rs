@@ -8,6 +8,7 @@ use agentmesh_proto::rules::v1::rules_server::{Rules, RulesServer};
 use agentmesh_runtime::audit;
 use agentmesh_runtime::auth::{AccessRule, Role};
 use agentmesh_runtime::error::to_status;
+use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status};
 
 use super::engine::Engine;
@@ -376,9 +377,38 @@ impl Rules for RulesGrpc {
 
     async fn watch_firings(
         &self,
-        _request: Request<pb::WatchFiringsRequest>,
+        request: Request<pb::WatchFiringsRequest>,
     ) -> Result<Response<Self::WatchFiringsStream>, Status> {
-        Err(status(&unimplemented("WatchFirings")))
+        let name = request.into_inner().name;
+        let Some(engine) = &self.engine else {
+            return Err(status(&unimplemented("WatchFirings without a rule engine")));
+        };
+        let firings = tokio_stream::wrappers::BroadcastStream::new(engine.watch());
+        let stream = firings.filter_map(move |item| match item {
+            Ok(f) if name.is_empty() || f.rule == name => Some(Ok(pb::Firing {
+                id: f.id,
+                rule: f.rule,
+                event_id: f.event_id,
+                subject: f.subject,
+                at: Some(prost_types::Timestamp {
+                    seconds: i64::try_from(f.at_ms / 1000).unwrap_or(0),
+                    nanos: i32::try_from(f.at_ms % 1000).unwrap_or(0) * 1_000_000,
+                }),
+                outcome: f.outcome.to_ascii_uppercase(),
+                responses: f.responses,
+            })),
+            Ok(_) => None,
+            // A watcher that fell more than WATCH_BUFFER firings behind is told how many it
+            // missed, as a firing with outcome GAP.
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Some(Ok(pb::Firing {
+                    outcome: "GAP".to_owned(),
+                    responses: vec![format!("{n} firings missed: this watcher fell behind")],
+                    ..pb::Firing::default()
+                }))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

@@ -11,7 +11,7 @@
 //! `agentmesh.rules.v1.Rules`.
 //!
 //! Not built yet (refused with UNIMPLEMENTED): correlation, delayed responses, cascades,
-//! fallbacks, webhooks, WatchFirings.
+//! fallbacks, webhooks.
 
 pub mod engine;
 pub mod eval;

@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::StreamExt;
 
 use super::eval::{Variables, holds, render};
+use super::index::{RuleSet, plan};
 use super::model::{CompiledAction, CompiledRule, RuleError, Stimulus, compile};
 use super::store::RuleStore;
 use crate::leader::Role;
@@ -178,7 +179,7 @@ impl std::fmt::Debug for Engine {
 
 /// A group's subscription task and the rules it evaluates.
 struct Group {
-    rules: watch::Sender<Arc<Vec<CompiledRule>>>,
+    rules: watch::Sender<Arc<RuleSet>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -262,7 +263,7 @@ impl Engine {
         loop {
             changes.mark_unchanged();
             match self.load().await {
-                Ok(by_stimulus) => self.apply(&mut groups, by_stimulus),
+                Ok(rules) => self.apply(&mut groups, plan(rules)),
                 Err(e) => {
                     tracing::warn!(error = %e, "loading rules failed; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -275,36 +276,34 @@ impl Engine {
         }
     }
 
-    /// Enabled rules, compiled, by stimulus.
-    async fn load(&self) -> Result<HashMap<Stimulus, Vec<CompiledRule>>, RuleError> {
-        let mut by_stimulus: HashMap<Stimulus, Vec<CompiledRule>> = HashMap::new();
+    /// Enabled rules, compiled.
+    async fn load(&self) -> Result<Vec<CompiledRule>, RuleError> {
+        let mut rules = Vec::new();
         for stored in self.store.list().await? {
             if stored.def.disabled {
                 continue;
             }
             let name = stored.def.name.clone();
             match compile(stored.def, stored.version) {
-                Ok(rule) => by_stimulus
-                    .entry(rule.def.stimulus.clone())
-                    .or_default()
-                    .push(rule),
+                Ok(rule) => rules.push(rule),
                 Err(e) => {
                     tracing::warn!(rule = %name, error = %e, "a stored rule does not compile: not evaluated");
                 }
             }
         }
-        Ok(by_stimulus)
+        Ok(rules)
     }
 
-    /// Starts, updates and stops group subscriptions to match `by_stimulus`.
+    /// Starts, updates and stops group subscriptions to match `planned` (see [`plan`]).
     fn apply(
         self: &Arc<Self>,
         groups: &mut HashMap<Stimulus, Group>,
-        mut by_stimulus: HashMap<Stimulus, Vec<CompiledRule>>,
+        planned: Vec<(Stimulus, Vec<CompiledRule>)>,
     ) {
+        let mut by_stimulus: HashMap<Stimulus, Vec<CompiledRule>> = planned.into_iter().collect();
         groups.retain(|stimulus, group| {
             if let Some(rules) = by_stimulus.remove(stimulus) {
-                group.rules.send_replace(Arc::new(rules));
+                group.rules.send_replace(Arc::new(RuleSet::new(rules)));
                 true
             } else {
                 group.task.abort();
@@ -312,7 +311,7 @@ impl Engine {
             }
         });
         for (stimulus, rules) in by_stimulus {
-            let (tx, rx) = watch::channel(Arc::new(rules));
+            let (tx, rx) = watch::channel(Arc::new(RuleSet::new(rules)));
             let engine = self.clone();
             let task = tokio::spawn(engine.subscribe(stimulus.clone(), rx));
             groups.insert(stimulus, Group { rules: tx, task });
@@ -320,11 +319,7 @@ impl Engine {
     }
 
     /// One group's subscription, reopened (on any event bus member) whenever it breaks.
-    async fn subscribe(
-        self: Arc<Self>,
-        stimulus: Stimulus,
-        rules: watch::Receiver<Arc<Vec<CompiledRule>>>,
-    ) {
+    async fn subscribe(self: Arc<Self>, stimulus: Stimulus, rules: watch::Receiver<Arc<RuleSet>>) {
         let group = group_name(&stimulus);
         let mut delay = Duration::from_millis(200);
         loop {
@@ -344,7 +339,7 @@ impl Engine {
         &self,
         stimulus: &Stimulus,
         group: &str,
-        rules: &watch::Receiver<Arc<Vec<CompiledRule>>>,
+        rules: &watch::Receiver<Arc<RuleSet>>,
     ) -> Result<(), String> {
         let member = self
             .buses
@@ -424,7 +419,7 @@ impl Engine {
     /// response failed (the event is then redelivered; responses already done are not repeated).
     async fn fire(
         &self,
-        rules: &[CompiledRule],
+        set: &RuleSet,
         event: &bus::Event,
         publisher: &bus::event_bus_client::EventBusClient<agentmesh_runtime::client::ClientChannel>,
     ) -> Result<(), String> {
@@ -436,7 +431,8 @@ impl Engine {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let mut failure = None;
-        for rule in rules {
+        for (index, fires) in set.decide(&vars, event) {
+            let rule = &set.rules()[index];
             let name = &rule.def.name;
             let firing_id = format!("{name}/{}", event.id);
             let label = self
@@ -444,12 +440,7 @@ impl Engine {
                 .as_ref()
                 .map(|m| m.label(name))
                 .unwrap_or_default();
-            let scope = vars.for_rule(name, &firing_id, "");
             let mut notes = Vec::new();
-            let fires = match &rule.condition {
-                None => Ok(true),
-                Some(p) => holds(p, &scope),
-            };
             let outcome = match fires {
                 Ok(false) => "skipped",
                 Err(e) => {

@@ -16,6 +16,7 @@
 pub mod engine;
 pub mod eval;
 pub mod grpc;
+pub mod index;
 pub mod model;
 pub mod store;
 

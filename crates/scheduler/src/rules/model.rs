@@ -130,8 +130,16 @@ pub enum Action {
 
 impl Default for Action {
     fn default() -> Self {
+        Self::publish_to("")
+    }
+}
+
+impl Action {
+    /// A publish to `subject` of the stimulus's data, unchanged.
+    #[must_use]
+    pub fn publish_to(subject: &str) -> Self {
         Self::Publish {
-            subject: String::new(),
+            subject: subject.to_owned(),
             event_type: String::new(),
             data: String::new(),
             content_type: String::new(),

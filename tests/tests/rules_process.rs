@@ -17,6 +17,67 @@ use tonic::Code;
 type Rules = pb::rules_client::RulesClient<tonic::transport::Channel>;
 type Bus = bus::event_bus_client::EventBusClient<tonic::transport::Channel>;
 
+/// Webhook requests received: (request head, body).
+type Hooks = std::sync::Arc<parking_lot::Mutex<Vec<(String, String)>>>;
+
+/// A webhook receiver on a free loopback port: records each request and answers 200 (or 503
+/// to the first `fail_first` requests).
+async fn webhook_receiver(fail_first: usize) -> anyhow::Result<(String, Hooks)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hooks/orders", listener.local_addr()?);
+    let hooks: Hooks = std::sync::Arc::default();
+    let seen = hooks.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut data = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Head, then as many body bytes as content-length says.
+            while let Ok(n) = socket.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                data.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&data).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= length {
+                        break;
+                    }
+                }
+            }
+            let text = String::from_utf8_lossy(&data).to_string();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let n = {
+                let mut seen = seen.lock();
+                seen.push((head.to_owned(), body.to_owned()));
+                seen.len()
+            };
+            let status = if n <= fail_first {
+                "503 Service Unavailable"
+            } else {
+                "200 OK"
+            };
+            let _ = socket
+                .write_all(
+                    format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+    });
+    Ok((url, hooks))
+}
+
 fn order_rule() -> pb::Rule {
     pb::Rule {
         name: "big-orders".into(),
@@ -222,6 +283,29 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
         1
     );
 
+    // A webhook rule on the same stimulus: its receiver fails the first call (the stimulus is
+    // redelivered after 1 s and the call retried), then takes it.
+    let (hook_url, hooks) = webhook_receiver(1).await?;
+    r.put_rule(pb::PutRuleRequest {
+        rule: Some(pb::Rule {
+            name: "hook-huge".into(),
+            stimulus: order_rule().stimulus,
+            condition: "data.amount > 5000".into(),
+            responses: vec![pb::Response {
+                name: "notify".into(),
+                action: Some(pb::response::Action::Webhook(pb::WebhookAction {
+                    url: hook_url.clone(),
+                    headers: [("x-order".to_owned(), "${data.id}".to_owned())].into(),
+                    ..pb::WebhookAction::default()
+                })),
+                ..pb::Response::default()
+            }],
+            ..pb::Rule::default()
+        }),
+        ..pb::PutRuleRequest::default()
+    })
+    .await?;
+
     // Stimuli: one under the threshold, one over (alert), one far over (alert + review task),
     // one of another type (not matched).
     let mut alerts = subscribe(&mut b, "alerts.>").await?;
@@ -295,6 +379,39 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
     assert!(
         responses.contains("review: submit_task ok: task "),
         "{responses}"
+    );
+
+    // The webhook: called with the stimulus as JSON, the idempotency key and the templated
+    // header; the first call failed (503), the redelivered stimulus called it again.
+    wait_until(
+        Duration::from_secs(10),
+        "the webhook retried and taken",
+        || {
+            let hooks = hooks.clone();
+            async move { hooks.lock().len() >= 2 }
+        },
+    )
+    .await?;
+    {
+        let hooks = hooks.lock();
+        for (head, body) in hooks.iter() {
+            let head = head.to_ascii_lowercase();
+            assert!(head.starts_with("post /hooks/orders http/1.1"), "{head}");
+            assert!(
+                head.contains("idempotency-key: hook-huge/o-huge/notify"),
+                "{head}"
+            );
+            assert!(head.contains("x-order: o-huge"), "{head}");
+            assert!(head.contains("content-type: application/json"), "{head}");
+            let stimulus: serde_json::Value = serde_json::from_str(body)?;
+            assert_eq!(stimulus["id"], "o-huge");
+            assert_eq!(stimulus["data"]["amount"], 9000);
+        }
+    }
+    assert_eq!(
+        stats(&mut r, "hook-huge").await.fired,
+        1,
+        "fired once after the failed try"
     );
 
     let st = stats(&mut r, "big-orders").await;

@@ -86,7 +86,7 @@ pub struct HealthArgs {
     /// through the API.
     #[arg(long = "health-rules", env = "AGENTMESH_HEALTH_RULES")]
     pub rules: Option<std::path::PathBuf>,
-    /// Webhooks notified of alerts (`http://host:port/path`, comma-separated).
+    /// Webhooks notified of alerts (`http[s]://host[:port]/path`, comma-separated).
     #[arg(
         long = "health-webhook",
         env = "AGENTMESH_HEALTH_WEBHOOKS",
@@ -145,9 +145,12 @@ impl HealthArgs {
             }
         }
         for url in self.webhooks.iter().filter(|u| !u.is_empty()) {
-            if !url.starts_with("http://") || url.len() <= "http://".len() {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            if rest.is_none_or(str::is_empty) {
                 return Err(BuildError::Config(format!(
-                    "--health-webhook {url:?}: write http://host:port/path"
+                    "--health-webhook {url:?}: write http[s]://host[:port]/path"
                 )));
             }
         }

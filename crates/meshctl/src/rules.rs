@@ -140,6 +140,20 @@ struct ResponseToml {
     publish: Option<PublishToml>,
     #[serde(default)]
     submit_task: Option<SubmitToml>,
+    #[serde(default)]
+    webhook: Option<WebhookToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookToml {
+    url: String,
+    #[serde(default)]
+    body: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -187,15 +201,15 @@ impl RuleToml {
         let mut responses = Vec::new();
         for r in self.response {
             let at = format!("rule {}: response {}", self.name, r.name);
-            let action = match (r.publish, r.submit_task) {
-                (Some(p), None) => pb::response::Action::Publish(pb::PublishAction {
+            let action = match (r.publish, r.submit_task, r.webhook) {
+                (Some(p), None, None) => pb::response::Action::Publish(pb::PublishAction {
                     subject: p.subject,
                     r#type: p.event_type,
                     data: p.data,
                     content_type: p.content_type,
                     headers: p.headers.into_iter().collect(),
                 }),
-                (None, Some(t)) => pb::response::Action::SubmitTask(pb::SubmitTaskAction {
+                (None, Some(t), None) => pb::response::Action::SubmitTask(pb::SubmitTaskAction {
                     r#type: t.task_type,
                     payload: t.payload,
                     priority: t.priority,
@@ -203,7 +217,15 @@ impl RuleToml {
                     timeout: duration(t.timeout.as_deref(), &format!("{at}: timeout"))?,
                     max_attempts: t.max_attempts,
                 }),
-                _ => anyhow::bail!("{at}: give exactly one of [publish] or [submit_task]"),
+                (None, None, Some(w)) => pb::response::Action::Webhook(pb::WebhookAction {
+                    url: w.url,
+                    body: w.body,
+                    headers: w.headers.into_iter().collect(),
+                    timeout: duration(w.timeout.as_deref(), &format!("{at}: timeout"))?,
+                }),
+                _ => {
+                    anyhow::bail!("{at}: give exactly one of [publish], [submit_task] or [webhook]")
+                }
             };
             responses.push(pb::Response {
                 name: r.name,
@@ -241,6 +263,10 @@ fn rule_json(rule: &pb::Rule, with_meta: bool) -> serde_json::Value {
                     "subject": p.subject, "type": p.r#type, "data": p.data,
                     "content_type": p.content_type,
                     "headers": p.headers.iter().collect::<BTreeMap<_, _>>()}}),
+                Some(pb::response::Action::Webhook(w)) => json!({"webhook": {
+                    "url": w.url, "body": w.body,
+                    "headers": w.headers.iter().collect::<BTreeMap<_, _>>(),
+                    "timeout_ms": w.timeout.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000))}}),
                 Some(pb::response::Action::SubmitTask(t)) => json!({"submit_task": {
                     "type": t.r#type, "payload": t.payload, "priority": t.priority,
                     "labels": t.labels.iter().collect::<BTreeMap<_, _>>(),
@@ -280,6 +306,7 @@ fn action_names(rule: &pb::Rule) -> String {
         .map(|r| match &r.action {
             Some(pb::response::Action::Publish(p)) => format!("{}: publish {}", r.name, p.subject),
             Some(pb::response::Action::SubmitTask(t)) => format!("{}: task {}", r.name, t.r#type),
+            Some(pb::response::Action::Webhook(w)) => format!("{}: webhook {}", r.name, w.url),
             _ => format!("{}: ?", r.name),
         })
         .collect::<Vec<_>>()

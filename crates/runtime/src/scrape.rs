@@ -1,5 +1,6 @@
-//! Reading a service's admin HTTP endpoints from tools and tests: a `GET` through hyper and
-//! the Prometheus text exposition parsed by `prometheus-parse`.
+//! Reading a service's admin HTTP endpoints from tools and tests (a `GET` through hyper), the
+//! Prometheus text exposition parsed by `prometheus-parse`, and the one `POST` the services
+//! send (webhooks: the health aggregator's notifications, reactive rules' responses).
 //!
 //! `meshctl bench` reads server histograms over a run with it and the test harness reads
 //! `/livez`, `/readyz` and `/metrics` with it, so neither carries its own HTTP or text-format
@@ -7,7 +8,7 @@
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
 pub use prometheus_parse::{HistogramCount, Sample, Scrape, Value};
@@ -52,6 +53,44 @@ pub async fn get_with(
     timeout: Duration,
     bearer: Option<&str>,
 ) -> Result<(u16, String), GetError> {
+    let authorization = bearer.map(|token| format!("Bearer {token}"));
+    let mut headers = vec![(http::header::ACCEPT.as_str(), "text/plain")];
+    if let Some(value) = &authorization {
+        headers.push((http::header::AUTHORIZATION.as_str(), value.as_str()));
+    }
+    request(
+        http::Method::GET,
+        url,
+        &headers,
+        bytes::Bytes::new(),
+        timeout,
+    )
+    .await
+}
+
+/// A `POST` of `body` to `http[s]://host[:port][/path]` with `headers`; the status code and
+/// the answer's body as text. One connection per call (webhooks).
+///
+/// # Errors
+/// As [`get`].
+pub async fn post(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: bytes::Bytes,
+    timeout: Duration,
+) -> Result<(u16, String), GetError> {
+    request(http::Method::POST, url, headers, body, timeout).await
+}
+
+/// One HTTP/1.1 exchange over a new connection (TLS for `https://`, and for `http://` when the
+/// process's client TLS is set); a bare `host:port` `GET` reads `/metrics`.
+async fn request(
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: bytes::Bytes,
+    timeout: Duration,
+) -> Result<(u16, String), GetError> {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
@@ -59,7 +98,12 @@ pub async fn get_with(
     if rest.contains("://") || rest.is_empty() {
         return Err(GetError::Url(url.to_owned()));
     }
-    let (host, path) = rest.split_once('/').unwrap_or((rest, "metrics"));
+    let default_path = if method == http::Method::GET {
+        "metrics"
+    } else {
+        ""
+    };
+    let (host, path) = rest.split_once('/').unwrap_or((rest, default_path));
     // A host without a port: the scheme's.
     let host_port;
     let host = if host.contains(':') && !host.ends_with(']') {
@@ -71,7 +115,8 @@ pub async fn get_with(
         );
         host_port.as_str()
     };
-    let uri = format!("http://{host}/{path}");
+    // Origin form (`/path`), with the host in `Host`, as HTTP/1.1 servers expect from clients.
+    let uri = format!("/{path}");
     let io_error = |e: Box<dyn std::error::Error + Send + Sync>| GetError::Io {
         url: url.to_owned(),
         source: e,
@@ -80,8 +125,8 @@ pub async fn get_with(
         let tcp = tokio::net::TcpStream::connect(host)
             .await
             .map_err(|e| io_error(e.into()))?;
-        // `https://` reads (a JWKS URL) use TLS with the system's roots and the process's CA;
-        // with the process's client TLS set, admin ports are read over TLS too.
+        // `https://` URLs (a JWKS URL, a webhook) use TLS with the system's roots and the
+        // process's CA; with the process's client TLS set, admin ports are read over TLS too.
         let tls = if url.starts_with("https://") {
             Some(crate::tls::https_public())
         } else {
@@ -116,14 +161,15 @@ pub async fn get_with(
             )
         };
         let (mut sender, driver) = driver;
-        let mut request = http::Request::get(uri.as_str())
-            .header(http::header::HOST, host)
-            .header(http::header::ACCEPT, "text/plain");
-        if let Some(token) = bearer {
-            request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(uri.as_str())
+            .header(http::header::HOST, host);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         let request = request
-            .body(Empty::<bytes::Bytes>::new())
+            .body(Full::new(body))
             .map_err(|e| io_error(e.into()))?;
         let response = sender
             .send_request(request)

@@ -11,8 +11,6 @@ use std::time::Duration;
 use agentmesh_proto::eventbus::v1 as bus;
 use agentmesh_runtime::{ClientConfig, Metrics, connect_lazy};
 use hmac::{Hmac, Mac};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use serde_json::json;
 use sha2::Sha256;
@@ -81,7 +79,7 @@ impl Notification {
 /// A webhook receiver.
 #[derive(Debug, Clone)]
 pub struct Webhook {
-    /// `http://host:port/path`.
+    /// `http[s]://host[:port]/path` (https against the system's roots and `--tls-ca-file`).
     pub url: String,
     /// HMAC key for the signature header; none: unsigned.
     pub secret: Option<String>,
@@ -220,35 +218,28 @@ async fn post_with_retries(
 }
 
 async fn post(webhook: &Webhook, dedup_key: &str, status: &str, body: &str) -> Result<u16, String> {
-    let rest = webhook
-        .url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{}: only http:// webhooks are sent", webhook.url))?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let error = |e: &dyn std::fmt::Display| format!("{}: {e}", webhook.url);
-    let tcp = tokio::net::TcpStream::connect(host)
-        .await
-        .map_err(|e| error(&e))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| error(&e))?;
-    let driver = tokio::spawn(connection);
-    let mut request = http::Request::post(format!("/{path}"))
-        .header(http::header::HOST, host)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header("X-Agentmesh-Event", format!("alert.{status}"))
-        .header("X-Agentmesh-Dedup-Key", dedup_key);
-    if let Some(secret) = &webhook.secret {
-        request = request.header("X-Agentmesh-Signature", signature(secret, body));
+    let event = format!("alert.{status}");
+    let signed = webhook
+        .secret
+        .as_ref()
+        .map(|secret| signature(secret, body));
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        ("x-agentmesh-event", event.as_str()),
+        ("x-agentmesh-dedup-key", dedup_key),
+    ];
+    if let Some(signed) = &signed {
+        headers.push(("x-agentmesh-signature", signed.as_str()));
     }
-    let request = request
-        .body(Full::new(bytes::Bytes::from(body.to_owned())))
-        .map_err(|e| error(&e))?;
-    let response = sender.send_request(request).await.map_err(|e| error(&e))?;
-    let code = response.status().as_u16();
-    let _ = response.into_body().collect().await;
-    driver.abort();
-    Ok(code)
+    agentmesh_runtime::scrape::post(
+        &webhook.url,
+        &headers,
+        bytes::Bytes::from(body.to_owned()),
+        WEBHOOK_TIMEOUT,
+    )
+    .await
+    .map(|(code, _)| code)
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use prometheus::{HistogramVec, IntCounterVec};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::StreamExt;
 
-use super::eval::{Variables, holds, render};
+use super::eval::{Variables, holds, render, stimulus_json};
 use super::index::{RuleSet, plan};
 use super::model::{CompiledAction, CompiledRule, RuleError, Stimulus, compile};
 use super::store::RuleStore;
@@ -143,6 +143,36 @@ pub struct Engine {
     stats: Mutex<BTreeMap<String, Stats>>,
     leading: watch::Sender<bool>,
     firings: broadcast::Sender<Firing>,
+    done: Mutex<Recent>,
+}
+
+/// Firings that completed lately (fired or skipped), so a stimulus redelivered because
+/// another rule of its group failed does not evaluate these again (their responses would
+/// only be duplicates, and the statistics would count them twice). Bounded: the oldest go.
+#[derive(Debug, Default)]
+struct Recent {
+    set: std::collections::HashSet<String>,
+    order: VecDeque<String>,
+}
+
+/// Completed firings remembered.
+const RECENT: usize = 65_536;
+
+impl Recent {
+    fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
+
+    fn insert(&mut self, id: String) {
+        if self.set.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > RECENT
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+        }
+    }
 }
 
 /// One firing, as `WatchFirings` shows it.
@@ -222,6 +252,7 @@ impl Engine {
             stats: Mutex::default(),
             leading: watch::channel(false).0,
             firings: broadcast::channel(WATCH_BUFFER).0,
+            done: Mutex::default(),
         })
     }
 
@@ -435,6 +466,9 @@ impl Engine {
             let rule = &set.rules()[index];
             let name = &rule.def.name;
             let firing_id = format!("{name}/{}", event.id);
+            if self.done.lock().contains(&firing_id) {
+                continue;
+            }
             let label = self
                 .metrics
                 .as_ref()
@@ -541,6 +575,9 @@ impl Engine {
                     "skipped" => s.skipped += 1,
                     _ => s.failed += 1,
                 }
+            }
+            if outcome != "failed" {
+                self.done.lock().insert(firing_id.clone());
             }
             if self.firings.receiver_count() > 0 {
                 let _ = self.firings.send(Firing {
@@ -685,6 +722,44 @@ impl Engine {
                     .await
                     .map_err(|e| ("submit_task", e.to_string()))?;
                 Ok(("submit_task", existing, format!("task {}", task.id)))
+            }
+            CompiledAction::Webhook {
+                url,
+                body,
+                headers,
+                timeout,
+            } => {
+                let fail = |e: String| ("webhook", e);
+                let url = render(url, scope).map_err(fail)?;
+                let body = match body {
+                    None => stimulus_json(event),
+                    Some(t) => render(t, scope).map_err(fail)?,
+                };
+                let mut rendered: Vec<(String, String)> = Vec::new();
+                for (k, t) in headers {
+                    rendered.push((k.to_ascii_lowercase(), render(t, scope).map_err(fail)?));
+                }
+                let mut all: Vec<(&str, &str)> = vec![
+                    ("idempotency-key", key),
+                    ("x-agentmesh-rule", rule),
+                    ("x-agentmesh-stimulus", event.id.as_str()),
+                ];
+                if !rendered.iter().any(|(k, _)| k == "content-type") {
+                    all.push(("content-type", "application/json"));
+                }
+                for (k, v) in trace {
+                    all.push((k.as_str(), v.as_str()));
+                }
+                all.extend(rendered.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                let (code, answer) =
+                    agentmesh_runtime::scrape::post(&url, &all, Bytes::from(body), *timeout)
+                        .await
+                        .map_err(|e| ("webhook", e.to_string()))?;
+                if !(200..300).contains(&code) {
+                    let answer: String = answer.chars().take(200).collect();
+                    return Err(("webhook", format!("{url} answered {code}: {answer}")));
+                }
+                Ok(("webhook", false, format!("HTTP {code}")))
             }
         }
     }

@@ -7,6 +7,11 @@ use serde_json::{Value as Json, json};
 
 use super::model::{Part, Template};
 
+/// CEL's standard environment, built once (building it per event cost more than evaluating a
+/// typical condition).
+static STDLIB: std::sync::LazyLock<Arc<cel::Env>> =
+    std::sync::LazyLock::new(|| Arc::new(cel::Env::stdlib()));
+
 /// The variables of one stimulus: built once per event and shared by every rule it reaches.
 pub struct Variables {
     context: cel::Context<'static, 'static>,
@@ -88,7 +93,7 @@ impl Variables {
             "content_type": event.content_type,
             "headers": headers,
         });
-        let mut context = cel::Context::default();
+        let mut context = cel::Context::with_env(STDLIB.clone());
         // Serialising plain JSON cannot fail.
         let _ = context.add_variable("event", event_value);
         let _ = context.add_variable("headers", Json::Object(headers));
@@ -96,7 +101,15 @@ impl Variables {
         Self { context }
     }
 
-    /// A scope for one rule's firing: `rule` and `firing` (`id`, `rule`, `response`).
+    /// A scope for one rule's condition: `rule`.
+    #[must_use]
+    pub fn for_condition<'a>(&'a self, rule: &str) -> cel::Context<'a, 'static> {
+        let mut scope = self.context.new_inner_scope();
+        let _ = scope.add_variable("rule", rule);
+        scope
+    }
+
+    /// A scope for one rule's responses: `rule` and `firing` (`id`, `rule`, `response`).
     #[must_use]
     pub fn for_rule<'a>(
         &'a self,
@@ -112,6 +125,24 @@ impl Variables {
         );
         scope
     }
+}
+
+/// The stimulus as a webhook's default body: its attributes, headers and data (parsed JSON
+/// when it is JSON, else its text).
+#[must_use]
+pub fn stimulus_json(event: &bus::Event) -> String {
+    json!({
+        "id": event.id,
+        "subject": event.subject,
+        "type": event.r#type,
+        "source": event.source,
+        "time": rfc3339(event.time.as_ref()),
+        "correlation_id": event.correlation_id,
+        "content_type": event.content_type,
+        "headers": event.headers.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "data": data_value(event),
+    })
+    .to_string()
 }
 
 /// Runs a condition or guard: it must give a boolean.

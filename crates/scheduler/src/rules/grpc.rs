@@ -104,9 +104,12 @@ fn decode(rule: pb::Rule) -> Result<RuleDef, RuleError> {
                 timeout_ms: millis(t.timeout.as_ref()),
                 max_attempts: t.max_attempts,
             },
-            Some(pb::response::Action::Webhook(_)) => {
-                return Err(unimplemented(&format!("{at}.webhook (webhooks)")));
-            }
+            Some(pb::response::Action::Webhook(w)) => Action::Webhook {
+                url: w.url,
+                body: w.body,
+                headers: w.headers.into_iter().collect(),
+                timeout_ms: millis(w.timeout.as_ref()),
+            },
             None => {
                 return Err(RuleError::Invalid(vec![
                     agentmesh_runtime::error::FieldViolation::new(
@@ -192,6 +195,17 @@ fn encode(stored: &Stored) -> pb::Rule {
                         labels: labels.clone().into_iter().collect(),
                         timeout: duration(*timeout_ms),
                         max_attempts: *max_attempts,
+                    }),
+                    Action::Webhook {
+                        url,
+                        body,
+                        headers,
+                        timeout_ms,
+                    } => pb::response::Action::Webhook(pb::WebhookAction {
+                        url: url.clone(),
+                        body: body.clone(),
+                        headers: headers.clone().into_iter().collect(),
+                        timeout: duration(*timeout_ms),
                     }),
                 }),
                 ..pb::Response::default()
@@ -501,14 +515,6 @@ mod tests {
                     ..pb::Response::default()
                 },
                 "fallback",
-            ),
-            (
-                pb::Response {
-                    name: "x".into(),
-                    action: Some(pb::response::Action::Webhook(pb::WebhookAction::default())),
-                    ..pb::Response::default()
-                },
-                "webhook",
             ),
         ];
         for (response, field) in cases {

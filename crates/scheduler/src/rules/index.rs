@@ -103,14 +103,7 @@ impl RuleSet {
                 let rule = &self.rules[i];
                 let held = match &rule.condition {
                     None => Ok(true),
-                    Some(program) => {
-                        let scope = vars.for_rule(
-                            &rule.def.name,
-                            &format!("{}/{}", rule.def.name, event.id),
-                            "",
-                        );
-                        holds(program, &scope)
-                    }
+                    Some(program) => holds(program, &vars.for_condition(&rule.def.name)),
                 };
                 (i, held)
             })

@@ -2,16 +2,17 @@
 //!
 //! A rule ([`model::RuleDef`]) names a stimulus (a subject filter on the event bus, optional
 //! types and headers), an optional CEL condition and up to 16 responses (publish an event,
-//! submit a task), each with an optional CEL guard and templated fields. Rules are stored in
+//! submit a task, call a webhook), each with an optional CEL guard and templated fields. Rules are stored in
 //! etcd ([`store`]) and compiled when stored ([`model::compile`]: a bad expression is refused
 //! naming its position). Only the scheduler leader evaluates them ([`engine`]), consuming
-//! stimuli through one queue-group subscription per distinct stimulus and acknowledging an
+//! stimuli through one queue-group subscription per maximal subject filter, routing each
+//! event through a subject index ([`index`]) and acknowledging an
 //! event only after its responses ran, each under an idempotency key, so a failover neither
 //! loses (on durable subjects) nor repeats a response. [`grpc`] serves
 //! `agentmesh.rules.v1.Rules`.
 //!
 //! Not built yet (refused with UNIMPLEMENTED): correlation, delayed responses, cascades,
-//! fallbacks, webhooks.
+//! fallbacks.
 
 pub mod engine;
 pub mod eval;

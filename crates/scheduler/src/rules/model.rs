@@ -126,6 +126,16 @@ pub enum Action {
         #[serde(default)]
         max_attempts: u32,
     },
+    Webhook {
+        url: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        body: String,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        headers: BTreeMap<String, String>,
+        /// Milliseconds; 0 = 10 s.
+        #[serde(default)]
+        timeout_ms: u64,
+    },
 }
 
 impl Default for Action {
@@ -186,7 +196,19 @@ pub enum CompiledAction {
         timeout: Option<Duration>,
         max_attempts: u32,
     },
+    Webhook {
+        url: Template,
+        /// `None`: the stimulus as JSON.
+        body: Option<Template>,
+        headers: Vec<(String, Template)>,
+        timeout: Duration,
+    },
 }
+
+/// Default and bound of a webhook call.
+pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a webhook call may be given.
+pub const MAX_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A string with `${expr}` parts.
 #[derive(Debug, Clone)]
@@ -464,6 +486,47 @@ pub fn compile(def: RuleDef, version: u64) -> Result<CompiledRule, RuleError> {
                         .collect(),
                     timeout: (*timeout_ms > 0).then(|| Duration::from_millis(*timeout_ms)),
                     max_attempts: *max_attempts,
+                }
+            }
+            Action::Webhook {
+                url,
+                body,
+                headers,
+                timeout_ms,
+            } => {
+                let field = format!("{at}.webhook");
+                if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+                    errors.push(FieldViolation::new(
+                        format!("{field}.url"),
+                        "required: http[s]://host[:port]/path (the scheme and host literal)",
+                    ));
+                }
+                map_ok(&format!("{field}.headers"), headers, &mut errors);
+                let timeout = if *timeout_ms == 0 {
+                    WEBHOOK_TIMEOUT
+                } else {
+                    Duration::from_millis(*timeout_ms)
+                };
+                if timeout > MAX_WEBHOOK_TIMEOUT {
+                    errors.push(FieldViolation::new(
+                        format!("{field}.timeout"),
+                        "at most 60 s",
+                    ));
+                }
+                CompiledAction::Webhook {
+                    url: template(&format!("{field}.url"), url, &mut errors),
+                    body: (!body.is_empty())
+                        .then(|| template(&format!("{field}.body"), body, &mut errors)),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.clone(),
+                                template(&format!("{field}.headers[{k}]"), v, &mut errors),
+                            )
+                        })
+                        .collect(),
+                    timeout,
                 }
             }
         };

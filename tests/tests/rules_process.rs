@@ -180,7 +180,13 @@ async fn engine_listening(r: &Rules, b: &Bus) -> anyhow::Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::Result<()> {
-    let dev = AgentmeshProcess::dev().await?;
+    // Quick retries: a failing response is retried after 100 ms, its fallback runs on the
+    // third delivery.
+    let dev = AgentmeshProcess::dev_with_env(&[
+        ("AGENTMESH_RULES_RETRY_BACKOFF", "100ms"),
+        ("AGENTMESH_RULES_MAX_DELIVERIES", "3"),
+    ])
+    .await?;
     let (sched_addr, _) = dev.addrs["scheduler"];
     let (bus_addr, _) = dev.addrs["eventbus"];
     let mut r = Rules::connect(format!("http://{sched_addr}")).await?;
@@ -306,6 +312,36 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
     })
     .await?;
 
+    // A webhook that always fails, with a fallback.
+    let (dead_url, dead_hooks) = webhook_receiver(usize::MAX).await?;
+    r.put_rule(pb::PutRuleRequest {
+        rule: Some(pb::Rule {
+            name: "hook-fallback".into(),
+            stimulus: order_rule().stimulus,
+            condition: "data.amount > 5000".into(),
+            responses: vec![pb::Response {
+                name: "notify".into(),
+                action: Some(pb::response::Action::Webhook(pb::WebhookAction {
+                    url: dead_url,
+                    ..pb::WebhookAction::default()
+                })),
+                fallback: Some(Box::new(pb::Response {
+                    name: "page".into(),
+                    action: Some(pb::response::Action::Publish(pb::PublishAction {
+                        subject: "alerts.fallback".into(),
+                        data: r#"{"order": "${data.id}", "why": "the webhook failed"}"#.into(),
+                        ..pb::PublishAction::default()
+                    })),
+                    ..pb::Response::default()
+                })),
+                ..pb::Response::default()
+            }],
+            ..pb::Rule::default()
+        }),
+        ..pb::PutRuleRequest::default()
+    })
+    .await?;
+
     // Stimuli: one under the threshold, one over (alert), one far over (alert + review task),
     // one of another type (not matched).
     let mut alerts = subscribe(&mut b, "alerts.>").await?;
@@ -318,21 +354,37 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
     b.publish(other).await?;
     let mut seen = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while seen.len() < 2 && Instant::now() < deadline {
-        if let Ok(Some(e)) =
-            agentmesh_tests::bus::first_event(&mut alerts, Duration::from_secs(1)).await
+    while seen.len() < 3 && Instant::now() < deadline {
+        for e in agentmesh_tests::bus::next_events(&mut alerts, Duration::from_secs(1))
+            .await
+            .unwrap_or_default()
         {
-            seen.insert(e.correlation_id.clone(), e);
+            seen.insert(e.id.clone(), e);
         }
     }
     assert_eq!(
         seen.keys().cloned().collect::<Vec<_>>(),
-        ["o-big", "o-huge"],
+        [
+            "big-orders/o-big/alert",
+            "big-orders/o-huge/alert",
+            "hook-fallback/o-huge/notify.page"
+        ],
         "{seen:?}\nstats: {:?}\nlogs:\n{}",
         stats(&mut r, "big-orders").await,
         dev.logs()
     );
-    let alert = &seen["o-huge"];
+    // The fallback: the webhook that always fails was tried on each of the three deliveries,
+    // then the fallback published.
+    let page = &seen["hook-fallback/o-huge/notify.page"];
+    assert_eq!(page.subject, "alerts.fallback");
+    assert_eq!(
+        page.data,
+        br#"{"order": "o-huge", "why": "the webhook failed"}"#
+    );
+    assert_eq!(dead_hooks.lock().len(), 3, "one call per delivery");
+    let fb = stats(&mut r, "hook-fallback").await;
+    assert_eq!((fb.fired, fb.failed, fb.fallbacks), (1, 2, 1), "{fb:?}");
+    let alert = &seen["big-orders/o-huge/alert"];
     assert_eq!(alert.subject, "alerts.eu");
     assert_eq!(alert.r#type, "order.alert");
     assert_eq!(alert.id, "big-orders/o-huge/alert");
@@ -538,13 +590,13 @@ async fn test_a_rule_fires_exactly_once_across_a_killed_scheduler_leader() -> an
     let mut count: BTreeMap<String, u32> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(40);
     while count.len() < total as usize && Instant::now() < deadline {
-        let Ok(Some(e)) =
-            agentmesh_tests::bus::first_event(&mut alerts, Duration::from_secs(5)).await
-        else {
-            continue;
-        };
-        if e.correlation_id.starts_with("o-") {
-            *count.entry(e.correlation_id).or_default() += 1;
+        for e in agentmesh_tests::bus::next_events(&mut alerts, Duration::from_secs(5))
+            .await
+            .unwrap_or_default()
+        {
+            if e.correlation_id.starts_with("o-") {
+                *count.entry(e.correlation_id).or_default() += 1;
+            }
         }
     }
     assert!(

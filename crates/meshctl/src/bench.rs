@@ -47,6 +47,9 @@ pub(crate) enum BenchCommand {
     /// End-to-end event bus load: publishers on PublishStream, subscribers on Subscribe;
     /// throughput and publish → deliver latency (optionally per priority).
     Eventbus(eventbus::EventbusBench),
+    /// Reactive rules: stimulus → rule → response delivered, beside the event bus's own
+    /// publish → deliver in the same run (the rules are stored, then deleted).
+    Rules(eventbus::RulesBench),
     /// Anchor for `bench eventbus`: core NATS pub/sub through async-nats, same loop and clock.
     Nats(anchors::NatsBench),
     /// Anchor for `bench eventbus`: Redis Streams, XADD by the publisher, XREADGROUP + XACK by
@@ -301,6 +304,7 @@ pub(crate) async fn run(cmd: BenchCommand, redis: Option<&str>) -> anyhow::Resul
         }
         BenchCommand::RedisScript(args) => redis_script(args, &redis).await,
         BenchCommand::Eventbus(args) => eventbus::run(args).await,
+        BenchCommand::Rules(args) => eventbus::rules(args).await,
         BenchCommand::Scheduler(args) => scheduler::run(args).await,
         BenchCommand::Tasks(args) => tasks::run(args).await,
         BenchCommand::Cache(args) => cache::run(args).await,

@@ -142,6 +142,9 @@ struct ResponseToml {
     submit_task: Option<SubmitToml>,
     #[serde(default)]
     webhook: Option<WebhookToml>,
+    /// Runs when the response still fails on the stimulus's last delivery.
+    #[serde(default)]
+    fallback: Option<Box<ResponseToml>>,
 }
 
 #[derive(Deserialize)]
@@ -196,45 +199,55 @@ fn duration(text: Option<&str>, what: &str) -> anyhow::Result<Option<prost_types
     .transpose()
 }
 
+impl ResponseToml {
+    fn into_proto(self, rule: &str) -> anyhow::Result<pb::Response> {
+        let at = format!("rule {rule}: response {}", self.name);
+        let action = match (self.publish, self.submit_task, self.webhook) {
+            (Some(p), None, None) => pb::response::Action::Publish(pb::PublishAction {
+                subject: p.subject,
+                r#type: p.event_type,
+                data: p.data,
+                content_type: p.content_type,
+                headers: p.headers.into_iter().collect(),
+            }),
+            (None, Some(t), None) => pb::response::Action::SubmitTask(pb::SubmitTaskAction {
+                r#type: t.task_type,
+                payload: t.payload,
+                priority: t.priority,
+                labels: t.labels.into_iter().collect(),
+                timeout: duration(t.timeout.as_deref(), &format!("{at}: timeout"))?,
+                max_attempts: t.max_attempts,
+            }),
+            (None, None, Some(w)) => pb::response::Action::Webhook(pb::WebhookAction {
+                url: w.url,
+                body: w.body,
+                headers: w.headers.into_iter().collect(),
+                timeout: duration(w.timeout.as_deref(), &format!("{at}: timeout"))?,
+            }),
+            _ => anyhow::bail!("{at}: give exactly one of [publish], [submit_task] or [webhook]"),
+        };
+        let fallback = match self.fallback {
+            None => None,
+            Some(f) => Some(Box::new(f.into_proto(rule)?)),
+        };
+        Ok(pb::Response {
+            name: self.name,
+            when: self.when,
+            delay: duration(self.delay.as_deref(), &format!("{at}: delay"))?,
+            action: Some(action),
+            fallback,
+            ..pb::Response::default()
+        })
+    }
+}
+
 impl RuleToml {
     fn into_proto(self) -> anyhow::Result<pb::Rule> {
-        let mut responses = Vec::new();
-        for r in self.response {
-            let at = format!("rule {}: response {}", self.name, r.name);
-            let action = match (r.publish, r.submit_task, r.webhook) {
-                (Some(p), None, None) => pb::response::Action::Publish(pb::PublishAction {
-                    subject: p.subject,
-                    r#type: p.event_type,
-                    data: p.data,
-                    content_type: p.content_type,
-                    headers: p.headers.into_iter().collect(),
-                }),
-                (None, Some(t), None) => pb::response::Action::SubmitTask(pb::SubmitTaskAction {
-                    r#type: t.task_type,
-                    payload: t.payload,
-                    priority: t.priority,
-                    labels: t.labels.into_iter().collect(),
-                    timeout: duration(t.timeout.as_deref(), &format!("{at}: timeout"))?,
-                    max_attempts: t.max_attempts,
-                }),
-                (None, None, Some(w)) => pb::response::Action::Webhook(pb::WebhookAction {
-                    url: w.url,
-                    body: w.body,
-                    headers: w.headers.into_iter().collect(),
-                    timeout: duration(w.timeout.as_deref(), &format!("{at}: timeout"))?,
-                }),
-                _ => {
-                    anyhow::bail!("{at}: give exactly one of [publish], [submit_task] or [webhook]")
-                }
-            };
-            responses.push(pb::Response {
-                name: r.name,
-                when: r.when,
-                delay: duration(r.delay.as_deref(), &format!("{at}: delay"))?,
-                action: Some(action),
-                ..pb::Response::default()
-            });
-        }
+        let responses = self
+            .response
+            .into_iter()
+            .map(|r| r.into_proto(&self.name))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(pb::Rule {
             name: self.name,
             description: self.description,
@@ -251,32 +264,32 @@ impl RuleToml {
     }
 }
 
-/// The rule as JSON (what `get` prints and `apply` compares).
-fn rule_json(rule: &pb::Rule, with_meta: bool) -> serde_json::Value {
-    let stimulus = rule.stimulus.clone().unwrap_or_default();
-    let responses: Vec<serde_json::Value> = rule
-        .responses
-        .iter()
-        .map(|r| {
-            let action = match &r.action {
-                Some(pb::response::Action::Publish(p)) => json!({"publish": {
+/// One response as JSON, its fallback included.
+fn response_json(r: &pb::Response) -> serde_json::Value {
+    let action = match &r.action {
+        Some(pb::response::Action::Publish(p)) => json!({"publish": {
                     "subject": p.subject, "type": p.r#type, "data": p.data,
                     "content_type": p.content_type,
                     "headers": p.headers.iter().collect::<BTreeMap<_, _>>()}}),
-                Some(pb::response::Action::Webhook(w)) => json!({"webhook": {
+        Some(pb::response::Action::Webhook(w)) => json!({"webhook": {
                     "url": w.url, "body": w.body,
                     "headers": w.headers.iter().collect::<BTreeMap<_, _>>(),
                     "timeout_ms": w.timeout.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000))}}),
-                Some(pb::response::Action::SubmitTask(t)) => json!({"submit_task": {
+        Some(pb::response::Action::SubmitTask(t)) => json!({"submit_task": {
                     "type": t.r#type, "payload": t.payload, "priority": t.priority,
                     "labels": t.labels.iter().collect::<BTreeMap<_, _>>(),
                     "timeout_ms": t.timeout.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000)),
                     "max_attempts": t.max_attempts}}),
-                _ => json!({}),
-            };
-            json!({"name": r.name, "when": r.when, "action": action})
-        })
-        .collect();
+        _ => json!({}),
+    };
+    json!({"name": r.name, "when": r.when, "action": action,
+                "fallback": r.fallback.as_deref().map(response_json)})
+}
+
+/// The rule as JSON (what `get` prints and `apply` compares).
+fn rule_json(rule: &pb::Rule, with_meta: bool) -> serde_json::Value {
+    let stimulus = rule.stimulus.clone().unwrap_or_default();
+    let responses: Vec<serde_json::Value> = rule.responses.iter().map(response_json).collect();
     let mut value = json!({
         "name": rule.name,
         "description": rule.description,

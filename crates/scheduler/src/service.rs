@@ -63,9 +63,48 @@ pub struct SchedulerArgs {
     /// Redis store keeps it 24 h.
     #[arg(long = "scheduler-task-retention", env = "AGENTMESH_SCHEDULER_TASK_RETENTION", default_value = "1h", value_parser = parse_duration)]
     pub task_retention: Duration,
+    /// Reactive rules: delays before a stimulus whose response failed is delivered again (the
+    /// last repeats; at most 16, each ≤ 1 h).
+    #[arg(long = "rules-retry-backoff", env = "AGENTMESH_RULES_RETRY_BACKOFF", default_value = "1s,5s,30s", value_delimiter = ',', value_parser = parse_duration)]
+    pub rules_backoff: Vec<Duration>,
+    /// Reactive rules: deliveries of a stimulus before it is dead-lettered on
+    /// `sys.rules.deadletter` (1–1000); on the last one a failing response's fallback runs.
+    #[arg(
+        long = "rules-max-deliveries",
+        env = "AGENTMESH_RULES_MAX_DELIVERIES",
+        default_value_t = 5
+    )]
+    pub rules_max_deliveries: u32,
 }
 
 impl SchedulerArgs {
+    /// The rule engine's retries.
+    ///
+    /// # Errors
+    /// `Config` naming the flag when a setting is out of range.
+    pub fn rules_retry(&self) -> Result<crate::rules::RetryConfig, BuildError> {
+        if self.rules_backoff.is_empty()
+            || self.rules_backoff.len() > 16
+            || self
+                .rules_backoff
+                .iter()
+                .any(|d| *d > Duration::from_secs(3600))
+        {
+            return Err(BuildError::Config(
+                "--rules-retry-backoff: 1–16 delays, each at most 1h".to_owned(),
+            ));
+        }
+        if !(1..=1000).contains(&self.rules_max_deliveries) {
+            return Err(BuildError::Config(
+                "--rules-max-deliveries must be between 1 and 1000".to_owned(),
+            ));
+        }
+        Ok(crate::rules::RetryConfig {
+            backoff: self.rules_backoff.clone(),
+            max_deliveries: self.rules_max_deliveries,
+        })
+    }
+
     /// The pool's settings.
     ///
     /// # Errors
@@ -153,6 +192,7 @@ impl Service for SchedulerArgs {
                 tasks.clone(),
                 event_buses(deps, &instance_id).await?,
                 Some(rule_metrics),
+                self.rules_retry()?,
             );
             let leadership = match &deps.etcd {
                 None => {

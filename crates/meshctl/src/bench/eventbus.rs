@@ -77,6 +77,10 @@ pub(crate) struct EventbusBench {
     /// waited in the bus's pending queues, by priority (`eventbus_queue_wait_seconds`).
     #[arg(long)]
     metrics_url: Option<String>,
+    /// Subscribe to this filter instead of the published subjects' (`bench rules`: the
+    /// responses' subjects).
+    #[arg(skip)]
+    subscribe_filter: Option<String>,
 }
 
 pub(super) async fn run(args: EventbusBench) -> anyhow::Result<ExitCode> {
@@ -87,7 +91,9 @@ pub(super) async fn run(args: EventbusBench) -> anyhow::Result<ExitCode> {
     } else {
         vec![args.subject.clone()]
     };
-    let filter = if args.subjects > 1 {
+    let filter = if let Some(filter) = &args.subscribe_filter {
+        filter.clone()
+    } else if args.subjects > 1 {
         format!("{}.>", args.subject)
     } else {
         args.subject.clone()
@@ -449,4 +455,154 @@ fn print_queue_wait(waits: &scrape::Buckets, load: &PubSubArgs) {
             unit: "",
         },
     );
+}
+
+/// `meshctl bench rules`: stimulus → response latency of the scheduler's rule engine, beside the
+/// event bus's own publish → deliver latency in the same run and with the same load.
+#[derive(clap::Args)]
+pub(crate) struct RulesBench {
+    #[command(flatten)]
+    load: PubSubArgs,
+    /// Event bus address.
+    #[arg(long, env = "AGENTMESH_EVENTBUS_ADDR", default_value = DEFAULT_ADDR)]
+    addr: String,
+    /// Scheduler address (where the rules are stored).
+    #[arg(
+        long,
+        env = "AGENTMESH_SCHEDULER_ADDR",
+        default_value = "http://127.0.0.1:7102"
+    )]
+    scheduler: String,
+    /// Rules: rule i listens on `bench.rules.i` and publishes the stimulus's data unchanged on
+    /// `bench.fired.i`; stimuli cycle through them.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    rules: u64,
+    /// Skip the event bus's own publish → deliver run.
+    #[arg(long)]
+    no_baseline: bool,
+}
+
+pub(super) async fn rules(args: RulesBench) -> anyhow::Result<ExitCode> {
+    use agentmesh_proto::rules::v1 as rules_pb;
+    let channel = crate::connect(&args.scheduler, Duration::from_secs(10), "the scheduler").await?;
+    let mut client = rules_pb::rules_client::RulesClient::new(channel);
+    let bar = indicatif::ProgressBar::new(args.rules);
+    bar.set_message("storing rules");
+    for i in 0..args.rules {
+        client
+            .put_rule(rules_pb::PutRuleRequest {
+                rule: Some(rules_pb::Rule {
+                    name: format!("bench-rule-{i}"),
+                    stimulus: Some(rules_pb::Stimulus {
+                        subject: format!("bench.rules.{i}"),
+                        ..rules_pb::Stimulus::default()
+                    }),
+                    responses: vec![rules_pb::Response {
+                        name: "forward".into(),
+                        action: Some(rules_pb::response::Action::Publish(
+                            rules_pb::PublishAction {
+                                subject: format!("bench.fired.{i}"),
+                                ..rules_pb::PublishAction::default()
+                            },
+                        )),
+                        ..rules_pb::Response::default()
+                    }],
+                    ..rules_pb::Rule::default()
+                }),
+                ..rules_pb::PutRuleRequest::default()
+            })
+            .await
+            .map_err(|s| status_error(&s))?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    // The leader subscribes to the stimuli a moment after the rules are stored: wait until a
+    // probe on the last rule's subject comes back as a response.
+    let last = args.rules - 1;
+    wait_for_response(&args.addr, last).await?;
+    let phase = |subject: &str, filter: &str| EventbusBench {
+        load: args.load.clone(),
+        addr: args.addr.clone(),
+        subscribe_addr: None,
+        subject: subject.to_owned(),
+        subjects: args.rules,
+        durable: false,
+        ack: false,
+        consume_rate: 0.0,
+        max_in_flight: 10_000,
+        subscribers: 1,
+        priority_mix: None,
+        metrics_url: None,
+        subscribe_filter: Some(filter.to_owned()),
+    };
+    if !args.no_baseline {
+        println!("# the event bus alone: publish bench.plain.<i> → deliver");
+        Box::pin(run(phase("bench.plain", "bench.plain.>"))).await?;
+    }
+    println!(
+        "# reactive rules: stimulus bench.rules.<i> → rule → response bench.fired.<i> delivered ({} rules)",
+        args.rules
+    );
+    let code = Box::pin(run(phase("bench.rules", "bench.fired.>"))).await?;
+    for i in 0..args.rules {
+        let _ = client
+            .delete_rule(rules_pb::DeleteRuleRequest {
+                name: format!("bench-rule-{i}"),
+            })
+            .await;
+    }
+    Ok(code)
+}
+
+/// Publishes probes on `bench.rules.<rule>` until a response arrives on `bench.fired.<rule>`.
+async fn wait_for_response(addr: &str, rule: u64) -> anyhow::Result<()> {
+    use pb::subscribe_response::Kind as In;
+    let mut client = client_for(addr, Duration::from_secs(5)).await?;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(pb::SubscribeRequest {
+        kind: Some(pb::subscribe_request::Kind::Open(pb::SubscribeOpen {
+            subject: format!("bench.fired.{rule}"),
+            max_in_flight: 100,
+            ack_policy: pb::AckPolicy::None as i32,
+            ..pb::SubscribeOpen::default()
+        })),
+    })
+    .await
+    .context("subscription request stream closed")?;
+    let mut responses = client
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| status_error(&s))?
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        client
+            .publish(pb::PublishRequest {
+                event: Some(pb::Event {
+                    subject: format!("bench.rules.{rule}"),
+                    data: b"probe".to_vec(),
+                    ..pb::Event::default()
+                }),
+            })
+            .await
+            .map_err(|s| status_error(&s))?;
+        if let Ok(Some(Ok(pb::SubscribeResponse {
+            kind: Some(In::Deliveries(_)),
+        }))) = tokio::time::timeout(Duration::from_millis(300), async {
+            loop {
+                match responses.next().await {
+                    Some(Ok(pb::SubscribeResponse {
+                        kind: Some(In::Subscribed(_)),
+                    })) => {}
+                    other => return other,
+                }
+            }
+        })
+        .await
+        {
+            return Ok(());
+        }
+    }
+    drop(tx);
+    anyhow::bail!("no rule answered a probe within 30 s: is the scheduler's rule engine leading?")
 }

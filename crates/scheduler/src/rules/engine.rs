@@ -36,6 +36,28 @@ pub const DEAD_LETTER_SUBJECT: &str = "sys.rules.deadletter";
 const LATENCY_WINDOW: usize = 4096;
 /// Distinct rule names given their own metric label (then `_other`).
 const MAX_RULE_LABELS: usize = 256;
+/// How stimuli whose responses failed are retried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// Delays before the n-th redelivery (the last repeats); at most 16, each ≤ 1 h.
+    pub backoff: Vec<Duration>,
+    /// Deliveries before the bus dead-letters the stimulus (1–1000); on the last one a failing
+    /// response's fallback runs.
+    pub max_deliveries: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+            max_deliveries: 5,
+        }
+    }
+}
 /// Longest wait for the event bus to accept a response's event.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deliveries unacknowledged at once, per stimulus group.
@@ -49,6 +71,8 @@ pub struct Stats {
     pub skipped: u64,
     pub failed: u64,
     pub responses: u64,
+    /// Fallbacks run (a response still failing on the stimulus's last delivery).
+    pub fallbacks: u64,
     /// Stimulus accepted by the bus → responses done, most recent last.
     latencies: VecDeque<Duration>,
 }
@@ -98,7 +122,7 @@ impl RuleMetrics {
         let responses = IntCounterVec::new(
             prometheus::Opts::new(
                 "rules_responses_total",
-                "Responses run, by action (publish, submit_task) and result (ok, duplicate, failed).",
+                "Responses run, by action (publish, submit_task, webhook) and result (ok, duplicate: done before, fallback: failed and its fallback ran, failed).",
             ),
             &["rule", "action", "result"],
         )?;
@@ -144,6 +168,7 @@ pub struct Engine {
     leading: watch::Sender<bool>,
     firings: broadcast::Sender<Firing>,
     done: Mutex<Recent>,
+    retry: RetryConfig,
 }
 
 /// Firings that completed lately (fired or skipped), so a stimulus redelivered because
@@ -213,6 +238,67 @@ struct Group {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Response events published over one PublishStream, pipelined: each call queues its request
+/// and waits for its answer (the bus answers in order). Cheaper than a unary call per event
+/// under load. When the stream breaks, every waiting call fails (its stimulus is redelivered).
+struct Pipeline {
+    sender: tokio::sync::Mutex<(mpsc::Sender<bus::PublishRequest>, Waiters)>,
+}
+
+/// The calls waiting for their answers, oldest first.
+type Waiters = Arc<Mutex<VecDeque<tokio::sync::oneshot::Sender<bus::PublishResponse>>>>;
+
+impl Pipeline {
+    async fn open(
+        client: &mut bus::event_bus_client::EventBusClient<
+            agentmesh_runtime::client::ClientChannel,
+        >,
+    ) -> Result<Self, String> {
+        let (tx, rx) = mpsc::channel::<bus::PublishRequest>(1024);
+        let mut answers = client
+            .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let waiting: Waiters = Arc::default();
+        let reader = waiting.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(answer)) = answers.next().await {
+                let Some(waiter) = reader.lock().pop_front() else {
+                    break;
+                };
+                let _ = waiter.send(answer);
+            }
+            // Broken: the waiting calls see their senders dropped.
+            reader.lock().clear();
+        });
+        Ok(Self {
+            sender: tokio::sync::Mutex::new((tx, waiting)),
+        })
+    }
+
+    async fn publish(&self, event: bus::Event) -> Result<bus::PublishResponse, String> {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        {
+            let guard = self.sender.lock().await;
+            guard.1.lock().push_back(done_tx);
+            guard
+                .0
+                .send(bus::PublishRequest { event: Some(event) })
+                .await
+                .map_err(|_| "the publish stream closed".to_owned())?;
+        }
+        let answer = tokio::time::timeout(PUBLISH_TIMEOUT, done_rx)
+            .await
+            .map_err(|_| "the event bus did not answer in time".to_owned())?
+            .map_err(|_| "the publish stream broke".to_owned())?;
+        match answer.error {
+            Some(e) => Err(format!("{}: {}", e.code, e.message)),
+            None => Ok(answer),
+        }
+    }
+}
+
 /// The idempotency key of one response of one firing (at most 128 bytes: longer ones are
 /// hashed).
 #[must_use]
@@ -243,6 +329,7 @@ impl Engine {
         tasks: Arc<Tasks>,
         buses: PeerSet,
         metrics: Option<RuleMetrics>,
+        retry: RetryConfig,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
@@ -253,6 +340,7 @@ impl Engine {
             leading: watch::channel(false).0,
             firings: broadcast::channel(WATCH_BUFFER).0,
             done: Mutex::default(),
+            retry,
         })
     }
 
@@ -393,12 +481,14 @@ impl Engine {
                 seconds: 10,
                 nanos: 0,
             }),
-            max_deliveries: 5,
-            backoff: [1, 5, 30]
+            max_deliveries: self.retry.max_deliveries,
+            backoff: self
+                .retry
+                .backoff
                 .iter()
-                .map(|s| prost_types::Duration {
-                    seconds: *s,
-                    nanos: 0,
+                .map(|d| prost_types::Duration {
+                    seconds: i64::try_from(d.as_secs()).unwrap_or(3600),
+                    nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
                 })
                 .collect(),
             dead_letter_subject: DEAD_LETTER_SUBJECT.to_owned(),
@@ -414,33 +504,52 @@ impl Engine {
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
             .into_inner();
-        let publisher = bus::event_bus_client::EventBusClient::new(channel);
+        let publisher =
+            Pipeline::open(&mut bus::event_bus_client::EventBusClient::new(channel)).await?;
         while let Some(message) = stream.next().await {
             let message = message.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
             let Some(bus::subscribe_response::Kind::Deliveries(batch)) = message.kind else {
                 continue;
             };
-            for delivery in batch.deliveries {
-                let Some(event) = delivery.event else {
-                    continue;
-                };
-                let current = rules.borrow().clone();
-                let outcome = self.fire(&current, &event, &publisher).await;
-                let reply = match outcome {
-                    Ok(()) => bus::subscribe_request::Kind::Ack(bus::Ack {
-                        delivery_ids: vec![delivery.delivery_id],
-                    }),
-                    Err(e) => {
+            // The batch's stimuli fire concurrently; one Ack for those done, a Nak each for
+            // the others.
+            let current = rules.borrow().clone();
+            let outcomes = futures::future::join_all(batch.deliveries.into_iter().filter_map(|delivery| {
+                let event = delivery.event?;
+                let last_try = delivery.delivery_count >= self.retry.max_deliveries;
+                let (current, publisher) = (&current, &publisher);
+                Some(async move {
+                    let outcome = self.fire(current, &event, publisher, last_try).await;
+                    if let Err(e) = &outcome {
                         tracing::warn!(event = %event.id, subject = %event.subject, attempt = delivery.delivery_count, error = %e, "a rule's response failed; the stimulus will be redelivered");
-                        bus::subscribe_request::Kind::Nak(bus::Nak {
-                            delivery_id: delivery.delivery_id,
-                            delay: None,
-                        })
                     }
-                };
-                tx.send(bus::SubscribeRequest { kind: Some(reply) })
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    (delivery.delivery_id, outcome.is_ok())
+                })
+            }))
+            .await;
+            let done: Vec<u64> = outcomes
+                .iter()
+                .filter(|(_, ok)| *ok)
+                .map(|(id, _)| *id)
+                .collect();
+            if !done.is_empty() {
+                tx.send(bus::SubscribeRequest {
+                    kind: Some(bus::subscribe_request::Kind::Ack(bus::Ack {
+                        delivery_ids: done,
+                    })),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+            for (id, _) in outcomes.iter().filter(|(_, ok)| !*ok) {
+                tx.send(bus::SubscribeRequest {
+                    kind: Some(bus::subscribe_request::Kind::Nak(bus::Nak {
+                        delivery_id: *id,
+                        delay: None,
+                    })),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
             }
         }
         Err("the event bus closed the subscription".to_owned())
@@ -452,7 +561,8 @@ impl Engine {
         &self,
         set: &RuleSet,
         event: &bus::Event,
-        publisher: &bus::event_bus_client::EventBusClient<agentmesh_runtime::client::ClientChannel>,
+        publisher: &Pipeline,
+        last_try: bool,
     ) -> Result<(), String> {
         let vars = Variables::new(event);
         let trace: BTreeMap<String, String> = event
@@ -522,11 +632,55 @@ impl Engine {
                                 ));
                                 (action, result)
                             }
-                            Err((action, e)) => {
-                                notes.push(format!("{}: {action} failed: {e}", response.name));
-                                failed = Some(format!("{name}: response {}: {e}", response.name));
-                                (action, "failed")
-                            }
+                            Err((action, e)) => match (&response.fallback, last_try) {
+                                // Its retries are spent: the fallback runs instead.
+                                (Some(fallback), true) => {
+                                    let fallback_key = response_key(
+                                        &firing_id,
+                                        &format!("{}.{}", response.name, fallback.name),
+                                    );
+                                    let scope = vars.for_rule(name, &firing_id, &fallback.name);
+                                    let ran = self
+                                        .respond(
+                                            name,
+                                            &fallback.action,
+                                            &scope,
+                                            event,
+                                            &fallback_key,
+                                            &trace,
+                                            publisher,
+                                        )
+                                        .await;
+                                    self.stats.lock().entry(name.clone()).or_default().fallbacks +=
+                                        1;
+                                    match ran {
+                                        Ok((fb_action, _, detail)) => {
+                                            notes.push(format!(
+                                                "{}: {action} failed: {e}; fallback {}: {fb_action} ok: {detail}",
+                                                response.name, fallback.name
+                                            ));
+                                            (action, "fallback")
+                                        }
+                                        Err((_, fb_error)) => {
+                                            notes.push(format!(
+                                                "{}: {action} failed: {e}; fallback {} failed: {fb_error}",
+                                                response.name, fallback.name
+                                            ));
+                                            failed = Some(format!(
+                                                "{name}: response {} and its fallback failed: {fb_error}",
+                                                response.name
+                                            ));
+                                            (action, "failed")
+                                        }
+                                    }
+                                }
+                                _ => {
+                                    notes.push(format!("{}: {action} failed: {e}", response.name));
+                                    failed =
+                                        Some(format!("{name}: response {}: {e}", response.name));
+                                    (action, "failed")
+                                }
+                            },
                         };
                         if let Some(m) = &self.metrics {
                             m.responses
@@ -612,7 +766,7 @@ impl Engine {
         event: &bus::Event,
         key: &str,
         trace: &BTreeMap<String, String>,
-        publisher: &bus::event_bus_client::EventBusClient<agentmesh_runtime::client::ClientChannel>,
+        publisher: &Pipeline,
     ) -> Result<(&'static str, bool, String), (&'static str, String)> {
         match action {
             CompiledAction::Publish {
@@ -664,16 +818,7 @@ impl Engine {
                     data,
                     ..bus::Event::default()
                 };
-                let response = tokio::time::timeout(
-                    PUBLISH_TIMEOUT,
-                    publisher
-                        .clone()
-                        .publish(bus::PublishRequest { event: Some(out) }),
-                )
-                .await
-                .map_err(|_| ("publish", "the event bus did not answer in time".to_owned()))?
-                .map_err(|s| ("publish", format!("{:?}: {}", s.code(), s.message())))?;
-                let response = response.into_inner();
+                let response = publisher.publish(out).await.map_err(|e| ("publish", e))?;
                 Ok((
                     "publish",
                     response.duplicate,

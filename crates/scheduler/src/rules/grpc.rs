@@ -76,55 +76,12 @@ fn decode(rule: pb::Rule) -> Result<RuleDef, RuleError> {
         return Err(unimplemented("rule.correlation"));
     }
     let stimulus = rule.stimulus.unwrap_or_default();
-    let mut responses = Vec::with_capacity(rule.responses.len());
-    for (i, r) in rule.responses.into_iter().enumerate() {
-        let at = format!("rule.responses[{i}]");
-        if r.delay.is_some_and(|d| d.seconds > 0 || d.nanos > 0) {
-            return Err(unimplemented(&format!("{at}.delay (delayed responses)")));
-        }
-        if !r.then.is_empty() {
-            return Err(unimplemented(&format!("{at}.then (cascades)")));
-        }
-        if r.fallback.is_some() {
-            return Err(unimplemented(&format!("{at}.fallback (fallbacks)")));
-        }
-        let action = match r.action {
-            Some(pb::response::Action::Publish(p)) => Action::Publish {
-                subject: p.subject,
-                event_type: p.r#type,
-                data: p.data,
-                content_type: p.content_type,
-                headers: p.headers.into_iter().collect(),
-            },
-            Some(pb::response::Action::SubmitTask(t)) => Action::SubmitTask {
-                task_type: t.r#type,
-                payload: t.payload,
-                priority: t.priority,
-                labels: t.labels.into_iter().collect(),
-                timeout_ms: millis(t.timeout.as_ref()),
-                max_attempts: t.max_attempts,
-            },
-            Some(pb::response::Action::Webhook(w)) => Action::Webhook {
-                url: w.url,
-                body: w.body,
-                headers: w.headers.into_iter().collect(),
-                timeout_ms: millis(w.timeout.as_ref()),
-            },
-            None => {
-                return Err(RuleError::Invalid(vec![
-                    agentmesh_runtime::error::FieldViolation::new(
-                        format!("{at}.action"),
-                        "one of publish, submit_task is required",
-                    ),
-                ]));
-            }
-        };
-        responses.push(ResponseDef {
-            name: r.name,
-            when: r.when,
-            action,
-        });
-    }
+    let responses = rule
+        .responses
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| decode_response(&format!("rule.responses[{i}]"), r))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(RuleDef {
         name: rule.name,
         description: rule.description,
@@ -140,11 +97,114 @@ fn decode(rule: pb::Rule) -> Result<RuleDef, RuleError> {
     })
 }
 
+/// One response (`at` names it), its fallback included.
+fn decode_response(at: &str, r: pb::Response) -> Result<ResponseDef, RuleError> {
+    if r.delay.is_some_and(|d| d.seconds > 0 || d.nanos > 0) {
+        return Err(unimplemented(&format!("{at}.delay (delayed responses)")));
+    }
+    if !r.then.is_empty() {
+        return Err(unimplemented(&format!("{at}.then (cascades)")));
+    }
+    let action = match r.action {
+        Some(pb::response::Action::Publish(p)) => Action::Publish {
+            subject: p.subject,
+            event_type: p.r#type,
+            data: p.data,
+            content_type: p.content_type,
+            headers: p.headers.into_iter().collect(),
+        },
+        Some(pb::response::Action::SubmitTask(t)) => Action::SubmitTask {
+            task_type: t.r#type,
+            payload: t.payload,
+            priority: t.priority,
+            labels: t.labels.into_iter().collect(),
+            timeout_ms: millis(t.timeout.as_ref()),
+            max_attempts: t.max_attempts,
+        },
+        Some(pb::response::Action::Webhook(w)) => Action::Webhook {
+            url: w.url,
+            body: w.body,
+            headers: w.headers.into_iter().collect(),
+            timeout_ms: millis(w.timeout.as_ref()),
+        },
+        None => {
+            return Err(RuleError::Invalid(vec![
+                agentmesh_runtime::error::FieldViolation::new(
+                    format!("{at}.action"),
+                    "one of publish, submit_task, webhook is required",
+                ),
+            ]));
+        }
+    };
+    let fallback = match r.fallback {
+        None => None,
+        Some(f) => Some(Box::new(decode_response(&format!("{at}.fallback"), *f)?)),
+    };
+    Ok(ResponseDef {
+        name: r.name,
+        when: r.when,
+        action,
+        fallback,
+    })
+}
+
 fn duration(ms: u64) -> Option<prost_types::Duration> {
     (ms > 0).then(|| prost_types::Duration {
         seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
         nanos: i32::try_from(ms % 1000).unwrap_or(0) * 1_000_000,
     })
+}
+
+/// One stored response as the proto's, its fallback included.
+fn encode_response(r: &ResponseDef) -> pb::Response {
+    let mut out = pb::Response {
+        name: r.name.clone(),
+        when: r.when.clone(),
+        action: Some(match &r.action {
+            Action::Publish {
+                subject,
+                event_type,
+                data,
+                content_type,
+                headers,
+            } => pb::response::Action::Publish(pb::PublishAction {
+                subject: subject.clone(),
+                r#type: event_type.clone(),
+                data: data.clone(),
+                content_type: content_type.clone(),
+                headers: headers.clone().into_iter().collect(),
+            }),
+            Action::SubmitTask {
+                task_type,
+                payload,
+                priority,
+                labels,
+                timeout_ms,
+                max_attempts,
+            } => pb::response::Action::SubmitTask(pb::SubmitTaskAction {
+                r#type: task_type.clone(),
+                payload: payload.clone(),
+                priority: *priority,
+                labels: labels.clone().into_iter().collect(),
+                timeout: duration(*timeout_ms),
+                max_attempts: *max_attempts,
+            }),
+            Action::Webhook {
+                url,
+                body,
+                headers,
+                timeout_ms,
+            } => pb::response::Action::Webhook(pb::WebhookAction {
+                url: url.clone(),
+                body: body.clone(),
+                headers: headers.clone().into_iter().collect(),
+                timeout: duration(*timeout_ms),
+            }),
+        }),
+        ..pb::Response::default()
+    };
+    out.fallback = r.fallback.as_deref().map(|f| Box::new(encode_response(f)));
+    out
 }
 
 /// Stored data as the proto rule.
@@ -161,56 +221,7 @@ fn encode(stored: &Stored) -> pb::Rule {
         }),
         condition: def.condition.clone(),
         correlation: None,
-        responses: def
-            .responses
-            .iter()
-            .map(|r| pb::Response {
-                name: r.name.clone(),
-                when: r.when.clone(),
-                action: Some(match &r.action {
-                    Action::Publish {
-                        subject,
-                        event_type,
-                        data,
-                        content_type,
-                        headers,
-                    } => pb::response::Action::Publish(pb::PublishAction {
-                        subject: subject.clone(),
-                        r#type: event_type.clone(),
-                        data: data.clone(),
-                        content_type: content_type.clone(),
-                        headers: headers.clone().into_iter().collect(),
-                    }),
-                    Action::SubmitTask {
-                        task_type,
-                        payload,
-                        priority,
-                        labels,
-                        timeout_ms,
-                        max_attempts,
-                    } => pb::response::Action::SubmitTask(pb::SubmitTaskAction {
-                        r#type: task_type.clone(),
-                        payload: payload.clone(),
-                        priority: *priority,
-                        labels: labels.clone().into_iter().collect(),
-                        timeout: duration(*timeout_ms),
-                        max_attempts: *max_attempts,
-                    }),
-                    Action::Webhook {
-                        url,
-                        body,
-                        headers,
-                        timeout_ms,
-                    } => pb::response::Action::Webhook(pb::WebhookAction {
-                        url: url.clone(),
-                        body: body.clone(),
-                        headers: headers.clone().into_iter().collect(),
-                        timeout: duration(*timeout_ms),
-                    }),
-                }),
-                ..pb::Response::default()
-            })
-            .collect(),
+        responses: def.responses.iter().map(encode_response).collect(),
         version: stored.version,
         updated_at: (def.updated_at_ms > 0).then(|| prost_types::Timestamp {
             seconds: i64::try_from(def.updated_at_ms / 1000).unwrap_or(0),
@@ -378,7 +389,7 @@ impl Rules for RulesGrpc {
                 skipped: s.skipped,
                 failed: s.failed,
                 responses: s.responses,
-                fallbacks: 0,
+                fallbacks: s.fallbacks,
                 delayed_pending: 0,
                 latency_p50: s.latency(0.5).map(to_duration),
                 latency_p99: s.latency(0.99).map(to_duration),
@@ -507,14 +518,6 @@ mod tests {
                     ..pb::Response::default()
                 },
                 "then",
-            ),
-            (
-                pb::Response {
-                    name: "x".into(),
-                    fallback: Some(Box::default()),
-                    ..pb::Response::default()
-                },
-                "fallback",
             ),
         ];
         for (response, field) in cases {

@@ -207,6 +207,7 @@ mod tests {
                     name: "r".into(),
                     when: String::new(),
                     action: Action::publish_to("out"),
+                    fallback: None,
                 }],
                 ..RuleDef::default()
             },

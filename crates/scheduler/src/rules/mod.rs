@@ -21,6 +21,6 @@ pub mod index;
 pub mod model;
 pub mod store;
 
-pub use engine::{Engine, RuleMetrics};
+pub use engine::{Engine, RetryConfig, RuleMetrics};
 pub use model::{RuleDef, RuleError};
 pub use store::{EtcdRuleStore, MemoryRuleStore, RuleStore};

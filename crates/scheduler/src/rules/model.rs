@@ -95,6 +95,9 @@ pub struct ResponseDef {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub when: String,
     pub action: Action,
+    /// Runs when this response still fails on the stimulus's last delivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Box<ResponseDef>>,
 }
 
 /// What a response does.
@@ -174,6 +177,7 @@ pub struct CompiledResponse {
     pub name: String,
     pub when: Option<Arc<cel::Program>>,
     pub action: CompiledAction,
+    pub fallback: Option<Box<CompiledResponse>>,
 }
 
 /// An action with its templates compiled.
@@ -353,6 +357,155 @@ fn map_ok(field: &str, map: &BTreeMap<String, String>, errors: &mut Vec<FieldVio
     }
 }
 
+/// Compiles one response (`at` names it in errors); its fallback too, which may not have a
+/// fallback of its own.
+fn compile_response(
+    at: &str,
+    r: &ResponseDef,
+    errors: &mut Vec<FieldViolation>,
+) -> CompiledResponse {
+    let when = if r.when.trim().is_empty() {
+        None
+    } else {
+        program(&format!("{at}.when"), &r.when, errors)
+    };
+    let action = match &r.action {
+        Action::Publish {
+            subject,
+            event_type,
+            data,
+            content_type,
+            headers,
+        } => {
+            let field = format!("{at}.publish");
+            if subject.is_empty() {
+                errors.push(FieldViolation::new(format!("{field}.subject"), "required"));
+            }
+            map_ok(&format!("{field}.headers"), headers, errors);
+            if content_type.len() > 128 {
+                errors.push(FieldViolation::new(
+                    format!("{field}.content_type"),
+                    "at most 128 bytes",
+                ));
+            }
+            CompiledAction::Publish {
+                subject: template(&format!("{field}.subject"), subject, errors),
+                event_type: template(&format!("{field}.type"), event_type, errors),
+                data: (!data.is_empty()).then(|| template(&format!("{field}.data"), data, errors)),
+                content_type: content_type.clone(),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            template(&format!("{field}.headers[{k}]"), v, errors),
+                        )
+                    })
+                    .collect(),
+            }
+        }
+        Action::SubmitTask {
+            task_type,
+            payload,
+            priority,
+            labels,
+            timeout_ms,
+            max_attempts,
+        } => {
+            let field = format!("{at}.submit_task");
+            if !name_ok(task_type, 128, true) {
+                errors.push(FieldViolation::new(
+                    format!("{field}.type"),
+                    "required: 1–128 bytes of [A-Za-z0-9._-]",
+                ));
+            }
+            if *priority > 9 {
+                errors.push(FieldViolation::new(format!("{field}.priority"), "0–9"));
+            }
+            map_ok(&format!("{field}.labels"), labels, errors);
+            CompiledAction::SubmitTask {
+                task_type: task_type.clone(),
+                payload: (!payload.is_empty())
+                    .then(|| template(&format!("{field}.payload"), payload, errors)),
+                priority: *priority,
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            template(&format!("{field}.labels[{k}]"), v, errors),
+                        )
+                    })
+                    .collect(),
+                timeout: (*timeout_ms > 0).then(|| Duration::from_millis(*timeout_ms)),
+                max_attempts: *max_attempts,
+            }
+        }
+        Action::Webhook {
+            url,
+            body,
+            headers,
+            timeout_ms,
+        } => {
+            let field = format!("{at}.webhook");
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+                errors.push(FieldViolation::new(
+                    format!("{field}.url"),
+                    "required: http[s]://host[:port]/path (the scheme and host literal)",
+                ));
+            }
+            map_ok(&format!("{field}.headers"), headers, errors);
+            let timeout = if *timeout_ms == 0 {
+                WEBHOOK_TIMEOUT
+            } else {
+                Duration::from_millis(*timeout_ms)
+            };
+            if timeout > MAX_WEBHOOK_TIMEOUT {
+                errors.push(FieldViolation::new(
+                    format!("{field}.timeout"),
+                    "at most 60 s",
+                ));
+            }
+            CompiledAction::Webhook {
+                url: template(&format!("{field}.url"), url, errors),
+                body: (!body.is_empty()).then(|| template(&format!("{field}.body"), body, errors)),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            template(&format!("{field}.headers[{k}]"), v, errors),
+                        )
+                    })
+                    .collect(),
+                timeout,
+            }
+        }
+    };
+    let fallback = r.fallback.as_ref().map(|f| {
+        let field = format!("{at}.fallback");
+        if !name_ok(&f.name, 64, false) {
+            errors.push(FieldViolation::new(
+                format!("{field}.name"),
+                "1–64 bytes of [A-Za-z0-9_-]",
+            ));
+        }
+        if f.fallback.is_some() {
+            errors.push(FieldViolation::new(
+                format!("{field}.fallback"),
+                "a fallback has no fallback of its own",
+            ));
+        }
+        Box::new(compile_response(&field, f, errors))
+    });
+    CompiledResponse {
+        name: r.name.clone(),
+        when,
+        action,
+        fallback,
+    }
+}
+
 /// Validates `def` and compiles it.
 ///
 /// # Errors
@@ -410,131 +563,7 @@ pub fn compile(def: RuleDef, version: u64) -> Result<CompiledRule, RuleError> {
                 "repeats another response's name",
             ));
         }
-        let when = if r.when.trim().is_empty() {
-            None
-        } else {
-            program(&format!("{at}.when"), &r.when, &mut errors)
-        };
-        let action = match &r.action {
-            Action::Publish {
-                subject,
-                event_type,
-                data,
-                content_type,
-                headers,
-            } => {
-                let field = format!("{at}.publish");
-                if subject.is_empty() {
-                    errors.push(FieldViolation::new(format!("{field}.subject"), "required"));
-                }
-                map_ok(&format!("{field}.headers"), headers, &mut errors);
-                if content_type.len() > 128 {
-                    errors.push(FieldViolation::new(
-                        format!("{field}.content_type"),
-                        "at most 128 bytes",
-                    ));
-                }
-                CompiledAction::Publish {
-                    subject: template(&format!("{field}.subject"), subject, &mut errors),
-                    event_type: template(&format!("{field}.type"), event_type, &mut errors),
-                    data: (!data.is_empty())
-                        .then(|| template(&format!("{field}.data"), data, &mut errors)),
-                    content_type: content_type.clone(),
-                    headers: headers
-                        .iter()
-                        .map(|(k, v)| {
-                            (
-                                k.clone(),
-                                template(&format!("{field}.headers[{k}]"), v, &mut errors),
-                            )
-                        })
-                        .collect(),
-                }
-            }
-            Action::SubmitTask {
-                task_type,
-                payload,
-                priority,
-                labels,
-                timeout_ms,
-                max_attempts,
-            } => {
-                let field = format!("{at}.submit_task");
-                if !name_ok(task_type, 128, true) {
-                    errors.push(FieldViolation::new(
-                        format!("{field}.type"),
-                        "required: 1–128 bytes of [A-Za-z0-9._-]",
-                    ));
-                }
-                if *priority > 9 {
-                    errors.push(FieldViolation::new(format!("{field}.priority"), "0–9"));
-                }
-                map_ok(&format!("{field}.labels"), labels, &mut errors);
-                CompiledAction::SubmitTask {
-                    task_type: task_type.clone(),
-                    payload: (!payload.is_empty())
-                        .then(|| template(&format!("{field}.payload"), payload, &mut errors)),
-                    priority: *priority,
-                    labels: labels
-                        .iter()
-                        .map(|(k, v)| {
-                            (
-                                k.clone(),
-                                template(&format!("{field}.labels[{k}]"), v, &mut errors),
-                            )
-                        })
-                        .collect(),
-                    timeout: (*timeout_ms > 0).then(|| Duration::from_millis(*timeout_ms)),
-                    max_attempts: *max_attempts,
-                }
-            }
-            Action::Webhook {
-                url,
-                body,
-                headers,
-                timeout_ms,
-            } => {
-                let field = format!("{at}.webhook");
-                if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
-                    errors.push(FieldViolation::new(
-                        format!("{field}.url"),
-                        "required: http[s]://host[:port]/path (the scheme and host literal)",
-                    ));
-                }
-                map_ok(&format!("{field}.headers"), headers, &mut errors);
-                let timeout = if *timeout_ms == 0 {
-                    WEBHOOK_TIMEOUT
-                } else {
-                    Duration::from_millis(*timeout_ms)
-                };
-                if timeout > MAX_WEBHOOK_TIMEOUT {
-                    errors.push(FieldViolation::new(
-                        format!("{field}.timeout"),
-                        "at most 60 s",
-                    ));
-                }
-                CompiledAction::Webhook {
-                    url: template(&format!("{field}.url"), url, &mut errors),
-                    body: (!body.is_empty())
-                        .then(|| template(&format!("{field}.body"), body, &mut errors)),
-                    headers: headers
-                        .iter()
-                        .map(|(k, v)| {
-                            (
-                                k.clone(),
-                                template(&format!("{field}.headers[{k}]"), v, &mut errors),
-                            )
-                        })
-                        .collect(),
-                    timeout,
-                }
-            }
-        };
-        responses.push(CompiledResponse {
-            name: r.name.clone(),
-            when,
-            action,
-        });
+        responses.push(compile_response(&at, r, &mut errors));
     }
     if !errors.is_empty() {
         return Err(RuleError::Invalid(errors));
@@ -585,6 +614,7 @@ mod tests {
                     content_type: String::new(),
                     headers: BTreeMap::new(),
                 },
+                fallback: None,
             }],
             ..RuleDef::default()
         }

@@ -312,6 +312,30 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
     })
     .await?;
 
+    // A delayed response (in memory here): a reminder 1 s after an order.
+    r.put_rule(pb::PutRuleRequest {
+        rule: Some(pb::Rule {
+            name: "remind-huge".into(),
+            stimulus: order_rule().stimulus,
+            condition: "data.amount > 5000".into(),
+            responses: vec![pb::Response {
+                name: "remind".into(),
+                delay: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                action: Some(pb::response::Action::Publish(pb::PublishAction {
+                    subject: "alerts.reminder".into(),
+                    ..pb::PublishAction::default()
+                })),
+                ..pb::Response::default()
+            }],
+            ..pb::Rule::default()
+        }),
+        ..pb::PutRuleRequest::default()
+    })
+    .await?;
+
     // A webhook that always fails, with a fallback.
     let (dead_url, dead_hooks) = webhook_receiver(usize::MAX).await?;
     r.put_rule(pb::PutRuleRequest {
@@ -352,9 +376,10 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
     let mut other = order("o-other", 9000);
     other.event.as_mut().expect("event").r#type = "order.cancelled".into();
     b.publish(other).await?;
+    let published = Instant::now();
     let mut seen = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while seen.len() < 3 && Instant::now() < deadline {
+    while seen.len() < 4 && Instant::now() < deadline {
         for e in agentmesh_tests::bus::next_events(&mut alerts, Duration::from_secs(1))
             .await
             .unwrap_or_default()
@@ -367,7 +392,8 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
         [
             "big-orders/o-big/alert",
             "big-orders/o-huge/alert",
-            "hook-fallback/o-huge/notify.page"
+            "hook-fallback/o-huge/notify.page",
+            "remind-huge/o-huge/remind"
         ],
         "{seen:?}\nstats: {:?}\nlogs:\n{}",
         stats(&mut r, "big-orders").await,
@@ -384,6 +410,9 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
     assert_eq!(dead_hooks.lock().len(), 3, "one call per delivery");
     let fb = stats(&mut r, "hook-fallback").await;
     assert_eq!((fb.fired, fb.failed, fb.fallbacks), (1, 2, 1), "{fb:?}");
+    // The reminder came after its delay, with the stimulus's data.
+    assert!(published.elapsed() >= Duration::from_millis(900));
+    assert_eq!(seen["remind-huge/o-huge/remind"].subject, "alerts.reminder");
     let alert = &seen["big-orders/o-huge/alert"];
     assert_eq!(alert.subject, "alerts.eu");
     assert_eq!(alert.r#type, "order.alert");
@@ -548,6 +577,21 @@ async fn test_a_rule_fires_exactly_once_across_a_killed_scheduler_leader() -> an
     let mut rule = order_rule();
     rule.responses.truncate(1);
     rule.condition = String::new();
+    // And a reminder 3 s after each stimulus: scheduled in Redis by whichever scheduler leads,
+    // run by whichever leads when it comes due.
+    rule.responses.push(pb::Response {
+        name: "remind".into(),
+        delay: Some(prost_types::Duration {
+            seconds: 3,
+            nanos: 0,
+        }),
+        action: Some(pb::response::Action::Publish(pb::PublishAction {
+            subject: "alerts.reminder".into(),
+            data: "${data.id}".into(),
+            ..pb::PublishAction::default()
+        })),
+        ..pb::Response::default()
+    });
     r.put_rule(pb::PutRuleRequest {
         rule: Some(rule),
         ..pb::PutRuleRequest::default()
@@ -588,17 +632,38 @@ async fn test_a_rule_fires_exactly_once_across_a_killed_scheduler_leader() -> an
     let _ = leader.wait_exit(Duration::from_secs(5)).await;
     publisher.await??;
     let mut count: BTreeMap<String, u32> = BTreeMap::new();
+    let mut reminders: BTreeMap<String, u32> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(40);
-    while count.len() < total as usize && Instant::now() < deadline {
+    while (count.len() < total as usize || reminders.len() < total as usize)
+        && Instant::now() < deadline
+    {
         for e in agentmesh_tests::bus::next_events(&mut alerts, Duration::from_secs(5))
             .await
             .unwrap_or_default()
         {
-            if e.correlation_id.starts_with("o-") {
-                *count.entry(e.correlation_id).or_default() += 1;
+            if !e.correlation_id.starts_with("o-") {
+                continue;
             }
+            let tally = if e.subject == "alerts.reminder" {
+                &mut reminders
+            } else {
+                &mut count
+            };
+            *tally.entry(e.correlation_id).or_default() += 1;
         }
     }
+    let late: Vec<u32> = (0..total)
+        .filter(|n| !reminders.contains_key(&format!("o-{n}")))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "delayed reminders that never ran: {late:?}"
+    );
+    let again: Vec<_> = reminders.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(
+        again.is_empty(),
+        "delayed reminders that ran twice: {again:?}"
+    );
     assert!(
         follower.logs().contains("evaluating reactive rules"),
         "the follower took over the rules"

@@ -283,7 +283,8 @@ fn response_json(r: &pb::Response) -> serde_json::Value {
         _ => json!({}),
     };
     json!({"name": r.name, "when": r.when, "action": action,
-                "fallback": r.fallback.as_deref().map(response_json)})
+        "delay_ms": r.delay.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000)),
+        "fallback": r.fallback.as_deref().map(response_json)})
 }
 
 /// The rule as JSON (what `get` prints and `apply` compares).
@@ -321,6 +322,17 @@ fn action_names(rule: &pb::Rule) -> String {
             Some(pb::response::Action::SubmitTask(t)) => format!("{}: task {}", r.name, t.r#type),
             Some(pb::response::Action::Webhook(w)) => format!("{}: webhook {}", r.name, w.url),
             _ => format!("{}: ?", r.name),
+        })
+        .zip(rule.responses.iter())
+        .map(|(text, r)| match &r.delay {
+            Some(d) if d.seconds > 0 || d.nanos > 0 => {
+                let delay = Duration::new(
+                    u64::try_from(d.seconds).unwrap_or(0),
+                    u32::try_from(d.nanos).unwrap_or(0),
+                );
+                format!("{text} after {}", humantime::format_duration(delay))
+            }
+            _ => text,
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -499,6 +511,8 @@ pub(crate) async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
                             s.skipped.to_string(),
                             s.failed.to_string(),
                             s.responses.to_string(),
+                            s.fallbacks.to_string(),
+                            s.delayed_pending.to_string(),
                             ms(s.latency_p50.as_ref()),
                             ms(s.latency_p99.as_ref()),
                         ]
@@ -512,6 +526,8 @@ pub(crate) async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
                         "SKIPPED",
                         "FAILED",
                         "RESPONSES",
+                        "FALLBACKS",
+                        "DELAYED",
                         "P50",
                         "P99",
                     ],

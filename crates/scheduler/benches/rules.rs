@@ -28,6 +28,7 @@ fn rules(n: usize, subject: impl Fn(usize) -> String) -> RuleSet {
                             name: "out".into(),
                             when: String::new(),
                             action: Action::publish_to("out"),
+                            delay_ms: 0,
                             fallback: None,
                         }],
                         ..RuleDef::default()

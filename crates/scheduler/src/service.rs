@@ -193,6 +193,7 @@ impl Service for SchedulerArgs {
                 event_buses(deps, &instance_id).await?,
                 Some(rule_metrics),
                 self.rules_retry()?,
+                delay_store(deps.redis_url.as_deref()).await?,
             );
             let leadership = match &deps.etcd {
                 None => {
@@ -327,6 +328,27 @@ async fn event_buses(deps: &HostDeps, instance_id: &str) -> Result<PeerSet, Buil
     )
     .await
     .map_err(|e| BuildError::Unavailable(format!("watching event bus members: {e}")))
+}
+
+/// Where delayed rule responses wait: Redis when the host has it, else memory.
+async fn delay_store(
+    redis_url: Option<&str>,
+) -> Result<Arc<dyn crate::rules::delayed::DelayStore>, BuildError> {
+    let Some(url) = redis_url else {
+        return Ok(Arc::new(crate::rules::delayed::MemoryDelayStore::default()));
+    };
+    let client = redis::Client::open(url)
+        .map_err(|e| BuildError::Config(format!("--redis: invalid Redis URL: {e}")))?;
+    let manager = tokio::time::timeout(
+        Duration::from_secs(3),
+        redis::aio::ConnectionManager::new(client),
+    )
+    .await
+    .map_err(|_| BuildError::Unavailable(format!("cannot reach Redis at {url}: timed out")))?
+    .map_err(|e| BuildError::Unavailable(format!("cannot reach Redis at {url}: {e}")))?;
+    Ok(Arc::new(crate::rules::delayed::RedisDelayStore::new(
+        manager,
+    )))
 }
 
 /// Loads the open tasks a previous leader left in the store.

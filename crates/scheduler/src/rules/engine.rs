@@ -23,6 +23,7 @@ use prometheus::{HistogramVec, IntCounterVec};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::StreamExt;
 
+use super::delayed::{DelayStore, Delayed, from_hex, to_hex};
 use super::eval::{Variables, holds, render, stimulus_json};
 use super::index::{RuleSet, plan};
 use super::model::{CompiledAction, CompiledRule, RuleError, Stimulus, compile};
@@ -58,6 +59,30 @@ impl Default for RetryConfig {
         }
     }
 }
+/// How often due delayed responses are looked for.
+const DELAY_TICK: Duration = Duration::from_millis(100);
+
+/// When the bus accepted `event` (its `time`), else now; milliseconds since the Unix epoch.
+fn accepted_ms(event: &bus::Event) -> u64 {
+    event
+        .time
+        .as_ref()
+        .and_then(|t| {
+            Some(u64::try_from(t.seconds).ok()? * 1000 + u64::try_from(t.nanos / 1_000_000).ok()?)
+        })
+        .unwrap_or_else(now_ms)
+}
+
+/// The W3C trace context in an event's headers.
+fn trace_of(event: &bus::Event) -> BTreeMap<String, String> {
+    event
+        .headers
+        .iter()
+        .filter(|(k, _)| *k == "traceparent" || *k == "tracestate")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// Longest wait for the event bus to accept a response's event.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deliveries unacknowledged at once, per stimulus group.
@@ -169,6 +194,9 @@ pub struct Engine {
     firings: broadcast::Sender<Firing>,
     done: Mutex<Recent>,
     retry: RetryConfig,
+    delays: Arc<dyn DelayStore>,
+    /// The enabled rules by name, for delayed responses coming due.
+    by_name: Mutex<Arc<HashMap<String, CompiledRule>>>,
 }
 
 /// Firings that completed lately (fired or skipped), so a stimulus redelivered because
@@ -330,6 +358,7 @@ impl Engine {
         buses: PeerSet,
         metrics: Option<RuleMetrics>,
         retry: RetryConfig,
+        delays: Arc<dyn DelayStore>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
@@ -341,6 +370,8 @@ impl Engine {
             firings: broadcast::channel(WATCH_BUFFER).0,
             done: Mutex::default(),
             retry,
+            delays,
+            by_name: Mutex::default(),
         })
     }
 
@@ -377,6 +408,7 @@ impl Engine {
         }
         self.leading.send_replace(true);
         tracing::info!("leading: evaluating reactive rules");
+        tokio::spawn(self.clone().run_delayed());
         let mut changes = self.store.changes();
         let mut groups: HashMap<Stimulus, Group> = HashMap::new();
         loop {
@@ -419,6 +451,13 @@ impl Engine {
         groups: &mut HashMap<Stimulus, Group>,
         planned: Vec<(Stimulus, Vec<CompiledRule>)>,
     ) {
+        *self.by_name.lock() = Arc::new(
+            planned
+                .iter()
+                .flat_map(|(_, rules)| rules.iter())
+                .map(|r| (r.def.name.clone(), r.clone()))
+                .collect(),
+        );
         let mut by_stimulus: HashMap<Stimulus, Vec<CompiledRule>> = planned.into_iter().collect();
         groups.retain(|stimulus, group| {
             if let Some(rules) = by_stimulus.remove(stimulus) {
@@ -565,12 +604,7 @@ impl Engine {
         last_try: bool,
     ) -> Result<(), String> {
         let vars = Variables::new(event);
-        let trace: BTreeMap<String, String> = event
-            .headers
-            .iter()
-            .filter(|(k, _)| *k == "traceparent" || *k == "tracestate")
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let trace = trace_of(event);
         let mut failure = None;
         for (index, fires) in set.decide(&vars, event) {
             let rule = &set.rules()[index];
@@ -612,6 +646,37 @@ impl Engine {
                             }
                         }
                         let key = response_key(&firing_id, &response.name);
+                        if let Some(delay) = response.delay {
+                            let accepted = accepted_ms(event);
+                            let due_ms =
+                                accepted + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                            let record = Delayed {
+                                key: key.clone(),
+                                rule: name.clone(),
+                                response: response.name.clone(),
+                                due_ms,
+                                attempts: 0,
+                                event_hex: to_hex(&prost::Message::encode_to_vec(event)),
+                            };
+                            match self.delays.add(record).await {
+                                Ok(added) => notes.push(format!(
+                                    "{}: delayed {} ms{}",
+                                    response.name,
+                                    delay.as_millis(),
+                                    if added { "" } else { " (scheduled before)" }
+                                )),
+                                Err(e) => {
+                                    notes
+                                        .push(format!("{}: scheduling failed: {e}", response.name));
+                                    failed = Some(format!(
+                                        "{name}: response {}: scheduling: {e}",
+                                        response.name
+                                    ));
+                                    break;
+                                }
+                            }
+                            continue;
+                        }
                         let (action, result) = match self
                             .respond(
                                 name,
@@ -754,6 +819,199 @@ impl Engine {
             }
         }
         failure.map_or(Ok(()), Err)
+    }
+
+    /// Pending delayed responses of `rule`.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn delayed_pending(&self, rule: &str) -> Result<u64, String> {
+        self.delays.pending(rule).await
+    }
+
+    /// Runs delayed responses as they come due, until the process ends (leader only).
+    async fn run_delayed(self: Arc<Self>) {
+        let mut pipeline: Option<Pipeline> = None;
+        loop {
+            tokio::time::sleep(DELAY_TICK).await;
+            let due = match self.delays.due(now_ms(), 256).await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading delayed responses failed");
+                    continue;
+                }
+            };
+            if due.is_empty() {
+                continue;
+            }
+            if pipeline.is_none() {
+                pipeline = self.open_pipeline().await.ok();
+            }
+            let Some(p) = &pipeline else { continue };
+            let results =
+                futures::future::join_all(due.into_iter().map(|d| self.run_one(d, p))).await;
+            if results.iter().any(|broke| *broke) {
+                pipeline = None;
+            }
+        }
+    }
+
+    async fn open_pipeline(&self) -> Result<Pipeline, String> {
+        let member = self
+            .buses
+            .snapshot()
+            .members
+            .keys()
+            .next()
+            .cloned()
+            .ok_or("no event bus member")?;
+        let (_, channel) = self.buses.channel(&member).map_err(|e| e.to_string())?;
+        Pipeline::open(&mut bus::event_bus_client::EventBusClient::new(channel)).await
+    }
+
+    /// Runs one delayed response that came due; whether the publish stream seems broken.
+    async fn run_one(&self, mut d: Delayed, pipeline: &Pipeline) -> bool {
+        let rules = self.by_name.lock().clone();
+        let found = rules.get(&d.rule).and_then(|rule| {
+            let response = rule.responses.iter().find(|r| r.name == d.response)?;
+            let event = from_hex(&d.event_hex)
+                .and_then(|bytes| <bus::Event as prost::Message>::decode(bytes.as_slice()).ok())?;
+            Some((rule, response, event))
+        });
+        let Some((rule, response, event)) = found else {
+            tracing::info!(key = %d.key, "a delayed response whose rule or response is gone (or disabled) is dropped");
+            let _ = self.delays.remove(&d.key).await;
+            return false;
+        };
+        let name = &rule.def.name;
+        let firing_id = format!("{name}/{}", event.id);
+        let vars = Variables::new(&event);
+        let scope = vars.for_rule(name, &firing_id, &response.name);
+        let trace = trace_of(&event);
+        let label = self
+            .metrics
+            .as_ref()
+            .map(|m| m.label(name))
+            .unwrap_or_default();
+        let outcome = self
+            .respond(
+                name,
+                &response.action,
+                &scope,
+                &event,
+                &d.key,
+                &trace,
+                pipeline,
+            )
+            .await;
+        let (note, result, broke) = match outcome {
+            Ok((action, duplicate, detail)) => {
+                let _ = self.delays.remove(&d.key).await;
+                self.stats.lock().entry(name.clone()).or_default().responses += 1;
+                let result = if duplicate { "duplicate" } else { "ok" };
+                (
+                    format!("{}: {action} {result} (delayed): {detail}", response.name),
+                    (action, result),
+                    false,
+                )
+            }
+            Err((action, e)) => {
+                d.attempts += 1;
+                self.stats.lock().entry(name.clone()).or_default().failed += 1;
+                let broke = e.contains("stream");
+                if d.attempts < self.retry.max_deliveries {
+                    let step = usize::try_from(d.attempts - 1)
+                        .unwrap_or(0)
+                        .min(self.retry.backoff.len().saturating_sub(1));
+                    let wait = self
+                        .retry
+                        .backoff
+                        .get(step)
+                        .copied()
+                        .unwrap_or(Duration::from_secs(1));
+                    d.due_ms = now_ms() + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                    let _ = self.delays.update(d).await;
+                    (
+                        format!(
+                            "{}: {action} failed (delayed, will retry): {e}",
+                            response.name
+                        ),
+                        (action, "failed"),
+                        broke,
+                    )
+                } else {
+                    let note = if let Some(fallback) = &response.fallback {
+                        self.stats.lock().entry(name.clone()).or_default().fallbacks += 1;
+                        let key = response_key(
+                            &firing_id,
+                            &format!("{}.{}", response.name, fallback.name),
+                        );
+                        let scope = vars.for_rule(name, &firing_id, &fallback.name);
+                        match self
+                            .respond(
+                                name,
+                                &fallback.action,
+                                &scope,
+                                &event,
+                                &key,
+                                &trace,
+                                pipeline,
+                            )
+                            .await
+                        {
+                            Ok((fb, _, detail)) => format!(
+                                "{}: {action} failed: {e}; fallback {}: {fb} ok: {detail}",
+                                response.name, fallback.name
+                            ),
+                            Err((_, fe)) => format!(
+                                "{}: {action} failed: {e}; fallback {} failed: {fe}",
+                                response.name, fallback.name
+                            ),
+                        }
+                    } else {
+                        let dead = bus::Event {
+                            id: format!("{}.dead", d.key),
+                            subject: DEAD_LETTER_SUBJECT.to_owned(),
+                            r#type: "agentmesh.rules.delayed_failed".to_owned(),
+                            source: "agentmesh/rules".to_owned(),
+                            correlation_id: event.id.clone(),
+                            content_type: "application/json".to_owned(),
+                            data: serde_json::json!({"key": d.key, "rule": name, "response": response.name,
+                                "attempts": d.attempts, "error": e, "stimulus": event.id}).to_string().into_bytes(),
+                            ..bus::Event::default()
+                        };
+                        let _ = pipeline.publish(dead).await;
+                        format!(
+                            "{}: {action} failed {} times (delayed): {e}; dead-lettered",
+                            response.name, d.attempts
+                        )
+                    };
+                    let _ = self.delays.remove(&d.key).await;
+                    (note, (action, "failed"), broke)
+                }
+            }
+        };
+        if let Some(m) = &self.metrics {
+            m.responses
+                .with_label_values(&[&label, result.0, result.1])
+                .inc();
+        }
+        if self.firings.receiver_count() > 0 {
+            let _ = self.firings.send(Firing {
+                id: firing_id,
+                rule: name.clone(),
+                event_id: event.id.clone(),
+                subject: event.subject.clone(),
+                at_ms: now_ms(),
+                outcome: if result.1 == "failed" {
+                    "failed"
+                } else {
+                    "fired"
+                },
+                responses: vec![note],
+            });
+        }
+        broke
     }
 
     /// Runs one response; the action's name and whether it was a duplicate (done before).

@@ -99,9 +99,6 @@ fn decode(rule: pb::Rule) -> Result<RuleDef, RuleError> {
 
 /// One response (`at` names it), its fallback included.
 fn decode_response(at: &str, r: pb::Response) -> Result<ResponseDef, RuleError> {
-    if r.delay.is_some_and(|d| d.seconds > 0 || d.nanos > 0) {
-        return Err(unimplemented(&format!("{at}.delay (delayed responses)")));
-    }
     if !r.then.is_empty() {
         return Err(unimplemented(&format!("{at}.then (cascades)")));
     }
@@ -144,6 +141,7 @@ fn decode_response(at: &str, r: pb::Response) -> Result<ResponseDef, RuleError> 
         name: r.name,
         when: r.when,
         action,
+        delay_ms: millis(r.delay.as_ref()),
         fallback,
     })
 }
@@ -204,6 +202,7 @@ fn encode_response(r: &ResponseDef) -> pb::Response {
         ..pb::Response::default()
     };
     out.fallback = r.fallback.as_deref().map(|f| Box::new(encode_response(f)));
+    out.delay = duration(r.delay_ms);
     out
 }
 
@@ -379,10 +378,10 @@ impl Rules for RulesGrpc {
             seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
             nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
         };
-        let stats = engine
-            .stats(&name)
-            .into_iter()
-            .map(|(name, s)| pb::RuleStats {
+        let mut stats = Vec::new();
+        for (name, s) in engine.stats(&name) {
+            let delayed_pending = engine.delayed_pending(&name).await.unwrap_or(0);
+            stats.push(pb::RuleStats {
                 name,
                 matched: s.matched,
                 fired: s.fired,
@@ -390,11 +389,11 @@ impl Rules for RulesGrpc {
                 failed: s.failed,
                 responses: s.responses,
                 fallbacks: s.fallbacks,
-                delayed_pending: 0,
+                delayed_pending,
                 latency_p50: s.latency(0.5).map(to_duration),
                 latency_p99: s.latency(0.99).map(to_duration),
-            })
-            .collect();
+            });
+        }
         Ok(Response::new(pb::GetRuleStatsResponse { stats }))
     }
 
@@ -499,27 +498,14 @@ mod tests {
             responses: vec![r],
             ..pb::Rule::default()
         };
-        let cases = [
-            (
-                pb::Response {
-                    name: "x".into(),
-                    delay: Some(prost_types::Duration {
-                        seconds: 5,
-                        nanos: 0,
-                    }),
-                    ..pb::Response::default()
-                },
-                "delay",
-            ),
-            (
-                pb::Response {
-                    name: "x".into(),
-                    then: vec![pb::Response::default()],
-                    ..pb::Response::default()
-                },
-                "then",
-            ),
-        ];
+        let cases = [(
+            pb::Response {
+                name: "x".into(),
+                then: vec![pb::Response::default()],
+                ..pb::Response::default()
+            },
+            "then",
+        )];
         for (response, field) in cases {
             match decode(with(response)) {
                 Err(RuleError::Unimplemented(f)) => assert!(f.contains(field), "{f}"),

@@ -207,6 +207,7 @@ mod tests {
                     name: "r".into(),
                     when: String::new(),
                     action: Action::publish_to("out"),
+                    delay_ms: 0,
                     fallback: None,
                 }],
                 ..RuleDef::default()

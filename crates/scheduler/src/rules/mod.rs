@@ -11,9 +11,10 @@
 //! loses (on durable subjects) nor repeats a response. [`grpc`] serves
 //! `agentmesh.rules.v1.Rules`.
 //!
-//! Not built yet (refused with UNIMPLEMENTED): correlation, delayed responses, cascades,
-//! fallbacks.
+//! Not built yet (refused with UNIMPLEMENTED): correlation, cascades. Delayed responses wait in
+//! [`delayed`] (Redis) until the leader runs them.
 
+pub mod delayed;
 pub mod engine;
 pub mod eval;
 pub mod grpc;

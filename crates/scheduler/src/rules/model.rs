@@ -95,6 +95,9 @@ pub struct ResponseDef {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub when: String,
     pub action: Action,
+    /// Run this long after the stimulus was accepted, milliseconds; 0 = at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delay_ms: u64,
     /// Runs when this response still fails on the stimulus's last delivery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<Box<ResponseDef>>,
@@ -176,6 +179,8 @@ pub struct CompiledRule {
 pub struct CompiledResponse {
     pub name: String,
     pub when: Option<Arc<cel::Program>>,
+    /// Run this long after the stimulus was accepted (durable: see `rules::delayed`).
+    pub delay: Option<Duration>,
     pub action: CompiledAction,
     pub fallback: Option<Box<CompiledResponse>>,
 }
@@ -207,6 +212,17 @@ pub enum CompiledAction {
         headers: Vec<(String, Template)>,
         timeout: Duration,
     },
+}
+
+/// Longest delay of a response.
+pub const MAX_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Default and bound of a webhook call.
@@ -498,9 +514,24 @@ fn compile_response(
         }
         Box::new(compile_response(&field, f, errors))
     });
+    if r.delay_ms > MAX_DELAY.as_millis() as u64 {
+        errors.push(FieldViolation::new(
+            format!("{at}.delay"),
+            "at most 30 days",
+        ));
+    }
+    if let Some(f) = &r.fallback
+        && f.delay_ms > 0
+    {
+        errors.push(FieldViolation::new(
+            format!("{at}.fallback.delay"),
+            "a fallback runs at once",
+        ));
+    }
     CompiledResponse {
         name: r.name.clone(),
         when,
+        delay: (r.delay_ms > 0).then(|| Duration::from_millis(r.delay_ms)),
         action,
         fallback,
     }
@@ -614,6 +645,7 @@ mod tests {
                     content_type: String::new(),
                     headers: BTreeMap::new(),
                 },
+                delay_ms: 0,
                 fallback: None,
             }],
             ..RuleDef::default()

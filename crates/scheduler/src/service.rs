@@ -337,18 +337,22 @@ async fn delay_store(
     let Some(url) = redis_url else {
         return Ok(Arc::new(crate::rules::delayed::MemoryDelayStore::default()));
     };
+    Ok(Arc::new(crate::rules::delayed::RedisDelayStore::new(
+        redis_manager(url).await?,
+    )))
+}
+
+/// A connection manager to Redis at `url`, within 3 s.
+async fn redis_manager(url: &str) -> Result<redis::aio::ConnectionManager, BuildError> {
     let client = redis::Client::open(url)
         .map_err(|e| BuildError::Config(format!("--redis: invalid Redis URL: {e}")))?;
-    let manager = tokio::time::timeout(
+    tokio::time::timeout(
         Duration::from_secs(3),
         redis::aio::ConnectionManager::new(client),
     )
     .await
     .map_err(|_| BuildError::Unavailable(format!("cannot reach Redis at {url}: timed out")))?
-    .map_err(|e| BuildError::Unavailable(format!("cannot reach Redis at {url}: {e}")))?;
-    Ok(Arc::new(crate::rules::delayed::RedisDelayStore::new(
-        manager,
-    )))
+    .map_err(|e| BuildError::Unavailable(format!("cannot reach Redis at {url}: {e}")))
 }
 
 /// Loads the open tasks a previous leader left in the store.
@@ -368,16 +372,7 @@ async fn task_store(redis_url: Option<&str>) -> Result<Arc<dyn TaskStore>, Build
     let Some(url) = redis_url else {
         return Ok(Arc::new(InMemoryTaskStore::default()));
     };
-    let client = redis::Client::open(url)
-        .map_err(|e| BuildError::Config(format!("--redis: invalid Redis URL: {e}")))?;
-    let manager = tokio::time::timeout(
-        Duration::from_secs(3),
-        redis::aio::ConnectionManager::new(client),
-    )
-    .await
-    .map_err(|_| BuildError::Unavailable(format!("cannot reach Redis at {url}: timed out")))?
-    .map_err(|e| BuildError::Unavailable(format!("cannot reach Redis at {url}: {e}")))?;
-    Ok(Arc::new(RedisTaskStore::new(manager)))
+    Ok(Arc::new(RedisTaskStore::new(redis_manager(url).await?)))
 }
 
 /// Moves the pool's and the task manager's clocks every [`TICK`] while the pool lives,

@@ -499,15 +499,7 @@ impl Engine {
         group: &str,
         rules: &watch::Receiver<Arc<RuleSet>>,
     ) -> Result<(), String> {
-        let member = self
-            .buses
-            .snapshot()
-            .members
-            .keys()
-            .next()
-            .cloned()
-            .ok_or("no event bus member")?;
-        let (_, channel) = self.buses.channel(&member).map_err(|e| e.to_string())?;
+        let channel = self.bus_channel()?;
         let mut client = bus::event_bus_client::EventBusClient::new(channel.clone());
         let (tx, rx) = mpsc::channel::<bus::SubscribeRequest>(256);
         let open = bus::SubscribeOpen {
@@ -857,6 +849,14 @@ impl Engine {
     }
 
     async fn open_pipeline(&self) -> Result<Pipeline, String> {
+        Pipeline::open(&mut bus::event_bus_client::EventBusClient::new(
+            self.bus_channel()?,
+        ))
+        .await
+    }
+
+    /// A channel to an event bus member.
+    fn bus_channel(&self) -> Result<agentmesh_runtime::client::ClientChannel, String> {
         let member = self
             .buses
             .snapshot()
@@ -866,7 +866,7 @@ impl Engine {
             .cloned()
             .ok_or("no event bus member")?;
         let (_, channel) = self.buses.channel(&member).map_err(|e| e.to_string())?;
-        Pipeline::open(&mut bus::event_bus_client::EventBusClient::new(channel)).await
+        Ok(channel)
     }
 
     /// Runs one delayed response that came due; whether the publish stream seems broken.

@@ -15,6 +15,9 @@ use tokio_stream::StreamExt as _;
 use tonic::Code;
 
 type Rules = pb::rules_client::RulesClient<tonic::transport::Channel>;
+
+/// The trace id o-huge is published under.
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 type Bus = bus::event_bus_client::EventBusClient<tonic::transport::Channel>;
 
 /// Webhook requests received: (request head, body).
@@ -372,7 +375,13 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
     let warm_skipped = engine_listening(&r, &b).await?;
     b.publish(order("o-small", 500)).await?;
     b.publish(order("o-big", 2000)).await?;
-    b.publish(order("o-huge", 9000)).await?;
+    // This stimulus carries a trace: the rule's firing and its responses join it.
+    let mut huge = order("o-huge", 9000);
+    huge.event.as_mut().expect("event").headers.insert(
+        "traceparent".into(),
+        format!("00-{TRACE_ID}-00f067aa0ba902b7-01"),
+    );
+    b.publish(huge).await?;
     let mut other = order("o-other", 9000);
     other.event.as_mut().expect("event").r#type = "order.cancelled".into();
     b.publish(other).await?;
@@ -414,6 +423,15 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
     assert!(published.elapsed() >= Duration::from_millis(900));
     assert_eq!(seen["remind-huge/o-huge/remind"].subject, "alerts.reminder");
     let alert = &seen["big-orders/o-huge/alert"];
+    let traceparent = alert
+        .headers
+        .get("traceparent")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        traceparent.contains(TRACE_ID),
+        "the response is in the stimulus's trace: {traceparent}"
+    );
     assert_eq!(alert.subject, "alerts.eu");
     assert_eq!(alert.r#type, "order.alert");
     assert_eq!(alert.id, "big-orders/o-huge/alert");

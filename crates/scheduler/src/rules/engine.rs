@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 use prometheus::{HistogramVec, IntCounterVec};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::StreamExt;
+use tracing::Instrument as _;
 
 use super::delayed::{DelayStore, Delayed, from_hex, to_hex};
 use super::eval::{Variables, holds, render, stimulus_json};
@@ -619,6 +620,23 @@ impl Engine {
                     "failed"
                 }
                 Ok(true) => {
+                    // A span per firing, a child of the stimulus's trace; the responses carry
+                    // its context, so a tracing UI shows stimulus → rule fire → response.
+                    let span = tracing::info_span!(
+                        "rules.fire",
+                        otel.name = "rule fire",
+                        rule = %name,
+                        firing.id = %firing_id,
+                        stimulus.subject = %event.subject,
+                    );
+                    let fire_trace = {
+                        use tracing_opentelemetry::OpenTelemetrySpanExt;
+                        let _ = span
+                            .set_parent(agentmesh_runtime::propagation::extract_from_map(&trace));
+                        let mut map = BTreeMap::new();
+                        agentmesh_runtime::propagation::inject_into_map(&span.context(), &mut map);
+                        if map.is_empty() { trace.clone() } else { map }
+                    };
                     let mut ran = 0u64;
                     let mut failed = None;
                     for response in &rule.responses {
@@ -676,9 +694,10 @@ impl Engine {
                                 &scope,
                                 event,
                                 &key,
-                                &trace,
+                                &fire_trace,
                                 publisher,
                             )
+                            .instrument(span.clone())
                             .await
                         {
                             Ok((action, duplicate, detail)) => {
@@ -704,9 +723,10 @@ impl Engine {
                                             &scope,
                                             event,
                                             &fallback_key,
-                                            &trace,
+                                            &fire_trace,
                                             publisher,
                                         )
+                                        .instrument(span.clone())
                                         .await;
                                     self.stats.lock().entry(name.clone()).or_default().fallbacks +=
                                         1;

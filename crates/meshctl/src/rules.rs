@@ -116,6 +116,39 @@ struct RuleToml {
     condition: String,
     #[serde(default)]
     response: Vec<ResponseToml>,
+    /// Correlation of several events before firing.
+    #[serde(default)]
+    correlation: Option<CorrelationToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CorrelationToml {
+    key: String,
+    window: String,
+    #[serde(default)]
+    count: u32,
+    #[serde(default)]
+    together_with: Option<StimulusToml>,
+    #[serde(default)]
+    not_followed_by: Option<StimulusToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelToml {
+    stimulus: StimulusToml,
+    key: String,
+}
+
+impl StimulusToml {
+    fn into_proto(self) -> pb::Stimulus {
+        pb::Stimulus {
+            subject: self.subject,
+            types: self.types,
+            headers: self.headers.into_iter().collect(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -145,6 +178,12 @@ struct ResponseToml {
     /// Runs when the response still fails on the stimulus's last delivery.
     #[serde(default)]
     fallback: Option<Box<ResponseToml>>,
+    /// Cascade steps, run after this response completed.
+    #[serde(default)]
+    then: Vec<ResponseToml>,
+    /// With a delay: the events that cancel it.
+    #[serde(default)]
+    cancel: Option<CancelToml>,
 }
 
 #[derive(Deserialize)]
@@ -230,13 +269,22 @@ impl ResponseToml {
             None => None,
             Some(f) => Some(Box::new(f.into_proto(rule)?)),
         };
+        let then = self
+            .then
+            .into_iter()
+            .map(|step| step.into_proto(rule))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(pb::Response {
             name: self.name,
             when: self.when,
             delay: duration(self.delay.as_deref(), &format!("{at}: delay"))?,
             action: Some(action),
             fallback,
-            ..pb::Response::default()
+            then,
+            cancel: self.cancel.map(|c| pb::Cancel {
+                stimulus: Some(c.stimulus.into_proto()),
+                key: c.key,
+            }),
         })
     }
 }
@@ -248,23 +296,48 @@ impl RuleToml {
             .into_iter()
             .map(|r| r.into_proto(&self.name))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let correlation = match self.correlation {
+            None => None,
+            Some(c) => Some(pb::Correlation {
+                key: c.key,
+                window: duration(
+                    Some(&c.window),
+                    &format!("rule {}: correlation window", self.name),
+                )?,
+                count: c.count,
+                together_with: c.together_with.map(StimulusToml::into_proto),
+                not_followed_by: c.not_followed_by.map(StimulusToml::into_proto),
+            }),
+        };
         Ok(pb::Rule {
             name: self.name,
             description: self.description,
             disabled: self.disabled,
-            stimulus: Some(pb::Stimulus {
-                subject: self.stimulus.subject,
-                types: self.stimulus.types,
-                headers: self.stimulus.headers.into_iter().collect(),
-            }),
+            stimulus: Some(self.stimulus.into_proto()),
             condition: self.condition,
             responses,
+            correlation,
             ..pb::Rule::default()
         })
     }
 }
 
-/// One response as JSON, its fallback included.
+/// Milliseconds of a proto Duration.
+fn dur_ms(d: Option<&prost_types::Duration>) -> Option<i64> {
+    d.map(|d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000))
+}
+
+fn stimulus_json(s: Option<&pb::Stimulus>) -> serde_json::Value {
+    s.map_or(serde_json::Value::Null, |s| {
+        json!({
+            "subject": s.subject,
+            "types": s.types,
+            "headers": s.headers.iter().collect::<BTreeMap<_, _>>(),
+        })
+    })
+}
+
+/// One response as JSON, its cascade and fallback included.
 fn response_json(r: &pb::Response) -> serde_json::Value {
     let action = match &r.action {
         Some(pb::response::Action::Publish(p)) => json!({"publish": {
@@ -274,33 +347,35 @@ fn response_json(r: &pb::Response) -> serde_json::Value {
         Some(pb::response::Action::Webhook(w)) => json!({"webhook": {
                     "url": w.url, "body": w.body,
                     "headers": w.headers.iter().collect::<BTreeMap<_, _>>(),
-                    "timeout_ms": w.timeout.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000))}}),
+                    "timeout_ms": dur_ms(w.timeout.as_ref())}}),
         Some(pb::response::Action::SubmitTask(t)) => json!({"submit_task": {
                     "type": t.r#type, "payload": t.payload, "priority": t.priority,
                     "labels": t.labels.iter().collect::<BTreeMap<_, _>>(),
-                    "timeout_ms": t.timeout.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000)),
+                    "timeout_ms": dur_ms(t.timeout.as_ref()),
                     "max_attempts": t.max_attempts}}),
         _ => json!({}),
     };
     json!({"name": r.name, "when": r.when, "action": action,
-        "delay_ms": r.delay.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000)),
-        "fallback": r.fallback.as_deref().map(response_json)})
+        "delay_ms": dur_ms(r.delay.as_ref()),
+        "fallback": r.fallback.as_deref().map(response_json),
+        "then": r.then.iter().map(response_json).collect::<Vec<_>>(),
+        "cancel": r.cancel.as_ref().map(|c| json!({
+            "stimulus": stimulus_json(c.stimulus.as_ref()), "key": c.key}))})
 }
 
 /// The rule as JSON (what `get` prints and `apply` compares).
 fn rule_json(rule: &pb::Rule, with_meta: bool) -> serde_json::Value {
-    let stimulus = rule.stimulus.clone().unwrap_or_default();
     let responses: Vec<serde_json::Value> = rule.responses.iter().map(response_json).collect();
     let mut value = json!({
         "name": rule.name,
         "description": rule.description,
         "disabled": rule.disabled,
-        "stimulus": {
-            "subject": stimulus.subject,
-            "types": stimulus.types,
-            "headers": stimulus.headers.iter().collect::<BTreeMap<_, _>>(),
-        },
+        "stimulus": stimulus_json(rule.stimulus.as_ref()),
         "condition": rule.condition,
+        "correlation": rule.correlation.as_ref().map(|c| json!({
+            "key": c.key, "window_ms": dur_ms(c.window.as_ref()), "count": c.count,
+            "together_with": stimulus_json(c.together_with.as_ref()),
+            "not_followed_by": stimulus_json(c.not_followed_by.as_ref())})),
         "responses": responses,
     });
     if with_meta {
@@ -496,6 +571,7 @@ pub(crate) async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
                     .map(|s| json!({"name": s.name, "matched": s.matched, "fired": s.fired,
                         "skipped": s.skipped, "failed": s.failed, "responses": s.responses,
                         "fallbacks": s.fallbacks, "delayed_pending": s.delayed_pending,
+                        "correlating": s.correlating, "cancelled": s.cancelled, "awaiting": s.awaiting,
                         "latency_p50_ms": s.latency_p50.as_ref().map(|d| d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6),
                         "latency_p99_ms": s.latency_p99.as_ref().map(|d| d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6)}))
                     .collect();
@@ -513,6 +589,9 @@ pub(crate) async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
                             s.responses.to_string(),
                             s.fallbacks.to_string(),
                             s.delayed_pending.to_string(),
+                            s.awaiting.to_string(),
+                            s.correlating.to_string(),
+                            s.cancelled.to_string(),
                             ms(s.latency_p50.as_ref()),
                             ms(s.latency_p99.as_ref()),
                         ]
@@ -528,6 +607,9 @@ pub(crate) async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
                         "RESPONSES",
                         "FALLBACKS",
                         "DELAYED",
+                        "AWAITING",
+                        "CORRELATING",
+                        "CANCELLED",
                         "P50",
                         "P99",
                     ],

@@ -30,6 +30,7 @@ fn rules(n: usize, subject: impl Fn(usize) -> String) -> RuleSet {
                             action: Action::publish_to("out"),
                             delay_ms: 0,
                             fallback: None,
+                            ..ResponseDef::default()
                         }],
                         ..RuleDef::default()
                     },

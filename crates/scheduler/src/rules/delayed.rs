@@ -1,10 +1,17 @@
-//! Delayed responses waiting for their time: in Redis (so a new leader runs what the old one
-//! scheduled), or in memory without Redis.
+//! The rule engine's durable state: delayed work waiting for its time (delayed responses,
+//! cascade steps waiting for a task, `not_followed_by` timeouts), the index of what a
+//! cancelling event cancels, and correlation windows — in Redis (so a new leader carries on
+//! where the old one stopped), or in memory without Redis.
 //!
 //! Redis keys (under `agentmesh:scheduler:rules:`):
-//! - `delayed`: a sorted set of response keys by due time (milliseconds since the Unix epoch);
-//! - `delayed:rec`: a hash from response key to the record (JSON, the stimulus protobuf-encoded
-//!   in hex).
+//! - `delayed`: a sorted set of record keys by due time (milliseconds since the Unix epoch);
+//! - `delayed:rec`: a hash from record key to the record (JSON, the stimulus protobuf-encoded
+//!   in hex);
+//! - `cancel:<hash>`: the record keys a cancelling key cancels (a set, expiring a day after
+//!   the last record's due time);
+//! - `corr:<rule>:<hash of the key>`: one correlation key's events (a sorted set of event ids
+//!   by time, expiring with the window); `corr-fired:<rule>/<event id>`: the events a firing
+//!   correlated (an hour, so a redelivered completing event fires again, idempotently).
 //!
 //! A record is added once per response key (`HSETNX` + `ZADD NX` in one transaction), so a
 //! redelivered stimulus does not schedule its delayed response twice; it is removed only after
@@ -20,13 +27,36 @@ use serde::{Deserialize, Serialize};
 /// Key prefix of the rule engine's Redis keys.
 pub const PREFIX: &str = "agentmesh:scheduler:rules:";
 
-/// One delayed response.
+/// What a record waits to do.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Run `response`.
+    #[default]
+    Run,
+    /// Wait for the task `response` submitted to end, then run its cascade or its fallback.
+    Await { task_id: String },
+    /// A `not_followed_by` timeout: fire the rule's responses.
+    Timeout,
+}
+
+/// One delayed record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delayed {
-    /// The response's idempotency key, `<rule>/<event id>/<response>`.
+    /// The record's key: the response's idempotency key, `<rule>/<event id>/<response>`
+    /// (`…#await`, `…/#timeout`).
     pub key: String,
     pub rule: String,
+    /// The response's name (empty for a timeout).
     pub response: String,
+    #[serde(default)]
+    pub kind: Kind,
+    /// Extra CEL variables of its templates (`output`, `correlation`), a JSON object.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vars: String,
+    /// The cancelling key that removes it (empty: none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cancel: String,
     /// When it is due, milliseconds since the Unix epoch.
     pub due_ms: u64,
     /// Runs tried and failed so far.
@@ -35,10 +65,74 @@ pub struct Delayed {
     pub event_hex: String,
 }
 
-/// Where delayed responses wait.
+/// A rule's records waiting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// Delayed responses and `not_followed_by` timeouts.
+    pub delayed: u64,
+    /// Cascades waiting for their task.
+    pub awaiting: u64,
+}
+
+impl Pending {
+    fn count(&mut self, key: &str) {
+        if key.ends_with("#await") {
+            self.awaiting += 1;
+        } else {
+            self.delayed += 1;
+        }
+    }
+}
+
+/// Side of a `together_with` correlation an event is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Side {
+    /// The rule's stimulus.
+    First,
+    /// The second stimulus.
+    Second,
+}
+
+/// What a correlation key waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// This many events.
+    Count(u32),
+    /// One event of each side.
+    Both,
+}
+
+/// One event offered to a correlation.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    pub rule: &'a str,
+    /// The key's value.
+    pub key: &'a str,
+    pub event_id: &'a str,
+    pub side: Side,
+    /// When the bus accepted it, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub window_ms: u64,
+    pub need: Need,
+}
+
+/// How long a correlation's firing is remembered (so a redelivered completing event fires
+/// again, under the same idempotency keys).
+const FIRED_TTL_MS: u64 = 3_600_000;
+/// How long a cancel index outlives its last record's due time.
+const CANCEL_TTL_MS: u64 = 86_400_000;
+
+/// Where the rule engine's durable state lives.
 pub trait DelayStore: Send + Sync {
-    /// Adds `d` unless its key is there; whether it was added.
+    /// Adds `d` unless its key is there (indexed under `d.cancel` when set); whether it was
+    /// added.
     fn add(&self, d: Delayed) -> BoxFuture<'_, Result<bool, String>>;
+    /// Removes every record indexed under the cancelling key `cancel`; those removed.
+    fn cancel<'a>(&'a self, cancel: &'a str) -> BoxFuture<'a, Result<Vec<Delayed>, String>>;
+    /// Adds an event to its correlation key's window; when that completes the correlation,
+    /// the ids of the events correlated (oldest first; the key starts again from none), else
+    /// empty. Offering the completing event again gives the same ids.
+    fn correlate<'a>(&'a self, o: Observed<'a>) -> BoxFuture<'a, Result<Vec<String>, String>>;
     /// Up to `limit` records due at `now_ms`, earliest first.
     fn due(&self, now_ms: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Delayed>, String>>;
     /// Replaces a record (a new due time after a failed run).
@@ -46,7 +140,7 @@ pub trait DelayStore: Send + Sync {
     /// Removes a record (it ran, or its rule is gone).
     fn remove<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), String>>;
     /// Records waiting for `rule`.
-    fn pending<'a>(&'a self, rule: &'a str) -> BoxFuture<'a, Result<u64, String>>;
+    fn pending<'a>(&'a self, rule: &'a str) -> BoxFuture<'a, Result<Pending, String>>;
 }
 
 /// Delayed responses in memory (a single scheduler without Redis).
@@ -58,7 +152,26 @@ pub trait DelayStore: Send + Sync {
 pub struct MemoryDelayStore {
     /// By due time, and by key.
     inner: Mutex<(BTreeSet<(u64, String)>, BTreeMap<String, Delayed>)>,
+    /// Cancelling key → record keys.
+    cancels: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    correlations: Mutex<Windows>,
 }
+
+/// Correlation windows in memory: per `(rule, key)` the events (time, side, id); and the
+/// firings remembered (bounded: the oldest go).
+#[derive(Debug, Default)]
+struct Windows {
+    keys: BTreeMap<(String, String), Vec<Seen>>,
+    fired: BTreeMap<String, Vec<String>>,
+    fired_order: std::collections::VecDeque<String>,
+    offered: u64,
+}
+
+/// One event in a correlation window: when, which side, its id.
+type Seen = (u64, Side, String);
+
+/// Correlation firings remembered in memory.
+const FIRED_KEPT: usize = 65_536;
 
 impl DelayStore for MemoryDelayStore {
     fn add(&self, d: Delayed) -> BoxFuture<'_, Result<bool, String>> {
@@ -67,9 +180,78 @@ impl DelayStore for MemoryDelayStore {
             if inner.1.contains_key(&d.key) {
                 return Ok(false);
             }
+            if !d.cancel.is_empty() {
+                self.cancels
+                    .lock()
+                    .entry(d.cancel.clone())
+                    .or_default()
+                    .insert(d.key.clone());
+            }
             inner.0.insert((d.due_ms, d.key.clone()));
             inner.1.insert(d.key.clone(), d);
             Ok(true)
+        })
+    }
+
+    fn cancel<'a>(&'a self, cancel: &'a str) -> BoxFuture<'a, Result<Vec<Delayed>, String>> {
+        Box::pin(async move {
+            let keys = self.cancels.lock().remove(cancel).unwrap_or_default();
+            let mut inner = self.inner.lock();
+            let mut removed = Vec::new();
+            for key in keys {
+                if let Some(d) = inner.1.remove(&key) {
+                    inner.0.remove(&(d.due_ms, d.key.clone()));
+                    removed.push(d);
+                }
+            }
+            Ok(removed)
+        })
+    }
+
+    fn correlate<'a>(&'a self, o: Observed<'a>) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            let mut w = self.correlations.lock();
+            let marker = format!("{}/{}", o.rule, o.event_id);
+            if let Some(ids) = w.fired.get(&marker) {
+                return Ok(ids.clone());
+            }
+            w.offered += 1;
+            if w.offered.is_multiple_of(1024) {
+                // Drop keys whose newest event left its window long ago.
+                let horizon = o.at_ms.saturating_sub(o.window_ms.max(60_000));
+                w.keys
+                    .retain(|_, events| events.iter().any(|(at, _, _)| *at >= horizon));
+            }
+            let entry = w
+                .keys
+                .entry((o.rule.to_owned(), o.key.to_owned()))
+                .or_default();
+            if !entry.iter().any(|(_, _, id)| id == o.event_id) {
+                entry.push((o.at_ms, o.side, o.event_id.to_owned()));
+            }
+            let oldest = o.at_ms.saturating_sub(o.window_ms);
+            entry.retain(|(at, _, _)| *at >= oldest);
+            entry.sort();
+            let complete = match o.need {
+                Need::Count(n) => entry.len() >= n as usize,
+                Need::Both => {
+                    entry.iter().any(|(_, s, _)| *s == Side::First)
+                        && entry.iter().any(|(_, s, _)| *s == Side::Second)
+                }
+            };
+            if !complete {
+                return Ok(Vec::new());
+            }
+            let ids: Vec<String> = entry.drain(..).map(|(_, _, id)| id).collect();
+            w.keys.remove(&(o.rule.to_owned(), o.key.to_owned()));
+            w.fired.insert(marker.clone(), ids.clone());
+            w.fired_order.push_back(marker);
+            if w.fired_order.len() > FIRED_KEPT
+                && let Some(old) = w.fired_order.pop_front()
+            {
+                w.fired.remove(&old);
+            }
+            Ok(ids)
         })
     }
 
@@ -108,15 +290,13 @@ impl DelayStore for MemoryDelayStore {
         })
     }
 
-    fn pending<'a>(&'a self, rule: &'a str) -> BoxFuture<'a, Result<u64, String>> {
+    fn pending<'a>(&'a self, rule: &'a str) -> BoxFuture<'a, Result<Pending, String>> {
         Box::pin(async move {
-            Ok(self
-                .inner
-                .lock()
-                .1
-                .values()
-                .filter(|d| d.rule == rule)
-                .count() as u64)
+            let mut pending = Pending::default();
+            for d in self.inner.lock().1.values().filter(|d| d.rule == rule) {
+                pending.count(&d.key);
+            }
+            Ok(pending)
         })
     }
 }
@@ -145,6 +325,45 @@ fn redis_error(e: &redis::RedisError) -> String {
     format!("Redis: {e}")
 }
 
+fn cancel_set(cancel: &str) -> String {
+    format!(
+        "{PREFIX}cancel:{:032x}",
+        xxhash_rust::xxh3::xxh3_128(cancel.as_bytes())
+    )
+}
+
+/// Adds an event to a correlation key's window and says whether that completes it, in one
+/// step. KEYS: the window (a sorted set), the firing marker. ARGV: member (`<side>:<id>`),
+/// time, window, count needed (0: one of each side), marker TTL. Returns the correlated ids
+/// (with their side prefix) or an empty list.
+const CORRELATE: &str = r"
+local fired = redis.call('GET', KEYS[2])
+if fired then return cjson.decode(fired) end
+local at = tonumber(ARGV[2])
+local window = tonumber(ARGV[3])
+local need = tonumber(ARGV[4])
+redis.call('ZADD', KEYS[1], at, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (at - window))
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+local complete = false
+if need > 0 then
+  complete = #members >= need
+else
+  local first, second = false, false
+  for _, m in ipairs(members) do
+    if string.sub(m, 1, 2) == 'a:' then first = true else second = true end
+  end
+  complete = first and second
+end
+if not complete then
+  redis.call('PEXPIRE', KEYS[1], window + 1000)
+  return {}
+end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], cjson.encode(members), 'PX', ARGV[5])
+return members
+";
+
 impl RedisDelayStore {
     #[must_use]
     pub fn new(conn: ConnectionManager) -> Self {
@@ -156,18 +375,100 @@ impl DelayStore for RedisDelayStore {
     fn add(&self, d: Delayed) -> BoxFuture<'_, Result<bool, String>> {
         Box::pin(async move {
             let json = serde_json::to_string(&d).map_err(|e| e.to_string())?;
-            let (added, _): (bool, i64) = redis::pipe()
-                .atomic()
+            let mut pipe = redis::pipe();
+            pipe.atomic()
                 .hset_nx(records(), &d.key, json)
                 .cmd("ZADD")
                 .arg(zset())
                 .arg("NX")
                 .arg(d.due_ms)
                 .arg(&d.key)
+                .ignore();
+            if !d.cancel.is_empty() {
+                let set = cancel_set(&d.cancel);
+                pipe.sadd(&set, &d.key)
+                    .ignore()
+                    .cmd("PEXPIREAT")
+                    .arg(&set)
+                    .arg(d.due_ms.saturating_add(CANCEL_TTL_MS))
+                    .ignore();
+            }
+            let (added,): (bool,) = pipe
                 .query_async(&mut self.conn.clone())
                 .await
                 .map_err(|e| redis_error(&e))?;
             Ok(added)
+        })
+    }
+
+    fn cancel<'a>(&'a self, cancel: &'a str) -> BoxFuture<'a, Result<Vec<Delayed>, String>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let set = cancel_set(cancel);
+            let keys: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&set)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error(&e))?;
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            let values: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(records())
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error(&e))?;
+            let () = redis::pipe()
+                .atomic()
+                .zrem(zset(), &keys)
+                .ignore()
+                .hdel(records(), &keys)
+                .ignore()
+                .del(&set)
+                .ignore()
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error(&e))?;
+            Ok(values
+                .into_iter()
+                .flatten()
+                .filter_map(|json| serde_json::from_str(&json).ok())
+                .collect())
+        })
+    }
+
+    fn correlate<'a>(&'a self, o: Observed<'a>) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            let window = format!(
+                "{PREFIX}corr:{}:{:032x}",
+                o.rule,
+                xxhash_rust::xxh3::xxh3_128(o.key.as_bytes())
+            );
+            let marker = format!("{PREFIX}corr-fired:{}/{}", o.rule, o.event_id);
+            let side = match o.side {
+                Side::First => "a",
+                Side::Second => "b",
+            };
+            let need = match o.need {
+                Need::Count(n) => n,
+                Need::Both => 0,
+            };
+            let members: Vec<String> = redis::Script::new(CORRELATE)
+                .key(window)
+                .key(marker)
+                .arg(format!("{side}:{}", o.event_id))
+                .arg(o.at_ms)
+                .arg(o.window_ms)
+                .arg(need)
+                .arg(FIRED_TTL_MS)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(|e| redis_error(&e))?;
+            Ok(members
+                .into_iter()
+                .map(|m| m.get(2..).unwrap_or_default().to_owned())
+                .collect())
         })
     }
 
@@ -232,13 +533,13 @@ impl DelayStore for RedisDelayStore {
         })
     }
 
-    fn pending<'a>(&'a self, rule: &'a str) -> BoxFuture<'a, Result<u64, String>> {
+    fn pending<'a>(&'a self, rule: &'a str) -> BoxFuture<'a, Result<Pending, String>> {
         Box::pin(async move {
             // Keys start with the rule's name and a slash; HSCAN walks only the hash.
             let mut conn = self.conn.clone();
             let pattern = format!("{}/*", rule.replace(['*', '?', '[', ']', '\\'], "\\$0"));
             let mut cursor: u64 = 0;
-            let mut count = 0u64;
+            let mut pending = Pending::default();
             loop {
                 let (next, fields): (u64, Vec<String>) = redis::cmd("HSCAN")
                     .arg(records())
@@ -250,10 +551,12 @@ impl DelayStore for RedisDelayStore {
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| redis_error(&e))?;
-                count += (fields.len() / 2) as u64;
+                for key in fields.iter().step_by(2) {
+                    pending.count(key);
+                }
                 cursor = next;
                 if cursor == 0 {
-                    return Ok(count);
+                    return Ok(pending);
                 }
             }
         })
@@ -287,6 +590,9 @@ mod tests {
             key: key.into(),
             rule: key.split('/').next().unwrap_or("").into(),
             response: "r".into(),
+            kind: Kind::Run,
+            vars: String::new(),
+            cancel: String::new(),
             due_ms,
             attempts: 0,
             event_hex: to_hex(b"\x0a\x02e1"),
@@ -323,9 +629,110 @@ mod tests {
             .map(|d| d.key)
             .collect();
         assert_eq!(due, ["a/e1/r", "a/e2/r"]);
-        assert_eq!(store.pending("a").await.expect("pending"), 2);
-        assert_eq!(store.pending("b").await.expect("pending"), 0);
+        assert_eq!(store.pending("a").await.expect("pending").delayed, 2);
+        assert_eq!(store.pending("b").await.expect("pending").delayed, 0);
         assert_eq!(from_hex(&to_hex(b"\x00\xffz")), Some(b"\x00\xffz".to_vec()));
         assert_eq!(from_hex("zz"), None);
+    }
+
+    #[tokio::test]
+    async fn test_a_cancelling_key_removes_every_record_under_it() {
+        let store = MemoryDelayStore::default();
+        for (key, cancel) in [
+            ("a/e1/r", "a/r/o-1"),
+            ("a/e2/r", "a/r/o-1"),
+            ("a/e3/r", "a/r/o-2"),
+        ] {
+            let mut d = record(key, 100);
+            d.cancel = cancel.into();
+            store.add(d).await.expect("add");
+        }
+        let removed = store.cancel("a/r/o-1").await.expect("cancel");
+        assert_eq!(removed.len(), 2);
+        assert!(store.cancel("a/r/o-1").await.expect("again").is_empty());
+        let due = store.due(1000, 10).await.expect("due");
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].key, "a/e3/r");
+    }
+
+    #[tokio::test]
+    async fn test_correlations_fire_once_complete_and_again_for_a_redelivery() {
+        let store = MemoryDelayStore::default();
+        let offer = |id: &'static str, at_ms: u64, side: Side, need: Need| Observed {
+            rule: "r",
+            key: "k",
+            event_id: id,
+            side,
+            at_ms,
+            window_ms: 1000,
+            need,
+        };
+        let count = Need::Count(3);
+        assert!(
+            store
+                .correlate(offer("e1", 0, Side::First, count))
+                .await
+                .expect("1")
+                .is_empty()
+        );
+        // e2 comes after e1 left the window.
+        assert!(
+            store
+                .correlate(offer("e2", 1500, Side::First, count))
+                .await
+                .expect("2")
+                .is_empty()
+        );
+        assert!(
+            store
+                .correlate(offer("e3", 1600, Side::First, count))
+                .await
+                .expect("3")
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .correlate(offer("e4", 1700, Side::First, count))
+                .await
+                .expect("4"),
+            ["e2", "e3", "e4"]
+        );
+        assert_eq!(
+            store
+                .correlate(offer("e4", 1700, Side::First, count))
+                .await
+                .expect("again"),
+            ["e2", "e3", "e4"],
+            "a redelivered completing event fires again (idempotently)"
+        );
+        assert!(
+            store
+                .correlate(offer("e5", 1800, Side::First, count))
+                .await
+                .expect("5")
+                .is_empty()
+        );
+        let both = Need::Both;
+        assert!(
+            store
+                .correlate(offer("a1", 5000, Side::First, both))
+                .await
+                .expect("a")
+                .is_empty()
+        );
+        assert!(
+            store
+                .correlate(offer("a2", 5100, Side::First, both))
+                .await
+                .expect("a")
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .correlate(offer("b1", 5200, Side::Second, both))
+                .await
+                .expect("b"),
+            ["a1", "a2", "b1"]
+        );
     }
 }

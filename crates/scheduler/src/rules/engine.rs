@@ -13,24 +13,29 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agentmesh_proto::eventbus::v1 as bus;
 use agentmesh_runtime::peers::PeerSet;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use prometheus::{HistogramVec, IntCounterVec};
+use serde_json::{Value as Json, json};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::StreamExt;
 use tracing::Instrument as _;
 
-use super::delayed::{DelayStore, Delayed, from_hex, to_hex};
-use super::eval::{Variables, holds, render, stimulus_json};
+use super::delayed::{DelayStore, Delayed, Kind, Need, Observed, Pending, Side, from_hex, to_hex};
+use super::eval::{Variables, holds, render, stimulus_json, value_text};
 use super::index::{RuleSet, plan};
-use super::model::{CompiledAction, CompiledRule, RuleError, Stimulus, compile};
+use super::model::{
+    CompiledAction, CompiledResponse, CompiledRule, CorrelationMode, Role, RuleError, Stimulus,
+    compile,
+};
 use super::store::RuleStore;
-use crate::leader::Role;
-use crate::tasks::{RetryPolicy, TaskSpec, Tasks};
+use crate::error::SchedulerError;
+use crate::leader::Role as Leadership;
+use crate::tasks::{RetryPolicy, TaskSpec, TaskState, Tasks};
 
 /// Subject that stimuli whose responses kept failing are dead-lettered on.
 pub const DEAD_LETTER_SUBJECT: &str = "sys.rules.deadletter";
@@ -62,6 +67,8 @@ impl Default for RetryConfig {
 }
 /// How often due delayed responses are looked for.
 const DELAY_TICK: Duration = Duration::from_millis(100);
+/// How often a cascade looks whether the task it waits for ended.
+const AWAIT_POLL: Duration = Duration::from_millis(500);
 
 /// When the bus accepted `event` (its `time`), else now; milliseconds since the Unix epoch.
 fn accepted_ms(event: &bus::Event) -> u64 {
@@ -99,6 +106,10 @@ pub struct Stats {
     pub responses: u64,
     /// Fallbacks run (a response still failing on the stimulus's last delivery).
     pub fallbacks: u64,
+    /// Stimuli taken into a correlation that has not fired.
+    pub correlating: u64,
+    /// Delayed responses and timeouts cancelled.
+    pub cancelled: u64,
     /// Stimulus accepted by the bus → responses done, most recent last.
     latencies: VecDeque<Duration>,
 }
@@ -401,8 +412,8 @@ impl Engine {
 
     /// Waits until `role` says this instance leads, then evaluates rules until the process
     /// ends (a leader that loses its lease exits).
-    pub async fn run(self: Arc<Self>, mut role: watch::Receiver<Role>) {
-        while *role.borrow_and_update() != Role::Leader {
+    pub async fn run(self: Arc<Self>, mut role: watch::Receiver<Leadership>) {
+        while *role.borrow_and_update() != Leadership::Leader {
             if role.changed().await.is_err() {
                 return;
             }
@@ -456,6 +467,7 @@ impl Engine {
             planned
                 .iter()
                 .flat_map(|(_, rules)| rules.iter())
+                .filter(|r| r.role == Role::Primary)
                 .map(|r| (r.def.name.clone(), r.clone()))
                 .collect(),
         );
@@ -597,247 +609,584 @@ impl Engine {
         last_try: bool,
     ) -> Result<(), String> {
         let vars = Variables::new(event);
-        let trace = trace_of(event);
         let mut failure = None;
         for (index, fires) in set.decide(&vars, event) {
             let rule = &set.rules()[index];
             let name = &rule.def.name;
-            let firing_id = format!("{name}/{}", event.id);
-            if self.done.lock().contains(&firing_id) {
+            let entry_id = entry_id(rule, &event.id);
+            if self.done.lock().contains(&entry_id) {
                 continue;
             }
-            let label = self
-                .metrics
-                .as_ref()
-                .map(|m| m.label(name))
-                .unwrap_or_default();
-            let mut notes = Vec::new();
+            let label = self.label(name);
+            let mut out = Outcome::default();
             let outcome = match fires {
                 Ok(false) => "skipped",
                 Err(e) => {
                     tracing::warn!(rule = %name, event = %event.id, error = %e, "a rule's condition failed to evaluate");
-                    notes.push(format!("condition: {e}"));
+                    out.notes.push(format!("condition: {e}"));
                     "failed"
                 }
                 Ok(true) => {
-                    // A span per firing, a child of the stimulus's trace; the responses carry
-                    // its context, so a tracing UI shows stimulus → rule fire → response.
-                    let span = tracing::info_span!(
-                        "rules.fire",
-                        otel.name = "rule fire",
-                        rule = %name,
-                        firing.id = %firing_id,
-                        stimulus.subject = %event.subject,
-                    );
-                    let fire_trace = {
-                        use tracing_opentelemetry::OpenTelemetrySpanExt;
-                        let _ = span
-                            .set_parent(agentmesh_runtime::propagation::extract_from_map(&trace));
-                        let mut map = BTreeMap::new();
-                        agentmesh_runtime::propagation::inject_into_map(&span.context(), &mut map);
-                        if map.is_empty() { trace.clone() } else { map }
-                    };
-                    let mut ran = 0u64;
-                    let mut failed = None;
-                    for response in &rule.responses {
-                        let scope = vars.for_rule(name, &firing_id, &response.name);
-                        if let Some(when) = &response.when {
-                            match holds(when, &scope) {
-                                Ok(true) => {}
-                                Ok(false) => continue,
-                                Err(e) => {
-                                    notes.push(format!("{}: guard: {e}", response.name));
-                                    failed = Some(format!(
-                                        "{name}: response {}: guard: {e}",
-                                        response.name
-                                    ));
-                                    break;
-                                }
-                            }
-                        }
-                        let key = response_key(&firing_id, &response.name);
-                        if let Some(delay) = response.delay {
-                            let accepted = accepted_ms(event);
-                            let due_ms =
-                                accepted + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-                            let record = Delayed {
-                                key: key.clone(),
-                                rule: name.clone(),
-                                response: response.name.clone(),
-                                due_ms,
-                                attempts: 0,
-                                event_hex: to_hex(&prost::Message::encode_to_vec(event)),
-                            };
-                            match self.delays.add(record).await {
-                                Ok(added) => notes.push(format!(
-                                    "{}: delayed {} ms{}",
-                                    response.name,
-                                    delay.as_millis(),
-                                    if added { "" } else { " (scheduled before)" }
-                                )),
-                                Err(e) => {
-                                    notes
-                                        .push(format!("{}: scheduling failed: {e}", response.name));
-                                    failed = Some(format!(
-                                        "{name}: response {}: scheduling: {e}",
-                                        response.name
-                                    ));
-                                    break;
-                                }
-                            }
-                            continue;
-                        }
-                        let (action, result) = match self
-                            .respond(
-                                name,
-                                &response.action,
-                                &scope,
-                                event,
-                                &key,
-                                &fire_trace,
-                                publisher,
-                            )
-                            .instrument(span.clone())
-                            .await
-                        {
-                            Ok((action, duplicate, detail)) => {
-                                let result = if duplicate { "duplicate" } else { "ok" };
-                                notes.push(format!(
-                                    "{}: {action} {result}: {detail}",
-                                    response.name
-                                ));
-                                (action, result)
-                            }
-                            Err((action, e)) => match (&response.fallback, last_try) {
-                                // Its retries are spent: the fallback runs instead.
-                                (Some(fallback), true) => {
-                                    let fallback_key = response_key(
-                                        &firing_id,
-                                        &format!("{}.{}", response.name, fallback.name),
-                                    );
-                                    let scope = vars.for_rule(name, &firing_id, &fallback.name);
-                                    let ran = self
-                                        .respond(
-                                            name,
-                                            &fallback.action,
-                                            &scope,
-                                            event,
-                                            &fallback_key,
-                                            &fire_trace,
-                                            publisher,
-                                        )
-                                        .instrument(span.clone())
-                                        .await;
-                                    self.stats.lock().entry(name.clone()).or_default().fallbacks +=
-                                        1;
-                                    match ran {
-                                        Ok((fb_action, _, detail)) => {
-                                            notes.push(format!(
-                                                "{}: {action} failed: {e}; fallback {}: {fb_action} ok: {detail}",
-                                                response.name, fallback.name
-                                            ));
-                                            (action, "fallback")
-                                        }
-                                        Err((_, fb_error)) => {
-                                            notes.push(format!(
-                                                "{}: {action} failed: {e}; fallback {} failed: {fb_error}",
-                                                response.name, fallback.name
-                                            ));
-                                            failed = Some(format!(
-                                                "{name}: response {} and its fallback failed: {fb_error}",
-                                                response.name
-                                            ));
-                                            (action, "failed")
-                                        }
-                                    }
-                                }
-                                _ => {
-                                    notes.push(format!("{}: {action} failed: {e}", response.name));
-                                    failed =
-                                        Some(format!("{name}: response {}: {e}", response.name));
-                                    (action, "failed")
-                                }
-                            },
-                        };
-                        if let Some(m) = &self.metrics {
-                            m.responses
-                                .with_label_values(&[&label, action, result])
-                                .inc();
-                        }
-                        if result == "failed" {
-                            break;
-                        }
-                        ran += 1;
-                    }
-                    self.stats.lock().entry(name.clone()).or_default().responses += ran;
-                    match failed {
-                        Some(e) => {
-                            failure = Some(e);
-                            "failed"
-                        }
-                        None => "fired",
-                    }
+                    self.evaluate(rule, event, &vars, publisher, last_try, &label, &mut out)
+                        .await
                 }
             };
-            let latency = event
-                .time
-                .as_ref()
-                .and_then(|t| {
-                    let at = std::time::UNIX_EPOCH
-                        + Duration::new(
-                            u64::try_from(t.seconds).ok()?,
-                            u32::try_from(t.nanos).ok()?,
-                        );
-                    std::time::SystemTime::now().duration_since(at).ok()
-                })
-                .unwrap_or_default();
+            if outcome == "failed" {
+                failure = Some(
+                    out.failed
+                        .take()
+                        .unwrap_or_else(|| format!("{name}: {}", out.notes.join("; "))),
+                );
+            } else {
+                self.done.lock().insert(entry_id);
+            }
+            let latency = (outcome == "fired").then(|| {
+                let accepted = UNIX_EPOCH + Duration::from_millis(accepted_ms(event));
+                SystemTime::now()
+                    .duration_since(accepted)
+                    .unwrap_or_default()
+            });
+            self.record(
+                name,
+                &label,
+                format!("{name}/{}", event.id),
+                event,
+                outcome,
+                &out,
+                latency,
+            );
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// What one entry of a rule does with an event whose condition held: its outcome.
+    #[allow(clippy::too_many_arguments)]
+    async fn evaluate(
+        &self,
+        rule: &CompiledRule,
+        event: &bus::Event,
+        vars: &Variables,
+        publisher: &Pipeline,
+        last_try: bool,
+        label: &str,
+        out: &mut Outcome,
+    ) -> &'static str {
+        let name = &rule.def.name;
+        let correlation = rule.correlation.as_ref();
+        // The key an event has in a correlation or a cancelling stimulus.
+        let key_of = |program: &Arc<cel::Program>| {
+            value_text(program, &vars.for_condition(name)).map_err(|e| format!("key: {e}"))
+        };
+        match (&rule.role, correlation) {
+            (Role::Cancel(response), _) => {
+                let Some(cancel) = rule.find(response).and_then(|r| r.cancel.as_ref()) else {
+                    return "skipped";
+                };
+                match key_of(&cancel.key) {
+                    // An event without the key cancels nothing.
+                    Err(e) => {
+                        out.notes.push(format!("cancel {response}: {e}"));
+                        "skipped"
+                    }
+                    Ok(key) => {
+                        self.cancel(name, &format!("{name}/{response}/{key}"), out)
+                            .await
+                    }
+                }
+            }
+            (Role::Follow, Some(c)) => match key_of(&c.key) {
+                Err(e) => {
+                    out.notes.push(format!("not_followed_by: {e}"));
+                    "skipped"
+                }
+                Ok(key) => self.cancel(name, &follow_key(name, &key), out).await,
+            },
+            (Role::Primary, Some(c)) if c.mode == CorrelationMode::NotFollowedBy => {
+                let key = match key_of(&c.key) {
+                    Ok(key) => key,
+                    Err(e) => {
+                        out.notes.push(format!("correlation {e}"));
+                        return "skipped";
+                    }
+                };
+                let record = Delayed {
+                    key: response_key(&format!("{name}/{}", event.id), "#timeout"),
+                    rule: name.clone(),
+                    response: String::new(),
+                    kind: Kind::Timeout,
+                    vars: json!({"correlation": {"key": key, "count": 1, "events": [event.id]}})
+                        .to_string(),
+                    cancel: follow_key(name, &key),
+                    due_ms: accepted_ms(event) + millis(c.window),
+                    attempts: 0,
+                    event_hex: to_hex(&prost::Message::encode_to_vec(event)),
+                };
+                match self.delays.add(record).await {
+                    Ok(_) => {
+                        out.notes.push(format!(
+                            "waiting {} ms for what follows {key}",
+                            c.window.as_millis()
+                        ));
+                        self.stats
+                            .lock()
+                            .entry(name.clone())
+                            .or_default()
+                            .correlating += 1;
+                        "correlating"
+                    }
+                    Err(e) => {
+                        out.failed = Some(format!("{name}: scheduling its timeout: {e}"));
+                        "failed"
+                    }
+                }
+            }
+            (Role::Primary | Role::Together, Some(c)) => {
+                let key = match key_of(&c.key) {
+                    Ok(key) => key,
+                    Err(e) => {
+                        out.notes.push(format!("correlation {e}"));
+                        return "skipped";
+                    }
+                };
+                let observed = Observed {
+                    rule: name,
+                    key: &key,
+                    event_id: &event.id,
+                    side: if rule.role == Role::Together {
+                        Side::Second
+                    } else {
+                        Side::First
+                    },
+                    at_ms: accepted_ms(event),
+                    window_ms: millis(c.window),
+                    need: match c.mode {
+                        CorrelationMode::Count(n) => Need::Count(n),
+                        _ => Need::Both,
+                    },
+                };
+                match self.delays.correlate(observed).await {
+                    Err(e) => {
+                        out.failed = Some(format!("{name}: correlation: {e}"));
+                        "failed"
+                    }
+                    Ok(ids) if ids.is_empty() => {
+                        out.notes.push(format!("correlating {key}"));
+                        self.stats
+                            .lock()
+                            .entry(name.clone())
+                            .or_default()
+                            .correlating += 1;
+                        "correlating"
+                    }
+                    Ok(ids) => {
+                        let extra =
+                            json!({"correlation": {"key": key, "count": ids.len(), "events": ids}});
+                        self.run_responses(
+                            rule, event, vars, extra, publisher, last_try, label, out,
+                        )
+                        .await
+                    }
+                }
+            }
+            _ => {
+                self.run_responses(
+                    rule,
+                    event,
+                    vars,
+                    json!({}),
+                    publisher,
+                    last_try,
+                    label,
+                    out,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Cancels what is indexed under `cancel`: "cancelled", or "skipped" when nothing was.
+    async fn cancel(&self, rule: &str, cancel: &str, out: &mut Outcome) -> &'static str {
+        match self.delays.cancel(cancel).await {
+            Ok(removed) if removed.is_empty() => "skipped",
+            Ok(removed) => {
+                self.stats
+                    .lock()
+                    .entry(rule.to_owned())
+                    .or_default()
+                    .cancelled += removed.len() as u64;
+                out.notes
+                    .extend(removed.iter().map(|d| format!("cancelled {}", d.key)));
+                "cancelled"
+            }
+            Err(e) => {
+                out.failed = Some(format!("{rule}: cancelling: {e}"));
+                "failed"
+            }
+        }
+    }
+
+    /// Runs a rule's responses for `event` (its condition held): "fired" or "failed".
+    #[allow(clippy::too_many_arguments)]
+    async fn run_responses(
+        &self,
+        rule: &CompiledRule,
+        event: &bus::Event,
+        vars: &Variables,
+        extra: Json,
+        publisher: &Pipeline,
+        last_try: bool,
+        label: &str,
+        out: &mut Outcome,
+    ) -> &'static str {
+        let name = &rule.def.name;
+        let firing_id = format!("{name}/{}", event.id);
+        // A span per firing, a child of the stimulus's trace; the responses carry its
+        // context, so a tracing UI shows stimulus → rule fire → response.
+        let span = tracing::info_span!(
+            "rules.fire",
+            otel.name = "rule fire",
+            rule = %name,
+            firing.id = %firing_id,
+            stimulus.subject = %event.subject,
+        );
+        let ctx = Ctx {
+            rule,
+            event,
+            vars,
+            trace: span_trace(&span, event),
+            firing_id,
+            publisher,
+            last_try,
+            extra,
+            base_ms: accepted_ms(event),
+            span,
+            label,
+        };
+        for response in &rule.responses {
+            self.step(&ctx, response, None, false, out).await;
+            if out.failed.is_some() {
+                break;
+            }
+        }
+        self.stats.lock().entry(name.clone()).or_default().responses += out.ran;
+        if out.failed.is_some() {
+            "failed"
+        } else {
+            "fired"
+        }
+    }
+
+    /// Runs one response of a firing — or schedules it when it is delayed — then its cascade;
+    /// its fallback when it fails on the last try. `due` says a delayed response came due (its
+    /// guard held when it was scheduled). Failures are left in `out.failed`.
+    fn step<'a>(
+        &'a self,
+        c: &'a Ctx<'a>,
+        response: &'a CompiledResponse,
+        output: Option<Json>,
+        due: bool,
+        out: &'a mut Outcome,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let name = &c.rule.def.name;
+            let extra = c.extra_with(output.as_ref());
+            let key = response_key(&c.firing_id, &response.name);
+            let (guard, cancel) = {
+                let scope = c.vars.for_step(name, &c.firing_id, &response.name, &extra);
+                let guard = match (&response.when, due) {
+                    (Some(when), false) => holds(when, &scope).map_err(|e| format!("guard: {e}")),
+                    _ => Ok(true),
+                };
+                let cancel = match &response.cancel {
+                    Some(cancel) if !due => value_text(&cancel.key, &scope)
+                        .map(|k| format!("{name}/{}/{k}", response.name))
+                        .map_err(|e| format!("cancel key: {e}")),
+                    _ => Ok(String::new()),
+                };
+                (guard, cancel)
+            };
+            match guard {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    out.notes.push(format!("{}: {e}", response.name));
+                    out.failed = Some(format!("{name}: response {}: {e}", response.name));
+                    return;
+                }
+            }
+            if !due && let Some(delay) = response.delay {
+                let cancel = match cancel {
+                    Ok(cancel) => cancel,
+                    Err(e) => {
+                        out.notes.push(format!("{}: {e}", response.name));
+                        out.failed = Some(format!("{name}: response {}: {e}", response.name));
+                        return;
+                    }
+                };
+                // A cascade step's delay counts from when its predecessor completed.
+                let base = if output.is_some() {
+                    now_ms()
+                } else {
+                    c.base_ms
+                };
+                let record = Delayed {
+                    key: key.clone(),
+                    rule: name.clone(),
+                    response: response.name.clone(),
+                    kind: Kind::Run,
+                    vars: vars_text(&extra),
+                    cancel,
+                    due_ms: base + millis(delay),
+                    attempts: 0,
+                    event_hex: to_hex(&prost::Message::encode_to_vec(c.event)),
+                };
+                match self.delays.add(record).await {
+                    Ok(added) => out.notes.push(format!(
+                        "{}: delayed {} ms{}",
+                        response.name,
+                        delay.as_millis(),
+                        if added { "" } else { " (scheduled before)" }
+                    )),
+                    Err(e) => {
+                        out.notes
+                            .push(format!("{}: scheduling failed: {e}", response.name));
+                        out.failed = Some(format!(
+                            "{name}: response {}: scheduling: {e}",
+                            response.name
+                        ));
+                    }
+                }
+                return;
+            }
+            let ran = {
+                let scope = c.vars.for_step(name, &c.firing_id, &response.name, &extra);
+                self.respond(
+                    name,
+                    &response.action,
+                    &scope,
+                    c.event,
+                    &key,
+                    &c.trace,
+                    c.publisher,
+                )
+                .instrument(c.span.clone())
+                .await
+            };
+            let done = match ran {
+                Ok(done) => done,
+                Err((action, e)) => {
+                    match (&response.fallback, c.last_try) {
+                        // Its retries are spent: the fallback runs instead.
+                        (Some(fallback), true) => {
+                            let why = format!("{action} failed: {e}");
+                            self.fallback(
+                                c,
+                                response,
+                                fallback,
+                                json!({"error": e}),
+                                &why,
+                                action,
+                                out,
+                            )
+                            .await;
+                        }
+                        _ => {
+                            out.notes
+                                .push(format!("{}: {action} failed: {e}", response.name));
+                            out.failed = Some(format!("{name}: response {}: {e}", response.name));
+                            self.count(c.label, action, "failed");
+                        }
+                    }
+                    return;
+                }
+            };
+            let result = if done.duplicate { "duplicate" } else { "ok" };
+            out.notes.push(format!(
+                "{}: {} {result}: {}",
+                response.name, done.action, done.detail
+            ));
+            self.count(c.label, done.action, result);
+            out.ran += 1;
+            if let Some(task_id) = done.task
+                && (!response.then.is_empty() || response.fallback.is_some())
             {
-                let mut stats = self.stats.lock();
-                let s = stats.entry(name.clone()).or_default();
-                s.matched += 1;
-                match outcome {
-                    "fired" => {
-                        s.fired += 1;
+                // Its cascade (or fallback) waits for the task to end, durably: the stimulus
+                // is acknowledged meanwhile.
+                let record = Delayed {
+                    key: format!("{key}#await"),
+                    rule: name.clone(),
+                    response: response.name.clone(),
+                    kind: Kind::Await {
+                        task_id: task_id.clone(),
+                    },
+                    vars: vars_text(&extra),
+                    cancel: String::new(),
+                    due_ms: now_ms() + millis(AWAIT_POLL),
+                    attempts: 0,
+                    event_hex: to_hex(&prost::Message::encode_to_vec(c.event)),
+                };
+                match self.delays.add(record).await {
+                    Ok(_) => out
+                        .notes
+                        .push(format!("{}: awaiting task {task_id}", response.name)),
+                    Err(e) => {
+                        out.failed = Some(format!(
+                            "{name}: response {}: recording the wait for its task: {e}",
+                            response.name
+                        ));
+                    }
+                }
+                return;
+            }
+            for next in &response.then {
+                self.step(c, next, Some(done.output.clone()), false, out)
+                    .await;
+                if out.failed.is_some() {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Runs `response`'s fallback (`output` is what its templates see as `output`).
+    #[allow(clippy::too_many_arguments)]
+    async fn fallback(
+        &self,
+        c: &Ctx<'_>,
+        response: &CompiledResponse,
+        fallback: &CompiledResponse,
+        output: Json,
+        why: &str,
+        action: &'static str,
+        out: &mut Outcome,
+    ) {
+        let name = &c.rule.def.name;
+        let key = response_key(
+            &c.firing_id,
+            &format!("{}.{}", response.name, fallback.name),
+        );
+        let extra = c.extra_with(Some(&output));
+        let ran = {
+            let scope = c.vars.for_step(name, &c.firing_id, &fallback.name, &extra);
+            self.respond(
+                name,
+                &fallback.action,
+                &scope,
+                c.event,
+                &key,
+                &c.trace,
+                c.publisher,
+            )
+            .instrument(c.span.clone())
+            .await
+        };
+        self.stats.lock().entry(name.clone()).or_default().fallbacks += 1;
+        match ran {
+            Ok(done) => {
+                out.notes.push(format!(
+                    "{}: {why}; fallback {}: {} ok: {}",
+                    response.name, fallback.name, done.action, done.detail
+                ));
+                self.count(c.label, action, "fallback");
+            }
+            Err((_, e)) => {
+                out.notes.push(format!(
+                    "{}: {why}; fallback {} failed: {e}",
+                    response.name, fallback.name
+                ));
+                out.failed = Some(format!(
+                    "{name}: response {} and its fallback failed: {e}",
+                    response.name
+                ));
+                self.count(c.label, action, "failed");
+            }
+        }
+    }
+
+    fn label(&self, rule: &str) -> String {
+        self.metrics
+            .as_ref()
+            .map(|m| m.label(rule))
+            .unwrap_or_default()
+    }
+
+    fn count(&self, label: &str, action: &str, result: &str) {
+        if let Some(m) = &self.metrics {
+            m.responses
+                .with_label_values(&[label, action, result])
+                .inc();
+        }
+    }
+
+    /// Statistics, metrics and watchers of one firing.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        name: &str,
+        label: &str,
+        id: String,
+        event: &bus::Event,
+        outcome: &'static str,
+        out: &Outcome,
+        latency: Option<Duration>,
+    ) {
+        {
+            let mut stats = self.stats.lock();
+            let s = stats.entry(name.to_owned()).or_default();
+            s.matched += 1;
+            match outcome {
+                "fired" => {
+                    s.fired += 1;
+                    if let Some(latency) = latency {
                         if s.latencies.len() == LATENCY_WINDOW {
                             s.latencies.pop_front();
                         }
                         s.latencies.push_back(latency);
                     }
-                    "skipped" => s.skipped += 1,
-                    _ => s.failed += 1,
                 }
-            }
-            if outcome != "failed" {
-                self.done.lock().insert(firing_id.clone());
-            }
-            if self.firings.receiver_count() > 0 {
-                let _ = self.firings.send(Firing {
-                    id: firing_id.clone(),
-                    rule: name.clone(),
-                    event_id: event.id.clone(),
-                    subject: event.subject.clone(),
-                    at_ms: now_ms(),
-                    outcome,
-                    responses: notes,
-                });
-            }
-            if let Some(m) = &self.metrics {
-                m.stimuli.with_label_values(&[&label, outcome]).inc();
-                if outcome == "fired" {
-                    m.latency
-                        .with_label_values(&[&label])
-                        .observe(latency.as_secs_f64());
-                }
+                "skipped" => s.skipped += 1,
+                "failed" => s.failed += 1,
+                _ => {}
             }
         }
-        failure.map_or(Ok(()), Err)
+        self.announce(name, id, event, outcome, &out.notes);
+        if let Some(m) = &self.metrics {
+            m.stimuli.with_label_values(&[label, outcome]).inc();
+            if let Some(latency) = latency {
+                m.latency
+                    .with_label_values(&[label])
+                    .observe(latency.as_secs_f64());
+            }
+        }
     }
 
-    /// Pending delayed responses of `rule`.
+    /// Tells the watchers about a firing.
+    fn announce(
+        &self,
+        name: &str,
+        id: String,
+        event: &bus::Event,
+        outcome: &'static str,
+        notes: &[String],
+    ) {
+        if self.firings.receiver_count() > 0 {
+            let _ = self.firings.send(Firing {
+                id,
+                rule: name.to_owned(),
+                event_id: event.id.clone(),
+                subject: event.subject.clone(),
+                at_ms: now_ms(),
+                outcome,
+                responses: notes.to_vec(),
+            });
+        }
+    }
+
+    /// Pending delayed work of `rule`.
     ///
     /// # Errors
     /// When the store cannot be read.
-    pub async fn delayed_pending(&self, rule: &str) -> Result<u64, String> {
+    pub async fn delayed_pending(&self, rule: &str) -> Result<Pending, String> {
         self.delays.pending(rule).await
     }
 
@@ -889,11 +1238,15 @@ impl Engine {
         Ok(channel)
     }
 
-    /// Runs one delayed response that came due; whether the publish stream seems broken.
+    /// Runs one delayed record that came due (a delayed response, a cascade waiting for its
+    /// task, a `not_followed_by` timeout); whether the publish stream seems broken.
     async fn run_one(&self, mut d: Delayed, pipeline: &Pipeline) -> bool {
         let rules = self.by_name.lock().clone();
         let found = rules.get(&d.rule).and_then(|rule| {
-            let response = rule.responses.iter().find(|r| r.name == d.response)?;
+            let response = match d.kind {
+                Kind::Timeout => None,
+                _ => Some(rule.find(&d.response)?),
+            };
             let event = from_hex(&d.event_hex)
                 .and_then(|bytes| <bus::Event as prost::Message>::decode(bytes.as_slice()).ok())?;
             Some((rule, response, event))
@@ -904,137 +1257,153 @@ impl Engine {
             return false;
         };
         let name = &rule.def.name;
-        let firing_id = format!("{name}/{}", event.id);
+        let label = self.label(name);
         let vars = Variables::new(&event);
-        let scope = vars.for_rule(name, &firing_id, &response.name);
-        let trace = trace_of(&event);
-        let label = self
-            .metrics
-            .as_ref()
-            .map(|m| m.label(name))
-            .unwrap_or_default();
-        let outcome = self
-            .respond(
-                name,
-                &response.action,
-                &scope,
-                &event,
-                &d.key,
-                &trace,
-                pipeline,
-            )
-            .await;
-        let (note, result, broke) = match outcome {
-            Ok((action, duplicate, detail)) => {
-                let _ = self.delays.remove(&d.key).await;
-                self.stats.lock().entry(name.clone()).or_default().responses += 1;
-                let result = if duplicate { "duplicate" } else { "ok" };
-                (
-                    format!("{}: {action} {result} (delayed): {detail}", response.name),
-                    (action, result),
-                    false,
-                )
+        // Its own span, a child of the stimulus's trace.
+        let span = tracing::info_span!(
+            "rules.delayed",
+            otel.name = "rule delayed",
+            rule = %name,
+            record = %d.key,
+            stimulus.subject = %event.subject,
+        );
+        let ctx = Ctx {
+            rule,
+            event: &event,
+            vars: &vars,
+            trace: span_trace(&span, &event),
+            firing_id: format!("{name}/{}", event.id),
+            publisher: pipeline,
+            last_try: d.attempts + 1 >= self.retry.max_deliveries,
+            extra: serde_json::from_str(&d.vars).unwrap_or_else(|_| json!({})),
+            base_ms: d.due_ms,
+            span,
+            label: &label,
+        };
+        let mut out = Outcome::default();
+        // Whether retrying cannot help (a task that ended without success and no fallback).
+        let mut final_failure = false;
+        let mut timeout = false;
+        match (&d.kind, response) {
+            (Kind::Run, Some(response)) => {
+                self.step(&ctx, response, None, true, &mut out).await;
             }
-            Err((action, e)) => {
-                d.attempts += 1;
-                self.stats.lock().entry(name.clone()).or_default().failed += 1;
-                let broke = e.contains("stream");
-                if d.attempts < self.retry.max_deliveries {
-                    let step = usize::try_from(d.attempts - 1)
-                        .unwrap_or(0)
-                        .min(self.retry.backoff.len().saturating_sub(1));
-                    let wait = self
-                        .retry
-                        .backoff
-                        .get(step)
-                        .copied()
-                        .unwrap_or(Duration::from_secs(1));
-                    d.due_ms = now_ms() + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+            (Kind::Await { task_id }, Some(response)) => match self.tasks.get(task_id).await {
+                Ok(task) if !task.state.is_terminal() => {
+                    d.due_ms = now_ms() + millis(AWAIT_POLL);
                     let _ = self.delays.update(d).await;
-                    (
-                        format!(
-                            "{}: {action} failed (delayed, will retry): {e}",
-                            response.name
-                        ),
-                        (action, "failed"),
-                        broke,
-                    )
-                } else {
-                    let note = if let Some(fallback) = &response.fallback {
-                        self.stats.lock().entry(name.clone()).or_default().fallbacks += 1;
-                        let key = response_key(
-                            &firing_id,
-                            &format!("{}.{}", response.name, fallback.name),
-                        );
-                        let scope = vars.for_rule(name, &firing_id, &fallback.name);
-                        match self
-                            .respond(
-                                name,
-                                &fallback.action,
-                                &scope,
-                                &event,
-                                &key,
-                                &trace,
-                                pipeline,
-                            )
-                            .await
-                        {
-                            Ok((fb, _, detail)) => format!(
-                                "{}: {action} failed: {e}; fallback {}: {fb} ok: {detail}",
-                                response.name, fallback.name
-                            ),
-                            Err((_, fe)) => format!(
-                                "{}: {action} failed: {e}; fallback {} failed: {fe}",
-                                response.name, fallback.name
-                            ),
+                    return false;
+                }
+                Ok(task) if task.state == TaskState::Succeeded => {
+                    let output = output_json(&task.output);
+                    out.notes
+                        .push(format!("{}: task {task_id} succeeded", response.name));
+                    for next in &response.then {
+                        self.step(&ctx, next, Some(output.clone()), false, &mut out)
+                            .await;
+                        if out.failed.is_some() {
+                            break;
                         }
-                    } else {
-                        let dead = bus::Event {
-                            id: format!("{}.dead", d.key),
-                            subject: DEAD_LETTER_SUBJECT.to_owned(),
-                            r#type: "agentmesh.rules.delayed_failed".to_owned(),
-                            source: "agentmesh/rules".to_owned(),
-                            correlation_id: event.id.clone(),
-                            content_type: "application/json".to_owned(),
-                            data: serde_json::json!({"key": d.key, "rule": name, "response": response.name,
-                                "attempts": d.attempts, "error": e, "stimulus": event.id}).to_string().into_bytes(),
-                            ..bus::Event::default()
-                        };
-                        let _ = pipeline.publish(dead).await;
-                        format!(
-                            "{}: {action} failed {} times (delayed): {e}; dead-lettered",
-                            response.name, d.attempts
+                    }
+                }
+                Ok(task) => {
+                    let state = task.state.as_str();
+                    let why = format!("task {task_id} ended {state}");
+                    if let Some(fallback) = &response.fallback {
+                        let output =
+                            json!({"task_id": task_id, "state": state, "error": task.error});
+                        self.fallback(
+                            &ctx,
+                            response,
+                            fallback,
+                            output,
+                            &why,
+                            "submit_task",
+                            &mut out,
                         )
-                    };
-                    let _ = self.delays.remove(&d.key).await;
-                    (note, (action, "failed"), broke)
+                        .instrument(ctx.span.clone())
+                        .await;
+                    } else {
+                        out.notes.push(format!("{}: {why}", response.name));
+                        out.failed = Some(format!("{name}: response {}: {why}", response.name));
+                        final_failure = true;
+                    }
+                }
+                Err(SchedulerError::UnknownTask(_)) => {
+                    out.notes.push(format!(
+                        "{}: task {task_id} is gone: its cascade is dropped",
+                        response.name
+                    ));
+                }
+                Err(e) => {
+                    out.failed = Some(format!("reading task {task_id}: {e}"));
+                }
+            },
+            (Kind::Timeout, _) => {
+                timeout = true;
+                out.notes.push("not followed in time".to_owned());
+                for response in &rule.responses {
+                    self.step(&ctx, response, None, false, &mut out).await;
+                    if out.failed.is_some() {
+                        break;
+                    }
                 }
             }
+            _ => {}
+        }
+        {
+            let mut stats = self.stats.lock();
+            let s = stats.entry(name.clone()).or_default();
+            s.responses += out.ran;
+            if timeout && out.failed.is_none() {
+                s.fired += 1;
+            }
+        }
+        let Some(e) = out.failed.take() else {
+            let _ = self.delays.remove(&d.key).await;
+            self.announce(name, ctx.firing_id.clone(), &event, "fired", &out.notes);
+            return false;
         };
-        if let Some(m) = &self.metrics {
-            m.responses
-                .with_label_values(&[&label, result.0, result.1])
-                .inc();
+        d.attempts += 1;
+        self.stats.lock().entry(name.clone()).or_default().failed += 1;
+        let broke = e.contains("stream");
+        if d.attempts < self.retry.max_deliveries && !final_failure {
+            let step = usize::try_from(d.attempts - 1)
+                .unwrap_or(0)
+                .min(self.retry.backoff.len().saturating_sub(1));
+            let wait = self
+                .retry
+                .backoff
+                .get(step)
+                .copied()
+                .unwrap_or(Duration::from_secs(1));
+            d.due_ms = now_ms() + millis(wait);
+            out.notes.push(format!("will retry: {e}"));
+            let _ = self.delays.update(d).await;
+        } else {
+            let dead = bus::Event {
+                id: format!("{}.dead", d.key),
+                subject: DEAD_LETTER_SUBJECT.to_owned(),
+                r#type: "agentmesh.rules.delayed_failed".to_owned(),
+                source: "agentmesh/rules".to_owned(),
+                correlation_id: event.id.clone(),
+                content_type: "application/json".to_owned(),
+                data: json!({"key": d.key, "rule": name, "response": d.response,
+                    "attempts": d.attempts, "error": e, "stimulus": event.id})
+                .to_string()
+                .into_bytes(),
+                ..bus::Event::default()
+            };
+            let _ = pipeline.publish(dead).await;
+            out.notes
+                .push(format!("failed {} times: {e}; dead-lettered", d.attempts));
+            let _ = self.delays.remove(&d.key).await;
         }
-        if self.firings.receiver_count() > 0 {
-            let _ = self.firings.send(Firing {
-                id: firing_id,
-                rule: name.clone(),
-                event_id: event.id.clone(),
-                subject: event.subject.clone(),
-                at_ms: now_ms(),
-                outcome: if result.1 == "failed" {
-                    "failed"
-                } else {
-                    "fired"
-                },
-                responses: vec![note],
-            });
-        }
+        self.announce(name, ctx.firing_id.clone(), &event, "failed", &out.notes);
         broke
     }
 
-    /// Runs one response; the action's name and whether it was a duplicate (done before).
+    /// Runs one action.
     #[allow(clippy::too_many_arguments)]
     async fn respond(
         &self,
@@ -1045,7 +1414,7 @@ impl Engine {
         key: &str,
         trace: &BTreeMap<String, String>,
         publisher: &Pipeline,
-    ) -> Result<(&'static str, bool, String), (&'static str, String)> {
+    ) -> Result<Done, (&'static str, String)> {
         match action {
             CompiledAction::Publish {
                 subject,
@@ -1077,9 +1446,7 @@ impl Engine {
                 };
                 let mut all_headers: std::collections::HashMap<String, String> =
                     trace.clone().into_iter().collect();
-                for (k, t) in headers {
-                    all_headers.insert(k.clone(), render(t, scope).map_err(fail)?);
-                }
+                all_headers.extend(render_map(headers, scope).map_err(fail)?);
                 all_headers.insert("agentmesh-rule-firing".to_owned(), key.to_owned());
                 let out = bus::Event {
                     id: key.to_owned(),
@@ -1096,12 +1463,14 @@ impl Engine {
                     data,
                     ..bus::Event::default()
                 };
-                let response = publisher.publish(out).await.map_err(|e| ("publish", e))?;
-                Ok((
-                    "publish",
-                    response.duplicate,
-                    format!("event {}", response.id),
-                ))
+                let response = publisher.publish(out).await.map_err(fail)?;
+                Ok(Done {
+                    action: "publish",
+                    duplicate: response.duplicate,
+                    detail: format!("event {}", response.id),
+                    output: json!({"event_id": response.id}),
+                    task: None,
+                })
             }
             CompiledAction::SubmitTask {
                 task_type,
@@ -1116,10 +1485,10 @@ impl Engine {
                     None => Bytes::from(event.data.clone()),
                     Some(t) => Bytes::from(render(t, scope).map_err(fail)?),
                 };
-                let mut rendered = BTreeMap::new();
-                for (k, t) in labels {
-                    rendered.insert(k.clone(), render(t, scope).map_err(fail)?);
-                }
+                let mut rendered: BTreeMap<String, String> = render_map(labels, scope)
+                    .map_err(fail)?
+                    .into_iter()
+                    .collect();
                 rendered.insert("agentmesh.rule".to_owned(), rule.to_owned());
                 let mut spec = TaskSpec {
                     task_type: task_type.clone(),
@@ -1143,8 +1512,14 @@ impl Engine {
                     .tasks
                     .submit(spec)
                     .await
-                    .map_err(|e| ("submit_task", e.to_string()))?;
-                Ok(("submit_task", existing, format!("task {}", task.id)))
+                    .map_err(|e| fail(e.to_string()))?;
+                Ok(Done {
+                    action: "submit_task",
+                    duplicate: existing,
+                    detail: format!("task {}", task.id),
+                    output: json!({"task_id": task.id}),
+                    task: Some(task.id),
+                })
             }
             CompiledAction::Webhook {
                 url,
@@ -1158,10 +1533,11 @@ impl Engine {
                     None => stimulus_json(event),
                     Some(t) => render(t, scope).map_err(fail)?,
                 };
-                let mut rendered: Vec<(String, String)> = Vec::new();
-                for (k, t) in headers {
-                    rendered.push((k.to_ascii_lowercase(), render(t, scope).map_err(fail)?));
-                }
+                let rendered: Vec<(String, String)> = render_map(headers, scope)
+                    .map_err(fail)?
+                    .into_iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                    .collect();
                 let mut all: Vec<(&str, &str)> = vec![
                     ("idempotency-key", key),
                     ("x-agentmesh-rule", rule),
@@ -1177,13 +1553,133 @@ impl Engine {
                 let (code, answer) =
                     agentmesh_runtime::scrape::post(&url, &all, Bytes::from(body), *timeout)
                         .await
-                        .map_err(|e| ("webhook", e.to_string()))?;
+                        .map_err(|e| fail(e.to_string()))?;
                 if !(200..300).contains(&code) {
                     let answer: String = answer.chars().take(200).collect();
-                    return Err(("webhook", format!("{url} answered {code}: {answer}")));
+                    return Err(fail(format!("{url} answered {code}: {answer}")));
                 }
-                Ok(("webhook", false, format!("HTTP {code}")))
+                Ok(Done {
+                    action: "webhook",
+                    duplicate: false,
+                    detail: format!("HTTP {code}"),
+                    output: output_json(answer.as_bytes()),
+                    task: None,
+                })
             }
         }
     }
+}
+
+/// What a response did.
+struct Done {
+    action: &'static str,
+    /// Done before (the bus or the task store knew its idempotency key).
+    duplicate: bool,
+    detail: String,
+    /// What a cascade's next step sees as `output`.
+    output: Json,
+    /// The task it submitted.
+    task: Option<String>,
+}
+
+/// One firing as its responses see it.
+struct Ctx<'a> {
+    rule: &'a CompiledRule,
+    event: &'a bus::Event,
+    vars: &'a Variables,
+    /// `<rule>/<event id>`.
+    firing_id: String,
+    /// The trace context its responses carry.
+    trace: BTreeMap<String, String>,
+    publisher: &'a Pipeline,
+    /// The stimulus's last delivery, or the record's last run: a failing response's fallback
+    /// runs.
+    last_try: bool,
+    /// Extra variables of every template (`correlation`), a JSON object.
+    extra: Json,
+    /// What a delay counts from, milliseconds since the Unix epoch.
+    base_ms: u64,
+    span: tracing::Span,
+    label: &'a str,
+}
+
+impl Ctx<'_> {
+    /// The extra variables plus `output`.
+    fn extra_with(&self, output: Option<&Json>) -> Json {
+        let mut extra = self.extra.clone();
+        if let (Some(output), Some(map)) = (output, extra.as_object_mut()) {
+            map.insert("output".to_owned(), output.clone());
+        }
+        extra
+    }
+}
+
+/// What the responses of one firing did.
+#[derive(Debug, Default)]
+struct Outcome {
+    notes: Vec<String>,
+    /// Responses run.
+    ran: u64,
+    /// Why it failed.
+    failed: Option<String>,
+}
+
+/// The id the done-set keeps for one entry of a rule and one event.
+fn entry_id(rule: &CompiledRule, event_id: &str) -> String {
+    let name = &rule.def.name;
+    match &rule.role {
+        Role::Primary => format!("{name}/{event_id}"),
+        Role::Together => format!("{name}#with/{event_id}"),
+        Role::Follow => format!("{name}#followed/{event_id}"),
+        Role::Cancel(response) => format!("{name}#cancel.{response}/{event_id}"),
+    }
+}
+
+/// The cancelling key of a `not_followed_by` timeout.
+fn follow_key(rule: &str, key: &str) -> String {
+    format!("{rule}/#follow/{key}")
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The extra variables as a record keeps them (empty when there are none).
+fn vars_text(extra: &Json) -> String {
+    match extra.as_object() {
+        Some(map) if !map.is_empty() => extra.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// A task's output or a webhook's answer as `output`: JSON when it is, else text, else null.
+fn output_json(bytes: &[u8]) -> Json {
+    if bytes.is_empty() {
+        return Json::Null;
+    }
+    serde_json::from_slice(bytes).unwrap_or_else(|_| {
+        std::str::from_utf8(bytes).map_or(Json::Null, |t| Json::String(t.to_owned()))
+    })
+}
+
+/// Renders a map of templates.
+fn render_map(
+    templates: &[(String, super::model::Template)],
+    scope: &cel::Context<'_, '_>,
+) -> Result<Vec<(String, String)>, String> {
+    templates
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), render(t, scope)?)))
+        .collect()
+}
+
+/// The trace context a span under `event`'s trace gives its responses (the event's own when
+/// tracing is off).
+fn span_trace(span: &tracing::Span, event: &bus::Event) -> BTreeMap<String, String> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let trace = trace_of(event);
+    let _ = span.set_parent(agentmesh_runtime::propagation::extract_from_map(&trace));
+    let mut map = BTreeMap::new();
+    agentmesh_runtime::propagation::inject_into_map(&span.context(), &mut map);
+    if map.is_empty() { trace } else { map }
 }

@@ -98,6 +98,9 @@ impl Variables {
         let _ = context.add_variable("event", event_value);
         let _ = context.add_variable("headers", Json::Object(headers));
         let _ = context.add_variable("data", data_value(event));
+        // Set in cascade steps and correlated firings; null elsewhere.
+        let _ = context.add_variable("output", Json::Null);
+        let _ = context.add_variable("correlation", Json::Null);
         Self { context }
     }
 
@@ -124,6 +127,43 @@ impl Variables {
             json!({"id": firing_id, "rule": rule, "response": response}),
         );
         scope
+    }
+}
+
+impl Variables {
+    /// A scope for one response: `rule`, `firing`, and the extra variables (`output`,
+    /// `correlation`) of `extra`, a JSON object.
+    #[must_use]
+    pub fn for_step<'a>(
+        &'a self,
+        rule: &str,
+        firing_id: &str,
+        response: &str,
+        extra: &Json,
+    ) -> cel::Context<'a, 'static> {
+        let mut scope = self.for_rule(rule, firing_id, response);
+        if let Some(map) = extra.as_object() {
+            for (k, v) in map {
+                let _ = scope.add_variable(k.as_str(), v.clone());
+            }
+        }
+        scope
+    }
+}
+
+/// A key expression's value as text (strings as they are, the rest as JSON); a null key is
+/// an error (the event has none).
+///
+/// # Errors
+/// When it fails to evaluate or gives null.
+pub fn value_text(
+    program: &Arc<cel::Program>,
+    context: &cel::Context<'_, '_>,
+) -> Result<String, String> {
+    match program.execute(context) {
+        Ok(cel::Value::Null) => Err("gave null".to_owned()),
+        Ok(value) => Ok(text(&value)),
+        Err(e) => Err(e.to_string()),
     }
 }
 

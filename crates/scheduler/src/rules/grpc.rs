@@ -12,7 +12,9 @@ use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status};
 
 use super::engine::Engine;
-use super::model::{Action, ResponseDef, RuleDef, RuleError, Stimulus, compile};
+use super::model::{
+    Action, CancelDef, CorrelationDef, ResponseDef, RuleDef, RuleError, Stimulus, compile,
+};
 use super::store::{RuleStore, Stored};
 
 /// Who may call what (README "Security"): operators manage rules; services read them.
@@ -66,15 +68,24 @@ fn millis(d: Option<&prost_types::Duration>) -> u64 {
     })
 }
 
-fn unimplemented(field: &str) -> RuleError {
-    RuleError::Unimplemented(field.to_owned())
+fn decode_stimulus(s: pb::Stimulus) -> Stimulus {
+    Stimulus {
+        subject: s.subject,
+        types: s.types,
+        headers: s.headers.into_iter().collect::<BTreeMap<_, _>>(),
+    }
 }
 
-/// The proto rule as stored data; fields not built yet are refused naming them.
-fn decode(rule: pb::Rule) -> Result<RuleDef, RuleError> {
-    if rule.correlation.is_some() {
-        return Err(unimplemented("rule.correlation"));
+fn encode_stimulus(s: &Stimulus) -> pb::Stimulus {
+    pb::Stimulus {
+        subject: s.subject.clone(),
+        types: s.types.clone(),
+        headers: s.headers.clone().into_iter().collect(),
     }
+}
+
+/// The proto rule as stored data.
+fn decode(rule: pb::Rule) -> Result<RuleDef, RuleError> {
     let stimulus = rule.stimulus.unwrap_or_default();
     let responses = rule
         .responses
@@ -86,22 +97,22 @@ fn decode(rule: pb::Rule) -> Result<RuleDef, RuleError> {
         name: rule.name,
         description: rule.description,
         disabled: rule.disabled,
-        stimulus: Stimulus {
-            subject: stimulus.subject,
-            types: stimulus.types,
-            headers: stimulus.headers.into_iter().collect::<BTreeMap<_, _>>(),
-        },
+        stimulus: decode_stimulus(stimulus),
         condition: rule.condition,
         responses,
+        correlation: rule.correlation.map(|c| CorrelationDef {
+            key: c.key,
+            window_ms: millis(c.window.as_ref()),
+            count: c.count,
+            together_with: c.together_with.map(decode_stimulus),
+            not_followed_by: c.not_followed_by.map(decode_stimulus),
+        }),
         updated_at_ms: 0,
     })
 }
 
-/// One response (`at` names it), its fallback included.
+/// One response (`at` names it), its cascade and fallback included.
 fn decode_response(at: &str, r: pb::Response) -> Result<ResponseDef, RuleError> {
-    if !r.then.is_empty() {
-        return Err(unimplemented(&format!("{at}.then (cascades)")));
-    }
     let action = match r.action {
         Some(pb::response::Action::Publish(p)) => Action::Publish {
             subject: p.subject,
@@ -137,12 +148,23 @@ fn decode_response(at: &str, r: pb::Response) -> Result<ResponseDef, RuleError> 
         None => None,
         Some(f) => Some(Box::new(decode_response(&format!("{at}.fallback"), *f)?)),
     };
+    let then = r
+        .then
+        .into_iter()
+        .enumerate()
+        .map(|(i, step)| decode_response(&format!("{at}.then[{i}]"), step))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(ResponseDef {
         name: r.name,
         when: r.when,
         action,
         delay_ms: millis(r.delay.as_ref()),
         fallback,
+        then,
+        cancel: r.cancel.map(|c| CancelDef {
+            stimulus: decode_stimulus(c.stimulus.unwrap_or_default()),
+            key: c.key,
+        }),
     })
 }
 
@@ -203,6 +225,11 @@ fn encode_response(r: &ResponseDef) -> pb::Response {
     };
     out.fallback = r.fallback.as_deref().map(|f| Box::new(encode_response(f)));
     out.delay = duration(r.delay_ms);
+    out.then = r.then.iter().map(encode_response).collect();
+    out.cancel = r.cancel.as_ref().map(|c| pb::Cancel {
+        stimulus: Some(encode_stimulus(&c.stimulus)),
+        key: c.key.clone(),
+    });
     out
 }
 
@@ -213,13 +240,15 @@ fn encode(stored: &Stored) -> pb::Rule {
         name: def.name.clone(),
         description: def.description.clone(),
         disabled: def.disabled,
-        stimulus: Some(pb::Stimulus {
-            subject: def.stimulus.subject.clone(),
-            types: def.stimulus.types.clone(),
-            headers: def.stimulus.headers.clone().into_iter().collect(),
-        }),
+        stimulus: Some(encode_stimulus(&def.stimulus)),
         condition: def.condition.clone(),
-        correlation: None,
+        correlation: def.correlation.as_ref().map(|c| pb::Correlation {
+            key: c.key.clone(),
+            window: duration(c.window_ms),
+            count: c.count,
+            together_with: c.together_with.as_ref().map(encode_stimulus),
+            not_followed_by: c.not_followed_by.as_ref().map(encode_stimulus),
+        }),
         responses: def.responses.iter().map(encode_response).collect(),
         version: stored.version,
         updated_at: (def.updated_at_ms > 0).then(|| prost_types::Timestamp {
@@ -380,7 +409,7 @@ impl Rules for RulesGrpc {
         };
         let mut stats = Vec::new();
         for (name, s) in engine.stats(&name) {
-            let delayed_pending = engine.delayed_pending(&name).await.unwrap_or(0);
+            let pending = engine.delayed_pending(&name).await.unwrap_or_default();
             stats.push(pb::RuleStats {
                 name,
                 matched: s.matched,
@@ -389,7 +418,10 @@ impl Rules for RulesGrpc {
                 failed: s.failed,
                 responses: s.responses,
                 fallbacks: s.fallbacks,
-                delayed_pending,
+                delayed_pending: pending.delayed,
+                awaiting: pending.awaiting,
+                correlating: s.correlating,
+                cancelled: s.cancelled,
                 latency_p50: s.latency(0.5).map(to_duration),
                 latency_p99: s.latency(0.99).map(to_duration),
             });
@@ -405,7 +437,9 @@ impl Rules for RulesGrpc {
     ) -> Result<Response<Self::WatchFiringsStream>, Status> {
         let name = request.into_inner().name;
         let Some(engine) = &self.engine else {
-            return Err(status(&unimplemented("WatchFirings without a rule engine")));
+            return Err(status(&RuleError::Unimplemented(
+                "WatchFirings without a rule engine".to_owned(),
+            )));
         };
         let firings = tokio_stream::wrappers::BroadcastStream::new(engine.watch());
         let stream = firings.filter_map(move |item| match item {
@@ -488,29 +522,59 @@ mod tests {
     }
 
     #[test]
-    fn test_what_is_not_built_is_refused_naming_it() {
-        let with = |r: pb::Response| pb::Rule {
+    fn test_correlation_cascades_and_cancels_round_trip() {
+        let stimulus = |subject: &str| pb::Stimulus {
+            subject: subject.into(),
+            ..pb::Stimulus::default()
+        };
+        let publish = |subject: &str| {
+            Some(pb::response::Action::Publish(pb::PublishAction {
+                subject: subject.into(),
+                ..pb::PublishAction::default()
+            }))
+        };
+        let rule = pb::Rule {
             name: "r".into(),
-            stimulus: Some(pb::Stimulus {
-                subject: "a".into(),
-                ..pb::Stimulus::default()
+            stimulus: Some(stimulus("orders.created")),
+            correlation: Some(pb::Correlation {
+                key: "data.id".into(),
+                window: Some(prost_types::Duration {
+                    seconds: 30,
+                    nanos: 0,
+                }),
+                not_followed_by: Some(stimulus("orders.paid")),
+                ..pb::Correlation::default()
             }),
-            responses: vec![r],
+            responses: vec![pb::Response {
+                name: "remind".into(),
+                action: publish("reminders"),
+                delay: Some(prost_types::Duration {
+                    seconds: 5,
+                    nanos: 0,
+                }),
+                cancel: Some(pb::Cancel {
+                    stimulus: Some(stimulus("orders.cancelled")),
+                    key: "data.id".into(),
+                }),
+                then: vec![pb::Response {
+                    name: "after".into(),
+                    action: publish("after"),
+                    ..pb::Response::default()
+                }],
+                ..pb::Response::default()
+            }],
             ..pb::Rule::default()
         };
-        let cases = [(
-            pb::Response {
-                name: "x".into(),
-                then: vec![pb::Response::default()],
-                ..pb::Response::default()
-            },
-            "then",
-        )];
-        for (response, field) in cases {
-            match decode(with(response)) {
-                Err(RuleError::Unimplemented(f)) => assert!(f.contains(field), "{f}"),
-                other => panic!("{field}: {other:?}"),
-            }
-        }
+        let def = decode(rule.clone()).expect("decode");
+        let compiled = compile(def.clone(), 0).expect("compiles");
+        assert_eq!(
+            compiled.entries().len(),
+            3,
+            "itself, not_followed_by, cancel"
+        );
+        assert_eq!(
+            encode(&Stored { def, version: 1 }),
+            pb::Rule { version: 1, ..rule }
+        );
     }
 }

@@ -142,6 +142,7 @@ pub fn covers(general: &str, specific: &str) -> bool {
 /// rule of the group has the same; otherwise the engine filters them.
 #[must_use]
 pub fn plan(rules: Vec<CompiledRule>) -> Vec<(Stimulus, Vec<CompiledRule>)> {
+    let rules: Vec<CompiledRule> = rules.into_iter().flat_map(CompiledRule::entries).collect();
     let mut filters: Vec<String> = rules
         .iter()
         .map(|r| r.def.stimulus.subject.clone())
@@ -209,6 +210,7 @@ mod tests {
                     action: Action::publish_to("out"),
                     delay_ms: 0,
                     fallback: None,
+                    ..ResponseDef::default()
                 }],
                 ..RuleDef::default()
             },

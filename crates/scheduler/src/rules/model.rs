@@ -73,6 +73,9 @@ pub struct RuleDef {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub condition: String,
     pub responses: Vec<ResponseDef>,
+    /// Correlation of several events before firing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation: Option<CorrelationDef>,
     /// When it was stored, milliseconds since the Unix epoch.
     #[serde(default)]
     pub updated_at_ms: u64,
@@ -88,6 +91,31 @@ pub struct Stimulus {
     pub headers: BTreeMap<String, String>,
 }
 
+/// Correlation of several events by a key: exactly one of `count` (≥ 2), `together_with`,
+/// `not_followed_by`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CorrelationDef {
+    /// CEL giving an event's key.
+    pub key: String,
+    /// Milliseconds.
+    pub window_ms: u64,
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub together_with: Option<Stimulus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_followed_by: Option<Stimulus>,
+}
+
+/// Events that cancel a delayed response: those of `stimulus` whose `key` equals the
+/// scheduling stimulus's.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CancelDef {
+    pub stimulus: Stimulus,
+    /// CEL evaluated on both events.
+    pub key: String,
+}
+
 /// One response.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ResponseDef {
@@ -98,9 +126,16 @@ pub struct ResponseDef {
     /// Run this long after the stimulus was accepted, milliseconds; 0 = at once.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub delay_ms: u64,
-    /// Runs when this response still fails on the stimulus's last delivery.
+    /// Runs when this response still fails on the stimulus's last delivery, or its task ends
+    /// unsuccessfully.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<Box<ResponseDef>>,
+    /// Cascade: run after this one completed (its task succeeded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub then: Vec<ResponseDef>,
+    /// With a delay: events that cancel it while it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<CancelDef>,
 }
 
 /// What a response does.
@@ -172,6 +207,91 @@ pub struct CompiledRule {
     pub version: u64,
     pub condition: Option<Arc<cel::Program>>,
     pub responses: Vec<CompiledResponse>,
+    pub correlation: Option<CompiledCorrelation>,
+    /// Which of the rule's stimuli this entry listens to (see [`CompiledRule::entries`]).
+    pub role: Role,
+}
+
+/// Which stimulus of a rule an entry of the index listens to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Role {
+    /// The rule's own stimulus.
+    #[default]
+    Primary,
+    /// The second stimulus of a `together_with` correlation.
+    Together,
+    /// The second stimulus of a `not_followed_by` correlation (it cancels timeouts).
+    Follow,
+    /// The cancelling stimulus of the named delayed response.
+    Cancel(String),
+}
+
+/// A correlation ready to evaluate.
+#[derive(Debug, Clone)]
+pub struct CompiledCorrelation {
+    pub key: Arc<cel::Program>,
+    pub window: Duration,
+    pub mode: CorrelationMode,
+}
+
+/// What a correlation waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CorrelationMode {
+    /// This many stimuli with one key within the window.
+    Count(u32),
+    /// One stimulus and one event of the second stimulus, either order.
+    Together,
+    /// No event of the second stimulus within the window after the stimulus.
+    NotFollowedBy,
+}
+
+impl CompiledRule {
+    /// The index entries of this rule: itself (its stimulus), then one per other stimulus it
+    /// listens to (a correlation's second stimulus, each delayed response's cancelling one),
+    /// each a copy with that stimulus, no condition, and its [`Role`].
+    #[must_use]
+    pub fn entries(self) -> Vec<Self> {
+        let mut extra = Vec::new();
+        let copy = |stimulus: &Stimulus, role: Role| {
+            let mut entry = self.clone();
+            entry.def.stimulus = stimulus.clone();
+            entry.condition = None;
+            entry.role = role;
+            entry
+        };
+        if let Some(c) = &self.def.correlation {
+            if let Some(s) = &c.together_with {
+                extra.push(copy(s, Role::Together));
+            }
+            if let Some(s) = &c.not_followed_by {
+                extra.push(copy(s, Role::Follow));
+            }
+        }
+        let mut stack: Vec<&CompiledResponse> = self.responses.iter().collect();
+        while let Some(r) = stack.pop() {
+            if let Some(c) = &r.cancel {
+                extra.push(copy(&c.stimulus, Role::Cancel(r.name.clone())));
+            }
+            stack.extend(r.then.iter());
+        }
+        let mut all = vec![self];
+        all.extend(extra);
+        all
+    }
+
+    /// The response named `name` anywhere in the rule (cascade steps and fallbacks included).
+    #[must_use]
+    pub fn find(&self, name: &str) -> Option<&CompiledResponse> {
+        let mut stack: Vec<&CompiledResponse> = self.responses.iter().collect();
+        while let Some(r) = stack.pop() {
+            if r.name == name {
+                return Some(r);
+            }
+            stack.extend(r.then.iter());
+            stack.extend(r.fallback.as_deref());
+        }
+        None
+    }
 }
 
 /// A response ready to run.
@@ -183,6 +303,16 @@ pub struct CompiledResponse {
     pub delay: Option<Duration>,
     pub action: CompiledAction,
     pub fallback: Option<Box<CompiledResponse>>,
+    /// Cascade steps.
+    pub then: Vec<CompiledResponse>,
+    pub cancel: Option<CompiledCancel>,
+}
+
+/// A delayed response's cancelling stimulus.
+#[derive(Debug, Clone)]
+pub struct CompiledCancel {
+    pub stimulus: Stimulus,
+    pub key: Arc<cel::Program>,
 }
 
 /// An action with its templates compiled.
@@ -224,6 +354,23 @@ pub const MAX_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_zero32(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Most responses in one rule, cascade steps and fallbacks included.
+pub const MAX_TREE: usize = 64;
+/// Most cascade steps after one response.
+pub const MAX_THEN: usize = 8;
+/// Deepest cascade.
+pub const MAX_DEPTH: usize = 4;
+/// Most events one `count` correlation waits for.
+pub const MAX_COUNT: u32 = 10_000;
 
 /// Default and bound of a webhook call.
 pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -373,13 +520,66 @@ fn map_ok(field: &str, map: &BTreeMap<String, String>, errors: &mut Vec<FieldVio
     }
 }
 
-/// Compiles one response (`at` names it in errors); its fallback too, which may not have a
-/// fallback of its own.
+/// Checks a stimulus (`at` names it in errors).
+fn stimulus_ok(at: &str, stimulus: &Stimulus, errors: &mut Vec<FieldViolation>) {
+    if !filter_ok(&stimulus.subject) {
+        errors.push(FieldViolation::new(
+            format!("{at}.subject"),
+            "a subject filter: dot-separated tokens, `*` a whole token, `>` only last; at most 256 bytes",
+        ));
+    }
+    if stimulus.types.len() > MAX_ENTRIES {
+        errors.push(FieldViolation::new(
+            format!("{at}.types"),
+            format!("at most {MAX_ENTRIES}"),
+        ));
+    }
+    map_ok(&format!("{at}.headers"), &stimulus.headers, errors);
+}
+
+/// A required CEL key expression.
+fn key_program(
+    field: &str,
+    source: &str,
+    errors: &mut Vec<FieldViolation>,
+) -> Option<Arc<cel::Program>> {
+    if source.trim().is_empty() {
+        errors.push(FieldViolation::new(field, "required: a CEL expression"));
+        return None;
+    }
+    program(field, source, errors)
+}
+
+/// Where a response sits while its tree is compiled: every name seen, the depth.
+struct Walk {
+    names: std::collections::BTreeSet<String>,
+    count: usize,
+}
+
+impl Walk {
+    fn name(&mut self, field: &str, name: &str, errors: &mut Vec<FieldViolation>) {
+        self.count += 1;
+        if !name_ok(name, 64, false) {
+            errors.push(FieldViolation::new(field, "1–64 bytes of [A-Za-z0-9_-]"));
+        } else if !self.names.insert(name.to_owned()) {
+            errors.push(FieldViolation::new(
+                field,
+                "repeats another response's name (names are unique in the whole rule)",
+            ));
+        }
+    }
+}
+
+/// Compiles one response (`at` names it in errors) with its cascade steps and fallback (which
+/// may have neither a fallback nor a cascade of its own).
 fn compile_response(
     at: &str,
     r: &ResponseDef,
+    depth: usize,
+    walk: &mut Walk,
     errors: &mut Vec<FieldViolation>,
 ) -> CompiledResponse {
+    walk.name(&format!("{at}.name"), &r.name, errors);
     let when = if r.when.trim().is_empty() {
         None
     } else {
@@ -500,19 +700,65 @@ fn compile_response(
     };
     let fallback = r.fallback.as_ref().map(|f| {
         let field = format!("{at}.fallback");
-        if !name_ok(&f.name, 64, false) {
-            errors.push(FieldViolation::new(
-                format!("{field}.name"),
-                "1–64 bytes of [A-Za-z0-9_-]",
-            ));
-        }
         if f.fallback.is_some() {
             errors.push(FieldViolation::new(
                 format!("{field}.fallback"),
                 "a fallback has no fallback of its own",
             ));
         }
-        Box::new(compile_response(&field, f, errors))
+        if !f.then.is_empty() {
+            errors.push(FieldViolation::new(
+                format!("{field}.then"),
+                "a fallback has no cascade of its own",
+            ));
+        }
+        if f.cancel.is_some() {
+            errors.push(FieldViolation::new(
+                format!("{field}.cancel"),
+                "a fallback runs at once: nothing to cancel",
+            ));
+        }
+        if !f.when.trim().is_empty() {
+            errors.push(FieldViolation::new(
+                format!("{field}.when"),
+                "a fallback has no guard: it runs whenever its response failed",
+            ));
+        }
+        Box::new(compile_response(&field, f, depth, walk, errors))
+    });
+    if r.then.len() > MAX_THEN {
+        errors.push(FieldViolation::new(
+            format!("{at}.then"),
+            format!("at most {MAX_THEN} steps"),
+        ));
+    }
+    if !r.then.is_empty() && depth >= MAX_DEPTH {
+        errors.push(FieldViolation::new(
+            format!("{at}.then"),
+            format!("cascades nest at most {MAX_DEPTH} deep"),
+        ));
+    }
+    let then = r
+        .then
+        .iter()
+        .enumerate()
+        .map(|(i, step)| {
+            compile_response(&format!("{at}.then[{i}]"), step, depth + 1, walk, errors)
+        })
+        .collect();
+    let cancel = r.cancel.as_ref().and_then(|c| {
+        let field = format!("{at}.cancel");
+        if r.delay_ms == 0 {
+            errors.push(FieldViolation::new(
+                &field,
+                "only a delayed response can be cancelled: set delay",
+            ));
+        }
+        stimulus_ok(&format!("{field}.stimulus"), &c.stimulus, errors);
+        Some(CompiledCancel {
+            stimulus: c.stimulus.clone(),
+            key: key_program(&format!("{field}.key"), &c.key, errors)?,
+        })
     });
     if r.delay_ms > MAX_DELAY.as_millis() as u64 {
         errors.push(FieldViolation::new(
@@ -534,6 +780,8 @@ fn compile_response(
         delay: (r.delay_ms > 0).then(|| Duration::from_millis(r.delay_ms)),
         action,
         fallback,
+        then,
+        cancel,
     }
 }
 
@@ -555,19 +803,7 @@ pub fn compile(def: RuleDef, version: u64) -> Result<CompiledRule, RuleError> {
             "at most 1024 bytes",
         ));
     }
-    if !filter_ok(&def.stimulus.subject) {
-        errors.push(FieldViolation::new(
-            "rule.stimulus.subject",
-            "a subject filter: dot-separated tokens, `*` a whole token, `>` only last; at most 256 bytes",
-        ));
-    }
-    if def.stimulus.types.len() > MAX_ENTRIES {
-        errors.push(FieldViolation::new(
-            "rule.stimulus.types",
-            format!("at most {MAX_ENTRIES}"),
-        ));
-    }
-    map_ok("rule.stimulus.headers", &def.stimulus.headers, &mut errors);
+    stimulus_ok("rule.stimulus", &def.stimulus, &mut errors);
     let condition = if def.condition.trim().is_empty() {
         None
     } else {
@@ -579,23 +815,34 @@ pub fn compile(def: RuleDef, version: u64) -> Result<CompiledRule, RuleError> {
             format!("1–{MAX_RESPONSES} responses"),
         ));
     }
-    let mut responses = Vec::new();
-    let mut names = std::collections::BTreeSet::new();
-    for (i, r) in def.responses.iter().enumerate() {
-        let at = format!("rule.responses[{i}]");
-        if !name_ok(&r.name, 64, false) {
-            errors.push(FieldViolation::new(
-                format!("{at}.name"),
-                "1–64 bytes of [A-Za-z0-9_-]",
-            ));
-        } else if !names.insert(r.name.clone()) {
-            errors.push(FieldViolation::new(
-                format!("{at}.name"),
-                "repeats another response's name",
-            ));
-        }
-        responses.push(compile_response(&at, r, &mut errors));
+    let mut walk = Walk {
+        names: std::collections::BTreeSet::new(),
+        count: 0,
+    };
+    let responses: Vec<CompiledResponse> = def
+        .responses
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            compile_response(
+                &format!("rule.responses[{i}]"),
+                r,
+                0,
+                &mut walk,
+                &mut errors,
+            )
+        })
+        .collect();
+    if walk.count > MAX_TREE {
+        errors.push(FieldViolation::new(
+            "rule.responses",
+            format!("at most {MAX_TREE} responses in all (cascade steps and fallbacks included)"),
+        ));
     }
+    let correlation = def
+        .correlation
+        .as_ref()
+        .and_then(|c| compile_correlation(c, &mut errors));
     if !errors.is_empty() {
         return Err(RuleError::Invalid(errors));
     }
@@ -604,6 +851,55 @@ pub fn compile(def: RuleDef, version: u64) -> Result<CompiledRule, RuleError> {
         version,
         condition,
         responses,
+        correlation,
+        role: Role::Primary,
+    })
+}
+
+fn compile_correlation(
+    c: &CorrelationDef,
+    errors: &mut Vec<FieldViolation>,
+) -> Option<CompiledCorrelation> {
+    let at = "rule.correlation";
+    let key = key_program(&format!("{at}.key"), &c.key, errors);
+    if c.window_ms == 0 || c.window_ms > MAX_DELAY.as_millis() as u64 {
+        errors.push(FieldViolation::new(
+            format!("{at}.window"),
+            "required: 1 ms–30 days",
+        ));
+    }
+    let set = usize::from(c.count > 0)
+        + usize::from(c.together_with.is_some())
+        + usize::from(c.not_followed_by.is_some());
+    if set != 1 {
+        errors.push(FieldViolation::new(
+            at,
+            "exactly one of count, together_with and not_followed_by",
+        ));
+    }
+    if c.count == 1 || c.count > MAX_COUNT {
+        errors.push(FieldViolation::new(
+            format!("{at}.count"),
+            format!("2–{MAX_COUNT} (one event needs no correlation)"),
+        ));
+    }
+    if let Some(s) = &c.together_with {
+        stimulus_ok(&format!("{at}.together_with"), s, errors);
+    }
+    if let Some(s) = &c.not_followed_by {
+        stimulus_ok(&format!("{at}.not_followed_by"), s, errors);
+    }
+    let mode = if c.together_with.is_some() {
+        CorrelationMode::Together
+    } else if c.not_followed_by.is_some() {
+        CorrelationMode::NotFollowedBy
+    } else {
+        CorrelationMode::Count(c.count)
+    };
+    Some(CompiledCorrelation {
+        key: key?,
+        window: Duration::from_millis(c.window_ms),
+        mode,
     })
 }
 
@@ -647,6 +943,7 @@ mod tests {
                 },
                 delay_ms: 0,
                 fallback: None,
+                ..ResponseDef::default()
             }],
             ..RuleDef::default()
         }
@@ -699,6 +996,122 @@ mod tests {
             fields(compile(none, 0).expect_err("no responses"))
                 .join("")
                 .contains("rule.responses")
+        );
+    }
+
+    fn step(name: &str) -> ResponseDef {
+        ResponseDef {
+            name: name.into(),
+            action: Action::publish_to("out"),
+            ..ResponseDef::default()
+        }
+    }
+
+    #[test]
+    fn test_cascades_cancels_and_correlations_are_checked() {
+        let mut r = rule();
+        r.responses[0].then = vec![step("next"), step("alert")];
+        r.responses[0].fallback = Some(Box::new(ResponseDef {
+            then: vec![step("x")],
+            when: "true".into(),
+            ..step("fb")
+        }));
+        r.responses[0].cancel = Some(CancelDef {
+            stimulus: Stimulus {
+                subject: "orders.cancelled".into(),
+                ..Stimulus::default()
+            },
+            key: String::new(),
+        });
+        r.correlation = Some(CorrelationDef {
+            key: "data.id".into(),
+            window_ms: 0,
+            count: 1,
+            together_with: None,
+            not_followed_by: None,
+        });
+        let all = fields(compile(r, 0).expect_err("invalid")).join("\n");
+        for needle in [
+            "rule.responses[0].then[1].name: repeats",
+            "rule.responses[0].fallback.then: a fallback has no cascade",
+            "rule.responses[0].fallback.when: a fallback has no guard",
+            "rule.responses[0].cancel: only a delayed response",
+            "rule.responses[0].cancel.key: required",
+            "rule.correlation.window: required",
+            "rule.correlation.count: 2–10000",
+        ] {
+            assert!(all.contains(needle), "{needle} in\n{all}");
+        }
+        // Steps after steps five deep are one level too many.
+        let mut deep = step("d5");
+        for level in (0..5).rev() {
+            deep = ResponseDef {
+                then: vec![deep],
+                ..step(&format!("d{level}"))
+            };
+        }
+        let mut r = rule();
+        r.responses = vec![deep];
+        let all = fields(compile(r, 0).expect_err("too deep")).join("\n");
+        assert!(all.contains("cascades nest at most 4 deep"), "{all}");
+        let mut both = rule();
+        both.correlation = Some(CorrelationDef {
+            key: "data.id".into(),
+            window_ms: 1000,
+            count: 3,
+            together_with: Some(Stimulus {
+                subject: "b".into(),
+                ..Stimulus::default()
+            }),
+            not_followed_by: None,
+        });
+        let all = fields(compile(both, 0).expect_err("two modes")).join("\n");
+        assert!(all.contains("exactly one of"), "{all}");
+    }
+
+    #[test]
+    fn test_a_rule_lists_an_entry_per_stimulus_and_finds_any_response() {
+        let mut r = rule();
+        r.responses[0].delay_ms = 1000;
+        r.responses[0].cancel = Some(CancelDef {
+            stimulus: Stimulus {
+                subject: "orders.*.cancelled".into(),
+                ..Stimulus::default()
+            },
+            key: "data.id".into(),
+        });
+        r.responses[0].then = vec![step("next")];
+        r.responses[0].fallback = Some(Box::new(step("fb")));
+        r.correlation = Some(CorrelationDef {
+            key: "data.id".into(),
+            window_ms: 1000,
+            together_with: Some(Stimulus {
+                subject: "payments.>".into(),
+                ..Stimulus::default()
+            }),
+            ..CorrelationDef::default()
+        });
+        let compiled = compile(r, 1).expect("compiles");
+        assert!(compiled.find("next").is_some() && compiled.find("fb").is_some());
+        assert!(compiled.find("nothing").is_none());
+        let entries = compiled.entries();
+        let roles: Vec<(&str, &Role, bool)> = entries
+            .iter()
+            .map(|e| {
+                (
+                    e.def.stimulus.subject.as_str(),
+                    &e.role,
+                    e.condition.is_some(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                ("orders.*.created", &Role::Primary, true),
+                ("payments.>", &Role::Together, false),
+                ("orders.*.cancelled", &Role::Cancel("alert".into()), false),
+            ]
         );
     }
 

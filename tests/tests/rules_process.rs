@@ -1,5 +1,5 @@
 //! Reactive rules with real processes: rules stored and validated (bad CEL named with its
-//! position, unbuilt features UNIMPLEMENTED), conditions and guards deciding, templated publish
+//! position, a bad correlation named), conditions and guards deciding, templated publish
 //! and submit-task responses, statistics, disable/enable/delete; and exactly once across a
 //! scheduler leader killed with `kill -9` under a stream of stimuli on a durable subject.
 
@@ -231,13 +231,15 @@ async fn test_rules_are_validated_stored_and_fire_their_responses() -> anyhow::R
             ..pb::PutRuleRequest::default()
         })
         .await
-        .expect_err("correlation is not built");
-    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
-    assert!(
-        err.message().contains("rule.correlation"),
-        "{}",
-        err.message()
-    );
+        .expect_err("a correlation without a window or a mode");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    for needle in ["rule.correlation.window", "exactly one of count"] {
+        assert!(
+            err.message().contains(needle),
+            "{needle} in {}",
+            err.message()
+        );
+    }
     let mut firings = r
         .watch_firings(pb::WatchFiringsRequest {
             name: "big-orders".into(),

@@ -1307,7 +1307,7 @@ impl Engine {
                     }
                 }
                 Ok(task) => {
-                    let state = task.state.as_str();
+                    let state = task.state.as_str().to_ascii_uppercase();
                     let why = format!("task {task_id} ended {state}");
                     if let Some(fallback) = &response.fallback {
                         let output =

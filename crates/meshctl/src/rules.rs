@@ -48,7 +48,8 @@ pub(crate) enum RulesCommand {
     /// One rule, every field (JSON).
     Get(NameArgs),
     /// Store the rules of a TOML file (creating or replacing by name); `--dry-run` validates
-    /// them and shows what would change without storing anything.
+    /// them and shows what would change (create, update with a line diff, unchanged) without
+    /// storing anything.
     Apply(ApplyArgs),
     /// Delete a rule.
     Delete(NameArgs),
@@ -621,6 +622,37 @@ pub(crate) async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The lines of `new` that differ from `old`, as `-`/`+` lines (a longest common subsequence:
+/// rules are small), unchanged lines left out.
+fn line_diff(old: &str, new: &str) -> Vec<String> {
+    let (a, b): (Vec<&str>, Vec<&str>) = (old.lines().collect(), new.lines().collect());
+    // lcs[i][j]: the common subsequence length of a[i..] and b[j..].
+    let mut lcs = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            i += 1;
+            j += 1;
+        } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            out.push(format!("+{}", b[j]));
+            j += 1;
+        } else {
+            out.push(format!("-{}", a[i]));
+            i += 1;
+        }
+    }
+    out
+}
+
 /// Validates every rule of the file on the server (a dry run each), shows the changes, then
 /// stores the changed ones unless `--dry-run`.
 async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
@@ -633,6 +665,7 @@ async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     }
     let mut client = args.common.client().await?;
     let mut plan = Vec::new();
+    let mut diffs = Vec::new();
     for rule in file.rule {
         let rule = rule.into_proto()?;
         let name = rule.name.clone();
@@ -657,6 +690,14 @@ async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
             Some(c) if rule_json(c, false) == rule_json(&rule, false) => "unchanged",
             Some(_) => "update",
         };
+        let diff = match &current {
+            Some(c) if change == "update" => line_diff(
+                &serde_json::to_string_pretty(&rule_json(c, false))?,
+                &serde_json::to_string_pretty(&rule_json(&rule, false))?,
+            ),
+            _ => Vec::new(),
+        };
+        diffs.push((name.clone(), diff));
         plan.push((name, change, rule, current.map_or(0, |c| c.version)));
     }
     let mut rows = Vec::new();
@@ -688,7 +729,8 @@ async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     if args.common.output == Output::Json {
         let all: Vec<_> = rows
             .iter()
-            .map(|r| json!({"rule": r[0], "change": r[1], "version": r[3]}))
+            .zip(&diffs)
+            .map(|(r, (_, diff))| json!({"rule": r[0], "change": r[1], "version": r[3], "diff": diff}))
             .collect();
         println!(
             "{}",
@@ -696,6 +738,12 @@ async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         print_table(&["RULE", "CHANGE", "RESPONSES", "VERSION"], &rows);
+        for (name, diff) in diffs.iter().filter(|(_, d)| !d.is_empty()) {
+            println!("--- {name} (stored)\n+++ {name} (file)");
+            for line in diff {
+                println!("{line}");
+            }
+        }
         if args.dry_run {
             println!("dry run: nothing stored");
         }

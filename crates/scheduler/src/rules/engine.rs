@@ -10,6 +10,14 @@
 //! response that failed) fires again, and the idempotency keys make every response happen
 //! once. A response that keeps failing is retried with back-off (1 s, 5 s, 30 s) and after
 //! five deliveries the bus dead-letters the stimulus on `sys.rules.deadletter`.
+//!
+//! A rule is indexed once per stimulus it listens to ([`CompiledRule::entries`]): its own, a
+//! correlation's second one, each delayed response's cancelling one. Correlated events go
+//! through the store's `correlate` (one atomic step per event); delayed responses, cascades
+//! waiting for a task and `not_followed_by` timeouts are records in the [`DelayStore`], run by
+//! [`Engine::run_delayed`] on whichever scheduler leads when they come due. [`Engine::step`]
+//! runs one response — or records it when delayed — then its cascade, and its fallback on the
+//! last try; immediate and delayed responses share it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;

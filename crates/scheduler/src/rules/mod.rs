@@ -11,8 +11,9 @@
 //! loses (on durable subjects) nor repeats a response. [`grpc`] serves
 //! `agentmesh.rules.v1.Rules`.
 //!
-//! Not built yet (refused with UNIMPLEMENTED): correlation, cascades. Delayed responses wait in
-//! [`delayed`] (Redis) until the leader runs them.
+//! Durable state — delayed responses, cascades waiting for their task, `not_followed_by`
+//! timeouts, what a cancelling event cancels, correlation windows — lives in [`delayed`]
+//! (Redis, or memory without it).
 
 pub mod delayed;
 pub mod engine;

@@ -6,8 +6,11 @@
 # submitted and completed, then the agent running a second task is killed with `kill -9` and
 # the task is retried and completed on the other; cache: a miss, a write, a hit from L1, a
 # refused compare-and-set, a stampede of 300 callers computed once, a semantic hit for a
-# paraphrase and a refused negation; rules: a rule file applied, an order publishes an alert
-# and submits a review task; health: `meshctl status`, a maintenance window on the
+# paraphrase and a refused negation; rules: the example rule file applied, then one rule of
+# each kind firing — an order publishes an alert (immediate, conditional) and submits a review
+# task whose output a cascade step publishes, three failed logins lock an account (N within a
+# window), a paid and shipped order completes (A together with B), an abandoned cart is nudged
+# (A not followed by B), a cancelled order's delayed reminder is cancelled; health: `meshctl status`, a maintenance window on the
 # cache, the history of transitions, `/health` and the status page's URL), prints the counters from `/metrics`, then
 # keeps the cluster running until Ctrl-C. `scripts/dev.sh --demo` stops after the demonstration.
 set -euo pipefail
@@ -169,15 +172,63 @@ for n in $(seq 1 50); do
   "$bin/meshctl" rules stats big-orders -o json | grep -q '"matched": *[1-9]' && break
   sleep 0.1
 done
+# The other rules' stimuli (logins, carts) have their own subscriptions: wait for them too.
+for _ in $(seq 1 50); do
+  subs=$("$bin/meshctl" events subscriptions 2>/dev/null || true)
+  grep -q 'logins.failed' <<<"$subs" && grep -q 'carts.checkout' <<<"$subs" && break
+  sleep 0.1
+done
+notify=$(mktemp)
+"$bin/meshctl" events subscribe 'notify.>' --count 4 >"$notify" 2>&1 &
+nsub=$!
+await_subscribed "$notify"
 echo "\$ meshctl events publish orders.created '{\"id\": \"o-42\", \"amount\": 9000}' --type order.created"
 "$bin/meshctl" events publish orders.created '{"id": "o-42", "amount": 9000}' --type order.created
 wait "$sub" 2>/dev/null || true
 echo "# the rule fired: an alert on alerts.orders ..."
 grep -v '^subscribed' "$alerts" || true
 rm -f "$alerts"
-echo "# ... and a review task for the example agents:"
+echo "# ... and a review task for the example agents (its output goes to notify.reviewed once it succeeded):"
 sleep 0.5
 "$bin/meshctl" tasks list --type echo --limit 1
+echo "\$ meshctl events publish orders.cancelled '{\"id\": \"o-42\"}'   # cancels o-42's 10-minute reminder"
+"$bin/meshctl" events publish orders.cancelled '{"id": "o-42"}' >/dev/null
+echo "\$ meshctl events publish logins.failed '{\"user\": \"ada\"}'   # three times: a lockout"
+for _ in 1 2 3; do "$bin/meshctl" events publish logins.failed '{"user": "ada"}' >/dev/null; done
+echo "\$ meshctl events publish orders.shipped / orders.paid '{\"id\": \"o-7\"}'   # both: complete"
+"$bin/meshctl" events publish orders.shipped '{"id": "o-7"}' >/dev/null
+"$bin/meshctl" events publish orders.paid '{"id": "o-7"}' >/dev/null
+# The example's abandoned-cart window is 30 minutes; the demo applies a 2-second copy, and
+# probes until the leader evaluates it.
+cat >"$scratch/cart-demo.toml" <<'TOML'
+[[rule]]
+name = "abandoned-cart-demo"
+[rule.stimulus]
+subject = "carts.opened"
+[rule.correlation]
+key = "data.cart"
+window = "2s"
+not_followed_by = { subject = "carts.checkout" }
+[[rule.response]]
+name = "nudge"
+[rule.response.publish]
+subject = "notify.abandoned"
+data = '{"cart": "${data.cart}"}'
+TOML
+"$bin/meshctl" rules apply "$scratch/cart-demo.toml" >/dev/null
+for _ in $(seq 1 50); do
+  "$bin/meshctl" events publish carts.checkout '{"cart": "probe"}' >/dev/null
+  "$bin/meshctl" rules stats abandoned-cart-demo -o json | grep -q '"matched": *[1-9]' && break
+  sleep 0.1
+done
+echo "\$ meshctl events publish carts.opened '{\"cart\": \"c-1\"}' / '{\"cart\": \"c-2\"}'; carts.checkout c-1   # c-2 is abandoned"
+"$bin/meshctl" events publish carts.opened '{"cart": "c-1"}' >/dev/null
+"$bin/meshctl" events publish carts.opened '{"cart": "c-2"}' >/dev/null
+"$bin/meshctl" events publish carts.checkout '{"cart": "c-1"}' >/dev/null
+timeout 15 tail --pid "$nsub" -f /dev/null 2>/dev/null || kill "$nsub" 2>/dev/null || true
+echo "# what the rules published on notify.> (reviewed: a cascade; lockout: 3 in a window; complete: together; abandoned: not followed; the copy and the example's 30-minute rule both wait, only the copy fires here):"
+grep -v '^subscribed' "$notify" || true
+rm -f "$notify"
 echo "\$ meshctl rules stats"
 "$bin/meshctl" rules stats
 echo

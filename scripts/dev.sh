@@ -10,7 +10,8 @@
 # each kind firing — an order publishes an alert (immediate, conditional) and submits a review
 # task whose output a cascade step publishes, three failed logins lock an account (N within a
 # window), a paid and shipped order completes (A together with B), an abandoned cart is nudged
-# (A not followed by B), a cancelled order's delayed reminder is cancelled; health: `meshctl status`, a maintenance window on the
+# (A not followed by B), a delayed reminder arrives and a cancelled order's is cancelled, a
+# task that fails runs its fallback; a Python agent (sdk/python) takes a task; health: `meshctl status`, a maintenance window on the
 # cache, the history of transitions, `/health` and the status page's URL), prints the counters from `/metrics`, then
 # keeps the cluster running until Ctrl-C. `scripts/dev.sh --demo` stops after the demonstration.
 set -euo pipefail
@@ -179,7 +180,7 @@ for _ in $(seq 1 50); do
   sleep 0.1
 done
 notify=$(mktemp)
-"$bin/meshctl" events subscribe 'notify.>' --count 4 >"$notify" 2>&1 &
+"$bin/meshctl" events subscribe 'notify.>' --count 6 >"$notify" 2>&1 &
 nsub=$!
 await_subscribed "$notify"
 echo "\$ meshctl events publish orders.created '{\"id\": \"o-42\", \"amount\": 9000}' --type order.created"
@@ -198,9 +199,37 @@ for _ in 1 2 3; do "$bin/meshctl" events publish logins.failed '{"user": "ada"}'
 echo "\$ meshctl events publish orders.shipped / orders.paid '{\"id\": \"o-7\"}'   # both: complete"
 "$bin/meshctl" events publish orders.shipped '{"id": "o-7"}' >/dev/null
 "$bin/meshctl" events publish orders.paid '{"id": "o-7"}' >/dev/null
-# The example's abandoned-cart window is 30 minutes; the demo applies a 2-second copy, and
-# probes until the leader evaluates it.
+# The example's abandoned-cart window is 30 minutes and its reminder 10: the demo applies a
+# 2-second copy of each, and a task that fails with a fallback; it probes until the leader
+# evaluates them.
 cat >"$scratch/cart-demo.toml" <<'TOML'
+[[rule]]
+name = "reminder-demo"
+[rule.stimulus]
+subject = "demo.signup"
+[[rule.response]]
+name = "remind"
+delay = "2s"
+[rule.response.publish]
+subject = "notify.reminder"
+data = '{"user": "${data.user}"}'
+
+[[rule]]
+name = "fallback-demo"
+[rule.stimulus]
+subject = "demo.jobs"
+[[rule.response]]
+name = "run"
+[rule.response.submit_task]
+type = "fail"
+payload = "no such input"
+max_attempts = 1
+[rule.response.fallback]
+name = "escalate"
+[rule.response.fallback.publish]
+subject = "notify.escalated"
+data = '{"job": "${data.job}", "task": "${output.task_id}", "state": "${output.state}"}'
+
 [[rule]]
 name = "abandoned-cart-demo"
 [rule.stimulus]
@@ -218,19 +247,38 @@ TOML
 "$bin/meshctl" rules apply "$scratch/cart-demo.toml" >/dev/null
 for _ in $(seq 1 50); do
   "$bin/meshctl" events publish carts.checkout '{"cart": "probe"}' >/dev/null
-  "$bin/meshctl" rules stats abandoned-cart-demo -o json | grep -q '"matched": *[1-9]' && break
+  "$bin/meshctl" rules stats abandoned-cart-demo -o json | grep -q '"matched": *[1-9]' &&
+    "$bin/meshctl" events subscriptions 2>/dev/null | grep -q 'demo.jobs' && break
   sleep 0.1
 done
+echo "\$ meshctl events publish demo.signup '{\"user\": \"grace\"}'   # a reminder 2 s later"
+"$bin/meshctl" events publish demo.signup '{"user": "grace"}' >/dev/null
+echo "\$ meshctl events publish demo.jobs '{\"job\": \"j-9\"}'   # its task fails: the fallback escalates"
+"$bin/meshctl" events publish demo.jobs '{"job": "j-9"}' >/dev/null
 echo "\$ meshctl events publish carts.opened '{\"cart\": \"c-1\"}' / '{\"cart\": \"c-2\"}'; carts.checkout c-1   # c-2 is abandoned"
 "$bin/meshctl" events publish carts.opened '{"cart": "c-1"}' >/dev/null
 "$bin/meshctl" events publish carts.opened '{"cart": "c-2"}' >/dev/null
 "$bin/meshctl" events publish carts.checkout '{"cart": "c-1"}' >/dev/null
 timeout 15 tail --pid "$nsub" -f /dev/null 2>/dev/null || kill "$nsub" 2>/dev/null || true
-echo "# what the rules published on notify.> (reviewed: a cascade; lockout: 3 in a window; complete: together; abandoned: not followed; the copy and the example's 30-minute rule both wait, only the copy fires here):"
+echo "# what the rules published on notify.> (reviewed: a cascade; lockout: 3 in a window; complete: together; abandoned: not followed; reminder: delayed; escalated: a fallback after a FAILED task):"
 grep -v '^subscribed' "$notify" || true
 rm -f "$notify"
 echo "\$ meshctl rules stats"
 "$bin/meshctl" rules stats
+echo
+# A Python agent (sdk/python) in a virtualenv kept under ~/.cache (skipped, saying why, where
+# the Python package index cannot be reached).
+pyvenv="$HOME/.cache/agentmesh/pyvenv-dev"
+if { [ -x "$pyvenv/bin/python" ] || python3 -m venv "$pyvenv" >/dev/null 2>&1; } &&
+  "$pyvenv/bin/pip" install --quiet --disable-pip-version-check ./sdk/python >/dev/null 2>&1; then
+  echo "\$ python sdk/python/examples/agent.py --id py-1 &   # an agent written in Python"
+  "$pyvenv/bin/python" sdk/python/examples/agent.py --id py-1 >"$scratch/py-agent.log" 2>&1 &
+  for _ in $(seq 1 100); do grep -q '^ready' "$scratch/py-agent.log" && break; sleep 0.1; done
+  echo "\$ meshctl tasks submit py.upper --payload 'hello from python' --wait"
+  "$bin/meshctl" tasks submit py.upper --payload 'hello from python' --wait
+else
+  echo "# (the Python agent is skipped: sdk/python could not be installed into $pyvenv)"
+fi
 echo
 echo "\$ meshctl cache get answers 'capital of France'   # a miss"
 "$bin/meshctl" cache get answers 'capital of France' || true

@@ -1,0 +1,169 @@
+"""The cache coordinator client: get/set/delete with versions and compare-and-set,
+``get_or_compute`` with the lease protocol (one computation per missing key, fleet-wide), and
+the semantic cache for LLM prompts. Generated messages: :mod:`agentmesh.cache.v1.cache_pb2`.
+
+    async with Cache("http://127.0.0.1:7103") as cache:
+        value = await cache.get_or_compute("answers", "capital:fr", compute, ttl=600)
+        hit = await cache.semantic_get("llm", "Which city is France's capital?", model="m")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from google.protobuf import duration_pb2
+
+from .._base import Client
+from .v1 import cache_pb2 as pb
+from .v1 import cache_pb2_grpc as pb_grpc
+
+__all__ = ["Cache", "pb"]
+
+#: Default address of the cache coordinator.
+DEFAULT_ADDRESS = "http://127.0.0.1:7103"
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromTimedelta(datetime.timedelta(seconds=seconds))
+    return d
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+class Cache(Client):
+    """Client of ``agentmesh.cache.v1.CacheCoordinator`` (any instance)."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, **options: Any) -> None:
+        super().__init__(address, **options)
+        self.stub = pb_grpc.CacheCoordinatorStub(self.channel)
+
+    async def get(self, namespace: str, key: str) -> pb.GetResponse:
+        """The entry (``found`` false on a miss) with its ``version`` and the tier that answered."""
+        response: pb.GetResponse = await self.call(
+            self.stub.Get, pb.GetRequest(namespace=namespace, key=key), retry=True
+        )
+        return response
+
+    async def set(
+        self,
+        namespace: str,
+        key: str,
+        value: bytes | str,
+        *,
+        ttl: float | None = None,
+        if_version: int | None = None,
+        tags: Iterable[str] = (),
+    ) -> int:
+        """Stores a value (``ttl`` seconds); with ``if_version`` only when the stored version is
+        that one (0: only when absent) — else ``FailedPrecondition``. The new version."""
+        request = pb.SetRequest(namespace=namespace, key=key, value=as_bytes(value), tags=tags)
+        if ttl is not None:
+            request.ttl.CopyFrom(duration(ttl))
+        if if_version is not None:
+            request.if_version = if_version
+        response: pb.SetResponse = await self.call(
+            self.stub.Set, request, retry=if_version is not None
+        )
+        return response.version
+
+    async def delete(self, namespace: str, key: str) -> None:
+        await self.call(
+            self.stub.Delete, pb.DeleteRequest(namespace=namespace, key=key), retry=True
+        )
+
+    async def get_or_compute(
+        self,
+        namespace: str,
+        key: str,
+        compute: Callable[[], Awaitable[bytes | str]],
+        *,
+        ttl: float | None = None,
+        lease_ttl: float = 30.0,
+        wait: float = 10.0,
+    ) -> bytes:
+        """The cached value, or ``compute()``'s — computed by one caller fleet-wide: the one
+        granted the lease computes and fills it, the others wait for it (up to ``wait``
+        seconds each round). A ``compute`` that raises abandons the lease (another caller may
+        take it) and the error propagates."""
+        while True:
+            answer: pb.GetOrLeaseResponse = await self.call(
+                self.stub.GetOrLease,
+                pb.GetOrLeaseRequest(
+                    namespace=namespace,
+                    key=key,
+                    lease_ttl=duration(lease_ttl),
+                    wait=duration(wait),
+                ),
+                timeout=wait + self.timeout,
+            )
+            if answer.outcome == pb.GetOrLeaseResponse.OUTCOME_HIT:
+                return answer.value.value
+            if answer.outcome == pb.GetOrLeaseResponse.OUTCOME_LEASE:
+                token = answer.lease.token
+                try:
+                    value = as_bytes(await compute())
+                except BaseException:
+                    await self.call(
+                        self.stub.AbandonLease,
+                        pb.AbandonLeaseRequest(namespace=namespace, key=key, token=token),
+                        retry=True,
+                    )
+                    raise
+                fill = pb.FillLeaseRequest(namespace=namespace, key=key, token=token, value=value)
+                if ttl is not None:
+                    fill.ttl.CopyFrom(duration(ttl))
+                await self.call(self.stub.FillLease, fill, retry=True)
+                return value
+            # PENDING (another caller computes) or NEGATIVE: ask again shortly.
+            await asyncio.sleep(0.05)
+
+    async def semantic_get(
+        self,
+        namespace: str,
+        prompt: str,
+        *,
+        model: str = "",
+        parameters: str = "",
+        threshold: float | None = None,
+    ) -> pb.SemanticGetResponse:
+        """A cached answer to a prompt meaning the same (``found``, ``similarity``,
+        ``matched_prompt``), within one model and its parameters."""
+        request = pb.SemanticGetRequest(
+            namespace=namespace,
+            prompt=prompt,
+            partition=pb.Partition(model=model, parameters=parameters),
+        )
+        if threshold is not None:
+            request.threshold = threshold
+        response: pb.SemanticGetResponse = await self.call(
+            self.stub.SemanticGet, request, retry=True
+        )
+        return response
+
+    async def semantic_put(
+        self,
+        namespace: str,
+        prompt: str,
+        answer: bytes | str,
+        *,
+        model: str = "",
+        parameters: str = "",
+        ttl: float | None = None,
+    ) -> int:
+        """Stores an answer to a prompt; its version."""
+        request = pb.SemanticPutRequest(
+            namespace=namespace,
+            prompt=prompt,
+            answer=as_bytes(answer),
+            partition=pb.Partition(model=model, parameters=parameters),
+        )
+        if ttl is not None:
+            request.ttl.CopyFrom(duration(ttl))
+        response: pb.SemanticPutResponse = await self.call(self.stub.SemanticPut, request)
+        return response.version

@@ -43,17 +43,28 @@ class Cluster:
     grpc: dict[str, str]
     process: subprocess.Popen[bytes]
     log: Path
+    ports: list[int]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.unlink(missing_ok=True)
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
 
 
-def start_dev() -> Cluster:
+def start_dev(ports: list[int] | None = None) -> Cluster:
+    """`agentmesh dev` on free ports (or on `ports`, two per service, to restart one)."""
     listing = subprocess.run(
         [binary("agentmesh"), "services"], check=True, capture_output=True, text=True
     ).stdout
     services = [line.split() for line in listing.splitlines() if line.strip()]
-    ports = free_ports(2 * len(services))
+    ports = ports or free_ports(2 * len(services))
     args, grpc = [binary("agentmesh"), "dev"], {}
     for i, (name, _, _, listen, admin_listen) in enumerate(services):
         grpc_port, admin_port = ports[2 * i], ports[2 * i + 1]
@@ -62,7 +73,7 @@ def start_dev() -> Cluster:
     log = Path(tempfile.mkstemp(prefix="agentmesh-dev-", suffix=".log")[1])
     with log.open("wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    cluster = Cluster(grpc, process, log)
+    cluster = Cluster(grpc, process, log, ports)
     deadline = time.monotonic() + 20
     for address in grpc.values():
         port = int(address.rsplit(":", 1)[1])
@@ -85,9 +96,4 @@ def cluster() -> Iterator[Cluster]:
     try:
         yield c
     finally:
-        c.process.terminate()
-        try:
-            c.process.wait(15)
-        except subprocess.TimeoutExpired:
-            c.process.kill()
-        c.log.unlink(missing_ok=True)
+        c.stop()

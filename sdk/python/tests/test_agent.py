@@ -165,3 +165,80 @@ def test_sigterm_drains_the_agent_and_its_running_task_finishes(cluster: Cluster
     finally:
         agent.kill()
         agent.wait()
+
+
+def test_an_agent_reconnects_to_a_restarted_scheduler_and_keeps_working() -> None:
+    from conftest import start_dev
+
+    first = start_dev()
+    second = None
+    try:
+
+        async def run() -> None:
+            nonlocal second
+            agent = Agent(
+                id="py-reconnects",
+                type="python",
+                scheduler=first.grpc["scheduler"],
+                reconnect_max=1.0,
+            )
+
+            @agent.task("py.upper")
+            def upper(task: Task) -> str:
+                return task.text().upper()
+
+            runner = asyncio.create_task(agent.run(handle_signals=False))
+            await agent.wait_ready(10)
+            # The scheduler goes away and comes back (empty: `agentmesh dev` keeps nothing).
+            first.process.kill()
+            first.process.wait()
+            await wait_for(
+                lambda: asyncio.sleep(0, result=agent.status == "connecting"), "the agent to notice"
+            )
+            second = start_dev(first.ports)
+            await agent.wait_ready(15)
+            async with Scheduler(second.grpc["scheduler"]) as s:
+                task = await s.submit("py.upper", "again")
+                done = await s.wait(task.task_id, timeout=15)
+                assert done.state == pb.TASK_STATE_SUCCEEDED, done
+                assert done.output == b"AGAIN"
+                assert done.agent_id == "py-reconnects"
+            agent.stop()
+            await asyncio.wait_for(runner, 15)
+
+        asyncio.run(run())
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_the_callers_trace_reaches_the_task_and_its_handler(cluster: Cluster) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    trace.set_tracer_provider(TracerProvider())
+    tracer = trace.get_tracer("agentmesh-tests")
+
+    async def run() -> None:
+        agent = Agent(id="py-traced", type="python", scheduler=cluster.grpc["scheduler"])
+        seen: list[str] = []
+
+        @agent.task("py.traced")
+        async def traced(task: Task) -> None:
+            seen.append(format(trace.get_current_span().get_span_context().trace_id, "032x"))
+
+        runner = asyncio.create_task(agent.run(handle_signals=False))
+        await agent.wait_ready(10)
+        async with Scheduler(cluster.grpc["scheduler"]) as s:
+            with tracer.start_as_current_span("caller") as span:
+                trace_id = format(span.get_span_context().trace_id, "032x")
+                task = await s.submit("py.traced")
+            done = await s.wait(task.task_id, timeout=15)
+            assert done.state == pb.TASK_STATE_SUCCEEDED, done
+            assert trace_id in done.trace_context["traceparent"], dict(done.trace_context)
+        assert seen == [trace_id], "the handler ran in the caller's trace"
+        agent.stop()
+        await asyncio.wait_for(runner, 15)
+
+    asyncio.run(run())

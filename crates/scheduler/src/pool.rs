@@ -701,6 +701,11 @@ impl Pool {
             });
         }
         entry.stream = Some((generation, tx));
+        // Report sequences count per stream: a reconnected agent starts again from 1 (the load
+        // it reported last stays readable).
+        if let Some(last) = entry.last_report.as_mut() {
+            last.sequence = 0;
+        }
         entry.detector.heartbeat(now);
         entry.last_seen_wall_ms = wall;
         if matches!(
@@ -1301,6 +1306,25 @@ mod tests {
         assert!(matches!(
             pool.register(spec("a", 1), first.epoch),
             Err(SchedulerError::StaleEpoch { .. })
+        ));
+    }
+
+    #[test]
+    fn test_a_reconnected_agent_reports_from_sequence_one_again() {
+        let (pool, _) = pool();
+        let r = pool.register(spec("a", 1), 0).unwrap();
+        let (first, _rx) = pool.attach("a", r.epoch).unwrap();
+        pool.report("a", r.epoch, first, report(500)).unwrap();
+        pool.stream_ended("a", r.epoch, first);
+        // The same registration, a new stream: its reports count from 1 (before, they were
+        // taken for old ones until they passed 500, and the agent was declared dead by
+        // silence meanwhile).
+        assert_eq!(pool.register(spec("a", 1), r.epoch).unwrap().epoch, r.epoch);
+        let (second, mut rx) = pool.attach("a", r.epoch).unwrap();
+        pool.report("a", r.epoch, second, report(1)).unwrap();
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(StreamMessage::Ack { sequence: 1, .. })
         ));
     }
 

@@ -89,6 +89,19 @@ fn accepted_ms(event: &bus::Event) -> u64 {
         .unwrap_or_else(now_ms)
 }
 
+/// Time since the bus accepted `event` (to the nanosecond; zero when it has no time).
+fn since_accepted(event: &bus::Event) -> Duration {
+    event
+        .time
+        .as_ref()
+        .and_then(|t| {
+            let at = UNIX_EPOCH
+                + Duration::new(u64::try_from(t.seconds).ok()?, u32::try_from(t.nanos).ok()?);
+            SystemTime::now().duration_since(at).ok()
+        })
+        .unwrap_or_default()
+}
+
 /// The W3C trace context in an event's headers.
 fn trace_of(event: &bus::Event) -> BTreeMap<String, String> {
     event
@@ -160,7 +173,7 @@ impl RuleMetrics {
         let stimuli = IntCounterVec::new(
             prometheus::Opts::new(
                 "rules_stimuli_total",
-                "Stimuli delivered to each rule, by outcome (fired, skipped: condition false, failed: condition or response failed).",
+                "Stimuli delivered to each rule, by outcome (fired, skipped: condition false, failed: condition or response failed, correlating: taken into a correlation that has not fired, cancelled: cancelled a rule's pending delayed responses or timeouts).",
             ),
             &["rule", "outcome"],
         )?;
@@ -639,21 +652,14 @@ impl Engine {
                         .await
                 }
             };
-            if outcome == "failed" {
-                failure = Some(
-                    out.failed
-                        .take()
-                        .unwrap_or_else(|| format!("{name}: {}", out.notes.join("; "))),
-                );
-            } else {
+            // A condition that fails to evaluate fails the same way on a redelivery: only a
+            // failed response has the stimulus delivered again.
+            if let Some(e) = out.failed.take() {
+                failure = Some(e);
+            } else if outcome != "failed" {
                 self.done.lock().insert(entry_id);
             }
-            let latency = (outcome == "fired").then(|| {
-                let accepted = UNIX_EPOCH + Duration::from_millis(accepted_ms(event));
-                SystemTime::now()
-                    .duration_since(accepted)
-                    .unwrap_or_default()
-            });
+            let latency = (outcome == "fired").then(|| since_accepted(event));
             self.record(
                 name,
                 &label,
@@ -899,7 +905,9 @@ impl Engine {
             let name = &c.rule.def.name;
             let extra = c.extra_with(output.as_ref());
             let key = response_key(&c.firing_id, &response.name);
-            let (guard, cancel) = {
+            let (guard, cancel) = if due || (response.when.is_none() && response.cancel.is_none()) {
+                (Ok(true), Ok(String::new()))
+            } else {
                 let scope = c.vars.for_step(name, &c.firing_id, &response.name, &extra);
                 let guard = match (&response.when, due) {
                     (Some(when), false) => holds(when, &scope).map_err(|e| format!("guard: {e}")),
@@ -1298,7 +1306,10 @@ impl Engine {
             }
             (Kind::Await { task_id }, Some(response)) => match self.tasks.get(task_id).await {
                 Ok(task) if !task.state.is_terminal() => {
-                    d.due_ms = now_ms() + millis(AWAIT_POLL);
+                    // Looked at again soon for a young task, less often for an old one (a
+                    // tenth of its age, at most every 5 s).
+                    let age = now_ms().saturating_sub(task.created_wall_ms);
+                    d.due_ms = now_ms() + (age / 10).clamp(millis(AWAIT_POLL), 5_000);
                     let _ = self.delays.update(d).await;
                     return false;
                 }

@@ -974,21 +974,7 @@ impl Engine {
                 }
                 return;
             }
-            let ran = {
-                let scope = c.vars.for_step(name, &c.firing_id, &response.name, &extra);
-                self.respond(
-                    name,
-                    &response.action,
-                    &scope,
-                    c.event,
-                    &key,
-                    &c.trace,
-                    c.publisher,
-                )
-                .instrument(c.span.clone())
-                .await
-            };
-            let done = match ran {
+            let done = match self.act(c, response, &key, &extra).await {
                 Ok(done) => done,
                 Err((action, e)) => {
                     match (&response.fallback, c.last_try) {
@@ -1081,21 +1067,9 @@ impl Engine {
             &c.firing_id,
             &format!("{}.{}", response.name, fallback.name),
         );
-        let extra = c.extra_with(Some(&output));
-        let ran = {
-            let scope = c.vars.for_step(name, &c.firing_id, &fallback.name, &extra);
-            self.respond(
-                name,
-                &fallback.action,
-                &scope,
-                c.event,
-                &key,
-                &c.trace,
-                c.publisher,
-            )
-            .instrument(c.span.clone())
-            .await
-        };
+        let ran = self
+            .act(c, fallback, &key, &c.extra_with(Some(&output)))
+            .await;
         self.stats.lock().entry(name.clone()).or_default().fallbacks += 1;
         match ran {
             Ok(done) => {
@@ -1117,6 +1091,29 @@ impl Engine {
                 self.count(c.label, action, "failed");
             }
         }
+    }
+
+    /// Runs `response`'s action in the firing's span, its templates seeing `extra`.
+    async fn act(
+        &self,
+        c: &Ctx<'_>,
+        response: &CompiledResponse,
+        key: &str,
+        extra: &Json,
+    ) -> Result<Done, (&'static str, String)> {
+        let name = &c.rule.def.name;
+        let scope = c.vars.for_step(name, &c.firing_id, &response.name, extra);
+        self.respond(
+            name,
+            &response.action,
+            &scope,
+            c.event,
+            key,
+            &c.trace,
+            c.publisher,
+        )
+        .instrument(c.span.clone())
+        .await
     }
 
     fn label(&self, rule: &str) -> String {

@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import TypeVar
 
 import grpc
+from google.protobuf import duration_pb2
 
 from . import tracing
 from .errors import from_rpc_error
@@ -22,6 +23,18 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 5.0
 #: Attempts of a call that is safe to repeat, when the service is UNAVAILABLE.
 RETRY_ATTEMPTS = 3
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    """A protobuf Duration of ``seconds``."""
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def seconds(d: duration_pb2.Duration) -> float:
+    """A protobuf Duration in seconds."""
+    return float(d.ToNanoseconds()) / 1e9
 
 
 def split_address(address: str) -> tuple[str, bool]:

@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
 
 from . import tracing
-from ._base import open_channel
+from ._base import duration, open_channel
 from .errors import AgentmeshError, from_rpc_error
 from .scheduler.v1 import scheduler_pb2 as pb
 from .scheduler.v1 import scheduler_pb2_grpc as pb_grpc
@@ -145,12 +144,6 @@ class _Process:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
             return 0
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
 
 
 class Agent:
@@ -352,7 +345,7 @@ class Agent:
                         await stub.DrainAgent(
                             pb.DrainAgentRequest(
                                 agent_id=self.id,
-                                deadline=_duration(self._grace + 1.0),
+                                deadline=duration(self._grace + 1.0),
                                 reason="agent shutting down",
                                 on_expiry=pb.DRAIN_EXPIRY_REQUEUE,
                             ),
@@ -392,7 +385,7 @@ class Agent:
                 errors=self._errors,
             )
             if self._latency_us > 0:
-                report.latency.CopyFrom(_duration(self._latency_us / 1e6))
+                report.latency.CopyFrom(duration(self._latency_us / 1e6))
             self._errors = 0
             await outbox.put(pb.HeartbeatRequest(report=report))
             await asyncio.sleep(interval)

@@ -10,13 +10,10 @@ the semantic cache for LLM prompts. Generated messages: :mod:`agentmesh.cache.v1
 from __future__ import annotations
 
 import asyncio
-import datetime
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from google.protobuf import duration_pb2
-
-from .._base import Client
+from .._base import Client, duration
 from .v1 import cache_pb2 as pb
 from .v1 import cache_pb2_grpc as pb_grpc
 
@@ -24,12 +21,6 @@ __all__ = ["Cache", "pb"]
 
 #: Default address of the cache coordinator.
 DEFAULT_ADDRESS = "http://127.0.0.1:7103"
-
-
-def duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromTimedelta(datetime.timedelta(seconds=seconds))
-    return d
 
 
 def as_bytes(value: bytes | str) -> bytes:

@@ -20,10 +20,10 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from .. import tracing
-from .._base import Client
+from .._base import Client, duration
 from ..errors import AgentmeshError, from_rpc_error
 from .v1 import eventbus_pb2 as pb
 from .v1 import eventbus_pb2_grpc as pb_grpc
@@ -34,12 +34,6 @@ __all__ = ["EventBus", "Message", "PublishResult", "Subscription", "make_event",
 DEFAULT_ADDRESS = "http://127.0.0.1:7101"
 
 Data = bytes | str | Mapping[str, Any] | list[Any] | None
-
-
-def duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromTimedelta(datetime.timedelta(seconds=seconds))
-    return d
 
 
 def make_event(

@@ -14,16 +14,14 @@ with``, cost budgets (reserve → commit the actual cost, or cancel). Generated 
 from __future__ import annotations
 
 import asyncio
-import datetime
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
 
-from .._base import Client
+from .._base import Client, duration, seconds
 from ..errors import AgentmeshError, ResourceExhausted
 from .v1 import ratelimit_pb2 as pb
 from .v1 import ratelimit_pb2_grpc as pb_grpc
@@ -32,16 +30,6 @@ __all__ = ["Budget", "Decision", "RateLimiter", "pb"]
 
 #: Default address of the rate limiter.
 DEFAULT_ADDRESS = "http://127.0.0.1:7104"
-
-
-def duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromTimedelta(datetime.timedelta(seconds=seconds))
-    return d
-
-
-def seconds(d: duration_pb2.Duration) -> float:
-    return float(d.ToNanoseconds()) / 1e9
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,12 @@ agent. Agents themselves use :class:`agentmesh.Agent`. Generated messages:
 from __future__ import annotations
 
 import asyncio
-import datetime
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
 
-from .._base import Client
+from .._base import Client, duration
 from ..errors import from_rpc_error
 from .v1 import scheduler_pb2 as pb
 from .v1 import scheduler_pb2_grpc as pb_grpc
@@ -37,12 +35,6 @@ TERMINAL = frozenset(
         pb.TASK_STATE_CANCELLED,
     }
 )
-
-
-def duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromTimedelta(datetime.timedelta(seconds=seconds))
-    return d
 
 
 class Scheduler(Client):

@@ -57,12 +57,33 @@ pub struct Delayed {
     /// The cancelling key that removes it (empty: none).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cancel: String,
+    /// The stimulus's id and when the bus accepted it (milliseconds since the Unix epoch): a
+    /// cancelling event removes only records of other, earlier stimuli.
+    #[serde(default)]
+    pub event_id: String,
+    #[serde(default)]
+    pub at_ms: u64,
     /// When it is due, milliseconds since the Unix epoch.
     pub due_ms: u64,
     /// Runs tried and failed so far.
     pub attempts: u32,
     /// The stimulus, an `agentmesh.eventbus.v1.Event` protobuf, in hex.
     pub event_hex: String,
+}
+
+/// The event that cancels: its id and when the bus accepted it.
+#[derive(Debug, Clone, Copy)]
+pub struct Canceller<'a> {
+    pub event_id: &'a str,
+    pub at_ms: u64,
+}
+
+impl Canceller<'_> {
+    /// Whether it cancels `d` (another stimulus, not a later one).
+    #[must_use]
+    pub fn cancels(&self, d: &Delayed) -> bool {
+        d.event_id != self.event_id && d.at_ms <= self.at_ms
+    }
 }
 
 /// A rule's records waiting.
@@ -127,8 +148,13 @@ pub trait DelayStore: Send + Sync {
     /// Adds `d` unless its key is there (indexed under `d.cancel` when set); whether it was
     /// added.
     fn add(&self, d: Delayed) -> BoxFuture<'_, Result<bool, String>>;
-    /// Removes every record indexed under the cancelling key `cancel`; those removed.
-    fn cancel<'a>(&'a self, cancel: &'a str) -> BoxFuture<'a, Result<Vec<Delayed>, String>>;
+    /// Removes the records indexed under the cancelling key `cancel` whose stimulus is not
+    /// `by` and was accepted no later than it; those removed.
+    fn cancel<'a>(
+        &'a self,
+        cancel: &'a str,
+        by: Canceller<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Delayed>, String>>;
     /// Adds an event to its correlation key's window; when that completes the correlation,
     /// the ids of the events correlated (oldest first; the key starts again from none), else
     /// empty. Offering the completing event again gives the same ids.
@@ -161,7 +187,8 @@ pub struct MemoryDelayStore {
 /// firings remembered (bounded: the oldest go).
 #[derive(Debug, Default)]
 struct Windows {
-    keys: BTreeMap<(String, String), Vec<Seen>>,
+    /// Per `(rule, key)`: its window (milliseconds) and events.
+    keys: BTreeMap<(String, String), (u64, Vec<Seen>)>,
     fired: BTreeMap<String, Vec<String>>,
     fired_order: std::collections::VecDeque<String>,
     offered: u64,
@@ -193,15 +220,29 @@ impl DelayStore for MemoryDelayStore {
         })
     }
 
-    fn cancel<'a>(&'a self, cancel: &'a str) -> BoxFuture<'a, Result<Vec<Delayed>, String>> {
+    fn cancel<'a>(
+        &'a self,
+        cancel: &'a str,
+        by: Canceller<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Delayed>, String>> {
         Box::pin(async move {
-            let keys = self.cancels.lock().remove(cancel).unwrap_or_default();
+            let mut cancels = self.cancels.lock();
             let mut inner = self.inner.lock();
             let mut removed = Vec::new();
-            for key in keys {
-                if let Some(d) = inner.1.remove(&key) {
-                    inner.0.remove(&(d.due_ms, d.key.clone()));
-                    removed.push(d);
+            if let Some(keys) = cancels.get_mut(cancel) {
+                keys.retain(|key| match inner.1.get(key) {
+                    Some(d) if by.cancels(d) => {
+                        let d = d.clone();
+                        inner.1.remove(key);
+                        inner.0.remove(&(d.due_ms, d.key.clone()));
+                        removed.push(d);
+                        false
+                    }
+                    Some(_) => true,
+                    None => false,
+                });
+                if keys.is_empty() {
+                    cancels.remove(cancel);
                 }
             }
             Ok(removed)
@@ -217,15 +258,19 @@ impl DelayStore for MemoryDelayStore {
             }
             w.offered += 1;
             if w.offered.is_multiple_of(1024) {
-                // Drop keys whose newest event left its window long ago.
-                let horizon = o.at_ms.saturating_sub(o.window_ms.max(60_000));
-                w.keys
-                    .retain(|_, events| events.iter().any(|(at, _, _)| *at >= horizon));
+                // Drop keys whose newest event left its own window.
+                let now = o.at_ms;
+                w.keys.retain(|_, (window, events)| {
+                    events
+                        .iter()
+                        .any(|(at, _, _)| *at >= now.saturating_sub(*window))
+                });
             }
-            let entry = w
+            let (window, entry) = w
                 .keys
                 .entry((o.rule.to_owned(), o.key.to_owned()))
                 .or_default();
+            *window = o.window_ms;
             if !entry.iter().any(|(_, _, id)| id == o.event_id) {
                 entry.push((o.at_ms, o.side, o.event_id.to_owned()));
             }
@@ -234,10 +279,11 @@ impl DelayStore for MemoryDelayStore {
             entry.sort();
             let complete = match o.need {
                 Need::Count(n) => entry.len() >= n as usize,
-                Need::Both => {
-                    entry.iter().any(|(_, s, _)| *s == Side::First)
-                        && entry.iter().any(|(_, s, _)| *s == Side::Second)
-                }
+                // One event of each side, two distinct events (a stimulus matching both
+                // sides does not pair with itself).
+                Need::Both => entry.iter().any(|(_, s, a)| {
+                    *s == Side::First && entry.iter().any(|(_, t, b)| *t == Side::Second && a != b)
+                }),
             };
             if !complete {
                 return Ok(Vec::new());
@@ -284,7 +330,14 @@ impl DelayStore for MemoryDelayStore {
         Box::pin(async move {
             let mut inner = self.inner.lock();
             if let Some(old) = inner.1.remove(key) {
-                inner.0.remove(&(old.due_ms, old.key));
+                inner.0.remove(&(old.due_ms, old.key.clone()));
+                let mut cancels = self.cancels.lock();
+                if let Some(keys) = cancels.get_mut(&old.cancel) {
+                    keys.remove(&old.key);
+                    if keys.is_empty() {
+                        cancels.remove(&old.cancel);
+                    }
+                }
             }
             Ok(())
         })
@@ -349,11 +402,20 @@ local complete = false
 if need > 0 then
   complete = #members >= need
 else
-  local first, second = false, false
+  local firsts, seconds = {}, {}
   for _, m in ipairs(members) do
-    if string.sub(m, 1, 2) == 'a:' then first = true else second = true end
+    if string.sub(m, 1, 2) == 'a:' then
+      firsts[#firsts + 1] = string.sub(m, 3)
+    else
+      seconds[#seconds + 1] = string.sub(m, 3)
+    end
   end
-  complete = first and second
+  -- Two distinct events: a stimulus matching both sides does not pair with itself.
+  for _, a in ipairs(firsts) do
+    for _, b in ipairs(seconds) do
+      if a ~= b then complete = true end
+    end
+  end
 end
 if not complete then
   redis.call('PEXPIRE', KEYS[1], window + 1000)
@@ -401,7 +463,11 @@ impl DelayStore for RedisDelayStore {
         })
     }
 
-    fn cancel<'a>(&'a self, cancel: &'a str) -> BoxFuture<'a, Result<Vec<Delayed>, String>> {
+    fn cancel<'a>(
+        &'a self,
+        cancel: &'a str,
+        by: Canceller<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Delayed>, String>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
             let set = cancel_set(cancel);
@@ -419,22 +485,34 @@ impl DelayStore for RedisDelayStore {
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| redis_error(&e))?;
+            // Records gone (ran) leave the index; records of later stimuli stay.
+            let mut drop = Vec::new();
+            let mut removed = Vec::new();
+            for (key, value) in keys.iter().zip(values) {
+                match value.and_then(|json| serde_json::from_str::<Delayed>(&json).ok()) {
+                    Some(d) if by.cancels(&d) => {
+                        drop.push(key.clone());
+                        removed.push(d);
+                    }
+                    Some(_) => {}
+                    None => drop.push(key.clone()),
+                }
+            }
+            if drop.is_empty() {
+                return Ok(removed);
+            }
             let () = redis::pipe()
                 .atomic()
-                .zrem(zset(), &keys)
+                .zrem(zset(), &drop)
                 .ignore()
-                .hdel(records(), &keys)
+                .hdel(records(), &drop)
                 .ignore()
-                .del(&set)
+                .srem(&set, &drop)
                 .ignore()
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| redis_error(&e))?;
-            Ok(values
-                .into_iter()
-                .flatten()
-                .filter_map(|json| serde_json::from_str(&json).ok())
-                .collect())
+            Ok(removed)
         })
     }
 
@@ -593,6 +671,8 @@ mod tests {
             kind: Kind::Run,
             vars: String::new(),
             cancel: String::new(),
+            event_id: key.split('/').nth(1).unwrap_or("").into(),
+            at_ms: 10,
             due_ms,
             attempts: 0,
             event_hex: to_hex(b"\x0a\x02e1"),
@@ -647,9 +727,32 @@ mod tests {
             d.cancel = cancel.into();
             store.add(d).await.expect("add");
         }
-        let removed = store.cancel("a/r/o-1").await.expect("cancel");
+        let by = |event_id, at_ms| Canceller { event_id, at_ms };
+        assert!(
+            store
+                .cancel("a/r/o-1", by("c", 5))
+                .await
+                .expect("earlier")
+                .is_empty(),
+            "an event older than the stimuli cancels nothing"
+        );
+        assert!(
+            store
+                .cancel("a/r/o-2", by("e3", 50))
+                .await
+                .expect("itself")
+                .is_empty(),
+            "a stimulus does not cancel its own record"
+        );
+        let removed = store.cancel("a/r/o-1", by("c", 50)).await.expect("cancel");
         assert_eq!(removed.len(), 2);
-        assert!(store.cancel("a/r/o-1").await.expect("again").is_empty());
+        assert!(
+            store
+                .cancel("a/r/o-1", by("c", 50))
+                .await
+                .expect("again")
+                .is_empty()
+        );
         let due = store.due(1000, 10).await.expect("due");
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].key, "a/e3/r");
@@ -733,6 +836,21 @@ mod tests {
                 .await
                 .expect("b"),
             ["a1", "a2", "b1"]
+        );
+        // One event on both sides does not pair with itself.
+        assert!(
+            store
+                .correlate(offer("x", 9000, Side::First, both))
+                .await
+                .expect("x")
+                .is_empty()
+        );
+        assert!(
+            store
+                .correlate(offer("x", 9000, Side::Second, both))
+                .await
+                .expect("x")
+                .is_empty()
         );
     }
 }

@@ -33,7 +33,9 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::StreamExt;
 use tracing::Instrument as _;
 
-use super::delayed::{DelayStore, Delayed, Kind, Need, Observed, Pending, Side, from_hex, to_hex};
+use super::delayed::{
+    Canceller, DelayStore, Delayed, Kind, Need, Observed, Pending, Side, from_hex, to_hex,
+};
 use super::eval::{Variables, holds, render, stimulus_json, value_text};
 use super::index::{RuleSet, plan};
 use super::model::{
@@ -229,7 +231,8 @@ pub struct Engine {
     retry: RetryConfig,
     delays: Arc<dyn DelayStore>,
     /// The enabled rules by name, for delayed responses coming due.
-    by_name: Mutex<Arc<HashMap<String, CompiledRule>>>,
+    /// `None` until the first load: records coming due wait for it (not dropped as rules gone).
+    by_name: Mutex<Option<Arc<HashMap<String, CompiledRule>>>>,
 }
 
 /// Firings that completed lately (fired or skipped), so a stimulus redelivered because
@@ -484,14 +487,14 @@ impl Engine {
         groups: &mut HashMap<Stimulus, Group>,
         planned: Vec<(Stimulus, Vec<CompiledRule>)>,
     ) {
-        *self.by_name.lock() = Arc::new(
+        *self.by_name.lock() = Some(Arc::new(
             planned
                 .iter()
                 .flat_map(|(_, rules)| rules.iter())
                 .filter(|r| r.role == Role::Primary)
                 .map(|r| (r.def.name.clone(), r.clone()))
                 .collect(),
-        );
+        ));
         let mut by_stimulus: HashMap<Stimulus, Vec<CompiledRule>> = planned.into_iter().collect();
         groups.retain(|stimulus, group| {
             if let Some(rules) = by_stimulus.remove(stimulus) {
@@ -542,8 +545,10 @@ impl Engine {
             types: stimulus.types.clone(),
             headers: stimulus.headers.clone().into_iter().collect(),
             max_in_flight: IN_FLIGHT,
+            // Long enough for the slowest firing (a cascade of webhooks runs inline); a leader
+            // that dies ends the subscription, and the bus redelivers at once then.
             ack_wait: Some(prost_types::Duration {
-                seconds: 10,
+                seconds: 300,
                 nanos: 0,
             }),
             max_deliveries: self.retry.max_deliveries,
@@ -703,7 +708,7 @@ impl Engine {
                         "skipped"
                     }
                     Ok(key) => {
-                        self.cancel(name, &format!("{name}/{response}/{key}"), out)
+                        self.cancel(name, &format!("{name}/{response}/{key}"), event, out)
                             .await
                     }
                 }
@@ -713,7 +718,7 @@ impl Engine {
                     out.notes.push(format!("not_followed_by: {e}"));
                     "skipped"
                 }
-                Ok(key) => self.cancel(name, &follow_key(name, &key), out).await,
+                Ok(key) => self.cancel(name, &follow_key(name, &key), event, out).await,
             },
             (Role::Primary, Some(c)) if c.mode == CorrelationMode::NotFollowedBy => {
                 let key = match key_of(&c.key) {
@@ -733,6 +738,8 @@ impl Engine {
                     cancel: follow_key(name, &key),
                     due_ms: accepted_ms(event) + millis(c.window),
                     attempts: 0,
+                    event_id: event.id.clone(),
+                    at_ms: accepted_ms(event),
                     event_hex: to_hex(&prost::Message::encode_to_vec(event)),
                 };
                 match self.delays.add(record).await {
@@ -819,8 +826,18 @@ impl Engine {
     }
 
     /// Cancels what is indexed under `cancel`: "cancelled", or "skipped" when nothing was.
-    async fn cancel(&self, rule: &str, cancel: &str, out: &mut Outcome) -> &'static str {
-        match self.delays.cancel(cancel).await {
+    async fn cancel(
+        &self,
+        rule: &str,
+        cancel: &str,
+        event: &bus::Event,
+        out: &mut Outcome,
+    ) -> &'static str {
+        let by = Canceller {
+            event_id: &event.id,
+            at_ms: accepted_ms(event),
+        };
+        match self.delays.cancel(cancel, by).await {
             Ok(removed) if removed.is_empty() => "skipped",
             Ok(removed) => {
                 self.stats
@@ -954,6 +971,8 @@ impl Engine {
                     cancel,
                     due_ms: base + millis(delay),
                     attempts: 0,
+                    event_id: c.event.id.clone(),
+                    at_ms: accepted_ms(c.event),
                     event_hex: to_hex(&prost::Message::encode_to_vec(c.event)),
                 };
                 match self.delays.add(record).await {
@@ -1025,6 +1044,8 @@ impl Engine {
                     cancel: String::new(),
                     due_ms: now_ms() + millis(AWAIT_POLL),
                     attempts: 0,
+                    event_id: c.event.id.clone(),
+                    at_ms: accepted_ms(c.event),
                     event_hex: to_hex(&prost::Message::encode_to_vec(c.event)),
                 };
                 match self.delays.add(record).await {
@@ -1208,6 +1229,9 @@ impl Engine {
         let mut pipeline: Option<Pipeline> = None;
         loop {
             tokio::time::sleep(DELAY_TICK).await;
+            if self.by_name.lock().is_none() {
+                continue; // the rules are not loaded yet
+            }
             let due = match self.delays.due(now_ms(), 256).await {
                 Ok(due) => due,
                 Err(e) => {
@@ -1254,7 +1278,9 @@ impl Engine {
     /// Runs one delayed record that came due (a delayed response, a cascade waiting for its
     /// task, a `not_followed_by` timeout); whether the publish stream seems broken.
     async fn run_one(&self, mut d: Delayed, pipeline: &Pipeline) -> bool {
-        let rules = self.by_name.lock().clone();
+        let Some(rules) = self.by_name.lock().clone() else {
+            return false; // not loaded yet: it stays due
+        };
         let found = rules.get(&d.rule).and_then(|rule| {
             let response = match d.kind {
                 Kind::Timeout => None,
@@ -1410,7 +1436,18 @@ impl Engine {
                 .into_bytes(),
                 ..bus::Event::default()
             };
-            let _ = pipeline.publish(dead).await;
+            if let Err(dead_error) = pipeline.publish(dead).await {
+                // Kept, to dead-letter on a later run.
+                tracing::warn!(key = %d.key, error = %dead_error, "dead-lettering a delayed response failed; retrying");
+                d.due_ms = now_ms() + 5_000;
+                out.notes.push(format!(
+                    "failed {} times: {e}; dead-lettering failed: {dead_error}",
+                    d.attempts
+                ));
+                let _ = self.delays.update(d).await;
+                self.announce(name, ctx.firing_id.clone(), &event, "failed", &out.notes);
+                return true;
+            }
             out.notes
                 .push(format!("failed {} times: {e}; dead-lettered", d.attempts));
             let _ = self.delays.remove(&d.key).await;

@@ -84,3 +84,31 @@ def test_errors_name_every_bad_field(cluster: Cluster) -> None:
             assert any(f.startswith("open.backoff") for f in fields), fields
 
     asyncio.run(run())
+
+
+def test_acks_given_before_close_are_sent(cluster: Cluster) -> None:
+    async def run() -> None:
+        async with EventBus(cluster.grpc["eventbus"]) as bus:
+            async with bus.subscribe("py.acked", queue_group="g", max_in_flight=10) as other:
+                first = bus.subscribe("py.acked", queue_group="g", max_in_flight=10)
+                await first.start()
+                # Both members are open; whichever gets the event acks it and closes.
+                await bus.publish("py.acked", "once")
+                got = None
+                for sub in (first, other):
+                    try:
+                        got = await asyncio.wait_for(sub.__anext__(), 1)
+                        holder = sub
+                        break
+                    except asyncio.TimeoutError:
+                        continue
+                assert got is not None, "delivered to one member"
+                await got.ack()
+                await holder.close()
+                # Acked before the close: not redelivered to the member left.
+                remaining = other if holder is first else first
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(remaining.__anext__(), 1.5)
+                await first.close()
+
+    asyncio.run(run())

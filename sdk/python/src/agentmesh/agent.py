@@ -16,6 +16,7 @@ behaviour as the Rust SDK (``crates/agent``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import json
@@ -94,8 +95,7 @@ class Task:
             progress=fraction or 0.0,
             message=truncate(message),
         )
-        with contextlib.suppress(asyncio.QueueFull):
-            self._agent._updates.put_nowait(update)
+        self._agent._send(update)
 
     def is_cancelled(self) -> bool:
         return self.cancelled.is_set()
@@ -194,7 +194,9 @@ class Agent:
         self._grace = shutdown_grace
         self._handlers: dict[str, Handler] = {}
         self._running: dict[tuple[str, int], tuple[Task, asyncio.Task[None]]] = {}
-        self._updates: asyncio.Queue[pb.TaskUpdate] = asyncio.Queue(maxsize=1024)
+        # Task updates not yet handed to a stream, oldest first; kept across reconnects.
+        self._pending: collections.deque[pb.TaskUpdate] = collections.deque()
+        self._pending_ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._epoch = 0
         # Report sequences keep counting across reconnects.
@@ -267,6 +269,13 @@ class Agent:
                 delay = min(delay * 2, high)
         finally:
             self.status = "stopped"
+            # Whatever still runs is the scheduler's to give to another agent now.
+            for task, runner in list(self._running.values()):
+                task.cancelled.set()
+                runner.cancel()
+            await asyncio.gather(
+                *(runner for _, runner in self._running.values()), return_exceptions=True
+            )
             await self._deregister()
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -354,17 +363,27 @@ class Agent:
                         )
                     until = time.monotonic() + self._grace
                     while time.monotonic() < until and not reader.done():
-                        if not self._running and self._updates.empty():
+                        if not self._running:
                             break
                         await asyncio.sleep(0.05)
-                    # Let the last updates go out before closing.
-                    await asyncio.sleep(0.1)
+                # The last updates go out before the stream is closed.
+                until = time.monotonic() + 2.0
+                while (self._pending or not outbox.empty()) and time.monotonic() < until:
+                    if reader.done():
+                        break
+                    await asyncio.sleep(0.02)
                 return True
             finally:
                 for t in (*helpers, stopping):
                     t.cancel()
-                with contextlib.suppress(asyncio.QueueFull):
-                    outbox.put_nowait(None)
+                # Updates queued for this stream but not sent go out on the next one.
+                unsent = []
+                while not outbox.empty():
+                    request = outbox.get_nowait()
+                    if request is not None and request.HasField("task"):
+                        unsent.append(request.task)
+                self._pending.extendleft(reversed(unsent))
+                outbox.put_nowait(None)
                 with contextlib.suppress(asyncio.TimeoutError, grpc.aio.AioRpcError):
                     await asyncio.wait_for(asyncio.shield(reader), 2.0)
                 reader.cancel()
@@ -392,8 +411,12 @@ class Agent:
 
     async def _forward(self, outbox: asyncio.Queue[pb.HeartbeatRequest | None]) -> None:
         while True:
-            update = await self._updates.get()
-            await outbox.put(pb.HeartbeatRequest(task=update))
+            await self._pending_ready.wait()
+            while self._pending:
+                # Taken off only once the stream's queue has it.
+                await outbox.put(pb.HeartbeatRequest(task=self._pending[0]))
+                self._pending.popleft()
+            self._pending_ready.clear()
 
     async def _read(self, call: Any, drain_deadline: list[float]) -> None:
         try:
@@ -449,10 +472,12 @@ class Agent:
         self._running[key] = (task, runner)
 
     def _send(self, update: pb.TaskUpdate) -> None:
-        try:
-            self._updates.put_nowait(update)
-        except asyncio.QueueFull:
-            log.warning("agent %s: task update queue full; update dropped", self.id)
+        """Queues an update; past 1024 waiting (a long disconnection) progress reports are
+        dropped, never a task's start or result."""
+        if update.kind == pb.TASK_UPDATE_KIND_PROGRESS and len(self._pending) >= 1024:
+            return
+        self._pending.append(update)
+        self._pending_ready.set()
 
     async def _run_task(self, task: Task, handler: Handler) -> None:
         key = (task.id, task.attempt)

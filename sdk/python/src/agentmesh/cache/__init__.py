@@ -10,14 +10,21 @@ the semantic cache for LLM prompts. Generated messages: :mod:`agentmesh.cache.v1
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import grpc
+
 from .._base import Client, duration
+from ..errors import AgentmeshError, NotFound
 from .v1 import cache_pb2 as pb
 from .v1 import cache_pb2_grpc as pb_grpc
 
 __all__ = ["Cache", "pb"]
+
+log = logging.getLogger("agentmesh.cache")
 
 #: Default address of the cache coordinator.
 DEFAULT_ADDRESS = "http://127.0.0.1:7103"
@@ -33,6 +40,7 @@ class Cache(Client):
     def __init__(self, address: str = DEFAULT_ADDRESS, **options: Any) -> None:
         super().__init__(address, **options)
         self.stub = pb_grpc.CacheCoordinatorStub(self.channel)
+        self._refreshing: set[asyncio.Task[bytes]] = set()
 
     async def get(self, namespace: str, key: str) -> pb.GetResponse:
         """The entry (``found`` false on a miss) with its ``version`` and the tier that answered."""
@@ -58,9 +66,9 @@ class Cache(Client):
             request.ttl.CopyFrom(duration(ttl))
         if if_version is not None:
             request.if_version = if_version
-        response: pb.SetResponse = await self.call(
-            self.stub.Set, request, retry=if_version is not None
-        )
+        # An unconditional write may be repeated; a compare-and-set may not (its first try
+        # may have been applied).
+        response: pb.SetResponse = await self.call(self.stub.Set, request, retry=if_version is None)
         return response.version
 
     async def delete(self, namespace: str, key: str) -> None:
@@ -94,25 +102,53 @@ class Cache(Client):
                 timeout=wait + self.timeout,
             )
             if answer.outcome == pb.GetOrLeaseResponse.OUTCOME_HIT:
+                if answer.HasField("lease"):
+                    # A hit to refresh: served now, refreshed in the background.
+                    refresh = asyncio.create_task(
+                        self._fill(namespace, key, answer.lease.token, compute, ttl)
+                    )
+                    self._refreshing.add(refresh)
+                    refresh.add_done_callback(self._refreshing.discard)
                 return answer.value.value
             if answer.outcome == pb.GetOrLeaseResponse.OUTCOME_LEASE:
-                token = answer.lease.token
-                try:
-                    value = as_bytes(await compute())
-                except BaseException:
-                    await self.call(
-                        self.stub.AbandonLease,
-                        pb.AbandonLeaseRequest(namespace=namespace, key=key, token=token),
-                        retry=True,
-                    )
-                    raise
-                fill = pb.FillLeaseRequest(namespace=namespace, key=key, token=token, value=value)
-                if ttl is not None:
-                    fill.ttl.CopyFrom(duration(ttl))
-                await self.call(self.stub.FillLease, fill, retry=True)
-                return value
-            # PENDING (another caller computes) or NEGATIVE: ask again shortly.
+                return await self._fill(namespace, key, answer.lease.token, compute, ttl)
+            if answer.outcome == pb.GetOrLeaseResponse.OUTCOME_NEGATIVE:
+                raise NotFound(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"{namespace}/{key}: a recent computation failed (a negative entry for "
+                    f"{answer.ttl_left.ToNanoseconds() / 1e9:.1f} s more)",
+                )
+            # PENDING: another caller computes; ask again (the server waits `wait` for it).
             await asyncio.sleep(0.05)
+
+    async def _fill(
+        self,
+        namespace: str,
+        key: str,
+        token: int,
+        compute: Callable[[], Awaitable[bytes | str]],
+        ttl: float | None,
+    ) -> bytes:
+        """Computes under the lease `token` and fills it (abandons it when `compute` raises).
+        A fill refused (the lease expired meanwhile) still returns the value computed."""
+        try:
+            value = as_bytes(await compute())
+        except BaseException:
+            with contextlib.suppress(AgentmeshError):
+                await self.call(
+                    self.stub.AbandonLease,
+                    pb.AbandonLeaseRequest(namespace=namespace, key=key, token=token),
+                    retry=True,
+                )
+            raise
+        fill = pb.FillLeaseRequest(namespace=namespace, key=key, token=token, value=value)
+        if ttl is not None:
+            fill.ttl.CopyFrom(duration(ttl))
+        try:
+            await self.call(self.stub.FillLease, fill, retry=True)
+        except AgentmeshError as e:
+            log.warning("cache %s/%s: the value computed was not stored: %s", namespace, key, e)
+        return value
 
     async def semantic_get(
         self,

@@ -12,6 +12,7 @@ acknowledgements, request/reply. Generated messages: :mod:`agentmesh.eventbus.v1
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -162,6 +163,7 @@ class Subscription:
         self._open = open
         self._outbox: asyncio.Queue[pb.SubscribeRequest | None] = asyncio.Queue()
         self._call: Any = None
+        self._drained = asyncio.Event()
         self._buffer: list[pb.Delivery] = []
         #: Set once open: the subscription's id, and its durable stream ("" when ephemeral).
         self.subscription_id = ""
@@ -173,6 +175,7 @@ class Subscription:
         yield pb.SubscribeRequest(open=self._open)
         while (request := await self._outbox.get()) is not None:
             yield request
+        self._drained.set()
 
     async def start(self) -> Subscription:
         """Opens it; raises the bus's error (e.g. ``InvalidArgument`` naming ``open.*``)."""
@@ -214,8 +217,14 @@ class Subscription:
         return Message(self, self._buffer.pop(0))
 
     async def close(self) -> None:
+        """Ends the subscription once the acknowledgements already given are sent."""
         await self._outbox.put(None)
         if self._call is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), 2.0)
+            # Half-closed: the bus ends the stream; wait for that a moment.
+            with contextlib.suppress(asyncio.TimeoutError, grpc.aio.AioRpcError):
+                await asyncio.wait_for(self._call.code(), 0.5)
             self._call.cancel()
 
     async def __aenter__(self) -> Subscription:

@@ -14,6 +14,8 @@ with``, cost budgets (reserve → commit the actual cost, or cancel). Generated 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from .v1 import ratelimit_pb2 as pb
 from .v1 import ratelimit_pb2_grpc as pb_grpc
 
 __all__ = ["Budget", "Decision", "RateLimiter", "pb"]
+
+log = logging.getLogger("agentmesh.ratelimit")
 
 #: Default address of the rate limiter.
 DEFAULT_ADDRESS = "http://127.0.0.1:7104"
@@ -131,19 +135,29 @@ class RateLimiter(Client):
         async def renew() -> None:
             while True:
                 await asyncio.sleep(ttl / 3)
-                await self.call(
-                    self.stub.RenewLease,
-                    pb.RenewLeaseRequest(
-                        namespace=namespace, key=key, lease_id=acquired.lease_id, ttl=duration(ttl)
-                    ),
-                    retry=True,
-                )
+                try:
+                    await self.call(
+                        self.stub.RenewLease,
+                        pb.RenewLeaseRequest(
+                            namespace=namespace,
+                            key=key,
+                            lease_id=acquired.lease_id,
+                            ttl=duration(ttl),
+                        ),
+                        retry=True,
+                    )
+                except AgentmeshError as e:
+                    # The slot may be gone (it expires with its TTL): say so loudly.
+                    log.warning("lease %s/%s could not be renewed: %s", namespace, key, e)
+                    return
 
         renewer = asyncio.create_task(renew())
         try:
             yield acquired
         finally:
             renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
             try:
                 await self.call(
                     self.stub.Release,

@@ -110,10 +110,15 @@ class Scheduler(Client):
         """Waits until the task ends (``TimeoutError`` after ``timeout`` seconds)."""
 
         async def last() -> pb.Task:
-            final = None
-            async for task in self.watch(task_id):
-                final = task
-            return final if final is not None else await self.get(task_id)
+            while True:
+                async for task in self.watch(task_id):
+                    if task.state in TERMINAL:
+                        return task
+                # The watch ended early (a leader change, the task forgotten): look again.
+                task = await self.get(task_id)
+                if task.state in TERMINAL:
+                    return task
+                await asyncio.sleep(0.2)
 
         return await asyncio.wait_for(last(), timeout)
 

@@ -164,7 +164,10 @@ class Subscription:
         self._outbox: asyncio.Queue[pb.SubscribeRequest | None] = asyncio.Queue()
         self._call: Any = None
         self._drained = asyncio.Event()
-        self._buffer: list[pb.Delivery] = []
+        # Deliveries read by a background task (so a caller's timeout on the next message
+        # does not cancel the stream's read); an exception, or None at the end.
+        self._inbox: asyncio.Queue[pb.Delivery | BaseException | None] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
         #: Set once open: the subscription's id, and its durable stream ("" when ephemeral).
         self.subscription_id = ""
         self.stream = ""
@@ -191,7 +194,28 @@ class Subscription:
             )
         self.subscription_id = first.subscribed.subscription_id
         self.stream = first.subscribed.stream
+        self._reader = asyncio.create_task(self._pump())
         return self
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                response = await self._call.read()
+                if response is grpc.aio.EOF:
+                    break
+                kind = response.WhichOneof("kind")
+                if kind == "deliveries":
+                    for delivery in response.deliveries.deliveries:
+                        self._inbox.put_nowait(delivery)
+                elif kind == "advisory":
+                    self.last_advisory = response.advisory
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                self._inbox.put_nowait(from_rpc_error(e))
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._inbox.put_nowait(None)
 
     async def _send(self, request: pb.SubscribeRequest) -> None:
         await self._outbox.put(request)
@@ -200,21 +224,13 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Message:
-        while not self._buffer:
-            try:
-                response = await self._call.read()
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.CANCELLED:
-                    raise StopAsyncIteration from None
-                raise from_rpc_error(e) from None
-            if response is grpc.aio.EOF:
-                raise StopAsyncIteration
-            kind = response.WhichOneof("kind")
-            if kind == "deliveries":
-                self._buffer.extend(response.deliveries.deliveries)
-            elif kind == "advisory":
-                self.last_advisory = response.advisory
-        return Message(self, self._buffer.pop(0))
+        item = await self._inbox.get()
+        if item is None:
+            self._inbox.put_nowait(None)  # ended: stays ended
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return Message(self, item)
 
     async def close(self) -> None:
         """Ends the subscription once the acknowledgements already given are sent."""
@@ -226,6 +242,10 @@ class Subscription:
             with contextlib.suppress(asyncio.TimeoutError, grpc.aio.AioRpcError):
                 await asyncio.wait_for(self._call.code(), 0.5)
             self._call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
 
     async def __aenter__(self) -> Subscription:
         return await self.start() if self._call is None else self

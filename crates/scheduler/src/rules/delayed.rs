@@ -145,7 +145,8 @@ const CANCEL_TTL_MS: u64 = 86_400_000;
 
 /// Where the rule engine's durable state lives.
 pub trait DelayStore: Send + Sync {
-    /// Adds `d` unless its key is there (indexed under `d.cancel` when set); whether it was
+    /// Adds `d` unless its key is there or was cancelled (a redelivered stimulus does not bring
+    /// back what a later event cancelled); indexed under `d.cancel` when set; whether it was
     /// added.
     fn add(&self, d: Delayed) -> BoxFuture<'_, Result<bool, String>>;
     /// Removes the records indexed under the cancelling key `cancel` whose stimulus is not
@@ -161,7 +162,8 @@ pub trait DelayStore: Send + Sync {
     fn correlate<'a>(&'a self, o: Observed<'a>) -> BoxFuture<'a, Result<Vec<String>, String>>;
     /// Up to `limit` records due at `now_ms`, earliest first.
     fn due(&self, now_ms: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Delayed>, String>>;
-    /// Replaces a record (a new due time after a failed run).
+    /// Replaces a record that is still there (a new due time after a failed run); one removed
+    /// meanwhile (cancelled) stays removed.
     fn update(&self, d: Delayed) -> BoxFuture<'_, Result<(), String>>;
     /// Removes a record (it ran, or its rule is gone).
     fn remove<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), String>>;
@@ -180,6 +182,8 @@ pub struct MemoryDelayStore {
     inner: Mutex<(BTreeSet<(u64, String)>, BTreeMap<String, Delayed>)>,
     /// Cancelling key → record keys.
     cancels: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    /// Record keys cancelled lately (the oldest forgotten past 65,536).
+    cancelled: Mutex<(BTreeSet<String>, std::collections::VecDeque<String>)>,
     correlations: Mutex<Windows>,
 }
 
@@ -204,7 +208,7 @@ impl DelayStore for MemoryDelayStore {
     fn add(&self, d: Delayed) -> BoxFuture<'_, Result<bool, String>> {
         Box::pin(async move {
             let mut inner = self.inner.lock();
-            if inner.1.contains_key(&d.key) {
+            if inner.1.contains_key(&d.key) || self.cancelled.lock().0.contains(&d.key) {
                 return Ok(false);
             }
             if !d.cancel.is_empty() {
@@ -230,11 +234,20 @@ impl DelayStore for MemoryDelayStore {
             let mut inner = self.inner.lock();
             let mut removed = Vec::new();
             if let Some(keys) = cancels.get_mut(cancel) {
+                let mut cancelled = self.cancelled.lock();
                 keys.retain(|key| match inner.1.get(key) {
                     Some(d) if by.cancels(d) => {
                         let d = d.clone();
                         inner.1.remove(key);
                         inner.0.remove(&(d.due_ms, d.key.clone()));
+                        if cancelled.0.insert(key.clone()) {
+                            cancelled.1.push_back(key.clone());
+                            if cancelled.1.len() > FIRED_KEPT
+                                && let Some(old) = cancelled.1.pop_front()
+                            {
+                                cancelled.0.remove(&old);
+                            }
+                        }
                         removed.push(d);
                         false
                     }
@@ -317,9 +330,10 @@ impl DelayStore for MemoryDelayStore {
     fn update(&self, d: Delayed) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             let mut inner = self.inner.lock();
-            if let Some(old) = inner.1.get(&d.key).map(|o| (o.due_ms, o.key.clone())) {
-                inner.0.remove(&old);
-            }
+            let Some(old) = inner.1.get(&d.key).map(|o| (o.due_ms, o.key.clone())) else {
+                return Ok(()); // removed meanwhile (cancelled): stays removed
+            };
+            inner.0.remove(&old);
             inner.0.insert((d.due_ms, d.key.clone()));
             inner.1.insert(d.key.clone(), d);
             Ok(())
@@ -377,6 +391,20 @@ fn records() -> String {
 fn redis_error(e: &redis::RedisError) -> String {
     format!("Redis: {e}")
 }
+
+fn tombstone(key: &str) -> String {
+    format!("{PREFIX}cancelled:{key}")
+}
+
+/// Replaces a record only while it is there. KEYS: the hash, the sorted set. ARGV: key, record,
+/// due time.
+const UPDATE: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+end
+return 0
+";
 
 fn cancel_set(cancel: &str) -> String {
     format!(
@@ -437,6 +465,14 @@ impl DelayStore for RedisDelayStore {
     fn add(&self, d: Delayed) -> BoxFuture<'_, Result<bool, String>> {
         Box::pin(async move {
             let json = serde_json::to_string(&d).map_err(|e| e.to_string())?;
+            let cancelled: bool = redis::cmd("EXISTS")
+                .arg(tombstone(&d.key))
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(|e| redis_error(&e))?;
+            if cancelled {
+                return Ok(false);
+            }
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .hset_nx(records(), &d.key, json)
@@ -501,14 +537,23 @@ impl DelayStore for RedisDelayStore {
             if drop.is_empty() {
                 return Ok(removed);
             }
-            let () = redis::pipe()
-                .atomic()
+            let mut pipe = redis::pipe();
+            pipe.atomic()
                 .zrem(zset(), &drop)
                 .ignore()
                 .hdel(records(), &drop)
                 .ignore()
                 .srem(&set, &drop)
-                .ignore()
+                .ignore();
+            for d in &removed {
+                pipe.cmd("SET")
+                    .arg(tombstone(&d.key))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(CANCEL_TTL_MS)
+                    .ignore();
+            }
+            let () = pipe
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| redis_error(&e))?;
@@ -583,13 +628,13 @@ impl DelayStore for RedisDelayStore {
     fn update(&self, d: Delayed) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             let json = serde_json::to_string(&d).map_err(|e| e.to_string())?;
-            let () = redis::pipe()
-                .atomic()
-                .hset(records(), &d.key, json)
-                .ignore()
-                .zadd(zset(), &d.key, d.due_ms)
-                .ignore()
-                .query_async(&mut self.conn.clone())
+            let _: i64 = redis::Script::new(UPDATE)
+                .key(records())
+                .key(zset())
+                .arg(&d.key)
+                .arg(json)
+                .arg(d.due_ms)
+                .invoke_async(&mut self.conn.clone())
                 .await
                 .map_err(|e| redis_error(&e))?;
             Ok(())
@@ -746,6 +791,11 @@ mod tests {
         );
         let removed = store.cancel("a/r/o-1", by("c", 50)).await.expect("cancel");
         assert_eq!(removed.len(), 2);
+        // A redelivered stimulus does not bring a cancelled record back, nor does a retry.
+        let mut again = record("a/e1/r", 100);
+        again.cancel = "a/r/o-1".into();
+        assert!(!store.add(again.clone()).await.expect("add again"));
+        store.update(again).await.expect("update");
         assert!(
             store
                 .cancel("a/r/o-1", by("c", 50))

@@ -1,4 +1,5 @@
-"""Build hooks: generate the protobuf and gRPC modules from proto/ before packaging, and ship
+"""Build hooks: generate the protobuf and gRPC modules from proto/ before anything is packaged
+(here, when setup.py is read — so the generated packages are found like the others), and ship
 proto/ in the sdist so a wheel can be built from it (pyproject.toml holds everything else)."""
 
 import runpy
@@ -6,16 +7,11 @@ import shutil
 from pathlib import Path
 
 from setuptools import setup
-from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
 HERE = Path(__file__).resolve().parent
 
-
-class BuildWithProtos(build_py):
-    def run(self) -> None:
-        runpy.run_path(str(HERE / "codegen.py"))["generate"]()
-        super().run()
+runpy.run_path(str(HERE / "codegen.py"))["generate"]()
 
 
 class SdistWithProtos(sdist):
@@ -26,4 +22,4 @@ class SdistWithProtos(sdist):
             shutil.copytree(repository_protos, Path(base_dir) / "proto" / "agentmesh")
 
 
-setup(cmdclass={"build_py": BuildWithProtos, "sdist": SdistWithProtos})
+setup(cmdclass={"sdist": SdistWithProtos})

@@ -58,8 +58,9 @@ class Cluster:
         return self.log.read_text(errors="replace")
 
 
-def start_dev(ports: list[int] | None = None) -> Cluster:
-    """`agentmesh dev` on free ports (or on `ports`, two per service, to restart one)."""
+def start_dev(ports: list[int] | None = None, env: dict[str, str] | None = None) -> Cluster:
+    """`agentmesh dev` on free ports (or on `ports`, two per service, to restart one), with
+    `env` added to its environment."""
     listing = subprocess.run(
         [binary("agentmesh"), "services"], check=True, capture_output=True, text=True
     ).stdout
@@ -72,7 +73,9 @@ def start_dev(ports: list[int] | None = None) -> Cluster:
         grpc[name] = f"http://127.0.0.1:{grpc_port}"
     log = Path(tempfile.mkstemp(prefix="agentmesh-dev-", suffix=".log")[1])
     with log.open("wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     cluster = Cluster(grpc, process, log, ports)
     deadline = time.monotonic() + 20
     for address in grpc.values():

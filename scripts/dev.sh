@@ -246,6 +246,7 @@ data = '{"cart": "${data.cart}"}'
 TOML
 "$bin/meshctl" rules apply "$scratch/cart-demo.toml" >/dev/null
 for _ in $(seq 1 50); do
+  "$bin/meshctl" events publish carts.opened '{"cart": "probe"}' >/dev/null
   "$bin/meshctl" events publish carts.checkout '{"cart": "probe"}' >/dev/null
   "$bin/meshctl" rules stats abandoned-cart-demo -o json | grep -q '"matched": *[1-9]' &&
     "$bin/meshctl" events subscriptions 2>/dev/null | grep -q 'demo.jobs' && break

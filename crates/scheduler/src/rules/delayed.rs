@@ -195,6 +195,9 @@ struct Windows {
     keys: BTreeMap<(String, String), (u64, Vec<Seen>)>,
     fired: BTreeMap<String, Vec<String>>,
     fired_order: std::collections::VecDeque<String>,
+    /// `<rule>/<event id>` of events a firing correlated (bounded with `fired`).
+    used: BTreeSet<String>,
+    used_order: std::collections::VecDeque<String>,
     offered: u64,
 }
 
@@ -269,6 +272,9 @@ impl DelayStore for MemoryDelayStore {
             if let Some(ids) = w.fired.get(&marker) {
                 return Ok(ids.clone());
             }
+            if w.used.contains(&marker) {
+                return Ok(Vec::new()); // correlated by a firing already
+            }
             w.offered += 1;
             if w.offered.is_multiple_of(1024) {
                 // Drop keys whose newest event left its own window.
@@ -284,10 +290,20 @@ impl DelayStore for MemoryDelayStore {
                 .entry((o.rule.to_owned(), o.key.to_owned()))
                 .or_default();
             *window = o.window_ms;
+            // The window ends at the newest event: one arriving late is not counted.
+            let top = entry
+                .iter()
+                .map(|(at, _, _)| *at)
+                .max()
+                .unwrap_or(0)
+                .max(o.at_ms);
+            if o.at_ms.saturating_add(o.window_ms) < top {
+                return Ok(Vec::new());
+            }
             if !entry.iter().any(|(_, _, id)| id == o.event_id) {
                 entry.push((o.at_ms, o.side, o.event_id.to_owned()));
             }
-            let oldest = o.at_ms.saturating_sub(o.window_ms);
+            let oldest = top.saturating_sub(o.window_ms);
             entry.retain(|(at, _, _)| *at >= oldest);
             entry.sort();
             let complete = match o.need {
@@ -303,6 +319,17 @@ impl DelayStore for MemoryDelayStore {
             }
             let ids: Vec<String> = entry.drain(..).map(|(_, _, id)| id).collect();
             w.keys.remove(&(o.rule.to_owned(), o.key.to_owned()));
+            for id in &ids {
+                let used = format!("{}/{id}", o.rule);
+                if w.used.insert(used.clone()) {
+                    w.used_order.push_back(used);
+                    if w.used_order.len() > FIRED_KEPT
+                        && let Some(old) = w.used_order.pop_front()
+                    {
+                        w.used.remove(&old);
+                    }
+                }
+            }
             w.fired.insert(marker.clone(), ids.clone());
             w.fired_order.push_back(marker);
             if w.fired_order.len() > FIRED_KEPT
@@ -414,17 +441,26 @@ fn cancel_set(cancel: &str) -> String {
 }
 
 /// Adds an event to a correlation key's window and says whether that completes it, in one
-/// step. KEYS: the window (a sorted set), the firing marker. ARGV: member (`<side>:<id>`),
-/// time, window, count needed (0: one of each side), marker TTL. Returns the correlated ids
+/// step. KEYS: the window (a sorted set), the firing marker, the event's "correlated" marker.
+/// ARGV: member (`<side>:<id>`), time, window, count needed (0: one of each side), marker TTL,
+/// the prefix of "correlated" markers. Returns the correlated ids
 /// (with their side prefix) or an empty list.
 const CORRELATE: &str = r"
 local fired = redis.call('GET', KEYS[2])
 if fired then return cjson.decode(fired) end
+-- An event a firing already correlated (delivered again) counts no more.
+if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
 local at = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
 local need = tonumber(ARGV[4])
+-- The window ends at the newest event: one arriving late, older than that allows, is not
+-- counted.
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+local top = at
+if newest[2] and tonumber(newest[2]) > at then top = tonumber(newest[2]) end
+if at < top - window then return {} end
 redis.call('ZADD', KEYS[1], at, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (at - window))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (top - window))
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 local complete = false
 if need > 0 then
@@ -451,6 +487,9 @@ if not complete then
 end
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], cjson.encode(members), 'PX', ARGV[5])
+for _, m in ipairs(members) do
+  redis.call('SET', ARGV[6] .. string.sub(m, 3), 1, 'PX', ARGV[5])
+end
 return members
 ";
 
@@ -569,6 +608,7 @@ impl DelayStore for RedisDelayStore {
                 xxhash_rust::xxh3::xxh3_128(o.key.as_bytes())
             );
             let marker = format!("{PREFIX}corr-fired:{}/{}", o.rule, o.event_id);
+            let used_prefix = format!("{PREFIX}corr-used:{}/", o.rule);
             let side = match o.side {
                 Side::First => "a",
                 Side::Second => "b",
@@ -580,11 +620,13 @@ impl DelayStore for RedisDelayStore {
             let members: Vec<String> = redis::Script::new(CORRELATE)
                 .key(window)
                 .key(marker)
+                .key(format!("{used_prefix}{}", o.event_id))
                 .arg(format!("{side}:{}", o.event_id))
                 .arg(o.at_ms)
                 .arg(o.window_ms)
                 .arg(need)
                 .arg(FIRED_TTL_MS)
+                .arg(&used_prefix)
                 .invoke_async(&mut self.conn.clone())
                 .await
                 .map_err(|e| redis_error(&e))?;
@@ -886,6 +928,44 @@ mod tests {
                 .await
                 .expect("b"),
             ["a1", "a2", "b1"]
+        );
+        // e2 (counted by the firing) delivered again counts no more; a late event, older than
+        // the window of the newest, is not counted.
+        assert!(
+            store
+                .correlate(offer("e2", 1500, Side::First, count))
+                .await
+                .expect("again")
+                .is_empty()
+        );
+        assert!(
+            store
+                .correlate(offer("e6", 3000, Side::First, count))
+                .await
+                .expect("6")
+                .is_empty()
+        );
+        assert!(
+            store
+                .correlate(offer("late", 1000, Side::First, count))
+                .await
+                .expect("late")
+                .is_empty()
+        );
+        assert!(
+            store
+                .correlate(offer("e7", 3100, Side::First, count))
+                .await
+                .expect("7")
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .correlate(offer("e8", 3200, Side::First, count))
+                .await
+                .expect("8"),
+            ["e6", "e7", "e8"],
+            "e5 left the window; neither e2 nor the late one counted"
         );
         // One event on both sides does not pair with itself.
         assert!(

@@ -664,6 +664,11 @@ impl Engine {
             } else if outcome != "failed" {
                 self.done.lock().insert(entry_id);
             }
+            // An event of a cancelling or follow stimulus that had nothing to cancel is not
+            // the rule's stimulus: not counted, not shown.
+            if outcome == "skipped" && matches!(rule.role, Role::Cancel(_) | Role::Follow) {
+                continue;
+            }
             let latency = (outcome == "fired").then(|| since_accepted(event));
             self.record(
                 name,

@@ -725,7 +725,7 @@ impl Engine {
                 }
                 Ok(key) => self.cancel(name, &follow_key(name, &key), event, out).await,
             },
-            (Role::Primary, Some(c)) if c.mode == CorrelationMode::NotFollowedBy => {
+            (Role::Primary | Role::Together, Some(c)) => {
                 let key = match key_of(&c.key) {
                     Ok(key) => key,
                     Err(e) => {
@@ -733,19 +733,23 @@ impl Engine {
                         return "skipped";
                     }
                 };
+                if c.mode != CorrelationMode::NotFollowedBy {
+                    return self
+                        .correlate(rule, c, &key, event, vars, publisher, last_try, label, out)
+                        .await;
+                }
                 let record = Delayed {
-                    key: response_key(&format!("{name}/{}", event.id), "#timeout"),
-                    rule: name.clone(),
-                    response: String::new(),
-                    kind: Kind::Timeout,
                     vars: json!({"correlation": {"key": key, "count": 1, "events": [event.id]}})
                         .to_string(),
                     cancel: follow_key(name, &key),
-                    due_ms: accepted_ms(event) + millis(c.window),
-                    attempts: 0,
-                    event_id: event.id.clone(),
-                    at_ms: accepted_ms(event),
-                    event_hex: to_hex(&prost::Message::encode_to_vec(event)),
+                    ..delayed(
+                        event,
+                        response_key(&format!("{name}/{}", event.id), "#timeout"),
+                        name,
+                        "",
+                        Kind::Timeout,
+                        accepted_ms(event) + millis(c.window),
+                    )
                 };
                 match self.delays.add(record).await {
                     Ok(_) => {
@@ -766,54 +770,6 @@ impl Engine {
                     }
                 }
             }
-            (Role::Primary | Role::Together, Some(c)) => {
-                let key = match key_of(&c.key) {
-                    Ok(key) => key,
-                    Err(e) => {
-                        out.notes.push(format!("correlation {e}"));
-                        return "skipped";
-                    }
-                };
-                let observed = Observed {
-                    rule: name,
-                    key: &key,
-                    event_id: &event.id,
-                    side: if rule.role == Role::Together {
-                        Side::Second
-                    } else {
-                        Side::First
-                    },
-                    at_ms: accepted_ms(event),
-                    window_ms: millis(c.window),
-                    need: match c.mode {
-                        CorrelationMode::Count(n) => Need::Count(n),
-                        _ => Need::Both,
-                    },
-                };
-                match self.delays.correlate(observed).await {
-                    Err(e) => {
-                        out.failed = Some(format!("{name}: correlation: {e}"));
-                        "failed"
-                    }
-                    Ok(ids) if ids.is_empty() => {
-                        out.notes.push(format!("correlating {key}"));
-                        self.stats
-                            .lock()
-                            .entry(name.clone())
-                            .or_default()
-                            .correlating += 1;
-                        "correlating"
-                    }
-                    Ok(ids) => {
-                        let extra =
-                            json!({"correlation": {"key": key, "count": ids.len(), "events": ids}});
-                        self.run_responses(
-                            rule, event, vars, extra, publisher, last_try, label, out,
-                        )
-                        .await
-                    }
-                }
-            }
             _ => {
                 self.run_responses(
                     rule,
@@ -826,6 +782,60 @@ impl Engine {
                     out,
                 )
                 .await
+            }
+        }
+    }
+
+    /// Offers `event` to its correlation key (a count or together correlation); fires the
+    /// rule when that completes it.
+    #[allow(clippy::too_many_arguments)]
+    async fn correlate(
+        &self,
+        rule: &CompiledRule,
+        c: &super::model::CompiledCorrelation,
+        key: &str,
+        event: &bus::Event,
+        vars: &Variables,
+        publisher: &Pipeline,
+        last_try: bool,
+        label: &str,
+        out: &mut Outcome,
+    ) -> &'static str {
+        let name = &rule.def.name;
+        let observed = Observed {
+            rule: name,
+            key,
+            event_id: &event.id,
+            side: if rule.role == Role::Together {
+                Side::Second
+            } else {
+                Side::First
+            },
+            at_ms: accepted_ms(event),
+            window_ms: millis(c.window),
+            need: match c.mode {
+                CorrelationMode::Count(n) => Need::Count(n),
+                _ => Need::Both,
+            },
+        };
+        match self.delays.correlate(observed).await {
+            Err(e) => {
+                out.failed = Some(format!("{name}: correlation: {e}"));
+                "failed"
+            }
+            Ok(ids) if ids.is_empty() => {
+                out.notes.push(format!("correlating {key}"));
+                self.stats
+                    .lock()
+                    .entry(name.clone())
+                    .or_default()
+                    .correlating += 1;
+                "correlating"
+            }
+            Ok(ids) => {
+                let extra = json!({"correlation": {"key": key, "count": ids.len(), "events": ids}});
+                self.run_responses(rule, event, vars, extra, publisher, last_try, label, out)
+                    .await
             }
         }
     }
@@ -968,17 +978,16 @@ impl Engine {
                     c.base_ms
                 };
                 let record = Delayed {
-                    key: key.clone(),
-                    rule: name.clone(),
-                    response: response.name.clone(),
-                    kind: Kind::Run,
                     vars: vars_text(&extra),
                     cancel,
-                    due_ms: base + millis(delay),
-                    attempts: 0,
-                    event_id: c.event.id.clone(),
-                    at_ms: accepted_ms(c.event),
-                    event_hex: to_hex(&prost::Message::encode_to_vec(c.event)),
+                    ..delayed(
+                        c.event,
+                        key.clone(),
+                        name,
+                        &response.name,
+                        Kind::Run,
+                        base + millis(delay),
+                    )
                 };
                 match self.delays.add(record).await {
                     Ok(added) => out.notes.push(format!(
@@ -1039,19 +1048,17 @@ impl Engine {
                 // Its cascade (or fallback) waits for the task to end, durably: the stimulus
                 // is acknowledged meanwhile.
                 let record = Delayed {
-                    key: format!("{key}#await"),
-                    rule: name.clone(),
-                    response: response.name.clone(),
-                    kind: Kind::Await {
-                        task_id: task_id.clone(),
-                    },
                     vars: vars_text(&extra),
-                    cancel: String::new(),
-                    due_ms: now_ms() + millis(AWAIT_POLL),
-                    attempts: 0,
-                    event_id: c.event.id.clone(),
-                    at_ms: accepted_ms(c.event),
-                    event_hex: to_hex(&prost::Message::encode_to_vec(c.event)),
+                    ..delayed(
+                        c.event,
+                        format!("{key}#await"),
+                        name,
+                        &response.name,
+                        Kind::Await {
+                            task_id: task_id.clone(),
+                        },
+                        now_ms() + millis(AWAIT_POLL),
+                    )
                 };
                 match self.delays.add(record).await {
                     Ok(_) => out
@@ -1690,6 +1697,30 @@ fn entry_id(rule: &CompiledRule, event_id: &str) -> String {
         Role::Together => format!("{name}#with/{event_id}"),
         Role::Follow => format!("{name}#followed/{event_id}"),
         Role::Cancel(response) => format!("{name}#cancel.{response}/{event_id}"),
+    }
+}
+
+/// A record of `event`'s firing of `rule` (no extra variables, no cancelling key).
+fn delayed(
+    event: &bus::Event,
+    key: String,
+    rule: &str,
+    response: &str,
+    kind: Kind,
+    due_ms: u64,
+) -> Delayed {
+    Delayed {
+        key,
+        rule: rule.to_owned(),
+        response: response.to_owned(),
+        kind,
+        vars: String::new(),
+        cancel: String::new(),
+        due_ms,
+        attempts: 0,
+        event_id: event.id.clone(),
+        at_ms: accepted_ms(event),
+        event_hex: to_hex(&prost::Message::encode_to_vec(event)),
     }
 }
 

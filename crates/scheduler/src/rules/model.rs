@@ -506,6 +506,17 @@ pub fn template(field: &str, source: &str, errors: &mut Vec<FieldViolation>) -> 
     Template(parts)
 }
 
+/// A map's values as templates (`field[key]` names each in errors).
+fn templates(
+    field: &str,
+    map: &BTreeMap<String, String>,
+    errors: &mut Vec<FieldViolation>,
+) -> Vec<(String, Template)> {
+    map.iter()
+        .map(|(k, v)| (k.clone(), template(&format!("{field}[{k}]"), v, errors)))
+        .collect()
+}
+
 fn map_ok(field: &str, map: &BTreeMap<String, String>, errors: &mut Vec<FieldViolation>) {
     if map.len() > MAX_ENTRIES {
         errors.push(FieldViolation::new(
@@ -609,15 +620,7 @@ fn compile_response(
                 event_type: template(&format!("{field}.type"), event_type, errors),
                 data: (!data.is_empty()).then(|| template(&format!("{field}.data"), data, errors)),
                 content_type: content_type.clone(),
-                headers: headers
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            template(&format!("{field}.headers[{k}]"), v, errors),
-                        )
-                    })
-                    .collect(),
+                headers: templates(&format!("{field}.headers"), headers, errors),
             }
         }
         Action::SubmitTask {
@@ -644,15 +647,7 @@ fn compile_response(
                 payload: (!payload.is_empty())
                     .then(|| template(&format!("{field}.payload"), payload, errors)),
                 priority: *priority,
-                labels: labels
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            template(&format!("{field}.labels[{k}]"), v, errors),
-                        )
-                    })
-                    .collect(),
+                labels: templates(&format!("{field}.labels"), labels, errors),
                 timeout: (*timeout_ms > 0).then(|| Duration::from_millis(*timeout_ms)),
                 max_attempts: *max_attempts,
             }
@@ -685,15 +680,7 @@ fn compile_response(
             CompiledAction::Webhook {
                 url: template(&format!("{field}.url"), url, errors),
                 body: (!body.is_empty()).then(|| template(&format!("{field}.body"), body, errors)),
-                headers: headers
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            template(&format!("{field}.headers[{k}]"), v, errors),
-                        )
-                    })
-                    .collect(),
+                headers: templates(&format!("{field}.headers"), headers, errors),
                 timeout,
             }
         }
